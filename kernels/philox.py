@@ -1,0 +1,115 @@
+"""Philox4x32-10 (Salmon et al., SC'11), the counter-based generator behind every random draw.
+
+A draw is a pure function of (seed, step, layer, stream, element):
+    key     = (seed & 0xffffffff, seed >> 32)
+    counter = (element // 4, step, layer, stream)
+    word    = philox4x32(counter, key)[element % 4]
+A unit is kept iff ``word >= floor(rate * 2**32)`` (see :func:`dropout_threshold`).
+
+Two implementations of the same bits: ``philox4x32`` (scalar, Numba; inlined by the CPU
+kernels) and ``philox_words`` (vectorised NumPy; used by the reference backend).
+"""
+import math
+
+import numpy as np
+from numba import njit
+
+from .config import JIT
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+MASK32 = 0xFFFFFFFF
+
+# Streams: a distinct counter word per purpose, so no two purposes ever share bits.
+STREAM_DROPOUT = 0        # dropout on a dense layer's output
+STREAM_INPUT_DROPOUT = 1  # dropout on a dense layer's input (a standalone Dropout before it)
+STREAM_NOISE = 2          # Gaussian noise / Gaussian dropout
+STREAM_AUGMENT = 3        # data augmentation
+STREAM_MC = 4             # MC-dropout samples at inference
+
+
+def split_seed(seed):
+    """The 64-bit seed as the two key words (low, high)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return seed & MASK32, seed >> 32
+
+
+def dropout_threshold(rate):
+    """floor(rate * 2**32): the integer every backend compares Philox words against."""
+    return int(math.floor(float(rate) * 4294967296.0))
+
+
+def dropout_scale(rate, dtype=np.float32):
+    """1 / keep_prob, rounded once to the working dtype so all backends scale identically."""
+    return dtype(1.0 / (1.0 - float(rate)))
+
+
+@njit(**JIT)
+def philox4x32(c0, c1, c2, c3, k0, k1):
+    """Ten rounds of Philox4x32 on one 128-bit counter; returns four uint32 words (as uint64)."""
+    c0 = np.uint64(c0)
+    c1 = np.uint64(c1)
+    c2 = np.uint64(c2)
+    c3 = np.uint64(c3)
+    k0 = np.uint64(k0)
+    k1 = np.uint64(k1)
+    m0 = np.uint64(PHILOX_M0)
+    m1 = np.uint64(PHILOX_M1)
+    w0 = np.uint64(PHILOX_W0)
+    w1 = np.uint64(PHILOX_W1)
+    mask = np.uint64(MASK32)
+    s32 = np.uint64(32)
+    for _ in range(10):
+        p0 = m0 * c0
+        p1 = m1 * c2
+        n0 = ((p1 >> s32) ^ c1 ^ k0) & mask
+        n1 = p1 & mask
+        n2 = ((p0 >> s32) ^ c3 ^ k1) & mask
+        n3 = p0 & mask
+        c0, c1, c2, c3 = n0, n1, n2, n3
+        k0 = (k0 + w0) & mask
+        k1 = (k1 + w1) & mask
+    return c0, c1, c2, c3
+
+
+def philox4x32_block(counters, key):
+    """Vectorised Philox on an (n, 4) array of counters with one key; returns (n, 4) uint32."""
+    c = np.asarray(counters, dtype=np.uint64).reshape(-1, 4).T.copy()
+    k0 = np.uint64(key[0] & MASK32)
+    k1 = np.uint64(key[1] & MASK32)
+    m0, m1 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1)
+    mask, s32 = np.uint64(MASK32), np.uint64(32)
+    c0, c1, c2, c3 = c
+    for _ in range(10):
+        p0 = m0 * c0
+        p1 = m1 * c2
+        c0, c1, c2, c3 = ((p1 >> s32) ^ c1 ^ k0) & mask, p1 & mask, ((p0 >> s32) ^ c3 ^ k1) & mask, p0 & mask
+        k0 = (k0 + np.uint64(PHILOX_W0)) & mask
+        k1 = (k1 + np.uint64(PHILOX_W1)) & mask
+    return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
+
+
+def philox_words(n, seed, step, layer, stream):
+    """The first n words of the (seed, step, layer, stream) sequence, element-indexed."""
+    groups = (int(n) + 3) // 4
+    counters = np.zeros((groups, 4), dtype=np.uint64)
+    counters[:, 0] = np.arange(groups, dtype=np.uint64)
+    counters[:, 1] = int(step) & MASK32
+    counters[:, 2] = int(layer) & MASK32
+    counters[:, 3] = int(stream) & MASK32
+    return philox4x32_block(counters, split_seed(seed)).reshape(-1)[:n]
+
+
+def keep_mask(shape, threshold, seed, step, layer, stream):
+    """Boolean keep-mask of `shape` (row-major element order), the reference definition."""
+    n = int(np.prod(shape))
+    return (philox_words(n, seed, step, layer, stream) >= np.uint32(threshold) if threshold > 0
+            else np.ones(n, dtype=bool)).reshape(shape)
+
+
+@njit(**JIT)
+def uniform_from_word(word):
+    """A uint32 word to a float64 in (0, 1): never 0 or 1, so log() is safe (Box-Muller)."""
+    return (np.float64(word) + 0.5) * (1.0 / 4294967296.0)

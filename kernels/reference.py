@@ -1,0 +1,221 @@
+"""The reference backend: NumPy, float32 or float64. The readable spec and the test oracle.
+
+Shape legend: B batch rows, I fan_in, O fan_out, K outputs.
+Forward and backward of each operation sit side by side. Outputs are preallocated by the
+caller and written in place; an empty array (size 0) means "not present" (no bias, no dx).
+"""
+import math
+
+import numpy as np
+
+from . import contract as C
+from . import driver
+from .philox import STREAM_DROPOUT, STREAM_INPUT_DROPOUT, keep_mask
+
+NAME = "numpy"
+
+
+# ---------------------------------------------------------------- activations
+def activation(z, act, slope):
+    """f(z) for an activation code."""
+    if act == C.ACT_RELU:
+        return np.maximum(z, 0)
+    if act == C.ACT_LEAKY_RELU:
+        return np.where(z > 0, z, z * z.dtype.type(slope))
+    if act == C.ACT_TANH:
+        return np.tanh(z)
+    if act == C.ACT_SIGMOID:
+        return sigmoid(z)
+    return z
+
+
+def activation_grad_from_output(a, act, slope):
+    """f'(z) written in terms of a = f(z): backward needs only the stored output."""
+    one = a.dtype.type(1)
+    if act == C.ACT_RELU:
+        return (a > 0).astype(a.dtype)
+    if act == C.ACT_LEAKY_RELU:
+        return np.where(a > 0, one, a.dtype.type(slope))
+    if act == C.ACT_TANH:
+        return one - a * a
+    if act == C.ACT_SIGMOID:
+        return a * (one - a)
+    return np.ones_like(a)
+
+
+def sigmoid(z):
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e)).astype(z.dtype)
+
+
+# ---------------------------------------------------------------- dense layer
+def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer):
+    """out = dropout(f(x @ W + b)): the only thing backward keeps (B*O values)."""
+    z = x @ W
+    if b.size:
+        z += b
+    a = activation(z, act, slope)
+    if drop_threshold > 0:
+        keep = keep_mask(a.shape, drop_threshold, seed, step, layer, STREAM_DROPOUT)
+        a = np.where(keep, a * a.dtype.type(drop_scale), a.dtype.type(0))
+    out[...] = a
+
+
+def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
+                   seed, step, layer):
+    """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db, dx written.
+
+    The dropout mask is regenerated from Philox, never stored. f' comes from the output:
+    a = out / scale for kept units (dropped units have zero gradient whatever f' is).
+    """
+    scale = out.dtype.type(drop_scale)
+    if drop_threshold > 0:
+        keep = keep_mask(out.shape, drop_threshold, seed, step, layer, STREAM_DROPOUT)
+        a = out / scale if act in (C.ACT_TANH, C.ACT_SIGMOID) else out
+        dz = np.where(keep, (grad * scale) * activation_grad_from_output(a, act, slope),
+                      out.dtype.type(0))
+    else:
+        dz = grad * activation_grad_from_output(out, act, slope)
+    grad[...] = dz
+    if db.size:
+        db[...] = dz.sum(axis=0)
+    dW[...] = x.T @ dz
+    if dx.size:
+        dx[...] = dz @ W.T
+
+
+def input_dropout(x, out, threshold, scale, seed, step, layer):
+    """Dropout on a layer's input (a standalone Dropout layer before a Dense)."""
+    keep = keep_mask(x.shape, threshold, seed, step, layer, STREAM_INPUT_DROPOUT)
+    out[...] = np.where(keep, x * x.dtype.type(scale), x.dtype.type(0))
+
+
+# ---------------------------------------------------------------- losses (from logits)
+def loss_forward_backward(logits, y, grad, loss):
+    """Mean loss of the batch (float); grad = d(mean loss)/d(logits) written in place.
+
+    y is (B, K) targets for mse / binary_crossentropy, and (B, 1) integer labels stored as
+    floats for sparse_categorical_crossentropy.
+    """
+    value, g = _loss_and_grad(logits, y, loss)
+    grad[...] = g
+    return value
+
+
+def loss_value(logits, y, loss):
+    return _loss_and_grad(logits, y, loss)[0]
+
+
+def _loss_and_grad(z, y, loss):
+    B, K = z.shape
+    dt = z.dtype.type
+    if loss == C.LOSS_MSE:
+        diff = z - y
+        return float(np.sum(diff.astype(np.float64) ** 2) / (B * K)), diff * dt(2.0 / (B * K))
+    if loss == C.LOSS_BCE:
+        z64 = z.astype(np.float64)
+        per = np.maximum(z64, 0) - z64 * y + np.log1p(np.exp(-np.abs(z64)))
+        return float(per.sum() / (B * K)), (sigmoid(z) - y) * dt(1.0 / (B * K))
+    labels = y[:, 0].astype(np.int64)
+    zmax = z.max(axis=1, keepdims=True)
+    e = np.exp(z - zmax)
+    s = e.sum(axis=1, keepdims=True)
+    p = e / s
+    z64 = z.astype(np.float64)
+    lse = np.log(np.exp(z64 - z64.max(axis=1, keepdims=True)).sum(axis=1)) + z64.max(axis=1)
+    value = float(np.sum(lse - z64[np.arange(B), labels]) / B)
+    g = p
+    g[np.arange(B), labels] -= 1
+    return value, g * dt(1.0 / B)
+
+
+def output_transform(logits, loss):
+    """What predict returns: probabilities for the cross-entropies, the values for mse."""
+    if loss == C.LOSS_BCE:
+        return sigmoid(logits)
+    if loss == C.LOSS_SCE:
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    return logits
+
+
+# ---------------------------------------------------------------- penalized update
+def update_coefficients(hp, opt, t, dtype):
+    """Every scalar the fused update needs, computed once in float64, rounded to dtype.
+
+    Returns (lr, b1, omb1, b2, omb2, eps, l1, l2, decay, step_size, bc2_sqrt, lr_l1, maxnorm).
+    Bias corrections follow PyTorch: step_size = lr / (1 - b1**t), denominator
+    sqrt(v) / sqrt(1 - b2**t) + eps; AdamW multiplies w by (1 - lr * wd) first.
+    """
+    lr, b1, b2 = hp[C.HP_LR], hp[C.HP_BETA1], hp[C.HP_BETA2]
+    if opt == C.OPT_SGD:
+        step_size, bc2_sqrt = lr, 1.0
+    else:
+        step_size = lr / (1.0 - b1 ** float(t))
+        bc2_sqrt = math.sqrt(1.0 - b2 ** float(t))
+    decay = 1.0 - lr * hp[C.HP_DECOUPLED] if opt == C.OPT_ADAMW else 1.0
+    vals = (lr, b1, 1.0 - b1, b2, 1.0 - b2, hp[C.HP_EPS], hp[C.HP_L1], hp[C.HP_L2], decay,
+            step_size, bc2_sqrt, lr * hp[C.HP_L1], hp[C.HP_MAXNORM])
+    return tuple(dtype(v) for v in vals)
+
+
+def penalty_value(w, hp):
+    """l1 * sum|w| + l2 / 2 * sum w^2, in float64."""
+    w64 = w.astype(np.float64)
+    return float(hp[C.HP_L1] * np.abs(w64).sum() + 0.5 * hp[C.HP_L2] * (w64 * w64).sum())
+
+
+def penalized_update(w, g, m, v, hp, opt, t):
+    """One fused step of one parameter tensor; returns the penalty of w before the step.
+
+    g is the data gradient. The L2 gradient (and the L1 subgradient when not proximal) is
+    added here, then the optimizer step, then the L1 proximal shrink and the max-norm
+    projection. t is the 1-based optimizer step. m / v are empty when not needed.
+    """
+    dt = w.dtype.type
+    lr, b1, omb1, b2, omb2, eps, l1, l2, decay, step_size, bc2_sqrt, lr_l1, maxnorm = \
+        update_coefficients(hp, opt, t, dt)
+    proximal = hp[C.HP_PROXIMAL] != 0
+    penalty = penalty_value(w, hp)
+    ge = g.copy()
+    if l2 != 0:
+        ge = ge + l2 * w
+    if l1 != 0 and not proximal:
+        ge = ge + l1 * np.sign(w)
+    if opt == C.OPT_SGD:
+        if m.size:
+            m[...] = m * b1 + ge
+            d = ge + b1 * m if hp[C.HP_NESTEROV] != 0 else m
+        else:
+            d = ge
+        w -= lr * d
+        tau = lr_l1
+    else:
+        if opt == C.OPT_ADAMW:
+            w *= decay
+        m[...] = m + omb1 * (ge - m)
+        v[...] = v * b2 + (omb2 * ge) * ge
+        denom = np.sqrt(v) / bc2_sqrt + eps
+        w -= step_size * (m / denom)
+        tau = lr_l1 / denom
+    if l1 != 0 and proximal:
+        w[...] = np.sign(w) * np.maximum(np.abs(w) - tau, dt(0))
+    c = hp[C.HP_MAXNORM]
+    if c > 0 and w.ndim == 2:
+        norms = np.sqrt((w.astype(np.float64) ** 2).sum(axis=0))
+        over = norms > c
+        w[:, over] *= (c / norms[over]).astype(w.dtype)
+    return penalty
+
+
+# ---------------------------------------------------------------- epoch / inference entry
+def train_epoch(net, X, Y, perm, batch_size, step0, t0):
+    """One epoch through the Python driver over these kernels (the spec of an epoch)."""
+    return driver.train_epoch(_SELF, net, X, Y, perm, batch_size, step0, t0)
+
+
+def forward_inference(net, X, batch_size):
+    return driver.forward_inference(_SELF, net, X, batch_size)
+
+
+_SELF = __import__("sys").modules[__name__]
