@@ -1,0 +1,781 @@
+"""The Numba CPU backend: the kernel contract as @njit functions, and one compiled epoch.
+
+Shape legend: B batch rows, I fan_in, O fan_out, K outputs, G Philox groups (4 words each).
+
+Design:
+- Random bits for a layer are made by ``philox_fill`` into a (4, G) word buffer: a branch-free
+  loop over groups that LLVM vectorises (about 7x the scalar loop). Element e of a (B, O)
+  matrix reads word ``words[e & 3, e >> 2]``, the bits DESIGN.md fixes.
+- Forward epilogue (bias, activation, dropout) is one pass over rows; backward epilogue (mask
+  regenerated, f' from the stored output, bias gradient) is one pass over column blocks, so each
+  bias sum runs in row order on one thread: the result is the same for any thread count.
+- GEMMs are ``np.dot(a, b, out)``: BLAS sgemm/dgemm, transposes passed as flags, no copies.
+- ``_train_epoch`` runs a whole epoch in one call: no Python per step, layer or element, and
+  nothing allocated inside.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+from numba.typed import List
+
+from . import contract as C
+from . import driver
+from .config import JIT, JIT_PARALLEL, PARALLEL_MIN_ELEMENTS
+from .philox import (MASK32, STREAM_DROPOUT, STREAM_INPUT_DROPOUT, split_seed)
+from .reference import update_coefficients as _coefficients_py  # noqa: F401  (documented twin)
+
+NAME = "numba"
+# Work split of the parallel passes: fixed sizes (not derived from the thread count), so the
+# partition, and with it every rounding, is the same whatever NUMBA_NUM_THREADS is.
+_GROUP_CHUNK = 4096   # Philox groups per parallel task
+_ROW_CHUNK = 16       # rows per task in the forward epilogue and the update
+_COL_CHUNK = 64       # columns per task in the bias gradient (each bias sum on one thread)
+_UPDATE_CHUNK = 8192  # elements per task in the update and its penalty partial sums
+_ELEM_CHUNK = 4 * _GROUP_CHUNK  # elements per task in the mask and dz passes
+
+
+# ---------------------------------------------------------------- Philox words
+@njit(**JIT)
+def _philox_groups(words, g_lo, g_hi, k0, k1, step, layer, stream):
+    """words[:, g] = Philox((g, step, layer, stream), (k0, k1)) for g in [g_lo, g_hi)."""
+    mask = np.uint64(MASK32)
+    s32 = np.uint64(32)
+    for g in range(g_lo, g_hi):
+        c0 = np.uint64(g)
+        c1 = np.uint64(step) & mask
+        c2 = np.uint64(layer) & mask
+        c3 = np.uint64(stream) & mask
+        a0 = np.uint64(k0)
+        a1 = np.uint64(k1)
+        for _ in range(10):
+            p0 = np.uint64(0xD2511F53) * c0
+            p1 = np.uint64(0xCD9E8D57) * c2
+            n0 = ((p1 >> s32) ^ c1 ^ a0) & mask
+            n2 = ((p0 >> s32) ^ c3 ^ a1) & mask
+            c1 = p1 & mask
+            c3 = p0 & mask
+            c0 = n0
+            c2 = n2
+            a0 = (a0 + np.uint64(0x9E3779B9)) & mask
+            a1 = (a1 + np.uint64(0xBB67AE85)) & mask
+        words[0, g] = np.uint32(c0)
+        words[1, g] = np.uint32(c1)
+        words[2, g] = np.uint32(c2)
+        words[3, g] = np.uint32(c3)
+
+
+@njit(**JIT_PARALLEL)
+def _philox_fill_parallel(words, n_groups, k0, k1, step, layer, stream):
+    n_chunks = (n_groups + _GROUP_CHUNK - 1) // _GROUP_CHUNK
+    for c in prange(n_chunks):
+        lo = c * _GROUP_CHUNK
+        _philox_groups(words, lo, min(lo + _GROUP_CHUNK, n_groups), k0, k1, step, layer, stream)
+
+
+@njit(**JIT)
+def philox_fill(words, n_elements, k0, k1, step, layer, stream):
+    """Words for elements 0..n_elements-1 of one (seed, step, layer, stream) sequence."""
+    n_groups = (n_elements + 3) // 4
+    if n_elements >= PARALLEL_MIN_ELEMENTS:
+        _philox_fill_parallel(words, n_groups, k0, k1, step, layer, stream)
+    else:
+        _philox_groups(words, 0, n_groups, k0, k1, step, layer, stream)
+
+
+# ---------------------------------------------------------------- activations
+@njit(inline="always", **JIT)
+def _activate(z, act, slope):
+    if act == C.ACT_RELU:
+        return z if z > 0 else type(z)(0)
+    if act == C.ACT_LEAKY_RELU:
+        return z if z > 0 else z * slope
+    if act == C.ACT_TANH:
+        return np.tanh(z)
+    if act == C.ACT_SIGMOID:
+        if z >= 0:
+            return 1 / (1 + np.exp(-z))
+        e = np.exp(z)
+        return e / (1 + e)
+    return z
+
+
+@njit(inline="always", **JIT)
+def _activation_grad(a, act, slope):
+    """f'(z) from a = f(z)."""
+    one = type(a)(1)
+    if act == C.ACT_RELU:
+        return one if a > 0 else type(a)(0)
+    if act == C.ACT_LEAKY_RELU:
+        return one if a > 0 else slope
+    if act == C.ACT_TANH:
+        return one - a * a
+    if act == C.ACT_SIGMOID:
+        return a * (one - a)
+    return one
+
+
+# Loops below are written once and inlined (inline="always") into a dispatcher that passes the
+# activation code as a constant: LLVM then drops the branches and vectorises each variant.
+@njit(inline="always", **JIT)
+def _bias_act_loop(out, b, act, slope, r0, r1):
+    O = out.shape[1]
+    has_bias = b.shape[0] > 0
+    for i in range(r0, r1):
+        row = out[i]
+        if has_bias:
+            for j in range(O):
+                row[j] = _activate(row[j] + b[j], act, slope)
+        else:
+            for j in range(O):
+                row[j] = _activate(row[j], act, slope)
+
+
+@njit(**JIT)
+def _bias_act_rows(out, b, act, slope, r0, r1):
+    if act == C.ACT_RELU:
+        _bias_act_loop(out, b, C.ACT_RELU, slope, r0, r1)
+    elif act == C.ACT_LEAKY_RELU:
+        _bias_act_loop(out, b, C.ACT_LEAKY_RELU, slope, r0, r1)
+    elif act == C.ACT_TANH:
+        _bias_act_loop(out, b, C.ACT_TANH, slope, r0, r1)
+    elif act == C.ACT_SIGMOID:
+        _bias_act_loop(out, b, C.ACT_SIGMOID, slope, r0, r1)
+    else:
+        _bias_act_loop(out, b, C.ACT_LINEAR, slope, r0, r1)
+
+
+@njit(**JIT)
+def _mask_range(flat, words, thr, scale, e_lo, e_hi):
+    """flat[e] *= scale if kept else 0, for e in [e_lo, e_hi); words indexed by absolute group.
+
+    Whole groups of 4 in the middle (the vectorised loop), odd elements at either end."""
+    zero = flat.dtype.type(0)
+    t = np.uint32(thr)
+    g_lo = (e_lo + 3) // 4
+    g_hi = max(g_lo, e_hi // 4)
+    for e in range(e_lo, min(4 * g_lo, e_hi)):
+        flat[e] = flat[e] * (scale if words[e & 3, e >> 2] >= t else zero)
+    for g in range(g_lo, g_hi):
+        e = 4 * g
+        flat[e] = flat[e] * (scale if words[0, g] >= t else zero)
+        flat[e + 1] = flat[e + 1] * (scale if words[1, g] >= t else zero)
+        flat[e + 2] = flat[e + 2] * (scale if words[2, g] >= t else zero)
+        flat[e + 3] = flat[e + 3] * (scale if words[3, g] >= t else zero)
+    for e in range(max(4 * g_hi, e_lo), e_hi):
+        flat[e] = flat[e] * (scale if words[e & 3, e >> 2] >= t else zero)
+
+
+@njit(inline="always", **JIT)
+def _dz_one(gf, of, words, t, scale, act, slope, recover, e, q, g, zero):
+    a = of[e] / scale if recover else of[e]
+    dz = (gf[e] * scale) * _activation_grad(a, act, slope)
+    gf[e] = dz if words[q, g] >= t else zero
+
+
+@njit(inline="always", **JIT)
+def _dz_loop(gf, of, words, thr, scale, act, slope, recover, e_lo, e_hi):
+    """gf[e] <- (gf[e] * scale) * f'(a) if kept else 0, a from the stored output of[e]."""
+    zero = gf.dtype.type(0)
+    t = np.uint32(thr)
+    g_lo = (e_lo + 3) // 4
+    g_hi = max(g_lo, e_hi // 4)
+    for e in range(e_lo, min(4 * g_lo, e_hi)):
+        _dz_one(gf, of, words, t, scale, act, slope, recover, e, e & 3, e >> 2, zero)
+    for g in range(g_lo, g_hi):
+        for q in range(4):
+            _dz_one(gf, of, words, t, scale, act, slope, recover, 4 * g + q, q, g, zero)
+    for e in range(max(4 * g_hi, e_lo), e_hi):
+        _dz_one(gf, of, words, t, scale, act, slope, recover, e, e & 3, e >> 2, zero)
+
+
+@njit(inline="always", **JIT)
+def _dz_plain_loop(gf, of, act, slope, lo, hi):
+    for e in range(lo, hi):
+        gf[e] = gf[e] * _activation_grad(of[e], act, slope)
+
+
+@njit(**JIT)
+def _dz_range(gf, of, words, thr, scale, act, slope, lo, hi):
+    """dL/dz in place for the flat elements [lo, hi)."""
+    if thr == 0:
+        if act == C.ACT_RELU:
+            _dz_plain_loop(gf, of, C.ACT_RELU, slope, lo, hi)
+        elif act == C.ACT_LEAKY_RELU:
+            _dz_plain_loop(gf, of, C.ACT_LEAKY_RELU, slope, lo, hi)
+        elif act == C.ACT_TANH:
+            _dz_plain_loop(gf, of, C.ACT_TANH, slope, lo, hi)
+        elif act == C.ACT_SIGMOID:
+            _dz_plain_loop(gf, of, C.ACT_SIGMOID, slope, lo, hi)
+        return
+    if act == C.ACT_RELU:
+        _dz_loop(gf, of, words, thr, scale, C.ACT_RELU, slope, False, lo, hi)
+    elif act == C.ACT_LEAKY_RELU:
+        _dz_loop(gf, of, words, thr, scale, C.ACT_LEAKY_RELU, slope, False, lo, hi)
+    elif act == C.ACT_TANH:
+        _dz_loop(gf, of, words, thr, scale, C.ACT_TANH, slope, True, lo, hi)
+    elif act == C.ACT_SIGMOID:
+        _dz_loop(gf, of, words, thr, scale, C.ACT_SIGMOID, slope, True, lo, hi)
+    else:
+        _dz_loop(gf, of, words, thr, scale, C.ACT_LINEAR, slope, False, lo, hi)
+
+
+@njit(**JIT)
+def _bias_grad_cols(dz, db, c0, c1):
+    """db[j] = sum_i dz[i, j] in row order (the same order numpy's sum(axis=0) uses)."""
+    for j in range(c0, c1):
+        db[j] = dz[0, j]
+    for i in range(1, dz.shape[0]):
+        row = dz[i]
+        for j in range(c0, c1):
+            db[j] += row[j]
+
+
+# ---------------------------------------------------------------- dense forward
+@njit(**JIT_PARALLEL)
+def _forward_epilogue_parallel(out, b, act, slope, thr, scale, words):
+    B, O = out.shape
+    n = B * O
+    flat = out.reshape(n)
+    n_chunks = (B + _ROW_CHUNK - 1) // _ROW_CHUNK
+    for c in prange(n_chunks):
+        _bias_act_rows(out, b, act, slope, c * _ROW_CHUNK, min(B, (c + 1) * _ROW_CHUNK))
+    if thr > 0:
+        n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
+        for c in prange(n_chunks):
+            _mask_range(flat, words, thr, scale, c * _ELEM_CHUNK, min(n, (c + 1) * _ELEM_CHUNK))
+
+
+@njit(**JIT)
+def _forward_epilogue(out, b, act, slope, thr, scale, words):
+    """Bias, activation, dropout: one pass over the output (the mask pass only with dropout)."""
+    if out.size >= PARALLEL_MIN_ELEMENTS:
+        _forward_epilogue_parallel(out, b, act, slope, thr, scale, words)
+        return
+    _bias_act_rows(out, b, act, slope, 0, out.shape[0])
+    if thr > 0:
+        n = out.size
+        _mask_range(out.reshape(n), words, thr, scale, 0, n)
+
+
+@njit(**JIT)
+def _dense_forward(x, W, b, out, act, slope, thr, scale, k0, k1, step, layer, words):
+    np.dot(x, W, out)
+    if thr > 0:
+        philox_fill(words, out.size, k0, k1, step, layer, STREAM_DROPOUT)
+    _forward_epilogue(out, b, act, slope, thr, scale, words)
+
+
+# ---------------------------------------------------------------- dense backward
+@njit(**JIT_PARALLEL)
+def _backward_epilogue_parallel(grad, out, db, act, slope, thr, scale, words):
+    B, O = grad.shape
+    n = B * O
+    gf = grad.reshape(n)
+    of = out.reshape(n)
+    n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
+    for c in prange(n_chunks):
+        _dz_range(gf, of, words, thr, scale, act, slope, c * _ELEM_CHUNK,
+                  min(n, (c + 1) * _ELEM_CHUNK))
+    if db.shape[0] > 0:
+        n_cchunks = (O + _COL_CHUNK - 1) // _COL_CHUNK
+        for c in prange(n_cchunks):
+            _bias_grad_cols(grad, db, c * _COL_CHUNK, min(O, (c + 1) * _COL_CHUNK))
+
+
+@njit(**JIT)
+def _backward_epilogue(grad, out, db, act, slope, thr, scale, words):
+    """dL/dz in place (mask regenerated, f' from the output), then the bias gradient."""
+    if grad.size >= PARALLEL_MIN_ELEMENTS:
+        _backward_epilogue_parallel(grad, out, db, act, slope, thr, scale, words)
+        return
+    n = grad.size
+    if n == 0:
+        return
+    _dz_range(grad.reshape(n), out.reshape(n), words, thr, scale, act, slope, 0, n)
+    if db.shape[0] > 0:
+        _bias_grad_cols(grad, db, 0, grad.shape[1])
+
+
+@njit(**JIT)
+def _dense_backward(grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1, step, layer,
+                    words):
+    if thr > 0:
+        philox_fill(words, out.size, k0, k1, step, layer, STREAM_DROPOUT)
+    _backward_epilogue(grad, out, db, act, slope, thr, scale, words)
+    np.dot(x.T, grad, dW)
+    if dx.size > 0:
+        np.dot(grad, W.T, dx)
+
+
+# ---------------------------------------------------------------- input dropout
+@njit(**JIT)
+def _input_dropout(x, out, thr, scale, k0, k1, step, layer, words):
+    n = x.size
+    philox_fill(words, n, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
+    flat = out.reshape(n)
+    flat[:] = x.reshape(n)
+    _mask_range(flat, words, thr, scale, 0, n)
+
+
+# ---------------------------------------------------------------- losses
+@njit(**JIT)
+def _loss_forward_backward(z, y, grad, loss, want_grad):
+    """Mean batch loss (float64); grad = d(mean)/dz written when want_grad."""
+    B, K = z.shape
+    total = 0.0
+    if loss == C.LOSS_MSE:
+        c = z.dtype.type(2.0 / (B * K))
+        for i in range(B):
+            for k in range(K):
+                d = z[i, k] - y[i, k]
+                total += np.float64(d) * np.float64(d)
+                if want_grad:
+                    grad[i, k] = d * c
+        return total / (B * K)
+    if loss == C.LOSS_BCE:
+        c = z.dtype.type(1.0 / (B * K))
+        for i in range(B):
+            for k in range(K):
+                zz = np.float64(z[i, k])
+                total += max(zz, 0.0) - zz * y[i, k] + math.log1p(math.exp(-abs(zz)))
+                if want_grad:
+                    grad[i, k] = (_activate(z[i, k], C.ACT_SIGMOID, z[i, k]) - y[i, k]) * c
+        return total / (B * K)
+    c = z.dtype.type(1.0 / B)
+    for i in range(B):
+        label = int(y[i, 0])
+        zmax = z[i, 0]
+        for k in range(1, K):
+            if z[i, k] > zmax:
+                zmax = z[i, k]
+        s = z.dtype.type(0)
+        s64 = 0.0
+        for k in range(K):
+            s += np.exp(z[i, k] - zmax)
+            s64 += math.exp(np.float64(z[i, k]) - np.float64(zmax))
+        total += math.log(s64) + np.float64(zmax) - np.float64(z[i, label])
+        if want_grad:
+            for k in range(K):
+                p = np.exp(z[i, k] - zmax) / s
+                if k == label:
+                    p = p - 1
+                grad[i, k] = p * c
+    return total / B
+
+
+# ---------------------------------------------------------------- penalized update
+@njit(**JIT)
+def _coefficients(hp, opt, t, coef):
+    """Scalars of one update in float64, stored into `coef` (param dtype) to round them once.
+
+    Order: lr, b1, 1-b1, b2, 1-b2, eps, l1, l2, decay, step_size, sqrt(bc2), lr*l1.
+    Mirrors reference.update_coefficients.
+    """
+    lr = hp[C.HP_LR]
+    b1 = hp[C.HP_BETA1]
+    b2 = hp[C.HP_BETA2]
+    if opt == C.OPT_SGD:
+        step_size = lr
+        bc2_sqrt = 1.0
+    else:
+        step_size = lr / (1.0 - b1 ** np.float64(t))
+        bc2_sqrt = math.sqrt(1.0 - b2 ** np.float64(t))
+    decay = 1.0 - lr * hp[C.HP_DECOUPLED] if opt == C.OPT_ADAMW else 1.0
+    coef[0] = lr
+    coef[1] = b1
+    coef[2] = 1.0 - b1
+    coef[3] = b2
+    coef[4] = 1.0 - b2
+    coef[5] = hp[C.HP_EPS]
+    coef[6] = hp[C.HP_L1]
+    coef[7] = hp[C.HP_L2]
+    coef[8] = decay
+    coef[9] = step_size
+    coef[10] = bc2_sqrt
+    coef[11] = lr * hp[C.HP_L1]
+
+
+# The gradient of the smooth part: g + l2*w (+ l1*sign(w) for the subgradient). Adding a zero
+# l2*w or l1*sign(w) term changes no bit of the result (only the sign of a zero), so the loops
+# carry no per-element branches and vectorise; AdamW's decay of 1.0 for Adam is exact too.
+@njit(inline="always", **JIT)
+def _adam_loop(w, g, m, v, lo, hi, coef, subgradient, prox):
+    b1, omb1, b2, omb2, eps = coef[1], coef[2], coef[3], coef[4], coef[5]
+    l1, l2, decay, step_size, bc2_sqrt, lr_l1 = coef[6], coef[7], coef[8], coef[9], coef[10], \
+        coef[11]
+    zero = w.dtype.type(0)
+    for k in range(lo, hi):
+        wi = w[k]
+        ge = g[k] + l2 * wi
+        if subgradient:
+            ge = ge + l1 * np.sign(wi)
+        wi = wi * decay
+        mi = m[k] + omb1 * (ge - m[k])
+        vi = v[k] * b2 + (omb2 * ge) * ge
+        m[k] = mi
+        v[k] = vi
+        denom = np.sqrt(vi) / bc2_sqrt + eps
+        wi = wi - step_size * (mi / denom)
+        if prox:
+            wi = np.sign(wi) * max(abs(wi) - lr_l1 / denom, zero)
+        w[k] = wi
+
+
+@njit(inline="always", **JIT)
+def _sgd_loop(w, g, m, lo, hi, coef, subgradient, prox, momentum, nesterov):
+    lr, b1, l1, l2, lr_l1 = coef[0], coef[1], coef[6], coef[7], coef[11]
+    zero = w.dtype.type(0)
+    for k in range(lo, hi):
+        wi = w[k]
+        ge = g[k] + l2 * wi
+        if subgradient:
+            ge = ge + l1 * np.sign(wi)
+        if momentum:
+            mi = m[k] * b1 + ge
+            m[k] = mi
+            d = ge + b1 * mi if nesterov else mi
+        else:
+            d = ge
+        wi = wi - lr * d
+        if prox:
+            wi = np.sign(wi) * max(abs(wi) - lr_l1, zero)
+        w[k] = wi
+
+
+@njit(**JIT)
+def _update_range(w, g, m, v, opt, nesterov, l1_mode, coef, lo, hi):
+    """One fused step over the flat elements [lo, hi). l1_mode: 0 none, 1 prox, 2 subgradient."""
+    if opt == C.OPT_SGD:
+        if m.shape[0] == 0:
+            if l1_mode == 1:
+                _sgd_loop(w, g, m, lo, hi, coef, False, True, False, False)
+            elif l1_mode == 2:
+                _sgd_loop(w, g, m, lo, hi, coef, True, False, False, False)
+            else:
+                _sgd_loop(w, g, m, lo, hi, coef, False, False, False, False)
+        elif nesterov:
+            if l1_mode == 1:
+                _sgd_loop(w, g, m, lo, hi, coef, False, True, True, True)
+            elif l1_mode == 2:
+                _sgd_loop(w, g, m, lo, hi, coef, True, False, True, True)
+            else:
+                _sgd_loop(w, g, m, lo, hi, coef, False, False, True, True)
+        else:
+            if l1_mode == 1:
+                _sgd_loop(w, g, m, lo, hi, coef, False, True, True, False)
+            elif l1_mode == 2:
+                _sgd_loop(w, g, m, lo, hi, coef, True, False, True, False)
+            else:
+                _sgd_loop(w, g, m, lo, hi, coef, False, False, True, False)
+    else:
+        if l1_mode == 1:
+            _adam_loop(w, g, m, v, lo, hi, coef, False, True)
+        elif l1_mode == 2:
+            _adam_loop(w, g, m, v, lo, hi, coef, True, False)
+        else:
+            _adam_loop(w, g, m, v, lo, hi, coef, False, False)
+
+
+@njit(**dict(JIT, fastmath={"reassoc", "nsz"}))
+def _penalty_sums(w, lo, hi):
+    """(sum|w|, sum w^2) of a chunk in float64; reassociation lets it vectorise, and fixed
+    chunks keep the total independent of the thread count."""
+    p1 = 0.0
+    p2 = 0.0
+    for k in range(lo, hi):
+        x = np.float64(w[k])
+        p1 += abs(x)
+        p2 += x * x
+    return p1, p2
+
+
+@njit(**JIT)
+def _update_chunk(wf, gf, mf, vf, opt, nesterov, l1_mode, coef, want_penalty, partial, c, n):
+    lo = c * _UPDATE_CHUNK
+    hi = min(n, lo + _UPDATE_CHUNK)
+    if want_penalty:
+        p1, p2 = _penalty_sums(wf, lo, hi)
+        partial[2 * c] = p1
+        partial[2 * c + 1] = p2
+    _update_range(wf, gf, mf, vf, opt, nesterov, l1_mode, coef, lo, hi)
+
+
+@njit(**JIT_PARALLEL)
+def _update_parallel(wf, gf, mf, vf, opt, nesterov, l1_mode, coef, want_penalty, partial, n):
+    n_chunks = (n + _UPDATE_CHUNK - 1) // _UPDATE_CHUNK
+    for c in prange(n_chunks):
+        _update_chunk(wf, gf, mf, vf, opt, nesterov, l1_mode, coef, want_penalty, partial, c, n)
+
+
+@njit(**JIT)
+def _maxnorm_cols(w, c, coef, colnorm):
+    R, O = w.shape
+    for j in range(O):
+        colnorm[j] = 0.0
+    for i in range(R):
+        for j in range(O):
+            colnorm[j] += np.float64(w[i, j]) * np.float64(w[i, j])
+    for j in range(O):
+        n = math.sqrt(colnorm[j])
+        if n > c:
+            coef[12] = c / n        # rounded to the param dtype, as the reference does
+            s = coef[12]
+            for i in range(R):
+                w[i, j] = w[i, j] * s
+
+
+@njit(**JIT)
+def _penalized_update_flat(wf, gf, mf, vf, hp, opt, t, coef, scratch):
+    """Fused step of a flattened tensor; scratch (float64) holds >= 2*ceil(n/chunk) values."""
+    _coefficients(hp, opt, t, coef)
+    n = wf.shape[0]
+    l1_mode = 0
+    if hp[C.HP_L1] != 0:
+        l1_mode = 1 if hp[C.HP_PROXIMAL] != 0 else 2
+    nesterov = hp[C.HP_NESTEROV] != 0
+    want_penalty = hp[C.HP_L1] != 0 or hp[C.HP_L2] != 0
+    n_chunks = (n + _UPDATE_CHUNK - 1) // _UPDATE_CHUNK
+    if n >= PARALLEL_MIN_ELEMENTS:
+        _update_parallel(wf, gf, mf, vf, opt, nesterov, l1_mode, coef, want_penalty, scratch, n)
+    else:
+        for c in range(n_chunks):
+            _update_chunk(wf, gf, mf, vf, opt, nesterov, l1_mode, coef, want_penalty, scratch,
+                          c, n)
+    if not want_penalty:
+        return 0.0
+    p1 = 0.0
+    p2 = 0.0
+    for c in range(n_chunks):
+        p1 += scratch[2 * c]
+        p2 += scratch[2 * c + 1]
+    return hp[C.HP_L1] * p1 + 0.5 * hp[C.HP_L2] * p2
+
+
+@njit(**JIT)
+def _penalized_update_2d(w, g, m, v, hp, opt, t, coef, scratch):
+    n = w.size
+    mf = m.reshape(m.size)
+    vf = v.reshape(v.size)
+    pen = _penalized_update_flat(w.reshape(n), g.reshape(n), mf, vf, hp, opt, t, coef, scratch)
+    c = hp[C.HP_MAXNORM]
+    if c > 0:
+        _maxnorm_cols(w, c, coef, scratch)
+    return pen
+
+
+@njit(**JIT)
+def _penalized_update_1d(w, g, m, v, hp, opt, t, coef, scratch):
+    return _penalized_update_flat(w, g, m, v, hp, opt, t, coef, scratch)
+
+
+def _scratch_size(n_params, widest):
+    return max(2 * (n_params // _UPDATE_CHUNK + 1), widest, 2)
+
+
+# ---------------------------------------------------------------- the compiled epoch
+@njit(**JIT)
+def _train_epoch(X, Y, perm, batch_size, Ws, bs, dWs, dbs, mW, vW, mb, vb, acts, grads,
+                 xbuf, xdrop, ybuf, words, li, lf, hpW, hpb, opt, loss, k0, k1, step0, t0,
+                 coef, scratch):
+    """kernels/driver.train_epoch, compiled: same steps, same order, same masks."""
+    n_total = perm.shape[0]   # the rows of this call: an epoch or a chunk of whole batches
+    L = len(Ws)
+    I0 = X.shape[1]
+    Ky = Y.shape[1]
+    loss_sum = 0.0
+    pen_sum = 0.0
+    steps = 0
+    in_thr = li[0, C.LI_IN_DROP_THR]
+    for start in range(0, n_total, batch_size):
+        n = min(batch_size, n_total - start)
+        step = step0 + steps
+        t = t0 + steps
+        xb = xbuf[:n]
+        yb = ybuf[:n]
+        for r in range(n):
+            src = perm[start + r]
+            for j in range(I0):
+                xb[r, j] = X[src, j]
+            for j in range(Ky):
+                yb[r, j] = Y[src, j]
+        x = xb
+        if in_thr > 0:
+            _input_dropout(xb, xdrop[:n], in_thr, lf[0, C.LF_IN_DROP_SCALE], k0, k1, step, 0,
+                           words)
+            x = xdrop[:n]
+        for l in range(L):
+            _dense_forward(x, Ws[l], bs[l], acts[l][:n], li[l, C.LI_ACT], lf[l, C.LF_SLOPE],
+                           li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE], k0, k1, step, l,
+                           words)
+            x = acts[l][:n]
+        batch_loss = _loss_forward_backward(acts[L - 1][:n], yb, grads[L - 1][:n], loss, True)
+        if not np.isfinite(batch_loss):
+            return loss_sum, pen_sum, steps, False
+        loss_sum += batch_loss * n
+        pen = 0.0
+        for l in range(L - 1, -1, -1):
+            if l > 0:
+                xin = acts[l - 1][:n]
+                dx = grads[l - 1][:n]
+            elif in_thr > 0:
+                xin = xdrop[:n]
+                dx = grads[0][:0]
+            else:
+                xin = xb
+                dx = grads[0][:0]
+            _dense_backward(grads[l][:n], acts[l][:n], xin, Ws[l], dWs[l], dbs[l], dx,
+                            li[l, C.LI_ACT], lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR],
+                            lf[l, C.LF_DROP_SCALE], k0, k1, step, l, words)
+            pen += _penalized_update_2d(Ws[l], dWs[l], mW[l], vW[l], hpW[l], opt, t, coef,
+                                        scratch)
+            if bs[l].shape[0] > 0:
+                pen += _penalized_update_1d(bs[l], dbs[l], mb[l], vb[l], hpb[l], opt, t, coef,
+                                            scratch)
+        pen_sum += pen * n
+        steps += 1
+    return loss_sum, pen_sum, steps, True
+
+
+@njit(**JIT)
+def _forward_inference(X, Ws, bs, li, lf, bufs, out, batch_size):
+    L = len(Ws)
+    n_total = X.shape[0]
+    words = np.zeros((4, 1), np.uint32)
+    for start in range(0, n_total, batch_size):
+        n = min(batch_size, n_total - start)
+        x = X[start:start + n]
+        for l in range(L):
+            _dense_forward(x, Ws[l], bs[l], bufs[l][:n], li[l, C.LI_ACT], lf[l, C.LF_SLOPE],
+                           0, lf[l, C.LF_DROP_SCALE], 0, 0, 0, l, words)
+            x = bufs[l][:n]
+        out[start:start + n] = x
+
+
+# ---------------------------------------------------------------- the contract (per op)
+def _words_for(n_elements):
+    return np.empty((4, (n_elements + 3) // 4), np.uint32)
+
+
+def _scalar(x, like):
+    return like.dtype.type(x)
+
+
+def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer):
+    k0, k1 = split_seed(seed)
+    _dense_forward(x, W, b, out, int(act), _scalar(slope, out), int(drop_threshold),
+                   _scalar(drop_scale, out), k0, k1, int(step), int(layer),
+                   _words_for(out.size))
+
+
+def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
+                   seed, step, layer):
+    k0, k1 = split_seed(seed)
+    if dx.size == 0:
+        dx = grad[:0]
+    _dense_backward(grad, out, x, W, dW, db, dx, int(act), _scalar(slope, out),
+                    int(drop_threshold), _scalar(drop_scale, out), k0, k1, int(step),
+                    int(layer), _words_for(out.size))
+
+
+def input_dropout(x, out, threshold, scale, seed, step, layer):
+    k0, k1 = split_seed(seed)
+    _input_dropout(x, out, int(threshold), _scalar(scale, x), k0, k1, int(step), int(layer),
+                   _words_for(x.size))
+
+
+def loss_forward_backward(logits, y, grad, loss):
+    return _loss_forward_backward(logits, y.astype(logits.dtype, copy=False), grad, int(loss),
+                                  True)
+
+
+def loss_value(logits, y, loss):
+    return _loss_forward_backward(logits, y.astype(logits.dtype, copy=False), logits[:0],
+                                  int(loss), False)
+
+
+def penalized_update(w, g, m, v, hp, opt, t):
+    coef = np.zeros(16, w.dtype)
+    hp = np.asarray(hp, np.float64)
+    scratch = np.zeros(_scratch_size(w.size, w.shape[-1]))
+    if w.ndim == 1:
+        return _penalized_update_1d(w, g, m, v, hp, int(opt), int(t), coef, scratch)
+    if m.size == 0:
+        m = v = np.zeros((0, w.shape[1]), w.dtype)
+    return _penalized_update_2d(w, g, m, v, hp, int(opt), int(t), coef, scratch)
+
+
+def output_transform(logits, loss):
+    from .reference import output_transform as ref
+    return ref(logits, loss)
+
+
+# ---------------------------------------------------------------- epoch / inference entry
+def _typed(net):
+    """Typed lists and scratch for the compiled epoch, built once per workspace."""
+    cache = net.cache
+    if "Ws" not in cache:
+        dt = net.dtype
+        cols = max(W.shape[1] for W in net.Ws)
+        widest = max(cols, net.Ws[0].shape[0])
+        for name in ("Ws", "bs", "dWs", "dbs", "mW", "vW", "mb", "vb", "acts", "grads"):
+            arrays = getattr(net, name)
+            if name in ("mW", "vW"):
+                arrays = [a if a.size else np.zeros((0, W.shape[1]), dt)
+                          for a, W in zip(arrays, net.Ws)]
+            cache[name] = List(arrays)
+        cache["words"] = np.zeros((4, (net.batch * widest + 3) // 4), np.uint32)
+        cache["coef"] = np.zeros(16, dt)
+        cache["scratch"] = np.zeros(_scratch_size(max(W.size for W in net.Ws), cols))
+    return cache
+
+
+# Below this many forward multiply-adds per step (curve: 128 x 8,320 = 1.1M; wide: 476M) BLAS
+# gains nothing from a second thread (43 vs 45 GFLOP/s at 128x64x64, measured) but pays the
+# wake-up and sync of its pool on every one of ~900 GEMMs an epoch: run it on one thread.
+SMALL_STEP_MACS = 1 << 22
+_BLAS = {}
+
+
+def _is_small(net):
+    return net.batch * sum(W.shape[0] * W.shape[1] for W in net.Ws) <= SMALL_STEP_MACS
+
+
+def _single_thread_blas():
+    from threadpoolctl import ThreadpoolController
+    if "ctl" not in _BLAS:
+        _BLAS["ctl"] = ThreadpoolController()   # built once: a limit() then costs ~50 us
+    return _BLAS["ctl"].limit(limits=1, user_api="blas")
+
+
+def train_epoch(net, X, Y, perm, batch_size, step0, t0):
+    if _is_small(net):
+        with _single_thread_blas():
+            return _train_epoch_call(net, X, Y, perm, batch_size, step0, t0)
+    return _train_epoch_call(net, X, Y, perm, batch_size, step0, t0)
+
+
+def _train_epoch_call(net, X, Y, perm, batch_size, step0, t0):
+    c = _typed(net)
+    k0, k1 = split_seed(net.seed)
+    return _train_epoch(X, Y, perm, int(batch_size), c["Ws"], c["bs"], c["dWs"], c["dbs"],
+                        c["mW"], c["vW"], c["mb"], c["vb"], c["acts"], c["grads"],
+                        net.xbuf, net.xdrop, net.ybuf, c["words"], net.li, net.lf, net.hpW,
+                        net.hpb, int(net.opt), int(net.loss), k0, k1, int(step0), int(t0),
+                        c["coef"], c["scratch"])
+
+
+def forward_inference(net, X, batch_size):
+    n = X.shape[0]
+    rows = max(1, min(batch_size, n))
+    bufs = List([np.empty((rows, W.shape[1]), net.dtype) for W in net.Ws])
+    Ws = List(net.Ws)
+    bs = List(net.bs)
+    out = np.empty((n, net.Ws[-1].shape[1]), net.dtype)
+    if n:
+        _forward_inference(X, Ws, bs, net.li, net.lf, bufs, out, int(rows))
+    return out
+
+
+# Keep the Python driver importable from here too (the reference uses it directly).
+driver_train_epoch = driver.train_epoch

@@ -1,0 +1,141 @@
+"""The training-step driver shared by the backends that run their epoch loop in Python.
+
+The reference (NumPy) backend uses this loop as the readable specification of one epoch; the
+Numba backend compiles the same loop (kernels/cpu.py: ``_train_epoch``), step for step, so
+both apply the same masks in the same order.
+
+A ``Net`` is the compute-side view of a model: parameter tensors, their gradients and optimizer
+moments, the per-layer configuration rows (contract.LI_* / LF_*), the per-tensor
+hyperparameter rows (contract.HP_*), and the workspace sized for one batch.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import contract as C
+
+
+@dataclass
+class Net:
+    Ws: list
+    bs: list
+    dWs: list
+    dbs: list
+    mW: list
+    vW: list
+    mb: list
+    vb: list
+    li: np.ndarray          # (L, LI_SIZE) int64
+    lf: np.ndarray          # (L, LF_SIZE) in the parameter dtype
+    hpW: np.ndarray         # (L, HP_SIZE) float64
+    hpb: np.ndarray         # (L, HP_SIZE) float64
+    opt: int
+    loss: int
+    seed: int
+    # workspace for one batch of at most `batch` rows
+    batch: int = 0
+    acts: list = field(default_factory=list)    # (batch, O_l): what backward keeps
+    grads: list = field(default_factory=list)   # (batch, O_l): upstream gradients
+    xbuf: np.ndarray = None                     # (batch, I0) gathered inputs
+    xdrop: np.ndarray = None                    # (batch, I0) inputs after input dropout
+    ybuf: np.ndarray = None                     # (batch, Ky) gathered targets
+    cache: dict = field(default_factory=dict)   # backend-private (typed lists, scratch...)
+
+    @property
+    def n_layers(self):
+        return len(self.Ws)
+
+    @property
+    def dtype(self):
+        return self.Ws[0].dtype
+
+
+def allocate_workspace(net, batch, y_width):
+    """Preallocate every buffer one training step touches, for batches of <= `batch` rows."""
+    dt = net.dtype
+    net.batch = int(batch)
+    net.acts = [np.zeros((batch, W.shape[1]), dt) for W in net.Ws]
+    net.grads = [np.zeros((batch, W.shape[1]), dt) for W in net.Ws]
+    i0 = net.Ws[0].shape[0]
+    net.xbuf = np.zeros((batch, i0), dt)
+    has_in_drop = net.li[0, C.LI_IN_DROP_THR] > 0
+    net.xdrop = np.zeros((batch, i0) if has_in_drop else (0, i0), dt)
+    net.ybuf = np.zeros((batch, y_width), dt)
+    net.cache.clear()
+
+
+def kept_bytes_per_element(net):
+    """What one training step keeps between forward and backward, per activation element."""
+    return net.dtype.itemsize
+
+
+def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
+    """One epoch in Python over `ops` kernels; returns (loss_sum, penalty_sum, steps, finite).
+
+    loss_sum and penalty_sum are weighted by batch rows (divide by the rows seen for the
+    epoch means). Stops at the first batch whose loss is not finite, before updating.
+    """
+    n_total = perm.shape[0]   # the rows of this call: an epoch or a chunk of whole batches
+    L = net.n_layers
+    loss_sum = 0.0
+    pen_sum = 0.0
+    steps = 0
+    empty = np.zeros((0, 0), net.dtype)
+    for start in range(0, n_total, batch_size):
+        idx = perm[start:start + batch_size]
+        n = idx.shape[0]
+        step = step0 + steps
+        t = t0 + steps
+        xb = net.xbuf[:n]
+        xb[...] = X[idx]
+        yb = net.ybuf[:n]
+        yb[...] = Y[idx]
+        x = xb
+        if net.li[0, C.LI_IN_DROP_THR] > 0:
+            ops.input_dropout(xb, net.xdrop[:n], net.li[0, C.LI_IN_DROP_THR],
+                              net.lf[0, C.LF_IN_DROP_SCALE], net.seed, step, 0)
+            x = net.xdrop[:n]
+        inputs = []
+        for l in range(L):
+            inputs.append(x)
+            ops.dense_forward(x, net.Ws[l], net.bs[l], net.acts[l][:n], net.li[l, C.LI_ACT],
+                              net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
+                              net.lf[l, C.LF_DROP_SCALE], net.seed, step, l)
+            x = net.acts[l][:n]
+        batch_loss = ops.loss_forward_backward(net.acts[L - 1][:n], yb, net.grads[L - 1][:n],
+                                               net.loss)
+        if not np.isfinite(batch_loss):
+            return loss_sum, pen_sum, steps, False
+        loss_sum += batch_loss * n
+        pen = 0.0
+        for l in range(L - 1, -1, -1):
+            dx = net.grads[l - 1][:n] if l > 0 else empty
+            ops.dense_backward(net.grads[l][:n], net.acts[l][:n], inputs[l], net.Ws[l],
+                               net.dWs[l], net.dbs[l], dx, net.li[l, C.LI_ACT],
+                               net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
+                               net.lf[l, C.LF_DROP_SCALE], net.seed, step, l)
+            # Layer l's weights are not read again this step: update them while dW is hot.
+            pen += ops.penalized_update(net.Ws[l], net.dWs[l], net.mW[l], net.vW[l],
+                                        net.hpW[l], net.opt, t)
+            if net.bs[l].size:
+                pen += ops.penalized_update(net.bs[l], net.dbs[l], net.mb[l], net.vb[l],
+                                            net.hpb[l], net.opt, t)
+        pen_sum += pen * n
+        steps += 1
+    return loss_sum, pen_sum, steps, True
+
+
+def forward_inference(ops, net, X, batch_size):
+    """Logits for X with dropout off, in chunks of `batch_size` rows."""
+    L = net.n_layers
+    out = np.empty((X.shape[0], net.Ws[-1].shape[1]), net.dtype)
+    bufs = [np.empty((min(batch_size, X.shape[0]), W.shape[1]), net.dtype) for W in net.Ws]
+    for start in range(0, X.shape[0], batch_size):
+        x = X[start:start + batch_size]
+        n = x.shape[0]
+        for l in range(L):
+            ops.dense_forward(x, net.Ws[l], net.bs[l], bufs[l][:n], net.li[l, C.LI_ACT],
+                              net.lf[l, C.LF_SLOPE], 0, 1.0, 0, 0, l)
+            x = bufs[l][:n]
+        out[start:start + n] = x
+    return out
