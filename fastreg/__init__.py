@@ -1,0 +1,20 @@
+"""fastreg: fast, trustworthy training of regularized neural networks.
+
+    import fastreg as fr
+    model = fr.Sequential([fr.Dense(64, "relu", dropout=0.1, regularizer=fr.L2(1e-4)),
+                           fr.Dense(1)], input_dim=8, seed=0)
+    model.compile(loss="mse", optimizer=fr.Adam(lr=1e-3), backend="numba")
+    model.fit(X, y, epochs=50, batch_size=128, validation_data=(Xv, yv))
+"""
+from .backend import BackendUnavailable
+from .callbacks import Callback, EarlyStopping, History
+from .layers import Dense, Dropout
+from .model import Sequential, load_model
+from .optimizers import SGD, Adam, AdamW
+from .regularizers import L1, L2, ElasticNet, MaxNorm
+
+__version__ = "0.1.0"
+
+__all__ = ["Sequential", "load_model", "Dense", "Dropout", "L1", "L2", "ElasticNet", "MaxNorm",
+           "SGD", "Adam", "AdamW", "EarlyStopping", "Callback", "History", "BackendUnavailable",
+           "__version__"]

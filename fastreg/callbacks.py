@@ -1,0 +1,101 @@
+"""Callbacks and the History record of a fit."""
+import math
+
+import numpy as np
+
+
+class Callback:
+    model = None
+
+    def set_model(self, model):
+        self.model = model
+
+    def on_train_begin(self, logs=None):
+        pass
+
+    def on_epoch_end(self, epoch, logs=None):
+        pass
+
+    def on_train_end(self, logs=None):
+        pass
+
+
+class History(Callback):
+    """history.history[key] is a list with one value per epoch: "loss" (data loss, mean over
+    the epoch's batches), "penalty" (the regularization term, averaged the same way),
+    "val_loss" (data loss on validation_data, dropout off)."""
+
+    def __init__(self):
+        self.history = {}
+        self.epoch = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch.append(epoch)
+        for k, v in (logs or {}).items():
+            self.history.setdefault(k, []).append(v)
+
+
+class EarlyStopping(Callback):
+    """Stop when `monitor` has not improved by more than min_delta for `patience` epochs.
+
+    With restore_best_weights=True the best weights are restored when training ends, whether
+    patience ran out or the epochs did.
+    """
+
+    def __init__(self, monitor="val_loss", patience=0, min_delta=0.0,
+                 restore_best_weights=True, mode="auto"):
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
+        if not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) \
+                or min_delta < 0:
+            raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.restore_best_weights = bool(restore_best_weights)
+        self.mode = mode
+        self.best = None
+        self.best_epoch = None
+        self.best_weights = None
+        self.stopped_epoch = None
+        self.wait = 0
+
+    def _sign(self):
+        if self.mode == "max" or (self.mode == "auto" and "acc" in self.monitor):
+            return -1.0
+        return 1.0
+
+    def on_train_begin(self, logs=None):
+        available = (logs or {}).get("available_metrics")
+        if available is not None and self.monitor not in available:
+            raise ValueError(f"EarlyStopping monitors {self.monitor!r}, which this fit does not "
+                             f"report (it reports {sorted(available)}); pass validation_data "
+                             f"to monitor val_loss")
+        self.best = None
+        self.best_epoch = None
+        self.best_weights = None
+        self.stopped_epoch = None
+        self.wait = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not np.isfinite(value):
+            return
+        s = self._sign()
+        if self.best is None or s * (value - self.best) < -self.min_delta:
+            self.best = value
+            self.best_epoch = epoch
+            self.wait = 0
+            if self.restore_best_weights:
+                self.best_weights = self.model.get_weights()
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.stopped_epoch = epoch
+                self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.restore_best_weights and self.best_weights is not None:
+            self.model.set_weights(self.best_weights)

@@ -1,0 +1,97 @@
+"""Layers: constructors store and validate arguments; the model turns them into kernel plans."""
+import math
+
+from .kernels import contract as C
+from . import regularizers as R
+
+INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal")
+
+
+def check_rate(name, rate):
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
+        raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}")
+    if not 0 <= rate < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
+    return float(rate)
+
+
+class Layer:
+    def get_config(self):
+        raise NotImplementedError
+
+
+class Dense(Layer):
+    """y = dropout(f(x @ W + b)), W of shape (fan_in, units).
+
+    activation: None/"linear", "relu", "leaky_relu" (negative_slope, 0.01 by default, as in
+    PyTorch), "tanh", "sigmoid". dropout: drop probability of this layer's outputs (inverted
+    dropout: kept units are scaled by 1/(1 - rate)); off at inference. regularizer: a penalty
+    or constraint (or a list of them) on W. bias_regularizer: the same for b (biases are never
+    penalized unless asked for here). constraint: e.g. MaxNorm(3), the same as passing it in
+    regularizer.
+    """
+
+    def __init__(self, units, activation=None, dropout=0.0, regularizer=None, use_bias=True,
+                 negative_slope=0.01, kernel_initializer="glorot_uniform",
+                 bias_regularizer=None, constraint=None):
+        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+            raise ValueError(f"Dense units must be a positive integer, got {units!r}")
+        if activation not in C.ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of "
+                             f"{sorted(k for k in C.ACTIVATIONS if k)} or None")
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) \
+                or not math.isfinite(negative_slope) or negative_slope < 0:
+            raise ValueError(f"negative_slope must be a finite number >= 0, got {negative_slope!r}")
+        if kernel_initializer not in INITIALIZERS:
+            raise ValueError(f"unknown kernel_initializer {kernel_initializer!r}; choose one of "
+                             f"{INITIALIZERS}")
+        self.units = units
+        self.activation = None if activation == "linear" else activation
+        self.dropout = check_rate("dropout rate", dropout)
+        self.regularizer = R.as_list(regularizer) + R.as_list(constraint, "constraint")
+        self.bias_regularizer = R.as_list(bias_regularizer, "bias_regularizer")
+        if any(r.maxnorm > 0 for r in self.bias_regularizer):
+            raise ValueError("MaxNorm applies to a kernel's columns, not to a bias vector")
+        R.combine(self.regularizer)  # validates a consistent combination now, not at fit time
+        R.combine(self.bias_regularizer)
+        self.use_bias = bool(use_bias)
+        self.negative_slope = float(negative_slope)
+        self.kernel_initializer = kernel_initializer
+
+    def get_config(self):
+        return {"class": "Dense", "units": self.units, "activation": self.activation,
+                "dropout": self.dropout, "use_bias": self.use_bias,
+                "negative_slope": self.negative_slope,
+                "kernel_initializer": self.kernel_initializer,
+                "regularizer": [r.get_config() for r in self.regularizer],
+                "bias_regularizer": [r.get_config() for r in self.bias_regularizer]}
+
+    def __repr__(self):
+        return (f"Dense({self.units}, activation={self.activation!r}, dropout={self.dropout}, "
+                f"regularizer={self.regularizer or None})")
+
+
+class Dropout(Layer):
+    """Standalone dropout, e.g. on the inputs. After a Dense it is fused into that Dense's
+    output dropout (two successive dropouts keep a unit with probability (1-p1)(1-p2))."""
+
+    def __init__(self, rate):
+        self.rate = check_rate("Dropout rate", rate)
+
+    def get_config(self):
+        return {"class": "Dropout", "rate": self.rate}
+
+    def __repr__(self):
+        return f"Dropout({self.rate})"
+
+
+def from_config(cfg):
+    cfg = dict(cfg)
+    kind = cfg.pop("class", None)
+    if kind == "Dense":
+        cfg["regularizer"] = [R.from_config(r) for r in cfg.get("regularizer", [])]
+        cfg["bias_regularizer"] = [R.from_config(r) for r in cfg.get("bias_regularizer", [])]
+        return Dense(**cfg)
+    if kind == "Dropout":
+        return Dropout(**cfg)
+    raise ValueError(f"unknown layer in config: {kind!r}")

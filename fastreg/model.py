@@ -1,0 +1,509 @@
+"""Sequential: the Keras-like model. It decides what to compute; fastreg.kernels computes it.
+
+Fitted state is explicit: ``_W``/``_b`` (parameters), ``_mW``/``_vW``/``_mb``/``_vb``
+(optimizer moments), ``_step`` (training steps ever run: the Philox step counter, so masks
+never repeat across fits), ``_t`` (optimizer steps since compile: Adam's bias correction),
+``_epochs_run`` (seeds the shuffles).
+"""
+import json
+import math
+import os
+import tempfile
+import warnings
+
+import numpy as np
+
+from . import backend as backends
+from . import layers as L
+from . import optimizers as O
+from . import regularizers as R
+from .callbacks import Callback, History
+from .kernels import contract as C
+from .kernels import driver
+from .kernels.philox import dropout_scale, dropout_threshold
+from .kernels.reference import penalty_value
+from .progress import EpochProgress
+from .validation import as_features, as_targets, check_positive_int
+
+FORMAT = "fastreg-model"
+FORMAT_VERSION = 1
+PREDICT_BATCH = 4096
+
+
+class Sequential:
+    """A stack of Dense layers (with dropout folded in), trained by fused kernels.
+
+    Sequential(layers, input_dim=None, seed=0, dtype="float32"). The weights are created from
+    `seed` when input_dim is known (here, or from X at the first fit/predict).
+    """
+
+    def __init__(self, layers=None, input_dim=None, seed=0, dtype="float32"):
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+                or not 0 <= int(seed) < 2 ** 64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        self.seed = int(seed)
+        self.dtype = np.dtype(dtype)
+        self.layers = []
+        self.input_dim = None
+        self._W, self._b = [], []
+        for layer in layers or []:
+            self.add(layer)
+        self._reset_optimizer_state()
+        self._step = 0
+        self._t = 0
+        self._epochs_run = 0
+        self.loss = None
+        self.optimizer = None
+        self.backend = None
+        self.history = None
+        self.stop_training = False
+        if input_dim is not None:
+            self.build(input_dim)
+
+    # ------------------------------------------------------------ structure
+    def add(self, layer):
+        if not isinstance(layer, L.Layer):
+            raise TypeError(f"Sequential takes fastreg layers (Dense, Dropout), got {layer!r}")
+        if self.built:
+            raise ValueError("layers must be added before the model is built")
+        self.layers.append(layer)
+
+    @property
+    def built(self):
+        return bool(self._W)
+
+    def _blocks(self):
+        """Fold the layer list into dense blocks: (Dense, input dropout, output dropout)."""
+        blocks, pending = [], 0.0
+        for layer in self.layers:
+            if isinstance(layer, L.Dropout):
+                pending = 1.0 - (1.0 - pending) * (1.0 - layer.rate)
+                continue
+            if isinstance(layer, L.Dense):
+                if pending and blocks:
+                    prev = blocks[-1]
+                    prev["out_drop"] = 1.0 - (1.0 - prev["out_drop"]) * (1.0 - pending)
+                    pending = 0.0
+                blocks.append({"dense": layer, "in_drop": pending if not blocks else 0.0,
+                               "out_drop": layer.dropout})
+                pending = 0.0
+        if not blocks:
+            raise ValueError("a Sequential model needs at least one Dense layer")
+        if pending:
+            last = blocks[-1]
+            last["out_drop"] = 1.0 - (1.0 - last["out_drop"]) * (1.0 - pending)
+        return blocks
+
+    @property
+    def n_outputs(self):
+        return self._blocks()[-1]["dense"].units
+
+    def build(self, input_dim):
+        input_dim = check_positive_int("input_dim", input_dim)
+        blocks = self._blocks()
+        rng = np.random.default_rng(self.seed)
+        Ws, bs = [], []
+        fan_in = input_dim
+        for blk in blocks:
+            d = blk["dense"]
+            Ws.append(_init_kernel(d.kernel_initializer, fan_in, d.units, rng, self.dtype))
+            bs.append(np.zeros(d.units if d.use_bias else 0, self.dtype))
+            fan_in = d.units
+        self.input_dim = input_dim
+        self._W, self._b = Ws, bs
+        self._reset_optimizer_state()
+
+    def count_params(self):
+        return int(sum(W.size + b.size for W, b in zip(self._W, self._b)))
+
+    def summary(self):
+        lines = [f"Sequential(input_dim={self.input_dim}, seed={self.seed}, dtype={self.dtype})"]
+        fan_in = self.input_dim
+        for i, blk in enumerate(self._blocks()):
+            d = blk["dense"]
+            n = (fan_in * d.units + (d.units if d.use_bias else 0)) if fan_in else "?"
+            extra = f", input dropout {blk['in_drop']:.3g}" if blk["in_drop"] else ""
+            lines.append(f"  dense_{i}: {fan_in}->{d.units} {d.activation or 'linear'}, "
+                         f"dropout {blk['out_drop']:.3g}{extra}, params {n}, "
+                         f"regularizer {d.regularizer or None}")
+            fan_in = d.units
+        lines.append(f"  total params: {self.count_params() if self.built else '?'}")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return self.summary()
+
+    # ------------------------------------------------------------ compile
+    def compile(self, loss="mse", optimizer=None, backend=None):
+        """Choose the loss, the optimizer (fresh state) and the backend (numba by default)."""
+        if loss not in C.LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(C.LOSSES)}")
+        optimizer = O.get(optimizer)
+        name = backends.name_of(backend)
+        backends.resolve(name)  # fail now, with how to get it, not at fit time
+        last = self._blocks()[-1]["dense"]
+        if loss != "mse" and last.activation is not None:
+            raise ValueError(f"{loss} takes logits: make the last Dense linear "
+                             f"(activation=None); predict() returns the probabilities")
+        if loss == "sparse_categorical_crossentropy" and last.units < 2:
+            raise ValueError("sparse_categorical_crossentropy needs a last Dense with one unit "
+                             "per class (>= 2 units)")
+        self.loss, self.optimizer, self.backend = loss, optimizer, name
+        self._t = 0
+        self._reset_optimizer_state()
+
+    def _require_compiled(self):
+        if self.loss is None:
+            raise RuntimeError("call model.compile(loss=..., optimizer=...) before fit/evaluate")
+
+    def _ops(self):
+        return backends.resolve(self.backend)
+
+    # ------------------------------------------------------------ state
+    def _reset_optimizer_state(self):
+        self._mW = self._vW = self._mb = self._vb = None
+
+    def _ensure_optimizer_state(self):
+        if self._mW is not None:
+            return
+        opt = self.optimizer
+
+        def moments(params, needed):
+            return [np.zeros_like(p) if needed else np.zeros((0,) * p.ndim, self.dtype)
+                    for p in params]
+        self._mW, self._mb = moments(self._W, opt.needs_m), moments(self._b, opt.needs_m)
+        self._vW, self._vb = moments(self._W, opt.needs_v), moments(self._b, opt.needs_v)
+
+    def _snapshot(self):
+        copy = (lambda xs: None if xs is None else [x.copy() for x in xs])
+        return {"W": copy(self._W), "b": copy(self._b), "mW": copy(self._mW),
+                "vW": copy(self._vW), "mb": copy(self._mb), "vb": copy(self._vb),
+                "step": self._step, "t": self._t, "epochs_run": self._epochs_run,
+                "input_dim": self.input_dim}
+
+    def _restore(self, snap):
+        """Put a snapshot back, in place where the arrays exist (nets keep referencing them)."""
+        if snap["W"] and self._W and len(snap["W"]) == len(self._W):
+            for dst, src in zip(self._W + self._b, snap["W"] + snap["b"]):
+                dst[...] = src
+        else:
+            self._W, self._b = snap["W"] or [], snap["b"] or []
+        if snap["mW"] is None:
+            self._reset_optimizer_state()
+        elif self._mW is not None:
+            for dst, src in zip(self._mW + self._vW + self._mb + self._vb,
+                                snap["mW"] + snap["vW"] + snap["mb"] + snap["vb"]):
+                dst[...] = src
+        else:
+            self._mW, self._vW, self._mb, self._vb = (snap["mW"], snap["vW"], snap["mb"],
+                                                      snap["vb"])
+        self._step, self._t, self._epochs_run = snap["step"], snap["t"], snap["epochs_run"]
+        self.input_dim = snap["input_dim"]
+
+    def _make_net(self, batch=None, y_width=1, training=True):
+        """The compute-side view of this model (references, not copies, of the parameters)."""
+        blocks = self._blocks()
+        n = len(blocks)
+        li = np.zeros((n, C.LI_SIZE), np.int64)
+        lf = np.zeros((n, C.LF_SIZE), self.dtype)
+        hpW = np.zeros((n, C.HP_SIZE))
+        hpb = np.zeros((n, C.HP_SIZE))
+        opt = self.optimizer or O.Adam()
+        lr, b1, b2, eps, nesterov, wd = opt.hyper()
+        for i, blk in enumerate(blocks):
+            d = blk["dense"]
+            li[i, C.LI_ACT] = C.ACTIVATIONS[d.activation]
+            li[i, C.LI_DROP_THR] = dropout_threshold(blk["out_drop"])
+            li[i, C.LI_HAS_BIAS] = int(d.use_bias)
+            li[i, C.LI_IN_DROP_THR] = dropout_threshold(blk["in_drop"])
+            lf[i, C.LF_SLOPE] = d.negative_slope
+            lf[i, C.LF_DROP_SCALE] = dropout_scale(blk["out_drop"], self.dtype.type)
+            lf[i, C.LF_IN_DROP_SCALE] = dropout_scale(blk["in_drop"], self.dtype.type)
+            for row, regs, decay in ((hpW[i], d.regularizer, wd), (hpb[i], d.bias_regularizer, 0.0)):
+                l1, l2, proximal, maxnorm = R.combine(regs)
+                row[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_NESTEROV, C.HP_DECOUPLED,
+                     C.HP_L1, C.HP_L2, C.HP_PROXIMAL, C.HP_MAXNORM]] = \
+                    (lr, b1, b2, eps, nesterov, decay, l1, l2, float(proximal), maxnorm)
+        if training:
+            self._ensure_optimizer_state()
+            moments = (self._mW, self._vW, self._mb, self._vb)
+            grads = ([np.zeros_like(W) for W in self._W], [np.zeros_like(b) for b in self._b])
+        else:
+            empty = [[] for _ in range(4)]
+            moments, grads = empty, ([], [])
+        net = driver.Net(list(self._W), list(self._b), grads[0], grads[1], *moments,
+                         li=li, lf=lf, hpW=hpW, hpb=hpb, opt=opt.code,
+                         loss=C.LOSSES.get(self.loss, C.LOSS_MSE), seed=self.seed)
+        if batch:
+            driver.allocate_workspace(net, batch, y_width)
+        return net
+
+    # ------------------------------------------------------------ weights
+    def get_weights(self):
+        """[W0, b0, W1, b1, ...] (copies), W of shape (fan_in, fan_out)."""
+        out = []
+        for W, b in zip(self._W, self._b):
+            out += [W.copy(), b.copy()]
+        return out
+
+    def set_weights(self, weights):
+        """Replace the parameters; shapes must match exactly. All-or-nothing."""
+        if not self.built:
+            raise ValueError("the model is not built yet: pass input_dim to Sequential or "
+                             "call fit/build first")
+        weights = list(weights)
+        current = [p for pair in zip(self._W, self._b) for p in pair]
+        if len(weights) != len(current):
+            raise ValueError(f"set_weights expects {len(current)} arrays ([W0, b0, ...]), got "
+                             f"{len(weights)}")
+        converted = []
+        for i, (new, cur) in enumerate(zip(weights, current)):
+            arr = np.asarray(new)
+            if arr.shape != cur.shape:
+                raise ValueError(f"weight {i} has shape {arr.shape}, expected {cur.shape}")
+            if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+                raise ValueError(f"weight {i} must be finite numbers")
+            converted.append(arr.astype(self.dtype))
+        for cur, new in zip(current, converted):
+            cur[...] = new
+
+    def penalty(self):
+        """The current regularization term sum over layers (what history['penalty'] tracks)."""
+        net = self._make_net(training=False)
+        return float(sum(penalty_value(W, net.hpW[i]) + penalty_value(b, net.hpb[i])
+                         for i, (W, b) in enumerate(zip(self._W, self._b))))
+
+    # ------------------------------------------------------------ training
+    def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
+            callbacks=None, verbose=1):
+        """Train; returns a History. A failed fit leaves the model as it was."""
+        self._require_compiled()
+        X = as_features(X, "X", self.input_dim, self.dtype)
+        loss_code = C.LOSSES[self.loss]
+        Y = as_targets(y, X.shape[0], loss_code, self.n_outputs, "y", self.dtype)
+        epochs = check_positive_int("epochs", epochs)
+        batch_size = check_positive_int("batch_size", batch_size)
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+        val = None
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise ValueError("validation_data must be a tuple (X_val, y_val)")
+            Xv = as_features(validation_data[0], "X_val", X.shape[1], self.dtype)
+            Yv = as_targets(validation_data[1], Xv.shape[0], loss_code, self.n_outputs,
+                            "y_val", self.dtype)
+            val = (Xv, Yv)
+        callbacks = list(callbacks or [])
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be fastreg Callback instances, got {cb!r}")
+        ops = self._ops()
+        snapshot = self._snapshot()
+        try:
+            if not self.built:
+                self.build(X.shape[1])
+            return self._fit(ops, X, Y, epochs, batch_size, val, shuffle, callbacks, verbose)
+        except BaseException:
+            self._restore(snapshot)
+            raise
+
+    def _fit(self, ops, X, Y, epochs, batch_size, val, shuffle, callbacks, verbose):
+        history = History()
+        cbs = [history] + callbacks
+        for cb in cbs:
+            cb.set_model(self)
+        available = {"loss", "penalty"} | ({"val_loss"} if val else set())
+        for cb in cbs:
+            cb.on_train_begin({"available_metrics": available})
+        self.stop_training = False
+        n = X.shape[0]
+        batch = min(batch_size, n)
+        net = self._make_net(batch, Y.shape[1])
+        sync = getattr(ops, "sync_to_host", None)
+        n_batches = -(-n // batch_size)
+        progress = EpochProgress(epochs, n_batches, verbose)
+        try:
+            for epoch in range(epochs):
+                perm = (np.random.default_rng([self.seed, self._epochs_run]).permutation(n)
+                        if shuffle else np.arange(n)).astype(np.int64)
+                start_state = self._snapshot()
+                loss_sum = pen_sum = 0.0
+                steps_done = 0
+                finite = True
+                for first, last in progress.chunks(epoch):
+                    ls, ps, steps, finite = ops.train_epoch(
+                        net, X, Y, perm[first * batch_size:last * batch_size], batch_size,
+                        self._step, self._t + 1)
+                    loss_sum += ls
+                    pen_sum += ps
+                    steps_done += steps
+                    self._step += steps
+                    self._t += steps
+                    rows = min(n, (first + steps) * batch_size) if steps else 1
+                    progress.update(epoch, first + steps, loss_sum / max(rows, 1))
+                    if not finite:
+                        break
+                if sync is not None:
+                    sync(net)
+                if not finite:
+                    self._stop_on_nonfinite(epoch, steps_done, start_state)
+                    break
+                logs = {"loss": loss_sum / n, "penalty": pen_sum / n}
+                if val is not None:
+                    logs["val_loss"] = self._data_loss(ops, *val)
+                self._epochs_run += 1
+                progress.end_epoch(epoch, logs)
+                for cb in cbs:
+                    cb.on_epoch_end(epoch, logs)
+                if self.stop_training:
+                    break
+        finally:
+            progress.close()
+        for cb in cbs:
+            cb.on_train_end({})
+        self.history = history
+        return history
+
+    def _stop_on_nonfinite(self, epoch, steps_done, start_state):
+        params_ok = all(np.isfinite(p).all() for p in self._W + self._b)
+        where = "the last finite weights kept"
+        if not params_ok:
+            self._restore(start_state)
+            where = "the weights restored to the start of that epoch"
+        warnings.warn(f"the training loss became NaN or inf at epoch {epoch + 1} (step "
+                      f"{steps_done + 1} of the epoch); training stopped with {where}. "
+                      f"Lower the learning rate or check the data scale.",
+                      RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------ inference
+    def _logits(self, ops, X, batch_size=None):
+        net = self._make_net(training=False)
+        return ops.forward_inference(net, X, batch_size or PREDICT_BATCH)
+
+    def _data_loss(self, ops, X, Y):
+        logits = self._logits(ops, X)
+        return float(ops.loss_value(logits, Y, C.LOSSES[self.loss]))
+
+    def predict(self, X, batch_size=None):
+        """Outputs for X, dropout off: probabilities for the cross-entropy losses."""
+        X = as_features(X, "X", self.input_dim, self.dtype)
+        if batch_size is not None:
+            batch_size = check_positive_int("batch_size", batch_size)
+        if not self.built:
+            self.build(X.shape[1])
+        ops = self._ops() if self.backend else backends.resolve(None)
+        logits = self._logits(ops, X, batch_size)
+        return ops.output_transform(logits, C.LOSSES[self.loss]) if self.loss else logits
+
+    def evaluate(self, X, y, batch_size=None):
+        """The data loss (no penalty) on (X, y), dropout off."""
+        self._require_compiled()
+        if not self.built:
+            raise ValueError("the model has no weights yet: fit it or pass input_dim")
+        X = as_features(X, "X", self.input_dim, self.dtype)
+        Y = as_targets(y, X.shape[0], C.LOSSES[self.loss], self.n_outputs, "y", self.dtype)
+        ops = self._ops()
+        logits = self._logits(ops, X, batch_size)
+        return float(ops.loss_value(logits, Y, C.LOSSES[self.loss]))
+
+    # ------------------------------------------------------------ persistence
+    def get_config(self):
+        return {"format": FORMAT, "version": FORMAT_VERSION,
+                "layers": [layer.get_config() for layer in self.layers],
+                "input_dim": self.input_dim, "seed": self.seed, "dtype": self.dtype.name,
+                "compile": None if self.loss is None else {
+                    "loss": self.loss, "optimizer": self.optimizer.get_config(),
+                    "backend": self.backend},
+                "step": self._step, "t": self._t, "epochs_run": self._epochs_run}
+
+    def save(self, path):
+        """Write the model (config as JSON, arrays as .npy members) to `path` atomically."""
+        path = os.fspath(path)
+        arrays = {"config": np.array(json.dumps(self.get_config()))}
+        for i, (W, b) in enumerate(zip(self._W, self._b)):
+            arrays[f"W{i}"], arrays[f"b{i}"] = W, b
+        if self._mW is not None:
+            for name, xs in (("mW", self._mW), ("vW", self._vW), ("mb", self._mb),
+                             ("vb", self._vb)):
+                for i, x in enumerate(xs):
+                    arrays[f"{name}{i}"] = x
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".fastreg-", suffix=".npz", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def load_model(path, backend=None):
+    """Load a model written by Sequential.save, without pickle.
+
+    The saved backend is used when it is available here, else `backend` or the default.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no model file at {path!r}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            files = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise ValueError(f"{path!r} is not a readable fastreg model file (corrupt or not an "
+                         f".npz archive): {exc}") from exc
+    try:
+        cfg = json.loads(str(files["config"]))
+        if cfg.get("format") != FORMAT:
+            raise ValueError("not a fastreg model")
+        if cfg.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(f"written by a newer fastreg (format {cfg['version']})")
+        model = Sequential([L.from_config(c) for c in cfg["layers"]], seed=cfg["seed"],
+                           dtype=cfg["dtype"])
+        if cfg["compile"] is not None:
+            comp = cfg["compile"]
+            name = backend or comp["backend"]
+            if backend is None:
+                try:
+                    backends.resolve(name)
+                except (backends.BackendUnavailable, ValueError):
+                    name = None  # trained elsewhere (e.g. on a GPU): the default backend here
+            model.compile(loss=comp["loss"], optimizer=O.get(comp["optimizer"]),
+                          backend=name)
+        if cfg["input_dim"] is not None:
+            model.build(cfg["input_dim"])
+            n = len(model._W)
+            model.set_weights([files[f"{k}{i}"] for i in range(n) for k in ("W", "b")])
+            if "mW0" in files:
+                model._ensure_optimizer_state()
+                for name in ("mW", "vW", "mb", "vb"):
+                    dst = getattr(model, f"_{name}")
+                    for i in range(n):
+                        src = files[f"{name}{i}"]
+                        if src.shape != dst[i].shape:
+                            raise ValueError(f"optimizer state {name}{i} has shape {src.shape}, "
+                                             f"expected {dst[i].shape}")
+                        dst[i][...] = src
+        model._step, model._t, model._epochs_run = cfg["step"], cfg["t"], cfg["epochs_run"]
+        return model
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path!r} is not a valid fastreg model file: {exc}") from exc
+
+
+def _init_kernel(kind, fan_in, fan_out, rng, dtype):
+    if kind == "glorot_uniform":
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        W = rng.uniform(-limit, limit, (fan_in, fan_out))
+    elif kind == "glorot_normal":
+        W = rng.normal(0.0, math.sqrt(2.0 / (fan_in + fan_out)), (fan_in, fan_out))
+    elif kind == "he_uniform":
+        limit = math.sqrt(6.0 / fan_in)
+        W = rng.uniform(-limit, limit, (fan_in, fan_out))
+    elif kind == "he_normal":
+        W = rng.normal(0.0, math.sqrt(2.0 / fan_in), (fan_in, fan_out))
+    else:  # lecun_normal
+        W = rng.normal(0.0, math.sqrt(1.0 / fan_in), (fan_in, fan_out))
+    return np.ascontiguousarray(W, dtype=dtype)

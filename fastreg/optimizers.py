@@ -1,0 +1,126 @@
+"""Optimizers: hyperparameters only; their state (moments) lives with the model's parameters.
+
+Update formulas are PyTorch's (bias correction, eps after the square root, AdamW's decoupled
+decay w <- w - lr*wd*w); the fused kernels implement them (kernels/reference.py is the spec).
+"""
+import math
+
+from .kernels import contract as C
+
+
+def _positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def _unit(name, value, allow_zero=True):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    lo_ok = value >= 0 if allow_zero else value > 0
+    if not (lo_ok and value < 1):
+        raise ValueError(f"{name} must be in {'[0' if allow_zero else '(0'}, 1), got {value!r}")
+    return float(value)
+
+
+class Optimizer:
+    code = None
+    needs_m = False
+    needs_v = False
+
+    def hyper(self):
+        """(lr, beta1_or_momentum, beta2, eps, nesterov, decoupled_decay)."""
+        raise NotImplementedError
+
+    def get_config(self):
+        raise NotImplementedError
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "class")
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    code = C.OPT_SGD
+    needs_v = False
+
+    def __init__(self, lr=0.01, momentum=0.0, nesterov=False):
+        self.lr = _positive("lr", lr)
+        self.momentum = _unit("momentum", momentum)
+        self.nesterov = bool(nesterov)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+
+    @property
+    def needs_m(self):
+        return self.momentum > 0
+
+    def hyper(self):
+        return self.lr, self.momentum, 0.0, 0.0, float(self.nesterov), 0.0
+
+    def get_config(self):
+        return {"class": "SGD", "lr": self.lr, "momentum": self.momentum,
+                "nesterov": self.nesterov}
+
+
+class Adam(Optimizer):
+    code = C.OPT_ADAM
+    needs_m = True
+    needs_v = True
+
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8):
+        self.lr = _positive("lr", lr)
+        self.beta1 = _unit("beta1", beta1)
+        self.beta2 = _unit("beta2", beta2)
+        self.eps = _positive("eps", eps)
+
+    def hyper(self):
+        return self.lr, self.beta1, self.beta2, self.eps, 0.0, 0.0
+
+    def get_config(self):
+        return {"class": "Adam", "lr": self.lr, "beta1": self.beta1, "beta2": self.beta2,
+                "eps": self.eps}
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay on the kernels (biases are not decayed)."""
+    code = C.OPT_ADAMW
+
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
+        super().__init__(lr, beta1, beta2, eps)
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
+                or not math.isfinite(weight_decay) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        self.weight_decay = float(weight_decay)
+
+    def hyper(self):
+        return self.lr, self.beta1, self.beta2, self.eps, 0.0, self.weight_decay
+
+    def get_config(self):
+        return dict(super().get_config(), **{"class": "AdamW",
+                                             "weight_decay": self.weight_decay})
+
+
+REGISTRY = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW}
+
+
+def get(opt):
+    """An Optimizer instance from an instance, a name ("adam", "sgd", "adamw") or a config."""
+    if opt is None:
+        return Adam()
+    if isinstance(opt, Optimizer):
+        return opt
+    if isinstance(opt, str):
+        for name, cls in REGISTRY.items():
+            if name.lower() == opt.lower():
+                return cls()
+        raise ValueError(f"unknown optimizer {opt!r}; choose one of {sorted(REGISTRY)}")
+    if isinstance(opt, dict):
+        cfg = dict(opt)
+        cls = REGISTRY.get(cfg.pop("class", None))
+        if cls is None:
+            raise ValueError(f"unknown optimizer config {opt!r}")
+        return cls(**cfg)
+    raise TypeError(f"optimizer must be an Optimizer, a name or a config, got {opt!r}")

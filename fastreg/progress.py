@@ -1,0 +1,54 @@
+"""Keras-style progress for fit(): verbose=1 a bar per epoch with the running loss,
+verbose=2 one line per epoch, verbose=0 nothing.
+
+A compiled epoch is one call; for a live bar the epoch is run in a few chunks of whole
+batches (same steps, same masks: chunking changes nothing but how often Python looks).
+"""
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+CHUNKS_PER_EPOCH = 20
+
+
+class EpochProgress:
+    def __init__(self, epochs, n_batches, verbose):
+        self.epochs = epochs
+        self.n_batches = n_batches
+        self.verbose = verbose
+        self.console = Console(stderr=False)
+        self._progress = None
+        self._task = None
+        if verbose == 1:
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(),
+                                      TextColumn("{task.fields[metrics]}"),
+                                      console=self.console)
+            self._progress.start()
+
+    def chunks(self, epoch):
+        """(first_batch, end_batch) ranges covering the epoch."""
+        if self.verbose != 1:
+            yield 0, self.n_batches
+            return
+        self._task = self._progress.add_task(f"Epoch {epoch + 1}/{self.epochs}",
+                                             total=self.n_batches, metrics="")
+        size = max(1, -(-self.n_batches // CHUNKS_PER_EPOCH))
+        for first in range(0, self.n_batches, size):
+            yield first, min(self.n_batches, first + size)
+
+    def update(self, epoch, batches_done, running_loss):
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=batches_done,
+                                  metrics=f"loss {running_loss:.4g}")
+
+    def end_epoch(self, epoch, logs):
+        text = "  ".join(f"{k} {v:.4g}" for k, v in logs.items())
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=self.n_batches, metrics=text)
+        elif self.verbose == 2:
+            self.console.print(f"Epoch {epoch + 1}/{self.epochs}  {text}", highlight=False)
+
+    def close(self):
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,129 @@
+"""Penalties and constraints on a layer's kernel (weights), as small explicit pieces.
+
+Conventions (DESIGN.md): L2(l) adds l/2 * sum W^2 (gradient l*W, PyTorch's weight_decay);
+L1(l) adds l * sum |W|, proximal by default (soft-thresholding after the optimizer step, in
+the optimizer's own per-coordinate metric), which gives exact zeros; ElasticNet(l1, l2) both.
+Penalties are not divided by batch or data-set size. MaxNorm(c) is a constraint: after every
+step each unit's incoming weight vector (a column of W) is projected to norm <= c.
+"""
+import math
+from dataclasses import dataclass
+
+
+def _check_strength(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class Regularizer:
+    """Base class. A regularizer contributes (l1, l2, proximal, maxnorm) to a tensor."""
+    l1 = 0.0
+    l2 = 0.0
+    proximal = True
+    maxnorm = 0.0
+
+    def get_config(self):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, init=False)
+class L1(Regularizer):
+    l: float
+    proximal: bool
+
+    def __init__(self, l=0.01, proximal=True):
+        object.__setattr__(self, "l", _check_strength("L1 strength l", l))
+        object.__setattr__(self, "proximal", bool(proximal))
+
+    @property
+    def l1(self):
+        return self.l
+
+    def get_config(self):
+        return {"class": "L1", "l": self.l, "proximal": self.proximal}
+
+
+@dataclass(frozen=True, init=False)
+class L2(Regularizer):
+    l: float
+
+    def __init__(self, l=0.01):
+        object.__setattr__(self, "l", _check_strength("L2 strength l", l))
+
+    @property
+    def l2(self):
+        return self.l
+
+    def get_config(self):
+        return {"class": "L2", "l": self.l}
+
+
+@dataclass(frozen=True, init=False)
+class ElasticNet(Regularizer):
+    l1: float
+    l2: float
+    proximal: bool
+
+    def __init__(self, l1=0.01, l2=0.01, proximal=True):
+        object.__setattr__(self, "l1", _check_strength("ElasticNet l1", l1))
+        object.__setattr__(self, "l2", _check_strength("ElasticNet l2", l2))
+        object.__setattr__(self, "proximal", bool(proximal))
+
+    def get_config(self):
+        return {"class": "ElasticNet", "l1": self.l1, "l2": self.l2, "proximal": self.proximal}
+
+
+@dataclass(frozen=True, init=False)
+class MaxNorm(Regularizer):
+    c: float
+
+    def __init__(self, c=3.0):
+        c = _check_strength("MaxNorm c", c)
+        if c == 0:
+            raise ValueError("MaxNorm c must be > 0 (a norm bound of 0 would zero every unit)")
+        object.__setattr__(self, "c", c)
+
+    @property
+    def maxnorm(self):
+        return self.c
+
+    def get_config(self):
+        return {"class": "MaxNorm", "c": self.c}
+
+
+REGISTRY = {"L1": L1, "L2": L2, "ElasticNet": ElasticNet, "MaxNorm": MaxNorm}
+
+
+def from_config(cfg):
+    cfg = dict(cfg)
+    cls = REGISTRY.get(cfg.pop("class", None))
+    if cls is None:
+        raise ValueError(f"unknown regularizer in config: {cfg!r}")
+    return cls(**cfg)
+
+
+def as_list(reg, what="regularizer"):
+    """None, one regularizer, or a list/tuple of them -> a list (validated)."""
+    if reg is None:
+        return []
+    items = list(reg) if isinstance(reg, (list, tuple)) else [reg]
+    for r in items:
+        if not isinstance(r, Regularizer):
+            raise TypeError(f"{what} must be a fastreg regularizer (L1, L2, ElasticNet, "
+                            f"MaxNorm) or a list of them, got {r!r}")
+    return items
+
+
+def combine(regs):
+    """The (l1, l2, proximal, maxnorm) that a list of regularizers adds up to."""
+    l1 = sum(r.l1 for r in regs)
+    l2 = sum(r.l2 for r in regs)
+    with_l1 = [r for r in regs if r.l1 > 0]
+    proximal = all(r.proximal for r in with_l1) if with_l1 else True
+    if with_l1 and len({r.proximal for r in with_l1}) > 1:
+        raise ValueError("L1 penalties on one tensor must agree on proximal=True/False")
+    norms = [r.maxnorm for r in regs if r.maxnorm > 0]
+    return l1, l2, proximal, (min(norms) if norms else 0.0)
