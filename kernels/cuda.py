@@ -1,0 +1,1154 @@
+"""The CUDA backend (numba-cuda): the kernel contract on the GPU, and a device-resident epoch.
+
+Shape legend: B batch rows, I fan_in, O fan_out, K outputs (and the GEMM inner dimension in
+the GEMM kernel: C[M, N] = op(A)[M, K] @ op(B)[K, N]), L dense layers, P parameters in all.
+
+Twin of kernels/cpu.py, function for function: the per-op contract takes host NumPy arrays
+(copy in, run, copy out: for tests), ``train_epoch`` / ``forward_inference`` take a driver.Net
+and keep everything on the device (``net.cache["cuda"]``).
+
+GEMM strategy, chosen per shape by ``_use_cublas(M, N, K)``:
+- Small and medium GEMMs (M*N*K < CUBLAS_MIN_MACS, or no CuPy): our own tiled shared-memory
+  kernel ``gemm``: TILE_M x TILE_N output tiles, TILE_K deep, THREAD_M x THREAD_N register
+  micro-tile per thread, transposes as flags (no copies). Its epilogue is fused:
+    forward   bias + activation + dropout (Philox regenerated per 4-word group)    -> out
+    backward  dW = x^T dz with the bias gradient summed from the same dz tiles (the blocks of
+              the first row-tile sum their shared-memory dz tiles over the batch, in row
+              order: no atomics, deterministic), and in the SAME launch (blockIdx.z = 1)
+              dx = dz W^T with the previous layer's backward epilogue (mask regenerated, f'
+              from its stored output) applied, so dx lands as that layer's dz directly.
+- Large GEMMs with CuPy installed: cuBLAS through CuPy on zero-copy views
+  (``__cuda_array_interface__``), then one elementwise epilogue kernel (forward: bias,
+  activation, dropout; backward: column sums for db, and the previous layer's transform).
+  CuPy and numba both launch on the legacy default stream, so no synchronisation is needed.
+- The tile sizes are module constants; kernels are built per (tiles, dtype) on first use, so a
+  test can patch them small to exercise tile edges.
+
+Launches per training step (tiled path), L layers:
+    1 gather (rows of X, Y by the permutation, input dropout fused)
+  + L forward GEMMs (epilogue fused)
+  + 1 loss (one block: loss, gradient, last layer's backward epilogue, device-side loss sum,
+    finite check)
+  + L backward GEMM launches (dW + db + dx in one launch each)
+  + 1 penalized update of ALL parameter tensors (they live in one flat buffer; each block owns
+    a chunk of one tensor) [+ 1 max-norm projection when any layer has MaxNorm]
+  = 2L + 3; e.g. 11 for the 4-layer `curve` MLP. Nothing is copied back per step: the loss
+  and penalty sums, the step count and a stop flag live in a device `status` vector read once
+  per train_epoch call. A non-finite batch loss sets the stop flag; every later update in that
+  call is skipped (the kernels check the flag), which is the CPU's "stop before the update".
+
+Compilation: kernels are built (closures over the tile constants and dtype) and compiled by
+NVVM on first use, about 10-20 s per dtype, not cached on disk (numba's cache keys closures by
+source line, which would mix tile configurations). kernels/cuda_ptxcheck.py compiles them all
+to PTX without a GPU, so typing errors the simulator cannot see are caught in CI.
+
+Randomness: the same Philox4x32-10 bits as kernels/philox.py, so masks equal the CPU's bit for
+bit. Reductions are deterministic (fixed order) except the penalty sum (float64 atomics).
+"""
+import importlib.util
+import math
+import os
+
+import numpy as np
+
+from . import contract as C
+from .philox import (MASK32, PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, STREAM_DROPOUT,
+                     STREAM_INPUT_DROPOUT, split_seed)
+from .reference import output_transform as _ref_output_transform
+from .reference import penalty_value as _ref_penalty_value
+
+NAME = "cuda"
+
+try:  # importing this module must never fail: numba-cuda (or a GPU) may be missing
+    if importlib.util.find_spec("numba_cuda") is None:
+        raise ImportError("the numba-cuda package is not installed")
+    import numba
+    from numba import cuda
+    _IMPORT_ERROR = None
+except Exception as exc:  # pragma: no cover - depends on the machine
+    cuda = None
+    numba = None
+    _IMPORT_ERROR = exc
+
+# ---------------------------------------------------------------- tunables (patchable)
+TILE_M = 64        # output rows per GEMM block
+TILE_N = 64        # output columns per GEMM block
+TILE_K = 16        # inner-dimension depth of one shared-memory stage
+THREAD_M = 4       # micro-tile rows per thread
+THREAD_N = 4       # micro-tile columns per thread  -> (64/4) * (64/4) = 256 threads
+BLOCK = 256        # threads of the elementwise / reduction kernels (a power of two)
+UPDATE_PER_THREAD = 8      # parameters per thread of the fused update (chunk = BLOCK * this)
+CUBLAS_MIN_MACS = 1 << 22  # from this many multiply-adds on, cuBLAS + epilogue kernel
+FORCE_SPLIT = False        # tests: take the "GEMM then epilogue" path with our own GEMM
+
+EPI_NONE = 0
+EPI_FORWARD = 1
+EPI_BACKWARD = 2
+
+# status vector (float64, on the device)
+ST_LOSS = 0
+ST_PEN = 1
+ST_STEPS = 2
+ST_STOP = 3
+ST_BATCH = 4
+ST_SIZE = 8
+
+
+def on_simulator():
+    """True when numba-cuda runs its Python simulator instead of a GPU."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def available():
+    """(True, "") when this backend can run here, else (False, one sentence saying why)."""
+    if cuda is None:
+        return False, ("numba-cuda is not installed ({}); install it with "
+                       "pip install \"fastreg[cuda]\"".format(_IMPORT_ERROR))
+    if on_simulator():
+        return True, "running on the numba-cuda simulator (NUMBA_ENABLE_CUDASIM=1): slow"
+    try:
+        ok = bool(cuda.is_available())
+    except Exception:  # pragma: no cover - driver-level failures
+        ok = False
+    if not ok:
+        return False, ("no CUDA GPU or driver was found by numba-cuda; run on a machine with an "
+                       "NVIDIA GPU (or set NUMBA_ENABLE_CUDASIM=1 for the slow simulator)")
+    return True, ""
+
+
+def _require():
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError("the cuda backend is not available: " + reason)
+
+
+_CUPY = []
+
+
+def _cupy():
+    """CuPy if installed (and not under the simulator, and not FASTREG_CUDA_CUBLAS=0), else
+    None; looked up once."""
+    if not _CUPY:
+        mod = None
+        if (not on_simulator() and os.environ.get("FASTREG_CUDA_CUBLAS", "1") != "0"
+                and importlib.util.find_spec("cupy") is not None):
+            try:
+                import cupy as mod  # noqa: F811
+            except Exception:  # pragma: no cover
+                mod = None
+        _CUPY.append(mod)
+    return _CUPY[0]
+
+
+def _use_cublas(M, N, K):
+    """cuBLAS + epilogue for big GEMMs (our kernel stays for small ones: fused, one launch)."""
+    if FORCE_SPLIT:
+        return True
+    return _cupy() is not None and M * N * K >= CUBLAS_MIN_MACS
+
+
+# ---------------------------------------------------------------- kernel factory
+_BUILT = {}
+
+
+def _config(dtype):
+    return (int(TILE_M), int(TILE_N), int(TILE_K), int(THREAD_M), int(THREAD_N), int(BLOCK),
+            int(UPDATE_PER_THREAD), np.dtype(dtype).str)
+
+
+def _kernels(dtype):
+    """The kernels for the current tile constants and dtype, compiled lazily, cached."""
+    _require()
+    key = _config(dtype)
+    ns = _BUILT.get(key)
+    if ns is None:
+        ns = _build(*key)
+        ns.dummy = cuda.to_device(np.zeros((1, 1), ns.dtype))
+        ns.dummy1 = cuda.to_device(np.zeros(1, ns.dtype))
+        _BUILT[key] = ns
+    return ns
+
+
+class _NS:
+    pass
+
+
+def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
+    if TM % RM or TN % RN or NB & (NB - 1):
+        raise ValueError("TILE_M/THREAD_M, TILE_N/THREAD_N must divide and BLOCK be a power of 2")
+    dtype = np.dtype(dtype_str)
+    T = numba.from_dtype(dtype)
+    FT = dtype.type
+    ZERO = dtype.type(0)
+    ONE = dtype.type(1)
+    NTX = TN // RN
+    NTY = TM // RM
+    NT = NTX * NTY
+    TMP = TM + 1    # padded rows of the shared tiles: no bank conflicts on transposed stores
+    TNP = TN + 1
+    DBN = (TN + NT - 1) // NT     # bias-gradient columns per thread
+    CHUNK = NB * UPT
+    sim = on_simulator()
+    dev = dict(device=True) if sim else dict(device=True, forceinline=True)
+    M0, M1, W0, W1, MASK = (np.uint64(PHILOX_M0), np.uint64(PHILOX_M1), np.uint64(PHILOX_W0),
+                            np.uint64(PHILOX_W1), np.uint64(MASK32))
+    S32 = np.uint64(32)
+    U0 = np.uint64(0)
+
+    # ------------------------------------------------------------ device functions
+    @cuda.jit(**dev)
+    def philox4x32(c0, c1, c2, c3, k0, k1):
+        """Philox4x32-10 on one counter: four uint32 words carried in uint64s."""
+        c0 = np.uint64(c0)
+        c1 = np.uint64(c1)
+        c2 = np.uint64(c2)
+        c3 = np.uint64(c3)
+        a0 = np.uint64(k0)
+        a1 = np.uint64(k1)
+        for _ in range(10):
+            p0 = M0 * c0
+            p1 = M1 * c2
+            n0 = ((p1 >> S32) ^ c1 ^ a0) & MASK
+            n2 = ((p0 >> S32) ^ c3 ^ a1) & MASK
+            c1 = p1 & MASK
+            c3 = p0 & MASK
+            c0 = n0
+            c2 = n2
+            a0 = (a0 + W0) & MASK
+            a1 = (a1 + W1) & MASK
+        return c0, c1, c2, c3
+
+    @cuda.jit(**dev)
+    def pick(w0, w1, w2, w3, s):
+        if s == 0:
+            return w0
+        if s == 1:
+            return w1
+        if s == 2:
+            return w2
+        return w3
+
+    @cuda.jit(**dev)
+    def philox_word(e, k0, k1, step, layer, stream):
+        """The word of element e of the (seed, step, layer, stream) sequence."""
+        w0, w1, w2, w3 = philox4x32(np.uint64(e >> 2), np.uint64(step) & MASK,
+                                    np.uint64(layer) & MASK, np.uint64(stream) & MASK, k0, k1)
+        return pick(w0, w1, w2, w3, e & 3)
+
+    @cuda.jit(**dev)
+    def activate(z, act, slope):
+        if act == C.ACT_RELU:
+            return z if z > ZERO else ZERO
+        if act == C.ACT_LEAKY_RELU:
+            return z if z > ZERO else z * slope
+        if act == C.ACT_TANH:
+            return math.tanh(z)
+        if act == C.ACT_SIGMOID:
+            if z >= ZERO:
+                return ONE / (ONE + math.exp(-z))
+            e = math.exp(z)
+            return e / (ONE + e)
+        return z
+
+    @cuda.jit(**dev)
+    def activation_grad(a, act, slope):
+        if act == C.ACT_RELU:
+            return ONE if a > ZERO else ZERO
+        if act == C.ACT_LEAKY_RELU:
+            return ONE if a > ZERO else slope
+        if act == C.ACT_TANH:
+            return ONE - a * a
+        if act == C.ACT_SIGMOID:
+            return a * (ONE - a)
+        return ONE
+
+    @cuda.jit(**dev)
+    def forward_value(z, act, slope, thr, scale, word):
+        a = activate(z, act, slope)
+        if thr > 0:
+            if word >= np.uint64(thr):
+                a = a * scale
+            else:
+                a = ZERO
+        return a
+
+    @cuda.jit(**dev)
+    def backward_value(g, a, act, slope, thr, scale, word):
+        """dL/dz from dL/d(out) and the stored out (cpu._backward_cols, one element)."""
+        if thr > 0:
+            if word >= np.uint64(thr):
+                if act == C.ACT_TANH or act == C.ACT_SIGMOID:
+                    a = a / scale
+                return (g * scale) * activation_grad(a, act, slope)
+            return ZERO
+        return g * activation_grad(a, act, slope)
+
+    @cuda.jit(**dev)
+    def sign(x):
+        if x > ZERO:
+            return ONE
+        if x < ZERO:
+            return -ONE
+        return ZERO
+
+    # ------------------------------------------------------------ GEMM with fused epilogues
+    @cuda.jit(**dev)
+    def gemm_problem(As, Bs, acc, areg, breg, dbacc, A, B, Cm, ta, tb, M, N, K, epi, bias, has_bias,
+                     act, slope, thr, scale, layer, eout, dbias, want_db, k0, k1, step):
+        tid = cuda.threadIdx.x
+        tx = tid % NTX
+        ty = tid // NTX
+        bm = cuda.blockIdx.y * TM
+        bn = cuda.blockIdx.x * TN
+        if bm >= M or bn >= N:
+            return          # uniform over the block
+        for r in range(RM):
+            for c in range(RN):
+                acc[r, c] = ZERO
+        for c in range(DBN):
+            dbacc[c] = ZERO
+        for kt in range(0, K, TK):
+            if ta == 0:     # A is (M, K): k runs along memory
+                for idx in range(tid, TM * TK, NT):
+                    mm = idx // TK
+                    kk = idx - mm * TK
+                    gm = bm + mm
+                    gk = kt + kk
+                    As[kk, mm] = A[gm, gk] if (gm < M and gk < K) else ZERO
+            else:           # A is (K, M)
+                for idx in range(tid, TM * TK, NT):
+                    kk = idx // TM
+                    mm = idx - kk * TM
+                    gm = bm + mm
+                    gk = kt + kk
+                    As[kk, mm] = A[gk, gm] if (gm < M and gk < K) else ZERO
+            if tb == 0:     # B is (K, N)
+                for idx in range(tid, TK * TN, NT):
+                    kk = idx // TN
+                    nn = idx - kk * TN
+                    gn = bn + nn
+                    gk = kt + kk
+                    Bs[kk, nn] = B[gk, gn] if (gn < N and gk < K) else ZERO
+            else:           # B is (N, K)
+                for idx in range(tid, TK * TN, NT):
+                    nn = idx // TK
+                    kk = idx - nn * TK
+                    gn = bn + nn
+                    gk = kt + kk
+                    Bs[kk, nn] = B[gn, gk] if (gn < N and gk < K) else ZERO
+            cuda.syncthreads()
+            if want_db:
+                for c in range(DBN):
+                    nn = tid + c * NT
+                    if nn < TN:
+                        for kk in range(TK):    # batch rows in order, as the CPU sums db
+                            dbacc[c] += Bs[kk, nn]
+            for kk in range(TK):
+                for r in range(RM):
+                    areg[r] = As[kk, ty * RM + r]
+                for c in range(RN):
+                    breg[c] = Bs[kk, tx * RN + c]
+                for r in range(RM):
+                    for c in range(RN):
+                        acc[r, c] += areg[r] * breg[c]
+            cuda.syncthreads()
+        if want_db:
+            for c in range(DBN):
+                nn = tid + c * NT
+                if nn < TN and bn + nn < N:
+                    dbias[bn + nn] = dbacc[c]
+        for r in range(RM):
+            i = bm + ty * RM + r
+            if i < M:
+                gcache = -1
+                w0 = U0
+                w1 = U0
+                w2 = U0
+                w3 = U0
+                for c in range(RN):
+                    j = bn + tx * RN + c
+                    if j < N:
+                        v = acc[r, c]
+                        word = U0
+                        if epi != EPI_NONE and thr > 0:
+                            e = i * N + j
+                            g = e >> 2
+                            if g != gcache:     # one Philox call per 4 consecutive elements
+                                w0, w1, w2, w3 = philox4x32(
+                                    np.uint64(g), np.uint64(step) & MASK,
+                                    np.uint64(layer) & MASK, np.uint64(STREAM_DROPOUT),
+                                    k0, k1)
+                                gcache = g
+                            word = pick(w0, w1, w2, w3, e & 3)
+                        if epi == EPI_FORWARD:
+                            if has_bias:
+                                v = v + bias[j]
+                            v = forward_value(v, act, slope, thr, scale, word)
+                        elif epi == EPI_BACKWARD:
+                            v = backward_value(v, eout[i, j], act, slope, thr, scale, word)
+                        Cm[i, j] = v
+
+    @cuda.jit
+    def gemm(A0, B0, C0, ta0, tb0, M0_, N0_, K0_, epi0, bias0, hb0, act0, slope0, thr0, scale0,
+             layer0, eout0, db0, wdb0,
+             A1, B1, C1, ta1, tb1, M1_, N1_, K1_, epi1, act1, slope1, thr1, scale1, layer1,
+             eout1, k0, k1, step):
+        """blockIdx.z = 0: problem 0 (any epilogue, optional bias gradient); z = 1: problem 1."""
+        As = cuda.shared.array((TK, TMP), T)
+        Bs = cuda.shared.array((TK, TNP), T)
+        acc = cuda.local.array((RM, RN), T)
+        areg = cuda.local.array(RM, T)
+        breg = cuda.local.array(RN, T)
+        dbacc = cuda.local.array(DBN, T)
+        if cuda.blockIdx.z == 0:
+            gemm_problem(As, Bs, acc, areg, breg, dbacc, A0, B0, C0, ta0, tb0, M0_, N0_, K0_, epi0,
+                         bias0, hb0, act0, slope0, thr0, scale0, layer0, eout0, db0,
+                         wdb0 != 0 and cuda.blockIdx.y == 0, k0, k1, step)
+        else:
+            gemm_problem(As, Bs, acc, areg, breg, dbacc, A1, B1, C1, ta1, tb1, M1_, N1_, K1_, epi1,
+                         bias0, 0, act1, slope1, thr1, scale1, layer1, eout1, db0, False,
+                         k0, k1, step)
+
+    # ------------------------------------------------------------ elementwise epilogues
+    @cuda.jit
+    def forward_epilogue(out, bias, has_bias, act, slope, thr, scale, k0, k1, step, layer):
+        """After a cuBLAS GEMM: out = dropout(f(out + b)) in place."""
+        B, O = out.shape
+        for e in range(cuda.grid(1), B * O, cuda.gridsize(1)):
+            i = e // O
+            j = e - i * O
+            v = out[i, j]
+            if has_bias:
+                v = v + bias[j]
+            word = philox_word(e, k0, k1, step, layer, STREAM_DROPOUT) if thr > 0 else U0
+            out[i, j] = forward_value(v, act, slope, thr, scale, word)
+
+    @cuda.jit
+    def backward_epilogue(grad, out, act, slope, thr, scale, k0, k1, step, layer):
+        """grad = dL/d(out) -> dL/dz in place (mask regenerated, f' from the stored out)."""
+        B, O = grad.shape
+        for e in range(cuda.grid(1), B * O, cuda.gridsize(1)):
+            i = e // O
+            j = e - i * O
+            word = philox_word(e, k0, k1, step, layer, STREAM_DROPOUT) if thr > 0 else U0
+            grad[i, j] = backward_value(grad[i, j], out[i, j], act, slope, thr, scale, word)
+
+    @cuda.jit
+    def column_sums(dz, db):
+        """db[j] = sum_i dz[i, j], rows in order (the cuBLAS path's bias gradient)."""
+        j = cuda.grid(1)
+        if j < dz.shape[1]:
+            s = ZERO
+            for i in range(dz.shape[0]):
+                s += dz[i, j]
+            db[j] = s
+
+    @cuda.jit
+    def input_dropout(x, out, thr, scale, k0, k1, step, layer):
+        B, I = x.shape
+        for e in range(cuda.grid(1), B * I, cuda.gridsize(1)):
+            i = e // I
+            j = e - i * I
+            word = philox_word(e, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
+            out[i, j] = x[i, j] * scale if word >= np.uint64(thr) else ZERO
+
+    @cuda.jit
+    def gather(X, Y, perm, start, n, xout, yout, thr, scale, k0, k1, step):
+        """Rows perm[start:start+n] of X and Y; input dropout (layer 0) fused on X."""
+        I0 = X.shape[1]
+        Ky = Y.shape[1]
+        width = I0 + Ky
+        for e in range(cuda.grid(1), n * width, cuda.gridsize(1)):
+            r = e // width
+            j = e - r * width
+            src = perm[start + r]
+            if j < I0:
+                v = X[src, j]
+                if thr > 0:
+                    word = philox_word(r * I0 + j, k0, k1, step, 0, STREAM_INPUT_DROPOUT)
+                    v = v * scale if word >= np.uint64(thr) else ZERO
+                xout[r, j] = v
+            else:
+                yout[r, j - I0] = Y[src, j - I0]
+
+    @cuda.jit
+    def philox_words(counters, k0, k1, out):
+        """Test helper: out[n, :] = Philox(counters[n, :], key)."""
+        n = cuda.grid(1)
+        if n < counters.shape[0]:
+            w0, w1, w2, w3 = philox4x32(counters[n, 0], counters[n, 1], counters[n, 2],
+                                        counters[n, 3], k0, k1)
+            out[n, 0] = np.uint32(w0)
+            out[n, 1] = np.uint32(w1)
+            out[n, 2] = np.uint32(w2)
+            out[n, 3] = np.uint32(w3)
+
+    @cuda.jit
+    def stream_words(out, k0, k1, step, layer, stream):
+        """Test helper: the first len(out) element words of one sequence."""
+        for e in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+            out[e] = np.uint32(philox_word(e, k0, k1, step, layer, stream))
+
+    # ------------------------------------------------------------ loss (one block)
+    @cuda.jit
+    def loss_kernel(z, y, grad, loss, want_grad, status, accumulate, weight,
+                    act, slope, thr, scale, k0, k1, step, layer):
+        """Mean loss of the batch into status[ST_BATCH]; grad = d(mean)/dz, then the last
+        layer's backward epilogue (identity for a linear layer without dropout). With
+        `accumulate`: the loss sum, the step count and the stop flag of the epoch."""
+        red = cuda.shared.array(NB, numba.float64)
+        tid = cuda.threadIdx.x
+        B, K = z.shape
+        total = 0.0
+        if loss == C.LOSS_SCE:
+            c = FT(1.0 / B)
+            for i in range(tid, B, NB):
+                label = int(y[i, 0])
+                zmax = z[i, 0]
+                for k in range(1, K):
+                    if z[i, k] > zmax:
+                        zmax = z[i, k]
+                s = ZERO
+                s64 = 0.0
+                for k in range(K):
+                    s += math.exp(z[i, k] - zmax)
+                    s64 += math.exp(np.float64(z[i, k]) - np.float64(zmax))
+                total += math.log(s64) + np.float64(zmax) - np.float64(z[i, label])
+                if want_grad:
+                    for k in range(K):
+                        p = math.exp(z[i, k] - zmax) / s
+                        if k == label:
+                            p = p - ONE
+                        g = p * c
+                        word = (philox_word(i * K + k, k0, k1, step, layer, STREAM_DROPOUT)
+                                if thr > 0 else U0)
+                        grad[i, k] = backward_value(g, z[i, k], act, slope, thr, scale, word)
+            denom = np.float64(B)
+        else:
+            if loss == C.LOSS_MSE:
+                c = FT(2.0 / (B * K))
+            else:
+                c = FT(1.0 / (B * K))
+            for e in range(tid, B * K, NB):
+                i = e // K
+                k = e - i * K
+                zz = z[i, k]
+                if loss == C.LOSS_MSE:
+                    d = zz - y[i, k]
+                    total += np.float64(d) * np.float64(d)
+                    g = d * c
+                else:
+                    z64 = np.float64(zz)
+                    total += (max(z64, 0.0) - z64 * np.float64(y[i, k])
+                              + math.log1p(math.exp(-abs(z64))))
+                    g = (activate(zz, C.ACT_SIGMOID, zz) - y[i, k]) * c
+                if want_grad:
+                    word = philox_word(e, k0, k1, step, layer, STREAM_DROPOUT) if thr > 0 else U0
+                    grad[i, k] = backward_value(g, zz, act, slope, thr, scale, word)
+            denom = np.float64(B * K)
+        red[tid] = total
+        cuda.syncthreads()
+        half = NB // 2
+        while half > 0:
+            if tid < half:
+                red[tid] += red[tid + half]
+            cuda.syncthreads()
+            half //= 2
+        if tid == 0:
+            mean = red[0] / denom
+            status[ST_BATCH] = mean
+            if accumulate and status[ST_STOP] == 0.0:
+                if math.isnan(mean) or math.isinf(mean):
+                    status[ST_STOP] = 1.0
+                else:
+                    status[ST_LOSS] += mean * weight
+                    status[ST_STEPS] += 1.0
+
+    # ------------------------------------------------------------ fused penalized update
+    @cuda.jit
+    def update(P, G, Mm, Vv, blk_seg, blk_lo, blk_hi, seg_hp, seg_has_m, opt, t, status,
+               weight):
+        """One launch updates every parameter tensor: block b owns P[blk_lo[b]:blk_hi[b]],
+        a chunk of tensor blk_seg[b] (mirrors cpu._update_rows element for element)."""
+        if status[ST_STOP] != 0.0:
+            return
+        coef = cuda.shared.array(16, T)
+        red1 = cuda.shared.array(NB, numba.float64)
+        red2 = cuda.shared.array(NB, numba.float64)
+        tid = cuda.threadIdx.x
+        b = cuda.blockIdx.x
+        s = blk_seg[b]
+        if tid == 0:    # cpu._coefficients, in float64, rounded once to the param dtype
+            h_lr = seg_hp[s, C.HP_LR]
+            h_b1 = seg_hp[s, C.HP_BETA1]
+            h_b2 = seg_hp[s, C.HP_BETA2]
+            if opt == C.OPT_SGD:
+                h_step = h_lr
+                h_bc2 = 1.0
+            else:
+                h_step = h_lr / (1.0 - h_b1 ** np.float64(t))
+                h_bc2 = math.sqrt(1.0 - h_b2 ** np.float64(t))
+            h_decay = 1.0 - h_lr * seg_hp[s, C.HP_DECOUPLED] if opt == C.OPT_ADAMW else 1.0
+            coef[0] = h_lr
+            coef[1] = h_b1
+            coef[2] = 1.0 - h_b1
+            coef[3] = h_b2
+            coef[4] = 1.0 - h_b2
+            coef[5] = seg_hp[s, C.HP_EPS]
+            coef[6] = seg_hp[s, C.HP_L1]
+            coef[7] = seg_hp[s, C.HP_L2]
+            coef[8] = h_decay
+            coef[9] = h_step
+            coef[10] = h_bc2
+            coef[11] = h_lr * seg_hp[s, C.HP_L1]
+        cuda.syncthreads()
+        lr = coef[0]
+        b1 = coef[1]
+        omb1 = coef[2]
+        b2 = coef[3]
+        omb2 = coef[4]
+        eps = coef[5]
+        l1 = coef[6]
+        l2 = coef[7]
+        decay = coef[8]
+        step_size = coef[9]
+        bc2_sqrt = coef[10]
+        lr_l1 = coef[11]
+        nesterov = seg_hp[s, C.HP_NESTEROV] != 0.0
+        proximal = seg_hp[s, C.HP_PROXIMAL] != 0.0
+        has_m = seg_has_m[s] != 0
+        p1 = 0.0
+        p2 = 0.0
+        for e in range(blk_lo[b] + tid, blk_hi[b], NB):
+            wi = P[e]
+            p1 += abs(np.float64(wi))
+            p2 += np.float64(wi) * np.float64(wi)
+            ge = G[e]
+            if l2 != ZERO:
+                ge = ge + l2 * wi
+            if l1 != ZERO and not proximal:
+                ge = ge + l1 * sign(wi)
+            if opt == C.OPT_SGD:
+                if has_m:
+                    mi = Mm[e] * b1 + ge
+                    Mm[e] = mi
+                    d = ge + b1 * mi if nesterov else mi
+                else:
+                    d = ge
+                wi = wi - lr * d
+                tau = lr_l1
+            else:
+                if opt == C.OPT_ADAMW:
+                    wi = wi * decay
+                mi = Mm[e] + omb1 * (ge - Mm[e])
+                vi = Vv[e] * b2 + (omb2 * ge) * ge
+                Mm[e] = mi
+                Vv[e] = vi
+                denom = math.sqrt(vi) / bc2_sqrt + eps
+                wi = wi - step_size * (mi / denom)
+                tau = lr_l1 / denom
+            if l1 != ZERO and proximal:
+                wi = sign(wi) * max(abs(wi) - tau, ZERO)
+            P[e] = wi
+        red1[tid] = p1
+        red2[tid] = p2
+        cuda.syncthreads()
+        half = NB // 2
+        while half > 0:
+            if tid < half:
+                red1[tid] += red1[tid + half]
+                red2[tid] += red2[tid + half]
+            cuda.syncthreads()
+            half //= 2
+        if tid == 0:
+            pen = seg_hp[s, C.HP_L1] * red1[0] + 0.5 * seg_hp[s, C.HP_L2] * red2[0]
+            if pen != 0.0:
+                cuda.atomic.add(status, ST_PEN, pen * weight)
+
+    @cuda.jit
+    def maxnorm(P, mn_seg, mn_col, seg_off, seg_rows, seg_cols, seg_hp, status):
+        """Project each column of the MaxNorm tensors to norm <= c; a thread per column."""
+        if status[ST_STOP] != 0.0:
+            return
+        b = cuda.blockIdx.x
+        s = mn_seg[b]
+        j = mn_col[b] + cuda.threadIdx.x
+        O = seg_cols[s]
+        if j < O:
+            off = seg_off[s]
+            R = seg_rows[s]
+            c = seg_hp[s, C.HP_MAXNORM]
+            acc = 0.0
+            for i in range(R):
+                w = np.float64(P[off + i * O + j])
+                acc += w * w
+            nrm = math.sqrt(acc)
+            if nrm > c:
+                sc = FT(c / nrm)
+                for i in range(R):
+                    P[off + i * O + j] = P[off + i * O + j] * sc
+
+    ns = _NS()
+    ns.__dict__.update(dict(
+        TM=TM, TN=TN, TK=TK, NT=NT, NB=NB, CHUNK=CHUNK, dtype=dtype,
+        philox4x32=philox4x32, gemm=gemm, forward_epilogue=forward_epilogue,
+        backward_epilogue=backward_epilogue, column_sums=column_sums,
+        input_dropout=input_dropout, gather=gather, philox_words=philox_words,
+        stream_words=stream_words, loss_kernel=loss_kernel, update=update, maxnorm=maxnorm))
+    return ns
+
+
+# ---------------------------------------------------------------- launch helpers
+def _grid1(n, nb):
+    """Blocks for a grid-stride elementwise kernel over n elements."""
+    return max(1, min((n + nb - 1) // nb, 65535))
+
+
+def _gemm_grid(ns, M, N):
+    return (N + ns.TN - 1) // ns.TN, (M + ns.TM - 1) // ns.TM
+
+
+def _matmul(ns, A, B, Cm, ta, tb):
+    """Cm = op(A) @ op(B) without epilogue: cuBLAS via CuPy (zero copy), else our kernel."""
+    cp = _cupy()
+    if cp is not None:
+        a = cp.asarray(A)
+        b = cp.asarray(B)
+        cp.matmul(a.T if ta else a, b.T if tb else b, out=cp.asarray(Cm))
+        return
+    M = A.shape[1] if ta else A.shape[0]
+    K = A.shape[0] if ta else A.shape[1]
+    N = B.shape[0] if tb else B.shape[1]
+    gx, gy = _gemm_grid(ns, M, N)
+    d, d1 = ns.dummy, ns.dummy1
+    z = ns.dtype.type(0)
+    ns.gemm[(gx, gy, 1), ns.NT](A, B, Cm, ta, tb, M, N, K, EPI_NONE, d1, 0, 0, z, 0, z, 0, d,
+                                d1, 0, d, d, d, 0, 0, 0, 0, 0, EPI_NONE, 0, z, 0, z, 0, d,
+                                0, 0, 0)
+
+
+def _dense_forward_dev(ns, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer):
+    """out = dropout(f(x @ W + b)) on device arrays (b: 1 element and has_bias=0 if none)."""
+    M, K = x.shape
+    N = W.shape[1]
+    has_bias = 1 if b.shape[0] == N and N > 0 and b is not ns.dummy1 else 0
+    if _use_cublas(M, N, K):
+        _matmul(ns, x, W, out, 0, 0)
+        ns.forward_epilogue[_grid1(M * N, ns.NB), ns.NB](out, b, has_bias, act, slope, thr,
+                                                         scale, k0, k1, step, layer)
+        return
+    gx, gy = _gemm_grid(ns, M, N)
+    d = ns.dummy
+    z = ns.dtype.type(0)
+    ns.gemm[(gx, gy, 1), ns.NT](x, W, out, 0, 0, M, N, K, EPI_FORWARD, b, has_bias, act, slope,
+                                thr, scale, layer, d, ns.dummy1, 0,
+                                d, d, d, 0, 0, 0, 0, 0, EPI_NONE, 0, z, 0, z, 0, d,
+                                k0, k1, step)
+
+
+def _dense_backward_dev(ns, dz, x, W, dW, db, has_bias, dx, prev, k0, k1, step):
+    """dW = x^T dz, db = colsum(dz), and (if dx is not None) dx = dz W^T followed by the
+    backward epilogue of the previous layer `prev` = (out, act, slope, thr, scale, layer) or
+    None for a plain dx. dz already holds dL/dz of this layer."""
+    B, O = dz.shape
+    I = x.shape[1]
+    z = ns.dtype.type(0)
+    d, d1 = ns.dummy, ns.dummy1
+    split_w = _use_cublas(I, O, B)
+    split_x = dx is not None and _use_cublas(B, I, O)
+    if split_w:
+        _matmul(ns, x, dz, dW, 1, 0)
+        if has_bias:
+            ns.column_sums[(O + ns.NB - 1) // ns.NB, ns.NB](dz, db)
+    if dx is not None and split_x:
+        _matmul(ns, dz, W, dx, 0, 1)
+        if prev is not None:
+            out, act, slope, thr, scale, layer = prev
+            ns.backward_epilogue[_grid1(B * I, ns.NB), ns.NB](dx, out, act, slope, thr, scale,
+                                                              k0, k1, step, layer)
+    p0 = not split_w
+    p1 = dx is not None and not split_x
+    if not (p0 or p1):
+        return
+    if prev is not None:
+        eout, act1, slope1, thr1, scale1, layer1 = prev
+        epi1 = EPI_BACKWARD
+    else:
+        eout, act1, slope1, thr1, scale1, layer1, epi1 = d, 0, z, 0, z, 0, EPI_NONE
+    a0 = (x, dz, dW, 1, 0, I, O, B) if p0 else (d, d, d, 0, 0, 0, 0, 0)
+    a1 = (dz, W, dx, 0, 1, B, I, O) if p1 else (d, d, d, 0, 0, 0, 0, 0)
+    gx0, gy0 = _gemm_grid(ns, a0[5], a0[6]) if p0 else (1, 1)
+    gx1, gy1 = _gemm_grid(ns, a1[5], a1[6]) if p1 else (1, 1)
+    nz = 2 if (p0 and p1) else 1
+    if not p0:      # only problem 1: put it in slot 0 (z = 0) with the backward epilogue
+        ns.gemm[(gx1, gy1, 1), ns.NT](*a1, epi1, d1, 0, act1, slope1, thr1, scale1, layer1,
+                                      eout, d1, 0, d, d, d, 0, 0, 0, 0, 0, EPI_NONE, 0, z, 0,
+                                      z, 0, d, k0, k1, step)
+        return
+    ns.gemm[(max(gx0, gx1), max(gy0, gy1), nz), ns.NT](
+        *a0, EPI_NONE, d1, 0, 0, z, 0, z, 0, d, db if has_bias else d1, 1 if has_bias else 0,
+        *a1, epi1, act1, slope1, thr1, scale1, layer1, eout, k0, k1, step)
+
+
+# ---------------------------------------------------------------- the contract (per op)
+def _dev(a):
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def _bias_dev(ns, b, O):
+    return (_dev(b), 1) if b.size else (ns.dummy1, 0)
+
+
+def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer):
+    ns = _kernels(out.dtype)
+    k0, k1 = split_seed(seed)
+    dt = out.dtype.type
+    bd, _ = _bias_dev(ns, b, W.shape[1])
+    od = cuda.device_array(out.shape, out.dtype)
+    _dense_forward_dev(ns, _dev(x), _dev(W), bd, od, int(act), dt(slope), int(drop_threshold),
+                       dt(drop_scale), k0, k1, int(step), int(layer))
+    out[...] = od.copy_to_host()
+
+
+def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
+                   seed, step, layer):
+    ns = _kernels(out.dtype)
+    k0, k1 = split_seed(seed)
+    dt = out.dtype.type
+    B, O = grad.shape
+    gd = _dev(grad)
+    ns.backward_epilogue[_grid1(B * O, ns.NB), ns.NB](gd, _dev(out), int(act), dt(slope),
+                                                      int(drop_threshold), dt(drop_scale),
+                                                      k0, k1, int(step), int(layer))
+    dWd = cuda.device_array(dW.shape, dW.dtype)
+    has_bias = db.size > 0
+    dbd = cuda.device_array(db.shape, db.dtype) if has_bias else ns.dummy1
+    dxd = cuda.device_array(dx.shape, dx.dtype) if dx.size else None
+    _dense_backward_dev(ns, gd, _dev(x), _dev(W), dWd, dbd, has_bias, dxd, None, k0, k1,
+                        int(step))
+    grad[...] = gd.copy_to_host()
+    dW[...] = dWd.copy_to_host()
+    if has_bias:
+        db[...] = dbd.copy_to_host()
+    if dxd is not None:
+        dx[...] = dxd.copy_to_host()
+
+
+def input_dropout(x, out, threshold, scale, seed, step, layer):
+    ns = _kernels(x.dtype)
+    k0, k1 = split_seed(seed)
+    od = cuda.device_array(x.shape, x.dtype)
+    ns.input_dropout[_grid1(x.size, ns.NB), ns.NB](_dev(x), od, int(threshold),
+                                                   x.dtype.type(scale), k0, k1, int(step),
+                                                   int(layer))
+    out[...] = od.copy_to_host()
+
+
+def _loss(logits, y, grad, loss):
+    ns = _kernels(logits.dtype)
+    z = ns.dtype.type(0)
+    status = cuda.to_device(np.zeros(ST_SIZE))
+    gd = cuda.device_array(logits.shape, logits.dtype) if grad is not None else ns.dummy
+    ns.loss_kernel[1, ns.NB](_dev(logits), _dev(y.astype(logits.dtype, copy=False)), gd,
+                             int(loss), grad is not None, status, False, 1.0,
+                             C.ACT_LINEAR, z, 0, z, 0, 0, 0, 0)
+    if grad is not None:
+        grad[...] = gd.copy_to_host()
+    return float(status.copy_to_host()[ST_BATCH])
+
+
+def loss_forward_backward(logits, y, grad, loss):
+    return _loss(logits, y, grad, loss)
+
+
+def loss_value(logits, y, loss):
+    return _loss(logits, y, None, loss)
+
+
+def penalized_update(w, g, m, v, hp, opt, t):
+    """One tensor through the same fused update (and max-norm) kernels as train_epoch."""
+    ns = _kernels(w.dtype)
+    hp = np.asarray(hp, np.float64).reshape(1, C.HP_SIZE)
+    shapes = [w.shape]
+    tab = _segment_tables(ns, shapes, [m.size > 0], hp, [w.ndim == 2])
+    Pd = _dev(w.reshape(-1))
+    Gd = _dev(g.reshape(-1))
+    Md = _dev(m.reshape(-1)) if m.size else ns.dummy1
+    Vd = _dev(v.reshape(-1)) if v.size else ns.dummy1
+    status = cuda.to_device(np.zeros(ST_SIZE))
+    _launch_update(ns, tab, Pd, Gd, Md, Vd, int(opt), int(t), status, 1.0)
+    w[...] = Pd.copy_to_host().reshape(w.shape)
+    if m.size:
+        m[...] = Md.copy_to_host().reshape(m.shape)
+    if v.size:
+        v[...] = Vd.copy_to_host().reshape(v.shape)
+    return float(status.copy_to_host()[ST_PEN])
+
+
+def penalty_value(w, hp):
+    return _ref_penalty_value(w, hp)
+
+
+def output_transform(logits, loss):
+    return _ref_output_transform(logits, loss)
+
+
+def philox_words_device(counters, key):
+    """Philox4x32-10 of an (n, 4) array of counters through the device function (tests)."""
+    ns = _kernels(np.float32)
+    c = np.asarray(counters, np.uint64).reshape(-1, 4).astype(np.int64)
+    od = cuda.device_array(c.shape, np.uint32)
+    ns.philox_words[(c.shape[0] + ns.NB - 1) // ns.NB, ns.NB](
+        _dev(c), int(key[0]) & MASK32, int(key[1]) & MASK32, od)
+    return od.copy_to_host()
+
+
+def stream_words_device(n, seed, step, layer, stream):
+    """The first n element words of one (seed, step, layer, stream) sequence (tests)."""
+    ns = _kernels(np.float32)
+    k0, k1 = split_seed(seed)
+    od = cuda.device_array(int(n), np.uint32)
+    ns.stream_words[_grid1(int(n), ns.NB), ns.NB](od, k0, k1, int(step), int(layer),
+                                                  int(stream))
+    return od.copy_to_host()
+
+
+# ---------------------------------------------------------------- fused update plumbing
+def _segment_tables(ns, shapes, has_m, hp, is2d):
+    """Offsets of the tensors in the flat buffer and the block -> (tensor, chunk) tables."""
+    sizes = [int(np.prod(s)) for s in shapes]
+    off = np.zeros(len(shapes) + 1, np.int64)
+    off[1:] = np.cumsum(sizes)
+    blk_seg, blk_lo, blk_hi, mn_seg, mn_col = [], [], [], [], []
+    rows = np.array([s[0] if len(s) == 2 else 1 for s in shapes], np.int64)
+    cols = np.array([s[1] if len(s) == 2 else s[0] for s in shapes], np.int64)
+    for s, size in enumerate(sizes):
+        for lo in range(0, size, ns.CHUNK):
+            blk_seg.append(s)
+            blk_lo.append(off[s] + lo)
+            blk_hi.append(off[s] + min(size, lo + ns.CHUNK))
+        if is2d[s] and hp[s, C.HP_MAXNORM] > 0:
+            for c0 in range(0, int(cols[s]), ns.NB):
+                mn_seg.append(s)
+                mn_col.append(c0)
+    i64 = lambda a: cuda.to_device(np.asarray(a, np.int64))  # noqa: E731
+    return dict(off=off, sizes=sizes, nblk=len(blk_seg), blk_seg=i64(blk_seg),
+                blk_lo=i64(blk_lo), blk_hi=i64(blk_hi), hp=cuda.to_device(hp),
+                has_m=i64([1 if h else 0 for h in has_m]), n_mn=len(mn_seg),
+                mn_seg=i64(mn_seg or [0]), mn_col=i64(mn_col or [0]), off_d=i64(off),
+                rows=i64(rows), cols=i64(cols))
+
+
+def _launch_update(ns, tab, P, G, Mm, Vv, opt, t, status, weight):
+    if tab["nblk"]:
+        ns.update[tab["nblk"], ns.NB](P, G, Mm, Vv, tab["blk_seg"], tab["blk_lo"], tab["blk_hi"],
+                                      tab["hp"], tab["has_m"], opt, t, status, weight)
+    if tab["n_mn"]:
+        ns.maxnorm[tab["n_mn"], ns.NB](P, tab["mn_seg"], tab["mn_col"], tab["off_d"],
+                                       tab["rows"], tab["cols"], tab["hp"], status)
+
+
+# ---------------------------------------------------------------- device-resident Net
+class _DeviceNet:
+    """Device copies of a Net: parameters, gradients and moments in flat buffers (so one
+    launch updates them all), the batch workspace, the cached training set, the status."""
+
+    def __init__(self, net):
+        self.ns = ns = _kernels(net.dtype)
+        dt = net.dtype
+        L = net.n_layers
+        self.L = L
+        self.training = len(net.dWs) == L
+        shapes, hps, has_m, is2d = [], [], [], []
+        self.host = []          # (kind, layer) per segment, for sync_to_host
+        for l in range(L):
+            shapes.append(net.Ws[l].shape)
+            hps.append(net.hpW[l])
+            has_m.append(self.training and net.mW[l].size > 0)
+            is2d.append(True)
+            self.host.append(("W", l))
+            if net.bs[l].size:
+                shapes.append(net.bs[l].shape)
+                hps.append(net.hpb[l])
+                has_m.append(self.training and net.mb[l].size > 0)
+                is2d.append(False)
+                self.host.append(("b", l))
+        self.tab = _segment_tables(ns, shapes, has_m, np.array(hps, np.float64).reshape(
+            len(shapes), C.HP_SIZE), is2d)
+        off = self.tab["off"]
+        total = int(off[-1])
+        flat = np.concatenate([(net.Ws[l] if k == "W" else net.bs[l]).reshape(-1)
+                               for k, l in self.host]).astype(dt)
+        self.P = cuda.to_device(flat)
+        self.Ws, self.bs = [None] * L, [ns.dummy1] * L
+        self.has_bias = [net.bs[l].size > 0 for l in range(L)]
+        views = {}
+        for s, (k, l) in enumerate(self.host):
+            views[(k, l)] = (int(off[s]), int(off[s + 1]), shapes[s])
+        self.views = views
+        for (k, l), (lo, hi, shp) in views.items():
+            v = self.P[lo:hi].reshape(shp) if k == "W" else self.P[lo:hi]
+            if k == "W":
+                self.Ws[l] = v
+            else:
+                self.bs[l] = v
+        if not self.training:
+            return
+        self.G = cuda.device_array(total, dt)
+        self.dWs = [self.G[views[("W", l)][0]:views[("W", l)][1]].reshape(net.Ws[l].shape)
+                    for l in range(L)]
+        self.dbs = [self.G[views[("b", l)][0]:views[("b", l)][1]] if self.has_bias[l]
+                    else ns.dummy1 for l in range(L)]
+        need_m = any(has_m)
+        need_v = net.opt != C.OPT_SGD
+        self.M = self._moments(net, "mW", "mb", total, dt) if need_m else ns.dummy1
+        self.V = self._moments(net, "vW", "vb", total, dt) if need_v else ns.dummy1
+        self.has_m = has_m
+        B = net.batch
+        self.acts = [cuda.device_array((B, W.shape[1]), dt) for W in net.Ws]
+        self.grads = [cuda.device_array((B, W.shape[1]), dt) for W in net.Ws]
+        self.xbuf = cuda.device_array((B, net.Ws[0].shape[0]), dt)
+        self.ybuf = cuda.device_array((B, net.ybuf.shape[1]), dt)
+        self.status = cuda.to_device(np.zeros(ST_SIZE))
+        self.data = None
+        self._views = {}
+
+    def _moments(self, net, nameW, nameb, total, dt):
+        flat = np.zeros(total, dt)
+        for s, (k, l) in enumerate(self.host):
+            src = getattr(net, nameW if k == "W" else nameb)[l]
+            if src.size:
+                lo, hi, _ = self.views[(k, l)]
+                flat[lo:hi] = src.reshape(-1)
+        return cuda.to_device(flat)
+
+    def batch_views(self, n):
+        """Row views [:n] of the workspace, made once per batch size."""
+        v = self._views.get(n)
+        if v is None:
+            v = dict(acts=[a[:n] for a in self.acts], grads=[g[:n] for g in self.grads],
+                     x=self.xbuf[:n], y=self.ybuf[:n])
+            self._views[n] = v
+        return v
+
+    def dataset(self, X, Y):
+        """The training set on the device, copied once while the same arrays come back."""
+        d = self.data
+        if d is None or d[0] is not X or d[1] is not Y or d[2] != (X.shape, Y.shape):
+            self.data = d = (X, Y, (X.shape, Y.shape), _dev(X), _dev(Y))
+        return d[3], d[4]
+
+    def sync_to_host(self, net):
+        P = self.P.copy_to_host()
+        bufs = [(P, "Ws", "bs")]
+        if self.training:
+            if self.M is not self.ns.dummy1:
+                bufs.append((self.M.copy_to_host(), "mW", "mb"))
+            if self.V is not self.ns.dummy1:
+                bufs.append((self.V.copy_to_host(), "vW", "vb"))
+        for flat, nameW, nameb in bufs:
+            for (k, l), (lo, hi, shp) in self.views.items():
+                dst = getattr(net, nameW if k == "W" else nameb)[l]
+                if dst.size:
+                    dst[...] = flat[lo:hi].reshape(dst.shape)
+
+
+def _state(net):
+    st = net.cache.get("cuda")
+    if st is None:
+        st = _DeviceNet(net)
+        net.cache["cuda"] = st
+    return st
+
+
+def sync_to_host(net):
+    """Copy device parameters and optimizer moments back into the Net's host arrays."""
+    st = net.cache.get("cuda")
+    if st is not None:
+        st.sync_to_host(net)
+
+
+def invalidate(net):
+    """Drop the device copies: the next call re-uploads the (user-changed) host arrays."""
+    net.cache.pop("cuda", None)
+
+
+# ---------------------------------------------------------------- epoch / inference entry
+def train_epoch(net, X, Y, perm, batch_size, step0, t0):
+    """kernels/driver.train_epoch on the device: same steps, same order, same masks.
+
+    Returns (loss_sum, pen_sum, steps, finite); the parameters stay on the device until
+    sync_to_host(net)."""
+    st = _state(net)
+    ns = st.ns
+    dt = ns.dtype.type
+    Xd, Yd = st.dataset(X, Y)
+    perm_d = _dev(np.asarray(perm, np.int64))
+    st.status.copy_to_device(np.zeros(ST_SIZE))
+    k0, k1 = split_seed(net.seed)
+    L = st.L
+    li = [[int(v) for v in row] for row in net.li]
+    lf = [[dt(v) for v in row] for row in net.lf]
+    in_thr = li[0][C.LI_IN_DROP_THR]
+    in_scale = lf[0][C.LF_IN_DROP_SCALE]
+    n_total = perm.shape[0]
+    NB = ns.NB
+    width = X.shape[1] + Y.shape[1]
+    steps = 0
+    for start in range(0, n_total, batch_size):
+        n = min(batch_size, n_total - start)
+        step = int(step0 + steps)
+        t = int(t0 + steps)
+        v = st.batch_views(n)
+        acts, grads = v["acts"], v["grads"]
+        ns.gather[_grid1(n * width, NB), NB](Xd, Yd, perm_d, start, n, v["x"], v["y"], in_thr,
+                                             in_scale, k0, k1, step)
+        x = v["x"]
+        for l in range(L):
+            _dense_forward_dev(ns, x, st.Ws[l], st.bs[l], acts[l], li[l][C.LI_ACT],
+                               lf[l][C.LF_SLOPE], li[l][C.LI_DROP_THR], lf[l][C.LF_DROP_SCALE],
+                               k0, k1, step, l)
+            x = acts[l]
+        last = L - 1
+        ns.loss_kernel[1, NB](acts[last], v["y"], grads[last], int(net.loss), True, st.status,
+                              True, float(n), li[last][C.LI_ACT], lf[last][C.LF_SLOPE],
+                              li[last][C.LI_DROP_THR], lf[last][C.LF_DROP_SCALE], k0, k1,
+                              step, last)
+        for l in range(L - 1, -1, -1):
+            xin = acts[l - 1] if l > 0 else v["x"]
+            if l > 0:
+                p = l - 1
+                prev = (acts[p], li[p][C.LI_ACT], lf[p][C.LF_SLOPE], li[p][C.LI_DROP_THR],
+                        lf[p][C.LF_DROP_SCALE], p)
+                dx = grads[p]
+            else:
+                prev, dx = None, None
+            _dense_backward_dev(ns, grads[l], xin, st.Ws[l], st.dWs[l], st.dbs[l],
+                                st.has_bias[l], dx, prev, k0, k1, step)
+        _launch_update(ns, st.tab, st.P, st.G, st.M, st.V, int(net.opt), t, st.status,
+                       float(n))
+        steps += 1
+    res = st.status.copy_to_host()
+    return float(res[ST_LOSS]), float(res[ST_PEN]), int(res[ST_STEPS]), bool(res[ST_STOP] == 0)
+
+
+def forward_inference(net, X, batch_size):
+    """Logits for X, dropout off, in chunks of batch_size rows (parameters uploaded once)."""
+    st = _state(net)
+    ns = st.ns
+    dt = ns.dtype.type
+    n = X.shape[0]
+    out = np.empty((n, net.Ws[-1].shape[1]), net.dtype)
+    if n == 0:
+        return out
+    rows = max(1, min(int(batch_size), n))
+    bufs = [cuda.device_array((rows, W.shape[1]), net.dtype) for W in net.Ws]
+    for start in range(0, n, rows):
+        m = min(rows, n - start)
+        x = _dev(X[start:start + m])
+        for l in range(st.L):
+            _dense_forward_dev(ns, x, st.Ws[l], st.bs[l], bufs[l][:m], int(net.li[l, C.LI_ACT]),
+                               dt(net.lf[l, C.LF_SLOPE]), 0, dt(1), 0, 0, 0, l)
+            x = bufs[l][:m]
+        out[start:start + m] = x.copy_to_host()
+    return out

@@ -1,0 +1,119 @@
+"""Epoch timings of the CUDA backend on two MLPs (run on a GPU machine; not a test).
+
+    python -m fastreg.kernels.cuda_bench [--epochs 5] [--cpu] [--only curve|wide]
+
+curve  1 -> 64 -> 64 -> 64 -> 1, leaky_relu, dropout 0.1, batch 128, 10,000 rows, mse
+wide   784 -> 1024 -> 1024 -> 10, relu, dropout 0.2, batch 256, 16,384 rows, sparse CE
+Both: Adam(1e-3) + L2(1e-4) on the weights, float32. The first epoch (compilation) is
+reported apart; then the median of --epochs epochs. --cpu times the Numba CPU backend on the
+same Net for a ratio. With CuPy installed the big GEMMs go to cuBLAS; FASTREG_CUDA_CUBLAS=0
+keeps them in our kernel (the run reports both when CuPy is there).
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from . import contract as C
+from . import driver
+from .philox import dropout_scale, dropout_threshold
+
+WORKLOADS = {
+    "curve": dict(sizes=(1, 64, 64, 64, 1), act=C.ACT_LEAKY_RELU, drop=0.1, batch=128,
+                  rows=10_000, loss=C.LOSS_MSE),
+    "wide": dict(sizes=(784, 1024, 1024, 10), act=C.ACT_RELU, drop=0.2, batch=256,
+                 rows=16_384, loss=C.LOSS_SCE),
+}
+
+
+def make_net(sizes, act, drop, batch, loss, seed=0, **_):
+    rng = np.random.default_rng(seed)
+    L = len(sizes) - 1
+    f32 = np.float32
+    Ws = [(rng.standard_normal((sizes[i], sizes[i + 1])) * np.sqrt(2.0 / sizes[i])).astype(f32)
+          for i in range(L)]
+    bs = [np.zeros(sizes[i + 1], f32) for i in range(L)]
+    li = np.zeros((L, C.LI_SIZE), np.int64)
+    lf = np.zeros((L, C.LF_SIZE), f32)
+    hpW = np.zeros((L, C.HP_SIZE))
+    hpb = np.zeros((L, C.HP_SIZE))
+    for l in range(L):
+        last = l == L - 1
+        li[l, C.LI_ACT] = C.ACT_LINEAR if last else act
+        li[l, C.LI_DROP_THR] = 0 if last else dropout_threshold(drop)
+        li[l, C.LI_HAS_BIAS] = 1
+        lf[l] = (0.01, dropout_scale(0.0 if last else drop), 1.0)
+        for row, l2 in ((hpW[l], 1e-4), (hpb[l], 0.0)):
+            row[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_L2, C.HP_PROXIMAL]] = \
+                (1e-3, 0.9, 0.999, 1e-8, l2, 1.0)
+    zeros = (lambda ps: [np.zeros_like(p) for p in ps])
+    net = driver.Net(Ws, bs, zeros(Ws), zeros(bs), zeros(Ws), zeros(Ws), zeros(bs), zeros(bs),
+                     li=li, lf=lf, hpW=hpW, hpb=hpb, opt=C.OPT_ADAM, loss=loss, seed=1234)
+    driver.allocate_workspace(net, batch, 1 if loss == C.LOSS_SCE else sizes[-1])
+    return net
+
+
+def make_data(sizes, rows, loss, seed=1, **_):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((rows, sizes[0])).astype(np.float32)
+    if loss == C.LOSS_SCE:
+        Y = rng.integers(0, sizes[-1], (rows, 1)).astype(np.float32)
+    else:
+        Y = np.sin(3 * X[:, :1]).astype(np.float32)
+    return X, Y
+
+
+def time_epochs(ops, net, X, Y, batch, epochs):
+    n = X.shape[0]
+    step = 0
+    times, losses = [], []
+    for e in range(epochs + 1):
+        perm = np.random.default_rng([7, e]).permutation(n).astype(np.int64)
+        t = time.perf_counter()
+        ls, _, steps, _ = ops.train_epoch(net, X, Y, perm, batch, step, step + 1)
+        times.append(time.perf_counter() - t)
+        losses.append(ls / n)
+        step += steps
+    return times[0], statistics.median(times[1:]), losses
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--only", choices=sorted(WORKLOADS))
+    args = ap.parse_args(argv)
+    from . import cuda as G
+    ok, why = G.available()
+    if not ok:
+        raise SystemExit(why)
+    variants = [("cuda", None)]
+    if G._cupy() is not None:
+        variants = [("cuda+cublas", None), ("cuda-own-gemm", "own")]
+    for name, w in WORKLOADS.items():
+        if args.only and name != args.only:
+            continue
+        X, Y = make_data(**w)
+        steps = -(-w["rows"] // w["batch"])
+        for label, mode in variants:
+            saved = G.CUBLAS_MIN_MACS
+            if mode == "own":
+                G.CUBLAS_MIN_MACS = 1 << 62
+            net = make_net(**w)
+            first, med, losses = time_epochs(G, net, X, Y, w["batch"], args.epochs)
+            G.CUBLAS_MIN_MACS = saved
+            print(f"{name:5s} {label:14s} first epoch {first * 1e3:9.1f} ms   median epoch "
+                  f"{med * 1e3:8.2f} ms  ({steps / med:8.0f} steps/s)   loss {losses[1]:.4f} "
+                  f"-> {losses[-1]:.4f}", flush=True)
+        if args.cpu:
+            from . import cpu as N
+            net = make_net(**w)
+            first, med, losses = time_epochs(N, net, X, Y, w["batch"], max(1, args.epochs // 2))
+            print(f"{name:5s} {'numba-cpu':14s} first epoch {first * 1e3:9.1f} ms   median epoch "
+                  f"{med * 1e3:8.2f} ms  ({steps / med:8.0f} steps/s)   loss {losses[1]:.4f} "
+                  f"-> {losses[-1]:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

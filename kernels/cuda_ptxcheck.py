@@ -1,0 +1,100 @@
+"""Compile every kernel of kernels/cuda.py to PTX without a GPU: typing and lowering are what
+the numba-cuda simulator never exercises (it runs the kernels as Python).
+
+    python -m fastreg.kernels.cuda_ptxcheck [float32|float64] [cc, e.g. 90]
+
+Needs numba-cuda and NVVM (the CUDA toolkit's libnvvm), no driver and no GPU: it tells numba-cuda
+the device is `cc` and skips the NVRTC architecture query. Run it WITHOUT NUMBA_ENABLE_CUDASIM.
+The argument types below mirror the launch sites in kernels/cuda.py: keep them in step.
+Exit status: 0 all compiled, 1 a kernel failed to compile, 77 no toolchain here (skip).
+"""
+import sys
+import time
+
+import numpy as np
+
+SKIP = 77
+
+
+def _patch_for_offline(cc):
+    """Let numba-cuda compile device functions and emit PTX with no driver present."""
+    import numba.cuda.codegen as codegen
+    import numba.cuda.cuda_paths as cuda_paths
+    import numba.cuda.cudadrv.nvrtc as nvrtc
+    import numba.cuda.dispatcher as dispatcher
+
+    class _Device:
+        compute_capability = cc
+
+    dispatcher.get_current_device = lambda: _Device()
+    arch = (lambda major, minor: f"compute_{major}{minor}")
+    nvrtc.get_arch_option = arch
+    codegen.nvrtc.get_arch_option = arch
+    cuda_paths._get_nvrtc_path = lambda: None
+
+
+def signatures(ns):
+    """Example arguments of every kernel, typed as the backend launches them."""
+    dt = ns.dtype
+    z = dt.type(0)
+    a2 = np.zeros((2, 2), dt)
+    a1 = np.zeros(2, dt)
+    i64 = np.zeros(2, np.int64)
+    f64 = np.zeros(8)
+    hp = np.zeros((2, 10))
+    i = 0
+    return {
+        "gemm": (a2, a2, a2, i, i, i, i, i, i, a1, i, i, z, i, z, i, a2, a1, i,
+                 a2, a2, a2, i, i, i, i, i, i, i, z, i, z, i, a2, i, i, i),
+        "forward_epilogue": (a2, a1, i, i, z, i, z, i, i, i, i),
+        "backward_epilogue": (a2, a2, i, z, i, z, i, i, i, i),
+        "column_sums": (a2, a1),
+        "input_dropout": (a2, a2, i, z, i, i, i, i),
+        "gather": (a2, a2, i64, i, i, a2, a2, i, z, i, i, i),
+        "philox_words": (np.zeros((2, 4), np.int64), i, i, np.zeros((2, 4), np.uint32)),
+        "stream_words": (np.zeros(2, np.uint32), i, i, i, i, i),
+        "loss_kernel": (a2, a2, a2, i, True, f64, True, 1.0, i, z, i, z, i, i, i, i),
+        "update": (a1, a1, a1, a1, i64, i64, i64, hp, i64, i, i, f64, 1.0),
+        "maxnorm": (a1, i64, i64, i64, i64, i64, hp, f64),
+    }
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dtype = np.dtype(argv[0] if argv else "float32")
+    cc_num = int(argv[1]) if len(argv) > 1 else 90
+    cc = (cc_num // 10, cc_num % 10)
+    try:
+        import numba
+        from numba import cuda
+        from numba.cuda.cudadrv import nvvm
+        from numba.cuda import config
+        if config.ENABLE_CUDASIM:
+            raise RuntimeError("the simulator is on (unset NUMBA_ENABLE_CUDASIM)")
+        nvvm.NVVM()
+        _patch_for_offline(cc)
+        from . import cuda as backend
+    except Exception as exc:
+        print(f"skip: no offline CUDA toolchain here ({exc})")
+        return SKIP
+    if backend.cuda is None:
+        print("skip: numba-cuda is not installed")
+        return SKIP
+    ns = backend._build(*backend._config(dtype))
+    failed = 0
+    for name, args in signatures(ns).items():
+        kernel = getattr(ns, name)
+        sig = tuple(numba.typeof(a) for a in args)
+        t = time.time()
+        try:
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
+        except Exception as exc:
+            failed += 1
+            print(f"FAIL {name}: {type(exc).__name__}: {exc}")
+            continue
+        print(f"ok   {name:18s} {time.time() - t:5.1f} s  {len(ptx):7d} chars of PTX")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
