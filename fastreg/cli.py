@@ -65,3 +65,9 @@ def bench(workload, backends, peers, epochs, repeats, threads, json_path, quick,
             raise click.BadParameter(f"unknown peer {p!r}; choose from "
                                      f"{', '.join(peer_engines.PEERS)}", param_hint="--peers")
     runner.run(workloads, backends, peer_list, epochs, repeats, threads, quick, seed, json_path)
+
+
+# `fastreg sweep` and `fastreg study` live beside their helpers in cli_study.
+from .cli_study import register as _register_study  # noqa: E402
+
+_register_study(main)

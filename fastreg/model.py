@@ -397,6 +397,14 @@ class Sequential:
         logits = self._logits(ops, X, batch_size)
         return ops.output_transform(logits, C.LOSSES[self.loss]) if self.loss else logits
 
+    def diagnose(self, X_tr, y_tr, X_val, y_val, baseline=0.0, metric="loss", **thresholds):
+        """The bias/variance verdict of the overfitting guide on this model (see
+        fastreg.diagnose): metric="loss" (percent of the constant predictor's loss) or
+        "error" (classification error rate in percent); baseline in the same units."""
+        from .diagnose import diagnose_model
+        return diagnose_model(self, X_tr, y_tr, X_val, y_val, baseline=baseline, metric=metric,
+                              **thresholds)
+
     def evaluate(self, X, y, batch_size=None):
         """The data loss (no penalty) on (X, y), dropout off."""
         self._require_compiled()

@@ -8,7 +8,10 @@ from fastreg.cli import main
 
 def test_help_documents_every_bench_option():
     runner = CliRunner()
-    assert runner.invoke(main, ["--help"]).exit_code == 0
+    top = runner.invoke(main, ["--help"])
+    assert top.exit_code == 0
+    for command in ("bench", "sweep", "study"):
+        assert command in top.output
     out = runner.invoke(main, ["bench", "--help"])
     assert out.exit_code == 0
     for option in ("--workload", "--backend", "--peers", "--epochs", "--repeats", "--threads",
