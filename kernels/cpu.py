@@ -20,7 +20,7 @@ from numba import njit, prange
 from numba.typed import List
 
 from . import contract as C
-from . import driver
+from . import driver, threads
 from .config import JIT, JIT_PARALLEL, PARALLEL_MIN_ELEMENTS
 from .philox import (MASK32, STREAM_DROPOUT, STREAM_INPUT_DROPOUT, split_seed)
 from .reference import update_coefficients as _coefficients_py  # noqa: F401  (documented twin)
@@ -730,29 +730,9 @@ def _typed(net):
     return cache
 
 
-# Below this many forward multiply-adds per step (curve: 128 x 8,320 = 1.1M; wide: 476M) BLAS
-# gains nothing from a second thread (43 vs 45 GFLOP/s at 128x64x64, measured) but pays the
-# wake-up and sync of its pool on every one of ~900 GEMMs an epoch: run it on one thread.
-SMALL_STEP_MACS = 1 << 22
-_BLAS = {}
-
-
-def _is_small(net):
-    return net.batch * sum(W.shape[0] * W.shape[1] for W in net.Ws) <= SMALL_STEP_MACS
-
-
-def _single_thread_blas():
-    from threadpoolctl import ThreadpoolController
-    if "ctl" not in _BLAS:
-        _BLAS["ctl"] = ThreadpoolController()   # built once: a limit() then costs ~50 us
-    return _BLAS["ctl"].limit(limits=1, user_api="blas")
-
-
 def train_epoch(net, X, Y, perm, batch_size, step0, t0):
-    if _is_small(net):
-        with _single_thread_blas():
-            return _train_epoch_call(net, X, Y, perm, batch_size, step0, t0)
-    return _train_epoch_call(net, X, Y, perm, batch_size, step0, t0)
+    with threads.numba_epoch(net):
+        return _train_epoch_call(net, X, Y, perm, batch_size, step0, t0)
 
 
 def _train_epoch_call(net, X, Y, perm, batch_size, step0, t0):

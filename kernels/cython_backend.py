@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from . import contract as C
-from . import driver
+from . import driver, threads
 
 NAME = "cython"
 
@@ -149,7 +149,8 @@ def _plan(net):
 def train_epoch(net, X, Y, perm, batch_size, step0, t0):
     """One epoch (or a chunk of whole batches: the rows `perm`) in C; returns
     (loss_sum, penalty_sum, steps, finite) like kernels/driver.train_epoch."""
-    return _K.train_epoch(_plan(net), X, Y, perm, int(batch_size), int(step0), int(t0))
+    with threads.openmp_epoch(net, _K.openmp_threads):
+        return _K.train_epoch(_plan(net), X, Y, perm, int(batch_size), int(step0), int(t0))
 
 
 def forward_inference(net, X, batch_size):
