@@ -9,7 +9,11 @@ Method (DESIGN.md, "Performance method"):
   epoch (forward x@W, weight-gradient x.T@dz, input-gradient dz@W.T) back to back through NumPy's
   float32 matmul on the same threads. No training step can beat it by much; the ratio says how
   much of an epoch is overhead;
-- thread pools are set once for all engines.
+- thread pools are set once for all engines;
+- before each timed epoch the process sleeps SETTLE_S, long enough for the previous engine's
+  pools (OpenBLAS, OpenMP, XLA) to stop spinning: their busy-waiting workers would otherwise
+  take cores from whichever engine runs next (measured: cython's curve epoch went from 17 ms
+  alone to 93 ms right after the other engines).
 """
 import json
 import os
@@ -25,6 +29,7 @@ from .workloads import initial_weights, make_workload
 
 WORKLOADS = ("curve", "wide", "digits")
 FASTREG_BACKENDS = ("numpy", "numba", "cython", "cuda")
+SETTLE_S = 0.1
 
 
 # ---------------------------------------------------------------- fastreg as an engine
@@ -180,6 +185,7 @@ def bench_workload(name, backends, peers, epochs=None, repeats=1, threads=None, 
     for rep in range(repeats):
         engines, results = _engines_for(workload, weights, backends, peers, threads, None)
         for eng in engines:                       # warm-up epoch: compile / trace included
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             eng.run_epoch()
             results[eng.name].first_epoch_s = time.perf_counter() - t0
@@ -187,6 +193,7 @@ def bench_workload(name, backends, peers, epochs=None, repeats=1, threads=None, 
             progress.advance(task)
         for _ in range(epochs):                   # interleaved A B C A B C ...
             for eng in engines:
+                time.sleep(SETTLE_S)
                 t0 = time.perf_counter()
                 eng.run_epoch()
                 results[eng.name].epoch_times_s.append(time.perf_counter() - t0)
@@ -284,7 +291,10 @@ def run(workloads=WORKLOADS, backends=None, peers=None, epochs=None, repeats=1, 
         if not console.is_terminal:       # a log file or a pipe: room for every column
             console = Console(width=160)
     threads = threads or os.cpu_count()
-    backends = list(backends) if backends else list(FASTREG_BACKENDS)
+    if backends:
+        backends = list(backends)
+    else:   # --quick leaves out the float64-speed NumPy reference: it is a spec, not an engine
+        backends = [b for b in FASTREG_BACKENDS if not (quick and b == "numpy")]
     peers = list(peers) if peers is not None else [
         p for p, cls in peer_engines.PEERS.items() if cls.available()[0]]
     out = {"machine": machine_description(threads), "workloads": []}

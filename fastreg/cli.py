@@ -21,8 +21,9 @@ def main():
                    "0.1, L2 1e-4), wide (784-1024-1024-10 ReLU classifier, dropout 0.2), "
                    "digits (scikit-learn's 8x8 digits, 64-128-10), or all.")
 @click.option("--backend", "backends", default=None, metavar="LIST",
-              help="Comma-separated fastreg backends (numpy,numba,cython,cuda). Default: all; "
-                   "an unavailable one is listed with the reason.")
+              help="Comma-separated fastreg backends (numpy,numba,cython,cuda). Default: all "
+                   "(with --quick: all but the numpy reference); an unavailable one is listed "
+                   "with the reason.")
 @click.option("--peers", default=None, metavar="LIST",
               help="Comma-separated peers (torch,jax,sklearn). Default: those installed. "
                    "Pass --peers '' for none.")
@@ -36,7 +37,8 @@ def main():
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               default=None, help="Write every figure, the machine and the versions to PATH.")
 @click.option("--quick", is_flag=True,
-              help="A smaller, still honest run: fewer samples for wide, fewer epochs.")
+              help="A smaller, still honest run: fewer samples for wide, fewer epochs, and the "
+                   "numpy reference left out unless --backend names it.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the data and the initial weights (identical across engines).")
 def bench(workload, backends, peers, epochs, repeats, threads, json_path, quick, seed):
