@@ -158,3 +158,16 @@ def test_a_collapsed_solution_is_not_warm_started():
                                     batch_size=32, restart_collapsed=False,
                                     return_models=True, as_frame=False)
     assert kept[1]["start"] == "warm"
+
+
+def test_a_nearly_dead_layer_counts_as_collapsed():
+    X, y = _data(256)
+    model = build()
+    W = model.get_weights()
+    W[0][:, 1:] = 0.0                      # one live unit of 16: the penalty's bottleneck
+    model.set_weights(W)
+    assert S.live_units(model) == [1]
+    assert S.collapsed(model, X)
+    assert not S.collapsed(model, X, min_live_fraction=0.0)   # output not constant
+    model.fit(X, y, epochs=5, batch_size=32, verbose=0)       # no penalty: units revive
+    assert S.live_units(model) == [16] and not S.collapsed(model, X)
