@@ -12,11 +12,11 @@ from .diagnose import Diagnosis, diagnose
 from .layers import Dense, Dropout
 from .model import Sequential, load_model
 from .optimizers import SGD, Adam, AdamW
-from .regularizers import L1, L2, ElasticNet, MaxNorm
+from .regularizers import L1, L2, ElasticNet, GroupLasso, MaxNorm
 from .sweep import regularization_path, sweep
 
 __version__ = "0.1.0"
 
 __all__ = ["Sequential", "load_model", "Dense", "Dropout", "L1", "L2", "ElasticNet", "MaxNorm",
-           "SGD", "Adam", "AdamW", "EarlyStopping", "Callback", "History", "BackendUnavailable",
+           "GroupLasso", "SGD", "Adam", "AdamW", "EarlyStopping", "Callback", "History", "BackendUnavailable",
            "sweep", "regularization_path", "diagnose", "Diagnosis", "__version__"]

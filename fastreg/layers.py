@@ -52,6 +52,9 @@ class Dense(Layer):
         self.bias_regularizer = R.as_list(bias_regularizer, "bias_regularizer")
         if any(r.maxnorm > 0 for r in self.bias_regularizer):
             raise ValueError("MaxNorm applies to a kernel's columns, not to a bias vector")
+        if any(r.group > 0 for r in self.bias_regularizer):
+            raise ValueError("GroupLasso groups a kernel's columns (units); it does not apply "
+                             "to a bias vector")
         R.combine(self.regularizer)  # validates a consistent combination now, not at fit time
         R.combine(self.bias_regularizer)
         self.use_bias = bool(use_bias)

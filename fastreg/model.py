@@ -222,10 +222,10 @@ class Sequential:
             lf[i, C.LF_DROP_SCALE] = dropout_scale(blk["out_drop"], self.dtype.type)
             lf[i, C.LF_IN_DROP_SCALE] = dropout_scale(blk["in_drop"], self.dtype.type)
             for row, regs, decay in ((hpW[i], d.regularizer, wd), (hpb[i], d.bias_regularizer, 0.0)):
-                l1, l2, proximal, maxnorm = R.combine(regs)
+                l1, l2, proximal, maxnorm, group = R.combine(regs)
                 row[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_NESTEROV, C.HP_DECOUPLED,
-                     C.HP_L1, C.HP_L2, C.HP_PROXIMAL, C.HP_MAXNORM]] = \
-                    (lr, b1, b2, eps, nesterov, decay, l1, l2, float(proximal), maxnorm)
+                     C.HP_L1, C.HP_L2, C.HP_PROXIMAL, C.HP_MAXNORM, C.HP_GROUP]] = \
+                    (lr, b1, b2, eps, nesterov, decay, l1, l2, float(proximal), maxnorm, group)
         if training:
             self._ensure_optimizer_state()
             moments = (self._mW, self._vW, self._mb, self._vb)

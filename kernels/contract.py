@@ -46,7 +46,8 @@ HP_L1 = 6
 HP_L2 = 7
 HP_PROXIMAL = 8     # 1.0: L1 by soft-thresholding after the step; 0.0: subgradient
 HP_MAXNORM = 9      # 0.0: no constraint; else each column of W projected to norm <= c
-HP_SIZE = 10
+HP_GROUP = 10       # group lasso: penalty l * sum_j ||W[:, j]||_2, block soft-thresholding
+HP_SIZE = 11
 
 # Layout of the per-layer integer and float configuration rows of a plan.
 LI_ACT = 0          # activation code

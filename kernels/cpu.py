@@ -509,7 +509,7 @@ def _update_parallel(wf, gf, mf, vf, opt, nesterov, l1_mode, coef, want_penalty,
 
 
 @njit(**JIT)
-def _maxnorm_cols(w, c, coef, colnorm):
+def _column_norms(w, colnorm):
     R, O = w.shape
     for j in range(O):
         colnorm[j] = 0.0
@@ -517,7 +517,46 @@ def _maxnorm_cols(w, c, coef, colnorm):
         for j in range(O):
             colnorm[j] += np.float64(w[i, j]) * np.float64(w[i, j])
     for j in range(O):
-        n = math.sqrt(colnorm[j])
+        colnorm[j] = math.sqrt(colnorm[j])
+
+
+@njit(**JIT)
+def _group_prox_cols(w, v, opt, group, lr, coef, colnorm, coltau):
+    """Block soft-thresholding of every column (reference.group_prox), with the thresholds
+    of reference.group_thresholds; coltau and colnorm are float64 scratch of >= O values."""
+    R, O = w.shape
+    if opt == C.OPT_SGD:
+        for j in range(O):
+            coltau[j] = lr * group
+    else:
+        step = np.float64(coef[9])
+        bc2 = np.float64(coef[10])
+        eps = np.float64(coef[5])
+        for j in range(O):
+            coltau[j] = 0.0
+        for i in range(R):
+            for j in range(O):
+                coltau[j] += math.sqrt(np.float64(v[i, j])) / bc2 + eps
+        for j in range(O):
+            coltau[j] = group * step / (coltau[j] / R)
+    _column_norms(w, colnorm)
+    for j in range(O):
+        n = colnorm[j]
+        if n > coltau[j]:
+            coef[13] = 1.0 - coltau[j] / n    # rounded to the param dtype, as the reference
+        else:
+            coef[13] = 0.0
+        s = coef[13]
+        for i in range(R):
+            w[i, j] = w[i, j] * s
+
+
+@njit(**JIT)
+def _maxnorm_cols(w, c, coef, colnorm):
+    R, O = w.shape
+    _column_norms(w, colnorm)
+    for j in range(O):
+        n = colnorm[j]
         if n > c:
             coef[12] = c / n        # rounded to the param dtype, as the reference does
             s = coef[12]
@@ -557,7 +596,18 @@ def _penalized_update_2d(w, g, m, v, hp, opt, t, coef, scratch):
     n = w.size
     mf = m.reshape(m.size)
     vf = v.reshape(v.size)
+    group = hp[C.HP_GROUP]
+    group_pen = 0.0
+    if group > 0:           # the penalty of w before the step, like the other terms
+        _column_norms(w, scratch)
+        for j in range(w.shape[1]):
+            group_pen += scratch[j]
+        group_pen *= group
     pen = _penalized_update_flat(w.reshape(n), g.reshape(n), mf, vf, hp, opt, t, coef, scratch)
+    pen += group_pen
+    if group > 0:
+        O = w.shape[1]
+        _group_prox_cols(w, v, opt, group, hp[C.HP_LR], coef, scratch[:O], scratch[O:2 * O])
     c = hp[C.HP_MAXNORM]
     if c > 0:
         _maxnorm_cols(w, c, coef, scratch)
@@ -570,7 +620,7 @@ def _penalized_update_1d(w, g, m, v, hp, opt, t, coef, scratch):
 
 
 def _scratch_size(n_params, widest):
-    return max(2 * (n_params // _UPDATE_CHUNK + 1), widest, 2)
+    return max(2 * (n_params // _UPDATE_CHUNK + 1), 2 * widest, 2)
 
 
 # ---------------------------------------------------------------- the compiled epoch

@@ -665,28 +665,64 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
             if pen != 0.0:
                 cuda.atomic.add(status, ST_PEN, pen * weight)
 
+    @cuda.jit(device=True)
+    def column_norm(P, off, R, O, j):
+        acc = 0.0
+        for i in range(R):
+            w = np.float64(P[off + i * O + j])
+            acc += w * w
+        return math.sqrt(acc)
+
     @cuda.jit
-    def maxnorm(P, mn_seg, mn_col, seg_off, seg_rows, seg_cols, seg_hp, status):
-        """Project each column of the MaxNorm tensors to norm <= c; a thread per column."""
+    def group_penalty(P, cp_seg, cp_col, seg_off, seg_rows, seg_cols, seg_hp, status, weight):
+        """Before the step: add group * ||w_j|| of every group-lasso column to the penalty."""
         if status[ST_STOP] != 0.0:
             return
         b = cuda.blockIdx.x
-        s = mn_seg[b]
-        j = mn_col[b] + cuda.threadIdx.x
+        s = cp_seg[b]
+        j = cp_col[b] + cuda.threadIdx.x
+        group = seg_hp[s, C.HP_GROUP]
+        if j < seg_cols[s] and group > 0.0:
+            nrm = column_norm(P, seg_off[s], seg_rows[s], seg_cols[s], j)
+            cuda.atomic.add(status, ST_PEN, group * nrm * weight)
+
+    @cuda.jit
+    def columns(P, Vv, cp_seg, cp_col, seg_off, seg_rows, seg_cols, seg_hp, status, opt, t):
+        """After the step, a thread per column: the group-lasso block shrink (reference
+        group_prox with the thresholds of group_thresholds), then the max-norm projection."""
+        if status[ST_STOP] != 0.0:
+            return
+        b = cuda.blockIdx.x
+        s = cp_seg[b]
+        j = cp_col[b] + cuda.threadIdx.x
         O = seg_cols[s]
         if j < O:
             off = seg_off[s]
             R = seg_rows[s]
-            c = seg_hp[s, C.HP_MAXNORM]
-            acc = 0.0
-            for i in range(R):
-                w = np.float64(P[off + i * O + j])
-                acc += w * w
-            nrm = math.sqrt(acc)
-            if nrm > c:
-                sc = FT(c / nrm)
+            group = seg_hp[s, C.HP_GROUP]
+            if group > 0.0:
+                h_lr = seg_hp[s, C.HP_LR]
+                if opt == C.OPT_SGD:
+                    tau = h_lr * group
+                else:   # the coefficients of `update`, rounded to the dtype as there
+                    step = np.float64(FT(h_lr / (1.0 - seg_hp[s, C.HP_BETA1] ** np.float64(t))))
+                    bc2 = np.float64(FT(math.sqrt(1.0 - seg_hp[s, C.HP_BETA2] ** np.float64(t))))
+                    eps = np.float64(FT(seg_hp[s, C.HP_EPS]))
+                    den = 0.0
+                    for i in range(R):
+                        den += math.sqrt(np.float64(Vv[off + i * O + j])) / bc2 + eps
+                    tau = group * step / (den / R)
+                nrm = column_norm(P, off, R, O, j)
+                sc = FT(1.0 - tau / nrm) if nrm > tau else FT(0.0)
                 for i in range(R):
                     P[off + i * O + j] = P[off + i * O + j] * sc
+            c = seg_hp[s, C.HP_MAXNORM]
+            if c > 0.0:
+                nrm = column_norm(P, off, R, O, j)
+                if nrm > c:
+                    sc = FT(c / nrm)
+                    for i in range(R):
+                        P[off + i * O + j] = P[off + i * O + j] * sc
 
     ns = _NS()
     ns.__dict__.update(dict(
@@ -694,7 +730,8 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
         philox4x32=philox4x32, gemm=gemm, forward_epilogue=forward_epilogue,
         backward_epilogue=backward_epilogue, column_sums=column_sums,
         input_dropout=input_dropout, gather=gather, philox_words=philox_words,
-        stream_words=stream_words, loss_kernel=loss_kernel, update=update, maxnorm=maxnorm))
+        stream_words=stream_words, loss_kernel=loss_kernel, update=update,
+        group_penalty=group_penalty, columns=columns))
     return ns
 
 
@@ -919,7 +956,7 @@ def _segment_tables(ns, shapes, has_m, hp, is2d):
     sizes = [int(np.prod(s)) for s in shapes]
     off = np.zeros(len(shapes) + 1, np.int64)
     off[1:] = np.cumsum(sizes)
-    blk_seg, blk_lo, blk_hi, mn_seg, mn_col = [], [], [], [], []
+    blk_seg, blk_lo, blk_hi, col_seg, col_lo = [], [], [], [], []
     rows = np.array([s[0] if len(s) == 2 else 1 for s in shapes], np.int64)
     cols = np.array([s[1] if len(s) == 2 else s[0] for s in shapes], np.int64)
     for s, size in enumerate(sizes):
@@ -927,25 +964,28 @@ def _segment_tables(ns, shapes, has_m, hp, is2d):
             blk_seg.append(s)
             blk_lo.append(off[s] + lo)
             blk_hi.append(off[s] + min(size, lo + ns.CHUNK))
-        if is2d[s] and hp[s, C.HP_MAXNORM] > 0:
+        if is2d[s] and (hp[s, C.HP_MAXNORM] > 0 or hp[s, C.HP_GROUP] > 0):
             for c0 in range(0, int(cols[s]), ns.NB):
-                mn_seg.append(s)
-                mn_col.append(c0)
+                col_seg.append(s)
+                col_lo.append(c0)
     i64 = lambda a: cuda.to_device(np.asarray(a, np.int64))  # noqa: E731
     return dict(off=off, sizes=sizes, nblk=len(blk_seg), blk_seg=i64(blk_seg),
                 blk_lo=i64(blk_lo), blk_hi=i64(blk_hi), hp=cuda.to_device(hp),
-                has_m=i64([1 if h else 0 for h in has_m]), n_mn=len(mn_seg),
-                mn_seg=i64(mn_seg or [0]), mn_col=i64(mn_col or [0]), off_d=i64(off),
+                has_m=i64([1 if h else 0 for h in has_m]), n_colblk=len(col_seg),
+                col_seg=i64(col_seg or [0]), col_lo=i64(col_lo or [0]), off_d=i64(off),
                 rows=i64(rows), cols=i64(cols))
 
 
 def _launch_update(ns, tab, P, G, Mm, Vv, opt, t, status, weight):
+    cols = (tab["col_seg"], tab["col_lo"], tab["off_d"], tab["rows"], tab["cols"], tab["hp"],
+            status)
+    if tab["n_colblk"]:
+        ns.group_penalty[tab["n_colblk"], ns.NB](P, *cols, weight)
     if tab["nblk"]:
         ns.update[tab["nblk"], ns.NB](P, G, Mm, Vv, tab["blk_seg"], tab["blk_lo"], tab["blk_hi"],
                                       tab["hp"], tab["has_m"], opt, t, status, weight)
-    if tab["n_mn"]:
-        ns.maxnorm[tab["n_mn"], ns.NB](P, tab["mn_seg"], tab["mn_col"], tab["off_d"],
-                                       tab["rows"], tab["cols"], tab["hp"], status)
+    if tab["n_colblk"]:
+        ns.columns[tab["n_colblk"], ns.NB](P, Vv, *cols, opt, t)
 
 
 # ---------------------------------------------------------------- device-resident Net

@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from . import contract as C
+
 SKIP = 77
 
 
@@ -41,7 +43,7 @@ def signatures(ns):
     a1 = np.zeros(2, dt)
     i64 = np.zeros(2, np.int64)
     f64 = np.zeros(8)
-    hp = np.zeros((2, 10))
+    hp = np.zeros((2, C.HP_SIZE))
     i = 0
     return {
         "gemm": (a2, a2, a2, i, i, i, i, i, i, a1, i, i, z, i, z, i, a2, a1, i,
@@ -55,7 +57,8 @@ def signatures(ns):
         "stream_words": (np.zeros(2, np.uint32), i, i, i, i, i),
         "loss_kernel": (a2, a2, a2, i, True, f64, True, 1.0, i, z, i, z, i, i, i, i),
         "update": (a1, a1, a1, a1, i64, i64, i64, hp, i64, i, i, f64, 1.0),
-        "maxnorm": (a1, i64, i64, i64, i64, i64, hp, f64),
+        "group_penalty": (a1, i64, i64, i64, i64, i64, hp, f64, 1.0),
+        "columns": (a1, a1, i64, i64, i64, i64, i64, hp, f64, i, i),
     }
 
 

@@ -71,7 +71,8 @@ cdef enum:
     HP_L2 = 7
     HP_PROXIMAL = 8
     HP_MAXNORM = 9
-    HP_SIZE = 10
+    HP_GROUP = 10
+    HP_SIZE = 11
     LI_ACT = 0
     LI_DROP_THR = 1
     LI_HAS_BIAS = 2
@@ -94,7 +95,8 @@ CONTRACT = dict(
     ACT_SIGMOID=ACT_SIGMOID, LOSS_MSE=LOSS_MSE, LOSS_BCE=LOSS_BCE, LOSS_SCE=LOSS_SCE,
     OPT_SGD=OPT_SGD, OPT_ADAM=OPT_ADAM, OPT_ADAMW=OPT_ADAMW, HP_LR=HP_LR, HP_BETA1=HP_BETA1,
     HP_BETA2=HP_BETA2, HP_EPS=HP_EPS, HP_NESTEROV=HP_NESTEROV, HP_DECOUPLED=HP_DECOUPLED,
-    HP_L1=HP_L1, HP_L2=HP_L2, HP_PROXIMAL=HP_PROXIMAL, HP_MAXNORM=HP_MAXNORM, HP_SIZE=HP_SIZE,
+    HP_L1=HP_L1, HP_L2=HP_L2, HP_PROXIMAL=HP_PROXIMAL, HP_MAXNORM=HP_MAXNORM, HP_GROUP=HP_GROUP,
+    HP_SIZE=HP_SIZE,
     LI_ACT=LI_ACT, LI_DROP_THR=LI_DROP_THR, LI_HAS_BIAS=LI_HAS_BIAS,
     LI_IN_DROP_THR=LI_IN_DROP_THR, LF_SLOPE=LF_SLOPE, LF_DROP_SCALE=LF_DROP_SCALE,
     LF_IN_DROP_SCALE=LF_IN_DROP_SCALE, STREAM_DROPOUT=STREAM_DROPOUT,
@@ -805,22 +807,62 @@ cdef void _update_rows(real* w, real* g, real* m, real* v, Py_ssize_t O, int opt
                     opt, nesterov, l2_on, l1_on and not proximal, l1_on and proximal, coef)
 
 
-cdef void _maxnorm_cols(real* w, Py_ssize_t R, Py_ssize_t O, double c,
-                        double* colnorm) noexcept nogil:
+cdef void _column_norms(real* w, Py_ssize_t R, Py_ssize_t O, double* colnorm) noexcept nogil:
     cdef Py_ssize_t i, j
-    cdef double n
-    cdef real s
     for j in range(O):
         colnorm[j] = 0.0
     for i in range(R):
         for j in range(O):
             colnorm[j] += <double>w[i * O + j] * <double>w[i * O + j]
     for j in range(O):
-        n = sqrt(colnorm[j])
+        colnorm[j] = sqrt(colnorm[j])
+
+
+cdef void _maxnorm_cols(real* w, Py_ssize_t R, Py_ssize_t O, double c,
+                        double* colnorm) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef double n
+    cdef real s
+    _column_norms(w, R, O, colnorm)
+    for j in range(O):
+        n = colnorm[j]
         if n > c:
             s = <real>(c / n)       # rounded to the param dtype, as the reference does
             for i in range(R):
                 w[i * O + j] = w[i * O + j] * s
+
+
+cdef void _group_prox_cols(real* w, real* v, Py_ssize_t R, Py_ssize_t O, int opt,
+                           double group, double lr, Coef* coef, double* colnorm,
+                           double* coltau) noexcept nogil:
+    """Block soft-thresholding of every column (reference.group_prox), with the thresholds
+    of reference.group_thresholds; colnorm and coltau hold >= O doubles each."""
+    cdef Py_ssize_t i, j
+    cdef double n, step, bc2, eps
+    cdef real s
+    if opt == OPT_SGD:
+        for j in range(O):
+            coltau[j] = lr * group
+    else:
+        step = <double><real>coef.step_size
+        bc2 = <double><real>coef.bc2_sqrt
+        eps = <double><real>coef.eps
+        for j in range(O):
+            coltau[j] = 0.0
+        for i in range(R):
+            for j in range(O):
+                coltau[j] += sqrt(<double>v[i * O + j]) / bc2 + eps
+        for j in range(O):
+            coltau[j] = group * step / (coltau[j] / R)
+    _column_norms(w, R, O, colnorm)
+    for j in range(O):
+        n = colnorm[j]
+        if n > coltau[j]:
+            s = <real>(1.0 - coltau[j] / n)   # rounded to the param dtype, as the reference
+        else:
+            s = 0
+        for i in range(R):
+            w[i * O + j] = w[i * O + j] * s
 
 
 cdef double _penalized_update(real* w, real* g, real* m, real* v, Py_ssize_t R, Py_ssize_t O,
@@ -828,7 +870,7 @@ cdef double _penalized_update(real* w, real* g, real* m, real* v, Py_ssize_t R, 
                               double* scratch) noexcept nogil:
     """Fused step of a (R, O) tensor (a vector is R = 1, matrix False: no max-norm).
 
-    m / v are NULL when absent; scratch (double) holds >= max(2R, O) values.
+    m / v are NULL when absent; scratch (double) holds >= max(2R, 2O) values.
     Returns the penalty of w before the step.
     """
     cdef Coef coef
@@ -837,7 +879,14 @@ cdef double _penalized_update(real* w, real* g, real* m, real* v, Py_ssize_t R, 
     cdef Py_ssize_t c, n_chunks, i
     cdef double p1 = 0.0
     cdef double p2 = 0.0
+    cdef double group_pen = 0.0
+    cdef bint group = matrix and hp[HP_GROUP] > 0
     _coefficients(hp, opt, t, &coef)
+    if group:               # the penalty of w before the step, like the other terms
+        _column_norms(w, R, O, scratch)
+        for i in range(O):
+            group_pen += scratch[i]
+        group_pen *= hp[HP_GROUP]
     if matrix and R * O >= PARALLEL_MIN_ELEMENTS and R >= 2:
         n_chunks = (R + ROW_CHUNK - 1) // ROW_CHUNK
         for c in prange(n_chunks, schedule="static"):
@@ -848,9 +897,11 @@ cdef double _penalized_update(real* w, real* g, real* m, real* v, Py_ssize_t R, 
     for i in range(R):
         p1 += scratch[2 * i]
         p2 += scratch[2 * i + 1]
+    if group:
+        _group_prox_cols(w, v, R, O, opt, hp[HP_GROUP], hp[HP_LR], &coef, scratch, scratch + O)
     if matrix and hp[HP_MAXNORM] > 0:
         _maxnorm_cols(w, R, O, hp[HP_MAXNORM], scratch)
-    return hp[HP_L1] * p1 + 0.5 * hp[HP_L2] * p2
+    return hp[HP_L1] * p1 + 0.5 * hp[HP_L2] * p2 + group_pen
 
 
 # ---------------------------------------------------------------- the compiled epoch
@@ -933,7 +984,7 @@ cdef class EpochPlan:
         rows = max(W.shape[0] for W in net.Ws)
         widest = max(cols, net.Ws[0].shape[0])
         words = np.zeros(4 * max(1, (net.batch * widest + 3) // 4), np.uint32)
-        scratch = np.zeros(max(2 * rows, cols, 2))
+        scratch = np.zeros(max(2 * rows, 2 * cols, 2))
         for l in range(L):
             ly = &self.p.layers[l]
             W = net.Ws[l]
@@ -1339,7 +1390,7 @@ def _update(real[:, ::1] w, real[:, ::1] g, real[:, ::1] m, real[:, ::1] v, doub
            "penalized_update: shapes do not match")
     if R * O == 0:
         return 0.0
-    scratch = np.zeros(max(2 * R, O, 2))
+    scratch = np.zeros(max(2 * R, 2 * O, 2))
     cdef double[::1] s = scratch
     with nogil:
         pen = _penalized_update(&w[0, 0], &g[0, 0], _ptr2(m), _ptr2(v), R, O, matrix, &hp[0],

@@ -247,16 +247,20 @@ def test_losses(loss):
 # ---------------------------------------------------------------- penalized update
 OPTIMIZERS = [(C.OPT_SGD, 0.0, 0), (C.OPT_SGD, 0.9, 0), (C.OPT_SGD, 0.9, 1),
               (C.OPT_ADAM, 0.9, 0), (C.OPT_ADAMW, 0.9, 0)]
-PENALTIES = [(0, 0, 1, 0), (0, 1e-2, 1, 0), (0.05, 0, 1, 0), (0.05, 1e-2, 0, 0),
-             (0, 1e-3, 1, 0.8)]
+PENALTIES = [(0, 0, 1, 0, 0), (0, 1e-2, 1, 0, 0), (0.05, 0, 1, 0, 0), (0.05, 1e-2, 0, 0, 0),
+             (0, 1e-3, 1, 0.8, 0),
+             (0.05, 1e-3, 1, 0.8, 50.0)]  # (l1, l2, proximal, maxnorm, group)
 
 
-def _update_case(rng, opt, b1, nesterov, l1, l2, proximal, maxnorm, shape):
+def _update_case(rng, opt, b1, nesterov, l1, l2, proximal, maxnorm, group, shape):
     hp = np.zeros(C.HP_SIZE)
     hp[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_NESTEROV, C.HP_DECOUPLED, C.HP_L1,
-        C.HP_L2, C.HP_PROXIMAL, C.HP_MAXNORM]] = (0.01, b1, 0.999, 1e-8, nesterov, 0.05, l1, l2,
-                                                 proximal, maxnorm if len(shape) == 2 else 0)
+        C.HP_L2, C.HP_PROXIMAL, C.HP_MAXNORM, C.HP_GROUP]] = (
+        0.01, b1, 0.999, 1e-8, nesterov, 0.05, l1, l2, proximal,
+        maxnorm if len(shape) == 2 else 0, group if len(shape) == 2 else 0)
     w = randn(rng, shape, np.float32, 0.5)
+    if group and len(shape) == 2:
+        w[:, :2] *= 1e-3        # two units the group threshold (lr * group) must zero exactly
     g = randn(rng, shape)
     needs_m = opt != C.OPT_SGD or b1 > 0
     m = randn(rng, shape, np.float32, 0.1) if needs_m else np.zeros((0,) * len(shape), np.float32)
@@ -271,6 +275,9 @@ def _update_case(rng, opt, b1, nesterov, l1, l2, proximal, maxnorm, shape):
         assert_close(b, a)
     if l1 and proximal:
         np.testing.assert_array_equal(states[0][0] == 0, states[1][0] == 0)
+    if group and len(shape) == 2:
+        assert not states[1][0][:, :2].any() and states[1][0][:, 2:].all(axis=0).any()
+        np.testing.assert_array_equal(states[0][0] == 0, states[1][0] == 0)
 
 
 # every optimizer with two penalty settings, every penalty setting with two optimizers
@@ -278,19 +285,19 @@ UPDATE_CASES = [o + PENALTIES[(i + j) % len(PENALTIES)] for i, o in enumerate(OP
                 for j in (0, 2)]
 
 
-@pytest.mark.parametrize("opt,b1,nesterov,l1,l2,proximal,maxnorm", UPDATE_CASES)
-def test_penalized_update(opt, b1, nesterov, l1, l2, proximal, maxnorm):
-    _update_case(fresh_rng(), opt, b1, nesterov, l1, l2, proximal, maxnorm, (13, 9))
+@pytest.mark.parametrize("opt,b1,nesterov,l1,l2,proximal,maxnorm,group", UPDATE_CASES)
+def test_penalized_update(opt, b1, nesterov, l1, l2, proximal, maxnorm, group):
+    _update_case(fresh_rng(), opt, b1, nesterov, l1, l2, proximal, maxnorm, group, (13, 9))
 
 
 @pytest.mark.parametrize("opt,b1,nesterov", OPTIMIZERS[1:4])
 def test_penalized_update_vector(opt, b1, nesterov):
-    _update_case(fresh_rng(), opt, b1, nesterov, 0.05, 1e-2, 1, 0, (11,))
+    _update_case(fresh_rng(), opt, b1, nesterov, 0.05, 1e-2, 1, 0, 0, (11,))
 
 
 def test_penalized_update_many_blocks_and_maxnorm_columns():
     # 20 x 21 = 420 parameters: several update chunks; 21 columns: two max-norm blocks
-    _update_case(fresh_rng(), C.OPT_ADAM, 0.9, 0, 0.02, 1e-3, 1, 0.5, (20, 21))
+    _update_case(fresh_rng(), C.OPT_ADAM, 0.9, 0, 0.02, 1e-3, 1, 0.5, 50.0, (20, 21))
 
 
 # ---------------------------------------------------------------- whole epochs
