@@ -6,17 +6,20 @@
     model.compile(loss="mse", optimizer=fr.Adam(lr=1e-3), backend="numba")
     model.fit(X, y, epochs=50, batch_size=128, validation_data=(Xv, yv))
 """
+from .augment import GaussianJitter, Mixup, RandomFlip, RandomShift
 from .backend import BackendUnavailable
 from .callbacks import Callback, EarlyStopping, History
 from .diagnose import Diagnosis, diagnose
 from .layers import Dense, Dropout
-from .model import Sequential, load_model
+from .model import PruneReport, Sequential, load_model
 from .optimizers import SGD, Adam, AdamW
 from .regularizers import L1, L2, ElasticNet, GroupLasso, MaxNorm
 from .sweep import regularization_path, sweep
 
 __version__ = "0.1.0"
 
-__all__ = ["Sequential", "load_model", "Dense", "Dropout", "L1", "L2", "ElasticNet", "MaxNorm",
-           "GroupLasso", "SGD", "Adam", "AdamW", "EarlyStopping", "Callback", "History", "BackendUnavailable",
+__all__ = ["Sequential", "load_model", "PruneReport", "Dense", "Dropout",
+           "L1", "L2", "ElasticNet", "MaxNorm", "GroupLasso",
+           "SGD", "Adam", "AdamW", "EarlyStopping", "Callback", "History", "BackendUnavailable",
+           "GaussianJitter", "Mixup", "RandomFlip", "RandomShift",
            "sweep", "regularization_path", "diagnose", "Diagnosis", "__version__"]

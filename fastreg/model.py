@@ -3,16 +3,20 @@
 Fitted state is explicit: ``_W``/``_b`` (parameters), ``_mW``/``_vW``/``_mb``/``_vb``
 (optimizer moments), ``_step`` (training steps ever run: the Philox step counter, so masks
 never repeat across fits), ``_t`` (optimizer steps since compile: Adam's bias correction),
-``_epochs_run`` (seeds the shuffles).
+``_epochs_run`` (seeds the shuffles), ``_mc_step`` (MC-dropout passes drawn by
+``predict(mc_samples=...)`` without a seed: their Philox step counter).
 """
+import copy
 import json
 import math
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
+from . import augment as augmentation
 from . import backend as backends
 from . import layers as L
 from . import optimizers as O
@@ -21,6 +25,7 @@ from .callbacks import Callback, History
 from .kernels import contract as C
 from .kernels import driver
 from .kernels.philox import dropout_scale, dropout_threshold
+from .kernels.reference import activation as _activation
 from .kernels.reference import penalty_value
 from .progress import EpochProgress
 from .validation import as_features, as_targets, check_positive_int
@@ -54,6 +59,7 @@ class Sequential:
         self._step = 0
         self._t = 0
         self._epochs_run = 0
+        self._mc_step = 0
         self.loss = None
         self.optimizer = None
         self.backend = None
@@ -277,8 +283,12 @@ class Sequential:
 
     # ------------------------------------------------------------ training
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
-            callbacks=None, verbose=1):
-        """Train; returns a History. A failed fit leaves the model as it was."""
+            callbacks=None, verbose=1, augment=None, image_shape=None):
+        """Train; returns a History. A failed fit leaves the model as it was.
+
+        augment: augmenters (fastreg.augment) applied in order to the training batches, seeded
+        by the model (never to validation data); image_shape=(H, W) or (H, W, C) for the image
+        augmenters that were not given one."""
         self._require_compiled()
         X = as_features(X, "X", self.input_dim, self.dtype)
         loss_code = C.LOSSES[self.loss]
@@ -299,17 +309,19 @@ class Sequential:
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be fastreg Callback instances, got {cb!r}")
+        plan = augmentation.prepare(augment, X.shape[1], loss_code, image_shape)
         ops = self._ops()
         snapshot = self._snapshot()
         try:
             if not self.built:
                 self.build(X.shape[1])
-            return self._fit(ops, X, Y, epochs, batch_size, val, shuffle, callbacks, verbose)
+            return self._fit(ops, X, Y, epochs, batch_size, val, shuffle, callbacks, verbose,
+                             plan)
         except BaseException:
             self._restore(snapshot)
             raise
 
-    def _fit(self, ops, X, Y, epochs, batch_size, val, shuffle, callbacks, verbose):
+    def _fit(self, ops, X, Y, epochs, batch_size, val, shuffle, callbacks, verbose, plan=()):
         history = History()
         cbs = [history] + callbacks
         for cb in cbs:
@@ -328,13 +340,21 @@ class Sequential:
             for epoch in range(epochs):
                 perm = (np.random.default_rng([self.seed, self._epochs_run]).permutation(n)
                         if shuffle else np.arange(n)).astype(np.int64)
+                Xe, Ye = X, Y
+                if plan:
+                    # The epoch's rows in training order, augmented as its batches (fresh
+                    # arrays each epoch: the CUDA backend re-uploads a new array, not a reused
+                    # one); the compiled loops then walk them in order.
+                    Xe, Ye = augmentation.augment_epoch(plan, X, Y, perm, batch_size,
+                                                        self.seed, self._step)
+                    perm = np.arange(n, dtype=np.int64)
                 start_state = self._snapshot()
                 loss_sum = pen_sum = 0.0
                 steps_done = 0
                 finite = True
                 for first, last in progress.chunks(epoch):
                     ls, ps, steps, finite = ops.train_epoch(
-                        net, X, Y, perm[first * batch_size:last * batch_size], batch_size,
+                        net, Xe, Ye, perm[first * batch_size:last * batch_size], batch_size,
                         self._step, self._t + 1)
                     loss_sum += ls
                     pen_sum += ps
@@ -386,16 +406,48 @@ class Sequential:
         logits = self._logits(ops, X)
         return float(ops.loss_value(logits, Y, C.LOSSES[self.loss]))
 
-    def predict(self, X, batch_size=None):
-        """Outputs for X, dropout off: probabilities for the cross-entropy losses."""
+    def predict(self, X, batch_size=None, mc_samples=None, seed=None):
+        """Outputs for X, dropout off: probabilities for the cross-entropy losses.
+
+        mc_samples=n (an int >= 1): MC dropout (Gal & Ghahramani, 2016). Returns (mean, std)
+        over n dropout masks per row, dropout on as in training (input dropout included), each
+        of shape (rows, outputs); for the cross-entropies both are over probabilities; std is
+        the population std (ddof=0), exactly 0 for a model without dropout. The n samples of a
+        row run in one batched forward pass (kernels/driver.mc_dropout_forward, whose rows per
+        pass depend on n only: batch_size does not apply). The masks come from the Philox
+        streams of training, told apart by the layer word (philox.MC_LAYER_TAG):
+        seed=s makes the result a pure function of (weights, X, n, s), the same on every
+        backend up to float32 rounding; seed=None uses the model's seed and advances the
+        model's MC pass counter, so successive calls draw fresh masks, reproducibly from the
+        model's seed (the counter is saved with the model).
+        """
+        if mc_samples is not None:
+            mc_samples = _check_mc_samples(mc_samples)
+        if seed is not None:
+            if mc_samples is None:
+                raise ValueError("seed only applies to MC dropout: pass mc_samples too")
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+                    or not 0 <= int(seed) < 2 ** 64:
+                raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         X = as_features(X, "X", self.input_dim, self.dtype)
         if batch_size is not None:
             batch_size = check_positive_int("batch_size", batch_size)
         if not self.built:
             self.build(X.shape[1])
         ops = self._ops() if self.backend else backends.resolve(None)
+        if mc_samples is not None:
+            return self._predict_mc(ops, X, mc_samples, seed)
         logits = self._logits(ops, X, batch_size)
         return ops.output_transform(logits, C.LOSSES[self.loss]) if self.loss else logits
+
+    def _predict_mc(self, ops, X, n_samples, seed):
+        net = self._make_net(training=False)
+        loss = C.LOSSES[self.loss] if self.loss else C.LOSS_MSE   # LOSS_MSE: outputs as they are
+        key, step0 = (self.seed, self._mc_step) if seed is None else (int(seed), 0)
+        mean, std, passes = driver.mc_dropout_forward(ops, net, X, n_samples, key, step0, loss)
+        if seed is None:
+            self._mc_step = (self._mc_step + passes) % 2 ** 32
+        return mean, std
 
     def diagnose(self, X_tr, y_tr, X_val, y_val, baseline=0.0, metric="loss", **thresholds):
         """The bias/variance verdict of the overfitting guide on this model (see
@@ -416,6 +468,90 @@ class Sequential:
         logits = self._logits(ops, X, batch_size)
         return float(ops.loss_value(logits, Y, C.LOSSES[self.loss]))
 
+    # ------------------------------------------------------------ pruning
+    def prune(self):
+        """Remove dead hidden units physically; returns a PruneReport.
+
+        A hidden unit j of dense layer l is dead when its incoming column W_l[:, j] is all
+        exactly zero (what L1's proximal step leaves): its output is then the constant
+        f(b_j) (f(0) without a bias; dropout is off at inference), whose contribution
+        f(b_j) * W_{l+1}[j, :] is folded into the next layer's bias, so predictions are
+        unchanged up to float32 rounding. When the next layer has no bias, only units with a
+        zero contribution are removed. Layers are visited in order, so a unit whose inputs all
+        came from removed units is found too. The output layer, the inputs and the last unit
+        of a layer are never removed. W, b of the layer, the rows of the next W and the Adam /
+        momentum moments of all of them shrink together: fit() continues without a new
+        compile (Adam's step count is kept). The Dense layers of the model are replaced by
+        copies with the new widths, so save/load_model and summary() see them.
+        Units with nonzero inputs but a zero outgoing row are not removed.
+        """
+        if not self.built:
+            raise ValueError("the model has no weights yet: fit it or pass input_dim")
+        blocks = self._blocks()
+        n = len(self._W)
+        Ws, bs = list(self._W), list(self._b)
+        moments = {name: (None if getattr(self, f"_{name}") is None
+                          else list(getattr(self, f"_{name}")))
+                   for name in ("mW", "vW", "mb", "vb")}
+        units_before = [W.shape[1] for W in Ws]
+        params_before = self.count_params()
+        kept_all = [np.arange(u) for u in units_before]
+
+        def take(arrays, l, keep, axis, like):
+            if arrays is not None and like.size and arrays[l].shape == like.shape:
+                arrays[l] = np.ascontiguousarray(np.take(arrays[l], keep, axis=axis))
+
+        for l in range(n - 1):
+            W, b, W_next = Ws[l], bs[l], Ws[l + 1]
+            dead = ~W.any(axis=0)
+            if not dead.any():
+                continue
+            d = blocks[l]["dense"]
+            z = b[dead] if b.size else np.zeros(int(dead.sum()), W.dtype)
+            const = _activation(z, C.ACTIVATIONS[d.activation], d.negative_slope)
+            contrib = const.astype(np.float64)[:, None] * W_next[dead].astype(np.float64)
+            if bs[l + 1].size == 0:        # nowhere to fold: only zero contributions go
+                removable = ~(contrib != 0).any(axis=1)
+                idx = np.flatnonzero(dead)
+                dead[idx[~removable]] = False
+                contrib = contrib[removable]
+            if dead.all():
+                first = np.flatnonzero(dead)[0]   # a Dense keeps at least one unit
+                dead[first] = False
+                contrib = contrib[1:]
+            if not dead.any():
+                continue
+            keep = np.flatnonzero(~dead)
+            if bs[l + 1].size:
+                bs[l + 1] = (bs[l + 1].astype(np.float64) + contrib.sum(axis=0)).astype(W.dtype)
+            for arrays, axis, like in ((Ws, 1, W), (bs, 0, b), (moments["mW"], 1, W),
+                                       (moments["vW"], 1, W), (moments["mb"], 0, b),
+                                       (moments["vb"], 0, b)):
+                take(arrays, l, keep, axis, like)
+            for arrays in (moments["mW"], moments["vW"]):
+                take(arrays, l + 1, keep, 0, W_next)
+            Ws[l + 1] = np.ascontiguousarray(W_next[keep])
+            kept_all[l] = kept_all[l][keep]
+        units_after = [W.shape[1] for W in Ws]
+        if units_after != units_before:
+            layers, l = [], 0
+            for layer in self.layers:
+                if isinstance(layer, L.Dense):
+                    if layer.units != units_after[l]:
+                        layer = copy.copy(layer)
+                        layer.units = units_after[l]
+                    l += 1
+                layers.append(layer)
+            self.layers = layers
+            self._W, self._b = Ws, bs
+            if moments["mW"] is not None:
+                self._mW, self._vW = moments["mW"], moments["vW"]
+                self._mb, self._vb = moments["mb"], moments["vb"]
+        return PruneReport(removed=[a - b for a, b in zip(units_before, units_after)],
+                           units_before=units_before, units_after=units_after,
+                           params_before=params_before, params_after=self.count_params(),
+                           kept=kept_all)
+
     # ------------------------------------------------------------ persistence
     def get_config(self):
         return {"format": FORMAT, "version": FORMAT_VERSION,
@@ -424,7 +560,8 @@ class Sequential:
                 "compile": None if self.loss is None else {
                     "loss": self.loss, "optimizer": self.optimizer.get_config(),
                     "backend": self.backend},
-                "step": self._step, "t": self._t, "epochs_run": self._epochs_run}
+                "step": self._step, "t": self._t, "epochs_run": self._epochs_run,
+                "mc_step": self._mc_step}
 
     def save(self, path):
         """Write the model (config as JSON, arrays as .npy members) to `path` atomically."""
@@ -496,9 +633,41 @@ def load_model(path, backend=None):
                                              f"expected {dst[i].shape}")
                         dst[i][...] = src
         model._step, model._t, model._epochs_run = cfg["step"], cfg["t"], cfg["epochs_run"]
+        model._mc_step = int(cfg.get("mc_step", 0))   # absent in files of earlier versions
         return model
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path!r} is not a valid fastreg model file: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What Sequential.prune() removed. Lists have one entry per Dense layer, in order.
+
+    removed: units removed (0 for the output layer); units_before / units_after: widths;
+    params_before / params_after: count_params(); kept: the indices (in the layer before
+    pruning) of the units kept, e.g. to map a unit of the pruned model back."""
+    removed: list
+    units_before: list
+    units_after: list
+    params_before: int
+    params_after: int
+    kept: list
+
+    @property
+    def total_removed(self):
+        return int(sum(self.removed))
+
+    def __str__(self):
+        widths = ", ".join(f"{a}->{b}" for a, b in zip(self.units_before, self.units_after))
+        return (f"pruned {self.total_removed} units (widths {widths}); params "
+                f"{self.params_before} -> {self.params_after}")
+
+
+def _check_mc_samples(n):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"mc_samples must be an integer >= 1 (dropout masks per row), "
+                         f"got {n!r}")
+    return int(n)
 
 
 def _init_kernel(kind, fan_in, fan_out, rng, dtype):

@@ -139,3 +139,72 @@ def forward_inference(ops, net, X, batch_size):
             x = bufs[l][:n]
         out[start:start + n] = x
     return out
+
+
+# ---------------------------------------------------------------- MC dropout at inference
+MC_STACK_ROWS = 8192   # stacked rows (rows x samples) of one MC pass: bounds its memory
+
+
+def mc_rows_per_pass(n_samples):
+    """Rows of X per MC pass: max(1, MC_STACK_ROWS // n_samples). A function of n_samples
+    only (not of batch_size or len(X)), so a row's masks never depend on how X is cut."""
+    return max(1, MC_STACK_ROWS // int(n_samples))
+
+
+def has_dropout(net):
+    """Whether any dropout (on a layer's output, or on the inputs) is active in training."""
+    return bool((net.li[:, C.LI_DROP_THR] > 0).any() or net.li[0, C.LI_IN_DROP_THR] > 0)
+
+
+def mc_dropout_forward(ops, net, X, n_samples, seed, step0, loss):
+    """MC dropout: (mean, std, passes) of the outputs over `n_samples` dropout masks per row.
+
+    Dropout runs as in training (same thresholds and scales, input dropout included), through
+    the same fused kernels: pass c takes the rows [c*R, (c+1)*R) of X, R = mc_rows_per_pass,
+    stacks `n_samples` consecutive copies of each (stacked row r*n_samples + k is copy k of
+    local row r) and runs the forward once over them. Its masks are the Philox words of
+        key = seed,  counter = (element // 4, step0 + c, mc_layer_word(l), stream)
+    (stream STREAM_DROPOUT for layer l's outputs, STREAM_INPUT_DROPOUT for the inputs, element
+    the row-major index in the stacked (R * n_samples, O_l) matrix), so the result is a pure
+    function of (weights, X, n_samples, seed, step0), identical on every backend up to float32
+    rounding. `loss` picks the output transform (probabilities for the cross-entropies):
+    mean and std (population std, ddof=0) are over the transformed outputs, in float64,
+    returned in the net's dtype. Without any dropout every sample is the plain forward:
+    mean is that, std is exactly 0, and no pass is drawn (passes = 0).
+    """
+    from .philox import MASK32, mc_layer_word  # here: philox imports Numba, cython needs not
+    N = X.shape[0]
+    K = net.Ws[-1].shape[1]
+    n = int(n_samples)
+    mean = np.empty((N, K), net.dtype)
+    std = np.zeros((N, K), net.dtype)
+    if N == 0:
+        return mean, std, 0
+    if not has_dropout(net):
+        mean[...] = ops.output_transform(ops.forward_inference(net, X, MC_STACK_ROWS), loss)
+        return mean, std, 0
+    rows = mc_rows_per_pass(n)
+    stacked = min(rows, N) * n
+    bufs = [np.empty((stacked, W.shape[1]), net.dtype) for W in net.Ws]
+    in_thr = net.li[0, C.LI_IN_DROP_THR]
+    xdrop = np.empty((stacked, X.shape[1]), net.dtype) if in_thr > 0 else None
+    passes = 0
+    for start in range(0, N, rows):
+        xs = np.repeat(X[start:start + rows], n, axis=0)
+        m = xs.shape[0]
+        step = (int(step0) + passes) & MASK32
+        x = xs
+        if in_thr > 0:
+            ops.input_dropout(xs, xdrop[:m], in_thr, net.lf[0, C.LF_IN_DROP_SCALE], seed, step,
+                              mc_layer_word(0))
+            x = xdrop[:m]
+        for l in range(net.n_layers):
+            ops.dense_forward(x, net.Ws[l], net.bs[l], bufs[l][:m], net.li[l, C.LI_ACT],
+                              net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
+                              net.lf[l, C.LF_DROP_SCALE], seed, step, mc_layer_word(l))
+            x = bufs[l][:m]
+        p = np.asarray(ops.output_transform(x, loss), np.float64).reshape(m // n, n, K)
+        mean[start:start + m // n] = p.mean(axis=1)
+        std[start:start + m // n] = p.std(axis=1)
+        passes += 1
+    return mean, std, passes

@@ -1,0 +1,310 @@
+"""Data augmentation (fastreg.augment): the draws' statistics, exact image transforms, seeding,
+the per-epoch = per-batch equivalence, training on every CPU backend, and every bad input."""
+import numpy as np
+import pytest
+from scipy import stats
+
+import fastreg as fr
+from fastreg import augment as A
+from fastreg.kernels import philox, reference
+
+from netutil import fresh_rng, randn
+
+
+def _model(backend="numba", loss="mse", sizes=(6, 8, 1), dropout=0.1, seed=5):
+    model = fr.Sequential([fr.Dense(sizes[1], "tanh", dropout=dropout),
+                           fr.Dense(sizes[2])], input_dim=sizes[0], seed=seed)
+    model.compile(loss=loss, optimizer=fr.Adam(1e-2), backend=backend)
+    return model
+
+
+def _image(H=3, W=4, C=2):
+    """One hand-made (H, W, C) image with distinct values, and its flattened row."""
+    img = (np.arange(H * W * C, dtype=np.float32) + 1).reshape(H, W, C)
+    return img, img.reshape(1, -1)
+
+
+# ---------------------------------------------------------------- streams
+def test_augmentation_streams_are_distinct_from_every_other_stream():
+    streams = {name: getattr(philox, name) for name in dir(philox) if name.startswith("STREAM_")}
+    aug = {v for k, v in streams.items() if k.startswith("STREAM_AUGMENT")}
+    others = {v for k, v in streams.items() if not k.startswith("STREAM_AUGMENT")}
+    assert len(aug) == 5 and not aug & others
+    assert philox.STREAM_DROPOUT not in aug and philox.STREAM_INPUT_DROPOUT not in aug
+    # by name, every constant but the documented jitter alias has its own value
+    values = [v for k, v in streams.items() if k != "STREAM_AUGMENT_JITTER"]
+    assert len(values) == len(set(values))
+
+
+# ---------------------------------------------------------------- GaussianJitter
+def test_jitter_noise_has_mean_zero_and_std_stddev():
+    rng = fresh_rng()
+    X = randn(rng, (2000, 50))
+    sigma = 0.3
+    noise = (A.apply([fr.GaussianJitter(sigma)], X, batch_size=64, seed=11, step=7)
+             - X).astype(np.float64).ravel()
+    n = noise.size
+    assert abs(noise.mean()) < 5 * sigma / np.sqrt(n)
+    assert noise.std() == pytest.approx(sigma, rel=0.02)
+    assert np.mean(np.abs(noise) < sigma) == pytest.approx(0.6827, abs=0.01)  # Gaussian, not flat
+    assert stats.kstest(noise / sigma, "norm").pvalue > 1e-4
+    # independent across columns: the sample correlation of two columns is ~ 0
+    cols = noise.reshape(2000, 50)
+    assert abs(np.corrcoef(cols[:, 0], cols[:, 1])[0, 1]) < 0.1
+
+
+def test_jitter_of_zero_changes_nothing_and_float64_stays_float64():
+    rng = fresh_rng()
+    X = randn(rng, (40, 3), np.float64)
+    x = A.apply([fr.GaussianJitter(0.0)], X, batch_size=8)
+    assert x.dtype == np.float64 and np.array_equal(x, X)
+
+
+# ---------------------------------------------------------------- Mixup
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 4.0])
+def test_mixup_lambda_follows_beta_alpha_alpha(alpha):
+    draws = A._Draws(seed=3, step0=0, batch_size=128, n_rows=20000, position=0)
+    lam = fr.Mixup(alpha).lambdas(draws)
+    assert ((lam >= 0) & (lam <= 1)).all()
+    assert lam.mean() == pytest.approx(0.5, abs=0.01)
+    assert lam.var() == pytest.approx(1.0 / (4.0 * (2.0 * alpha + 1.0)), rel=0.05)
+    assert stats.kstest(lam, stats.beta(alpha, alpha).cdf).pvalue > 1e-4
+
+
+def test_mixup_outputs_are_convex_combinations_of_batch_partners():
+    n, bs = 50, 8                      # 6 full batches and a last batch of 2
+    X = np.eye(n, dtype=np.float64) * 1.0   # row i is e_i: the mix shows its sources exactly
+    y = np.arange(n, dtype=np.float64) * 3.0 + 1.0
+    x, ym = A.apply([fr.Mixup(0.4)], X, y, batch_size=bs, seed=9, step=4)
+    lam = fr.Mixup(0.4).lambdas(A._Draws(9, 4, bs, n, 0))
+    seen_partner_elsewhere = False
+    for r in range(n):
+        w = x[r]
+        assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
+        support = np.flatnonzero(w > 1e-12)
+        assert 1 <= support.size <= 2
+        assert (support // bs == r // bs).all()            # partners from the same batch
+        if support.size == 2:
+            seen_partner_elsewhere = True
+            assert w[r] == pytest.approx(lam[r])
+        assert ym[r] == pytest.approx(w @ y)                # y mixed with the same lambda, partner
+    assert seen_partner_elsewhere
+    # the partners of a batch are a permutation of it
+    perm = A._Draws(9, 4, bs, n, 0).batch_permutation(philox.STREAM_AUGMENT_PARTNER)
+    for b0 in range(0, n, bs):
+        assert sorted(perm[b0:b0 + bs]) == list(range(b0, min(n, b0 + bs)))
+
+
+def test_mixup_keeps_binary_targets_in_range_and_trains():
+    rng = fresh_rng()
+    X = randn(rng, (64, 6))
+    y = (rng.random((64, 1)) > 0.5).astype(np.float32)
+    _, ym = A.apply([fr.Mixup(0.2)], X, y, batch_size=16, loss="binary_crossentropy")
+    assert ((ym >= 0) & (ym <= 1)).all() and ((ym > 0) & (ym < 1)).any()
+    model = _model(loss="binary_crossentropy")
+    h = model.fit(X, y, epochs=2, batch_size=16, augment=[fr.Mixup(0.2)], verbose=0)
+    assert np.isfinite(h.history["loss"]).all()
+
+
+# ---------------------------------------------------------------- images
+def test_flip_is_exact_and_happens_half_the_time():
+    img, row = _image()
+    X = np.repeat(row, 400, axis=0)
+    out = A.apply([fr.RandomFlip(image_shape=(3, 4, 2))], X, batch_size=32, seed=1).reshape(
+        -1, 3, 4, 2)
+    flipped = img[:, ::-1, :]
+    # hand-made: pixel (r, c) of the flip is pixel (r, W-1-c), channels kept in order
+    assert flipped[1, 0, 1] == img[1, 3, 1] and flipped[2, 3, 0] == img[2, 0, 0]
+    is_flip = np.array([np.array_equal(o, flipped) for o in out])
+    is_same = np.array([np.array_equal(o, img) for o in out])
+    assert (is_flip | is_same).all()
+    assert is_flip.mean() == pytest.approx(0.5, abs=0.1)
+
+
+def test_flip_takes_image_shape_from_fit_style_argument_hw():
+    img = np.arange(6, dtype=np.float32).reshape(2, 3)
+    X = np.repeat(img.reshape(1, -1), 64, axis=0)
+    out = A.apply([fr.RandomFlip()], X, image_shape=(2, 3)).reshape(-1, 2, 3)
+    assert any(np.array_equal(o, [[2, 1, 0], [5, 4, 3]]) for o in out)
+
+
+def test_shift_is_exact_with_zero_fill_and_covers_every_offset():
+    k = 1
+    img, row = _image(3, 4, 2)
+    X = np.repeat(row, 300, axis=0)
+    aug = fr.RandomShift(k, image_shape=(3, 4, 2))
+    out = A.apply([aug], X, batch_size=50, seed=2, step=10).reshape(-1, 3, 4, 2)
+    dy, dx = aug.offsets(A._Draws(2, 10, 50, 300, 0))
+    assert set(zip(dy.tolist(), dx.tolist())) == {(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)}
+    for o, a, b in zip(out, dy, dx):
+        expected = np.zeros_like(img)       # by hand: out[r, c] = img[r - a, c - b] or 0
+        for r in range(3):
+            for c in range(4):
+                if 0 <= r - a < 3 and 0 <= c - b < 4:
+                    expected[r, c] = img[r - a, c - b]
+        assert np.array_equal(o, expected)
+    # one case written out: dy=1, dx=-1 moves the image down one and left one
+    i = int(np.flatnonzero((dy == 1) & (dx == -1))[0])
+    ch0 = out[i, :, :, 0]
+    assert np.array_equal(ch0, [[0, 0, 0, 0], [3, 5, 7, 0], [11, 13, 15, 0]])
+
+
+def test_shift_of_zero_is_the_identity():
+    _, row = _image()
+    assert np.array_equal(A.apply([fr.RandomShift(0, image_shape=(3, 4, 2))], row), row)
+
+
+# ---------------------------------------------------------------- seeding
+def test_augmentation_is_a_function_of_seed_step_and_batch_row():
+    rng = fresh_rng()
+    X = randn(rng, (70, 12))
+    y = randn(rng, (70, 1))
+    augs = [fr.RandomShift(1, image_shape=(3, 4)), fr.RandomFlip(image_shape=(3, 4)),
+            fr.GaussianJitter(0.1), fr.Mixup(0.3)]
+    a = A.apply(augs, X, y, batch_size=16, seed=4, step=2)
+    b = A.apply(augs, X, y, batch_size=16, seed=4, step=2)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not np.array_equal(a[0], A.apply(augs, X, y, batch_size=16, seed=5, step=2)[0])
+    assert not np.array_equal(a[0], A.apply(augs, X, y, batch_size=16, seed=4, step=3)[0])
+    # the epoch at once equals batch by batch, batch b at step 2 + b
+    for b, start in enumerate(range(0, 70, 16)):
+        xb, yb = A.apply(augs, X[start:start + 16], y[start:start + 16], seed=4, step=2 + b)
+        assert np.array_equal(a[0][start:start + 16], xb)
+        assert np.array_equal(a[1][start:start + 16], yb)
+
+
+def test_two_jitters_in_a_list_draw_different_noise():
+    X = np.zeros((10, 4), np.float32)
+    once = A.apply([fr.GaussianJitter(1.0)], X)
+    twice = A.apply([fr.GaussianJitter(1.0), fr.GaussianJitter(1.0)], X)
+    assert not np.allclose(twice - once, once)
+
+
+def test_fit_trains_on_the_augmented_shuffled_batches_at_the_model_step(monkeypatch):
+    rng = fresh_rng()
+    X = randn(rng, (37, 6))
+    y = randn(rng, (37, 1))
+    augs = [fr.GaussianJitter(0.2), fr.Mixup(0.5)]
+    seen = []
+    real = reference.train_epoch
+
+    def spy(net, Xe, Ye, perm, batch_size, step0, t0):
+        seen.append((Xe[perm].copy(), Ye[perm].copy(), step0))
+        return real(net, Xe, Ye, perm, batch_size, step0, t0)
+
+    monkeypatch.setattr(reference, "train_epoch", spy)
+    model = _model("numpy")
+    model.fit(X, y, epochs=1, batch_size=10, verbose=0)           # 4 steps without augmenting
+    model.fit(X, y, epochs=2, batch_size=10, augment=augs, verbose=0)
+    assert len(seen) == 3
+    for epoch, (xe, ye, step0) in enumerate(seen[1:]):
+        assert step0 == 4 * (epoch + 1)
+        perm = np.random.default_rng([model.seed, epoch + 1]).permutation(37)
+        xa, ya = A.apply(augs, X[perm], y[perm], batch_size=10, seed=model.seed, step=step0)
+        assert np.array_equal(xe, xa) and np.array_equal(ye, ya)
+
+
+def test_same_seed_same_training_and_zero_augmentation_is_no_augmentation():
+    rng = fresh_rng()
+    X = randn(rng, (90, 6))
+    y = randn(rng, (90, 1))
+    augs = [fr.GaussianJitter(0.1), fr.Mixup(0.2)]
+    w = []
+    for _ in range(2):
+        m = _model()
+        m.fit(X, y, epochs=2, batch_size=16, augment=augs, verbose=0)
+        w.append(m.get_weights())
+    assert all(np.array_equal(a, b) for a, b in zip(*w))
+    plain, noop = _model(), _model()
+    plain.fit(X, y, epochs=2, batch_size=16, verbose=0)
+    noop.fit(X, y, epochs=2, batch_size=16, augment=[fr.GaussianJitter(0.0)], verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(plain.get_weights(), noop.get_weights()))
+    assert not np.allclose(plain.get_weights()[0], w[0][0])
+
+
+# ---------------------------------------------------------------- backends, user data, validation
+def test_numpy_and_numba_train_the_same_with_augmentation():
+    rng = fresh_rng()
+    X = randn(rng, (60, 12))
+    y = (rng.random((60, 1)) > 0.5).astype(np.float32)
+    augs = [fr.RandomShift(1), fr.RandomFlip(), fr.GaussianJitter(0.05), fr.Mixup(0.3)]
+    weights = []
+    for backend in ("numpy", "numba"):
+        m = _model(backend, loss="binary_crossentropy", sizes=(12, 8, 1))
+        m.fit(X, y, epochs=3, batch_size=16, augment=augs, image_shape=(2, 3, 2), verbose=0)
+        weights.append(m.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_user_arrays_are_never_modified_and_validation_is_not_augmented():
+    rng = fresh_rng()
+    X = randn(rng, (50, 6))
+    y = randn(rng, (50, 1))
+    Xv, yv = randn(rng, (20, 6)), randn(rng, (20, 1))
+    copies = [a.copy() for a in (X, y, Xv, yv)]
+    model = _model(dropout=0.0)
+    h = model.fit(X, y, epochs=2, batch_size=8, validation_data=(Xv, yv),
+                  augment=[fr.GaussianJitter(0.5), fr.Mixup(0.2)], verbose=0)
+    for a, c in zip((X, y, Xv, yv), copies):
+        assert np.array_equal(a, c)
+    assert h.history["val_loss"][-1] == pytest.approx(model.evaluate(Xv, yv), rel=1e-6)
+    assert np.array_equal(model.predict(Xv), model.predict(Xv))
+    x = A.apply([fr.GaussianJitter(0.5), fr.Mixup(0.2)], X, y)
+    for a, c in zip((X, y), copies):
+        assert np.array_equal(a, c)
+    assert not np.array_equal(x[0], X)
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize("make,match", [
+    (lambda: fr.GaussianJitter(-0.1), "stddev must be >= 0"),
+    (lambda: fr.GaussianJitter(float("nan")), "stddev must be a finite number"),
+    (lambda: fr.GaussianJitter(True), "stddev must be a finite number"),
+    (lambda: fr.Mixup(0.0), "alpha must be > 0"),
+    (lambda: fr.Mixup(-1), "alpha must be > 0"),
+    (lambda: fr.RandomShift(-1), "k must be an integer >= 0"),
+    (lambda: fr.RandomShift(1.5), "k must be an integer >= 0"),
+    (lambda: fr.RandomFlip(image_shape=(3, 0)), "image_shape must be"),
+    (lambda: fr.RandomFlip(image_shape=12), "image_shape must be"),
+    (lambda: fr.RandomShift(1, image_shape=(2, 2, 2, 2)), "image_shape must be"),
+])
+def test_bad_parameters_are_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_fit_arguments_are_clear_errors_and_leave_the_model_unchanged():
+    rng = fresh_rng()
+    X = randn(rng, (20, 6))
+    y = randn(rng, (20, 1))
+    model = _model()
+    before = model.get_weights()
+    cases = [
+        (TypeError, "fastreg augmenters", dict(augment=["jitter"])),
+        (TypeError, "fastreg augmenters", dict(augment=[object()])),
+        (TypeError, "list of fastreg augmenters", dict(augment="jitter")),
+        (ValueError, "H\\*W\\*C = 8 values but X has 6", dict(augment=[fr.RandomFlip((2, 4))])),
+        (ValueError, "H\\*W\\*C = 9 values but X has 6",
+         dict(augment=[fr.RandomShift(1)], image_shape=(3, 3))),
+        (ValueError, "H\\*W\\*C = 12", dict(image_shape=(2, 3, 2))),
+        (ValueError, "give image_shape", dict(augment=[fr.RandomShift(1)])),
+    ]
+    for exc, match, kw in cases:
+        with pytest.raises(exc, match=match):
+            model.fit(X, y, epochs=1, verbose=0, **kw)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert model._step == 0
+    # the augmenter's own image_shape wins over fit's
+    model.fit(X, y, epochs=1, verbose=0, augment=[fr.RandomFlip((3, 2))], image_shape=(3, 2))
+
+
+def test_mixup_refuses_sparse_categorical_crossentropy():
+    rng = fresh_rng()
+    X = randn(rng, (20, 6))
+    y = rng.integers(0, 3, 20)
+    model = _model(loss="sparse_categorical_crossentropy", sizes=(6, 8, 3))
+    with pytest.raises(ValueError, match="Mixup needs soft targets"):
+        model.fit(X, y, epochs=1, augment=[fr.Mixup(0.2)], verbose=0)
+    # the other augmenters work with it
+    model.fit(X, y, epochs=1, augment=[fr.GaussianJitter(0.1)], verbose=0)
