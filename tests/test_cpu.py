@@ -10,7 +10,8 @@ from fastreg.kernels import driver
 from fastreg.kernels import reference as R
 from fastreg.kernels.philox import dropout_scale, dropout_threshold
 
-from netutil import fresh_rng, make_data, make_model, randn
+from netutil import (OPTIMIZERS, PENALTIES, PENALTY_IDS, check_penalized_update, fresh_rng,
+                     make_data, make_model, randn)
 
 ACTS = [C.ACT_LINEAR, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_TANH, C.ACT_SIGMOID]
 # B*O crosses PARALLEL_MIN_ELEMENTS in the big case, so the parallel passes are tested too
@@ -100,43 +101,13 @@ def test_losses(dtype, loss):
     np.testing.assert_allclose(gn, gr, **_tol(dtype))
 
 
-OPTIMIZERS = [(C.OPT_SGD, 0.0, 0), (C.OPT_SGD, 0.9, 0), (C.OPT_SGD, 0.9, 1),
-              (C.OPT_ADAM, 0.9, 0), (C.OPT_ADAMW, 0.9, 0)]
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("opt,b1,nesterov", OPTIMIZERS)
-@pytest.mark.parametrize("l1,l2,proximal,maxnorm,group", [
-    (0, 0, 1, 0, 0), (0, 1e-2, 1, 0, 0), (0.05, 0, 1, 0, 0), (0.05, 1e-2, 0, 0, 0),
-    (0, 1e-3, 1, 0.8, 0), (0, 0, 1, 0, 50.0), (0.05, 1e-3, 1, 0.8, 50.0)])
+@pytest.mark.parametrize("l1,l2,proximal,maxnorm,group", PENALTIES, ids=PENALTY_IDS)
 @pytest.mark.parametrize("shape", [(13, 9), (400, 300), (11,)])
 def test_penalized_update(dtype, opt, b1, nesterov, l1, l2, proximal, maxnorm, group, shape):
-    rng = fresh_rng()
-    hp = np.zeros(C.HP_SIZE)
-    hp[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_NESTEROV, C.HP_DECOUPLED, C.HP_L1,
-        C.HP_L2, C.HP_PROXIMAL, C.HP_MAXNORM, C.HP_GROUP]] = (
-        0.01, b1, 0.999, 1e-8, nesterov, 0.05, l1, l2, proximal,
-        maxnorm if len(shape) == 2 else 0, group if len(shape) == 2 else 0)
-    w = randn(rng, shape, dtype, 0.5)
-    if group and len(shape) == 2:
-        w[:, :2] *= 1e-3        # two units the group threshold (lr * group) must zero exactly
-    g = randn(rng, shape, dtype)
-    needs_m = opt != C.OPT_SGD or b1 > 0
-    m = randn(rng, shape, dtype, 0.1) if needs_m else np.zeros((0,) * len(shape), dtype)
-    v = (rng.random(shape).astype(dtype) * 0.1 + 0.01) if opt != C.OPT_SGD \
-        else np.zeros((0,) * len(shape), dtype)
-    t = int(rng.integers(1, 50))
-    states = [(w.copy(), m.copy(), v.copy()) for _ in range(2)]
-    pr = R.penalized_update(states[0][0], g, states[0][1], states[0][2], hp, opt, t)
-    pn = N.penalized_update(states[1][0], g, states[1][1], states[1][2], hp, opt, t)
-    assert pn == pytest.approx(pr, rel=1e-9)
-    for a, b in zip(states[0], states[1]):
-        assert_close(b, a, dtype)
-    if l1 and proximal:
-        np.testing.assert_array_equal(states[0][0] == 0, states[1][0] == 0)
-    if group and len(shape) == 2:
-        assert not states[1][0][:, :2].any() and states[1][0][:, 2:].all(axis=0).any()
-        np.testing.assert_array_equal(states[0][0] == 0, states[1][0] == 0)
+    check_penalized_update(N, lambda x, y: assert_close(x, y, dtype), dtype, opt, b1, nesterov,
+                           l1, l2, proximal, maxnorm, group, shape)
 
 
 CASES = [

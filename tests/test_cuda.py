@@ -19,6 +19,8 @@ from fastreg.kernels import reference as R
 from fastreg.kernels.philox import (STREAM_DROPOUT, STREAM_INPUT_DROPOUT, dropout_scale,
                                     dropout_threshold, philox_words, split_seed)
 
+from netutil import OPTIMIZERS, PENALTIES, check_penalized_update, fresh_rng, randn
+
 G = pytest.importorskip("fastreg.kernels.cuda")
 if not G.available()[0]:
     pytest.skip(G.available()[1], allow_module_level=True)
@@ -43,16 +45,6 @@ def small_tiles(monkeypatch):
         sys.setswitchinterval(5e-4)
     yield
     sys.setswitchinterval(interval)
-
-
-def fresh_rng():
-    return np.random.default_rng()
-
-
-def randn(rng, shape, dtype=np.float32, scale=1.0):
-    a = rng.standard_normal(shape) * scale
-    a[a == 0] = 0.5
-    return a.astype(dtype)
 
 
 def assert_close(actual, desired, dtype=np.float32):
@@ -245,39 +237,9 @@ def test_losses(loss):
 
 
 # ---------------------------------------------------------------- penalized update
-OPTIMIZERS = [(C.OPT_SGD, 0.0, 0), (C.OPT_SGD, 0.9, 0), (C.OPT_SGD, 0.9, 1),
-              (C.OPT_ADAM, 0.9, 0), (C.OPT_ADAMW, 0.9, 0)]
-PENALTIES = [(0, 0, 1, 0, 0), (0, 1e-2, 1, 0, 0), (0.05, 0, 1, 0, 0), (0.05, 1e-2, 0, 0, 0),
-             (0, 1e-3, 1, 0.8, 0),
-             (0.05, 1e-3, 1, 0.8, 50.0)]  # (l1, l2, proximal, maxnorm, group)
-
-
-def _update_case(rng, opt, b1, nesterov, l1, l2, proximal, maxnorm, group, shape):
-    hp = np.zeros(C.HP_SIZE)
-    hp[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_NESTEROV, C.HP_DECOUPLED, C.HP_L1,
-        C.HP_L2, C.HP_PROXIMAL, C.HP_MAXNORM, C.HP_GROUP]] = (
-        0.01, b1, 0.999, 1e-8, nesterov, 0.05, l1, l2, proximal,
-        maxnorm if len(shape) == 2 else 0, group if len(shape) == 2 else 0)
-    w = randn(rng, shape, np.float32, 0.5)
-    if group and len(shape) == 2:
-        w[:, :2] *= 1e-3        # two units the group threshold (lr * group) must zero exactly
-    g = randn(rng, shape)
-    needs_m = opt != C.OPT_SGD or b1 > 0
-    m = randn(rng, shape, np.float32, 0.1) if needs_m else np.zeros((0,) * len(shape), np.float32)
-    v = (rng.random(shape).astype(np.float32) * 0.1 + 0.01) if opt != C.OPT_SGD \
-        else np.zeros((0,) * len(shape), np.float32)
-    t = int(rng.integers(1, 50))
-    states = [(w.copy(), m.copy(), v.copy()) for _ in range(2)]
-    pr = R.penalized_update(states[0][0], g, states[0][1], states[0][2], hp, opt, t)
-    pg = G.penalized_update(states[1][0], g, states[1][1], states[1][2], hp, opt, t)
-    assert pg == pytest.approx(pr, rel=1e-9)
-    for a, b in zip(states[0], states[1]):
-        assert_close(b, a)
-    if l1 and proximal:
-        np.testing.assert_array_equal(states[0][0] == 0, states[1][0] == 0)
-    if group and len(shape) == 2:
-        assert not states[1][0][:, :2].any() and states[1][0][:, 2:].all(axis=0).any()
-        np.testing.assert_array_equal(states[0][0] == 0, states[1][0] == 0)
+def _update_case(opt, b1, nesterov, l1, l2, proximal, maxnorm, group, shape):
+    check_penalized_update(G, assert_close, np.float32, opt, b1, nesterov, l1, l2, proximal,
+                           maxnorm, group, shape)
 
 
 # every optimizer with two penalty settings, every penalty setting with two optimizers
@@ -287,17 +249,17 @@ UPDATE_CASES = [o + PENALTIES[(i + j) % len(PENALTIES)] for i, o in enumerate(OP
 
 @pytest.mark.parametrize("opt,b1,nesterov,l1,l2,proximal,maxnorm,group", UPDATE_CASES)
 def test_penalized_update(opt, b1, nesterov, l1, l2, proximal, maxnorm, group):
-    _update_case(fresh_rng(), opt, b1, nesterov, l1, l2, proximal, maxnorm, group, (13, 9))
+    _update_case(opt, b1, nesterov, l1, l2, proximal, maxnorm, group, (13, 9))
 
 
 @pytest.mark.parametrize("opt,b1,nesterov", OPTIMIZERS[1:4])
 def test_penalized_update_vector(opt, b1, nesterov):
-    _update_case(fresh_rng(), opt, b1, nesterov, 0.05, 1e-2, 1, 0, 0, (11,))
+    _update_case(opt, b1, nesterov, 0.05, 1e-2, 1, 0, 0, (11,))
 
 
 def test_penalized_update_many_blocks_and_maxnorm_columns():
     # 20 x 21 = 420 parameters: several update chunks; 21 columns: two max-norm blocks
-    _update_case(fresh_rng(), C.OPT_ADAM, 0.9, 0, 0.02, 1e-3, 1, 0.5, 50.0, (20, 21))
+    _update_case(C.OPT_ADAM, 0.9, 0, 0.02, 1e-3, 1, 0.5, 50.0, (20, 21))
 
 
 # ---------------------------------------------------------------- whole epochs

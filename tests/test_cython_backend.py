@@ -20,7 +20,8 @@ from fastreg.kernels import reference as R
 from fastreg.kernels.philox import (dropout_scale, dropout_threshold, keep_mask, philox_words,
                                     split_seed, STREAM_DROPOUT, STREAM_INPUT_DROPOUT)
 
-from netutil import fresh_rng, make_data, make_model, randn
+from netutil import (OPTIMIZERS, PENALTIES, PENALTY_IDS, check_penalized_update, fresh_rng,
+                     make_data, make_model, randn)
 
 try:
     from fastreg.kernels import cython_backend as Cy
@@ -237,52 +238,16 @@ def test_output_transform_matches_reference(loss):
 
 
 # ---------------------------------------------------------------- penalized update
-OPTIMIZERS = [(C.OPT_SGD, 0.0, 0), (C.OPT_SGD, 0.9, 0), (C.OPT_SGD, 0.9, 1),
-              (C.OPT_ADAM, 0.9, 0), (C.OPT_ADAMW, 0.9, 0)]
-PENALTIES = [(0, 0, 1, 0, 0), (0, 1e-2, 1, 0, 0), (0.05, 0, 1, 0, 0), (0.05, 1e-2, 0, 0, 0),
-             (0, 1e-3, 1, 0.8, 0), (0, 0, 1, 0, 50.0),
-             (0.05, 1e-3, 1, 0.8, 50.0)]   # (l1, l2, proximal, maxnorm, group)
-
-
 @needs_ext
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("opt,b1,nesterov", OPTIMIZERS,
                          ids=["sgd", "momentum", "nesterov", "adam", "adamw"])
-@pytest.mark.parametrize("l1,l2,proximal,maxnorm,group", PENALTIES,
-                         ids=["none", "l2", "l1-prox", "l1-subgrad+l2", "l2+maxnorm", "group",
-                              "l1+l2+maxnorm+group"])
+@pytest.mark.parametrize("l1,l2,proximal,maxnorm,group", PENALTIES, ids=PENALTY_IDS)
 @pytest.mark.parametrize("shape", [(13, 9), (400, 300), (11,)])
 def test_penalized_update_against_reference(dtype, opt, b1, nesterov, l1, l2, proximal,
                                             maxnorm, group, shape):
-    rng = fresh_rng()
-    hp = np.zeros(C.HP_SIZE)
-    hp[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_NESTEROV, C.HP_DECOUPLED, C.HP_L1,
-        C.HP_L2, C.HP_PROXIMAL, C.HP_MAXNORM, C.HP_GROUP]] = (
-        0.01, b1, 0.999, 1e-8, nesterov, 0.05, l1, l2, proximal,
-        maxnorm if len(shape) == 2 else 0, group if len(shape) == 2 else 0)
-    w = randn(rng, shape, dtype, 0.5)
-    if group and len(shape) == 2:
-        w[:, :2] *= 1e-3        # two units the group threshold (lr * group) must zero exactly
-    g = randn(rng, shape, dtype)
-    needs_m = opt != C.OPT_SGD or b1 > 0
-    m = randn(rng, shape, dtype, 0.1) if needs_m else np.zeros((0,) * len(shape), dtype)
-    v = (rng.random(shape).astype(dtype) * 0.1 + 0.01) if opt != C.OPT_SGD \
-        else np.zeros((0,) * len(shape), dtype)
-    t = int(rng.integers(1, 50))
-    states = [(w.copy(), m.copy(), v.copy()) for _ in range(2)]
-    pr = R.penalized_update(states[0][0], g, states[0][1], states[0][2], hp, opt, t)
-    pc = Cy.penalized_update(states[1][0], g, states[1][1], states[1][2], hp, opt, t)
-    assert pc == pytest.approx(pr, rel=1e-9)
-    for a, c in zip(states[0], states[1]):
-        assert_close(c, a, dtype)
-    if l1 and proximal:
-        np.testing.assert_array_equal(states[0][0] == 0, states[1][0] == 0)
-    if maxnorm and len(shape) == 2:
-        assert np.sqrt((states[1][0].astype(np.float64) ** 2).sum(axis=0)).max() <= \
-            maxnorm * (1 + 1e-6)
-    if group and len(shape) == 2:
-        assert not states[1][0][:, :2].any() and states[1][0][:, 2:].all(axis=0).any()
-        np.testing.assert_array_equal(states[0][0] == 0, states[1][0] == 0)
+    check_penalized_update(Cy, lambda x, y: assert_close(x, y, dtype), dtype, opt, b1,
+                           nesterov, l1, l2, proximal, maxnorm, group, shape)
 
 
 # ---------------------------------------------------------------- whole epochs
