@@ -31,7 +31,8 @@ Launches per training step (tiled path), L layers:
     finite check)
   + L backward GEMM launches (dW + db + dx in one launch each)
   + 1 penalized update of ALL parameter tensors (they live in one flat buffer; each block owns
-    a chunk of one tensor) [+ 1 max-norm projection when any layer has MaxNorm]
+    a chunk of one tensor) [+ 2 column passes when a layer has MaxNorm or GroupLasso: the
+    group penalty before the update, the group prox and max-norm projection after it]
   = 2L + 3; e.g. 11 for the 4-layer `curve` MLP. Nothing is copied back per step: the loss
   and penalty sums, the step count and a stop flag live in a device `status` vector read once
   per train_epoch call. A non-finite batch loss sets the stop flag; every later update in that
