@@ -10,16 +10,19 @@ from .augment import GaussianJitter, Mixup, RandomFlip, RandomShift
 from .backend import BackendUnavailable
 from .callbacks import Callback, EarlyStopping, History
 from .diagnose import Diagnosis, diagnose
-from .layers import Dense, Dropout
+from .layers import BatchNorm, Dense, Dropout, GaussianDropout, GaussianNoise
 from .model import PruneReport, Sequential, load_model
+from .multitask import MultiTask
 from .optimizers import SGD, Adam, AdamW
 from .regularizers import L1, L2, ElasticNet, GroupLasso, MaxNorm
 from .sweep import regularization_path, sweep
 
 __version__ = "0.1.0"
 
-__all__ = ["Sequential", "load_model", "PruneReport", "Dense", "Dropout",
+__all__ = ["Sequential", "load_model", "PruneReport", "Dense", "Dropout", "BatchNorm",
+           "GaussianNoise", "GaussianDropout",
            "L1", "L2", "ElasticNet", "MaxNorm", "GroupLasso",
            "SGD", "Adam", "AdamW", "EarlyStopping", "Callback", "History", "BackendUnavailable",
            "GaussianJitter", "Mixup", "RandomFlip", "RandomShift",
-           "sweep", "regularization_path", "diagnose", "Diagnosis", "__version__"]
+           "sweep", "regularization_path", "diagnose", "Diagnosis", "MultiTask",
+           "__version__"]

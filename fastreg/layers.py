@@ -88,6 +88,98 @@ class Dropout(Layer):
         return f"Dropout({self.rate})"
 
 
+class BatchNorm(Layer):
+    """Batch normalization (Ioffe & Szegedy, 2015) of the Dense layer right before it.
+
+    Placement: the paper's. It normalizes that Dense's pre-activation z = x @ W + b, then
+    gamma * zhat + beta, then the Dense's activation, then its dropout, all fused into the
+    Dense's kernels: Dense(64, "relu"), BatchNorm() computes relu(BN(x @ W + b)). (A Keras
+    BatchNormalization after an activated Dense normalizes the activation instead.)
+    Training: mean and biased variance over the batch rows (accumulated in float64); the
+    running statistics follow Keras: running = momentum * running + (1 - momentum) * batch,
+    the variance the biased one (Keras 3). Inference (predict, evaluate, MC dropout) uses
+    the running statistics. gamma (init 1) and beta (init 0) are trained by the model's
+    optimizer and never penalized or decayed. The Dense's bias is kept (Keras' weight layout)
+    but it is redundant: its gradient is exactly 0 (the batch mean absorbs it).
+    """
+
+    def __init__(self, momentum=0.99, eps=1e-3):
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+                or not math.isfinite(momentum) or not 0 < momentum < 1:
+            raise ValueError(f"BatchNorm momentum must be a number in (0, 1) (running = "
+                             f"momentum * running + (1 - momentum) * batch), got {momentum!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
+                or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"BatchNorm eps must be a finite number > 0, got {eps!r}")
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+
+    def get_config(self):
+        return {"class": "BatchNorm", "momentum": self.momentum, "eps": self.eps}
+
+    def __repr__(self):
+        return f"BatchNorm(momentum={self.momentum}, eps={self.eps})"
+
+
+class GaussianNoise(Layer):
+    """Additive Gaussian noise, training only: a + stddev * n, n ~ N(0, 1) per element.
+
+    Before the first Dense it perturbs the inputs; after a Dense it perturbs that Dense's
+    output, fused into its forward pass. Order in a dense block (Keras' list order):
+    activation, then the noise, then the dropout: Dense(64, "relu"), GaussianNoise(0.1),
+    Dropout(0.2) trains on dropout(relu(x @ W + b) + 0.1 * n). A Dense's own dropout= is
+    applied last too; a standalone Dropout placed BEFORE a GaussianNoise on the same output is
+    refused (it cannot be fused in that order). Off in predict and evaluate. The noise comes
+    from Philox (stream STREAM_NOISE, Box-Muller), reproducible by the model's seed.
+    """
+
+    def __init__(self, stddev):
+        if isinstance(stddev, bool) or not isinstance(stddev, (int, float)) \
+                or not math.isfinite(stddev) or stddev < 0:
+            raise ValueError(f"GaussianNoise stddev must be a finite number >= 0, got "
+                             f"{stddev!r}")
+        self.stddev = float(stddev)
+
+    def get_config(self):
+        return {"class": "GaussianNoise", "stddev": self.stddev}
+
+    def __repr__(self):
+        return f"GaussianNoise({self.stddev})"
+
+
+class GaussianDropout(Layer):
+    """Multiplicative Gaussian noise, training only: a * e, e ~ N(1, rate / (1 - rate)) per
+    element (Srivastava et al., 2014; Keras' GaussianDropout). Same placement rules as
+    GaussianNoise (inputs before the first Dense, else the preceding Dense's output, after its
+    activation and before its dropout; being multiplicative it commutes with dropout). Off in
+    predict and evaluate."""
+
+    def __init__(self, rate):
+        self.rate = check_rate("GaussianDropout rate", rate)
+
+    @property
+    def stddev(self):
+        """The std of the multiplier e: sqrt(rate / (1 - rate))."""
+        return math.sqrt(self.rate / (1.0 - self.rate))
+
+    def get_config(self):
+        return {"class": "GaussianDropout", "rate": self.rate}
+
+    def __repr__(self):
+        return f"GaussianDropout({self.rate})"
+
+
+NOISE_LAYERS = (GaussianNoise, GaussianDropout)
+
+
+def noise_code(layer):
+    """(contract NOISE_* code, std) of a noise layer or None; (NOISE_NONE, 0) when it is a
+    no-op (stddev 0, rate 0)."""
+    if layer is None or layer.stddev == 0:
+        return C.NOISE_NONE, 0.0
+    return (C.NOISE_ADD if isinstance(layer, GaussianNoise) else C.NOISE_MUL), layer.stddev
+
+
 def from_config(cfg):
     cfg = dict(cfg)
     kind = cfg.pop("class", None)
@@ -97,4 +189,10 @@ def from_config(cfg):
         return Dense(**cfg)
     if kind == "Dropout":
         return Dropout(**cfg)
+    if kind == "GaussianNoise":
+        return GaussianNoise(**cfg)
+    if kind == "GaussianDropout":
+        return GaussianDropout(**cfg)
+    if kind == "BatchNorm":
+        return BatchNorm(**cfg)
     raise ValueError(f"unknown layer in config: {kind!r}")

@@ -53,6 +53,7 @@ class Sequential:
         self.layers = []
         self.input_dim = None
         self._W, self._b = [], []
+        self._bn, self._bn_stats = [], []   # per Dense: (2, O) gamma; beta / running mean; var
         for layer in layers or []:
             self.add(layer)
         self._reset_optimizer_state()
@@ -71,19 +72,53 @@ class Sequential:
     # ------------------------------------------------------------ structure
     def add(self, layer):
         if not isinstance(layer, L.Layer):
-            raise TypeError(f"Sequential takes fastreg layers (Dense, Dropout), got {layer!r}")
+            raise TypeError(f"Sequential takes fastreg layers (Dense, Dropout, BatchNorm, "
+                            f"GaussianNoise, GaussianDropout), got {layer!r}")
         if self.built:
             raise ValueError("layers must be added before the model is built")
+        if isinstance(layer, L.NOISE_LAYERS):   # placement errors now, the model untouched
+            self._blocks(self.layers + [layer], partial=True)
+        if isinstance(layer, L.BatchNorm) and not (self.layers
+                                                   and isinstance(self.layers[-1], L.Dense)):
+            after = type(self.layers[-1]).__name__ if self.layers else "nothing (first layer)"
+            raise ValueError(f"BatchNorm must come right after a Dense: it normalizes that "
+                             f"Dense's pre-activation x @ W + b; here it follows {after}")
         self.layers.append(layer)
 
     @property
     def built(self):
         return bool(self._W)
 
-    def _blocks(self):
-        """Fold the layer list into dense blocks: (Dense, input dropout, output dropout)."""
+    def _blocks(self, layers=None, partial=False):
+        """Fold the layer list into dense blocks: (Dense, input dropout, output dropout,
+        BatchNorm or None, input noise, output noise: a GaussianNoise / GaussianDropout or
+        None). partial=True folds a list that may have no Dense yet (add's check)."""
+        layers = self.layers if layers is None else layers
         blocks, pending = [], 0.0
-        for layer in self.layers:
+        noise = None    # the noise layer since the last Dense (or on the inputs)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, L.NOISE_LAYERS):
+                where = "the inputs" if not blocks else f"the output of Dense {len(blocks) - 1}"
+                if noise is not None:
+                    raise ValueError(f"at most one GaussianNoise / GaussianDropout per dense "
+                                     f"output (or on the inputs): {noise!r} and {layer!r} both "
+                                     f"act on {where}")
+                if pending and isinstance(layer, L.GaussianNoise):
+                    raise ValueError(f"{layer!r} after a Dropout on {where}: the fused order is "
+                                     f"activation, noise, dropout; put the Dropout after the "
+                                     f"GaussianNoise")
+                if blocks and blocks[-1]["bn"] is not None and layer.stddev > 0:
+                    raise ValueError(f"{layer!r} after a Dense with BatchNorm is not supported "
+                                     f"(BatchNorm's fused kernels take no noise); put the "
+                                     f"noise after a Dense without BatchNorm")
+                noise = layer
+                continue
+            if isinstance(layer, L.BatchNorm):
+                if i == 0 or not isinstance(layers[i - 1], L.Dense):
+                    raise ValueError("BatchNorm must come right after a Dense: it normalizes "
+                                     "that Dense's pre-activation x @ W + b")
+                blocks[-1]["bn"] = layer
+                continue
             if isinstance(layer, L.Dropout):
                 pending = 1.0 - (1.0 - pending) * (1.0 - layer.rate)
                 continue
@@ -92,14 +127,22 @@ class Sequential:
                     prev = blocks[-1]
                     prev["out_drop"] = 1.0 - (1.0 - prev["out_drop"]) * (1.0 - pending)
                     pending = 0.0
+                if noise is not None and blocks:
+                    blocks[-1]["noise"] = noise
                 blocks.append({"dense": layer, "in_drop": pending if not blocks else 0.0,
-                               "out_drop": layer.dropout})
+                               "out_drop": layer.dropout, "bn": None,
+                               "in_noise": noise if not blocks else None, "noise": None})
                 pending = 0.0
+                noise = None
         if not blocks:
+            if partial:
+                return blocks
             raise ValueError("a Sequential model needs at least one Dense layer")
         if pending:
             last = blocks[-1]
             last["out_drop"] = 1.0 - (1.0 - last["out_drop"]) * (1.0 - pending)
+        if noise is not None:
+            blocks[-1]["noise"] = noise
         return blocks
 
     @property
@@ -110,19 +153,28 @@ class Sequential:
         input_dim = check_positive_int("input_dim", input_dim)
         blocks = self._blocks()
         rng = np.random.default_rng(self.seed)
-        Ws, bs = [], []
+        Ws, bs, gbs, stats = [], [], [], []
         fan_in = input_dim
         for blk in blocks:
             d = blk["dense"]
             Ws.append(_init_kernel(d.kernel_initializer, fan_in, d.units, rng, self.dtype))
             bs.append(np.zeros(d.units if d.use_bias else 0, self.dtype))
+            shape = (2, d.units) if blk["bn"] is not None else (0, 0)
+            gbs.append(np.zeros(shape, self.dtype))          # gamma 1, beta 0
+            stats.append(np.zeros(shape, self.dtype))        # running mean 0, variance 1
+            if blk["bn"] is not None:
+                gbs[-1][C.BN_GAMMA] = 1
+                stats[-1][C.BN_VAR] = 1
             fan_in = d.units
         self.input_dim = input_dim
         self._W, self._b = Ws, bs
+        self._bn, self._bn_stats = gbs, stats
         self._reset_optimizer_state()
 
     def count_params(self):
-        return int(sum(W.size + b.size for W, b in zip(self._W, self._b)))
+        """Parameters of all layers, BatchNorm's running statistics included (as Keras)."""
+        return int(sum(W.size + b.size for W, b in zip(self._W, self._b))
+                   + sum(g.size + s.size for g, s in zip(self._bn, self._bn_stats)))
 
     def summary(self):
         lines = [f"Sequential(input_dim={self.input_dim}, seed={self.seed}, dtype={self.dtype})"]
@@ -131,6 +183,14 @@ class Sequential:
             d = blk["dense"]
             n = (fan_in * d.units + (d.units if d.use_bias else 0)) if fan_in else "?"
             extra = f", input dropout {blk['in_drop']:.3g}" if blk["in_drop"] else ""
+            if blk["in_noise"] is not None:
+                extra += f", input noise {blk['in_noise']!r}"
+            if blk["noise"] is not None:
+                extra += f", output noise {blk['noise']!r} (before the dropout)"
+            if blk["bn"] is not None:
+                n = n + 4 * d.units if fan_in else n
+                extra += (f", batchnorm(momentum={blk['bn'].momentum:g}, "
+                          f"eps={blk['bn'].eps:g}) before the activation")
             lines.append(f"  dense_{i}: {fan_in}->{d.units} {d.activation or 'linear'}, "
                          f"dropout {blk['out_drop']:.3g}{extra}, params {n}, "
                          f"regularizer {d.regularizer or None}")
@@ -170,6 +230,7 @@ class Sequential:
     # ------------------------------------------------------------ state
     def _reset_optimizer_state(self):
         self._mW = self._vW = self._mb = self._vb = None
+        self._mbn = self._vbn = None
 
     def _ensure_optimizer_state(self):
         if self._mW is not None:
@@ -181,30 +242,37 @@ class Sequential:
                     for p in params]
         self._mW, self._mb = moments(self._W, opt.needs_m), moments(self._b, opt.needs_m)
         self._vW, self._vb = moments(self._W, opt.needs_v), moments(self._b, opt.needs_v)
+        self._mbn, self._vbn = moments(self._bn, opt.needs_m), moments(self._bn, opt.needs_v)
 
     def _snapshot(self):
         copy = (lambda xs: None if xs is None else [x.copy() for x in xs])
         return {"W": copy(self._W), "b": copy(self._b), "mW": copy(self._mW),
                 "vW": copy(self._vW), "mb": copy(self._mb), "vb": copy(self._vb),
+                "bn": copy(self._bn), "bn_stats": copy(self._bn_stats),
+                "mbn": copy(self._mbn), "vbn": copy(self._vbn),
                 "step": self._step, "t": self._t, "epochs_run": self._epochs_run,
                 "input_dim": self.input_dim}
 
     def _restore(self, snap):
         """Put a snapshot back, in place where the arrays exist (nets keep referencing them)."""
         if snap["W"] and self._W and len(snap["W"]) == len(self._W):
-            for dst, src in zip(self._W + self._b, snap["W"] + snap["b"]):
+            for dst, src in zip(self._W + self._b + self._bn + self._bn_stats,
+                                snap["W"] + snap["b"] + snap["bn"] + snap["bn_stats"]):
                 dst[...] = src
         else:
             self._W, self._b = snap["W"] or [], snap["b"] or []
+            self._bn, self._bn_stats = snap["bn"] or [], snap["bn_stats"] or []
         if snap["mW"] is None:
             self._reset_optimizer_state()
         elif self._mW is not None:
-            for dst, src in zip(self._mW + self._vW + self._mb + self._vb,
-                                snap["mW"] + snap["vW"] + snap["mb"] + snap["vb"]):
+            for dst, src in zip(self._mW + self._vW + self._mb + self._vb + self._mbn + self._vbn,
+                                snap["mW"] + snap["vW"] + snap["mb"] + snap["vb"] + snap["mbn"]
+                                + snap["vbn"]):
                 dst[...] = src
         else:
             self._mW, self._vW, self._mb, self._vb = (snap["mW"], snap["vW"], snap["mb"],
                                                       snap["vb"])
+            self._mbn, self._vbn = snap["mbn"], snap["vbn"]
         self._step, self._t, self._epochs_run = snap["step"], snap["t"], snap["epochs_run"]
         self.input_dim = snap["input_dim"]
 
@@ -216,6 +284,7 @@ class Sequential:
         lf = np.zeros((n, C.LF_SIZE), self.dtype)
         hpW = np.zeros((n, C.HP_SIZE))
         hpb = np.zeros((n, C.HP_SIZE))
+        hpgb = np.zeros((n, C.HP_SIZE))
         opt = self.optimizer or O.Adam()
         lr, b1, b2, eps, nesterov, wd = opt.hyper()
         for i, blk in enumerate(blocks):
@@ -227,11 +296,21 @@ class Sequential:
             lf[i, C.LF_SLOPE] = d.negative_slope
             lf[i, C.LF_DROP_SCALE] = dropout_scale(blk["out_drop"], self.dtype.type)
             lf[i, C.LF_IN_DROP_SCALE] = dropout_scale(blk["in_drop"], self.dtype.type)
-            for row, regs, decay in ((hpW[i], d.regularizer, wd), (hpb[i], d.bias_regularizer, 0.0)):
+            li[i, C.LI_NOISE], lf[i, C.LF_NOISE_STD] = L.noise_code(blk["noise"])
+            li[i, C.LI_IN_NOISE], lf[i, C.LF_IN_NOISE_STD] = L.noise_code(blk["in_noise"])
+            bn = blk["bn"]
+            if bn is not None:
+                li[i, C.LI_BN] = int(training)   # inference: folded into W, b below
+                lf[i, C.LF_BN_EPS] = bn.eps
+                lf[i, C.LF_BN_MOMENTUM] = bn.momentum
+            # gamma/beta: never penalized nor decayed (no regularizer, decay 0)
+            for row, regs, decay in ((hpW[i], d.regularizer, wd), (hpb[i], d.bias_regularizer, 0.0),
+                                     (hpgb[i], [], 0.0)):
                 l1, l2, proximal, maxnorm, group = R.combine(regs)
                 row[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_NESTEROV, C.HP_DECOUPLED,
                      C.HP_L1, C.HP_L2, C.HP_PROXIMAL, C.HP_MAXNORM, C.HP_GROUP]] = \
                     (lr, b1, b2, eps, nesterov, decay, l1, l2, float(proximal), maxnorm, group)
+        Ws, bs = list(self._W), list(self._b)
         if training:
             self._ensure_optimizer_state()
             moments = (self._mW, self._vW, self._mb, self._vb)
@@ -239,20 +318,59 @@ class Sequential:
         else:
             empty = [[] for _ in range(4)]
             moments, grads = empty, ([], [])
-        net = driver.Net(list(self._W), list(self._b), grads[0], grads[1], *moments,
+            for i, blk in enumerate(blocks):
+                if blk["bn"] is not None:
+                    Ws[i], bs[i] = self._folded(i, blk["bn"].eps)
+        net = driver.Net(Ws, bs, grads[0], grads[1], *moments,
                          li=li, lf=lf, hpW=hpW, hpb=hpb, opt=opt.code,
                          loss=C.LOSSES.get(self.loss, C.LOSS_MSE), seed=self.seed)
+        if training:
+            net.gbs, net.stats = list(self._bn), list(self._bn_stats)
+            net.dgbs = [np.zeros_like(g) for g in self._bn]
+            net.mgb, net.vgb = list(self._mbn), list(self._vbn)
+            net.hpgb = hpgb
+        driver.ensure_bn_lists(net)
         if batch:
             driver.allocate_workspace(net, batch, y_width)
         return net
 
+    def _folded_scale(self, gb, st, eps):
+        """s = gamma / sqrt(running_var + eps) in float64; eps rounded to the dtype first,
+        as training adds it."""
+        eps = float(self.dtype.type(eps))
+        return gb[C.BN_GAMMA].astype(np.float64) / np.sqrt(st[C.BN_VAR].astype(np.float64) + eps)
+
+    def _folded_parts(self, gb, st, b, eps):
+        """The folded bias b' = (b - running_mean) * s + beta (in the dtype)."""
+        s = self._folded_scale(gb, st, eps)
+        b64 = b.astype(np.float64) if b.size else 0.0
+        return ((b64 - st[C.BN_MEAN].astype(np.float64)) * s
+                + gb[C.BN_BETA].astype(np.float64)).astype(self.dtype)
+
+    def _folded(self, i, eps):
+        """Dense i with its BatchNorm folded in for inference (running statistics):
+        W' = W * s, b' = (b - running_mean) * s + beta, s = gamma / sqrt(running_var + eps),
+        in float64, rounded once to the dtype."""
+        s = self._folded_scale(self._bn[i], self._bn_stats[i], eps)
+        W = np.ascontiguousarray(self._W[i].astype(np.float64) * s, self.dtype)
+        return W, self._folded_parts(self._bn[i], self._bn_stats[i], self._b[i], eps)
+
     # ------------------------------------------------------------ weights
-    def get_weights(self):
-        """[W0, b0, W1, b1, ...] (copies), W of shape (fan_in, fan_out)."""
+    def _weight_list(self):
+        """The live arrays get_weights copies, in Keras' order: per Dense W, b, then for a
+        BatchNorm after it gamma, beta, moving mean, moving variance (views of _bn and
+        _bn_stats)."""
         out = []
-        for W, b in zip(self._W, self._b):
-            out += [W.copy(), b.copy()]
+        for W, b, gb, st in zip(self._W, self._b, self._bn, self._bn_stats):
+            out += [W, b]
+            if gb.size:
+                out += [gb[C.BN_GAMMA], gb[C.BN_BETA], st[C.BN_MEAN], st[C.BN_VAR]]
         return out
+
+    def get_weights(self):
+        """[W0, b0, W1, b1, ...] (copies), W of shape (fan_in, fan_out). A Dense followed by a
+        BatchNorm contributes W, b, gamma, beta, moving_mean, moving_variance (Keras' order)."""
+        return [a.copy() for a in self._weight_list()]
 
     def set_weights(self, weights):
         """Replace the parameters; shapes must match exactly. All-or-nothing."""
@@ -260,10 +378,11 @@ class Sequential:
             raise ValueError("the model is not built yet: pass input_dim to Sequential or "
                              "call fit/build first")
         weights = list(weights)
-        current = [p for pair in zip(self._W, self._b) for p in pair]
+        current = self._weight_list()
         if len(weights) != len(current):
-            raise ValueError(f"set_weights expects {len(current)} arrays ([W0, b0, ...]), got "
-                             f"{len(weights)}")
+            raise ValueError(f"set_weights expects {len(current)} arrays ([W0, b0, ...], and "
+                             f"gamma, beta, moving_mean, moving_variance after the W, b of a "
+                             f"Dense with BatchNorm), got {len(weights)}")
         converted = []
         for i, (new, cur) in enumerate(zip(weights, current)):
             arr = np.asarray(new)
@@ -387,7 +506,8 @@ class Sequential:
         return history
 
     def _stop_on_nonfinite(self, epoch, steps_done, start_state):
-        params_ok = all(np.isfinite(p).all() for p in self._W + self._b)
+        params_ok = all(np.isfinite(p).all()
+                        for p in self._W + self._b + self._bn + self._bn_stats)
         where = "the last finite weights kept"
         if not params_ok:
             self._restore(start_state)
@@ -484,15 +604,24 @@ class Sequential:
         compile (Adam's step count is kept). The Dense layers of the model are replaced by
         copies with the new widths, so save/load_model and summary() see them.
         Units with nonzero inputs but a zero outgoing row are not removed.
+
+        BatchNorm: a dead unit of a Dense with BatchNorm outputs, at inference, the constant
+        f(gamma_j * (b_j - running_mean_j) / sqrt(running_var_j + eps) + beta_j) (its folded
+        bias; during training its output is f(beta_j)); its gamma, beta and running
+        statistics are removed with it. When the NEXT Dense has a BatchNorm, the
+        contribution is folded into that layer's running mean (subtracted) instead of its
+        bias, so even a next layer without bias can take it; its batch statistics absorb the
+        constant in training.
         """
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
         blocks = self._blocks()
         n = len(self._W)
         Ws, bs = list(self._W), list(self._b)
+        gbs, stats = list(self._bn), list(self._bn_stats)
         moments = {name: (None if getattr(self, f"_{name}") is None
                           else list(getattr(self, f"_{name}")))
-                   for name in ("mW", "vW", "mb", "vb")}
+                   for name in ("mW", "vW", "mb", "vb", "mbn", "vbn")}
         units_before = [W.shape[1] for W in Ws]
         params_before = self.count_params()
         kept_all = [np.arange(u) for u in units_before]
@@ -507,10 +636,15 @@ class Sequential:
             if not dead.any():
                 continue
             d = blocks[l]["dense"]
-            z = b[dead] if b.size else np.zeros(int(dead.sum()), W.dtype)
+            if blocks[l]["bn"] is not None:     # the unit's inference constant: folded bias
+                gb = gbs[l]
+                z = self._folded_parts(gb, stats[l], b, blocks[l]["bn"].eps)[dead]
+            else:
+                z = b[dead] if b.size else np.zeros(int(dead.sum()), W.dtype)
             const = _activation(z, C.ACTIVATIONS[d.activation], d.negative_slope)
             contrib = const.astype(np.float64)[:, None] * W_next[dead].astype(np.float64)
-            if bs[l + 1].size == 0:        # nowhere to fold: only zero contributions go
+            next_bn = blocks[l + 1]["bn"] is not None
+            if bs[l + 1].size == 0 and not next_bn:   # nowhere to fold: zero contributions go
                 removable = ~(contrib != 0).any(axis=1)
                 idx = np.flatnonzero(dead)
                 dead[idx[~removable]] = False
@@ -522,11 +656,17 @@ class Sequential:
             if not dead.any():
                 continue
             keep = np.flatnonzero(~dead)
-            if bs[l + 1].size:
+            if next_bn:     # z of the next layer drops by contrib: so does its running mean
+                st = stats[l + 1].astype(np.float64)
+                st[C.BN_MEAN] -= contrib.sum(axis=0)
+                stats[l + 1] = st.astype(W.dtype)
+            elif bs[l + 1].size:
                 bs[l + 1] = (bs[l + 1].astype(np.float64) + contrib.sum(axis=0)).astype(W.dtype)
+            gb = gbs[l]
             for arrays, axis, like in ((Ws, 1, W), (bs, 0, b), (moments["mW"], 1, W),
                                        (moments["vW"], 1, W), (moments["mb"], 0, b),
-                                       (moments["vb"], 0, b)):
+                                       (moments["vb"], 0, b), (gbs, 1, gb), (stats, 1, gb),
+                                       (moments["mbn"], 1, gb), (moments["vbn"], 1, gb)):
                 take(arrays, l, keep, axis, like)
             for arrays in (moments["mW"], moments["vW"]):
                 take(arrays, l + 1, keep, 0, W_next)
@@ -544,9 +684,11 @@ class Sequential:
                 layers.append(layer)
             self.layers = layers
             self._W, self._b = Ws, bs
+            self._bn, self._bn_stats = gbs, stats
             if moments["mW"] is not None:
                 self._mW, self._vW = moments["mW"], moments["vW"]
                 self._mb, self._vb = moments["mb"], moments["vb"]
+                self._mbn, self._vbn = moments["mbn"], moments["vbn"]
         return PruneReport(removed=[a - b for a, b in zip(units_before, units_after)],
                            units_before=units_before, units_after=units_after,
                            params_before=params_before, params_after=self.count_params(),
@@ -565,32 +707,50 @@ class Sequential:
 
     def save(self, path):
         """Write the model (config as JSON, arrays as .npy members) to `path` atomically."""
-        path = os.fspath(path)
         arrays = {"config": np.array(json.dumps(self.get_config()))}
-        for i, (W, b) in enumerate(zip(self._W, self._b)):
-            arrays[f"W{i}"], arrays[f"b{i}"] = W, b
-        if self._mW is not None:
-            for name, xs in (("mW", self._mW), ("vW", self._vW), ("mb", self._mb),
-                             ("vb", self._vb)):
-                for i, x in enumerate(xs):
+        arrays.update(_model_arrays(self))
+        _write_npz(path, arrays)
+
+
+def _model_arrays(model):
+    """A built (or unbuilt) Sequential's .npy members besides the config: its parameters and
+    optimizer moments, as save() writes them and _load_model_arrays reads them back
+    (fastreg.multitask stores each part of a MultiTask with these, under a prefix)."""
+    arrays = {}
+    for i, (W, b) in enumerate(zip(model._W, model._b)):
+        arrays[f"W{i}"], arrays[f"b{i}"] = W, b
+    for i, (gb, st) in enumerate(zip(model._bn, model._bn_stats)):
+        if gb.size:     # BatchNorm: (2, O) gamma; beta and running mean; variance
+            arrays[f"bn{i}"], arrays[f"bnstat{i}"] = gb, st
+    if model._mW is not None:
+        for name, xs in (("mW", model._mW), ("vW", model._vW), ("mb", model._mb),
+                         ("vb", model._vb)):
+            for i, x in enumerate(xs):
+                arrays[f"{name}{i}"] = x
+        for name, xs in (("mbn", model._mbn), ("vbn", model._vbn)):
+            for i, x in enumerate(xs):
+                if model._bn[i].size:
                     arrays[f"{name}{i}"] = x
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".fastreg-", suffix=".npz", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+    return arrays
 
 
-def load_model(path, backend=None):
-    """Load a model written by Sequential.save, without pickle.
+def _write_npz(path, arrays):
+    """Write {name: array} as an .npz at `path` atomically (a temporary file, then rename)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".fastreg-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
-    The saved backend is used when it is available here, else `backend` or the default.
-    """
+
+def _read_model_file(path):
+    """(config, {member: array}) of a file written by save(), read without pickle."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no model file at {path!r}")
@@ -602,6 +762,36 @@ def load_model(path, backend=None):
                          f".npz archive): {exc}") from exc
     try:
         cfg = json.loads(str(files["config"]))
+        if not isinstance(cfg, dict):
+            raise ValueError("its config is not a JSON object")
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path!r} is not a valid fastreg model file: {exc}") from exc
+    return cfg, files
+
+
+def _backend_for_loading(saved, backend=None):
+    """`backend` if given, else the saved backend when it is available here, else None (the
+    default backend: e.g. a model trained on a GPU, loaded on a laptop)."""
+    if backend is not None:
+        return backend
+    try:
+        backends.resolve(saved)
+    except (backends.BackendUnavailable, ValueError):
+        return None
+    return saved
+
+
+def load_model(path, backend=None):
+    """Load a model written by Sequential.save or MultiTask.save, without pickle.
+
+    The saved backend is used when it is available here, else `backend` or the default.
+    """
+    cfg, files = _read_model_file(path)
+    path = os.fspath(path)
+    try:
+        from . import multitask   # here: multitask imports this module
+        if cfg.get("format") == multitask.FORMAT:
+            return multitask._from_config(cfg, files, backend)
         if cfg.get("format") != FORMAT:
             raise ValueError("not a fastreg model")
         if cfg.get("version", 0) > FORMAT_VERSION:
@@ -610,33 +800,45 @@ def load_model(path, backend=None):
                            dtype=cfg["dtype"])
         if cfg["compile"] is not None:
             comp = cfg["compile"]
-            name = backend or comp["backend"]
-            if backend is None:
-                try:
-                    backends.resolve(name)
-                except (backends.BackendUnavailable, ValueError):
-                    name = None  # trained elsewhere (e.g. on a GPU): the default backend here
             model.compile(loss=comp["loss"], optimizer=O.get(comp["optimizer"]),
-                          backend=name)
+                          backend=_backend_for_loading(comp["backend"], backend))
         if cfg["input_dim"] is not None:
             model.build(cfg["input_dim"])
-            n = len(model._W)
-            model.set_weights([files[f"{k}{i}"] for i in range(n) for k in ("W", "b")])
-            if "mW0" in files:
-                model._ensure_optimizer_state()
-                for name in ("mW", "vW", "mb", "vb"):
-                    dst = getattr(model, f"_{name}")
-                    for i in range(n):
-                        src = files[f"{name}{i}"]
-                        if src.shape != dst[i].shape:
-                            raise ValueError(f"optimizer state {name}{i} has shape {src.shape}, "
-                                             f"expected {dst[i].shape}")
-                        dst[i][...] = src
+            _load_model_arrays(model, files)
         model._step, model._t, model._epochs_run = cfg["step"], cfg["t"], cfg["epochs_run"]
         model._mc_step = int(cfg.get("mc_step", 0))   # absent in files of earlier versions
         return model
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path!r} is not a valid fastreg model file: {exc}") from exc
+
+
+def _load_model_arrays(model, files):
+    """Put the members written by _model_arrays back into a built Sequential (shapes checked:
+    ValueError, or KeyError for a missing member)."""
+    n = len(model._W)
+    weights = []
+    for i in range(n):
+        weights += [files[f"W{i}"], files[f"b{i}"]]
+        if model._bn[i].size:   # gamma, beta, moving mean, moving variance
+            gb, st = files[f"bn{i}"], files[f"bnstat{i}"]
+            if gb.shape != model._bn[i].shape or st.shape != model._bn[i].shape:
+                raise ValueError(f"BatchNorm arrays of layer {i} have shapes "
+                                 f"{gb.shape}, {st.shape}, expected "
+                                 f"{model._bn[i].shape}")
+            weights += [gb[C.BN_GAMMA], gb[C.BN_BETA], st[C.BN_MEAN], st[C.BN_VAR]]
+    model.set_weights(weights)
+    if "mW0" in files:
+        model._ensure_optimizer_state()
+        for name in ("mW", "vW", "mb", "vb", "mbn", "vbn"):
+            dst = getattr(model, f"_{name}")
+            for i in range(n):
+                if name in ("mbn", "vbn") and not model._bn[i].size:
+                    continue
+                src = files[f"{name}{i}"]
+                if src.shape != dst[i].shape:
+                    raise ValueError(f"optimizer state {name}{i} has shape {src.shape}, "
+                                     f"expected {dst[i].shape}")
+                dst[i][...] = src
 
 
 @dataclass(frozen=True)

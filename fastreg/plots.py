@@ -235,8 +235,11 @@ def predictions(models, X, y, labels=None, path=None, X_plot=None, panels=None,
 def parameters_of(model, include_biases=False):
     """All kernel weights (and biases if asked) of a model, or of a [W0, b0, ...] list, as
     one flat float64 vector."""
-    weights = model.get_weights() if hasattr(model, "get_weights") else list(model)
-    chosen = weights if include_biases else weights[::2]
+    if any(g.size for g in getattr(model, "_bn", ())):   # BatchNorm: not [W0, b0, ...]
+        chosen = list(model._W) + (list(model._b) if include_biases else [])
+    else:
+        weights = model.get_weights() if hasattr(model, "get_weights") else list(model)
+        chosen = weights if include_biases else weights[::2]
     return np.concatenate([np.asarray(w, np.float64).reshape(-1) for w in chosen])
 
 

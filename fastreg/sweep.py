@@ -279,9 +279,15 @@ def _bind_lambda(build, lam):
 MIN_LIVE_FRACTION = 0.1
 
 
+def _kernels(model):
+    """The kernels W of every Dense, in order (not get_weights()[::2]: a Dense with BatchNorm
+    adds gamma, beta and the running statistics to that list)."""
+    return list(model._W)
+
+
 def live_units(model):
     """Per hidden layer, how many units still have a nonzero incoming weight."""
-    return [int(np.count_nonzero(np.any(W != 0, axis=0))) for W in model.get_weights()[:-2:2]]
+    return [int(np.count_nonzero(np.any(W != 0, axis=0))) for W in _kernels(model)[:-1]]
 
 
 def collapsed(model, X, rows=1024, min_live_fraction=MIN_LIVE_FRACTION):
@@ -289,10 +295,10 @@ def collapsed(model, X, rows=1024, min_live_fraction=MIN_LIVE_FRACTION):
     is constant (to float32 rounding) on the first `rows` rows of X, or a hidden layer has
     fewer than `min_live_fraction` of its units alive (at least one), the bottleneck an L1
     penalty leaves just before it kills a layer."""
-    weights = model.get_weights()
-    if any(not np.any(W) for W in weights[::2]):
+    kernels = _kernels(model)
+    if any(not np.any(W) for W in kernels):
         return True
-    widths = [W.shape[1] for W in weights[:-2:2]]
+    widths = [W.shape[1] for W in kernels[:-1]]
     if any(live < max(1.0, min_live_fraction * width)
            for live, width in zip(live_units(model), widths)):
         return True
@@ -305,7 +311,7 @@ def collapsed(model, X, rows=1024, min_live_fraction=MIN_LIVE_FRACTION):
 def kernel_stats(model):
     """(sparsity, weight_norm, n_zero, n_weights) of a model's kernels (biases excluded):
     sparsity is the fraction of exact zeros, weight_norm the Frobenius norm of all kernels."""
-    kernels = model.get_weights()[::2]
+    kernels = _kernels(model)
     n = sum(W.size for W in kernels)
     zeros = sum(int(np.count_nonzero(W == 0)) for W in kernels)
     norm = math.sqrt(sum(float(np.sum(W.astype(np.float64) ** 2)) for W in kernels))

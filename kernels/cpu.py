@@ -6,8 +6,10 @@ Design:
 - Random bits for a layer are made by ``philox_fill`` into a (4, G) word buffer: a branch-free
   loop over groups that LLVM vectorises (about 7x the scalar loop). Element e of a (B, O)
   matrix reads word ``words[e & 3, e >> 2]``, the bits DESIGN.md fixes.
-- Forward epilogue (bias, activation, dropout) is one pass over rows; backward epilogue (mask
-  regenerated, f' from the stored output, bias gradient) is one pass over column blocks, so each
+- Forward epilogue (bias, activation, then noise and dropout) is one pass over rows and, with
+  noise or dropout, one over elements; backward epilogue (mask and GaussianDropout factor
+  regenerated, f' from the stored output, or from the kept pre-noise f(z) with noise, bias
+  gradient) is one pass over column blocks, so each
   bias sum runs in row order on one thread: the result is the same for any thread count.
 - GEMMs are ``np.dot(a, b, out)``: BLAS sgemm/dgemm, transposes passed as flags, no copies.
 - ``_train_epoch`` runs a whole epoch in one call: no Python per step, layer or element, and
@@ -22,7 +24,8 @@ from numba.typed import List
 from . import contract as C
 from . import driver, threads
 from .config import JIT, JIT_PARALLEL, PARALLEL_MIN_ELEMENTS
-from .philox import (MASK32, STREAM_DROPOUT, STREAM_INPUT_DROPOUT, split_seed)
+from .philox import (MASK32, STREAM_DROPOUT, STREAM_INPUT_DROPOUT, STREAM_INPUT_NOISE,
+                     STREAM_NOISE, TWO_PI, normal_from_words, split_seed)
 from .reference import update_coefficients as _coefficients_py  # noqa: F401  (documented twin)
 
 NAME = "numba"
@@ -231,44 +234,398 @@ def _bias_grad_cols(dz, db, c0, c1):
             db[j] += row[j]
 
 
+# ---------------------------------------------------------------- Gaussian noise
+# Noise words sit in their own (4, G) buffer `nwords` (stream STREAM_NOISE, or
+# STREAM_INPUT_NOISE on the inputs), next to the dropout words, so that noise and mask are
+# applied in one pass. Element e's normal is philox.normal_from_words on its word pair.
+@njit(inline="always", **JIT)
+def _normal(nwords, e):
+    g = e >> 2
+    q = e & 3
+    p = q & 2
+    return normal_from_words(nwords[p, g], nwords[p + 1, g], (q & 1) == 1)
+
+
+@njit(inline="always", **JIT)
+def _normal_pair(nwords, p):
+    """The normals of elements p and p + 1 (p even): normal_from_words' formula with the
+    radius computed once (the same values, half the log / sqrt calls)."""
+    g = p >> 2
+    q = p & 3
+    u1 = (np.float64(nwords[q, g]) + 0.5) * (1.0 / 4294967296.0)
+    u2 = (np.float64(nwords[q + 1, g]) + 0.5) * (1.0 / 4294967296.0)
+    r = math.sqrt(-2.0 * math.log(u1))
+    t = TWO_PI * u2
+    return r * math.cos(t), r * math.sin(t)
+
+
+@njit(inline="always", **JIT)
+def _noisy(v, noise, std, nrm):
+    """NOISE_ADD: v + std * n; NOISE_MUL: v * (1 + std * n) (n already in v's dtype)."""
+    if noise == C.NOISE_ADD:
+        return v + std * nrm
+    return v * (type(v)(1) + std * nrm)
+
+
+@njit(inline="always", **JIT)
+def _noise_one(flat, pre, has_pre, e, nrm, noise, std, words, t, thr, scale, zero):
+    v = flat[e]
+    if has_pre:
+        pre[e] = v
+    v = _noisy(v, noise, std, flat.dtype.type(nrm))
+    if thr > 0:
+        v = v * scale if words[e & 3, e >> 2] >= t else zero
+    flat[e] = v
+
+
+@njit(**JIT)
+def _noise_range(flat, pre, nwords, noise, std, words, thr, scale, e_lo, e_hi):
+    """flat[e] <- dropout(noise(flat[e])) for e in [e_lo, e_hi); pre[e] <- flat[e] (the
+    pre-noise value backward needs) first when pre is not empty. Whole Box-Muller pairs in
+    the middle, a lone element at either end."""
+    has_pre = pre.shape[0] > 0
+    zero = flat.dtype.type(0)
+    t = np.uint32(thr)
+    e = e_lo
+    if e & 1 and e < e_hi:
+        _noise_one(flat, pre, has_pre, e, _normal(nwords, e), noise, std, words, t, thr, scale,
+                   zero)
+        e += 1
+    while e + 1 < e_hi:
+        c, s = _normal_pair(nwords, e)
+        _noise_one(flat, pre, has_pre, e, c, noise, std, words, t, thr, scale, zero)
+        _noise_one(flat, pre, has_pre, e + 1, s, noise, std, words, t, thr, scale, zero)
+        e += 2
+    if e < e_hi:
+        _noise_one(flat, pre, has_pre, e, _normal(nwords, e), noise, std, words, t, thr, scale,
+                   zero)
+
+
+@njit(**JIT_PARALLEL)
+def _noise_parallel(flat, pre, nwords, noise, std, words, thr, scale):
+    n = flat.shape[0]
+    n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
+    for c in prange(n_chunks):
+        _noise_range(flat, pre, nwords, noise, std, words, thr, scale, c * _ELEM_CHUNK,
+                     min(n, (c + 1) * _ELEM_CHUNK))
+
+
+@njit(**JIT)
+def _noise_pass(flat, pre, nwords, noise, std, words, thr, scale):
+    if flat.shape[0] >= PARALLEL_MIN_ELEMENTS:
+        _noise_parallel(flat, pre, nwords, noise, std, words, thr, scale)
+    else:
+        _noise_range(flat, pre, nwords, noise, std, words, thr, scale, 0, flat.shape[0])
+
+
+@njit(inline="always", **JIT)
+def _dz_noise_one(gf, pf, e, nrm, noise, std, words, t, thr, scale, act, slope, zero, one):
+    d = gf[e]
+    if thr > 0:
+        d = d * scale
+    if noise == C.NOISE_MUL:
+        d = d * (one + std * gf.dtype.type(nrm))
+    if act != C.ACT_LINEAR:
+        d = d * _activation_grad(pf[e], act, slope)
+    if thr > 0 and words[e & 3, e >> 2] < t:
+        d = zero
+    gf[e] = d
+
+
+@njit(inline="always", **JIT)
+def _dz_noise_loop(gf, pf, nwords, noise, std, words, thr, scale, act, slope, lo, hi):
+    """gf[e] <- ((g * scale) * (1 + std * n)) * f'(pre) if kept else 0 (reference order; the
+    scale only with dropout, the factor only for NOISE_MUL, f' only for a nonlinear f)."""
+    zero = gf.dtype.type(0)
+    one = gf.dtype.type(1)
+    t = np.uint32(thr)
+    mul = noise == C.NOISE_MUL
+    e = lo
+    if e & 1 and e < hi:
+        nrm = _normal(nwords, e) if mul else 0.0
+        _dz_noise_one(gf, pf, e, nrm, noise, std, words, t, thr, scale, act, slope, zero, one)
+        e += 1
+    while e + 1 < hi:
+        c, s = _normal_pair(nwords, e) if mul else (0.0, 0.0)
+        _dz_noise_one(gf, pf, e, c, noise, std, words, t, thr, scale, act, slope, zero, one)
+        _dz_noise_one(gf, pf, e + 1, s, noise, std, words, t, thr, scale, act, slope, zero, one)
+        e += 2
+    if e < hi:
+        nrm = _normal(nwords, e) if mul else 0.0
+        _dz_noise_one(gf, pf, e, nrm, noise, std, words, t, thr, scale, act, slope, zero, one)
+
+
+@njit(**JIT)
+def _dz_noise_range(gf, pf, nwords, noise, std, words, thr, scale, act, slope, lo, hi):
+    if act == C.ACT_RELU:
+        _dz_noise_loop(gf, pf, nwords, noise, std, words, thr, scale, C.ACT_RELU, slope, lo, hi)
+    elif act == C.ACT_LEAKY_RELU:
+        _dz_noise_loop(gf, pf, nwords, noise, std, words, thr, scale, C.ACT_LEAKY_RELU, slope,
+                       lo, hi)
+    elif act == C.ACT_TANH:
+        _dz_noise_loop(gf, pf, nwords, noise, std, words, thr, scale, C.ACT_TANH, slope, lo, hi)
+    elif act == C.ACT_SIGMOID:
+        _dz_noise_loop(gf, pf, nwords, noise, std, words, thr, scale, C.ACT_SIGMOID, slope,
+                       lo, hi)
+    else:
+        _dz_noise_loop(gf, pf, nwords, noise, std, words, thr, scale, C.ACT_LINEAR, slope,
+                       lo, hi)
+
+
 # ---------------------------------------------------------------- dense forward
 @njit(**JIT_PARALLEL)
-def _forward_epilogue_parallel(out, b, act, slope, thr, scale, words):
+def _forward_epilogue_parallel(out, b, act, slope, thr, scale, words, noise, nstd, pre,
+                               nwords):
     B, O = out.shape
     n = B * O
     flat = out.reshape(n)
     n_chunks = (B + _ROW_CHUNK - 1) // _ROW_CHUNK
     for c in prange(n_chunks):
         _bias_act_rows(out, b, act, slope, c * _ROW_CHUNK, min(B, (c + 1) * _ROW_CHUNK))
-    if thr > 0:
+    if noise != C.NOISE_NONE:
+        pf = pre.reshape(pre.size)
+        n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
+        for c in prange(n_chunks):
+            _noise_range(flat, pf, nwords, noise, nstd, words, thr, scale, c * _ELEM_CHUNK,
+                         min(n, (c + 1) * _ELEM_CHUNK))
+    elif thr > 0:
         n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
         for c in prange(n_chunks):
             _mask_range(flat, words, thr, scale, c * _ELEM_CHUNK, min(n, (c + 1) * _ELEM_CHUNK))
 
 
 @njit(**JIT)
-def _forward_epilogue(out, b, act, slope, thr, scale, words):
-    """Bias, activation, dropout: one pass over the output (the mask pass only with dropout)."""
+def _forward_epilogue(out, b, act, slope, thr, scale, words, noise, nstd, pre, nwords):
+    """Bias, activation, noise, dropout: a pass over rows, then one over elements (noise and
+    mask together) when there is noise or dropout."""
     if out.size >= PARALLEL_MIN_ELEMENTS:
-        _forward_epilogue_parallel(out, b, act, slope, thr, scale, words)
+        _forward_epilogue_parallel(out, b, act, slope, thr, scale, words, noise, nstd, pre,
+                                   nwords)
         return
     _bias_act_rows(out, b, act, slope, 0, out.shape[0])
+    n = out.size
+    if noise != C.NOISE_NONE:
+        _noise_range(out.reshape(n), pre.reshape(pre.size), nwords, noise, nstd, words, thr,
+                     scale, 0, n)
+    elif thr > 0:
+        _mask_range(out.reshape(n), words, thr, scale, 0, n)
+
+
+@njit(**JIT)
+def _dense_forward(x, W, b, out, act, slope, thr, scale, k0, k1, step, layer, words, noise,
+                   nstd, pre, nwords):
+    """out = dropout(noise(f(x @ W + b))); pre = f(x @ W + b) when pre is not empty."""
+    np.dot(x, W, out)
+    if thr > 0:
+        philox_fill(words, out.size, k0, k1, step, layer, STREAM_DROPOUT)
+    if noise != C.NOISE_NONE:
+        philox_fill(nwords, out.size, k0, k1, step, layer, STREAM_NOISE)
+    _forward_epilogue(out, b, act, slope, thr, scale, words, noise, nstd, pre, nwords)
+
+
+# ---------------------------------------------------------------- dense backward
+@njit(**JIT_PARALLEL)
+def _backward_epilogue_parallel(grad, out, db, act, slope, thr, scale, words, noise, nstd, pre,
+                                nwords):
+    B, O = grad.shape
+    n = B * O
+    gf = grad.reshape(n)
+    of = out.reshape(n)
+    pf = pre.reshape(pre.size)
+    n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
+    for c in prange(n_chunks):
+        if noise != C.NOISE_NONE:
+            _dz_noise_range(gf, pf, nwords, noise, nstd, words, thr, scale, act, slope,
+                            c * _ELEM_CHUNK, min(n, (c + 1) * _ELEM_CHUNK))
+        else:
+            _dz_range(gf, of, words, thr, scale, act, slope, c * _ELEM_CHUNK,
+                      min(n, (c + 1) * _ELEM_CHUNK))
+    if db.shape[0] > 0:
+        n_cchunks = (O + _COL_CHUNK - 1) // _COL_CHUNK
+        for c in prange(n_cchunks):
+            _bias_grad_cols(grad, db, c * _COL_CHUNK, min(O, (c + 1) * _COL_CHUNK))
+
+
+@njit(**JIT)
+def _backward_epilogue(grad, out, db, act, slope, thr, scale, words, noise, nstd, pre, nwords):
+    """dL/dz in place (mask and noise regenerated, f' from the output, or from pre with
+    noise), then the bias gradient."""
+    if grad.size >= PARALLEL_MIN_ELEMENTS:
+        _backward_epilogue_parallel(grad, out, db, act, slope, thr, scale, words, noise, nstd,
+                                    pre, nwords)
+        return
+    n = grad.size
+    if n == 0:
+        return
+    if noise != C.NOISE_NONE:
+        _dz_noise_range(grad.reshape(n), pre.reshape(pre.size), nwords, noise, nstd, words,
+                        thr, scale, act, slope, 0, n)
+    else:
+        _dz_range(grad.reshape(n), out.reshape(n), words, thr, scale, act, slope, 0, n)
+    if db.shape[0] > 0:
+        _bias_grad_cols(grad, db, 0, grad.shape[1])
+
+
+@njit(**JIT)
+def _dense_backward(grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1, step, layer,
+                    words, noise, nstd, pre, nwords):
+    if thr > 0:
+        philox_fill(words, out.size, k0, k1, step, layer, STREAM_DROPOUT)
+    if noise == C.NOISE_MUL:    # additive noise leaves no trace in the gradient
+        philox_fill(nwords, out.size, k0, k1, step, layer, STREAM_NOISE)
+    _backward_epilogue(grad, out, db, act, slope, thr, scale, words, noise, nstd, pre, nwords)
+    np.dot(x.T, grad, dW)
+    if dx.size > 0:
+        np.dot(grad, W.T, dx)
+
+
+# ---------------------------------------------------------------- dense + BatchNorm (training)
+# reference.bn_dense_forward / bn_dense_backward, pass for pass. Column statistics run over
+# column chunks, each column summed in row order in float64 by one thread (the same sums for
+# any thread count, and the reference's order); elementwise passes over rows / elements.
+@njit(**JIT)
+def _bn_stats_cols(out, b, save, eps, c0, c1):
+    """Columns [c0, c1): z += b in place; batch mean, biased variance (float64, two passes)
+    and inv_std = 1 / sqrt(var + eps) rounded to the dtype, into save."""
+    B = out.shape[0]
+    dt = out.dtype.type
+    has_bias = b.shape[0] > 0
+    for j in range(c0, c1):
+        save[C.BN_SAVE_MEAN, j] = 0.0
+        save[C.BN_SAVE_VAR, j] = 0.0
+    for i in range(B):
+        row = out[i]
+        if has_bias:
+            for j in range(c0, c1):
+                row[j] = row[j] + b[j]
+        for j in range(c0, c1):
+            save[C.BN_SAVE_MEAN, j] += np.float64(row[j])
+    for j in range(c0, c1):
+        save[C.BN_SAVE_MEAN, j] = save[C.BN_SAVE_MEAN, j] / B
+    for i in range(B):
+        row = out[i]
+        for j in range(c0, c1):
+            d = np.float64(row[j]) - save[C.BN_SAVE_MEAN, j]
+            save[C.BN_SAVE_VAR, j] += d * d
+    for j in range(c0, c1):
+        var = save[C.BN_SAVE_VAR, j] / B
+        save[C.BN_SAVE_VAR, j] = var
+        save[C.BN_SAVE_INVSTD, j] = np.float64(dt(1.0 / math.sqrt(var + eps)))
+
+
+@njit(inline="always", **JIT)
+def _bn_act_loop(out, xhat, gb, save, act, slope, r0, r1):
+    O = out.shape[1]
+    dt = out.dtype.type
+    for i in range(r0, r1):
+        row = out[i]
+        xr = xhat[i]
+        for j in range(O):
+            xh = (row[j] - dt(save[C.BN_SAVE_MEAN, j])) * dt(save[C.BN_SAVE_INVSTD, j])
+            xr[j] = xh
+            row[j] = _activate(gb[C.BN_GAMMA, j] * xh + gb[C.BN_BETA, j], act, slope)
+
+
+@njit(**JIT)
+def _bn_act_rows(out, xhat, gb, save, act, slope, r0, r1):
+    """Rows [r0, r1): zhat = (z - mean) * inv_std -> xhat, out = f(gamma * zhat + beta)."""
+    if act == C.ACT_RELU:
+        _bn_act_loop(out, xhat, gb, save, C.ACT_RELU, slope, r0, r1)
+    elif act == C.ACT_LEAKY_RELU:
+        _bn_act_loop(out, xhat, gb, save, C.ACT_LEAKY_RELU, slope, r0, r1)
+    elif act == C.ACT_TANH:
+        _bn_act_loop(out, xhat, gb, save, C.ACT_TANH, slope, r0, r1)
+    elif act == C.ACT_SIGMOID:
+        _bn_act_loop(out, xhat, gb, save, C.ACT_SIGMOID, slope, r0, r1)
+    else:
+        _bn_act_loop(out, xhat, gb, save, C.ACT_LINEAR, slope, r0, r1)
+
+
+@njit(**JIT_PARALLEL)
+def _bn_forward_epilogue_parallel(out, b, xhat, gb, save, act, slope, thr, scale, eps, words):
+    B, O = out.shape
+    n = B * O
+    n_cchunks = (O + _COL_CHUNK - 1) // _COL_CHUNK
+    for c in prange(n_cchunks):
+        _bn_stats_cols(out, b, save, eps, c * _COL_CHUNK, min(O, (c + 1) * _COL_CHUNK))
+    n_chunks = (B + _ROW_CHUNK - 1) // _ROW_CHUNK
+    for c in prange(n_chunks):
+        _bn_act_rows(out, xhat, gb, save, act, slope, c * _ROW_CHUNK,
+                     min(B, (c + 1) * _ROW_CHUNK))
+    if thr > 0:
+        flat = out.reshape(n)
+        n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
+        for c in prange(n_chunks):
+            _mask_range(flat, words, thr, scale, c * _ELEM_CHUNK, min(n, (c + 1) * _ELEM_CHUNK))
+
+
+@njit(**JIT)
+def _bn_forward_epilogue(out, b, xhat, gb, save, act, slope, thr, scale, eps, words):
+    """Bias, batch statistics, normalize + scale/shift + activation, dropout."""
+    if out.size >= PARALLEL_MIN_ELEMENTS:
+        _bn_forward_epilogue_parallel(out, b, xhat, gb, save, act, slope, thr, scale, eps,
+                                      words)
+        return
+    _bn_stats_cols(out, b, save, eps, 0, out.shape[1])
+    _bn_act_rows(out, xhat, gb, save, act, slope, 0, out.shape[0])
     if thr > 0:
         n = out.size
         _mask_range(out.reshape(n), words, thr, scale, 0, n)
 
 
 @njit(**JIT)
-def _dense_forward(x, W, b, out, act, slope, thr, scale, k0, k1, step, layer, words):
+def _bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, thr, scale, eps, k0, k1, step,
+                      layer, words):
     np.dot(x, W, out)
     if thr > 0:
         philox_fill(words, out.size, k0, k1, step, layer, STREAM_DROPOUT)
-    _forward_epilogue(out, b, act, slope, thr, scale, words)
+    _bn_forward_epilogue(out, b, xhat, gb, save, act, slope, thr, scale, eps, words)
 
 
-# ---------------------------------------------------------------- dense backward
+@njit(**JIT)
+def _bn_sums_cols(dy, xhat, gb, save, dgb, db, c0, c1):
+    """Columns [c0, c1): dbeta = sum dy, dgamma = sum dy * zhat (float64, row order) into dgb;
+    then the coefficients c1 = gamma * inv_std, c2 = dbeta / B, c3 = dgamma / B (rounded to
+    the dtype, kept in save as float64); db = 0."""
+    B = dy.shape[0]
+    dt = dy.dtype.type
+    for j in range(c0, c1):
+        save[C.BN_SAVE_C1, j] = 0.0
+        save[C.BN_SAVE_C2, j] = 0.0
+    for i in range(B):
+        for j in range(c0, c1):
+            d = np.float64(dy[i, j])
+            save[C.BN_SAVE_C1, j] += d
+            save[C.BN_SAVE_C2, j] += d * np.float64(xhat[i, j])
+    for j in range(c0, c1):
+        s1 = save[C.BN_SAVE_C1, j]
+        s2 = save[C.BN_SAVE_C2, j]
+        dgb[C.BN_GAMMA, j] = s2
+        dgb[C.BN_BETA, j] = s1
+        save[C.BN_SAVE_C1, j] = np.float64(dt(np.float64(gb[C.BN_GAMMA, j])
+                                              * save[C.BN_SAVE_INVSTD, j]))
+        save[C.BN_SAVE_C2, j] = np.float64(dt(s1 / B))
+        save[C.BN_SAVE_C3, j] = np.float64(dt(s2 / B))
+        if db.shape[0] > 0:
+            db[j] = 0
+
+
+@njit(**JIT)
+def _bn_dz_rows(grad, xhat, save, r0, r1):
+    """Rows [r0, r1): dz = c1 * ((dy - c2) - zhat * c3) in place."""
+    O = grad.shape[1]
+    dt = grad.dtype.type
+    for i in range(r0, r1):
+        g = grad[i]
+        xr = xhat[i]
+        for j in range(O):
+            g[j] = dt(save[C.BN_SAVE_C1, j]) * ((g[j] - dt(save[C.BN_SAVE_C2, j]))
+                                                 - xr[j] * dt(save[C.BN_SAVE_C3, j]))
+
+
 @njit(**JIT_PARALLEL)
-def _backward_epilogue_parallel(grad, out, db, act, slope, thr, scale, words):
+def _bn_backward_epilogue_parallel(grad, out, xhat, gb, save, db, dgb, act, slope, thr, scale,
+                                   words):
     B, O = grad.shape
     n = B * O
     gf = grad.reshape(n)
@@ -277,45 +634,67 @@ def _backward_epilogue_parallel(grad, out, db, act, slope, thr, scale, words):
     for c in prange(n_chunks):
         _dz_range(gf, of, words, thr, scale, act, slope, c * _ELEM_CHUNK,
                   min(n, (c + 1) * _ELEM_CHUNK))
-    if db.shape[0] > 0:
-        n_cchunks = (O + _COL_CHUNK - 1) // _COL_CHUNK
-        for c in prange(n_cchunks):
-            _bias_grad_cols(grad, db, c * _COL_CHUNK, min(O, (c + 1) * _COL_CHUNK))
+    n_cchunks = (O + _COL_CHUNK - 1) // _COL_CHUNK
+    for c in prange(n_cchunks):
+        _bn_sums_cols(grad, xhat, gb, save, dgb, db, c * _COL_CHUNK,
+                      min(O, (c + 1) * _COL_CHUNK))
+    n_chunks = (B + _ROW_CHUNK - 1) // _ROW_CHUNK
+    for c in prange(n_chunks):
+        _bn_dz_rows(grad, xhat, save, c * _ROW_CHUNK, min(B, (c + 1) * _ROW_CHUNK))
 
 
 @njit(**JIT)
-def _backward_epilogue(grad, out, db, act, slope, thr, scale, words):
-    """dL/dz in place (mask regenerated, f' from the output), then the bias gradient."""
+def _bn_backward_epilogue(grad, out, xhat, gb, save, db, dgb, act, slope, thr, scale, words):
+    """dy (mask regenerated, f' from the output), the gamma/beta gradients, dz in place."""
     if grad.size >= PARALLEL_MIN_ELEMENTS:
-        _backward_epilogue_parallel(grad, out, db, act, slope, thr, scale, words)
+        _bn_backward_epilogue_parallel(grad, out, xhat, gb, save, db, dgb, act, slope, thr,
+                                       scale, words)
         return
     n = grad.size
     if n == 0:
         return
     _dz_range(grad.reshape(n), out.reshape(n), words, thr, scale, act, slope, 0, n)
-    if db.shape[0] > 0:
-        _bias_grad_cols(grad, db, 0, grad.shape[1])
+    _bn_sums_cols(grad, xhat, gb, save, dgb, db, 0, grad.shape[1])
+    _bn_dz_rows(grad, xhat, save, 0, grad.shape[0])
 
 
 @njit(**JIT)
-def _dense_backward(grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1, step, layer,
-                    words):
+def _bn_running_update(stats, save, momentum):
+    """stats = momentum * stats + (1 - momentum) * (batch mean, biased batch variance)."""
+    rest = 1.0 - momentum
+    for j in range(stats.shape[1]):
+        stats[C.BN_MEAN, j] = (momentum * np.float64(stats[C.BN_MEAN, j])
+                               + rest * save[C.BN_SAVE_MEAN, j])
+        stats[C.BN_VAR, j] = (momentum * np.float64(stats[C.BN_VAR, j])
+                              + rest * save[C.BN_SAVE_VAR, j])
+
+
+@njit(**JIT)
+def _bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
+                       thr, scale, momentum, k0, k1, step, layer, words):
     if thr > 0:
         philox_fill(words, out.size, k0, k1, step, layer, STREAM_DROPOUT)
-    _backward_epilogue(grad, out, db, act, slope, thr, scale, words)
+    _bn_backward_epilogue(grad, out, xhat, gb, save, db, dgb, act, slope, thr, scale, words)
     np.dot(x.T, grad, dW)
     if dx.size > 0:
         np.dot(grad, W.T, dx)
+    _bn_running_update(stats, save, momentum)
 
 
 # ---------------------------------------------------------------- input dropout
 @njit(**JIT)
-def _input_dropout(x, out, thr, scale, k0, k1, step, layer, words):
+def _input_dropout(x, out, thr, scale, k0, k1, step, layer, words, noise, nstd, nwords):
+    """out = dropout(noise(x)): streams STREAM_INPUT_NOISE and STREAM_INPUT_DROPOUT."""
     n = x.size
-    philox_fill(words, n, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
+    if thr > 0:
+        philox_fill(words, n, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
     flat = out.reshape(n)
     flat[:] = x.reshape(n)
-    _mask_range(flat, words, thr, scale, 0, n)
+    if noise != C.NOISE_NONE:
+        philox_fill(nwords, n, k0, k1, step, layer, STREAM_INPUT_NOISE)
+        _noise_pass(flat, flat[:0], nwords, noise, nstd, words, thr, scale)
+    elif thr > 0:
+        _mask_range(flat, words, thr, scale, 0, n)
 
 
 # ---------------------------------------------------------------- losses
@@ -627,8 +1006,11 @@ def _scratch_size(n_params, widest):
 @njit(**JIT)
 def _train_epoch(X, Y, perm, batch_size, Ws, bs, dWs, dbs, mW, vW, mb, vb, acts, grads,
                  xbuf, xdrop, ybuf, words, li, lf, hpW, hpb, opt, loss, k0, k1, step0, t0,
-                 coef, scratch):
-    """kernels/driver.train_epoch, compiled: same steps, same order, same masks."""
+                 coef, scratch, gbs, dgbs, mgb, vgb, stats, xhats, saves, hpgb, pres, nwords):
+    """kernels/driver.train_epoch, compiled: same steps, same order, same masks.
+
+    gbs ... saves: the BatchNorm arrays of the layers with li[l, LI_BN] (empty elsewhere).
+    pres: the pre-noise activations (Net.pres); nwords: the noise words' buffer."""
     n_total = perm.shape[0]   # the rows of this call: an epoch or a chunk of whole batches
     L = len(Ws)
     I0 = X.shape[1]
@@ -637,6 +1019,7 @@ def _train_epoch(X, Y, perm, batch_size, Ws, bs, dWs, dbs, mW, vW, mb, vb, acts,
     pen_sum = 0.0
     steps = 0
     in_thr = li[0, C.LI_IN_DROP_THR]
+    in_noise = li[0, C.LI_IN_NOISE]
     for start in range(0, n_total, batch_size):
         n = min(batch_size, n_total - start)
         step = step0 + steps
@@ -650,14 +1033,21 @@ def _train_epoch(X, Y, perm, batch_size, Ws, bs, dWs, dbs, mW, vW, mb, vb, acts,
             for j in range(Ky):
                 yb[r, j] = Y[src, j]
         x = xb
-        if in_thr > 0:
+        if in_thr > 0 or in_noise != C.NOISE_NONE:
             _input_dropout(xb, xdrop[:n], in_thr, lf[0, C.LF_IN_DROP_SCALE], k0, k1, step, 0,
-                           words)
+                           words, in_noise, lf[0, C.LF_IN_NOISE_STD], nwords)
             x = xdrop[:n]
         for l in range(L):
-            _dense_forward(x, Ws[l], bs[l], acts[l][:n], li[l, C.LI_ACT], lf[l, C.LF_SLOPE],
-                           li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE], k0, k1, step, l,
-                           words)
+            if li[l, C.LI_BN] != 0:
+                _bn_dense_forward(x, Ws[l], bs[l], acts[l][:n], xhats[l][:n], gbs[l], saves[l],
+                                  li[l, C.LI_ACT], lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR],
+                                  lf[l, C.LF_DROP_SCALE], np.float64(lf[l, C.LF_BN_EPS]), k0,
+                                  k1, step, l, words)
+            else:
+                _dense_forward(x, Ws[l], bs[l], acts[l][:n], li[l, C.LI_ACT],
+                               lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE],
+                               k0, k1, step, l, words, li[l, C.LI_NOISE],
+                               lf[l, C.LF_NOISE_STD], pres[l][:n], nwords)
             x = acts[l][:n]
         batch_loss = _loss_forward_backward(acts[L - 1][:n], yb, grads[L - 1][:n], loss, True)
         if not np.isfinite(batch_loss):
@@ -668,19 +1058,33 @@ def _train_epoch(X, Y, perm, batch_size, Ws, bs, dWs, dbs, mW, vW, mb, vb, acts,
             if l > 0:
                 xin = acts[l - 1][:n]
                 dx = grads[l - 1][:n]
-            elif in_thr > 0:
+            elif in_thr > 0 or in_noise != C.NOISE_NONE:
                 xin = xdrop[:n]
                 dx = grads[0][:0]
             else:
                 xin = xb
                 dx = grads[0][:0]
-            _dense_backward(grads[l][:n], acts[l][:n], xin, Ws[l], dWs[l], dbs[l], dx,
-                            li[l, C.LI_ACT], lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR],
-                            lf[l, C.LF_DROP_SCALE], k0, k1, step, l, words)
+            if li[l, C.LI_BN] != 0:
+                _bn_dense_backward(grads[l][:n], acts[l][:n], xhats[l][:n], xin, Ws[l], gbs[l],
+                                   stats[l], saves[l], dWs[l], dbs[l], dgbs[l], dx,
+                                   li[l, C.LI_ACT], lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR],
+                                   lf[l, C.LF_DROP_SCALE], np.float64(lf[l, C.LF_BN_MOMENTUM]),
+                                   k0, k1, step, l, words)
+            else:
+                _dense_backward(grads[l][:n], acts[l][:n], xin, Ws[l], dWs[l], dbs[l], dx,
+                                li[l, C.LI_ACT], lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR],
+                                lf[l, C.LF_DROP_SCALE], k0, k1, step, l, words,
+                                li[l, C.LI_NOISE], lf[l, C.LF_NOISE_STD], pres[l][:n], nwords)
             pen += _penalized_update_2d(Ws[l], dWs[l], mW[l], vW[l], hpW[l], opt, t, coef,
                                         scratch)
             if bs[l].shape[0] > 0:
                 pen += _penalized_update_1d(bs[l], dbs[l], mb[l], vb[l], hpb[l], opt, t, coef,
+                                            scratch)
+            if li[l, C.LI_BN] != 0:     # gamma/beta, flattened: never penalized
+                g2 = gbs[l].size
+                pen += _penalized_update_1d(gbs[l].reshape(g2), dgbs[l].reshape(g2),
+                                            mgb[l].reshape(mgb[l].size),
+                                            vgb[l].reshape(vgb[l].size), hpgb[l], opt, t, coef,
                                             scratch)
         pen_sum += pen * n
         steps += 1
@@ -697,7 +1101,8 @@ def _forward_inference(X, Ws, bs, li, lf, bufs, out, batch_size):
         x = X[start:start + n]
         for l in range(L):
             _dense_forward(x, Ws[l], bs[l], bufs[l][:n], li[l, C.LI_ACT], lf[l, C.LF_SLOPE],
-                           0, lf[l, C.LF_DROP_SCALE], 0, 0, 0, l, words)
+                           0, lf[l, C.LF_DROP_SCALE], 0, 0, 0, l, words, C.NOISE_NONE,
+                           lf[l, C.LF_NOISE_STD], bufs[l][:0], words)
             x = bufs[l][:n]
         out[start:start + n] = x
 
@@ -711,27 +1116,58 @@ def _scalar(x, like):
     return like.dtype.type(x)
 
 
-def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer):
+def _noise_args(noise, noise_std, pre, out):
+    """(code, std in out's dtype, pre or an empty (0, O) view, the noise words' buffer)."""
+    noise = int(noise)
+    pre = out[:0] if pre is None or pre.size == 0 else pre
+    return noise, _scalar(noise_std, out), pre, _words_for(out.size if noise else 0)
+
+
+def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
+                  noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     _dense_forward(x, W, b, out, int(act), _scalar(slope, out), int(drop_threshold),
                    _scalar(drop_scale, out), k0, k1, int(step), int(layer),
-                   _words_for(out.size))
+                   _words_for(out.size), *_noise_args(noise, noise_std, pre, out))
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer):
+                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     if dx.size == 0:
         dx = grad[:0]
     _dense_backward(grad, out, x, W, dW, db, dx, int(act), _scalar(slope, out),
                     int(drop_threshold), _scalar(drop_scale, out), k0, k1, int(step),
-                    int(layer), _words_for(out.size))
+                    int(layer), _words_for(out.size), *_noise_args(noise, noise_std, pre, out))
 
 
-def input_dropout(x, out, threshold, scale, seed, step, layer):
+def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
+                     eps, seed, step, layer):
     k0, k1 = split_seed(seed)
+    _bn_dense_forward(x, W, b, out, xhat, gb, save, int(act), _scalar(slope, out),
+                      int(drop_threshold), _scalar(drop_scale, out),
+                      np.float64(_scalar(eps, out)), k0, k1, int(step), int(layer),
+                      _words_for(out.size))
+
+
+def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
+                      drop_threshold, drop_scale, momentum, seed, step, layer):
+    k0, k1 = split_seed(seed)
+    if dx.size == 0:
+        dx = grad[:0]
+    _bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, int(act),
+                       _scalar(slope, out), int(drop_threshold), _scalar(drop_scale, out),
+                       np.float64(_scalar(momentum, out)), k0, k1, int(step), int(layer),
+                       _words_for(out.size))
+
+
+def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NONE,
+                  noise_std=0.0):
+    k0, k1 = split_seed(seed)
+    noise = int(noise)
     _input_dropout(x, out, int(threshold), _scalar(scale, x), k0, k1, int(step), int(layer),
-                   _words_for(x.size))
+                   _words_for(x.size), noise, _scalar(noise_std, x),
+                   _words_for(x.size if noise else 0))
 
 
 def loss_forward_backward(logits, y, grad, loss):
@@ -765,18 +1201,28 @@ def _typed(net):
     """Typed lists and scratch for the compiled epoch, built once per workspace."""
     cache = net.cache
     if "Ws" not in cache:
+        driver.ensure_bn_lists(net)
         dt = net.dtype
         cols = max(W.shape[1] for W in net.Ws)
         widest = max(cols, net.Ws[0].shape[0])
-        for name in ("Ws", "bs", "dWs", "dbs", "mW", "vW", "mb", "vb", "acts", "grads"):
+        for name in ("Ws", "bs", "dWs", "dbs", "mW", "vW", "mb", "vb", "acts", "grads", "gbs",
+                     "dgbs", "mgb", "vgb", "stats", "xhats", "saves"):
             arrays = getattr(net, name)
             if name in ("mW", "vW"):
                 arrays = [a if a.size else np.zeros((0, W.shape[1]), dt)
                           for a, W in zip(arrays, net.Ws)]
             cache[name] = List(arrays)
         cache["words"] = np.zeros((4, (net.batch * widest + 3) // 4), np.uint32)
+        noisy = any(driver.noise_of(net, l)[0] for l in range(net.n_layers)) \
+            or driver.input_noise_of(net)[0]
+        cache["nwords"] = np.zeros((4, (net.batch * widest + 3) // 4 if noisy else 0),
+                                   np.uint32)
+        pres = net.pres if len(net.pres) == net.n_layers else \
+            [np.zeros((0, W.shape[1]), dt) for W in net.Ws]
+        cache["pres"] = List(pres)
         cache["coef"] = np.zeros(16, dt)
-        cache["scratch"] = np.zeros(_scratch_size(max(W.size for W in net.Ws), cols))
+        cache["scratch"] = np.zeros(_scratch_size(
+            max([W.size for W in net.Ws] + [g.size for g in net.gbs]), cols))
     return cache
 
 
@@ -792,7 +1238,8 @@ def _train_epoch_call(net, X, Y, perm, batch_size, step0, t0):
                         c["mW"], c["vW"], c["mb"], c["vb"], c["acts"], c["grads"],
                         net.xbuf, net.xdrop, net.ybuf, c["words"], net.li, net.lf, net.hpW,
                         net.hpb, int(net.opt), int(net.loss), k0, k1, int(step0), int(t0),
-                        c["coef"], c["scratch"])
+                        c["coef"], c["scratch"], c["gbs"], c["dgbs"], c["mgb"], c["vgb"],
+                        c["stats"], c["xhats"], c["saves"], net.hpgb, c["pres"], c["nwords"])
 
 
 def forward_inference(net, X, batch_size):

@@ -11,7 +11,8 @@ GEMM strategy, chosen per shape by ``_use_cublas(M, N, K)``:
 - Small and medium GEMMs (M*N*K < CUBLAS_MIN_MACS, or no CuPy): our own tiled shared-memory
   kernel ``gemm``: TILE_M x TILE_N output tiles, TILE_K deep, THREAD_M x THREAD_N register
   micro-tile per thread, transposes as flags (no copies). Its epilogue is fused:
-    forward   bias + activation + dropout (Philox regenerated per 4-word group)    -> out
+    forward   bias + activation [+ noise, f(z) -> pre] + dropout (Philox regenerated per
+              4-word group; the noise words, stream STREAM_NOISE, likewise)           -> out
     backward  dW = x^T dz with the bias gradient summed from the same dz tiles (the blocks of
               the first row-tile sum their shared-memory dz tiles over the batch, in row
               order: no atomics, deterministic), and in the SAME launch (blockIdx.z = 1)
@@ -54,7 +55,7 @@ import numpy as np
 
 from . import contract as C
 from .philox import (MASK32, PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, STREAM_DROPOUT,
-                     STREAM_INPUT_DROPOUT, split_seed)
+                     STREAM_INPUT_DROPOUT, STREAM_INPUT_NOISE, STREAM_NOISE, TWO_PI, split_seed)
 from .reference import output_transform as _ref_output_transform
 from .reference import penalty_value as _ref_penalty_value
 
@@ -284,6 +285,66 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
             return ZERO
         return g * activation_grad(a, act, slope)
 
+    # Gaussian noise (GaussianNoise / GaussianDropout): philox.normal_from_words, float64
+    # libdevice log / cos / sin, rounded once to the dtype by the callers.
+    @cuda.jit(**dev)
+    def normal_pair(wa, wb, odd):
+        u1 = (np.float64(wa) + 0.5) * (1.0 / 4294967296.0)
+        u2 = (np.float64(wb) + 0.5) * (1.0 / 4294967296.0)
+        r = math.sqrt(-2.0 * math.log(u1))
+        t = TWO_PI * u2
+        if odd:
+            return r * math.sin(t)
+        return r * math.cos(t)
+
+    @cuda.jit(**dev)
+    def normal_of(w0, w1, w2, w3, q):
+        """The normal of word q of a group: Box-Muller on the pairs (0, 1) and (2, 3)."""
+        if q < 2:
+            return normal_pair(w0, w1, q == 1)
+        return normal_pair(w2, w3, q == 3)
+
+    @cuda.jit(**dev)
+    def normal_at(e, k0, k1, step, layer, stream):
+        """The normal of element e of the (seed, step, layer, stream) sequence (float64)."""
+        w0, w1, w2, w3 = philox4x32(np.uint64(e >> 2), np.uint64(step) & MASK,
+                                    np.uint64(layer) & MASK, np.uint64(stream) & MASK, k0, k1)
+        return normal_of(w0, w1, w2, w3, e & 3)
+
+    @cuda.jit(**dev)
+    def noisy(v, noise, nstd, nrm):
+        """NOISE_ADD: v + std * n; NOISE_MUL: v * (1 + std * n) (n in the dtype)."""
+        if noise == C.NOISE_ADD:
+            return v + nstd * nrm
+        return v * (ONE + nstd * nrm)
+
+    @cuda.jit(**dev)
+    def noise_forward_value(z, act, slope, thr, scale, word, noise, nstd, nrm):
+        """(out, pre) of one element of a layer with noise: pre = f(z), out = dropout(noise)."""
+        a = activate(z, act, slope)
+        v = noisy(a, noise, nstd, nrm)
+        if thr > 0:
+            if word >= np.uint64(thr):
+                v = v * scale
+            else:
+                v = ZERO
+        return v, a
+
+    @cuda.jit(**dev)
+    def noise_backward_value(g, p, act, slope, thr, scale, word, noise, nstd, nrm):
+        """dL/dz of a layer with noise (cpu._dz_noise_loop, one element): p = pre (unused for
+        a linear layer), nrm the regenerated normal (unused for NOISE_ADD)."""
+        d = g
+        if thr > 0:
+            d = d * scale
+        if noise == C.NOISE_MUL:
+            d = d * (ONE + nstd * nrm)
+        if act != C.ACT_LINEAR:
+            d = d * activation_grad(p, act, slope)
+        if thr > 0 and word < np.uint64(thr):
+            d = ZERO
+        return d
+
     @cuda.jit(**dev)
     def sign(x):
         if x > ZERO:
@@ -295,7 +356,12 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
     # ------------------------------------------------------------ GEMM with fused epilogues
     @cuda.jit(**dev)
     def gemm_problem(As, Bs, acc, areg, breg, dbacc, A, B, Cm, ta, tb, M, N, K, epi, bias, has_bias,
-                     act, slope, thr, scale, layer, eout, dbias, want_db, k0, k1, step):
+                     act, slope, thr, scale, layer, eout, dbias, want_db, k0, k1, step, noise,
+                     nstd):
+        """One GEMM problem and its epilogue. eout: the stored output of the layer whose
+        backward epilogue runs (EPI_BACKWARD), or with noise that layer's pre-noise f(z)
+        (written in EPI_FORWARD, read in EPI_BACKWARD): CPython passes at most 30 arguments
+        without packing them (which numba cannot compile), so pre shares eout's slot."""
         tid = cuda.threadIdx.x
         tx = tid % NTX
         ty = tid // NTX
@@ -358,6 +424,9 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
                 nn = tid + c * NT
                 if nn < TN and bn + nn < N:
                     dbias[bn + nn] = dbacc[c]
+        # noise words: with output noise in the forward, with GaussianDropout in the backward
+        want_n = epi != EPI_NONE and noise != C.NOISE_NONE and (
+            epi == EPI_FORWARD or noise == C.NOISE_MUL)
         for r in range(RM):
             i = bm + ty * RM + r
             if i < M:
@@ -366,14 +435,19 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
                 w1 = U0
                 w2 = U0
                 w3 = U0
+                ncache = -1
+                n0 = U0
+                n1 = U0
+                n2 = U0
+                n3 = U0
                 for c in range(RN):
                     j = bn + tx * RN + c
                     if j < N:
                         v = acc[r, c]
                         word = U0
+                        e = i * N + j
+                        g = e >> 2
                         if epi != EPI_NONE and thr > 0:
-                            e = i * N + j
-                            g = e >> 2
                             if g != gcache:     # one Philox call per 4 consecutive elements
                                 w0, w1, w2, w3 = philox4x32(
                                     np.uint64(g), np.uint64(step) & MASK,
@@ -381,20 +455,41 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
                                     k0, k1)
                                 gcache = g
                             word = pick(w0, w1, w2, w3, e & 3)
+                        nrm = ZERO
+                        if want_n:
+                            if g != ncache:
+                                n0, n1, n2, n3 = philox4x32(
+                                    np.uint64(g), np.uint64(step) & MASK,
+                                    np.uint64(layer) & MASK, np.uint64(STREAM_NOISE), k0, k1)
+                                ncache = g
+                            nrm = FT(normal_of(n0, n1, n2, n3, e & 3))
                         if epi == EPI_FORWARD:
                             if has_bias:
                                 v = v + bias[j]
-                            v = forward_value(v, act, slope, thr, scale, word)
+                            if noise != C.NOISE_NONE:
+                                v, a = noise_forward_value(v, act, slope, thr, scale, word,
+                                                           noise, nstd, nrm)
+                                if act != C.ACT_LINEAR:
+                                    eout[i, j] = a
+                            else:
+                                v = forward_value(v, act, slope, thr, scale, word)
                         elif epi == EPI_BACKWARD:
-                            v = backward_value(v, eout[i, j], act, slope, thr, scale, word)
+                            if noise != C.NOISE_NONE:
+                                p = eout[i, j] if act != C.ACT_LINEAR else ZERO
+                                v = noise_backward_value(v, p, act, slope, thr, scale, word,
+                                                         noise, nstd, nrm)
+                            else:
+                                v = backward_value(v, eout[i, j], act, slope, thr, scale, word)
                         Cm[i, j] = v
 
     @cuda.jit
     def gemm(A0, B0, C0, ta0, tb0, M0_, N0_, K0_, epi0, bias0, hb0, act0, slope0, thr0, scale0,
              layer0, eout0, db0, wdb0,
              A1, B1, C1, ta1, tb1, M1_, N1_, K1_, epi1, act1, slope1, thr1, scale1, layer1,
-             eout1, k0, k1, step):
-        """blockIdx.z = 0: problem 0 (any epilogue, optional bias gradient); z = 1: problem 1."""
+             eout1, k0, k1, step, noise0, nstd0, noise1, nstd1):
+        """blockIdx.z = 0: problem 0 (any epilogue, optional bias gradient); z = 1: problem 1.
+        noise*, nstd*: the noise of the layer whose epilogue a problem runs (its pre-noise
+        f(z) then travels in eout*: see gemm_problem)."""
         As = cuda.shared.array((TK, TMP), T)
         Bs = cuda.shared.array((TK, TNP), T)
         acc = cuda.local.array((RM, RN), T)
@@ -404,16 +499,18 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
         if cuda.blockIdx.z == 0:
             gemm_problem(As, Bs, acc, areg, breg, dbacc, A0, B0, C0, ta0, tb0, M0_, N0_, K0_, epi0,
                          bias0, hb0, act0, slope0, thr0, scale0, layer0, eout0, db0,
-                         wdb0 != 0 and cuda.blockIdx.y == 0, k0, k1, step)
+                         wdb0 != 0 and cuda.blockIdx.y == 0, k0, k1, step, noise0, nstd0)
         else:
             gemm_problem(As, Bs, acc, areg, breg, dbacc, A1, B1, C1, ta1, tb1, M1_, N1_, K1_, epi1,
                          bias0, 0, act1, slope1, thr1, scale1, layer1, eout1, db0, False,
-                         k0, k1, step)
+                         k0, k1, step, noise1, nstd1)
 
     # ------------------------------------------------------------ elementwise epilogues
     @cuda.jit
-    def forward_epilogue(out, bias, has_bias, act, slope, thr, scale, k0, k1, step, layer):
-        """After a cuBLAS GEMM: out = dropout(f(out + b)) in place."""
+    def forward_epilogue(out, bias, has_bias, act, slope, thr, scale, k0, k1, step, layer,
+                         noise, nstd, pre):
+        """After a cuBLAS GEMM: out = dropout(noise(f(out + b))) in place (pre = f(out + b)
+        with noise and a nonlinear f)."""
         B, O = out.shape
         for e in range(cuda.grid(1), B * O, cuda.gridsize(1)):
             i = e // O
@@ -422,7 +519,31 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
             if has_bias:
                 v = v + bias[j]
             word = philox_word(e, k0, k1, step, layer, STREAM_DROPOUT) if thr > 0 else U0
-            out[i, j] = forward_value(v, act, slope, thr, scale, word)
+            if noise != C.NOISE_NONE:
+                nrm = FT(normal_at(e, k0, k1, step, layer, STREAM_NOISE))
+                v, a = noise_forward_value(v, act, slope, thr, scale, word, noise, nstd, nrm)
+                if act != C.ACT_LINEAR:
+                    pre[i, j] = a
+                out[i, j] = v
+            else:
+                out[i, j] = forward_value(v, act, slope, thr, scale, word)
+
+    @cuda.jit
+    def noise_backward_epilogue(grad, pre, act, slope, thr, scale, noise, nstd, k0, k1, step,
+                                layer):
+        """grad = dL/d(out) -> dL/dz in place for a layer with noise (mask and GaussianDropout
+        factor regenerated, f' from pre)."""
+        B, O = grad.shape
+        for e in range(cuda.grid(1), B * O, cuda.gridsize(1)):
+            i = e // O
+            j = e - i * O
+            word = philox_word(e, k0, k1, step, layer, STREAM_DROPOUT) if thr > 0 else U0
+            nrm = ZERO
+            if noise == C.NOISE_MUL:
+                nrm = FT(normal_at(e, k0, k1, step, layer, STREAM_NOISE))
+            p = pre[i, j] if act != C.ACT_LINEAR else ZERO
+            grad[i, j] = noise_backward_value(grad[i, j], p, act, slope, thr, scale, word,
+                                              noise, nstd, nrm)
 
     @cuda.jit
     def backward_epilogue(grad, out, act, slope, thr, scale, k0, k1, step, layer):
@@ -445,17 +566,24 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
             db[j] = s
 
     @cuda.jit
-    def input_dropout(x, out, thr, scale, k0, k1, step, layer):
+    def input_dropout(x, out, thr, scale, k0, k1, step, layer, noise, nstd):
+        """out = dropout(noise(x)) (streams STREAM_INPUT_NOISE, STREAM_INPUT_DROPOUT)."""
         B, I = x.shape
         for e in range(cuda.grid(1), B * I, cuda.gridsize(1)):
             i = e // I
             j = e - i * I
-            word = philox_word(e, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
-            out[i, j] = x[i, j] * scale if word >= np.uint64(thr) else ZERO
+            v = x[i, j]
+            if noise != C.NOISE_NONE:
+                v = noisy(v, noise, nstd, FT(normal_at(e, k0, k1, step, layer,
+                                                       STREAM_INPUT_NOISE)))
+            if thr > 0:
+                word = philox_word(e, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
+                v = v * scale if word >= np.uint64(thr) else ZERO
+            out[i, j] = v
 
     @cuda.jit
-    def gather(X, Y, perm, start, n, xout, yout, thr, scale, k0, k1, step):
-        """Rows perm[start:start+n] of X and Y; input dropout (layer 0) fused on X."""
+    def gather(X, Y, perm, start, n, xout, yout, thr, scale, k0, k1, step, noise, nstd):
+        """Rows perm[start:start+n] of X and Y; input noise and dropout (layer 0) fused on X."""
         I0 = X.shape[1]
         Ky = Y.shape[1]
         width = I0 + Ky
@@ -465,6 +593,9 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
             src = perm[start + r]
             if j < I0:
                 v = X[src, j]
+                if noise != C.NOISE_NONE:
+                    v = noisy(v, noise, nstd, FT(normal_at(r * I0 + j, k0, k1, step, 0,
+                                                           STREAM_INPUT_NOISE)))
                 if thr > 0:
                     word = philox_word(r * I0 + j, k0, k1, step, 0, STREAM_INPUT_DROPOUT)
                     v = v * scale if word >= np.uint64(thr) else ZERO
@@ -725,14 +856,84 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
                     for i in range(R):
                         P[off + i * O + j] = P[off + i * O + j] * sc
 
+    # ------------------------------------------------------------ BatchNorm (training)
+    @cuda.jit
+    def bn_forward(out, bias, has_bias, gb, xhat, save, act, slope, thr, scale, eps, k0, k1,
+                   step, layer):
+        """After a plain GEMM (out = x @ W), a thread per unit j, rows in order (the CPU's
+        column sums): z = out + b; batch mean and biased variance (float64, two passes);
+        inv_std rounded to the dtype; zhat -> xhat, out = dropout(f(gamma * zhat + beta))."""
+        j = cuda.grid(1)
+        B, O = out.shape
+        if j < O:
+            s = 0.0
+            for i in range(B):
+                v = out[i, j]
+                if has_bias:
+                    v = v + bias[j]
+                    out[i, j] = v
+                s += np.float64(v)
+            mean = s / B
+            q = 0.0
+            for i in range(B):
+                d = np.float64(out[i, j]) - mean
+                q += d * d
+            var = q / B
+            inv = FT(1.0 / math.sqrt(var + eps))
+            save[C.BN_SAVE_MEAN, j] = mean
+            save[C.BN_SAVE_VAR, j] = var
+            save[C.BN_SAVE_INVSTD, j] = np.float64(inv)
+            mu = FT(mean)
+            gam = gb[C.BN_GAMMA, j]
+            bet = gb[C.BN_BETA, j]
+            for i in range(B):
+                xh = (out[i, j] - mu) * inv
+                xhat[i, j] = xh
+                word = (philox_word(i * O + j, k0, k1, step, layer, STREAM_DROPOUT)
+                        if thr > 0 else U0)
+                out[i, j] = forward_value(gam * xh + bet, act, slope, thr, scale, word)
+
+    @cuda.jit
+    def bn_backward(grad, xhat, gb, save, dgb, db, has_bias, stats, momentum, status):
+        """grad holds dy (the activation / dropout backward already applied); a thread per
+        unit: dbeta = sum dy, dgamma = sum dy * zhat (float64, rows in order) -> dgb; dz =
+        c1 * ((dy - c2) - zhat * c3) in place; db = 0; then, unless the step stopped on a
+        non-finite loss, the running statistics (Keras' momentum, biased variance)."""
+        j = cuda.grid(1)
+        B, O = grad.shape
+        if j < O:
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(B):
+                d = np.float64(grad[i, j])
+                s1 += d
+                s2 += d * np.float64(xhat[i, j])
+            dgb[C.BN_GAMMA, j] = FT(s2)
+            dgb[C.BN_BETA, j] = FT(s1)
+            c1 = FT(np.float64(gb[C.BN_GAMMA, j]) * save[C.BN_SAVE_INVSTD, j])
+            c2 = FT(s1 / B)
+            c3 = FT(s2 / B)
+            for i in range(B):
+                grad[i, j] = c1 * ((grad[i, j] - c2) - xhat[i, j] * c3)
+            if has_bias:
+                db[j] = ZERO
+            if status[ST_STOP] == 0.0:
+                rest = 1.0 - momentum
+                stats[C.BN_MEAN, j] = FT(momentum * np.float64(stats[C.BN_MEAN, j])
+                                         + rest * save[C.BN_SAVE_MEAN, j])
+                stats[C.BN_VAR, j] = FT(momentum * np.float64(stats[C.BN_VAR, j])
+                                        + rest * save[C.BN_SAVE_VAR, j])
+
     ns = _NS()
     ns.__dict__.update(dict(
         TM=TM, TN=TN, TK=TK, NT=NT, NB=NB, CHUNK=CHUNK, dtype=dtype,
         philox4x32=philox4x32, gemm=gemm, forward_epilogue=forward_epilogue,
         backward_epilogue=backward_epilogue, column_sums=column_sums,
+        noise_backward_epilogue=noise_backward_epilogue,
         input_dropout=input_dropout, gather=gather, philox_words=philox_words,
         stream_words=stream_words, loss_kernel=loss_kernel, update=update,
-        group_penalty=group_penalty, columns=columns))
+        group_penalty=group_penalty, columns=columns, bn_forward=bn_forward,
+        bn_backward=bn_backward))
     return ns
 
 
@@ -762,36 +963,45 @@ def _matmul(ns, A, B, Cm, ta, tb):
     z = ns.dtype.type(0)
     ns.gemm[(gx, gy, 1), ns.NT](A, B, Cm, ta, tb, M, N, K, EPI_NONE, d1, 0, 0, z, 0, z, 0, d,
                                 d1, 0, d, d, d, 0, 0, 0, 0, 0, EPI_NONE, 0, z, 0, z, 0, d,
-                                0, 0, 0)
+                                0, 0, 0, 0, z, 0, z)
 
 
-def _dense_forward_dev(ns, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer):
-    """out = dropout(f(x @ W + b)) on device arrays (b: 1 element and has_bias=0 if none)."""
+def _dense_forward_dev(ns, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer,
+                       noise=C.NOISE_NONE, nstd=None, pre=None):
+    """out = dropout(noise(f(x @ W + b))) on device arrays (b: 1 element and has_bias=0 if
+    none); pre (B, O) receives f(x @ W + b) when there is noise and f is nonlinear (it must
+    then be a real array; None otherwise)."""
     M, K = x.shape
     N = W.shape[1]
     has_bias = 1 if b.shape[0] == N and N > 0 and b is not ns.dummy1 else 0
+    z = ns.dtype.type(0)
+    nstd = z if nstd is None else nstd
+    pre = ns.dummy if pre is None else pre
     if _use_cublas(M, N, K):
         _matmul(ns, x, W, out, 0, 0)
         ns.forward_epilogue[_grid1(M * N, ns.NB), ns.NB](out, b, has_bias, act, slope, thr,
-                                                         scale, k0, k1, step, layer)
+                                                         scale, k0, k1, step, layer, noise,
+                                                         nstd, pre)
         return
     gx, gy = _gemm_grid(ns, M, N)
     d = ns.dummy
-    z = ns.dtype.type(0)
     ns.gemm[(gx, gy, 1), ns.NT](x, W, out, 0, 0, M, N, K, EPI_FORWARD, b, has_bias, act, slope,
-                                thr, scale, layer, d, ns.dummy1, 0,
+                                thr, scale, layer, pre, ns.dummy1, 0,
                                 d, d, d, 0, 0, 0, 0, 0, EPI_NONE, 0, z, 0, z, 0, d,
-                                k0, k1, step)
+                                k0, k1, step, noise, nstd, 0, z)
 
 
 def _dense_backward_dev(ns, dz, x, W, dW, db, has_bias, dx, prev, k0, k1, step):
     """dW = x^T dz, db = colsum(dz), and (if dx is not None) dx = dz W^T followed by the
-    backward epilogue of the previous layer `prev` = (out, act, slope, thr, scale, layer) or
-    None for a plain dx. dz already holds dL/dz of this layer."""
+    backward epilogue of the previous layer `prev` = (out, act, slope, thr, scale, layer)
+    [+ (noise, nstd, pre) for a layer with noise] or None for a plain dx. dz already holds
+    dL/dz of this layer."""
     B, O = dz.shape
     I = x.shape[1]
     z = ns.dtype.type(0)
     d, d1 = ns.dummy, ns.dummy1
+    if prev is not None and len(prev) == 6:
+        prev = tuple(prev) + (C.NOISE_NONE, z, d)
     split_w = _use_cublas(I, O, B)
     split_x = dx is not None and _use_cublas(B, I, O)
     if split_w:
@@ -801,18 +1011,25 @@ def _dense_backward_dev(ns, dz, x, W, dW, db, has_bias, dx, prev, k0, k1, step):
     if dx is not None and split_x:
         _matmul(ns, dz, W, dx, 0, 1)
         if prev is not None:
-            out, act, slope, thr, scale, layer = prev
-            ns.backward_epilogue[_grid1(B * I, ns.NB), ns.NB](dx, out, act, slope, thr, scale,
-                                                              k0, k1, step, layer)
+            out, act, slope, thr, scale, layer, noise, nstd, pre = prev
+            if noise != C.NOISE_NONE:
+                ns.noise_backward_epilogue[_grid1(B * I, ns.NB), ns.NB](
+                    dx, pre, act, slope, thr, scale, noise, nstd, k0, k1, step, layer)
+            else:
+                ns.backward_epilogue[_grid1(B * I, ns.NB), ns.NB](dx, out, act, slope, thr,
+                                                                  scale, k0, k1, step, layer)
     p0 = not split_w
     p1 = dx is not None and not split_x
     if not (p0 or p1):
         return
     if prev is not None:
-        eout, act1, slope1, thr1, scale1, layer1 = prev
+        eout, act1, slope1, thr1, scale1, layer1, noise1, nstd1, pre1 = prev
+        if noise1 != C.NOISE_NONE:      # its backward reads pre, not the output
+            eout = pre1
         epi1 = EPI_BACKWARD
     else:
         eout, act1, slope1, thr1, scale1, layer1, epi1 = d, 0, z, 0, z, 0, EPI_NONE
+        noise1, nstd1 = C.NOISE_NONE, z
     a0 = (x, dz, dW, 1, 0, I, O, B) if p0 else (d, d, d, 0, 0, 0, 0, 0)
     a1 = (dz, W, dx, 0, 1, B, I, O) if p1 else (d, d, d, 0, 0, 0, 0, 0)
     gx0, gy0 = _gemm_grid(ns, a0[5], a0[6]) if p0 else (1, 1)
@@ -821,11 +1038,28 @@ def _dense_backward_dev(ns, dz, x, W, dW, db, has_bias, dx, prev, k0, k1, step):
     if not p0:      # only problem 1: put it in slot 0 (z = 0) with the backward epilogue
         ns.gemm[(gx1, gy1, 1), ns.NT](*a1, epi1, d1, 0, act1, slope1, thr1, scale1, layer1,
                                       eout, d1, 0, d, d, d, 0, 0, 0, 0, 0, EPI_NONE, 0, z, 0,
-                                      z, 0, d, k0, k1, step)
+                                      z, 0, d, k0, k1, step, noise1, nstd1, 0, z)
         return
     ns.gemm[(max(gx0, gx1), max(gy0, gy1), nz), ns.NT](
         *a0, EPI_NONE, d1, 0, 0, z, 0, z, 0, d, db if has_bias else d1, 1 if has_bias else 0,
-        *a1, epi1, act1, slope1, thr1, scale1, layer1, eout, k0, k1, step)
+        *a1, epi1, act1, slope1, thr1, scale1, layer1, eout, k0, k1, step, 0, z, noise1, nstd1)
+
+
+def _bn_dense_forward_dev(ns, x, W, b, has_bias, out, xhat, gb, save, act, slope, thr, scale,
+                         eps, k0, k1, step, layer):
+    """BatchNorm dense forward on device arrays: a plain GEMM, then bn_forward (the column
+    statistics need the whole batch, so this epilogue cannot live in the GEMM's tiles)."""
+    _matmul(ns, x, W, out, 0, 0)
+    O = out.shape[1]
+    ns.bn_forward[(O + ns.NB - 1) // ns.NB, ns.NB](out, b, has_bias, gb, xhat, save, act, slope,
+                                                   thr, scale, eps, k0, k1, step, layer)
+
+
+def _bn_backward_dev(ns, dy, xhat, gb, save, dgb, db, has_bias, stats, momentum, status):
+    """dy -> dz in place through the batch statistics; dgb, db = 0, the running statistics."""
+    O = dy.shape[1]
+    ns.bn_backward[(O + ns.NB - 1) // ns.NB, ns.NB](dy, xhat, gb, save, dgb, db, has_bias,
+                                                    stats, momentum, status)
 
 
 # ---------------------------------------------------------------- the contract (per op)
@@ -837,27 +1071,42 @@ def _bias_dev(ns, b, O):
     return (_dev(b), 1) if b.size else (ns.dummy1, 0)
 
 
-def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer):
+def _needs_pre(noise, act):
+    return int(noise) != C.NOISE_NONE and int(act) != C.ACT_LINEAR
+
+
+def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
+                  noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     ns = _kernels(out.dtype)
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     bd, _ = _bias_dev(ns, b, W.shape[1])
     od = cuda.device_array(out.shape, out.dtype)
+    pd = cuda.device_array(out.shape, out.dtype) if _needs_pre(noise, act) else None
     _dense_forward_dev(ns, _dev(x), _dev(W), bd, od, int(act), dt(slope), int(drop_threshold),
-                       dt(drop_scale), k0, k1, int(step), int(layer))
+                       dt(drop_scale), k0, k1, int(step), int(layer), int(noise),
+                       dt(noise_std), pd)
     out[...] = od.copy_to_host()
+    if pd is not None and pre is not None and pre.size:
+        pre[...] = pd.copy_to_host()
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer):
+                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     ns = _kernels(out.dtype)
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     B, O = grad.shape
     gd = _dev(grad)
-    ns.backward_epilogue[_grid1(B * O, ns.NB), ns.NB](gd, _dev(out), int(act), dt(slope),
-                                                      int(drop_threshold), dt(drop_scale),
-                                                      k0, k1, int(step), int(layer))
+    if int(noise) != C.NOISE_NONE:
+        pd = _dev(pre) if _needs_pre(noise, act) else ns.dummy
+        ns.noise_backward_epilogue[_grid1(B * O, ns.NB), ns.NB](
+            gd, pd, int(act), dt(slope), int(drop_threshold), dt(drop_scale), int(noise),
+            dt(noise_std), k0, k1, int(step), int(layer))
+    else:
+        ns.backward_epilogue[_grid1(B * O, ns.NB), ns.NB](gd, _dev(out), int(act), dt(slope),
+                                                          int(drop_threshold), dt(drop_scale),
+                                                          k0, k1, int(step), int(layer))
     dWd = cuda.device_array(dW.shape, dW.dtype)
     has_bias = db.size > 0
     dbd = cuda.device_array(db.shape, db.dtype) if has_bias else ns.dummy1
@@ -872,13 +1121,63 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
         dx[...] = dxd.copy_to_host()
 
 
-def input_dropout(x, out, threshold, scale, seed, step, layer):
+def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
+                     eps, seed, step, layer):
+    ns = _kernels(out.dtype)
+    k0, k1 = split_seed(seed)
+    dt = out.dtype.type
+    bd, hb = _bias_dev(ns, b, W.shape[1])
+    od = cuda.device_array(out.shape, out.dtype)
+    xd = cuda.device_array(xhat.shape, xhat.dtype)
+    sd = cuda.to_device(np.ascontiguousarray(save, np.float64))
+    _bn_dense_forward_dev(ns, _dev(x), _dev(W), bd, hb, od, xd, _dev(gb), sd, int(act),
+                          dt(slope), int(drop_threshold), dt(drop_scale), float(dt(eps)), k0,
+                          k1, int(step), int(layer))
+    out[...] = od.copy_to_host()
+    xhat[...] = xd.copy_to_host()
+    save[...] = sd.copy_to_host()
+
+
+def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
+                      drop_threshold, drop_scale, momentum, seed, step, layer):
+    ns = _kernels(out.dtype)
+    k0, k1 = split_seed(seed)
+    dt = out.dtype.type
+    B, O = grad.shape
+    gd = _dev(grad)
+    ns.backward_epilogue[_grid1(B * O, ns.NB), ns.NB](gd, _dev(out), int(act), dt(slope),
+                                                      int(drop_threshold), dt(drop_scale),
+                                                      k0, k1, int(step), int(layer))
+    has_bias = db.size > 0
+    dbd = cuda.to_device(np.ascontiguousarray(db)) if has_bias else ns.dummy1
+    dgbd = cuda.device_array(dgb.shape, dgb.dtype)
+    std = _dev(stats)
+    status = cuda.to_device(np.zeros(ST_SIZE))
+    _bn_backward_dev(ns, gd, _dev(xhat), _dev(gb), _dev(save), dgbd, dbd, 1 if has_bias else 0,
+                     std, float(dt(momentum)), status)
+    dWd = cuda.device_array(dW.shape, dW.dtype)
+    dxd = cuda.device_array(dx.shape, dx.dtype) if dx.size else None
+    _dense_backward_dev(ns, gd, _dev(x), _dev(W), dWd, ns.dummy1, False, dxd, None, k0, k1,
+                        int(step))
+    grad[...] = gd.copy_to_host()
+    dW[...] = dWd.copy_to_host()
+    dgb[...] = dgbd.copy_to_host()
+    stats[...] = std.copy_to_host()
+    if has_bias:
+        db[...] = dbd.copy_to_host()
+    if dxd is not None:
+        dx[...] = dxd.copy_to_host()
+
+
+def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NONE,
+                  noise_std=0.0):
     ns = _kernels(x.dtype)
     k0, k1 = split_seed(seed)
     od = cuda.device_array(x.shape, x.dtype)
     ns.input_dropout[_grid1(x.size, ns.NB), ns.NB](_dev(x), od, int(threshold),
                                                    x.dtype.type(scale), k0, k1, int(step),
-                                                   int(layer))
+                                                   int(layer), int(noise),
+                                                   x.dtype.type(noise_std))
     out[...] = od.copy_to_host()
 
 
@@ -994,12 +1293,18 @@ class _DeviceNet:
     """Device copies of a Net: parameters, gradients and moments in flat buffers (so one
     launch updates them all), the batch workspace, the cached training set, the status."""
 
+    # host arrays of each segment kind: (parameters, first moments, second moments)
+    HOST_NAMES = {"W": ("Ws", "mW", "vW"), "b": ("bs", "mb", "vb"), "gb": ("gbs", "mgb", "vgb")}
+
     def __init__(self, net):
         self.ns = ns = _kernels(net.dtype)
         dt = net.dtype
         L = net.n_layers
         self.L = L
         self.training = len(net.dWs) == L
+        from .driver import ensure_bn_lists
+        ensure_bn_lists(net)
+        self.bn = [self.training and bool(net.li[l, C.LI_BN]) for l in range(L)]
         shapes, hps, has_m, is2d = [], [], [], []
         self.host = []          # (kind, layer) per segment, for sync_to_host
         for l in range(L):
@@ -1014,11 +1319,17 @@ class _DeviceNet:
                 has_m.append(self.training and net.mb[l].size > 0)
                 is2d.append(False)
                 self.host.append(("b", l))
+            if self.bn[l]:      # gamma; beta as one vector: the fused update, no penalty
+                shapes.append((net.gbs[l].size,))
+                hps.append(net.hpgb[l])
+                has_m.append(net.mgb[l].size > 0)
+                is2d.append(False)
+                self.host.append(("gb", l))
         self.tab = _segment_tables(ns, shapes, has_m, np.array(hps, np.float64).reshape(
             len(shapes), C.HP_SIZE), is2d)
         off = self.tab["off"]
         total = int(off[-1])
-        flat = np.concatenate([(net.Ws[l] if k == "W" else net.bs[l]).reshape(-1)
+        flat = np.concatenate([getattr(net, self.HOST_NAMES[k][0])[l].reshape(-1)
                                for k, l in self.host]).astype(dt)
         self.P = cuda.to_device(flat)
         self.Ws, self.bs = [None] * L, [ns.dummy1] * L
@@ -1027,12 +1338,15 @@ class _DeviceNet:
         for s, (k, l) in enumerate(self.host):
             views[(k, l)] = (int(off[s]), int(off[s + 1]), shapes[s])
         self.views = views
+        self.gbs = [ns.dummy] * L
         for (k, l), (lo, hi, shp) in views.items():
             v = self.P[lo:hi].reshape(shp) if k == "W" else self.P[lo:hi]
             if k == "W":
                 self.Ws[l] = v
-            else:
+            elif k == "b":
                 self.bs[l] = v
+            else:
+                self.gbs[l] = v.reshape(net.gbs[l].shape)
         if not self.training:
             return
         self.G = cuda.device_array(total, dt)
@@ -1040,24 +1354,37 @@ class _DeviceNet:
                     for l in range(L)]
         self.dbs = [self.G[views[("b", l)][0]:views[("b", l)][1]] if self.has_bias[l]
                     else ns.dummy1 for l in range(L)]
+        self.dgbs = [self.G[views[("gb", l)][0]:views[("gb", l)][1]].reshape(net.gbs[l].shape)
+                     if self.bn[l] else ns.dummy for l in range(L)]
+        self.stats = [cuda.to_device(net.stats[l]) if self.bn[l] else ns.dummy
+                      for l in range(L)]
+        self.saves = [cuda.device_array((C.BN_SAVE_ROWS, net.Ws[l].shape[1]), np.float64)
+                      if self.bn[l] else ns.dummy for l in range(L)]
         need_m = any(has_m)
         need_v = net.opt != C.OPT_SGD
-        self.M = self._moments(net, "mW", "mb", total, dt) if need_m else ns.dummy1
-        self.V = self._moments(net, "vW", "vb", total, dt) if need_v else ns.dummy1
+        self.M = self._moments(net, 1, total, dt) if need_m else ns.dummy1
+        self.V = self._moments(net, 2, total, dt) if need_v else ns.dummy1
         self.has_m = has_m
         B = net.batch
         self.acts = [cuda.device_array((B, W.shape[1]), dt) for W in net.Ws]
         self.grads = [cuda.device_array((B, W.shape[1]), dt) for W in net.Ws]
+        self.xhats = [cuda.device_array((B, W.shape[1]), dt) if on else ns.dummy
+                      for W, on in zip(net.Ws, self.bn)]
+        from .driver import needs_pre, noise_of
+        self.has_pre = [needs_pre(noise_of(net, l)[0], net.li[l, C.LI_ACT]) for l in range(L)]
+        self.pres = [cuda.device_array((B, W.shape[1]), dt) if on else ns.dummy
+                     for W, on in zip(net.Ws, self.has_pre)]
         self.xbuf = cuda.device_array((B, net.Ws[0].shape[0]), dt)
         self.ybuf = cuda.device_array((B, net.ybuf.shape[1]), dt)
         self.status = cuda.to_device(np.zeros(ST_SIZE))
         self.data = None
         self._views = {}
 
-    def _moments(self, net, nameW, nameb, total, dt):
+    def _moments(self, net, which, total, dt):
+        """Moment `which` (1: first, 2: second) of every segment, flat, on the device."""
         flat = np.zeros(total, dt)
         for s, (k, l) in enumerate(self.host):
-            src = getattr(net, nameW if k == "W" else nameb)[l]
+            src = getattr(net, self.HOST_NAMES[k][which])[l]
             if src.size:
                 lo, hi, _ = self.views[(k, l)]
                 flat[lo:hi] = src.reshape(-1)
@@ -1068,7 +1395,9 @@ class _DeviceNet:
         v = self._views.get(n)
         if v is None:
             v = dict(acts=[a[:n] for a in self.acts], grads=[g[:n] for g in self.grads],
-                     x=self.xbuf[:n], y=self.ybuf[:n])
+                     x=self.xbuf[:n], y=self.ybuf[:n],
+                     xhats=[a[:n] if on else a for a, on in zip(self.xhats, self.bn)],
+                     pres=[a[:n] if on else a for a, on in zip(self.pres, self.has_pre)])
             self._views[n] = v
         return v
 
@@ -1081,17 +1410,21 @@ class _DeviceNet:
 
     def sync_to_host(self, net):
         P = self.P.copy_to_host()
-        bufs = [(P, "Ws", "bs")]
+        bufs = [(P, 0)]
         if self.training:
             if self.M is not self.ns.dummy1:
-                bufs.append((self.M.copy_to_host(), "mW", "mb"))
+                bufs.append((self.M.copy_to_host(), 1))
             if self.V is not self.ns.dummy1:
-                bufs.append((self.V.copy_to_host(), "vW", "vb"))
-        for flat, nameW, nameb in bufs:
+                bufs.append((self.V.copy_to_host(), 2))
+        for flat, which in bufs:
             for (k, l), (lo, hi, shp) in self.views.items():
-                dst = getattr(net, nameW if k == "W" else nameb)[l]
+                dst = getattr(net, self.HOST_NAMES[k][which])[l]
                 if dst.size:
                     dst[...] = flat[lo:hi].reshape(dst.shape)
+        if self.training:
+            for l in range(self.L):
+                if self.bn[l]:
+                    net.stats[l][...] = self.stats[l].copy_to_host()
 
 
 def _state(net):
@@ -1132,6 +1465,9 @@ def train_epoch(net, X, Y, perm, batch_size, step0, t0):
     lf = [[dt(v) for v in row] for row in net.lf]
     in_thr = li[0][C.LI_IN_DROP_THR]
     in_scale = lf[0][C.LF_IN_DROP_SCALE]
+    in_noise, in_nstd = li[0][C.LI_IN_NOISE], lf[0][C.LF_IN_NOISE_STD]
+    noise = [li[l][C.LI_NOISE] for l in range(L)]
+    nstd = [lf[l][C.LF_NOISE_STD] for l in range(L)]
     n_total = perm.shape[0]
     NB = ns.NB
     width = X.shape[1] + Y.shape[1]
@@ -1143,29 +1479,51 @@ def train_epoch(net, X, Y, perm, batch_size, step0, t0):
         v = st.batch_views(n)
         acts, grads = v["acts"], v["grads"]
         ns.gather[_grid1(n * width, NB), NB](Xd, Yd, perm_d, start, n, v["x"], v["y"], in_thr,
-                                             in_scale, k0, k1, step)
+                                             in_scale, k0, k1, step, in_noise, in_nstd)
         x = v["x"]
         for l in range(L):
-            _dense_forward_dev(ns, x, st.Ws[l], st.bs[l], acts[l], li[l][C.LI_ACT],
-                               lf[l][C.LF_SLOPE], li[l][C.LI_DROP_THR], lf[l][C.LF_DROP_SCALE],
-                               k0, k1, step, l)
+            if st.bn[l]:
+                _bn_dense_forward_dev(ns, x, st.Ws[l], st.bs[l], 1 if st.has_bias[l] else 0,
+                                      acts[l], v["xhats"][l], st.gbs[l], st.saves[l],
+                                      li[l][C.LI_ACT], lf[l][C.LF_SLOPE], li[l][C.LI_DROP_THR],
+                                      lf[l][C.LF_DROP_SCALE], float(lf[l][C.LF_BN_EPS]), k0, k1,
+                                      step, l)
+            else:
+                _dense_forward_dev(ns, x, st.Ws[l], st.bs[l], acts[l], li[l][C.LI_ACT],
+                                   lf[l][C.LF_SLOPE], li[l][C.LI_DROP_THR],
+                                   lf[l][C.LF_DROP_SCALE], k0, k1, step, l, noise[l], nstd[l],
+                                   v["pres"][l])
             x = acts[l]
         last = L - 1
-        ns.loss_kernel[1, NB](acts[last], v["y"], grads[last], int(net.loss), True, st.status,
-                              True, float(n), li[last][C.LI_ACT], lf[last][C.LF_SLOPE],
-                              li[last][C.LI_DROP_THR], lf[last][C.LF_DROP_SCALE], k0, k1,
-                              step, last)
+        if noise[last] != C.NOISE_NONE:     # the loss kernel, then the noisy layer's backward
+            z0 = dt(0)
+            ns.loss_kernel[1, NB](acts[last], v["y"], grads[last], int(net.loss), True,
+                                  st.status, True, float(n), C.ACT_LINEAR, z0, 0, z0, k0, k1,
+                                  step, last)
+            ns.noise_backward_epilogue[_grid1(n * acts[last].shape[1], NB), NB](
+                grads[last], v["pres"][last], li[last][C.LI_ACT], lf[last][C.LF_SLOPE],
+                li[last][C.LI_DROP_THR], lf[last][C.LF_DROP_SCALE], noise[last], nstd[last],
+                k0, k1, step, last)
+        else:
+            ns.loss_kernel[1, NB](acts[last], v["y"], grads[last], int(net.loss), True,
+                                  st.status, True, float(n), li[last][C.LI_ACT],
+                                  lf[last][C.LF_SLOPE], li[last][C.LI_DROP_THR],
+                                  lf[last][C.LF_DROP_SCALE], k0, k1, step, last)
         for l in range(L - 1, -1, -1):
             xin = acts[l - 1] if l > 0 else v["x"]
             if l > 0:
                 p = l - 1
                 prev = (acts[p], li[p][C.LI_ACT], lf[p][C.LF_SLOPE], li[p][C.LI_DROP_THR],
-                        lf[p][C.LF_DROP_SCALE], p)
+                        lf[p][C.LF_DROP_SCALE], p, noise[p], nstd[p], v["pres"][p])
                 dx = grads[p]
             else:
                 prev, dx = None, None
+            if st.bn[l]:    # grads[l] holds dy (f' and the mask were applied upstream)
+                _bn_backward_dev(ns, grads[l], v["xhats"][l], st.gbs[l], st.saves[l],
+                                 st.dgbs[l], st.dbs[l], 1 if st.has_bias[l] else 0,
+                                 st.stats[l], float(lf[l][C.LF_BN_MOMENTUM]), st.status)
             _dense_backward_dev(ns, grads[l], xin, st.Ws[l], st.dWs[l], st.dbs[l],
-                                st.has_bias[l], dx, prev, k0, k1, step)
+                                st.has_bias[l] and not st.bn[l], dx, prev, k0, k1, step)
         _launch_update(ns, st.tab, st.P, st.G, st.M, st.V, int(net.opt), t, st.status,
                        float(n))
         steps += 1

@@ -43,7 +43,7 @@ def make_net(sizes, act, drop, batch, loss, seed=0, **_):
         li[l, C.LI_ACT] = C.ACT_LINEAR if last else act
         li[l, C.LI_DROP_THR] = 0 if last else dropout_threshold(drop)
         li[l, C.LI_HAS_BIAS] = 1
-        lf[l] = (0.01, dropout_scale(0.0 if last else drop), 1.0)
+        lf[l, :3] = (0.01, dropout_scale(0.0 if last else drop), 1.0)
         for row, l2 in ((hpW[l], 1e-4), (hpb[l], 0.0)):
             row[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_L2, C.HP_PROXIMAL]] = \
                 (1e-3, 0.9, 0.999, 1e-8, l2, 1.0)

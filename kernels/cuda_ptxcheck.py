@@ -47,18 +47,22 @@ def signatures(ns):
     i = 0
     return {
         "gemm": (a2, a2, a2, i, i, i, i, i, i, a1, i, i, z, i, z, i, a2, a1, i,
-                 a2, a2, a2, i, i, i, i, i, i, i, z, i, z, i, a2, i, i, i),
-        "forward_epilogue": (a2, a1, i, i, z, i, z, i, i, i, i),
+                 a2, a2, a2, i, i, i, i, i, i, i, z, i, z, i, a2, i, i, i, i, z, i, z),
+        "forward_epilogue": (a2, a1, i, i, z, i, z, i, i, i, i, i, z, a2),
+        "noise_backward_epilogue": (a2, a2, i, z, i, z, i, z, i, i, i, i),
         "backward_epilogue": (a2, a2, i, z, i, z, i, i, i, i),
         "column_sums": (a2, a1),
-        "input_dropout": (a2, a2, i, z, i, i, i, i),
-        "gather": (a2, a2, i64, i, i, a2, a2, i, z, i, i, i),
+        "input_dropout": (a2, a2, i, z, i, i, i, i, i, z),
+        "gather": (a2, a2, i64, i, i, a2, a2, i, z, i, i, i, i, z),
         "philox_words": (np.zeros((2, 4), np.int64), i, i, np.zeros((2, 4), np.uint32)),
         "stream_words": (np.zeros(2, np.uint32), i, i, i, i, i),
         "loss_kernel": (a2, a2, a2, i, True, f64, True, 1.0, i, z, i, z, i, i, i, i),
         "update": (a1, a1, a1, a1, i64, i64, i64, hp, i64, i, i, f64, 1.0),
         "group_penalty": (a1, i64, i64, i64, i64, i64, hp, f64, 1.0),
         "columns": (a1, a1, i64, i64, i64, i64, i64, hp, f64, i, i),
+        "bn_forward": (a2, a1, i, a2, a2, np.zeros((C.BN_SAVE_ROWS, 2)), i, z, i, z, 1.0, i, i,
+                       i, i),
+        "bn_backward": (a2, a2, a2, np.zeros((C.BN_SAVE_ROWS, 2)), a2, a1, i, a2, 1.0, f64),
     }
 
 

@@ -47,7 +47,8 @@ def _check_contract():
                           "`pip install -e .`")
     for name, value in codes.items():
         if name.startswith("STREAM_"):
-            from_py = {"STREAM_DROPOUT": 0, "STREAM_INPUT_DROPOUT": 1}[name]
+            from_py = {"STREAM_DROPOUT": 0, "STREAM_INPUT_DROPOUT": 1, "STREAM_NOISE": 2,
+                       "STREAM_INPUT_NOISE": 9}[name]
         elif name == "PARALLEL_MIN_ELEMENTS":
             continue
         else:
@@ -84,26 +85,53 @@ def philox_words(n, seed, step, layer, stream):
 
 
 # ---------------------------------------------------------------- the contract (per op)
-def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer):
+def _pre(pre, out):
+    return out[:0] if pre is None or pre.size == 0 else pre
+
+
+def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
+                  noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     _K.dense_forward(x, W, b, out, int(act), float(slope), int(drop_threshold),
-                     float(out.dtype.type(drop_scale)), k0, k1, int(step), int(layer))
+                     float(out.dtype.type(drop_scale)), k0, k1, int(step), int(layer),
+                     int(noise), float(out.dtype.type(noise_std)), _pre(pre, out))
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer):
+                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     if dx.size == 0:
         dx = grad[:0]
     _K.dense_backward(grad, out, x, W, dW, db, dx, int(act), float(slope),
                       int(drop_threshold), float(out.dtype.type(drop_scale)), k0, k1, int(step),
-                      int(layer))
+                      int(layer), int(noise), float(out.dtype.type(noise_std)), _pre(pre, out))
 
 
-def input_dropout(x, out, threshold, scale, seed, step, layer):
+def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
+                     eps, seed, step, layer):
+    k0, k1 = split_seed(seed)
+    dt = out.dtype.type
+    _K.bn_dense_forward(x, W, b, out, xhat, gb, save, int(act), float(slope),
+                        int(drop_threshold), float(dt(drop_scale)), float(dt(eps)), k0, k1,
+                        int(step), int(layer))
+
+
+def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
+                      drop_threshold, drop_scale, momentum, seed, step, layer):
+    k0, k1 = split_seed(seed)
+    dt = out.dtype.type
+    if dx.size == 0:
+        dx = grad[:0]
+    _K.bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, int(act),
+                         float(slope), int(drop_threshold), float(dt(drop_scale)),
+                         float(dt(momentum)), k0, k1, int(step), int(layer))
+
+
+def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NONE,
+                  noise_std=0.0):
     k0, k1 = split_seed(seed)
     _K.input_dropout(x, out, int(threshold), float(x.dtype.type(scale)), k0, k1, int(step),
-                     int(layer))
+                     int(layer), int(noise), float(x.dtype.type(noise_std)))
 
 
 def loss_forward_backward(logits, y, grad, loss):
@@ -137,6 +165,7 @@ def output_transform(logits, loss):
 # ---------------------------------------------------------------- epoch / inference entry
 def _plan(net):
     """Pointers into the Net's buffers, built once per workspace and checked each call."""
+    driver.ensure_bn_lists(net)
     plan = net.cache.get("cython_plan")
     if plan is None or not plan.matches(net):
         plan = _K.EpochPlan(net, split_seed(net.seed))

@@ -34,6 +34,7 @@ import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport exp, expf, tanh, tanhf, sqrt, sqrtf, fabs, fabsf, log, log1p, pow
+from libc.math cimport cos, sin
 from libc.math cimport isfinite
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
@@ -80,8 +81,31 @@ cdef enum:
     LF_SLOPE = 0
     LF_DROP_SCALE = 1
     LF_IN_DROP_SCALE = 2
+    LI_BN = 4
+    LF_BN_EPS = 3
+    LF_BN_MOMENTUM = 4
+    BN_GAMMA = 0
+    BN_BETA = 1
+    BN_MEAN = 0
+    BN_VAR = 1
+    BN_SAVE_MEAN = 0
+    BN_SAVE_VAR = 1
+    BN_SAVE_INVSTD = 2
+    BN_SAVE_C1 = 3
+    BN_SAVE_C2 = 4
+    BN_SAVE_C3 = 5
+    BN_SAVE_ROWS = 6
+    LI_NOISE = 5
+    LI_IN_NOISE = 6
+    LF_NOISE_STD = 5
+    LF_IN_NOISE_STD = 6
+    NOISE_NONE = 0
+    NOISE_ADD = 1
+    NOISE_MUL = 2
     STREAM_DROPOUT = 0
     STREAM_INPUT_DROPOUT = 1
+    STREAM_NOISE = 2
+    STREAM_INPUT_NOISE = 9
 
 # Work split of the parallel passes (the same numbers as kernels/cpu.py and kernels/config.py).
 cdef enum:
@@ -101,6 +125,13 @@ CONTRACT = dict(
     LI_IN_DROP_THR=LI_IN_DROP_THR, LF_SLOPE=LF_SLOPE, LF_DROP_SCALE=LF_DROP_SCALE,
     LF_IN_DROP_SCALE=LF_IN_DROP_SCALE, STREAM_DROPOUT=STREAM_DROPOUT,
     STREAM_INPUT_DROPOUT=STREAM_INPUT_DROPOUT, PARALLEL_MIN_ELEMENTS=PARALLEL_MIN_ELEMENTS,
+    LI_BN=LI_BN, LF_BN_EPS=LF_BN_EPS, LF_BN_MOMENTUM=LF_BN_MOMENTUM, BN_GAMMA=BN_GAMMA,
+    BN_BETA=BN_BETA, BN_MEAN=BN_MEAN, BN_VAR=BN_VAR, BN_SAVE_MEAN=BN_SAVE_MEAN,
+    BN_SAVE_VAR=BN_SAVE_VAR, BN_SAVE_INVSTD=BN_SAVE_INVSTD, BN_SAVE_C1=BN_SAVE_C1,
+    BN_SAVE_C2=BN_SAVE_C2, BN_SAVE_C3=BN_SAVE_C3, BN_SAVE_ROWS=BN_SAVE_ROWS,
+    LI_NOISE=LI_NOISE, LI_IN_NOISE=LI_IN_NOISE, LF_NOISE_STD=LF_NOISE_STD,
+    LF_IN_NOISE_STD=LF_IN_NOISE_STD, NOISE_NONE=NOISE_NONE, NOISE_ADD=NOISE_ADD,
+    NOISE_MUL=NOISE_MUL, STREAM_NOISE=STREAM_NOISE, STREAM_INPUT_NOISE=STREAM_INPUT_NOISE,
 )
 
 
@@ -368,6 +399,42 @@ cdef void _philox_fill(uint32_t* words, Py_ssize_t n_elements, uint32_t k0, uint
         _philox_groups(words, 0, n_groups, k0, k1, step, layer, stream, 0)
 
 
+# ---------------------------------------------------------------- Gaussian noise
+# kernels/philox.py normal_from_words: element e pairs with e ^ 1 (words in element order),
+# the even word gives the radius, the odd one the angle; float64 libm, rounded by the caller.
+cdef double TWO_PI = 6.283185307179586      # 2.0 * math.pi, exactly
+
+
+cdef inline double _normal(uint32_t* nwords, Py_ssize_t e) noexcept nogil:
+    cdef Py_ssize_t p = e - (e & 1)
+    cdef double u1 = (<double>nwords[p] + 0.5) * (1.0 / 4294967296.0)
+    cdef double u2 = (<double>nwords[p + 1] + 0.5) * (1.0 / 4294967296.0)
+    cdef double r = sqrt(-2.0 * log(u1))
+    cdef double t = TWO_PI * u2
+    if e & 1:
+        return r * sin(t)
+    return r * cos(t)
+
+
+cdef inline void _normal_pair(uint32_t* nwords, Py_ssize_t p, double* c,
+                              double* s) noexcept nogil:
+    """The normals of elements p and p + 1 (p even): _normal's formula with the radius
+    computed once (the same values, half the log / sqrt calls)."""
+    cdef double u1 = (<double>nwords[p] + 0.5) * (1.0 / 4294967296.0)
+    cdef double u2 = (<double>nwords[p + 1] + 0.5) * (1.0 / 4294967296.0)
+    cdef double r = sqrt(-2.0 * log(u1))
+    cdef double t = TWO_PI * u2
+    c[0] = r * cos(t)
+    s[0] = r * sin(t)
+
+
+cdef inline real _noisy(real v, int noise, real nstd, real nrm) noexcept nogil:
+    """NOISE_ADD: v + std * n; NOISE_MUL: v * (1 + std * n)."""
+    if noise == NOISE_ADD:
+        return v + nstd * nrm
+    return v * (<real>1 + nstd * nrm)
+
+
 # ---------------------------------------------------------------- activations
 cdef inline real _activate(real z, int act, real slope) noexcept nogil:
     cdef real e
@@ -502,10 +569,41 @@ cdef void _activate_row(real* row, Py_ssize_t n, int act, real slope) noexcept n
         _activate_span(row, n, ACT_SIGMOID, slope)
 
 
+cdef inline void _noise_one(real* row, real* pre, uint32_t* w, Py_ssize_t j, double nrm,
+                            uint32_t thr, real scale, int noise, real nstd) noexcept nogil:
+    cdef real v = row[j]
+    if pre != NULL:
+        pre[j] = v
+    v = _noisy(v, noise, nstd, <real>nrm)
+    if thr > 0:
+        v = v * scale if w[j] >= thr else 0
+    row[j] = v
+
+
+cdef void _noise_span(real* row, real* pre, uint32_t* w, uint32_t* nwords, Py_ssize_t e0,
+                      Py_ssize_t n, uint32_t thr, real scale, int noise,
+                      real nstd) noexcept nogil:
+    """row[j] <- dropout(noise(row[j])) (pre[j] <- row[j] first unless NULL), j < n; e0 is
+    row[0]'s element index (the noise index). Whole Box-Muller pairs in the middle."""
+    cdef Py_ssize_t j = 0
+    cdef double c, s
+    if e0 & 1 and n > 0:
+        _noise_one(row, pre, w, 0, _normal(nwords, e0), thr, scale, noise, nstd)
+        j = 1
+    while j + 1 < n:
+        _normal_pair(nwords, e0 + j, &c, &s)
+        _noise_one(row, pre, w, j, c, thr, scale, noise, nstd)
+        _noise_one(row, pre, w, j + 1, s, thr, scale, noise, nstd)
+        j += 2
+    if j < n:
+        _noise_one(row, pre, w, j, _normal(nwords, e0 + j), thr, scale, noise, nstd)
+
+
 cdef void _forward_rows(real* out, Py_ssize_t O, real* b, int act, real slope, uint32_t thr,
-                        real scale, uint32_t* words, Py_ssize_t r0,
-                        Py_ssize_t r1) noexcept nogil:
-    """Rows r0..r1 of out: z = out + b, a = f(z), a * scale if kept else 0 (thr > 0)."""
+                        real scale, uint32_t* words, Py_ssize_t r0, Py_ssize_t r1, int noise,
+                        real nstd, real* pre, uint32_t* nwords) noexcept nogil:
+    """Rows r0..r1 of out: z = out + b, a = f(z), [pre = a, a = noise(a)], a * scale if kept
+    else 0 (thr > 0)."""
     cdef Py_ssize_t i, j
     cdef real* row
     cdef uint32_t* w
@@ -515,34 +613,41 @@ cdef void _forward_rows(real* out, Py_ssize_t O, real* b, int act, real slope, u
             for j in range(O):
                 row[j] = row[j] + b[j]
         _activate_row(row, O, act, slope)
-        if thr > 0:
+        if noise != NOISE_NONE:
+            _noise_span(row, pre + i * O if pre != NULL else NULL, words + i * O, nwords,
+                        i * O, O, thr, scale, noise, nstd)
+        elif thr > 0:
             w = words + i * O
             for j in range(O):
                 row[j] = row[j] * scale if w[j] >= thr else 0
 
 
 cdef void _forward_epilogue(real* out, Py_ssize_t B, Py_ssize_t O, real* b, int act,
-                            real slope, uint32_t thr, real scale,
-                            uint32_t* words) noexcept nogil:
+                            real slope, uint32_t thr, real scale, uint32_t* words, int noise,
+                            real nstd, real* pre, uint32_t* nwords) noexcept nogil:
     cdef Py_ssize_t c, n_chunks
     if B * O >= PARALLEL_MIN_ELEMENTS:
         n_chunks = (B + ROW_CHUNK - 1) // ROW_CHUNK
         for c in prange(n_chunks, schedule="static"):
             _forward_rows(out, O, b, act, slope, thr, scale, words, c * ROW_CHUNK,
-                          _min(B, c * ROW_CHUNK + ROW_CHUNK))
+                          _min(B, c * ROW_CHUNK + ROW_CHUNK), noise, nstd, pre, nwords)
     else:
-        _forward_rows(out, O, b, act, slope, thr, scale, words, 0, B)
+        _forward_rows(out, O, b, act, slope, thr, scale, words, 0, B, noise, nstd, pre, nwords)
 
 
 cdef void _dense_forward(real* x, real* W, real* b, real* out, Py_ssize_t B, Py_ssize_t I,
                          Py_ssize_t O, int act, real slope, uint32_t thr, real scale,
                          uint32_t k0, uint32_t k1, uint32_t step, uint32_t layer,
-                         uint32_t* words) noexcept nogil:
-    """out = dropout(f(x @ W + b)): one GEMM, then one pass over the output."""
+                         uint32_t* words, int noise, real nstd, real* pre,
+                         uint32_t* nwords) noexcept nogil:
+    """out = dropout(noise(f(x @ W + b))): one GEMM, then one pass over the output; pre
+    (unless NULL) = f(x @ W + b) when there is noise. nwords: the noise words' buffer."""
     _matmul(x, W, out, B, I, O)
     if thr > 0:
         _philox_fill(words, B * O, k0, k1, step, layer, STREAM_DROPOUT)
-    _forward_epilogue(out, B, O, b, act, slope, thr, scale, words)
+    if noise != NOISE_NONE:
+        _philox_fill(nwords, B * O, k0, k1, step, layer, STREAM_NOISE)
+    _forward_epilogue(out, B, O, b, act, slope, thr, scale, words, noise, nstd, pre, nwords)
 
 
 # ---------------------------------------------------------------- dense backward
@@ -590,9 +695,73 @@ cdef void _backward_row(real* grad, real* out, uint32_t* w, real* db, Py_ssize_t
             _backward_span(grad, out, w, db, n, ACT_LINEAR, slope, 0, scale)
 
 
+cdef inline void _dz_noise_one(real* grad, real* pre, uint32_t* w, real* db, Py_ssize_t j,
+                               double nrm, int act, real slope, uint32_t thr, real scale,
+                               int noise, real nstd) noexcept nogil:
+    cdef real d = grad[j]
+    if thr > 0:
+        d = d * scale
+    if noise == NOISE_MUL:
+        d = d * (<real>1 + nstd * <real>nrm)
+    if act != ACT_LINEAR:
+        d = d * _activation_grad(pre[j], act, slope)
+    if thr > 0 and w[j] < thr:
+        d = 0
+    grad[j] = d
+    if db != NULL:
+        db[j] += d
+
+
+cdef inline void _backward_noise_span(real* grad, real* pre, uint32_t* w, uint32_t* nwords,
+                                      Py_ssize_t e0, real* db, Py_ssize_t n, int act,
+                                      real slope, uint32_t thr, real scale, int noise,
+                                      real nstd) noexcept nogil:
+    """A row segment of a layer with noise: dz = ((g * scale) * (1 + std * n)) * f'(pre) if
+    kept else 0 (reference order; scale with dropout only, the factor for NOISE_MUL only, f'
+    for a nonlinear f only); e0 is the segment's first element (the noise index)."""
+    cdef Py_ssize_t j = 0
+    cdef double c = 0.0
+    cdef double s = 0.0
+    cdef bint mul = noise == NOISE_MUL
+    if e0 & 1 and n > 0:
+        _dz_noise_one(grad, pre, w, db, 0, _normal(nwords, e0) if mul else 0.0, act, slope, thr,
+                      scale, noise, nstd)
+        j = 1
+    while j + 1 < n:
+        if mul:
+            _normal_pair(nwords, e0 + j, &c, &s)
+        _dz_noise_one(grad, pre, w, db, j, c, act, slope, thr, scale, noise, nstd)
+        _dz_noise_one(grad, pre, w, db, j + 1, s, act, slope, thr, scale, noise, nstd)
+        j += 2
+    if j < n:
+        _dz_noise_one(grad, pre, w, db, j, _normal(nwords, e0 + j) if mul else 0.0, act, slope,
+                      thr, scale, noise, nstd)
+
+
+cdef void _backward_noise_row(real* grad, real* pre, uint32_t* w, uint32_t* nwords,
+                              Py_ssize_t e0, real* db, Py_ssize_t n, int act, real slope,
+                              uint32_t thr, real scale, int noise, real nstd) noexcept nogil:
+    if act == ACT_RELU:
+        _backward_noise_span(grad, pre, w, nwords, e0, db, n, ACT_RELU, slope, thr, scale,
+                             noise, nstd)
+    elif act == ACT_LEAKY_RELU:
+        _backward_noise_span(grad, pre, w, nwords, e0, db, n, ACT_LEAKY_RELU, slope, thr,
+                             scale, noise, nstd)
+    elif act == ACT_TANH:
+        _backward_noise_span(grad, pre, w, nwords, e0, db, n, ACT_TANH, slope, thr, scale,
+                             noise, nstd)
+    elif act == ACT_SIGMOID:
+        _backward_noise_span(grad, pre, w, nwords, e0, db, n, ACT_SIGMOID, slope, thr, scale,
+                             noise, nstd)
+    else:
+        _backward_noise_span(grad, pre, w, nwords, e0, db, n, ACT_LINEAR, slope, thr, scale,
+                             noise, nstd)
+
+
 cdef void _backward_cols(real* grad, real* out, Py_ssize_t B, Py_ssize_t O, real* db,
                          int act, real slope, uint32_t thr, real scale, uint32_t* words,
-                         Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+                         Py_ssize_t c0, Py_ssize_t c1, int noise, real nstd, real* pre,
+                         uint32_t* nwords) noexcept nogil:
     """Columns c0..c1 of every row, rows in order: each bias sum runs in row order."""
     cdef Py_ssize_t i, j
     cdef real* dbc = db + c0 if db != NULL else NULL
@@ -600,38 +769,256 @@ cdef void _backward_cols(real* grad, real* out, Py_ssize_t B, Py_ssize_t O, real
         for j in range(c0, c1):
             db[j] = 0
     for i in range(B):
-        _backward_row(grad + i * O + c0, out + i * O + c0, words + i * O + c0, dbc, c1 - c0,
-                      act, slope, thr, scale)
+        if noise != NOISE_NONE:
+            _backward_noise_row(grad + i * O + c0, pre + i * O + c0 if pre != NULL else NULL,
+                                words + i * O + c0, nwords, i * O + c0, dbc, c1 - c0, act,
+                                slope, thr, scale, noise, nstd)
+        else:
+            _backward_row(grad + i * O + c0, out + i * O + c0, words + i * O + c0, dbc,
+                          c1 - c0, act, slope, thr, scale)
 
 
 cdef void _dense_backward(real* grad, real* out, real* x, real* W, real* dW, real* db,
                           real* dx, Py_ssize_t B, Py_ssize_t I, Py_ssize_t O, int act,
                           real slope, uint32_t thr, real scale, uint32_t k0, uint32_t k1,
-                          uint32_t step, uint32_t layer, uint32_t* words) noexcept nogil:
-    """grad holds dL/d(out) on entry and dL/dz on exit; dW, db (if any), dx (if any)."""
+                          uint32_t step, uint32_t layer, uint32_t* words, int noise, real nstd,
+                          real* pre, uint32_t* nwords) noexcept nogil:
+    """grad holds dL/d(out) on entry and dL/dz on exit; dW, db (if any), dx (if any).
+    With noise, f' comes from pre (NULL for a linear layer) and GaussianDropout's factor is
+    regenerated from the noise words."""
+    cdef Py_ssize_t c, n_chunks
+    if thr > 0:
+        _philox_fill(words, B * O, k0, k1, step, layer, STREAM_DROPOUT)
+    if noise == NOISE_MUL:      # additive noise leaves no trace in the gradient
+        _philox_fill(nwords, B * O, k0, k1, step, layer, STREAM_NOISE)
+    if B * O >= PARALLEL_MIN_ELEMENTS and O >= 32:
+        n_chunks = (O + COL_CHUNK - 1) // COL_CHUNK
+        for c in prange(n_chunks, schedule="static"):
+            _backward_cols(grad, out, B, O, db, act, slope, thr, scale, words,
+                           c * COL_CHUNK, _min(O, c * COL_CHUNK + COL_CHUNK), noise, nstd, pre,
+                           nwords)
+    else:
+        _backward_cols(grad, out, B, O, db, act, slope, thr, scale, words, 0, O, noise, nstd,
+                       pre, nwords)
+    _matmul_tn(x, grad, dW, B, I, O)
+    if dx != NULL:
+        _matmul_nt(grad, W, dx, B, I, O)
+
+
+# ---------------------------------------------------------------- dense + BatchNorm (training)
+# reference.bn_dense_forward / bn_dense_backward (and kernels/cpu.py's twins), pass for pass.
+# Column statistics: each column summed in float64 in row order by one thread, over fixed
+# column chunks; elementwise passes over row chunks. save is (BN_SAVE_ROWS, O) float64.
+cdef void _bn_stats_cols(real* out, Py_ssize_t B, Py_ssize_t O, real* b, double* save,
+                         double eps, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Columns c0..c1: z += b in place; batch mean, biased variance (float64, two passes),
+    inv_std = 1 / sqrt(var + eps) rounded to the dtype."""
+    cdef Py_ssize_t i, j
+    cdef real* row
+    cdef double d, var
+    cdef double* mean = save + BN_SAVE_MEAN * O
+    cdef double* vs = save + BN_SAVE_VAR * O
+    cdef double* inv = save + BN_SAVE_INVSTD * O
+    for j in range(c0, c1):
+        mean[j] = 0.0
+        vs[j] = 0.0
+    for i in range(B):
+        row = out + i * O
+        if b != NULL:
+            for j in range(c0, c1):
+                row[j] = row[j] + b[j]
+        for j in range(c0, c1):
+            mean[j] += <double>row[j]
+    for j in range(c0, c1):
+        mean[j] = mean[j] / <double>B
+    for i in range(B):
+        row = out + i * O
+        for j in range(c0, c1):
+            d = <double>row[j] - mean[j]
+            vs[j] += d * d
+    for j in range(c0, c1):
+        var = vs[j] / <double>B
+        vs[j] = var
+        inv[j] = <double><real>(1.0 / sqrt(var + eps))
+
+
+cdef inline void _bn_act_span(real* row, real* xr, real* gam, real* bet, double* mean,
+                              double* inv, Py_ssize_t O, int act, real slope) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef real xh
+    for j in range(O):
+        xh = (row[j] - <real>mean[j]) * <real>inv[j]
+        xr[j] = xh
+        row[j] = _activate(gam[j] * xh + bet[j], act, slope)
+
+
+cdef void _bn_act_rows(real* out, real* xhat, Py_ssize_t O, real* gb, double* save, int act,
+                       real slope, uint32_t thr, real scale, uint32_t* words, Py_ssize_t r0,
+                       Py_ssize_t r1) noexcept nogil:
+    """Rows r0..r1: zhat -> xhat, out = f(gamma * zhat + beta), dropout (thr > 0)."""
+    cdef Py_ssize_t i, j
+    cdef real* row
+    cdef real* xr
+    cdef uint32_t* w
+    cdef double* mean = save + BN_SAVE_MEAN * O
+    cdef double* inv = save + BN_SAVE_INVSTD * O
+    cdef real* gam = gb + BN_GAMMA * O
+    cdef real* bet = gb + BN_BETA * O
+    for i in range(r0, r1):
+        row = out + i * O
+        xr = xhat + i * O
+        if act == ACT_RELU:
+            _bn_act_span(row, xr, gam, bet, mean, inv, O, ACT_RELU, slope)
+        elif act == ACT_LEAKY_RELU:
+            _bn_act_span(row, xr, gam, bet, mean, inv, O, ACT_LEAKY_RELU, slope)
+        elif act == ACT_TANH:
+            _bn_act_span(row, xr, gam, bet, mean, inv, O, ACT_TANH, slope)
+        elif act == ACT_SIGMOID:
+            _bn_act_span(row, xr, gam, bet, mean, inv, O, ACT_SIGMOID, slope)
+        else:
+            _bn_act_span(row, xr, gam, bet, mean, inv, O, ACT_LINEAR, slope)
+        if thr > 0:
+            w = words + i * O
+            for j in range(O):
+                row[j] = row[j] * scale if w[j] >= thr else 0
+
+
+cdef void _bn_dense_forward(real* x, real* W, real* b, real* out, real* xhat, real* gb,
+                            double* save, Py_ssize_t B, Py_ssize_t I, Py_ssize_t O, int act,
+                            real slope, uint32_t thr, real scale, double eps, uint32_t k0,
+                            uint32_t k1, uint32_t step, uint32_t layer,
+                            uint32_t* words) noexcept nogil:
+    """out = dropout(f(gamma * zhat + beta)), zhat the batch-normalized x @ W + b."""
+    cdef Py_ssize_t c, n_chunks
+    _matmul(x, W, out, B, I, O)
+    if thr > 0:
+        _philox_fill(words, B * O, k0, k1, step, layer, STREAM_DROPOUT)
+    if B * O >= PARALLEL_MIN_ELEMENTS:
+        n_chunks = (O + COL_CHUNK - 1) // COL_CHUNK
+        for c in prange(n_chunks, schedule="static"):
+            _bn_stats_cols(out, B, O, b, save, eps, c * COL_CHUNK,
+                           _min(O, c * COL_CHUNK + COL_CHUNK))
+        n_chunks = (B + ROW_CHUNK - 1) // ROW_CHUNK
+        for c in prange(n_chunks, schedule="static"):
+            _bn_act_rows(out, xhat, O, gb, save, act, slope, thr, scale, words, c * ROW_CHUNK,
+                         _min(B, c * ROW_CHUNK + ROW_CHUNK))
+    else:
+        _bn_stats_cols(out, B, O, b, save, eps, 0, O)
+        _bn_act_rows(out, xhat, O, gb, save, act, slope, thr, scale, words, 0, B)
+
+
+cdef void _bn_backward_cols(real* grad, real* out, real* xhat, Py_ssize_t B, Py_ssize_t O,
+                            real* gb, double* save, real* db, real* dgb, int act, real slope,
+                            uint32_t thr, real scale, uint32_t* words, Py_ssize_t c0,
+                            Py_ssize_t c1) noexcept nogil:
+    """Columns c0..c1, all three passes: dy in place (mask regenerated, f' from the output);
+    dbeta = sum dy, dgamma = sum dy * zhat (float64, row order) -> dgb, db = 0; then
+    dz = c1 * ((dy - c2) - zhat * c3), c1 = gamma * inv_std, c2 = dbeta / B, c3 = dgamma / B."""
+    cdef Py_ssize_t i, j
+    cdef real* g
+    cdef real* xr
+    cdef double d, s_1, s_2
+    cdef double* inv = save + BN_SAVE_INVSTD * O
+    cdef double* k1_ = save + BN_SAVE_C1 * O
+    cdef double* k2_ = save + BN_SAVE_C2 * O
+    cdef double* k3_ = save + BN_SAVE_C3 * O
+    for i in range(B):
+        _backward_row(grad + i * O + c0, out + i * O + c0, words + i * O + c0, NULL, c1 - c0,
+                      act, slope, thr, scale)
+    for j in range(c0, c1):
+        k1_[j] = 0.0
+        k2_[j] = 0.0
+    for i in range(B):
+        g = grad + i * O
+        xr = xhat + i * O
+        for j in range(c0, c1):
+            d = <double>g[j]
+            k1_[j] += d
+            k2_[j] += d * <double>xr[j]
+    for j in range(c0, c1):
+        s_1 = k1_[j]
+        s_2 = k2_[j]
+        dgb[BN_GAMMA * O + j] = <real>s_2
+        dgb[BN_BETA * O + j] = <real>s_1
+        k1_[j] = <double><real>(<double>gb[BN_GAMMA * O + j] * inv[j])
+        k2_[j] = <double><real>(s_1 / <double>B)
+        k3_[j] = <double><real>(s_2 / <double>B)
+        if db != NULL:
+            db[j] = 0
+    for i in range(B):
+        g = grad + i * O
+        xr = xhat + i * O
+        for j in range(c0, c1):
+            g[j] = <real>k1_[j] * ((g[j] - <real>k2_[j]) - xr[j] * <real>k3_[j])
+
+
+cdef void _bn_running_update(real* stats, double* save, Py_ssize_t O,
+                             double momentum) noexcept nogil:
+    """stats = momentum * stats + (1 - momentum) * (batch mean, biased batch variance)."""
+    cdef Py_ssize_t j
+    cdef double rest = 1.0 - momentum
+    for j in range(O):
+        stats[BN_MEAN * O + j] = <real>(momentum * <double>stats[BN_MEAN * O + j]
+                                        + rest * save[BN_SAVE_MEAN * O + j])
+        stats[BN_VAR * O + j] = <real>(momentum * <double>stats[BN_VAR * O + j]
+                                       + rest * save[BN_SAVE_VAR * O + j])
+
+
+cdef void _bn_dense_backward(real* grad, real* out, real* xhat, real* x, real* W, real* gb,
+                             real* stats, double* save, real* dW, real* db, real* dgb,
+                             real* dx, Py_ssize_t B, Py_ssize_t I, Py_ssize_t O, int act,
+                             real slope, uint32_t thr, real scale, double momentum,
+                             uint32_t k0, uint32_t k1, uint32_t step, uint32_t layer,
+                             uint32_t* words) noexcept nogil:
+    """grad: dL/d(out) in, dL/dz out; dgb, dW, db (= 0), dx; then the running statistics."""
     cdef Py_ssize_t c, n_chunks
     if thr > 0:
         _philox_fill(words, B * O, k0, k1, step, layer, STREAM_DROPOUT)
     if B * O >= PARALLEL_MIN_ELEMENTS and O >= 32:
         n_chunks = (O + COL_CHUNK - 1) // COL_CHUNK
         for c in prange(n_chunks, schedule="static"):
-            _backward_cols(grad, out, B, O, db, act, slope, thr, scale, words,
-                           c * COL_CHUNK, _min(O, c * COL_CHUNK + COL_CHUNK))
+            _bn_backward_cols(grad, out, xhat, B, O, gb, save, db, dgb, act, slope, thr, scale,
+                              words, c * COL_CHUNK, _min(O, c * COL_CHUNK + COL_CHUNK))
     else:
-        _backward_cols(grad, out, B, O, db, act, slope, thr, scale, words, 0, O)
+        _bn_backward_cols(grad, out, xhat, B, O, gb, save, db, dgb, act, slope, thr, scale,
+                          words, 0, O)
     _matmul_tn(x, grad, dW, B, I, O)
     if dx != NULL:
         _matmul_nt(grad, W, dx, B, I, O)
+    _bn_running_update(stats, save, O, momentum)
 
 
 # ---------------------------------------------------------------- input dropout
 cdef void _input_dropout(real* x, real* out, Py_ssize_t B, Py_ssize_t I, uint32_t thr,
                          real scale, uint32_t k0, uint32_t k1, uint32_t step, uint32_t layer,
-                         uint32_t* words) noexcept nogil:
+                         uint32_t* words, int noise, real nstd, uint32_t* nwords) noexcept nogil:
+    """out = dropout(noise(x)): streams STREAM_INPUT_NOISE and STREAM_INPUT_DROPOUT."""
+    cdef Py_ssize_t e, c, n_chunks
+    cdef Py_ssize_t n = B * I
+    if thr > 0:
+        _philox_fill(words, n, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
+    if noise == NOISE_NONE:
+        for e in range(n):
+            out[e] = x[e] * scale if words[e] >= thr else 0
+        return
+    _philox_fill(nwords, n, k0, k1, step, layer, STREAM_INPUT_NOISE)
+    if n >= PARALLEL_MIN_ELEMENTS:
+        n_chunks = (n + ROW_CHUNK * 1024 - 1) // (ROW_CHUNK * 1024)
+        for c in prange(n_chunks, schedule="static"):
+            _input_noise_range(x, out, c * ROW_CHUNK * 1024,
+                               _min(n, (c + 1) * ROW_CHUNK * 1024), thr, scale, words, noise,
+                               nstd, nwords)
+    else:
+        _input_noise_range(x, out, 0, n, thr, scale, words, noise, nstd, nwords)
+
+
+cdef void _input_noise_range(real* x, real* out, Py_ssize_t lo, Py_ssize_t hi, uint32_t thr,
+                             real scale, uint32_t* words, int noise, real nstd,
+                             uint32_t* nwords) noexcept nogil:
     cdef Py_ssize_t e
-    _philox_fill(words, B * I, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
-    for e in range(B * I):
-        out[e] = x[e] * scale if words[e] >= thr else 0
+    for e in range(lo, hi):
+        out[e] = x[e]
+    _noise_span(out + lo, NULL, words + lo, nwords, lo, hi - lo, thr, scale, noise, nstd)
 
 
 # ---------------------------------------------------------------- losses
@@ -924,6 +1311,21 @@ cdef struct LayerC:
     double scale
     double hpW[HP_SIZE]
     double hpb[HP_SIZE]
+    # BatchNorm (bn = 1; pointers NULL otherwise)
+    int bn
+    void* gb         # (2, O) gamma; beta
+    void* dgb
+    void* mgb        # NULL: no moment
+    void* vgb
+    void* stats      # (2, O) running mean; variance
+    void* xhat       # (batch, O) zhat: what the BatchNorm backward keeps
+    double* save     # (BN_SAVE_ROWS, O) batch statistics and backward scratch
+    double eps
+    double momentum
+    double hpgb[HP_SIZE]
+    int noise        # NOISE_* on the output (li[l, LI_NOISE])
+    double nstd      # its std, in the param dtype already (lf)
+    void* pre        # (batch, O) f(z) before the noise, or NULL (driver.needs_pre)
 
 
 cdef struct PlanC:
@@ -942,6 +1344,9 @@ cdef struct PlanC:
     uint32_t k0
     uint32_t k1
     uint32_t* words  # element-indexed Philox words, >= batch * widest layer (+3)
+    uint32_t* nwords # the same for the noise stream (GaussianNoise / GaussianDropout)
+    int in_noise     # NOISE_* on the inputs (li[0, LI_IN_NOISE])
+    double in_nstd
     double* scratch
     int is_double
 
@@ -984,6 +1389,7 @@ cdef class EpochPlan:
         rows = max(W.shape[0] for W in net.Ws)
         widest = max(cols, net.Ws[0].shape[0])
         words = np.zeros(4 * max(1, (net.batch * widest + 3) // 4), np.uint32)
+        nwords = np.zeros(4 * max(1, (net.batch * widest + 3) // 4), np.uint32)
         scratch = np.zeros(max(2 * rows, 2 * cols, 2))
         for l in range(L):
             ly = &self.p.layers[l]
@@ -1007,12 +1413,34 @@ cdef class EpochPlan:
                                  f"before gives {self.p.layers[l - 1].n_out}")
             ly.act = self._ptr(net.acts[l], (net.batch, ly.n_out))
             ly.grad = self._ptr(net.grads[l], (net.batch, ly.n_out))
+            ly.bn = 1 if net.li[l, LI_BN] != 0 else 0
+            if ly.bn:
+                two = (2, ly.n_out)
+                ly.gb = self._ptr(net.gbs[l], two)
+                ly.dgb = self._ptr(net.dgbs[l], two)
+                ly.mgb = self._ptr_or_null(net.mgb[l], two)
+                ly.vgb = self._ptr_or_null(net.vgb[l], two)
+                if net.opt != OPT_SGD and (ly.mgb == NULL or ly.vgb == NULL):
+                    raise ValueError(f"EpochPlan: layer {l} has no Adam moments (mgb, vgb)")
+                ly.stats = self._ptr(net.stats[l], two)
+                ly.xhat = self._ptr(net.xhats[l], (net.batch, ly.n_out))
+                save = net.saves[l]
+                if (not isinstance(save, np.ndarray) or save.dtype != np.float64
+                        or save.shape != (BN_SAVE_ROWS, ly.n_out)
+                        or not save.flags.c_contiguous or not save.flags.writeable):
+                    raise ValueError(f"EpochPlan: layer {l} needs a writeable C-contiguous "
+                                     f"float64 save array of shape {(BN_SAVE_ROWS, ly.n_out)}")
+                self.keep.append(save)
+                ly.save = <double*>_data(save)
+            pres = getattr(net, "pres", [])
+            ly.pre = (self._ptr(pres[l], (net.batch, ly.n_out))
+                      if len(pres) > l and pres[l].size else NULL)
         self.p.batch = net.batch
         self.p.I0 = net.Ws[0].shape[0]
         self.p.Ky = net.ybuf.shape[1]
         self.p.xbuf = self._ptr(net.xbuf, (net.batch, self.p.I0))
         self.p.xdrop = (self._ptr(net.xdrop, (net.batch, self.p.I0))
-                        if net.li[0, LI_IN_DROP_THR] > 0 else NULL)
+                        if net.xdrop is not None and net.xdrop.size else NULL)
         self.p.ybuf = self._ptr(net.ybuf, (net.batch, self.p.Ky))
         self.p.opt = net.opt
         self.p.loss = net.loss
@@ -1021,6 +1449,8 @@ cdef class EpochPlan:
         self.keep += [words, scratch]
         self.p.words = <uint32_t*>_data(words)
         self.p.scratch = <double*>_data(scratch)
+        self.keep.append(nwords)
+        self.p.nwords = <uint32_t*>_data(nwords)
         self.p.is_double = dt == np.float64
         self.refresh(net)
 
@@ -1033,6 +1463,7 @@ cdef class EpochPlan:
         lf = np.asarray(net.lf, np.float64)
         hpW = np.asarray(net.hpW, np.float64)
         hpb = np.asarray(net.hpb, np.float64)
+        hpgb = np.asarray(net.hpgb, np.float64)
         if li.shape[0] != self.p.L or lf.shape[0] != self.p.L or hpW.shape[0] != self.p.L \
                 or hpb.shape[0] != self.p.L or hpW.shape[1] < HP_SIZE or hpb.shape[1] < HP_SIZE:
             raise ValueError("EpochPlan: li / lf / hpW / hpb do not have one row per layer")
@@ -1042,13 +1473,29 @@ cdef class EpochPlan:
             ly.thr = li[l, LI_DROP_THR]
             ly.slope = lf[l, LF_SLOPE]
             ly.scale = lf[l, LF_DROP_SCALE]
+            ly.noise = li[l, LI_NOISE]
+            ly.nstd = lf[l, LF_NOISE_STD]
+            if ly.noise != NOISE_NONE and ly.act_code != ACT_LINEAR and ly.pre == NULL:
+                raise ValueError(f"EpochPlan: layer {l} has noise and a nonlinear activation "
+                                 f"but no pre-noise buffer (Net.pres)")
             for h in range(HP_SIZE):
                 ly.hpW[h] = hpW[l, h]
                 ly.hpb[h] = hpb[l, h]
+            if (li[l, LI_BN] != 0) != (ly.bn != 0):
+                raise ValueError("EpochPlan: BatchNorm turned on or off after the workspace "
+                                 "was made")
+            if ly.bn:
+                ly.eps = lf[l, LF_BN_EPS]
+                ly.momentum = lf[l, LF_BN_MOMENTUM]
+                for h in range(HP_SIZE):
+                    ly.hpgb[h] = hpgb[l, h]
         self.p.in_thr = li[0, LI_IN_DROP_THR]
         self.p.in_scale = lf[0, LF_IN_DROP_SCALE]
-        if self.p.in_thr > 0 and self.p.xdrop == NULL:
-            raise ValueError("EpochPlan: input dropout turned on after the workspace was made")
+        self.p.in_noise = li[0, LI_IN_NOISE]
+        self.p.in_nstd = lf[0, LF_IN_NOISE_STD]
+        if (self.p.in_thr > 0 or self.p.in_noise != NOISE_NONE) and self.p.xdrop == NULL:
+            raise ValueError("EpochPlan: input dropout or noise turned on after the workspace "
+                             "was made")
 
     cdef void* _ptr(self, a, shape) except? NULL:
         if (not isinstance(a, np.ndarray) or a.dtype != self.dtype
@@ -1072,7 +1519,8 @@ cdef class EpochPlan:
 def _identity(net):
     return (net.batch, net.seed, net.opt, net.loss,
             tuple(id(a) for name in ("Ws", "bs", "dWs", "dbs", "mW", "vW", "mb", "vb", "acts",
-                                     "grads") for a in getattr(net, name)),
+                                     "grads", "pres", "gbs", "dgbs", "mgb", "vgb", "stats", "xhats",
+                                     "saves") for a in getattr(net, name, ())),
             id(net.xbuf), id(net.xdrop), id(net.ybuf))
 
 
@@ -1110,15 +1558,22 @@ cdef int _train_epoch(PlanC* p, real* X, real* Y, int64_t* perm, Py_ssize_t n_to
             memcpy(xb + r * I0, X + src * I0, I0 * sizeof(real))
             memcpy(yb + r * Ky, Y + src * Ky, Ky * sizeof(real))
         x = xb
-        if p.in_thr > 0:
+        if p.in_thr > 0 or p.in_noise != NOISE_NONE:
             _input_dropout(xb, <real*>p.xdrop, n, I0, p.in_thr, <real>p.in_scale, p.k0, p.k1,
-                           <uint32_t>step, 0, words)
+                           <uint32_t>step, 0, words, p.in_noise, <real>p.in_nstd, p.nwords)
             x = <real*>p.xdrop
         for l in range(L):
             ly = &p.layers[l]
-            _dense_forward(x, <real*>ly.W, <real*>ly.b, <real*>ly.act, n, ly.n_in, ly.n_out,
-                           ly.act_code, <real>ly.slope, ly.thr, <real>ly.scale, p.k0, p.k1,
-                           <uint32_t>step, <uint32_t>l, words)
+            if ly.bn:
+                _bn_dense_forward(x, <real*>ly.W, <real*>ly.b, <real*>ly.act, <real*>ly.xhat,
+                                  <real*>ly.gb, ly.save, n, ly.n_in, ly.n_out, ly.act_code,
+                                  <real>ly.slope, ly.thr, <real>ly.scale, ly.eps, p.k0, p.k1,
+                                  <uint32_t>step, <uint32_t>l, words)
+            else:
+                _dense_forward(x, <real*>ly.W, <real*>ly.b, <real*>ly.act, n, ly.n_in,
+                               ly.n_out, ly.act_code, <real>ly.slope, ly.thr, <real>ly.scale,
+                               p.k0, p.k1, <uint32_t>step, <uint32_t>l, words, ly.noise,
+                               <real>ly.nstd, <real*>ly.pre, p.nwords)
             x = <real*>ly.act
         ly = &p.layers[L - 1]
         batch_loss = _loss_forward_backward(<real*>ly.act, yb, <real*>ly.grad, n, ly.n_out, p.loss,
@@ -1136,18 +1591,31 @@ cdef int _train_epoch(PlanC* p, real* X, real* Y, int64_t* perm, Py_ssize_t n_to
                 xin = <real*>p.layers[l - 1].act
                 dx = <real*>p.layers[l - 1].grad
             else:
-                xin = <real*>p.xdrop if p.in_thr > 0 else xb
+                xin = <real*>p.xdrop if p.in_thr > 0 or p.in_noise != NOISE_NONE else xb
                 dx = NULL
-            _dense_backward(<real*>ly.grad, <real*>ly.act, xin, <real*>ly.W, <real*>ly.dW,
-                            <real*>ly.db, dx, n, ly.n_in, ly.n_out, ly.act_code, <real>ly.slope,
-                            ly.thr, <real>ly.scale, p.k0, p.k1, <uint32_t>step, <uint32_t>l,
-                            words)
+            if ly.bn:
+                _bn_dense_backward(<real*>ly.grad, <real*>ly.act, <real*>ly.xhat, xin,
+                                   <real*>ly.W, <real*>ly.gb, <real*>ly.stats, ly.save,
+                                   <real*>ly.dW, <real*>ly.db, <real*>ly.dgb, dx, n, ly.n_in,
+                                   ly.n_out, ly.act_code, <real>ly.slope, ly.thr,
+                                   <real>ly.scale, ly.momentum, p.k0, p.k1, <uint32_t>step,
+                                   <uint32_t>l, words)
+            else:
+                _dense_backward(<real*>ly.grad, <real*>ly.act, xin, <real*>ly.W, <real*>ly.dW,
+                                <real*>ly.db, dx, n, ly.n_in, ly.n_out, ly.act_code,
+                                <real>ly.slope, ly.thr, <real>ly.scale, p.k0, p.k1,
+                                <uint32_t>step, <uint32_t>l, words, ly.noise, <real>ly.nstd,
+                                <real*>ly.pre, p.nwords)
             # Layer l's weights are not read again this step: update them while dW is hot.
             pen += _penalized_update(<real*>ly.W, <real*>ly.dW, <real*>ly.mW, <real*>ly.vW,
                                      ly.n_in, ly.n_out, True, ly.hpW, p.opt, t, p.scratch)
             if ly.b != NULL:
                 pen += _penalized_update(<real*>ly.b, <real*>ly.db, <real*>ly.mb, <real*>ly.vb,
                                          1, ly.n_out, False, ly.hpb, p.opt, t, p.scratch)
+            if ly.bn:       # gamma/beta as one vector of 2 O values: never penalized
+                pen += _penalized_update(<real*>ly.gb, <real*>ly.dgb, <real*>ly.mgb,
+                                         <real*>ly.vgb, 1, 2 * ly.n_out, False, ly.hpgb, p.opt,
+                                         t, p.scratch)
         pen_sum += pen * n
         steps += 1
         start += batch_size
@@ -1207,7 +1675,8 @@ cdef void _forward_inference(LayerC* layers, int L, real* X, Py_ssize_t n_total,
             ly = &layers[l]
             dst = out + start * K if l == L - 1 else (buf0 if l % 2 == 0 else buf1)
             _dense_forward(x, <real*>ly.W, <real*>ly.b, dst, n, ly.n_in, ly.n_out, ly.act_code,
-                           <real>ly.slope, 0, 1, 0, 0, 0, <uint32_t>l, NULL)
+                           <real>ly.slope, 0, 1, 0, 0, 0, <uint32_t>l, NULL, NOISE_NONE, 0,
+                           NULL, NULL)
             x = dst
         start += batch
 
@@ -1314,53 +1783,112 @@ def _threshold(int64_t thr):
 
 def dense_forward(real[:, ::1] x, real[:, ::1] W, real[::1] b, real[:, ::1] out, int act,
                   double slope, int64_t thr, double scale, uint32_t k0, uint32_t k1,
-                  int64_t step, int64_t layer):
-    """out = dropout(f(x @ W + b))."""
+                  int64_t step, int64_t layer, int noise, double nstd, real[:, ::1] pre):
+    """out = dropout(noise(f(x @ W + b))); pre (size 0: none) = f(x @ W + b) with noise."""
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = W.shape[1]
     _check(W.shape[0] == I and out.shape[0] == B and out.shape[1] == O
-           and b.shape[0] in (0, O), "dense_forward: shapes do not match")
+           and b.shape[0] in (0, O) and (pre.shape[0] * pre.shape[1] == 0
+                                         or (pre.shape[0] == B and pre.shape[1] == O)),
+           "dense_forward: shapes do not match")
     cdef uint32_t t32 = _threshold(thr)
     cdef uint32_t[::1] words = _words_for(B * O if thr > 0 else 0)
+    cdef uint32_t[::1] nwords = _words_for(B * O if noise != NOISE_NONE else 0)
     if B == 0 or O == 0:
         return
     with nogil:
         _dense_forward(_ptr2(x), _ptr2(W), _ptr1(b), &out[0, 0], B, I, O, act, <real>slope,
-                       t32, <real>scale, k0, k1, <uint32_t>step, <uint32_t>layer, &words[0])
+                       t32, <real>scale, k0, k1, <uint32_t>step, <uint32_t>layer, &words[0],
+                       noise, <real>nstd, _ptr2(pre), &nwords[0])
 
 
 def dense_backward(real[:, ::1] grad, real[:, ::1] out, real[:, ::1] x, real[:, ::1] W,
                    real[:, ::1] dW, real[::1] db, real[:, ::1] dx, int act, double slope,
                    int64_t thr, double scale, uint32_t k0, uint32_t k1, int64_t step,
-                   int64_t layer):
-    """grad: dL/d(out) in, dL/dz out; dW, db (size 0: none), dx (size 0: none) written."""
+                   int64_t layer, int noise, double nstd, real[:, ::1] pre):
+    """grad: dL/d(out) in, dL/dz out; dW, db (size 0: none), dx (size 0: none) written.
+    With noise and a nonlinear activation, pre holds f(z) from the forward."""
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = W.shape[1]
     _check(W.shape[0] == I and out.shape[0] == B and out.shape[1] == O
            and grad.shape[0] == B and grad.shape[1] == O and dW.shape[0] == I
            and dW.shape[1] == O and db.shape[0] in (0, O)
-           and (dx.shape[0] * dx.shape[1] == 0 or (dx.shape[0] == B and dx.shape[1] == I)),
+           and (dx.shape[0] * dx.shape[1] == 0 or (dx.shape[0] == B and dx.shape[1] == I))
+           and (pre.shape[0] * pre.shape[1] == 0 or (pre.shape[0] == B and pre.shape[1] == O)),
            "dense_backward: shapes do not match")
+    _check(noise == NOISE_NONE or act == ACT_LINEAR or B == 0 or pre.shape[0] == B,
+           "dense_backward: a noisy layer with a nonlinear activation needs pre")
     cdef uint32_t t32 = _threshold(thr)
     cdef uint32_t[::1] words = _words_for(B * O if thr > 0 else 0)
+    cdef uint32_t[::1] nwords = _words_for(B * O if noise == NOISE_MUL else 0)
     if I == 0 or O == 0:
         return
     with nogil:
         _dense_backward(_ptr2(grad), _ptr2(out), _ptr2(x), &W[0, 0], &dW[0, 0], _ptr1(db),
                         _ptr2(dx), B, I, O, act, <real>slope, t32, <real>scale, k0, k1,
-                        <uint32_t>step, <uint32_t>layer, &words[0])
+                        <uint32_t>step, <uint32_t>layer, &words[0], noise, <real>nstd,
+                        _ptr2(pre), &nwords[0])
+
+
+def bn_dense_forward(real[:, ::1] x, real[:, ::1] W, real[::1] b, real[:, ::1] out,
+                     real[:, ::1] xhat, real[:, ::1] gb, double[:, ::1] save, int act,
+                     double slope, int64_t thr, double scale, double eps, uint32_t k0,
+                     uint32_t k1, int64_t step, int64_t layer):
+    """out = dropout(f(gamma * zhat + beta)), zhat the batch-normalized x @ W + b."""
+    cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = W.shape[1]
+    _check(W.shape[0] == I and out.shape[0] == B and out.shape[1] == O
+           and xhat.shape[0] == B and xhat.shape[1] == O and gb.shape[0] == 2
+           and gb.shape[1] == O and save.shape[0] == BN_SAVE_ROWS and save.shape[1] == O
+           and b.shape[0] in (0, O), "bn_dense_forward: shapes do not match")
+    cdef uint32_t t32 = _threshold(thr)
+    cdef uint32_t[::1] words = _words_for(B * O if thr > 0 else 0)
+    if B == 0 or O == 0:
+        return
+    with nogil:
+        _bn_dense_forward(_ptr2(x), _ptr2(W), _ptr1(b), &out[0, 0], &xhat[0, 0], &gb[0, 0],
+                          &save[0, 0], B, I, O, act, <real>slope, t32, <real>scale, eps, k0,
+                          k1, <uint32_t>step, <uint32_t>layer, &words[0])
+
+
+def bn_dense_backward(real[:, ::1] grad, real[:, ::1] out, real[:, ::1] xhat, real[:, ::1] x,
+                      real[:, ::1] W, real[:, ::1] gb, real[:, ::1] stats, double[:, ::1] save,
+                      real[:, ::1] dW, real[::1] db, real[:, ::1] dgb, real[:, ::1] dx, int act,
+                      double slope, int64_t thr, double scale, double momentum, uint32_t k0,
+                      uint32_t k1, int64_t step, int64_t layer):
+    """grad: dL/d(out) in, dL/dz out; dgb, dW, db (= 0), dx written; running stats updated."""
+    cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = W.shape[1]
+    _check(W.shape[0] == I and out.shape[0] == B and out.shape[1] == O
+           and grad.shape[0] == B and grad.shape[1] == O and xhat.shape[0] == B
+           and xhat.shape[1] == O and dW.shape[0] == I and dW.shape[1] == O
+           and db.shape[0] in (0, O) and gb.shape[0] == 2 and gb.shape[1] == O
+           and dgb.shape[0] == 2 and dgb.shape[1] == O and stats.shape[0] == 2
+           and stats.shape[1] == O and save.shape[0] == BN_SAVE_ROWS and save.shape[1] == O
+           and (dx.shape[0] * dx.shape[1] == 0 or (dx.shape[0] == B and dx.shape[1] == I)),
+           "bn_dense_backward: shapes do not match")
+    cdef uint32_t t32 = _threshold(thr)
+    cdef uint32_t[::1] words = _words_for(B * O if thr > 0 else 0)
+    if B == 0 or I == 0 or O == 0:
+        return
+    with nogil:
+        _bn_dense_backward(&grad[0, 0], &out[0, 0], &xhat[0, 0], &x[0, 0], &W[0, 0], &gb[0, 0],
+                           &stats[0, 0], &save[0, 0], &dW[0, 0], _ptr1(db), &dgb[0, 0],
+                           _ptr2(dx), B, I, O, act, <real>slope, t32, <real>scale, momentum,
+                           k0, k1, <uint32_t>step, <uint32_t>layer, &words[0])
 
 
 def input_dropout(real[:, ::1] x, real[:, ::1] out, int64_t thr, double scale, uint32_t k0,
-                  uint32_t k1, int64_t step, int64_t layer):
-    """out = x * scale where kept, else 0 (stream STREAM_INPUT_DROPOUT)."""
+                  uint32_t k1, int64_t step, int64_t layer, int noise, double nstd):
+    """out = dropout(noise(x)): x * scale where kept, else 0 (stream STREAM_INPUT_DROPOUT),
+    after the noise (stream STREAM_INPUT_NOISE)."""
     _check(x.shape[0] == out.shape[0] and x.shape[1] == out.shape[1],
            "input_dropout: shapes do not match")
     cdef uint32_t t32 = _threshold(thr)
     cdef uint32_t[::1] words = _words_for(x.shape[0] * x.shape[1])
+    cdef uint32_t[::1] nwords = _words_for(x.shape[0] * x.shape[1] if noise else 0)
     if x.shape[0] * x.shape[1] == 0:
         return
     with nogil:
         _input_dropout(&x[0, 0], &out[0, 0], x.shape[0], x.shape[1], t32, <real>scale, k0, k1,
-                       <uint32_t>step, <uint32_t>layer, &words[0])
+                       <uint32_t>step, <uint32_t>layer, &words[0], noise, <real>nstd,
+                       &nwords[0])
 
 
 def loss_forward_backward(real[:, ::1] z, real[:, ::1] y, real[:, ::1] grad, int loss,

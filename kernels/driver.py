@@ -40,6 +40,20 @@ class Net:
     xdrop: np.ndarray = None                    # (batch, I0) inputs after input dropout
     ybuf: np.ndarray = None                     # (batch, Ky) gathered targets
     cache: dict = field(default_factory=dict)   # backend-private (typed lists, scratch...)
+    # BatchNorm (layers with li[l, LI_BN] = 1; the others hold empty (0, 0) arrays, and
+    # empty lists mean no BatchNorm anywhere): gamma/beta, their gradient and moments, the
+    # running statistics, and the update rows of gamma/beta (never penalized).
+    gbs: list = field(default_factory=list)     # (2, O_l) gamma; beta
+    dgbs: list = field(default_factory=list)
+    mgb: list = field(default_factory=list)
+    vgb: list = field(default_factory=list)
+    stats: list = field(default_factory=list)   # (2, O_l) running mean; running variance
+    hpgb: np.ndarray = None                     # (L, HP_SIZE) float64
+    xhats: list = field(default_factory=list)   # (batch, O_l) zhat: what BN backward keeps
+    saves: list = field(default_factory=list)   # (BN_SAVE_ROWS, O_l) float64 batch statistics
+    # Noise layers: (batch, O_l) f(z) before the noise, for a layer with output noise and a
+    # nonlinear activation (needs_pre); (0, O_l) for the others.
+    pres: list = field(default_factory=list)
 
     @property
     def n_layers(self):
@@ -50,23 +64,82 @@ class Net:
         return self.Ws[0].dtype
 
 
+def has_bn(net):
+    """Whether any layer of the plan runs BatchNorm (training plans only)."""
+    return net.li.shape[1] > C.LI_BN and bool((net.li[:, C.LI_BN] != 0).any())
+
+
+def ensure_bn_lists(net):
+    """Fill the BatchNorm lists of a Net made without them with empty (0, 0) arrays, so every
+    backend sees one array per layer (a Net built by hand, or without BatchNorm)."""
+    L = net.n_layers
+    dt = net.dtype
+    for name, dtype in (("gbs", dt), ("dgbs", dt), ("mgb", dt), ("vgb", dt), ("stats", dt),
+                        ("xhats", dt), ("saves", np.float64)):
+        if len(getattr(net, name)) != L:
+            setattr(net, name, [np.zeros((0, 0), dtype) for _ in range(L)])
+    if net.hpgb is None:
+        net.hpgb = np.zeros((L, C.HP_SIZE))
+
+
+def noise_of(net, l):
+    """(NOISE_* code, std) of the noise on layer l's output; (NOISE_NONE, 0) without."""
+    if net.li.shape[1] <= C.LI_NOISE:
+        return C.NOISE_NONE, net.dtype.type(0)
+    return int(net.li[l, C.LI_NOISE]), net.lf[l, C.LF_NOISE_STD]
+
+
+def input_noise_of(net):
+    """(NOISE_* code, std) of the noise on the inputs (before the first dense layer)."""
+    if net.li.shape[1] <= C.LI_IN_NOISE:
+        return C.NOISE_NONE, net.dtype.type(0)
+    return int(net.li[0, C.LI_IN_NOISE]), net.lf[0, C.LF_IN_NOISE_STD]
+
+
+def needs_pre(noise, act):
+    """Whether backward needs the pre-noise activation f(z) kept (Net.pres): with noise, f'
+    can no longer be read off the output, except for a linear layer (f' = 1)."""
+    return noise != C.NOISE_NONE and act != C.ACT_LINEAR
+
+
+def has_input_transform(net):
+    """Whether the inputs pass through dropout and/or noise (into Net.xdrop) in training."""
+    return net.li[0, C.LI_IN_DROP_THR] > 0 or input_noise_of(net)[0] != C.NOISE_NONE
+
+
 def allocate_workspace(net, batch, y_width):
     """Preallocate every buffer one training step touches, for batches of <= `batch` rows."""
     dt = net.dtype
+    net.pres = [np.zeros((batch if needs_pre(noise_of(net, l)[0], net.li[l, C.LI_ACT]) else 0,
+                          W.shape[1]), dt) for l, W in enumerate(net.Ws)]
+    ensure_bn_lists(net)
+    bn = [bool(net.li[l, C.LI_BN]) if net.li.shape[1] > C.LI_BN else False
+          for l in range(net.n_layers)]
+    net.xhats = [np.zeros((batch, W.shape[1]) if on else (0, 0), dt)
+                 for W, on in zip(net.Ws, bn)]
+    net.saves = [np.zeros((C.BN_SAVE_ROWS, W.shape[1]) if on else (0, 0))
+                 for W, on in zip(net.Ws, bn)]
     net.batch = int(batch)
     net.acts = [np.zeros((batch, W.shape[1]), dt) for W in net.Ws]
     net.grads = [np.zeros((batch, W.shape[1]), dt) for W in net.Ws]
     i0 = net.Ws[0].shape[0]
     net.xbuf = np.zeros((batch, i0), dt)
-    has_in_drop = net.li[0, C.LI_IN_DROP_THR] > 0
-    net.xdrop = np.zeros((batch, i0) if has_in_drop else (0, i0), dt)
+    net.xdrop = np.zeros((batch, i0) if has_input_transform(net) else (0, i0), dt)
     net.ybuf = np.zeros((batch, y_width), dt)
     net.cache.clear()
 
 
 def kept_bytes_per_element(net):
-    """What one training step keeps between forward and backward, per activation element."""
-    return net.dtype.itemsize
+    """What one training step keeps between forward and backward, per activation element:
+    the layer output only, and for a BatchNorm layer its zhat too (plus per unit, not counted
+    here: inv_std and the batch mean and variance for the running update, float64)."""
+    units = sum(W.shape[1] for W in net.Ws)
+    bn = sum(W.shape[1] for l, W in enumerate(net.Ws)
+             if net.li.shape[1] > C.LI_BN and net.li[l, C.LI_BN])
+    # a layer with noise and a nonlinear activation keeps f(z) before the noise too
+    pre = sum(W.shape[1] for l, W in enumerate(net.Ws)
+              if needs_pre(noise_of(net, l)[0], net.li[l, C.LI_ACT]))
+    return net.dtype.itemsize * (units + bn + pre) / units
 
 
 def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
@@ -77,6 +150,7 @@ def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
     """
     n_total = perm.shape[0]   # the rows of this call: an epoch or a chunk of whole batches
     L = net.n_layers
+    bn = [net.li.shape[1] > C.LI_BN and bool(net.li[l, C.LI_BN]) for l in range(L)]
     loss_sum = 0.0
     pen_sum = 0.0
     steps = 0
@@ -91,16 +165,25 @@ def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
         yb = net.ybuf[:n]
         yb[...] = Y[idx]
         x = xb
-        if net.li[0, C.LI_IN_DROP_THR] > 0:
+        if has_input_transform(net):
             ops.input_dropout(xb, net.xdrop[:n], net.li[0, C.LI_IN_DROP_THR],
-                              net.lf[0, C.LF_IN_DROP_SCALE], net.seed, step, 0)
+                              net.lf[0, C.LF_IN_DROP_SCALE], net.seed, step, 0,
+                              *input_noise_of(net))
             x = net.xdrop[:n]
         inputs = []
         for l in range(L):
             inputs.append(x)
-            ops.dense_forward(x, net.Ws[l], net.bs[l], net.acts[l][:n], net.li[l, C.LI_ACT],
-                              net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
-                              net.lf[l, C.LF_DROP_SCALE], net.seed, step, l)
+            if bn[l]:
+                ops.bn_dense_forward(x, net.Ws[l], net.bs[l], net.acts[l][:n],
+                                     net.xhats[l][:n], net.gbs[l], net.saves[l],
+                                     net.li[l, C.LI_ACT], net.lf[l, C.LF_SLOPE],
+                                     net.li[l, C.LI_DROP_THR], net.lf[l, C.LF_DROP_SCALE],
+                                     net.lf[l, C.LF_BN_EPS], net.seed, step, l)
+            else:
+                ops.dense_forward(x, net.Ws[l], net.bs[l], net.acts[l][:n],
+                                  net.li[l, C.LI_ACT], net.lf[l, C.LF_SLOPE],
+                                  net.li[l, C.LI_DROP_THR], net.lf[l, C.LF_DROP_SCALE],
+                                  net.seed, step, l, *noise_of(net, l), net.pres[l][:n])
             x = net.acts[l][:n]
         batch_loss = ops.loss_forward_backward(net.acts[L - 1][:n], yb, net.grads[L - 1][:n],
                                                net.loss)
@@ -110,23 +193,37 @@ def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
         pen = 0.0
         for l in range(L - 1, -1, -1):
             dx = net.grads[l - 1][:n] if l > 0 else empty
-            ops.dense_backward(net.grads[l][:n], net.acts[l][:n], inputs[l], net.Ws[l],
-                               net.dWs[l], net.dbs[l], dx, net.li[l, C.LI_ACT],
-                               net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
-                               net.lf[l, C.LF_DROP_SCALE], net.seed, step, l)
+            if bn[l]:
+                ops.bn_dense_backward(net.grads[l][:n], net.acts[l][:n], net.xhats[l][:n],
+                                      inputs[l], net.Ws[l], net.gbs[l], net.stats[l],
+                                      net.saves[l], net.dWs[l], net.dbs[l], net.dgbs[l], dx,
+                                      net.li[l, C.LI_ACT], net.lf[l, C.LF_SLOPE],
+                                      net.li[l, C.LI_DROP_THR], net.lf[l, C.LF_DROP_SCALE],
+                                      net.lf[l, C.LF_BN_MOMENTUM], net.seed, step, l)
+            else:
+                ops.dense_backward(net.grads[l][:n], net.acts[l][:n], inputs[l], net.Ws[l],
+                                   net.dWs[l], net.dbs[l], dx, net.li[l, C.LI_ACT],
+                                   net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
+                                   net.lf[l, C.LF_DROP_SCALE], net.seed, step, l,
+                                   *noise_of(net, l), net.pres[l][:n])
             # Layer l's weights are not read again this step: update them while dW is hot.
             pen += ops.penalized_update(net.Ws[l], net.dWs[l], net.mW[l], net.vW[l],
                                         net.hpW[l], net.opt, t)
             if net.bs[l].size:
                 pen += ops.penalized_update(net.bs[l], net.dbs[l], net.mb[l], net.vb[l],
                                             net.hpb[l], net.opt, t)
+            if bn[l]:   # gamma/beta: the same fused update, flattened (a vector, no penalty)
+                pen += ops.penalized_update(net.gbs[l].reshape(-1), net.dgbs[l].reshape(-1),
+                                            net.mgb[l].reshape(-1), net.vgb[l].reshape(-1),
+                                            net.hpgb[l], net.opt, t)
         pen_sum += pen * n
         steps += 1
     return loss_sum, pen_sum, steps, True
 
 
 def forward_inference(ops, net, X, batch_size):
-    """Logits for X with dropout off, in chunks of `batch_size` rows."""
+    """Logits for X with dropout off, in chunks of `batch_size` rows. `net` is an inference
+    plan: BatchNorm already folded into its W, b (Sequential._make_net(training=False))."""
     L = net.n_layers
     out = np.empty((X.shape[0], net.Ws[-1].shape[1]), net.dtype)
     bufs = [np.empty((min(batch_size, X.shape[0]), W.shape[1]), net.dtype) for W in net.Ws]
@@ -152,14 +249,18 @@ def mc_rows_per_pass(n_samples):
 
 
 def has_dropout(net):
-    """Whether any dropout (on a layer's output, or on the inputs) is active in training."""
-    return bool((net.li[:, C.LI_DROP_THR] > 0).any() or net.li[0, C.LI_IN_DROP_THR] > 0)
+    """Whether any dropout or noise layer (on a layer's output, or on the inputs) is active
+    in training: what MC sampling draws."""
+    return bool((net.li[:, C.LI_DROP_THR] > 0).any() or net.li[0, C.LI_IN_DROP_THR] > 0
+                or has_input_transform(net)
+                or any(noise_of(net, l)[0] for l in range(net.n_layers)))
 
 
 def mc_dropout_forward(ops, net, X, n_samples, seed, step0, loss):
     """MC dropout: (mean, std, passes) of the outputs over `n_samples` dropout masks per row.
 
-    Dropout runs as in training (same thresholds and scales, input dropout included), through
+    Dropout runs as in training (same thresholds and scales, input dropout included; noise
+    layers too, on streams STREAM_NOISE / STREAM_INPUT_NOISE with the same layer words), through
     the same fused kernels: pass c takes the rows [c*R, (c+1)*R) of X, R = mc_rows_per_pass,
     stacks `n_samples` consecutive copies of each (stacked row r*n_samples + k is copy k of
     local row r) and runs the forward once over them. Its masks are the Philox words of
@@ -187,21 +288,22 @@ def mc_dropout_forward(ops, net, X, n_samples, seed, step0, loss):
     stacked = min(rows, N) * n
     bufs = [np.empty((stacked, W.shape[1]), net.dtype) for W in net.Ws]
     in_thr = net.li[0, C.LI_IN_DROP_THR]
-    xdrop = np.empty((stacked, X.shape[1]), net.dtype) if in_thr > 0 else None
+    xdrop = np.empty((stacked, X.shape[1]), net.dtype) if has_input_transform(net) else None
     passes = 0
     for start in range(0, N, rows):
         xs = np.repeat(X[start:start + rows], n, axis=0)
         m = xs.shape[0]
         step = (int(step0) + passes) & MASK32
         x = xs
-        if in_thr > 0:
+        if xdrop is not None:
             ops.input_dropout(xs, xdrop[:m], in_thr, net.lf[0, C.LF_IN_DROP_SCALE], seed, step,
-                              mc_layer_word(0))
+                              mc_layer_word(0), *input_noise_of(net))
             x = xdrop[:m]
         for l in range(net.n_layers):
             ops.dense_forward(x, net.Ws[l], net.bs[l], bufs[l][:m], net.li[l, C.LI_ACT],
                               net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
-                              net.lf[l, C.LF_DROP_SCALE], seed, step, mc_layer_word(l))
+                              net.lf[l, C.LF_DROP_SCALE], seed, step, mc_layer_word(l),
+                              *noise_of(net, l))
             x = bufs[l][:m]
         p = np.asarray(ops.output_transform(x, loss), np.float64).reshape(m // n, n, K)
         mean[start:start + m // n] = p.mean(axis=1)

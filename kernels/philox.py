@@ -25,7 +25,7 @@ MASK32 = 0xFFFFFFFF
 # Streams: a distinct counter word per purpose, so no two purposes ever share bits.
 STREAM_DROPOUT = 0        # dropout on a dense layer's output
 STREAM_INPUT_DROPOUT = 1  # dropout on a dense layer's input (a standalone Dropout before it)
-STREAM_NOISE = 2          # Gaussian noise / Gaussian dropout
+STREAM_NOISE = 2          # Gaussian noise / Gaussian dropout on a dense layer's output
 STREAM_AUGMENT = 3        # data augmentation: GaussianJitter's noise (fastreg.augment)
 STREAM_MC = 4             # MC-dropout samples at inference
 
@@ -53,6 +53,10 @@ STREAM_AUGMENT_MIXUP = 5    # Mixup: the per-sample weight lambda ~ Beta(alpha, 
 STREAM_AUGMENT_PARTNER = 6  # Mixup: the partner permutation inside each batch
 STREAM_AUGMENT_FLIP = 7     # RandomFlip: flip or not, per sample
 STREAM_AUGMENT_SHIFT = 8    # RandomShift: (dy, dx) per sample
+# Noise on a dense layer's input (a GaussianNoise / GaussianDropout before the first Dense):
+# its own stream, as input dropout has STREAM_INPUT_DROPOUT, so that the input noise and the
+# layer-0 output noise (both layer word 0) never share a counter.
+STREAM_INPUT_NOISE = 9
 
 
 def split_seed(seed):
@@ -138,3 +142,34 @@ def keep_mask(shape, threshold, seed, step, layer, stream):
 def uniform_from_word(word):
     """A uint32 word to a float64 in (0, 1): never 0 or 1, so log() is safe (Box-Muller)."""
     return (np.float64(word) + 0.5) * (1.0 / 4294967296.0)
+
+
+# ---------------------------------------------------------------- Gaussian noise
+# A standard normal per element, Box-Muller on the word pairs of its group: element e (word
+# e % 4 of group e // 4) pairs with e ^ 1; the even word gives the radius, the odd one the angle:
+#     u1 = (w[e & ~1] + 0.5) / 2**32,  u2 = (w[e | 1] + 0.5) / 2**32      (both in (0, 1))
+#     r = sqrt(-2 log u1),  theta = 2 pi u2,   n_e = r cos(theta) if e even else r sin(theta)
+# in float64, rounded once to the working dtype. Every backend computes this formula in this
+# order (libm / libdevice log, cos, sin), so the noise agrees to the rounding of the transform.
+# fastreg.augment.GaussianJitter uses the same transform on its own stream.
+TWO_PI = 2.0 * math.pi
+
+
+@njit(**JIT)
+def normal_from_words(w_radius, w_angle, odd):
+    """The Box-Muller normal of one element from its pair of words (float64)."""
+    u1 = (np.float64(w_radius) + 0.5) * (1.0 / 4294967296.0)
+    u2 = (np.float64(w_angle) + 0.5) * (1.0 / 4294967296.0)
+    r = math.sqrt(-2.0 * math.log(u1))
+    t = TWO_PI * u2
+    return r * math.sin(t) if odd else r * math.cos(t)
+
+
+def standard_normals(n, seed, step, layer, stream):
+    """The first n normals (float64) of the (seed, step, layer, stream) sequence, element-
+    indexed: the reference definition of the noise (vectorised NumPy)."""
+    words = philox_words(4 * ((int(n) + 3) // 4), seed, step, layer, stream)
+    u = ((words.astype(np.float64) + 0.5) * (1.0 / 4294967296.0)).reshape(-1, 2)
+    r = np.sqrt(-2.0 * np.log(u[:, 0]))
+    t = TWO_PI * u[:, 1]
+    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1).reshape(-1)[:int(n)]

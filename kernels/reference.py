@@ -10,7 +10,8 @@ import numpy as np
 
 from . import contract as C
 from . import driver
-from .philox import STREAM_DROPOUT, STREAM_INPUT_DROPOUT, keep_mask
+from .philox import (STREAM_DROPOUT, STREAM_INPUT_DROPOUT, STREAM_INPUT_NOISE, STREAM_NOISE,
+                     keep_mask, standard_normals)
 
 NAME = "numpy"
 
@@ -48,13 +49,49 @@ def sigmoid(z):
     return np.where(z >= 0, 1 / (1 + e), e / (1 + e)).astype(z.dtype)
 
 
+# ---------------------------------------------------------------- Gaussian noise
+def noise_values(shape, dtype, seed, step, layer, stream):
+    """Standard normals of `shape` (row-major element order), rounded once to dtype."""
+    n = int(np.prod(shape))
+    return standard_normals(n, seed, step, layer, stream).astype(dtype).reshape(shape)
+
+
+def noise_factor(std, nrm, dtype):
+    """1 + std * n, GaussianDropout's multiplier, in the working dtype."""
+    return dtype.type(1) + dtype.type(std) * nrm
+
+
+def apply_noise(a, noise, std, seed, step, layer, stream):
+    """NOISE_ADD: a + std * n; NOISE_MUL: a * (1 + std * n); in a's dtype, n rounded first."""
+    if noise == C.NOISE_NONE:
+        return a
+    nrm = noise_values(a.shape, a.dtype, seed, step, layer, stream)
+    if noise == C.NOISE_ADD:
+        return a + a.dtype.type(std) * nrm
+    return a * noise_factor(std, nrm, a.dtype)
+
+
+needs_pre = driver.needs_pre
+
+
 # ---------------------------------------------------------------- dense layer
-def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer):
-    """out = dropout(f(x @ W + b)): the only thing backward keeps (B*O values)."""
+def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
+                  noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+    """out = dropout(noise(f(x @ W + b))): what backward keeps (B*O values), and with noise
+    and a nonlinear f also pre = f(x @ W + b) (needs_pre).
+
+    Noise (stream STREAM_NOISE) comes after the activation and before the dropout: a Keras
+    list Dense(activation), GaussianNoise, Dropout. It is training-only: inference passes
+    noise = NOISE_NONE.
+    """
     z = x @ W
     if b.size:
         z += b
     a = activation(z, act, slope)
+    if noise != C.NOISE_NONE:
+        if pre is not None and pre.size:
+            pre[...] = a
+        a = apply_noise(a, noise, noise_std, seed, step, layer, STREAM_NOISE)
     if drop_threshold > 0:
         keep = keep_mask(a.shape, drop_threshold, seed, step, layer, STREAM_DROPOUT)
         a = np.where(keep, a * a.dtype.type(drop_scale), a.dtype.type(0))
@@ -62,14 +99,27 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer):
+                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db, dx written.
 
     The dropout mask is regenerated from Philox, never stored. f' comes from the output:
     a = out / scale for kept units (dropped units have zero gradient whatever f' is).
+    With noise, f' comes from pre (the kept f(z); f' = 1 for a linear layer) and, for
+    NOISE_MUL, the factor 1 + std * n is regenerated: dz = ((g * scale) * (1 + std*n)) * f'.
     """
     scale = out.dtype.type(drop_scale)
-    if drop_threshold > 0:
+    if noise != C.NOISE_NONE:
+        d = grad * scale if drop_threshold > 0 else grad
+        if noise == C.NOISE_MUL:
+            nrm = noise_values(out.shape, out.dtype, seed, step, layer, STREAM_NOISE)
+            d = d * noise_factor(noise_std, nrm, out.dtype)
+        if act != C.ACT_LINEAR:
+            d = d * activation_grad_from_output(pre, act, slope)
+        if drop_threshold > 0:
+            keep = keep_mask(out.shape, drop_threshold, seed, step, layer, STREAM_DROPOUT)
+            d = np.where(keep, d, out.dtype.type(0))
+        dz = d
+    elif drop_threshold > 0:
         keep = keep_mask(out.shape, drop_threshold, seed, step, layer, STREAM_DROPOUT)
         a = out / scale if act in (C.ACT_TANH, C.ACT_SIGMOID) else out
         dz = np.where(keep, (grad * scale) * activation_grad_from_output(a, act, slope),
@@ -84,10 +134,90 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
         dx[...] = dz @ W.T
 
 
-def input_dropout(x, out, threshold, scale, seed, step, layer):
-    """Dropout on a layer's input (a standalone Dropout layer before a Dense)."""
-    keep = keep_mask(x.shape, threshold, seed, step, layer, STREAM_INPUT_DROPOUT)
-    out[...] = np.where(keep, x * x.dtype.type(scale), x.dtype.type(0))
+# ---------------------------------------------------------------- dense + BatchNorm (training)
+def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
+                     eps, seed, step, layer):
+    """out = dropout(f(gamma * zhat + beta)), zhat = (z - mean) / sqrt(var + eps), z = x @ W + b,
+    with the batch mean and biased variance of every unit (Ioffe & Szegedy 2015).
+
+    The statistics are summed in float64 in row order (mean first, then the squared
+    deviations); inv_std = 1 / sqrt(var + eps) in float64; mean and inv_std are rounded once
+    to the dtype, and zhat, y, f(y) are computed in the dtype. Writes out, xhat (zhat: what
+    backward needs besides out) and save (mean, var, inv_std). The running statistics are
+    not touched here: bn_dense_backward updates them once the step's loss is known finite.
+    """
+    dt = out.dtype.type
+    n = x.shape[0]
+    z = x @ W
+    if b.size:
+        z += b
+    z64 = z.astype(np.float64)
+    mean = z64.sum(axis=0) / n
+    var = ((z64 - mean) ** 2).sum(axis=0) / n
+    inv = (1.0 / np.sqrt(var + float(dt(eps)))).astype(out.dtype)
+    save[C.BN_SAVE_MEAN] = mean
+    save[C.BN_SAVE_VAR] = var
+    save[C.BN_SAVE_INVSTD] = inv
+    xh = (z - mean.astype(out.dtype)) * inv
+    xhat[...] = xh
+    a = activation(gb[C.BN_GAMMA] * xh + gb[C.BN_BETA], act, slope)
+    if drop_threshold > 0:
+        keep = keep_mask(a.shape, drop_threshold, seed, step, layer, STREAM_DROPOUT)
+        a = np.where(keep, a * dt(drop_scale), dt(0))
+    out[...] = a
+
+
+def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
+                      drop_threshold, drop_scale, momentum, seed, step, layer):
+    """The BatchNorm dense layer's backward, through the batch statistics.
+
+    grad (B, O) holds dL/d(out) on entry and dL/dz on exit. dy = dL/d(gamma zhat + beta) comes
+    from out and the regenerated mask exactly as in dense_backward; then, per unit, in float64
+    in row order: dbeta = sum dy, dgamma = sum dy * zhat, and
+        dz = c1 * ((dy - c2) - zhat * c3),  c1 = gamma * inv_std, c2 = dbeta / B, c3 = dgamma / B
+    (c1, c2, c3 rounded once to the dtype). db is exactly 0: the output does not depend on b
+    (the batch mean absorbs it). dgb = (dgamma, dbeta); dW, dx as in dense_backward. Last, the
+    running statistics: stats = momentum * stats + (1 - momentum) * (batch mean, biased batch
+    variance), in float64, rounded to the dtype (Keras' convention).
+    """
+    dt = out.dtype.type
+    n = grad.shape[0]
+    scale = dt(drop_scale)
+    if drop_threshold > 0:
+        keep = keep_mask(out.shape, drop_threshold, seed, step, layer, STREAM_DROPOUT)
+        a = out / scale if act in (C.ACT_TANH, C.ACT_SIGMOID) else out
+        dy = np.where(keep, (grad * scale) * activation_grad_from_output(a, act, slope), dt(0))
+    else:
+        dy = grad * activation_grad_from_output(out, act, slope)
+    dy64 = dy.astype(np.float64)
+    s1 = dy64.sum(axis=0)
+    s2 = (dy64 * xhat.astype(np.float64)).sum(axis=0)
+    dgb[C.BN_GAMMA] = s2
+    dgb[C.BN_BETA] = s1
+    c1 = (gb[C.BN_GAMMA].astype(np.float64) * save[C.BN_SAVE_INVSTD]).astype(out.dtype)
+    c2 = (s1 / n).astype(out.dtype)
+    c3 = (s2 / n).astype(out.dtype)
+    dz = c1 * ((dy - c2) - xhat * c3)
+    grad[...] = dz
+    if db.size:
+        db[...] = 0
+    dW[...] = x.T @ dz
+    if dx.size:
+        dx[...] = dz @ W.T
+    mom = float(dt(momentum))
+    for row, srow in ((C.BN_MEAN, C.BN_SAVE_MEAN), (C.BN_VAR, C.BN_SAVE_VAR)):
+        stats[row] = mom * stats[row].astype(np.float64) + (1.0 - mom) * save[srow]
+
+
+def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NONE,
+                  noise_std=0.0):
+    """out = dropout(noise(x)) on a layer's input (standalone Dropout / GaussianNoise /
+    GaussianDropout layers before the first Dense); noise on stream STREAM_INPUT_NOISE."""
+    v = apply_noise(x, noise, noise_std, seed, step, layer, STREAM_INPUT_NOISE)
+    if threshold > 0:
+        keep = keep_mask(x.shape, threshold, seed, step, layer, STREAM_INPUT_DROPOUT)
+        v = np.where(keep, v * x.dtype.type(scale), x.dtype.type(0))
+    out[...] = v
 
 
 # ---------------------------------------------------------------- losses (from logits)

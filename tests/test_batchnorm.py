@@ -1,0 +1,396 @@
+"""BatchNorm (fr.BatchNorm after a Dense): the reference checked by central differences, every
+backend against the reference, training vs inference, no penalty on gamma/beta, weights
+order, save/load, prune, errors.
+
+The CUDA tests run on the numba-cuda simulator (conftest.py) with small GEMM tiles.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import fastreg as fr
+from fastreg.kernels import contract as C
+from fastreg.kernels import driver
+from fastreg.kernels import reference as R
+from fastreg.kernels.philox import dropout_scale, dropout_threshold
+
+from netutil import fresh_rng, randn
+
+ACTS = [C.ACT_LINEAR, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_TANH, C.ACT_SIGMOID]
+
+
+def _backend(name):
+    if name == "numba":
+        from fastreg.kernels import cpu
+        return cpu
+    if name == "cython":
+        return pytest.importorskip("fastreg.kernels.cython_backend")
+    G = pytest.importorskip("fastreg.kernels.cuda")
+    if not G.available()[0]:
+        pytest.skip(G.available()[1])
+    return G
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Small CUDA tiles on the simulator (as tests/test_cuda.py), so tile edges are hit."""
+    try:
+        from fastreg.kernels import cuda as G
+    except ImportError:
+        G = None
+    if G is not None and G.cuda is not None \
+            and (G.on_simulator() or os.environ.get("FASTREG_TEST_SMALL_TILES") == "1"):
+        for name, value in (("TILE_M", 16), ("TILE_N", 16), ("TILE_K", 8), ("THREAD_M", 4),
+                            ("THREAD_N", 4), ("BLOCK", 16), ("UPDATE_PER_THREAD", 4)):
+            monkeypatch.setattr(G, name, value)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(5e-4)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def _layer(rng, B, I, O, dt, bias=True):
+    x = randn(rng, (B, I), dt)
+    W = randn(rng, (I, O), dt, 1 / np.sqrt(I))
+    b = randn(rng, O, dt, 0.5) if bias else np.zeros(0, dt)
+    gb = np.stack([1.0 + 0.5 * rng.standard_normal(O), rng.standard_normal(O)]).astype(dt)
+    return x, W, b, gb
+
+
+def _forward(ops, x, W, b, gb, act, thr, scale, seed=5, step=3, layer=1, eps=1e-3):
+    B, O = x.shape[0], W.shape[1]
+    dt = x.dtype
+    out, xhat = np.zeros((B, O), dt), np.zeros((B, O), dt)
+    save = np.zeros((C.BN_SAVE_ROWS, O))
+    ops.bn_dense_forward(x, W, b, out, xhat, gb, save, act, 0.1, thr, scale, eps, seed, step,
+                         layer)
+    return out, xhat, save
+
+
+def _backward(ops, grad, out, xhat, save, x, W, b, gb, stats, act, thr, scale, want_dx=True,
+              seed=5, step=3, layer=1, momentum=0.9):
+    g = grad.copy()
+    dW, db, dgb = np.zeros_like(W), np.full_like(b, 7.0), np.zeros_like(gb)
+    dx = np.zeros_like(x) if want_dx else np.zeros((0, 0), x.dtype)
+    st = stats.copy()
+    ops.bn_dense_backward(g, out, xhat, x, W, gb, st, save.copy(), dW, db, dgb, dx, act, 0.1,
+                          thr, scale, momentum, seed, step, layer)
+    return g, dW, db, dgb, dx, st
+
+
+# ---------------------------------------------------------------- the reference, float64
+@pytest.mark.parametrize("act", [C.ACT_TANH, C.ACT_RELU, C.ACT_SIGMOID, C.ACT_LEAKY_RELU])
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_reference_gradients_by_central_differences(act, rate):
+    """dL/dW, dL/db (exactly 0), dL/dgamma, dL/dbeta, dL/dx of L = sum(R * out), float64,
+    the dropout mask fixed by (seed, step, layer)."""
+    rng = fresh_rng()
+    B, I, O = 6, 4, 3
+    x, W, b, gb = _layer(rng, B, I, O, np.float64)
+    Rw = rng.standard_normal((B, O))
+    thr, scale = dropout_threshold(rate), dropout_scale(rate, np.float64)
+
+    def loss(x_, W_, b_, gb_):
+        return float((_forward(R, x_, W_, b_, gb_, act, thr, scale)[0] * Rw).sum())
+
+    out, xhat, save = _forward(R, x, W, b, gb, act, thr, scale)
+    g, dW, db, dgb, dx, _ = _backward(R, Rw, out, xhat, save, x, W, b, gb, np.zeros((2, O)),
+                                      act, thr, scale)
+    args = [x, W, b, gb]
+    for k, analytic in ((0, dx), (1, dW), (2, db), (3, dgb)):
+        num = np.zeros_like(args[k])
+        for idx in np.ndindex(args[k].shape):
+            vals = []
+            for h in (1e-6, -1e-6):
+                moved = [a.copy() for a in args]
+                moved[k][idx] += h
+                vals.append(loss(*moved))
+            num[idx] = (vals[0] - vals[1]) / 2e-6
+        np.testing.assert_allclose(analytic, num, rtol=1e-6, atol=1e-7)
+    assert not db.any()             # exactly zero: the batch mean absorbs the bias
+
+
+def test_reference_forward_is_the_paper_formula():
+    rng = fresh_rng()
+    x, W, b, gb = _layer(rng, 9, 4, 5, np.float64)
+    out, xhat, save = _forward(R, x, W, b, gb, C.ACT_TANH, 0, 1.0, eps=1e-3)
+    z = x @ W + b
+    zhat = (z - z.mean(axis=0)) / np.sqrt(z.var(axis=0) + 1e-3)   # biased variance
+    np.testing.assert_allclose(xhat, zhat, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out, np.tanh(gb[0] * zhat + gb[1]), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(save[C.BN_SAVE_MEAN], z.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(save[C.BN_SAVE_VAR], z.var(axis=0), rtol=1e-12)
+
+
+# ---------------------------------------------------------------- backends against it
+BACKENDS = ["numba", "cython", "cuda"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernels_against_reference(backend, dtype, small_tiles):
+    ops = _backend(backend)
+    rng = fresh_rng()
+    rtol, atol = (2e-5, 2e-6) if dtype == np.float32 else (1e-12, 1e-13)
+    shapes = [(7, 5, 4, True), (37, 19, 23, False)]
+    if backend != "cuda":
+        shapes.append((130, 3, 520, True))      # >= PARALLEL_MIN_ELEMENTS: the parallel passes
+    for i, (B, I, O, bias) in enumerate(shapes):
+        for act in ACTS if i == 0 else (C.ACT_TANH, C.ACT_RELU):
+            for rate in (0.0, 0.3):
+                x, W, b, gb = _layer(rng, B, I, O, dtype, bias)
+                thr, scale = dropout_threshold(rate), dropout_scale(rate, dtype)
+                grad = randn(rng, (B, O), dtype)
+                stats = np.stack([rng.standard_normal(O), rng.random(O) + 0.5]).astype(dtype)
+                res = []
+                for m in (R, ops):
+                    out, xhat, save = _forward(m, x, W, b, gb, act, thr, scale)
+                    res.append((out, xhat, save[:3])
+                               + _backward(m, grad, out, xhat, save, x, W, b, gb, stats, act,
+                                           thr, scale, want_dx=i != 1))
+                for a, r in zip(res[1], res[0]):
+                    s = max(1.0, float(np.abs(r).max(initial=0.0)))
+                    np.testing.assert_allclose(a, r, rtol=rtol, atol=atol * s * 10)
+                np.testing.assert_array_equal(res[1][0] == 0, res[0][0] == 0)   # same masks
+                assert not res[1][5].any()      # db exactly 0
+
+
+def _bn_model(backend, dtype="float32", opt=None, dropout=0.2, seed=4, momentum=0.9):
+    model = fr.Sequential([fr.Dense(9, "tanh", dropout=dropout), fr.BatchNorm(momentum=momentum),
+                           fr.Dense(7, "relu", use_bias=False), fr.BatchNorm(),
+                           fr.Dense(2), fr.BatchNorm(0.8, 1e-2)],
+                          input_dim=6, seed=seed, dtype=dtype)
+    model.compile(optimizer=opt or fr.Adam(1e-2), backend=backend)
+    return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_steps_match_reference(backend, small_tiles):
+    """Three Adam / SGD-momentum steps (one partial batch) through the compiled epochs: the
+    weights, gamma/beta and running statistics agree with the reference to float32 rounding,
+    and in float64 to float64 rounding (CPU backends)."""
+    _backend(backend)
+    rng = fresh_rng()
+    dtypes = ["float32"] if backend == "cuda" else ["float32", "float64"]
+    for dtype in dtypes:
+        X = randn(rng, (40, 6), dtype)
+        y = randn(rng, (40, 2), dtype)
+        for opt in (lambda: fr.Adam(1e-2), lambda: fr.SGD(0.05, momentum=0.9)):
+            models = [_bn_model(b, dtype, opt()) for b in ("numpy", backend)]
+            for m in models:
+                m.fit(X, y, epochs=1, batch_size=16, verbose=0)
+            tol = (dict(rtol=2e-4, atol=2e-5) if dtype == "float32"
+                   else dict(rtol=1e-10, atol=1e-11))
+            for a, r in zip(models[1].get_weights(), models[0].get_weights()):
+                np.testing.assert_allclose(a, r, **tol)
+            np.testing.assert_allclose(models[1].history.history["loss"],
+                                       models[0].history.history["loss"], rtol=1e-5)
+            np.testing.assert_allclose(models[1].predict(X), models[0].predict(X), **tol)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cython"])
+def test_fit_is_deterministic(backend):
+    if backend != "numpy":
+        _backend(backend)
+    rng = fresh_rng()
+    X, y = randn(rng, (50, 6)), randn(rng, (50, 2))
+    runs = []
+    for _ in range(2):
+        m = _bn_model(backend)
+        m.fit(X, y, epochs=2, batch_size=16, verbose=0)
+        runs.append(m.get_weights())
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- training vs inference
+def test_running_statistics_follow_keras_momentum():
+    """One full-batch step: running = momentum * (0, 1) + (1 - momentum) * (batch mean,
+    BIASED batch variance) of the pre-activation x @ W + b at the step's weights."""
+    rng = fresh_rng()
+    X, y = randn(rng, (32, 6), np.float64), randn(rng, (32, 2), np.float64)
+    for backend in ("numpy", "numba"):
+        m = _bn_model(backend, "float64", dropout=0.0, momentum=0.9)
+        W0, b0 = m.get_weights()[:2]
+        m.fit(X, y, epochs=1, batch_size=32, shuffle=False, verbose=0)
+        mm, mv = m.get_weights()[4:6]
+        z = X @ W0 + b0
+        np.testing.assert_allclose(mm, 0.1 * z.mean(axis=0), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(mv, 0.9 + 0.1 * z.var(axis=0), rtol=1e-12)
+
+
+def test_inference_uses_running_statistics():
+    rng = fresh_rng()
+    X, y = randn(rng, (48, 6)), randn(rng, (48, 2))
+    m = _bn_model("numba")
+    m.fit(X, y, epochs=3, batch_size=16, verbose=0)
+    w = [a.astype(np.float64) for a in m.get_weights()]
+    eps = [float(np.float32(e)) for e in (1e-3, 1e-3, 1e-2)]
+
+    def bn(z, g, b_, mm, mv, e):
+        return g * (z - mm) / np.sqrt(mv + e) + b_
+
+    h = np.tanh(bn(X @ w[0] + w[1], *w[2:6], eps[0]))          # dropout off at inference
+    h = np.maximum(bn(h @ w[6], *w[8:12], eps[1]), 0)          # w[7]: the empty bias
+    out = bn(h @ w[12] + w[13], *w[14:18], eps[2])
+    np.testing.assert_allclose(m.predict(X), out, rtol=1e-4, atol=1e-5)
+    assert m.evaluate(X, y) == pytest.approx(float(((out - y) ** 2).mean()), rel=1e-4)
+    # the running statistics moved away from their initial (0, 1)
+    assert np.abs(w[4]).max() > 1e-3 and np.abs(w[5] - 1).max() > 1e-3
+    # MC dropout runs through the same folded (running-statistics) layers
+    mean, std = m.predict(X[:5], mc_samples=4, seed=1)
+    assert mean.shape == (5, 2) and np.isfinite(mean).all() and std.max() > 0
+
+
+def test_fresh_model_predicts_with_initial_statistics():
+    """Before any training: running mean 0, variance 1, so BN is zhat = z / sqrt(1 + eps)."""
+    rng = fresh_rng()
+    X = randn(rng, (5, 3), np.float64)
+    m = fr.Sequential([fr.Dense(4, "tanh"), fr.BatchNorm(eps=0.5), fr.Dense(1)], input_dim=3,
+                      dtype="float64")
+    W0, b0, g, bt, mm, mv, W1, b1 = m.get_weights()
+    np.testing.assert_array_equal(g, 1)
+    np.testing.assert_array_equal(bt, 0)
+    np.testing.assert_array_equal(mm, 0)
+    np.testing.assert_array_equal(mv, 1)
+    expect = np.tanh((X @ W0 + b0) / np.sqrt(1.5)) @ W1 + b1
+    np.testing.assert_allclose(m.predict(X), expect, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cython"])
+def test_gamma_beta_never_penalized_and_bias_never_moves(backend):
+    """One step of two models from the same weights, one with every penalty and constraint on
+    the BatchNorm Dense (and AdamW decay): gamma/beta move identically (bitwise), W does
+    not; the Dense's bias keeps its value (its gradient is exactly 0)."""
+    if backend != "numpy":
+        _backend(backend)
+    rng = fresh_rng()
+    X, y = randn(rng, (16, 5)), randn(rng, (16, 1))
+    models = []
+    for heavy in (False, True):
+        reg = [fr.L1(0.1), fr.L2(0.5), fr.MaxNorm(0.5), fr.GroupLasso(0.1)] if heavy else None
+        m = fr.Sequential([fr.Dense(6, "relu", regularizer=reg,
+                                    bias_regularizer=fr.L2(0.5) if heavy else None),
+                           fr.BatchNorm(), fr.Dense(1)], input_dim=5, seed=2)
+        m.compile(optimizer=fr.AdamW(1e-2, weight_decay=0.5 if heavy else 0.0), backend=backend)
+        m.set_weights([w + (0.3 if i == 1 else 0) for i, w in enumerate(m.get_weights())])
+        net = m._make_net(16, 1)
+        for col in (C.HP_L1, C.HP_L2, C.HP_MAXNORM, C.HP_GROUP, C.HP_DECOUPLED):
+            assert net.hpgb[0, col] == 0
+        m.fit(X, y, epochs=1, batch_size=16, verbose=0)
+        models.append(m.get_weights())
+    plain, heavy = models
+    for k in (2, 3):        # gamma, beta
+        np.testing.assert_array_equal(plain[k], heavy[k])
+        assert (plain[k] != np.array([1.0, 0.0][k - 2])).any()
+    assert not np.array_equal(plain[0], heavy[0])
+    np.testing.assert_array_equal(plain[1], np.full(6, 0.3, np.float32))   # bias unchanged
+    assert model_penalty_ignores_gamma()
+
+
+def model_penalty_ignores_gamma():
+    m = fr.Sequential([fr.Dense(3, regularizer=fr.L2(1.0)), fr.BatchNorm(), fr.Dense(1)],
+                      input_dim=2, seed=0)
+    before = m.penalty()
+    w = m.get_weights()
+    w[2] = w[2] * 100
+    m.set_weights(w)
+    return m.penalty() == before
+
+
+# ---------------------------------------------------------------- weights, save/load, prune
+def test_get_weights_order_and_set_weights():
+    m = fr.Sequential([fr.Dense(4, "relu"), fr.BatchNorm(), fr.Dense(3), fr.Dense(2),
+                       fr.BatchNorm()], input_dim=5)
+    shapes = [w.shape for w in m.get_weights()]
+    assert shapes == [(5, 4), (4,), (4,), (4,), (4,), (4,), (4, 3), (3,), (3, 2), (2,),
+                      (2,), (2,), (2,), (2,)]
+    assert m.count_params() == sum(int(np.prod(s)) for s in shapes)
+    rng = fresh_rng()
+    new = [randn(rng, s) for s in shapes]
+    new[5], new[13] = np.abs(new[5]) + 0.1, np.abs(new[13]) + 0.1   # variances
+    m.set_weights(new)
+    for a, b in zip(m.get_weights(), new):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="gamma, beta, moving_mean, moving_variance"):
+        m.set_weights(new[:2] + new[6:])
+    assert "batchnorm" in m.summary()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_save_load_round_trip_and_continue(tmp_path, backend):
+    rng = fresh_rng()
+    X, y = randn(rng, (40, 6)), randn(rng, (40, 2))
+    m = _bn_model(backend)
+    m.fit(X, y, epochs=2, batch_size=16, verbose=0)
+    m.save(tmp_path / "m.npz")
+    loaded = fr.load_model(tmp_path / "m.npz")
+    for a, b in zip(loaded.get_weights(), m.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert [type(layer).__name__ for layer in loaded.layers] == \
+        [type(layer).__name__ for layer in m.layers]
+    assert loaded.layers[5].momentum == 0.8 and loaded.layers[5].eps == 1e-2
+    np.testing.assert_array_equal(loaded.predict(X), m.predict(X))
+    for model in (m, loaded):       # the gamma/beta moments came back: same continuation
+        model.fit(X, y, epochs=1, batch_size=16, verbose=0)
+    for a, b in zip(loaded.get_weights(), m.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_prune_with_batchnorm_keeps_predictions():
+    rng = fresh_rng()
+    X, y = randn(rng, (64, 5)), randn(rng, (64, 2))
+    m = fr.Sequential([fr.Dense(8, "tanh"), fr.BatchNorm(), fr.Dense(6, "relu"), fr.BatchNorm(),
+                       fr.Dense(5, "sigmoid", use_bias=False), fr.BatchNorm(), fr.Dense(2)],
+                      input_dim=5, seed=1)
+    m.compile(optimizer=fr.Adam(1e-2), backend="numba")
+    m.fit(X, y, epochs=2, batch_size=16, verbose=0)
+    w = m.get_weights()
+    w[0][:, [1, 4]] = 0         # dead units of a BN layer, next layer with BN
+    w[6][:, [0, 5]] = 0         # dead units of a BN layer, next layer with BN and no bias
+    w[12][:, 2] = 0             # dead unit of a BN layer, next layer plain
+    m.set_weights(w)
+    before = m.predict(X)
+    report = m.prune()
+    assert report.removed == [2, 2, 1, 0]
+    assert [g.shape for g in m._bn] == [(2, 6), (2, 4), (2, 4), (0, 0)]
+    assert [s.shape for s in m._bn_stats] == [(2, 6), (2, 4), (2, 4), (0, 0)]
+    assert m._mbn[0].shape == (2, 6) and m._vbn[1].shape == (2, 4)
+    np.testing.assert_allclose(m.predict(X), before, rtol=1e-5, atol=1e-5)
+    m.fit(X, y, epochs=1, batch_size=16, verbose=0)       # training continues
+    assert np.isfinite(m.predict(X)).all()
+
+
+def test_kept_bytes_per_element_counts_zhat():
+    m = fr.Sequential([fr.Dense(8, "relu"), fr.BatchNorm(), fr.Dense(2)], input_dim=3)
+    m.compile(backend="numpy")
+    net = m._make_net(16, 2)
+    assert driver.kept_bytes_per_element(net) == pytest.approx(4 * (8 + 8 + 2) / 10)
+    assert net.xhats[0].shape == (16, 8) and net.xhats[1].size == 0
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(momentum=0.0), "momentum"), (dict(momentum=1.0), "momentum"),
+    (dict(momentum=-0.5), "momentum"), (dict(momentum=float("nan")), "momentum"),
+    (dict(momentum=True), "momentum"), (dict(momentum="0.9"), "momentum"),
+    (dict(eps=0.0), "eps"), (dict(eps=-1e-3), "eps"), (dict(eps=float("inf")), "eps"),
+    (dict(eps=None), "eps")])
+def test_bad_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fr.BatchNorm(**kwargs)
+
+
+@pytest.mark.parametrize("layers", [
+    lambda: [fr.BatchNorm(), fr.Dense(2)],
+    lambda: [fr.Dense(3), fr.Dropout(0.1), fr.BatchNorm(), fr.Dense(2)],
+    lambda: [fr.Dense(3), fr.BatchNorm(), fr.BatchNorm(), fr.Dense(2)]])
+def test_batchnorm_must_follow_a_dense(layers):
+    with pytest.raises(ValueError, match="right after a Dense"):
+        fr.Sequential(layers(), input_dim=4)
+    m = fr.Sequential()
+    with pytest.raises(ValueError, match="right after a Dense"):
+        for layer in layers():
+            m.add(layer)
