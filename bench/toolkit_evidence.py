@@ -50,15 +50,39 @@ TECHNIQUES = {
     "GaussianJitter 0.1": dict(augment=lambda: [fr.GaussianJitter(0.1)]),
     "RandomShift 1 px": dict(augment=lambda: [fr.RandomShift(1, image_shape=(8, 8))]),
     "early stopping (patience 10)": dict(early=True),
+    "BatchNorm": dict(batchnorm=True),
+    "GaussianNoise 0.1 (hidden)": dict(noise=lambda: fr.GaussianNoise(0.1)),
+    "GaussianDropout 0.3 (hidden)": dict(noise=lambda: fr.GaussianDropout(0.3)),
+    "multi-task: + parity head (weight 0.5)": dict(multitask=True),
 }
 
 
-def build_digits(spec, seed):
+def hidden_layers(spec):
     layers = [fr.Dropout(spec["input_dropout"])] if spec.get("input_dropout") else []
     reg = spec.get("reg")
     for _ in range(2):
         layers.append(fr.Dense(256, "relu", dropout=spec.get("dropout", 0.0),
                                regularizer=reg() if reg else None))
+        if spec.get("batchnorm"):
+            layers.append(fr.BatchNorm())
+        if spec.get("noise"):
+            layers.append(spec["noise"]())
+    return layers
+
+
+def build_multitask(seed):
+    """The same trunk, the digit head and an auxiliary head: is the digit odd?"""
+    model = fr.MultiTask(trunk=hidden_layers({}),
+                         heads={"digit": ([fr.Dense(10)], "sparse_categorical_crossentropy",
+                                          1.0),
+                                "parity": ([fr.Dense(1)], "binary_crossentropy", 0.5)},
+                         input_dim=64, seed=seed)
+    model.compile(optimizer=fr.Adam(1e-3), backend="numba")
+    return model
+
+
+def build_digits(spec, seed):
+    layers = hidden_layers(spec)
     layers.append(fr.Dense(10))
     model = fr.Sequential(layers, input_dim=64, seed=seed)
     model.compile(loss="sparse_categorical_crossentropy", optimizer=fr.Adam(1e-3),
@@ -72,6 +96,17 @@ def techniques_table(epochs, seeds):
         best, final, acc = [], [], []
         for seed in range(seeds):
             X, y, Xv, yv, source = digits_data(seed)
+            if spec.get("multitask"):
+                model = build_multitask(seed)
+                parity = lambda labels: (labels % 2).astype(np.float32).reshape(-1, 1)  # noqa
+                hist = model.fit(X, {"digit": y, "parity": parity(y)}, epochs=epochs,
+                                 batch_size=64, verbose=0,
+                                 validation_data=(Xv, {"digit": yv, "parity": parity(yv)}))
+                best.append(min(hist.history["val_loss_digit"]))
+                final.append(model.evaluate(Xv, {"digit": yv, "parity": parity(yv)})
+                             ["loss_digit"])
+                acc.append(float(np.mean(model.predict(Xv)["digit"].argmax(axis=1) == yv)))
+                continue
             model = build_digits(spec, seed)
             cbs = [fr.EarlyStopping(patience=10, restore_best_weights=True)] \
                 if spec.get("early") else None
