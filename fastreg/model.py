@@ -506,16 +506,9 @@ class Sequential:
         return history
 
     def _stop_on_nonfinite(self, epoch, steps_done, start_state):
-        params_ok = all(np.isfinite(p).all()
-                        for p in self._W + self._b + self._bn + self._bn_stats)
-        where = "the last finite weights kept"
-        if not params_ok:
-            self._restore(start_state)
-            where = "the weights restored to the start of that epoch"
-        warnings.warn(f"the training loss became NaN or inf at epoch {epoch + 1} (step "
-                      f"{steps_done + 1} of the epoch); training stopped with {where}. "
-                      f"Lower the learning rate or check the data scale.",
-                      RuntimeWarning, stacklevel=3)
+        stop_on_nonfinite(self, self._W + self._b + self._bn + self._bn_stats, epoch,
+                          steps_done, start_state, "Lower the learning rate or check the data "
+                          "scale.")
 
     # ------------------------------------------------------------ inference
     def _logits(self, ops, X, batch_size=None):
@@ -839,6 +832,20 @@ def _load_model_arrays(model, files):
                     raise ValueError(f"optimizer state {name}{i} has shape {src.shape}, "
                                      f"expected {dst[i].shape}")
                 dst[i][...] = src
+
+
+def stop_on_nonfinite(model, params, epoch, steps_done, start_state, advice, stacklevel=5):
+    """After a non-finite batch loss: keep the last finite weights (the failing batch's update
+    was skipped), or restore the epoch's starting weights if any parameter is not finite;
+    then warn with the epoch and step (Keras' TerminateOnNaN, as a RuntimeWarning), pointed at
+    the user's fit call (stacklevel: here <- _stop_on_nonfinite <- _fit <- fit <- caller)."""
+    where = "the last finite weights kept"
+    if not all(np.isfinite(p).all() for p in params):
+        model._restore(start_state)
+        where = "the weights restored to the start of that epoch"
+    warnings.warn(f"the training loss became NaN or inf at epoch {epoch + 1} (step "
+                  f"{steps_done + 1} of the epoch); training stopped with {where}. {advice}",
+                  RuntimeWarning, stacklevel=stacklevel)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,6 @@ per layer and step: about twice a Sequential's compiled epoch on small nets.
 import json
 import math
 import re
-import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -604,15 +603,9 @@ class MultiTask:
 
     def _stop_on_nonfinite(self, epoch, steps_done, start_state):
         """As Sequential: keep the last finite weights, else the start of the epoch; warn."""
-        params_ok = all(np.isfinite(p).all() for p in self._W + self._b)
-        where = "the last finite weights kept"
-        if not params_ok:
-            self._restore(start_state)
-            where = "the weights restored to the start of that epoch"
-        warnings.warn(f"the training loss became NaN or inf at epoch {epoch + 1} (step "
-                      f"{steps_done + 1} of the epoch); training stopped with {where}. "
-                      f"Lower the learning rate, check the data scale or the loss weights.",
-                      RuntimeWarning, stacklevel=4)
+        M.stop_on_nonfinite(self, self._W + self._b, epoch, steps_done, start_state,
+                            "Lower the learning rate, check the data scale or the loss "
+                            "weights.")
 
     # ------------------------------------------------------------ inference
     def _outputs(self, ops, X, batch_size=None):

@@ -141,8 +141,9 @@ def test_nonfinite_loss_stops_with_warning_and_finite_weights():
     y = y * 1e30
     model = _mlp(input_dim=2)
     model.compile(optimizer=fr.SGD(10.0), backend="numba")
-    with pytest.warns(RuntimeWarning, match="epoch 1"):
+    with pytest.warns(RuntimeWarning, match="epoch 1") as record:
         hist = model.fit(X, y, epochs=5, batch_size=16, verbose=0)
+    assert record[0].filename == __file__            # points at the user's fit call
     assert all(np.isfinite(w).all() for w in model.get_weights())
     assert len(hist.history.get("loss", [])) == 0
 

@@ -447,3 +447,17 @@ def test_head_dropout_masks_differ_from_the_trunks():
     t = randn(rng, (16, 1), np.float64)
     _, grads = model._objective_and_gradients(X, {"p": t, "q": t}, step=0)
     assert not np.allclose(grads[2], grads[6])
+
+
+def test_nonfinite_loss_stops_with_a_warning_at_the_callers_line():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 3)).astype(np.float32)
+    ys = {"a": (rng.standard_normal((64, 1)) * 1e30).astype(np.float32)}
+    model = fr.MultiTask(trunk=[fr.Dense(8, "tanh")], heads={"a": ([fr.Dense(1)], "mse")},
+                         input_dim=3, seed=0)
+    model.compile(optimizer=fr.SGD(10.0), backend="numba")
+    with pytest.warns(RuntimeWarning, match="epoch 1") as record:
+        hist = model.fit(X, ys, epochs=3, batch_size=16, verbose=0)
+    assert record[0].filename == __file__            # points at the user's fit call
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert len(hist.history.get("loss", [])) == 0
