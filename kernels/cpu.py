@@ -28,6 +28,8 @@ from .philox import (MASK32, STREAM_DROPOUT, STREAM_INPUT_DROPOUT, STREAM_INPUT_
                      STREAM_NOISE, TWO_PI, normal_from_words, split_seed)
 from .reference import update_coefficients as _coefficients_py  # noqa: F401  (documented twin)
 
+COEF_SIZE = 16   # the update's scalars (coef[0..15]); the group prox's column scales follow
+
 NAME = "numba"
 # Work split of the parallel passes: fixed sizes (not derived from the thread count), so the
 # partition, and with it every rounding, is the same whatever NUMBA_NUM_THREADS is.
@@ -902,7 +904,8 @@ def _column_norms(w, colnorm):
 @njit(**JIT)
 def _group_prox_cols(w, v, opt, group, lr, coef, colnorm, coltau):
     """Block soft-thresholding of every column (reference.group_prox), with the thresholds
-    of reference.group_thresholds; coltau and colnorm are float64 scratch of >= O values."""
+    of reference.group_thresholds; coltau and colnorm are float64 scratch of >= O values,
+    coef holds COEF_SIZE scalars then >= O values of the param dtype."""
     R, O = w.shape
     if opt == C.OPT_SGD:
         for j in range(O):
@@ -919,15 +922,13 @@ def _group_prox_cols(w, v, opt, group, lr, coef, colnorm, coltau):
         for j in range(O):
             coltau[j] = group * step / (coltau[j] / R)
     _column_norms(w, colnorm)
+    scale = coef[COEF_SIZE:COEF_SIZE + O]     # in the param dtype: rounded as the reference
     for j in range(O):
         n = colnorm[j]
-        if n > coltau[j]:
-            coef[13] = 1.0 - coltau[j] / n    # rounded to the param dtype, as the reference
-        else:
-            coef[13] = 0.0
-        s = coef[13]
-        for i in range(R):
-            w[i, j] = w[i, j] * s
+        scale[j] = 1.0 - coltau[j] / n if n > coltau[j] else 0.0
+    for i in range(R):                      # row-major: contiguous, vectorisable
+        for j in range(O):
+            w[i, j] = w[i, j] * scale[j]
 
 
 @njit(**JIT)
@@ -1181,7 +1182,7 @@ def loss_value(logits, y, loss):
 
 
 def penalized_update(w, g, m, v, hp, opt, t):
-    coef = np.zeros(16, w.dtype)
+    coef = np.zeros(COEF_SIZE + w.shape[-1], w.dtype)
     hp = np.asarray(hp, np.float64)
     scratch = np.zeros(_scratch_size(w.size, w.shape[-1]))
     if w.ndim == 1:
@@ -1220,7 +1221,7 @@ def _typed(net):
         pres = net.pres if len(net.pres) == net.n_layers else \
             [np.zeros((0, W.shape[1]), dt) for W in net.Ws]
         cache["pres"] = List(pres)
-        cache["coef"] = np.zeros(16, dt)
+        cache["coef"] = np.zeros(COEF_SIZE + cols, dt)
         cache["scratch"] = np.zeros(_scratch_size(
             max([W.size for W in net.Ws] + [g.size for g in net.gbs]), cols))
     return cache
