@@ -441,14 +441,8 @@ class Sequential:
             raise
 
     def _fit(self, ops, X, Y, epochs, batch_size, val, shuffle, callbacks, verbose, plan=()):
-        history = History()
-        cbs = [history] + callbacks
-        for cb in cbs:
-            cb.set_model(self)
         available = {"loss", "penalty"} | ({"val_loss"} if val else set())
-        for cb in cbs:
-            cb.on_train_begin({"available_metrics": available})
-        self.stop_training = False
+        history, cbs = begin_training(self, callbacks, available)
         n = X.shape[0]
         batch = min(batch_size, n)
         net = self._make_net(batch, Y.shape[1])
@@ -457,8 +451,7 @@ class Sequential:
         progress = EpochProgress(epochs, n_batches, verbose)
         try:
             for epoch in range(epochs):
-                perm = (np.random.default_rng([self.seed, self._epochs_run]).permutation(n)
-                        if shuffle else np.arange(n)).astype(np.int64)
+                perm = epoch_order(self, n, shuffle)
                 Xe, Ye = X, Y
                 if plan:
                     # The epoch's rows in training order, augmented as its batches (fresh
@@ -492,18 +485,11 @@ class Sequential:
                 logs = {"loss": loss_sum / n, "penalty": pen_sum / n}
                 if val is not None:
                     logs["val_loss"] = self._data_loss(ops, *val)
-                self._epochs_run += 1
-                progress.end_epoch(epoch, logs)
-                for cb in cbs:
-                    cb.on_epoch_end(epoch, logs)
-                if self.stop_training:
+                if end_epoch(self, progress, cbs, epoch, logs):
                     break
         finally:
             progress.close()
-        for cb in cbs:
-            cb.on_train_end({})
-        self.history = history
-        return history
+        return end_training(self, history, cbs)
 
     def _stop_on_nonfinite(self, epoch, steps_done, start_state):
         stop_on_nonfinite(self, self._W + self._b + self._bn + self._bn_stats, epoch,
@@ -832,6 +818,43 @@ def _load_model_arrays(model, files):
                     raise ValueError(f"optimizer state {name}{i} has shape {src.shape}, "
                                      f"expected {dst[i].shape}")
                 dst[i][...] = src
+
+
+# ---------------------------------------------------------------- the epoch loop's frame
+# Shared by Sequential._fit and MultiTask._fit: callbacks, the seeded order, the epoch's end.
+def begin_training(model, callbacks, available):
+    """History first, then the user's callbacks, each bound to the model and told which
+    metrics the fit reports; returns (history, callbacks)."""
+    history = History()
+    cbs = [history] + list(callbacks)
+    for cb in cbs:
+        cb.set_model(model)
+    for cb in cbs:
+        cb.on_train_begin({"available_metrics": available})
+    model.stop_training = False
+    return history, cbs
+
+
+def epoch_order(model, n, shuffle):
+    """The rows of the next epoch in training order: seeded by (seed, epochs run)."""
+    return (np.random.default_rng([model.seed, model._epochs_run]).permutation(n)
+            if shuffle else np.arange(n)).astype(np.int64)
+
+
+def end_epoch(model, progress, cbs, epoch, logs):
+    """Count the epoch, show it, tell the callbacks; True when one asked to stop."""
+    model._epochs_run += 1
+    progress.end_epoch(epoch, logs)
+    for cb in cbs:
+        cb.on_epoch_end(epoch, logs)
+    return model.stop_training
+
+
+def end_training(model, history, cbs):
+    for cb in cbs:
+        cb.on_train_end({})
+    model.history = history
+    return history
 
 
 def stop_on_nonfinite(model, params, epoch, steps_done, start_state, advice, stacklevel=5):

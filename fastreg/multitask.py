@@ -64,7 +64,7 @@ from . import backend as backends
 from . import layers as L
 from . import model as M
 from . import optimizers as O
-from .callbacks import Callback, History
+from .callbacks import Callback
 from .kernels import contract as C
 from .kernels import threads
 from .progress import EpochProgress
@@ -538,15 +538,9 @@ class MultiTask:
         return [f"{prefix}loss"] + [f"{prefix}loss_{h}" for h in self.head_names]
 
     def _fit(self, ops, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose):
-        history = History()
-        cbs = [history] + callbacks
-        for cb in cbs:
-            cb.set_model(self)
         available = set(self._keys("")) | {"penalty"} | (set(self._keys("val_")) if val
                                                           else set())
-        for cb in cbs:
-            cb.on_train_begin({"available_metrics": available})
-        self.stop_training = False
+        history, cbs = M.begin_training(self, callbacks, available)
         n = X.shape[0]
         batch = min(batch_size, n)
         ws = self._workspace(batch, [Y.shape[1] for Y in Ys])   # once per fit
@@ -556,8 +550,7 @@ class MultiTask:
         try:
             with _thread_policy(ops, batch, self._W):
                 for epoch in range(epochs):
-                    perm = (np.random.default_rng([self.seed, self._epochs_run]).permutation(n)
-                            if shuffle else np.arange(n)).astype(np.int64)
+                    perm = M.epoch_order(self, n, shuffle)
                     start_state = self._snapshot()
                     sums = np.zeros(len(self.head_names))
                     pen_sum = 0.0
@@ -588,18 +581,11 @@ class MultiTask:
                     if val is not None:
                         logs.update({f"val_{k}": v
                                      for k, v in self._losses(ops, *val).items()})
-                    self._epochs_run += 1
-                    progress.end_epoch(epoch, logs)
-                    for cb in cbs:
-                        cb.on_epoch_end(epoch, logs)
-                    if self.stop_training:
+                    if M.end_epoch(self, progress, cbs, epoch, logs):
                         break
         finally:
             progress.close()
-        for cb in cbs:
-            cb.on_train_end({})
-        self.history = history
-        return history
+        return M.end_training(self, history, cbs)
 
     def _stop_on_nonfinite(self, epoch, steps_done, start_state):
         """As Sequential: keep the last finite weights, else the start of the epoch; warn."""
