@@ -1,4 +1,8 @@
 """Shared helpers for tests: random data that is never zeros, and Nets built like fit builds them."""
+import os
+import sys
+from contextlib import contextmanager
+
 import numpy as np
 
 import fastreg as fr
@@ -84,3 +88,27 @@ def check_penalized_update(ops, assert_close, dtype, opt, b1, nesterov, l1, l2, 
     if group and matrix:
         assert not states[1][0][:, :2].any() and states[1][0][:, 2:].all(axis=0).any()
         np.testing.assert_array_equal(states[0][0] == 0, states[1][0] == 0)
+
+
+SMALL_CUDA_TILES = (("TILE_M", 16), ("TILE_N", 16), ("TILE_K", 8), ("THREAD_M", 4),
+                    ("THREAD_N", 4), ("BLOCK", 16), ("UPDATE_PER_THREAD", 4))
+
+
+@contextmanager
+def small_cuda_tiles(monkeypatch, G):
+    """Tiles of 16 x 16 x 8 with 4 x 4 micro-tiles (16 threads), 16-thread elementwise blocks,
+    for the CUDA module G on the simulator (or with FASTREG_TEST_SMALL_TILES=1): odd shapes then
+    span several tiles with ragged edges, and the simulator stays fast. The simulator runs a
+    block's threads as Python threads polled by the main thread: a short GIL switch interval
+    makes syncthreads hand over quickly (about twice as fast on 2 cores). G may be None."""
+    sim = G is not None and G.on_simulator()
+    if G is not None and (sim or os.environ.get("FASTREG_TEST_SMALL_TILES") == "1"):
+        for name, value in SMALL_CUDA_TILES:
+            monkeypatch.setattr(G, name, value)
+    interval = sys.getswitchinterval()
+    if sim:
+        sys.setswitchinterval(5e-4)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)

@@ -4,8 +4,6 @@ order, save/load, prune, errors.
 
 The CUDA tests run on the numba-cuda simulator (conftest.py) with small GEMM tiles.
 """
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from fastreg.kernels import driver
 from fastreg.kernels import reference as R
 from fastreg.kernels.philox import dropout_scale, dropout_threshold
 
-from netutil import fresh_rng, randn
+from netutil import fresh_rng, randn, small_cuda_tiles
 
 ACTS = [C.ACT_LINEAR, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_TANH, C.ACT_SIGMOID]
 
@@ -35,20 +33,15 @@ def _backend(name):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Small CUDA tiles on the simulator (as tests/test_cuda.py), so tile edges are hit."""
+    """Small CUDA tiles on the simulator (netutil.small_cuda_tiles), so tile edges are hit."""
     try:
         from fastreg.kernels import cuda as G
     except ImportError:
         G = None
-    if G is not None and G.cuda is not None \
-            and (G.on_simulator() or os.environ.get("FASTREG_TEST_SMALL_TILES") == "1"):
-        for name, value in (("TILE_M", 16), ("TILE_N", 16), ("TILE_K", 8), ("THREAD_M", 4),
-                            ("THREAD_N", 4), ("BLOCK", 16), ("UPDATE_PER_THREAD", 4)):
-            monkeypatch.setattr(G, name, value)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(5e-4)
-    yield
-    sys.setswitchinterval(interval)
+    if G is not None and G.cuda is None:
+        G = None
+    with small_cuda_tiles(monkeypatch, G):
+        yield
 
 
 def _layer(rng, B, I, O, dt, bias=True):

@@ -19,7 +19,8 @@ from fastreg.kernels import reference as R
 from fastreg.kernels.philox import (STREAM_DROPOUT, STREAM_INPUT_DROPOUT, dropout_scale,
                                     dropout_threshold, philox_words, split_seed)
 
-from netutil import OPTIMIZERS, PENALTIES, check_penalized_update, fresh_rng, randn
+from netutil import (OPTIMIZERS, PENALTIES, check_penalized_update, fresh_rng, randn,
+                     small_cuda_tiles)
 
 G = pytest.importorskip("fastreg.kernels.cuda")
 if not G.available()[0]:
@@ -31,20 +32,8 @@ ACTS = [C.ACT_LINEAR, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_TANH, C.ACT_SIGMOID]
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    """Tiles of 16 x 16 x 8 with 4 x 4 micro-tiles (16 threads), 16-thread elementwise blocks:
-    odd shapes then span several tiles with ragged edges (37 x 19 x 23: 3 x 2 output tiles,
-    3 K-stages, all partial), and the simulator stays fast. The simulator runs a block's
-    threads as Python threads polled by the main thread: a short GIL switch interval makes
-    syncthreads hand over quickly (about twice as fast on 2 cores)."""
-    if SIM or os.environ.get("FASTREG_TEST_SMALL_TILES") == "1":
-        for name, value in (("TILE_M", 16), ("TILE_N", 16), ("TILE_K", 8), ("THREAD_M", 4),
-                            ("THREAD_N", 4), ("BLOCK", 16), ("UPDATE_PER_THREAD", 4)):
-            monkeypatch.setattr(G, name, value)
-    interval = sys.getswitchinterval()
-    if SIM:
-        sys.setswitchinterval(5e-4)
-    yield
-    sys.setswitchinterval(interval)
+    with small_cuda_tiles(monkeypatch, G):
+        yield
 
 
 def assert_close(actual, desired, dtype=np.float32):

@@ -1,8 +1,6 @@
 """GaussianNoise / GaussianDropout: the reference by finite differences, every backend against
 it (the noise itself, the fused kernels, a few training steps), the statistics of the noise
 stream, inference without noise, determinism by seed, bad parameters, save / load."""
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from fastreg.kernels.philox import (STREAM_DROPOUT, STREAM_INPUT_NOISE, STREAM_N
                                     dropout_scale, dropout_threshold, philox_words,
                                     standard_normals)
 
-from netutil import fresh_rng, randn
+from netutil import fresh_rng, randn, small_cuda_tiles
 
 ACTS = [C.ACT_LINEAR, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_TANH, C.ACT_SIGMOID]
 NOISES = [C.NOISE_ADD, C.NOISE_MUL]
@@ -44,18 +42,9 @@ CPU_BACKENDS = [b for b in BACKENDS if b[0] != "cuda"]
 
 
 @pytest.fixture(autouse=True)
-def small_cuda_tiles(monkeypatch):
+def small_tiles(monkeypatch):
     """As tests/test_cuda.py: small GEMM tiles on the simulator (ragged edges, fast)."""
-    G = dict(BACKENDS).get("cuda")
-    if G is not None and (G.on_simulator() or os.environ.get("FASTREG_TEST_SMALL_TILES") == "1"):
-        for name, value in (("TILE_M", 16), ("TILE_N", 16), ("TILE_K", 8), ("THREAD_M", 4),
-                            ("THREAD_N", 4), ("BLOCK", 16), ("UPDATE_PER_THREAD", 4)):
-            monkeypatch.setattr(G, name, value)
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(5e-4)
-        yield
-        sys.setswitchinterval(interval)
-    else:
+    with small_cuda_tiles(monkeypatch, dict(BACKENDS).get("cuda")):
         yield
 
 
