@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-__all__ = ["Engine", "TorchEngine", "JaxEngine", "SklearnEngine", "PEERS", "get_engine",
+__all__ = ["Engine", "TorchEngine", "TorchCudaEngine", "JaxEngine", "SklearnEngine", "PEERS", "get_engine",
            "measure_torch_kept_bytes", "measure_jax_kept_bytes"]
 
 
@@ -150,12 +150,12 @@ class TorchEngine(Engine):
     def run_epoch(self):
         torch = self._torch
         torch.set_num_threads(self.threads)
-        perm = torch.from_numpy(self._next_permutation())
+        perm = torch.as_tensor(self._next_permutation())
         X, y = self._X[perm], self._y[perm]          # one gather per epoch, then views
         n, B = X.shape[0], self.workload.batch_size
         model, opt, loss_fn = self.model, self.optimizer, self.loss_fn
         model.train()
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=X.device)
         for s in range(0, n, B):
             xb, yb = X[s:s + B], y[s:s + B]
             opt.zero_grad(set_to_none=True)
@@ -188,6 +188,51 @@ class TorchEngine(Engine):
         out = []
         for lin in self._linears:
             out += [lin.weight.detach().numpy().T.copy(), lin.bias.detach().numpy().copy()]
+        return out
+
+
+class TorchCudaEngine(TorchEngine):
+    """PyTorch eager on the GPU (device "cuda"): the CPU engine's model, optimizer and loop
+    with the parameters and the data on the device; the epoch ends with a synchronize, so its
+    time is the device's. Unavailable without a CUDA build of torch and a GPU."""
+
+    name = "torch-cuda"
+    # the fused native_dropout on CUDA keeps a bool mask: 4 (ReLU output) + 1 + 4 (next input)
+    kept_bytes_per_element = 9.0
+    notes = "PyTorch eager, CUDA; dropout with torch's own RNG (masks differ from fastreg's)"
+
+    @staticmethod
+    def available():
+        ok, why = _missing(["torch"], "pip install torch")
+        if not ok:
+            return ok, why
+        import torch
+        if not torch.cuda.is_available():
+            return False, (f"torch {torch.__version__} sees no CUDA GPU (a CPU build, or no "
+                           f"device here)")
+        return True, ""
+
+    def __init__(self, workload, weights, threads):
+        super().__init__(workload, weights, threads)
+        torch = self._torch
+        dev = torch.device("cuda")
+        self.model.to(dev)      # in place: the optimizer's parameters are these tensors
+        self._X, self._y = self._X.to(dev), self._y.to(dev)
+        self._Xv, self._yv = self._Xv.to(dev), self._yv.to(dev)
+        self._dev = dev
+
+    def _next_permutation(self):
+        return self._torch.from_numpy(super()._next_permutation()).to(self._dev)
+
+    def run_epoch(self):
+        super().run_epoch()     # float(total) at its end waits for the device
+        self._torch.cuda.synchronize()
+
+    def get_weights(self):
+        out = []
+        for lin in self._linears:
+            out += [lin.weight.detach().cpu().numpy().T.copy(),
+                    lin.bias.detach().cpu().numpy().copy()]
         return out
 
 
@@ -625,11 +670,12 @@ class SklearnEngine(Engine):
         return out
 
 
-PEERS = {"torch": TorchEngine, "jax": JaxEngine, "sklearn": SklearnEngine}
+PEERS = {"torch": TorchEngine, "torch-cuda": TorchCudaEngine, "jax": JaxEngine,
+         "sklearn": SklearnEngine}
 
 
 def get_engine(name):
-    """The engine class for a peer name ("torch", "jax", "sklearn")."""
+    """The engine class for a peer name ("torch", "torch-cuda", "jax", "sklearn")."""
     try:
         return PEERS[name]
     except KeyError:

@@ -115,6 +115,71 @@ def gemm_ceiling_seconds(workload, repeats=5):
     return statistics.median(times)
 
 
+GPU_ENGINES = ("fastreg-cuda", "torch-cuda")
+PEER_ABBREV = {"torch": "to", "torch-cuda": "tc", "jax": "ja", "sklearn": "sk"}
+
+
+def gpu_gemm_ceiling_seconds(workload, repeats=5):
+    """The GPU twin of gemm_ceiling_seconds: the epoch's GEMMs back to back through cuBLAS
+    (CuPy's matmul, else torch's on device "cuda"), synchronized; None without either or
+    without a GPU (and under the numba-cuda simulator)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        return None
+    mm = _gpu_matmul()
+    if mm is None:
+        return None
+    matmul, to_device, sync = mm
+    n = workload.X_train.shape[0]
+    B = workload.batch_size
+    full, last = divmod(n, B)
+    rng = np.random.default_rng(0)
+    seqs = [[tuple(to_device(a) for a in ops) for ops in _gemm_sequence(workload.gemm_shapes(m),
+                                                                        rng)]
+            for m in ((B, last) if last else (B,))]
+
+    def one_step(seq):
+        for a, b, out in seq:
+            matmul(a, b, out)
+
+    one_step(seqs[0])
+    sync()
+    steps = max(1, min(full, 200))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one_step(seqs[0])
+        sync()
+        t_full = (time.perf_counter() - t0) / steps
+        t_last = 0.0
+        if last:
+            t0 = time.perf_counter()
+            one_step(seqs[1])
+            sync()
+            t_last = time.perf_counter() - t0
+        times.append(t_full * full + t_last)
+    return statistics.median(times)
+
+
+def _gpu_matmul():
+    """(matmul(a, b, out), to_device, synchronize) on the GPU, or None."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return ((lambda a, b, out: cupy.matmul(a, b, out=out)), cupy.asarray,
+                    cupy.cuda.Device().synchronize)
+    except Exception:
+        pass
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return ((lambda a, b, out: torch.matmul(a, b, out=out)),
+                    (lambda a: torch.from_numpy(a).cuda()), torch.cuda.synchronize)
+    except Exception:
+        pass
+    return None
+
+
 # ---------------------------------------------------------------- the run
 @dataclass
 class EngineResult:
@@ -211,10 +276,12 @@ def bench_workload(name, backends, peers, epochs=None, repeats=1, threads=None, 
             for key, r in results.items():
                 all_results[key].epoch_times_s += r.epoch_times_s
     ceiling = gemm_ceiling_seconds(workload)
-    return _summarise(workload, all_results, ceiling, epochs, repeats)
+    gpu = [k for k in GPU_ENGINES if k in all_results and all_results[k].available]
+    gpu_ceiling = gpu_gemm_ceiling_seconds(workload) if gpu else None
+    return _summarise(workload, all_results, ceiling, epochs, repeats, gpu_ceiling)
 
 
-def _summarise(workload, results, ceiling_s, epochs, repeats):
+def _summarise(workload, results, ceiling_s, epochs, repeats, gpu_ceiling_s=None):
     n = workload.X_train.shape[0]
     flops = workload.flops_per_epoch()
     act_elems = workload.batch_size * sum(units for units, _, _ in workload.layers)
@@ -223,17 +290,25 @@ def _summarise(workload, results, ceiling_s, epochs, repeats):
     best_val = min(vals) if vals else float("nan")
     peer_times = {k: r.median_epoch_s for k, r in results.items()
                   if r.available and not k.startswith("fastreg")}
+    cpu_fastreg = [r.median_epoch_s for k, r in results.items()
+                   if r.available and k.startswith("fastreg") and k not in GPU_ENGINES
+                   and k != "fastreg-numpy"]
     for key, r in results.items():
-        row = {"engine": key, "available": r.available, "reason": r.reason, "notes": r.notes}
+        row = {"engine": key, "available": r.available, "reason": r.reason, "notes": r.notes,
+               "device": "gpu" if key in GPU_ENGINES else "cpu"}
         if r.available:
             med = r.median_epoch_s
+            # a GPU engine against the GPU's GEMM ceiling (cuBLAS), a CPU one against NumPy's
+            ceil = gpu_ceiling_s if key in GPU_ENGINES else ceiling_s
+            if key == "fastreg-cuda" and cpu_fastreg:    # the GPU row beside the best CPU one
+                row["speedup_vs_best_cpu"] = min(cpu_fastreg) / med
             row.update({
                 "median_epoch_s": med,
                 "epoch_times_s": r.epoch_times_s,
                 "samples_per_s": n / med,
                 "first_epoch_s": r.first_epoch_s,
                 "gflops": flops / med / 1e9,
-                "pct_of_gemm_ceiling": 100.0 * ceiling_s / med,
+                "pct_of_gemm_ceiling": 100.0 * ceil / med if ceil else float("nan"),
                 "train_loss": r.train_loss,
                 "val_loss": r.val_loss,
                 "val_accuracy": r.val_accuracy,
@@ -250,7 +325,7 @@ def _summarise(workload, results, ceiling_s, epochs, repeats):
             "layers": [list(layer) for layer in workload.layers], "loss": workload.loss,
             "timed_epochs": epochs, "repeats": repeats, "flops_per_epoch": flops,
             "gemm_ceiling_epoch_s": ceiling_s, "gemm_ceiling_gflops": flops / ceiling_s / 1e9,
-            "rows": rows}
+            "gpu_gemm_ceiling_epoch_s": gpu_ceiling_s, "rows": rows}
 
 
 def machine_description(threads):
@@ -329,6 +404,8 @@ def render_table(res):
              f"{res['flops_per_epoch'] / 1e9:.2f} GFLOP/epoch; GEMM ceiling "
              f"{res['gemm_ceiling_epoch_s'] * 1e3:.1f} ms/epoch "
              f"({res['gemm_ceiling_gflops']:.0f} GFLOP/s)")
+    if res.get("gpu_gemm_ceiling_epoch_s"):
+        title += f", GPU {res['gpu_gemm_ceiling_epoch_s'] * 1e3:.2f} ms/epoch (cuBLAS)"
     t = Table(title=title, title_justify="left")
     for col in ("engine", "epoch ms", "samples/s", "1st s", "GFLOP/s", "ceil%",
                 "speed-up", "train", "val", "acc", "B/el"):
@@ -344,13 +421,18 @@ def render_table(res):
             t.add_row(name, "n/a", *[""] * 9)
             continue
         flag = "!" if row["loss_flag"] else ""
-        speed = " ".join(f"{v:.1f}x{k[:2]}" for k, v in row["speedup_vs"].items())
+        speed = " ".join(f"{v:.1f}x{PEER_ABBREV.get(k, k[:2])}"
+                         for k, v in row["speedup_vs"].items())
+        if "speedup_vs_best_cpu" in row:
+            speed = f"{row['speedup_vs_best_cpu']:.1f}xcpu " + speed
         acc = "" if row["val_accuracy"] is None else f"{row['val_accuracy']:.3f}"
         t.add_row(name, f"{row['median_epoch_s'] * 1e3:.1f}", f"{row['samples_per_s']:,.0f}",
                   f"{row['first_epoch_s']:.2f}", f"{row['gflops']:.1f}",
                   f"{row['pct_of_gemm_ceiling']:.0f}", speed, f"{row['train_loss']:.4g}",
                   f"{row['val_loss']:.4g}{flag}", acc, f"{row['kept_bytes_per_element']:g}")
-    legend = ("speed-up: peer epoch time / this engine's (to=torch, ja=jax, sk=sklearn); "
-              "ceil%: GEMM-ceiling time / epoch time; B/el: bytes kept per activation element "
-              "between forward and backward; ! = validation loss far from the best engine's")
+    legend = ("speed-up: peer epoch time / this engine's (to=torch, tc=torch-cuda, ja=jax, "
+              "sk=sklearn; cpu=the fastest fastreg CPU backend); ceil%: GEMM-ceiling time / "
+              "epoch time (GPU rows: cuBLAS at the same shapes); B/el: bytes kept per "
+              "activation element between forward and backward; ! = validation loss far from "
+              "the best engine's")
     return Group(t, Text("\n".join(notes + [legend]), style="dim"))

@@ -46,3 +46,29 @@ def test_bench_rejects_unknown_backend_and_peer():
     assert out.exit_code != 0 and "unknown backend" in out.output
     out = runner.invoke(main, ["bench", "--peers", "caffe"])
     assert out.exit_code != 0 and "unknown peer" in out.output
+
+
+def test_gpu_rows_sit_beside_the_cpu_rows():
+    """The summary of a run with GPU engines (timings made up: no GPU here): GPU rows against
+    the cuBLAS ceiling, the fastreg-cuda row with its ratio to the fastest CPU backend."""
+    from fastreg.bench.runner import EngineResult, _summarise, render_table
+    from fastreg.bench.workloads import make_workload
+    from rich.console import Console
+    wl = make_workload("curve", quick=True)
+    times = {"fastreg-numpy": 0.9, "fastreg-numba": 0.020, "fastreg-cython": 0.025,
+             "fastreg-cuda": 0.004, "torch": 0.08, "torch-cuda": 0.030}
+    results = {k: EngineResult(k, True, epoch_times_s=[t, t], val_loss=0.01, train_loss=0.01,
+                               kept_bytes_per_element=4.0) for k, t in times.items()}
+    res = _summarise(wl, results, ceiling_s=0.010, epochs=2, repeats=1, gpu_ceiling_s=0.002)
+    rows = {r["engine"]: r for r in res["rows"]}
+    assert rows["fastreg-cuda"]["device"] == "gpu" and rows["fastreg-numba"]["device"] == "cpu"
+    assert rows["fastreg-cuda"]["speedup_vs_best_cpu"] == 0.020 / 0.004   # numba, not numpy
+    assert "speedup_vs_best_cpu" not in rows["fastreg-numba"]
+    assert rows["fastreg-cuda"]["pct_of_gemm_ceiling"] == 100.0 * 0.002 / 0.004
+    assert rows["torch-cuda"]["pct_of_gemm_ceiling"] == 100.0 * 0.002 / 0.030
+    assert rows["fastreg-numba"]["pct_of_gemm_ceiling"] == 100.0 * 0.010 / 0.020
+    assert rows["fastreg-cuda"]["speedup_vs"]["torch-cuda"] == 0.030 / 0.004
+    console = Console(width=200, record=True)
+    console.print(render_table(res))
+    text = console.export_text()
+    assert "5.0xcpu" in text and "7.5xtc" in text and "GPU 2.00 ms/epoch (cuBLAS)" in text

@@ -35,7 +35,7 @@ def _engine(name):
     return cls
 
 
-PEER_NAMES = ["torch", "jax", "sklearn"]
+PEER_NAMES = ["torch", "torch-cuda", "jax", "sklearn"]   # torch-cuda skips without a GPU
 
 
 def test_import_needs_no_peer_library():
@@ -60,7 +60,7 @@ def test_available_reports_a_missing_library(monkeypatch):
                        ("sklearn", "pip install scikit-learn")]:
         ok, why = peers.PEERS[name].available()
         assert ok is False and hint in why
-    with pytest.raises(ValueError, match="torch, jax, sklearn"):
+    with pytest.raises(ValueError, match="torch, torch-cuda, jax, sklearn"):
         peers.get_engine("tensorflow")
 
 
@@ -152,3 +152,10 @@ def test_jax_kept_bytes_measured():
     _engine("jax")
     for act in ("relu", "leaky_relu"):
         assert peers.measure_jax_kept_bytes(act) == peers.JaxEngine.kept_bytes_per_element
+
+
+def test_torch_cuda_says_why_it_cannot_run():
+    ok, why = peers.TorchCudaEngine.available()
+    if ok:
+        pytest.skip("a GPU is here: torch-cuda runs (test_peer_trains_and_loss_decreases)")
+    assert why and ("pip install torch" in why or "sees no CUDA GPU" in why)
