@@ -2,7 +2,7 @@
 
     GaussianJitter(stddev)   x + stddev * N(0, 1), per element
     Mixup(alpha)             lambda ~ Beta(alpha, alpha) per sample; x and y mixed with a
-                             partner from the same batch (mse and binary_crossentropy only)
+                             partner from the same batch (sparse labels: a pair and lambda)
     RandomFlip()             horizontal flip with probability 0.5   (image inputs)
     RandomShift(k)           shift by -k..k pixels in each direction, zero fill   (image inputs)
 
@@ -25,10 +25,14 @@ fits (the step counter never restarts), and never sharing bits with the dropout 
 stream word). Normals come from Box-Muller on word pairs (2i, 2i + 1) of each group of four;
 uniforms are (word + 0.5) / 2**32; Beta(alpha, alpha) is its inverse CDF at a uniform.
 
-Mixup and sparse_categorical_crossentropy: mixing needs soft targets (or a lambda-weighted pair
-of losses), but the loss kernels of the contract (kernels/contract.py) take one integer label
-per row and no per-row weights, so Mixup refuses that loss with a clear error. Use mse or
-binary_crossentropy (targets in [0, 1], e.g. one-hot), whose targets mix directly.
+Mixup and sparse_categorical_crossentropy: integer labels do not mix, so the mixed target of a
+row is the pair of labels and the weight, y = (label, partner's label, lam) (three columns,
+kernels/contract.py SCE_*), and the loss kernels of every backend compute the lambda-weighted
+pair of losses lam * CE(label) + (1 - lam) * CE(partner's label) with the gradient
+softmax - lam * e_label - (1 - lam) * e_partner's label (Zhang et al.'s formulation; the same
+as cross-entropy against the mixed one-hot target). The inputs mix exactly as for the other
+losses (the same lam and partner); lam in the targets is rounded to the model's dtype. One
+Mixup per fit with this loss (two would need four labels per row).
 """
 import math
 
@@ -74,19 +78,16 @@ class GaussianJitter(Augmenter):
 class Mixup(Augmenter):
     """Mixup (Zhang et al., 2018): x <- lam * x + (1 - lam) * x[j], y likewise, with
     lam ~ Beta(alpha, alpha) drawn per sample and j a random partner in the same batch (a
-    random permutation of the batch). Targets mix directly, so mse and binary_crossentropy
-    only; sparse_categorical_crossentropy is refused (its kernels take integer labels)."""
+    random permutation of the batch). mse and binary_crossentropy targets mix directly; with
+    sparse_categorical_crossentropy the target becomes (y, y[j], lam), whose loss is
+    lam * CE(y) + (1 - lam) * CE(y[j]) (see the module docstring)."""
 
     def __init__(self, alpha=0.2):
         self.alpha = _check_number("Mixup alpha", alpha, minimum=0.0, strict=True)
 
     def _bind(self, width, loss, image_shape):
-        if loss == C.LOSS_SCE:
-            raise ValueError(
-                "Mixup needs soft targets, but sparse_categorical_crossentropy takes one integer "
-                "label per row and its kernels take no soft targets or per-row loss weights; use "
-                "Mixup with mse or binary_crossentropy (e.g. one-hot targets), or drop it")
-        return None
+        """True for sparse labels: the targets become (label, partner's label, lam)."""
+        return loss == C.LOSS_SCE
 
     def lambdas(self, draws):
         """lam per row: the inverse Beta(alpha, alpha) CDF at one Philox uniform per row."""
@@ -97,7 +98,13 @@ class Mixup(Augmenter):
         lam = self.lambdas(draws)[:, None]
         partner = draws.batch_permutation(STREAM_AUGMENT_PARTNER)
         x = (lam * x + (1.0 - lam) * x[partner]).astype(x.dtype)
-        if y is not None:
+        if y is not None and bound:     # sparse labels: (label a, label b, lam), contract SCE_*
+            mixed = np.empty((y.shape[0], C.SCE_MIXED_WIDTH), y.dtype)
+            mixed[:, C.SCE_LABEL] = y[:, 0]
+            mixed[:, C.SCE_LABEL_B] = y[partner, 0]
+            mixed[:, C.SCE_LAM] = lam[:, 0]
+            y = mixed
+        elif y is not None:
             y = (lam * y + (1.0 - lam) * y[partner]).astype(y.dtype)
         return x, y
 
@@ -222,7 +229,19 @@ def prepare(augment, width, loss, image_shape=None):
             raise TypeError(f"augment takes fastreg augmenters (GaussianJitter, Mixup, "
                             f"RandomFlip, RandomShift), got {aug!r}")
         plan.append((aug, aug._bind(width, loss, image_shape)))
+    mixups = [aug for aug, _ in plan if isinstance(aug, Mixup)]
+    if loss == C.LOSS_SCE and len(mixups) > 1:
+        raise ValueError(f"at most one Mixup with sparse_categorical_crossentropy (its mixed "
+                         f"target is one pair of labels and a weight; mixing twice would need "
+                         f"four labels per row), got {len(mixups)}: {mixups!r}")
     return plan
+
+
+def target_width(plan, width):
+    """Columns of the targets the plan trains on, for targets of `width` columns:
+    contract.SCE_MIXED_WIDTH after a Mixup of sparse labels, else `width` unchanged."""
+    sparse_mix = any(isinstance(aug, Mixup) and bound for aug, bound in plan)
+    return C.SCE_MIXED_WIDTH if sparse_mix else width
 
 
 # ---------------------------------------------------------------- applying a plan
@@ -243,7 +262,9 @@ def apply(augmenters, X, y=None, *, batch_size=None, seed=0, step=0, image_shape
           loss="mse"):
     """What fit would train on: the rows of X (and y) in their order, cut into batches of
     `batch_size` (default: one batch), batch b augmented as at training step `step` + b by a
-    model with this `seed`. Returns x (and y when given); the inputs are not modified."""
+    model with this `seed`. Returns x (and y when given); the inputs are not modified. With
+    Mixup and loss="sparse_categorical_crossentropy", y comes back as (n, 3) rows (label,
+    partner's label, lam)."""
     from .validation import as_features
     if loss not in C.LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(C.LOSSES)}")
@@ -261,7 +282,10 @@ def apply(augmenters, X, y=None, *, batch_size=None, seed=0, step=0, image_shape
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     plan = prepare(augmenters, X.shape[1], C.LOSSES[loss], image_shape)
     x, yy = augment_epoch(plan, X, Y, np.arange(n), batch_size, seed, step)
-    return x if y is None else (x, yy.reshape(np.shape(y)) if np.ndim(y) == 1 else yy)
+    if y is None:
+        return x
+    # 1-D y comes back 1-D, unless Mixup made sparse labels (label a, label b, lam) rows
+    return x, (yy.reshape(np.shape(y)) if np.ndim(y) == 1 and yy.shape[1] == 1 else yy)
 
 
 class _Draws:

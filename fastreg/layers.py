@@ -94,7 +94,9 @@ class BatchNorm(Layer):
     Placement: the paper's. It normalizes that Dense's pre-activation z = x @ W + b, then
     gamma * zhat + beta, then the Dense's activation, then its dropout, all fused into the
     Dense's kernels: Dense(64, "relu"), BatchNorm() computes relu(BN(x @ W + b)). (A Keras
-    BatchNormalization after an activated Dense normalizes the activation instead.)
+    BatchNormalization after an activated Dense normalizes the activation instead.) A
+    GaussianNoise / GaussianDropout after the BatchNorm acts on that activation, before the
+    dropout, as after a plain Dense.
     Training: mean and biased variance over the batch rows (accumulated in float64); the
     running statistics follow Keras: running = momentum * running + (1 - momentum) * batch,
     the variance the biased one (Keras 3). Inference (predict, evaluate, MC dropout) uses
@@ -129,7 +131,9 @@ class GaussianNoise(Layer):
     activation, then the noise, then the dropout: Dense(64, "relu"), GaussianNoise(0.1),
     Dropout(0.2) trains on dropout(relu(x @ W + b) + 0.1 * n). A Dense's own dropout= is
     applied last too; a standalone Dropout placed BEFORE a GaussianNoise on the same output is
-    refused (it cannot be fused in that order). Off in predict and evaluate. The noise comes
+    refused (it cannot be fused in that order). After a Dense with BatchNorm (Dense, BatchNorm,
+    GaussianNoise) it perturbs the normalized activation f(BN(x @ W + b)); between a Dense and
+    its BatchNorm it is refused. Off in predict and evaluate. The noise comes
     from Philox (stream STREAM_NOISE, Box-Muller), reproducible by the model's seed.
     """
 

@@ -13,17 +13,19 @@ Every backend module (reference, cpu, cython, cuda) provides the same functions:
     penalized_update(w, g, m, v, hp, opt, t) -> penalty of w before the step
     penalty_value(w, hp) -> penalty of w
     bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
-                     eps, seed, step, layer)
+                     eps, seed, step, layer, noise=0, noise_std=0, pre=None)
     bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
-                      drop_threshold, drop_scale, momentum, seed, step, layer)
+                      drop_threshold, drop_scale, momentum, seed, step, layer, noise=0,
+                      noise_std=0, pre=None)
 and the fused epoch / inference drivers built from them (see kernels/driver.py).
 
 BatchNorm (training only; inference folds it into W, b): a dense layer with LI_BN = 1
 normalizes its pre-activation z = x @ W + b over the batch rows, then gamma * zhat + beta,
-activation, dropout. gb (2, O) holds gamma (row BN_GAMMA) and beta (row BN_BETA), a
-parameter tensor updated by penalized_update like a bias (never penalized); stats (2, O) the
-running mean and (biased) variance; save (BN_SAVE_ROWS, O) float64 the batch statistics the
-forward leaves for the backward; xhat (B, O) the normalized pre-activation.
+activation, noise (dense_forward's: same stream, element order and pre), dropout. gb (2, O)
+holds gamma (row BN_GAMMA) and beta (row BN_BETA), a parameter tensor updated by
+penalized_update like a bias (never penalized); stats (2, O) the running mean and (biased)
+variance; save (BN_SAVE_ROWS, O) float64 the batch statistics the forward leaves for the
+backward; xhat (B, O) the normalized pre-activation.
 """
 
 # Activations
@@ -41,6 +43,16 @@ LOSS_BCE = 1
 LOSS_SCE = 2
 LOSSES = {"mse": LOSS_MSE, "binary_crossentropy": LOSS_BCE,
           "sparse_categorical_crossentropy": LOSS_SCE}
+
+# Targets y of LOSS_SCE: (B, 1) integer labels stored as floats, or (B, SCE_MIXED_WIDTH) mixed
+# targets (Mixup): label a, label b, weight lam, whose loss is lam * CE(a) + (1 - lam) * CE(b)
+# (in float64: lam * (lse - z_a) + (1 - lam) * (lse - z_b)) and gradient
+# (softmax - lam * e_a - (1 - lam) * e_b) / B (in the dtype: p, minus lam at a, then minus
+# 1 - lam at b). The width of y tells the two apart; one column is the plain loss.
+SCE_LABEL = 0
+SCE_LABEL_B = 1
+SCE_LAM = 2
+SCE_MIXED_WIDTH = 3
 
 # Optimizers
 OPT_SGD = 0

@@ -374,6 +374,37 @@ def _dz_noise_range(gf, pf, nwords, noise, std, words, thr, scale, act, slope, l
                        lo, hi)
 
 
+# The part of the epilogues after (forward) / before (backward) the activation, shared by the
+# plain and the BatchNorm dense layers: noise and dropout on the flat elements [lo, hi).
+@njit(**JIT)
+def _output_range(flat, pf, nwords, noise, nstd, words, thr, scale, lo, hi):
+    """flat <- dropout(noise(flat)) in place (pf <- the pre-noise values, when not empty)."""
+    if noise != C.NOISE_NONE:
+        _noise_range(flat, pf, nwords, noise, nstd, words, thr, scale, lo, hi)
+    elif thr > 0:
+        _mask_range(flat, words, thr, scale, lo, hi)
+
+
+@njit(**JIT)
+def _output_grad_range(gf, of, pf, nwords, noise, nstd, words, thr, scale, act, slope, lo, hi):
+    """gf <- dL/d(f's input) from dL/d(out) in place: mask and noise factor regenerated, f'
+    from the output of, or from the pre-noise pf with noise."""
+    if noise != C.NOISE_NONE:
+        _dz_noise_range(gf, pf, nwords, noise, nstd, words, thr, scale, act, slope, lo, hi)
+    else:
+        _dz_range(gf, of, words, thr, scale, act, slope, lo, hi)
+
+
+@njit(**JIT)
+def _fill_output_words(words, nwords, n, k0, k1, step, layer, thr, noise, backward):
+    """The dropout words (with dropout) and the noise words (forward: with noise; backward:
+    with GaussianDropout only, additive noise leaves no trace in the gradient) of a layer."""
+    if thr > 0:
+        philox_fill(words, n, k0, k1, step, layer, STREAM_DROPOUT)
+    if noise == C.NOISE_MUL or (noise != C.NOISE_NONE and not backward):
+        philox_fill(nwords, n, k0, k1, step, layer, STREAM_NOISE)
+
+
 # ---------------------------------------------------------------- dense forward
 @njit(**JIT_PARALLEL)
 def _forward_epilogue_parallel(out, b, act, slope, thr, scale, words, noise, nstd, pre,
@@ -384,16 +415,12 @@ def _forward_epilogue_parallel(out, b, act, slope, thr, scale, words, noise, nst
     n_chunks = (B + _ROW_CHUNK - 1) // _ROW_CHUNK
     for c in prange(n_chunks):
         _bias_act_rows(out, b, act, slope, c * _ROW_CHUNK, min(B, (c + 1) * _ROW_CHUNK))
-    if noise != C.NOISE_NONE:
+    if noise != C.NOISE_NONE or thr > 0:
         pf = pre.reshape(pre.size)
         n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
         for c in prange(n_chunks):
-            _noise_range(flat, pf, nwords, noise, nstd, words, thr, scale, c * _ELEM_CHUNK,
-                         min(n, (c + 1) * _ELEM_CHUNK))
-    elif thr > 0:
-        n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
-        for c in prange(n_chunks):
-            _mask_range(flat, words, thr, scale, c * _ELEM_CHUNK, min(n, (c + 1) * _ELEM_CHUNK))
+            _output_range(flat, pf, nwords, noise, nstd, words, thr, scale, c * _ELEM_CHUNK,
+                          min(n, (c + 1) * _ELEM_CHUNK))
 
 
 @njit(**JIT)
@@ -406,11 +433,8 @@ def _forward_epilogue(out, b, act, slope, thr, scale, words, noise, nstd, pre, n
         return
     _bias_act_rows(out, b, act, slope, 0, out.shape[0])
     n = out.size
-    if noise != C.NOISE_NONE:
-        _noise_range(out.reshape(n), pre.reshape(pre.size), nwords, noise, nstd, words, thr,
-                     scale, 0, n)
-    elif thr > 0:
-        _mask_range(out.reshape(n), words, thr, scale, 0, n)
+    _output_range(out.reshape(n), pre.reshape(pre.size), nwords, noise, nstd, words, thr, scale,
+                  0, n)
 
 
 @njit(**JIT)
@@ -418,10 +442,7 @@ def _dense_forward(x, W, b, out, act, slope, thr, scale, k0, k1, step, layer, wo
                    nstd, pre, nwords):
     """out = dropout(noise(f(x @ W + b))); pre = f(x @ W + b) when pre is not empty."""
     np.dot(x, W, out)
-    if thr > 0:
-        philox_fill(words, out.size, k0, k1, step, layer, STREAM_DROPOUT)
-    if noise != C.NOISE_NONE:
-        philox_fill(nwords, out.size, k0, k1, step, layer, STREAM_NOISE)
+    _fill_output_words(words, nwords, out.size, k0, k1, step, layer, thr, noise, False)
     _forward_epilogue(out, b, act, slope, thr, scale, words, noise, nstd, pre, nwords)
 
 
@@ -436,12 +457,8 @@ def _backward_epilogue_parallel(grad, out, db, act, slope, thr, scale, words, no
     pf = pre.reshape(pre.size)
     n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
     for c in prange(n_chunks):
-        if noise != C.NOISE_NONE:
-            _dz_noise_range(gf, pf, nwords, noise, nstd, words, thr, scale, act, slope,
-                            c * _ELEM_CHUNK, min(n, (c + 1) * _ELEM_CHUNK))
-        else:
-            _dz_range(gf, of, words, thr, scale, act, slope, c * _ELEM_CHUNK,
-                      min(n, (c + 1) * _ELEM_CHUNK))
+        _output_grad_range(gf, of, pf, nwords, noise, nstd, words, thr, scale, act, slope,
+                           c * _ELEM_CHUNK, min(n, (c + 1) * _ELEM_CHUNK))
     if db.shape[0] > 0:
         n_cchunks = (O + _COL_CHUNK - 1) // _COL_CHUNK
         for c in prange(n_cchunks):
@@ -459,11 +476,8 @@ def _backward_epilogue(grad, out, db, act, slope, thr, scale, words, noise, nstd
     n = grad.size
     if n == 0:
         return
-    if noise != C.NOISE_NONE:
-        _dz_noise_range(grad.reshape(n), pre.reshape(pre.size), nwords, noise, nstd, words,
-                        thr, scale, act, slope, 0, n)
-    else:
-        _dz_range(grad.reshape(n), out.reshape(n), words, thr, scale, act, slope, 0, n)
+    _output_grad_range(grad.reshape(n), out.reshape(n), pre.reshape(pre.size), nwords, noise,
+                       nstd, words, thr, scale, act, slope, 0, n)
     if db.shape[0] > 0:
         _bias_grad_cols(grad, db, 0, grad.shape[1])
 
@@ -471,10 +485,7 @@ def _backward_epilogue(grad, out, db, act, slope, thr, scale, words, noise, nstd
 @njit(**JIT)
 def _dense_backward(grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1, step, layer,
                     words, noise, nstd, pre, nwords):
-    if thr > 0:
-        philox_fill(words, out.size, k0, k1, step, layer, STREAM_DROPOUT)
-    if noise == C.NOISE_MUL:    # additive noise leaves no trace in the gradient
-        philox_fill(nwords, out.size, k0, k1, step, layer, STREAM_NOISE)
+    _fill_output_words(words, nwords, out.size, k0, k1, step, layer, thr, noise, True)
     _backward_epilogue(grad, out, db, act, slope, thr, scale, words, noise, nstd, pre, nwords)
     np.dot(x.T, grad, dW)
     if dx.size > 0:
@@ -544,7 +555,8 @@ def _bn_act_rows(out, xhat, gb, save, act, slope, r0, r1):
 
 
 @njit(**JIT_PARALLEL)
-def _bn_forward_epilogue_parallel(out, b, xhat, gb, save, act, slope, thr, scale, eps, words):
+def _bn_forward_epilogue_parallel(out, b, xhat, gb, save, act, slope, thr, scale, eps, words,
+                                  noise, nstd, pre, nwords):
     B, O = out.shape
     n = B * O
     n_cchunks = (O + _COL_CHUNK - 1) // _COL_CHUNK
@@ -554,34 +566,39 @@ def _bn_forward_epilogue_parallel(out, b, xhat, gb, save, act, slope, thr, scale
     for c in prange(n_chunks):
         _bn_act_rows(out, xhat, gb, save, act, slope, c * _ROW_CHUNK,
                      min(B, (c + 1) * _ROW_CHUNK))
-    if thr > 0:
+    if noise != C.NOISE_NONE or thr > 0:
         flat = out.reshape(n)
+        pf = pre.reshape(pre.size)
         n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
         for c in prange(n_chunks):
-            _mask_range(flat, words, thr, scale, c * _ELEM_CHUNK, min(n, (c + 1) * _ELEM_CHUNK))
+            _output_range(flat, pf, nwords, noise, nstd, words, thr, scale, c * _ELEM_CHUNK,
+                          min(n, (c + 1) * _ELEM_CHUNK))
 
 
 @njit(**JIT)
-def _bn_forward_epilogue(out, b, xhat, gb, save, act, slope, thr, scale, eps, words):
-    """Bias, batch statistics, normalize + scale/shift + activation, dropout."""
+def _bn_forward_epilogue(out, b, xhat, gb, save, act, slope, thr, scale, eps, words, noise,
+                         nstd, pre, nwords):
+    """Bias, batch statistics, normalize + scale/shift + activation, noise, dropout."""
     if out.size >= PARALLEL_MIN_ELEMENTS:
         _bn_forward_epilogue_parallel(out, b, xhat, gb, save, act, slope, thr, scale, eps,
-                                      words)
+                                      words, noise, nstd, pre, nwords)
         return
     _bn_stats_cols(out, b, save, eps, 0, out.shape[1])
     _bn_act_rows(out, xhat, gb, save, act, slope, 0, out.shape[0])
-    if thr > 0:
-        n = out.size
-        _mask_range(out.reshape(n), words, thr, scale, 0, n)
+    n = out.size
+    _output_range(out.reshape(n), pre.reshape(pre.size), nwords, noise, nstd, words, thr, scale,
+                  0, n)
 
 
 @njit(**JIT)
 def _bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, thr, scale, eps, k0, k1, step,
-                      layer, words):
+                      layer, words, noise, nstd, pre, nwords):
+    """out = dropout(noise(f(gamma * zhat + beta))); pre = f(gamma * zhat + beta) when pre is
+    not empty (noise and a nonlinear f)."""
     np.dot(x, W, out)
-    if thr > 0:
-        philox_fill(words, out.size, k0, k1, step, layer, STREAM_DROPOUT)
-    _bn_forward_epilogue(out, b, xhat, gb, save, act, slope, thr, scale, eps, words)
+    _fill_output_words(words, nwords, out.size, k0, k1, step, layer, thr, noise, False)
+    _bn_forward_epilogue(out, b, xhat, gb, save, act, slope, thr, scale, eps, words, noise,
+                         nstd, pre, nwords)
 
 
 @njit(**JIT)
@@ -627,15 +644,16 @@ def _bn_dz_rows(grad, xhat, save, r0, r1):
 
 @njit(**JIT_PARALLEL)
 def _bn_backward_epilogue_parallel(grad, out, xhat, gb, save, db, dgb, act, slope, thr, scale,
-                                   words):
+                                   words, noise, nstd, pre, nwords):
     B, O = grad.shape
     n = B * O
     gf = grad.reshape(n)
     of = out.reshape(n)
+    pf = pre.reshape(pre.size)
     n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
     for c in prange(n_chunks):
-        _dz_range(gf, of, words, thr, scale, act, slope, c * _ELEM_CHUNK,
-                  min(n, (c + 1) * _ELEM_CHUNK))
+        _output_grad_range(gf, of, pf, nwords, noise, nstd, words, thr, scale, act, slope,
+                           c * _ELEM_CHUNK, min(n, (c + 1) * _ELEM_CHUNK))
     n_cchunks = (O + _COL_CHUNK - 1) // _COL_CHUNK
     for c in prange(n_cchunks):
         _bn_sums_cols(grad, xhat, gb, save, dgb, db, c * _COL_CHUNK,
@@ -646,16 +664,19 @@ def _bn_backward_epilogue_parallel(grad, out, xhat, gb, save, db, dgb, act, slop
 
 
 @njit(**JIT)
-def _bn_backward_epilogue(grad, out, xhat, gb, save, db, dgb, act, slope, thr, scale, words):
-    """dy (mask regenerated, f' from the output), the gamma/beta gradients, dz in place."""
+def _bn_backward_epilogue(grad, out, xhat, gb, save, db, dgb, act, slope, thr, scale, words,
+                          noise, nstd, pre, nwords):
+    """dy (mask and noise factor regenerated, f' from the output or, with noise, from pre),
+    the gamma/beta gradients, dz in place."""
     if grad.size >= PARALLEL_MIN_ELEMENTS:
         _bn_backward_epilogue_parallel(grad, out, xhat, gb, save, db, dgb, act, slope, thr,
-                                       scale, words)
+                                       scale, words, noise, nstd, pre, nwords)
         return
     n = grad.size
     if n == 0:
         return
-    _dz_range(grad.reshape(n), out.reshape(n), words, thr, scale, act, slope, 0, n)
+    _output_grad_range(grad.reshape(n), out.reshape(n), pre.reshape(pre.size), nwords, noise,
+                       nstd, words, thr, scale, act, slope, 0, n)
     _bn_sums_cols(grad, xhat, gb, save, dgb, db, 0, grad.shape[1])
     _bn_dz_rows(grad, xhat, save, 0, grad.shape[0])
 
@@ -673,10 +694,11 @@ def _bn_running_update(stats, save, momentum):
 
 @njit(**JIT)
 def _bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
-                       thr, scale, momentum, k0, k1, step, layer, words):
-    if thr > 0:
-        philox_fill(words, out.size, k0, k1, step, layer, STREAM_DROPOUT)
-    _bn_backward_epilogue(grad, out, xhat, gb, save, db, dgb, act, slope, thr, scale, words)
+                       thr, scale, momentum, k0, k1, step, layer, words, noise, nstd, pre,
+                       nwords):
+    _fill_output_words(words, nwords, out.size, k0, k1, step, layer, thr, noise, True)
+    _bn_backward_epilogue(grad, out, xhat, gb, save, db, dgb, act, slope, thr, scale, words,
+                          noise, nstd, pre, nwords)
     np.dot(x.T, grad, dW)
     if dx.size > 0:
         np.dot(grad, W.T, dx)
@@ -724,8 +746,9 @@ def _loss_forward_backward(z, y, grad, loss, want_grad):
                     grad[i, k] = (_activate(z[i, k], C.ACT_SIGMOID, z[i, k]) - y[i, k]) * c
         return total / (B * K)
     c = z.dtype.type(1.0 / B)
+    mixed = y.shape[1] == C.SCE_MIXED_WIDTH    # Mixup: lam * CE(a) + (1 - lam) * CE(b)
     for i in range(B):
-        label = int(y[i, 0])
+        label = int(y[i, C.SCE_LABEL])
         zmax = z[i, 0]
         for k in range(1, K):
             if z[i, k] > zmax:
@@ -735,7 +758,25 @@ def _loss_forward_backward(z, y, grad, loss, want_grad):
         for k in range(K):
             s += np.exp(z[i, k] - zmax)
             s64 += math.exp(np.float64(z[i, k]) - np.float64(zmax))
-        total += math.log(s64) + np.float64(zmax) - np.float64(z[i, label])
+        lse = math.log(s64) + np.float64(zmax)
+        if mixed:
+            label_b = int(y[i, C.SCE_LABEL_B])
+            lam64 = np.float64(y[i, C.SCE_LAM])
+            total += (lam64 * (lse - np.float64(z[i, label]))
+                      + (1.0 - lam64) * (lse - np.float64(z[i, label_b])))
+            if want_grad:
+                # in float64, as the one-column path below (Numba promotes its p - 1): with
+                # lam = 1 (or 0) the gradient is that path's, bit for bit
+                lam_b64 = 1.0 - lam64
+                for k in range(K):
+                    p = np.exp(z[i, k] - zmax) / s
+                    if k == label:
+                        p = p - lam64
+                    if k == label_b:
+                        p = p - lam_b64
+                    grad[i, k] = p * c
+            continue
+        total += lse - np.float64(z[i, label])
         if want_grad:
             for k in range(K):
                 p = np.exp(z[i, k] - zmax) / s
@@ -1043,7 +1084,8 @@ def _train_epoch(X, Y, perm, batch_size, Ws, bs, dWs, dbs, mW, vW, mb, vb, acts,
                 _bn_dense_forward(x, Ws[l], bs[l], acts[l][:n], xhats[l][:n], gbs[l], saves[l],
                                   li[l, C.LI_ACT], lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR],
                                   lf[l, C.LF_DROP_SCALE], np.float64(lf[l, C.LF_BN_EPS]), k0,
-                                  k1, step, l, words)
+                                  k1, step, l, words, li[l, C.LI_NOISE], lf[l, C.LF_NOISE_STD],
+                                  pres[l][:n], nwords)
             else:
                 _dense_forward(x, Ws[l], bs[l], acts[l][:n], li[l, C.LI_ACT],
                                lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE],
@@ -1070,7 +1112,8 @@ def _train_epoch(X, Y, perm, batch_size, Ws, bs, dWs, dbs, mW, vW, mb, vb, acts,
                                    stats[l], saves[l], dWs[l], dbs[l], dgbs[l], dx,
                                    li[l, C.LI_ACT], lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR],
                                    lf[l, C.LF_DROP_SCALE], np.float64(lf[l, C.LF_BN_MOMENTUM]),
-                                   k0, k1, step, l, words)
+                                   k0, k1, step, l, words, li[l, C.LI_NOISE],
+                                   lf[l, C.LF_NOISE_STD], pres[l][:n], nwords)
             else:
                 _dense_backward(grads[l][:n], acts[l][:n], xin, Ws[l], dWs[l], dbs[l], dx,
                                 li[l, C.LI_ACT], lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR],
@@ -1143,23 +1186,24 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
 
 
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
-                     eps, seed, step, layer):
+                     eps, seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     _bn_dense_forward(x, W, b, out, xhat, gb, save, int(act), _scalar(slope, out),
                       int(drop_threshold), _scalar(drop_scale, out),
                       np.float64(_scalar(eps, out)), k0, k1, int(step), int(layer),
-                      _words_for(out.size))
+                      _words_for(out.size), *_noise_args(noise, noise_std, pre, out))
 
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
-                      drop_threshold, drop_scale, momentum, seed, step, layer):
+                      drop_threshold, drop_scale, momentum, seed, step, layer,
+                      noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     if dx.size == 0:
         dx = grad[:0]
     _bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, int(act),
                        _scalar(slope, out), int(drop_threshold), _scalar(drop_scale, out),
                        np.float64(_scalar(momentum, out)), k0, k1, int(step), int(layer),
-                       _words_for(out.size))
+                       _words_for(out.size), *_noise_args(noise, noise_std, pre, out))
 
 
 def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NONE,

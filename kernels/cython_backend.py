@@ -108,23 +108,26 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
 
 
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
-                     eps, seed, step, layer):
+                     eps, seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     _K.bn_dense_forward(x, W, b, out, xhat, gb, save, int(act), float(slope),
                         int(drop_threshold), float(dt(drop_scale)), float(dt(eps)), k0, k1,
-                        int(step), int(layer))
+                        int(step), int(layer), int(noise), float(dt(noise_std)),
+                        _pre(pre, out))
 
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
-                      drop_threshold, drop_scale, momentum, seed, step, layer):
+                      drop_threshold, drop_scale, momentum, seed, step, layer,
+                      noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     if dx.size == 0:
         dx = grad[:0]
     _K.bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, int(act),
                          float(slope), int(drop_threshold), float(dt(drop_scale)),
-                         float(dt(momentum)), k0, k1, int(step), int(layer))
+                         float(dt(momentum)), k0, k1, int(step), int(layer), int(noise),
+                         float(dt(noise_std)), _pre(pre, out))
 
 
 def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NONE,

@@ -106,6 +106,10 @@ cdef enum:
     STREAM_INPUT_DROPOUT = 1
     STREAM_NOISE = 2
     STREAM_INPUT_NOISE = 9
+    SCE_LABEL = 0
+    SCE_LABEL_B = 1
+    SCE_LAM = 2
+    SCE_MIXED_WIDTH = 3
 
 # Work split of the parallel passes (the same numbers as kernels/cpu.py and kernels/config.py).
 cdef enum:
@@ -132,6 +136,8 @@ CONTRACT = dict(
     LI_NOISE=LI_NOISE, LI_IN_NOISE=LI_IN_NOISE, LF_NOISE_STD=LF_NOISE_STD,
     LF_IN_NOISE_STD=LF_IN_NOISE_STD, NOISE_NONE=NOISE_NONE, NOISE_ADD=NOISE_ADD,
     NOISE_MUL=NOISE_MUL, STREAM_NOISE=STREAM_NOISE, STREAM_INPUT_NOISE=STREAM_INPUT_NOISE,
+    SCE_LABEL=SCE_LABEL, SCE_LABEL_B=SCE_LABEL_B, SCE_LAM=SCE_LAM,
+    SCE_MIXED_WIDTH=SCE_MIXED_WIDTH,
 )
 
 
@@ -549,6 +555,17 @@ cdef inline void _matmul_nt(real* dz, real* W, real* dx, Py_ssize_t B, Py_ssize_
 
 
 # ---------------------------------------------------------------- dense forward
+cdef void _fill_output_words(uint32_t* words, uint32_t* nwords, Py_ssize_t n, uint32_t k0,
+                             uint32_t k1, uint32_t step, uint32_t layer, uint32_t thr,
+                             int noise, bint backward) noexcept nogil:
+    """The dropout words (with dropout) and the noise words (forward: with noise; backward:
+    with GaussianDropout only, additive noise leaves no trace in the gradient) of a layer."""
+    if thr > 0:
+        _philox_fill(words, n, k0, k1, step, layer, STREAM_DROPOUT)
+    if noise == NOISE_MUL or (noise != NOISE_NONE and not backward):
+        _philox_fill(nwords, n, k0, k1, step, layer, STREAM_NOISE)
+
+
 # The elementwise loops take the activation as an argument and are always called with a
 # literal code (the switch in the caller), so gcc specialises each copy: no branch per
 # element, and the piecewise-linear ones vectorise.
@@ -599,6 +616,24 @@ cdef void _noise_span(real* row, real* pre, uint32_t* w, uint32_t* nwords, Py_ss
         _noise_one(row, pre, w, j, _normal(nwords, e0 + j), thr, scale, noise, nstd)
 
 
+cdef inline void _output_row(real* out, real* pre, uint32_t* words, uint32_t* nwords,
+                             Py_ssize_t e0, Py_ssize_t n, uint32_t thr, real scale, int noise,
+                             real nstd) noexcept nogil:
+    """The part of a dense layer's forward epilogue after the activation (plain and
+    BatchNorm layers): the n elements from flat index e0 of out <- dropout(noise(a)), with
+    pre <- a first (noise, pre not NULL). out, pre, words: the layer's base pointers."""
+    cdef Py_ssize_t j
+    cdef real* row = out + e0
+    cdef uint32_t* w
+    if noise != NOISE_NONE:
+        _noise_span(row, pre + e0 if pre != NULL else NULL, words + e0, nwords, e0, n, thr,
+                    scale, noise, nstd)
+    elif thr > 0:
+        w = words + e0
+        for j in range(n):
+            row[j] = row[j] * scale if w[j] >= thr else 0
+
+
 cdef void _forward_rows(real* out, Py_ssize_t O, real* b, int act, real slope, uint32_t thr,
                         real scale, uint32_t* words, Py_ssize_t r0, Py_ssize_t r1, int noise,
                         real nstd, real* pre, uint32_t* nwords) noexcept nogil:
@@ -606,20 +641,13 @@ cdef void _forward_rows(real* out, Py_ssize_t O, real* b, int act, real slope, u
     else 0 (thr > 0)."""
     cdef Py_ssize_t i, j
     cdef real* row
-    cdef uint32_t* w
     for i in range(r0, r1):
         row = out + i * O
         if b != NULL:
             for j in range(O):
                 row[j] = row[j] + b[j]
         _activate_row(row, O, act, slope)
-        if noise != NOISE_NONE:
-            _noise_span(row, pre + i * O if pre != NULL else NULL, words + i * O, nwords,
-                        i * O, O, thr, scale, noise, nstd)
-        elif thr > 0:
-            w = words + i * O
-            for j in range(O):
-                row[j] = row[j] * scale if w[j] >= thr else 0
+        _output_row(out, pre, words, nwords, i * O, O, thr, scale, noise, nstd)
 
 
 cdef void _forward_epilogue(real* out, Py_ssize_t B, Py_ssize_t O, real* b, int act,
@@ -643,10 +671,7 @@ cdef void _dense_forward(real* x, real* W, real* b, real* out, Py_ssize_t B, Py_
     """out = dropout(noise(f(x @ W + b))): one GEMM, then one pass over the output; pre
     (unless NULL) = f(x @ W + b) when there is noise. nwords: the noise words' buffer."""
     _matmul(x, W, out, B, I, O)
-    if thr > 0:
-        _philox_fill(words, B * O, k0, k1, step, layer, STREAM_DROPOUT)
-    if noise != NOISE_NONE:
-        _philox_fill(nwords, B * O, k0, k1, step, layer, STREAM_NOISE)
+    _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, False)
     _forward_epilogue(out, B, O, b, act, slope, thr, scale, words, noise, nstd, pre, nwords)
 
 
@@ -758,6 +783,21 @@ cdef void _backward_noise_row(real* grad, real* pre, uint32_t* w, uint32_t* nwor
                              noise, nstd)
 
 
+cdef inline void _output_grad_row(real* grad, real* out, real* pre, uint32_t* words,
+                                  uint32_t* nwords, Py_ssize_t e0, real* db, Py_ssize_t n,
+                                  int act, real slope, uint32_t thr, real scale, int noise,
+                                  real nstd) noexcept nogil:
+    """_output_row and f undone (plain and BatchNorm layers): the n elements from flat index
+    e0 of grad <- dL/d(f's input) from dL/d(out) (mask and noise factor regenerated, f' from
+    out, or from pre with noise); db (unless NULL) += them. grad, out, pre, words: the
+    layer's base pointers."""
+    if noise != NOISE_NONE:
+        _backward_noise_row(grad + e0, pre + e0 if pre != NULL else NULL, words + e0, nwords,
+                            e0, db, n, act, slope, thr, scale, noise, nstd)
+    else:
+        _backward_row(grad + e0, out + e0, words + e0, db, n, act, slope, thr, scale)
+
+
 cdef void _backward_cols(real* grad, real* out, Py_ssize_t B, Py_ssize_t O, real* db,
                          int act, real slope, uint32_t thr, real scale, uint32_t* words,
                          Py_ssize_t c0, Py_ssize_t c1, int noise, real nstd, real* pre,
@@ -769,13 +809,8 @@ cdef void _backward_cols(real* grad, real* out, Py_ssize_t B, Py_ssize_t O, real
         for j in range(c0, c1):
             db[j] = 0
     for i in range(B):
-        if noise != NOISE_NONE:
-            _backward_noise_row(grad + i * O + c0, pre + i * O + c0 if pre != NULL else NULL,
-                                words + i * O + c0, nwords, i * O + c0, dbc, c1 - c0, act,
-                                slope, thr, scale, noise, nstd)
-        else:
-            _backward_row(grad + i * O + c0, out + i * O + c0, words + i * O + c0, dbc,
-                          c1 - c0, act, slope, thr, scale)
+        _output_grad_row(grad, out, pre, words, nwords, i * O + c0, dbc, c1 - c0, act, slope,
+                         thr, scale, noise, nstd)
 
 
 cdef void _dense_backward(real* grad, real* out, real* x, real* W, real* dW, real* db,
@@ -787,10 +822,7 @@ cdef void _dense_backward(real* grad, real* out, real* x, real* W, real* dW, rea
     With noise, f' comes from pre (NULL for a linear layer) and GaussianDropout's factor is
     regenerated from the noise words."""
     cdef Py_ssize_t c, n_chunks
-    if thr > 0:
-        _philox_fill(words, B * O, k0, k1, step, layer, STREAM_DROPOUT)
-    if noise == NOISE_MUL:      # additive noise leaves no trace in the gradient
-        _philox_fill(nwords, B * O, k0, k1, step, layer, STREAM_NOISE)
+    _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, True)
     if B * O >= PARALLEL_MIN_ELEMENTS and O >= 32:
         n_chunks = (O + COL_CHUNK - 1) // COL_CHUNK
         for c in prange(n_chunks, schedule="static"):
@@ -854,12 +886,13 @@ cdef inline void _bn_act_span(real* row, real* xr, real* gam, real* bet, double*
 
 cdef void _bn_act_rows(real* out, real* xhat, Py_ssize_t O, real* gb, double* save, int act,
                        real slope, uint32_t thr, real scale, uint32_t* words, Py_ssize_t r0,
-                       Py_ssize_t r1) noexcept nogil:
-    """Rows r0..r1: zhat -> xhat, out = f(gamma * zhat + beta), dropout (thr > 0)."""
-    cdef Py_ssize_t i, j
+                       Py_ssize_t r1, int noise, real nstd, real* pre,
+                       uint32_t* nwords) noexcept nogil:
+    """Rows r0..r1: zhat -> xhat, out = f(gamma * zhat + beta), [pre = out, noise], dropout
+    (thr > 0)."""
+    cdef Py_ssize_t i
     cdef real* row
     cdef real* xr
-    cdef uint32_t* w
     cdef double* mean = save + BN_SAVE_MEAN * O
     cdef double* inv = save + BN_SAVE_INVSTD * O
     cdef real* gam = gb + BN_GAMMA * O
@@ -877,22 +910,19 @@ cdef void _bn_act_rows(real* out, real* xhat, Py_ssize_t O, real* gb, double* sa
             _bn_act_span(row, xr, gam, bet, mean, inv, O, ACT_SIGMOID, slope)
         else:
             _bn_act_span(row, xr, gam, bet, mean, inv, O, ACT_LINEAR, slope)
-        if thr > 0:
-            w = words + i * O
-            for j in range(O):
-                row[j] = row[j] * scale if w[j] >= thr else 0
+        _output_row(out, pre, words, nwords, i * O, O, thr, scale, noise, nstd)
 
 
 cdef void _bn_dense_forward(real* x, real* W, real* b, real* out, real* xhat, real* gb,
                             double* save, Py_ssize_t B, Py_ssize_t I, Py_ssize_t O, int act,
                             real slope, uint32_t thr, real scale, double eps, uint32_t k0,
-                            uint32_t k1, uint32_t step, uint32_t layer,
-                            uint32_t* words) noexcept nogil:
-    """out = dropout(f(gamma * zhat + beta)), zhat the batch-normalized x @ W + b."""
+                            uint32_t k1, uint32_t step, uint32_t layer, uint32_t* words,
+                            int noise, real nstd, real* pre, uint32_t* nwords) noexcept nogil:
+    """out = dropout(noise(f(gamma * zhat + beta))), zhat the batch-normalized x @ W + b;
+    pre (unless NULL) = f(gamma * zhat + beta) with noise."""
     cdef Py_ssize_t c, n_chunks
     _matmul(x, W, out, B, I, O)
-    if thr > 0:
-        _philox_fill(words, B * O, k0, k1, step, layer, STREAM_DROPOUT)
+    _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, False)
     if B * O >= PARALLEL_MIN_ELEMENTS:
         n_chunks = (O + COL_CHUNK - 1) // COL_CHUNK
         for c in prange(n_chunks, schedule="static"):
@@ -901,17 +931,20 @@ cdef void _bn_dense_forward(real* x, real* W, real* b, real* out, real* xhat, re
         n_chunks = (B + ROW_CHUNK - 1) // ROW_CHUNK
         for c in prange(n_chunks, schedule="static"):
             _bn_act_rows(out, xhat, O, gb, save, act, slope, thr, scale, words, c * ROW_CHUNK,
-                         _min(B, c * ROW_CHUNK + ROW_CHUNK))
+                         _min(B, c * ROW_CHUNK + ROW_CHUNK), noise, nstd, pre, nwords)
     else:
         _bn_stats_cols(out, B, O, b, save, eps, 0, O)
-        _bn_act_rows(out, xhat, O, gb, save, act, slope, thr, scale, words, 0, B)
+        _bn_act_rows(out, xhat, O, gb, save, act, slope, thr, scale, words, 0, B, noise, nstd,
+                     pre, nwords)
 
 
 cdef void _bn_backward_cols(real* grad, real* out, real* xhat, Py_ssize_t B, Py_ssize_t O,
                             real* gb, double* save, real* db, real* dgb, int act, real slope,
                             uint32_t thr, real scale, uint32_t* words, Py_ssize_t c0,
-                            Py_ssize_t c1) noexcept nogil:
-    """Columns c0..c1, all three passes: dy in place (mask regenerated, f' from the output);
+                            Py_ssize_t c1, int noise, real nstd, real* pre,
+                            uint32_t* nwords) noexcept nogil:
+    """Columns c0..c1, all three passes: dy in place (mask and noise factor regenerated, f'
+    from the output, or from pre with noise);
     dbeta = sum dy, dgamma = sum dy * zhat (float64, row order) -> dgb, db = 0; then
     dz = c1 * ((dy - c2) - zhat * c3), c1 = gamma * inv_std, c2 = dbeta / B, c3 = dgamma / B."""
     cdef Py_ssize_t i, j
@@ -923,8 +956,8 @@ cdef void _bn_backward_cols(real* grad, real* out, real* xhat, Py_ssize_t B, Py_
     cdef double* k2_ = save + BN_SAVE_C2 * O
     cdef double* k3_ = save + BN_SAVE_C3 * O
     for i in range(B):
-        _backward_row(grad + i * O + c0, out + i * O + c0, words + i * O + c0, NULL, c1 - c0,
-                      act, slope, thr, scale)
+        _output_grad_row(grad, out, pre, words, nwords, i * O + c0, NULL, c1 - c0, act, slope,
+                         thr, scale, noise, nstd)
     for j in range(c0, c1):
         k1_[j] = 0.0
         k2_[j] = 0.0
@@ -969,19 +1002,20 @@ cdef void _bn_dense_backward(real* grad, real* out, real* xhat, real* x, real* W
                              real* dx, Py_ssize_t B, Py_ssize_t I, Py_ssize_t O, int act,
                              real slope, uint32_t thr, real scale, double momentum,
                              uint32_t k0, uint32_t k1, uint32_t step, uint32_t layer,
-                             uint32_t* words) noexcept nogil:
+                             uint32_t* words, int noise, real nstd, real* pre,
+                             uint32_t* nwords) noexcept nogil:
     """grad: dL/d(out) in, dL/dz out; dgb, dW, db (= 0), dx; then the running statistics."""
     cdef Py_ssize_t c, n_chunks
-    if thr > 0:
-        _philox_fill(words, B * O, k0, k1, step, layer, STREAM_DROPOUT)
+    _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, True)
     if B * O >= PARALLEL_MIN_ELEMENTS and O >= 32:
         n_chunks = (O + COL_CHUNK - 1) // COL_CHUNK
         for c in prange(n_chunks, schedule="static"):
             _bn_backward_cols(grad, out, xhat, B, O, gb, save, db, dgb, act, slope, thr, scale,
-                              words, c * COL_CHUNK, _min(O, c * COL_CHUNK + COL_CHUNK))
+                              words, c * COL_CHUNK, _min(O, c * COL_CHUNK + COL_CHUNK), noise,
+                              nstd, pre, nwords)
     else:
         _bn_backward_cols(grad, out, xhat, B, O, gb, save, db, dgb, act, slope, thr, scale,
-                          words, 0, O)
+                          words, 0, O, noise, nstd, pre, nwords)
     _matmul_tn(x, grad, dW, B, I, O)
     if dx != NULL:
         _matmul_nt(grad, W, dx, B, I, O)
@@ -1023,12 +1057,15 @@ cdef void _input_noise_range(real* x, real* out, Py_ssize_t lo, Py_ssize_t hi, u
 
 # ---------------------------------------------------------------- losses
 cdef double _loss_forward_backward(real* z, real* y, real* grad, Py_ssize_t B, Py_ssize_t K,
-                                   int loss, bint want_grad) noexcept nogil:
-    """Mean batch loss (double); grad = d(mean)/dz written when want_grad."""
+                                   Py_ssize_t Ky, int loss, bint want_grad) noexcept nogil:
+    """Mean batch loss (double); grad = d(mean)/dz written when want_grad. y is (B, Ky): Ky = K
+    for mse / binary_crossentropy; for sparse_categorical_crossentropy 1 (labels) or
+    SCE_MIXED_WIDTH (label a, label b, lam: lam * CE(a) + (1 - lam) * CE(b))."""
     cdef double total = 0.0
-    cdef double zz, s64
-    cdef real c, d, zmax, s, p
-    cdef Py_ssize_t i, k, label
+    cdef double zz, s64, lse, lam64
+    cdef real c, d, zmax, s, p, lam, lam_b
+    cdef Py_ssize_t i, k, label, label_b
+    cdef bint mixed = Ky == SCE_MIXED_WIDTH
     cdef real* zi
     if loss == LOSS_MSE:
         c = <real>(2.0 / <double>(B * K))
@@ -1049,7 +1086,7 @@ cdef double _loss_forward_backward(real* z, real* y, real* grad, Py_ssize_t B, P
     c = <real>(1.0 / <double>B)
     for i in range(B):
         zi = z + i * K
-        label = <Py_ssize_t>y[i]
+        label = <Py_ssize_t>y[i * Ky + SCE_LABEL]
         zmax = zi[0]
         for k in range(1, K):
             if zi[k] > zmax:
@@ -1059,7 +1096,24 @@ cdef double _loss_forward_backward(real* z, real* y, real* grad, Py_ssize_t B, P
         for k in range(K):
             s = s + _exp(zi[k] - zmax)
             s64 += exp(<double>zi[k] - <double>zmax)
-        total += log(s64) + <double>zmax - <double>zi[label]
+        lse = log(s64) + <double>zmax
+        if mixed:
+            label_b = <Py_ssize_t>y[i * Ky + SCE_LABEL_B]
+            lam = y[i * Ky + SCE_LAM]
+            lam64 = <double>lam
+            total += (lam64 * (lse - <double>zi[label])
+                      + (1.0 - lam64) * (lse - <double>zi[label_b]))
+            if want_grad:
+                lam_b = <real>1 - lam
+                for k in range(K):
+                    p = _exp(zi[k] - zmax) / s
+                    if k == label:
+                        p = p - lam
+                    if k == label_b:
+                        p = p - lam_b
+                    grad[i * K + k] = p * c
+            continue
+        total += lse - <double>zi[label]
         if want_grad:
             for k in range(K):
                 p = _exp(zi[k] - zmax) / s
@@ -1568,7 +1622,8 @@ cdef int _train_epoch(PlanC* p, real* X, real* Y, int64_t* perm, Py_ssize_t n_to
                 _bn_dense_forward(x, <real*>ly.W, <real*>ly.b, <real*>ly.act, <real*>ly.xhat,
                                   <real*>ly.gb, ly.save, n, ly.n_in, ly.n_out, ly.act_code,
                                   <real>ly.slope, ly.thr, <real>ly.scale, ly.eps, p.k0, p.k1,
-                                  <uint32_t>step, <uint32_t>l, words)
+                                  <uint32_t>step, <uint32_t>l, words, ly.noise, <real>ly.nstd,
+                                  <real*>ly.pre, p.nwords)
             else:
                 _dense_forward(x, <real*>ly.W, <real*>ly.b, <real*>ly.act, n, ly.n_in,
                                ly.n_out, ly.act_code, <real>ly.slope, ly.thr, <real>ly.scale,
@@ -1576,8 +1631,8 @@ cdef int _train_epoch(PlanC* p, real* X, real* Y, int64_t* perm, Py_ssize_t n_to
                                <real>ly.nstd, <real*>ly.pre, p.nwords)
             x = <real*>ly.act
         ly = &p.layers[L - 1]
-        batch_loss = _loss_forward_backward(<real*>ly.act, yb, <real*>ly.grad, n, ly.n_out, p.loss,
-                                            True)
+        batch_loss = _loss_forward_backward(<real*>ly.act, yb, <real*>ly.grad, n, ly.n_out, Ky,
+                                            p.loss, True)
         if not isfinite(batch_loss):
             out3[0] = loss_sum
             out3[1] = pen_sum
@@ -1599,7 +1654,8 @@ cdef int _train_epoch(PlanC* p, real* X, real* Y, int64_t* perm, Py_ssize_t n_to
                                    <real*>ly.dW, <real*>ly.db, <real*>ly.dgb, dx, n, ly.n_in,
                                    ly.n_out, ly.act_code, <real>ly.slope, ly.thr,
                                    <real>ly.scale, ly.momentum, p.k0, p.k1, <uint32_t>step,
-                                   <uint32_t>l, words)
+                                   <uint32_t>l, words, ly.noise, <real>ly.nstd, <real*>ly.pre,
+                                   p.nwords)
             else:
                 _dense_backward(<real*>ly.grad, <real*>ly.act, xin, <real*>ly.W, <real*>ly.dW,
                                 <real*>ly.db, dx, n, ly.n_in, ly.n_out, ly.act_code,
@@ -1831,29 +1887,37 @@ def dense_backward(real[:, ::1] grad, real[:, ::1] out, real[:, ::1] x, real[:, 
 def bn_dense_forward(real[:, ::1] x, real[:, ::1] W, real[::1] b, real[:, ::1] out,
                      real[:, ::1] xhat, real[:, ::1] gb, double[:, ::1] save, int act,
                      double slope, int64_t thr, double scale, double eps, uint32_t k0,
-                     uint32_t k1, int64_t step, int64_t layer):
-    """out = dropout(f(gamma * zhat + beta)), zhat the batch-normalized x @ W + b."""
+                     uint32_t k1, int64_t step, int64_t layer, int noise, double nstd,
+                     real[:, ::1] pre):
+    """out = dropout(noise(f(gamma * zhat + beta))), zhat the batch-normalized x @ W + b;
+    pre (size 0: none) = f(gamma * zhat + beta) with noise."""
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = W.shape[1]
     _check(W.shape[0] == I and out.shape[0] == B and out.shape[1] == O
            and xhat.shape[0] == B and xhat.shape[1] == O and gb.shape[0] == 2
            and gb.shape[1] == O and save.shape[0] == BN_SAVE_ROWS and save.shape[1] == O
-           and b.shape[0] in (0, O), "bn_dense_forward: shapes do not match")
+           and b.shape[0] in (0, O) and (pre.shape[0] * pre.shape[1] == 0
+                                         or (pre.shape[0] == B and pre.shape[1] == O)),
+           "bn_dense_forward: shapes do not match")
     cdef uint32_t t32 = _threshold(thr)
     cdef uint32_t[::1] words = _words_for(B * O if thr > 0 else 0)
+    cdef uint32_t[::1] nwords = _words_for(B * O if noise != NOISE_NONE else 0)
     if B == 0 or O == 0:
         return
     with nogil:
         _bn_dense_forward(_ptr2(x), _ptr2(W), _ptr1(b), &out[0, 0], &xhat[0, 0], &gb[0, 0],
                           &save[0, 0], B, I, O, act, <real>slope, t32, <real>scale, eps, k0,
-                          k1, <uint32_t>step, <uint32_t>layer, &words[0])
+                          k1, <uint32_t>step, <uint32_t>layer, &words[0], noise, <real>nstd,
+                          _ptr2(pre), &nwords[0])
 
 
 def bn_dense_backward(real[:, ::1] grad, real[:, ::1] out, real[:, ::1] xhat, real[:, ::1] x,
                       real[:, ::1] W, real[:, ::1] gb, real[:, ::1] stats, double[:, ::1] save,
                       real[:, ::1] dW, real[::1] db, real[:, ::1] dgb, real[:, ::1] dx, int act,
                       double slope, int64_t thr, double scale, double momentum, uint32_t k0,
-                      uint32_t k1, int64_t step, int64_t layer):
-    """grad: dL/d(out) in, dL/dz out; dgb, dW, db (= 0), dx written; running stats updated."""
+                      uint32_t k1, int64_t step, int64_t layer, int noise, double nstd,
+                      real[:, ::1] pre):
+    """grad: dL/d(out) in, dL/dz out; dgb, dW, db (= 0), dx written; running stats updated.
+    With noise and a nonlinear activation, pre holds f(gamma * zhat + beta) from the forward."""
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = W.shape[1]
     _check(W.shape[0] == I and out.shape[0] == B and out.shape[1] == O
            and grad.shape[0] == B and grad.shape[1] == O and xhat.shape[0] == B
@@ -1861,17 +1925,22 @@ def bn_dense_backward(real[:, ::1] grad, real[:, ::1] out, real[:, ::1] xhat, re
            and db.shape[0] in (0, O) and gb.shape[0] == 2 and gb.shape[1] == O
            and dgb.shape[0] == 2 and dgb.shape[1] == O and stats.shape[0] == 2
            and stats.shape[1] == O and save.shape[0] == BN_SAVE_ROWS and save.shape[1] == O
-           and (dx.shape[0] * dx.shape[1] == 0 or (dx.shape[0] == B and dx.shape[1] == I)),
+           and (dx.shape[0] * dx.shape[1] == 0 or (dx.shape[0] == B and dx.shape[1] == I))
+           and (pre.shape[0] * pre.shape[1] == 0 or (pre.shape[0] == B and pre.shape[1] == O)),
            "bn_dense_backward: shapes do not match")
+    _check(noise == NOISE_NONE or act == ACT_LINEAR or B == 0 or pre.shape[0] == B,
+           "bn_dense_backward: a noisy layer with a nonlinear activation needs pre")
     cdef uint32_t t32 = _threshold(thr)
     cdef uint32_t[::1] words = _words_for(B * O if thr > 0 else 0)
+    cdef uint32_t[::1] nwords = _words_for(B * O if noise == NOISE_MUL else 0)
     if B == 0 or I == 0 or O == 0:
         return
     with nogil:
         _bn_dense_backward(&grad[0, 0], &out[0, 0], &xhat[0, 0], &x[0, 0], &W[0, 0], &gb[0, 0],
                            &stats[0, 0], &save[0, 0], &dW[0, 0], _ptr1(db), &dgb[0, 0],
                            _ptr2(dx), B, I, O, act, <real>slope, t32, <real>scale, momentum,
-                           k0, k1, <uint32_t>step, <uint32_t>layer, &words[0])
+                           k0, k1, <uint32_t>step, <uint32_t>layer, &words[0], noise,
+                           <real>nstd, _ptr2(pre), &nwords[0])
 
 
 def input_dropout(real[:, ::1] x, real[:, ::1] out, int64_t thr, double scale, uint32_t k0,
@@ -1894,16 +1963,16 @@ def input_dropout(real[:, ::1] x, real[:, ::1] out, int64_t thr, double scale, u
 def loss_forward_backward(real[:, ::1] z, real[:, ::1] y, real[:, ::1] grad, int loss,
                           bint want_grad):
     """Mean loss of the batch; grad = d(mean loss)/dz written when want_grad."""
-    cdef Py_ssize_t B = z.shape[0], K = z.shape[1]
+    cdef Py_ssize_t B = z.shape[0], K = z.shape[1], Ky = y.shape[1]
     cdef double value
-    _check(y.shape[0] == B and y.shape[1] == (1 if loss == LOSS_SCE else K)
+    _check(y.shape[0] == B and (Ky in (1, SCE_MIXED_WIDTH) if loss == LOSS_SCE else Ky == K)
            and (not want_grad or (grad.shape[0] == B and grad.shape[1] == K)),
            "loss: shapes do not match")
     if B == 0 or K == 0:
         return float("nan")
     with nogil:
         value = _loss_forward_backward(&z[0, 0], &y[0, 0], _ptr2(grad) if want_grad else NULL,
-                                       B, K, loss, want_grad)
+                                       B, K, Ky, loss, want_grad)
     return value
 
 

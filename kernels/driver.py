@@ -178,7 +178,8 @@ def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
                                      net.xhats[l][:n], net.gbs[l], net.saves[l],
                                      net.li[l, C.LI_ACT], net.lf[l, C.LF_SLOPE],
                                      net.li[l, C.LI_DROP_THR], net.lf[l, C.LF_DROP_SCALE],
-                                     net.lf[l, C.LF_BN_EPS], net.seed, step, l)
+                                     net.lf[l, C.LF_BN_EPS], net.seed, step, l,
+                                     *noise_of(net, l), net.pres[l][:n])
             else:
                 ops.dense_forward(x, net.Ws[l], net.bs[l], net.acts[l][:n],
                                   net.li[l, C.LI_ACT], net.lf[l, C.LF_SLOPE],
@@ -199,7 +200,8 @@ def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
                                       net.saves[l], net.dWs[l], net.dbs[l], net.dgbs[l], dx,
                                       net.li[l, C.LI_ACT], net.lf[l, C.LF_SLOPE],
                                       net.li[l, C.LI_DROP_THR], net.lf[l, C.LF_DROP_SCALE],
-                                      net.lf[l, C.LF_BN_MOMENTUM], net.seed, step, l)
+                                      net.lf[l, C.LF_BN_MOMENTUM], net.seed, step, l,
+                                      *noise_of(net, l), net.pres[l][:n])
             else:
                 ops.dense_backward(net.grads[l][:n], net.acts[l][:n], inputs[l], net.Ws[l],
                                    net.dWs[l], net.dbs[l], dx, net.li[l, C.LI_ACT],

@@ -87,7 +87,14 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
     z = x @ W
     if b.size:
         z += b
-    a = activation(z, act, slope)
+    output_epilogue(activation(z, act, slope), out, drop_threshold, drop_scale, seed, step,
+                    layer, noise, noise_std, pre)
+
+
+def output_epilogue(a, out, drop_threshold, drop_scale, seed, step, layer, noise, noise_std,
+                    pre):
+    """out = dropout(noise(a)) for the activation a = f(.) of a dense layer (plain or
+    BatchNorm); with noise, pre = a first (when pre is given and not empty)."""
     if noise != C.NOISE_NONE:
         if pre is not None and pre.size:
             pre[...] = a
@@ -98,14 +105,14 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
     out[...] = a
 
 
-def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
-    """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db, dx written.
+def output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed, step,
+                             layer, noise, noise_std, pre):
+    """dL/d(f's input) from grad = dL/d(out): output_epilogue and f undone, a new array.
 
     The dropout mask is regenerated from Philox, never stored. f' comes from the output:
     a = out / scale for kept units (dropped units have zero gradient whatever f' is).
-    With noise, f' comes from pre (the kept f(z); f' = 1 for a linear layer) and, for
-    NOISE_MUL, the factor 1 + std * n is regenerated: dz = ((g * scale) * (1 + std*n)) * f'.
+    With noise, f' comes from pre (the kept f(.); f' = 1 for a linear layer) and, for
+    NOISE_MUL, the factor 1 + std * n is regenerated: ((g * scale) * (1 + std*n)) * f'.
     """
     scale = out.dtype.type(drop_scale)
     if noise != C.NOISE_NONE:
@@ -118,14 +125,24 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
         if drop_threshold > 0:
             keep = keep_mask(out.shape, drop_threshold, seed, step, layer, STREAM_DROPOUT)
             d = np.where(keep, d, out.dtype.type(0))
-        dz = d
-    elif drop_threshold > 0:
+        return d
+    if drop_threshold > 0:
         keep = keep_mask(out.shape, drop_threshold, seed, step, layer, STREAM_DROPOUT)
         a = out / scale if act in (C.ACT_TANH, C.ACT_SIGMOID) else out
-        dz = np.where(keep, (grad * scale) * activation_grad_from_output(a, act, slope),
-                      out.dtype.type(0))
-    else:
-        dz = grad * activation_grad_from_output(out, act, slope)
+        return np.where(keep, (grad * scale) * activation_grad_from_output(a, act, slope),
+                        out.dtype.type(0))
+    return grad * activation_grad_from_output(out, act, slope)
+
+
+def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
+                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+    """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db, dx written.
+
+    dz comes from output_epilogue_backward (mask, noise factor and f' regenerated or read
+    from out / pre); then db = column sums, dW = x.T @ dz, dx = dz @ W.T.
+    """
+    dz = output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed,
+                                  step, layer, noise, noise_std, pre)
     grad[...] = dz
     if db.size:
         db[...] = dz.sum(axis=0)
@@ -136,9 +153,10 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
 
 # ---------------------------------------------------------------- dense + BatchNorm (training)
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
-                     eps, seed, step, layer):
-    """out = dropout(f(gamma * zhat + beta)), zhat = (z - mean) / sqrt(var + eps), z = x @ W + b,
-    with the batch mean and biased variance of every unit (Ioffe & Szegedy 2015).
+                     eps, seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+    """out = dropout(noise(f(gamma * zhat + beta))), zhat = (z - mean) / sqrt(var + eps),
+    z = x @ W + b, with the batch mean and biased variance of every unit (Ioffe & Szegedy
+    2015). The noise, dropout and pre are dense_forward's (output_epilogue).
 
     The statistics are summed in float64 in row order (mean first, then the squared
     deviations); inv_std = 1 / sqrt(var + eps) in float64; mean and inv_std are rounded once
@@ -160,19 +178,18 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
     save[C.BN_SAVE_INVSTD] = inv
     xh = (z - mean.astype(out.dtype)) * inv
     xhat[...] = xh
-    a = activation(gb[C.BN_GAMMA] * xh + gb[C.BN_BETA], act, slope)
-    if drop_threshold > 0:
-        keep = keep_mask(a.shape, drop_threshold, seed, step, layer, STREAM_DROPOUT)
-        a = np.where(keep, a * dt(drop_scale), dt(0))
-    out[...] = a
+    output_epilogue(activation(gb[C.BN_GAMMA] * xh + gb[C.BN_BETA], act, slope), out,
+                    drop_threshold, drop_scale, seed, step, layer, noise, noise_std, pre)
 
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
-                      drop_threshold, drop_scale, momentum, seed, step, layer):
+                      drop_threshold, drop_scale, momentum, seed, step, layer,
+                      noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     """The BatchNorm dense layer's backward, through the batch statistics.
 
     grad (B, O) holds dL/d(out) on entry and dL/dz on exit. dy = dL/d(gamma zhat + beta) comes
-    from out and the regenerated mask exactly as in dense_backward; then, per unit, in float64
+    from out (or pre, with noise) and the regenerated mask and noise exactly as in
+    dense_backward (output_epilogue_backward); then, per unit, in float64
     in row order: dbeta = sum dy, dgamma = sum dy * zhat, and
         dz = c1 * ((dy - c2) - zhat * c3),  c1 = gamma * inv_std, c2 = dbeta / B, c3 = dgamma / B
     (c1, c2, c3 rounded once to the dtype). db is exactly 0: the output does not depend on b
@@ -182,13 +199,8 @@ def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, a
     """
     dt = out.dtype.type
     n = grad.shape[0]
-    scale = dt(drop_scale)
-    if drop_threshold > 0:
-        keep = keep_mask(out.shape, drop_threshold, seed, step, layer, STREAM_DROPOUT)
-        a = out / scale if act in (C.ACT_TANH, C.ACT_SIGMOID) else out
-        dy = np.where(keep, (grad * scale) * activation_grad_from_output(a, act, slope), dt(0))
-    else:
-        dy = grad * activation_grad_from_output(out, act, slope)
+    dy = output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed,
+                                  step, layer, noise, noise_std, pre)
     dy64 = dy.astype(np.float64)
     s1 = dy64.sum(axis=0)
     s2 = (dy64 * xhat.astype(np.float64)).sum(axis=0)
@@ -224,8 +236,9 @@ def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NON
 def loss_forward_backward(logits, y, grad, loss):
     """Mean loss of the batch (float); grad = d(mean loss)/d(logits) written in place.
 
-    y is (B, K) targets for mse / binary_crossentropy, and (B, 1) integer labels stored as
-    floats for sparse_categorical_crossentropy.
+    y is (B, K) targets for mse / binary_crossentropy; for sparse_categorical_crossentropy
+    (B, 1) integer labels stored as floats, or (B, SCE_MIXED_WIDTH) mixed targets (label a,
+    label b, lam: contract.py).
     """
     value, g = _loss_and_grad(logits, y, loss)
     grad[...] = g
@@ -246,16 +259,25 @@ def _loss_and_grad(z, y, loss):
         z64 = z.astype(np.float64)
         per = np.maximum(z64, 0) - z64 * y + np.log1p(np.exp(-np.abs(z64)))
         return float(per.sum() / (B * K)), (sigmoid(z) - y) * dt(1.0 / (B * K))
-    labels = y[:, 0].astype(np.int64)
+    rows = np.arange(B)
+    labels = y[:, C.SCE_LABEL].astype(np.int64)
     zmax = z.max(axis=1, keepdims=True)
     e = np.exp(z - zmax)
     s = e.sum(axis=1, keepdims=True)
     p = e / s
     z64 = z.astype(np.float64)
     lse = np.log(np.exp(z64 - z64.max(axis=1, keepdims=True)).sum(axis=1)) + z64.max(axis=1)
-    value = float(np.sum(lse - z64[np.arange(B), labels]) / B)
     g = p
-    g[np.arange(B), labels] -= 1
+    if y.shape[1] == C.SCE_MIXED_WIDTH:     # Mixup: lam * CE(a) + (1 - lam) * CE(b)
+        labels_b = y[:, C.SCE_LABEL_B].astype(np.int64)
+        lam = y[:, C.SCE_LAM]
+        lam64 = lam.astype(np.float64)
+        per = lam64 * (lse - z64[rows, labels]) + (1.0 - lam64) * (lse - z64[rows, labels_b])
+        g[rows, labels] -= lam
+        g[rows, labels_b] -= dt(1) - lam
+        return float(np.sum(per) / B), g * dt(1.0 / B)
+    value = float(np.sum(lse - z64[rows, labels]) / B)
+    g[rows, labels] -= 1
     return value, g * dt(1.0 / B)
 
 

@@ -6,9 +6,10 @@ from scipy import stats
 
 import fastreg as fr
 from fastreg import augment as A
+from fastreg.kernels import contract as C
 from fastreg.kernels import philox, reference
 
-from netutil import fresh_rng, randn
+from netutil import fresh_rng, randn, small_cuda_tiles
 
 
 def _model(backend="numba", loss="mse", sizes=(6, 8, 1), dropout=0.1, seed=5):
@@ -299,12 +300,227 @@ def test_bad_fit_arguments_are_clear_errors_and_leave_the_model_unchanged():
     model.fit(X, y, epochs=1, verbose=0, augment=[fr.RandomFlip((3, 2))], image_shape=(3, 2))
 
 
-def test_mixup_refuses_sparse_categorical_crossentropy():
+# ---------------------------------------------------------------- Mixup with sparse labels
+def _sparse_backends():
+    """(name, kernel module) of every backend here; cuda on the simulator."""
+    from fastreg.kernels import cpu
+    out = [("numpy", reference), ("numba", cpu)]
+    try:
+        from fastreg.kernels import cython_backend
+        out.append(("cython", cython_backend))
+    except ImportError:
+        pass
+    try:
+        from fastreg.kernels import cuda
+        if cuda.available()[0]:
+            out.append(("cuda", cuda))
+    except ImportError:
+        pass
+    return out
+
+
+SPARSE_BACKENDS = _sparse_backends()
+SCE = C.LOSS_SCE
+
+
+def _mixed_targets(rng, B, K, dtype, lam=None):
+    """(B, 3) mixed targets (label a, label b, lam): some rows with a == b, some lam in {0, 1}."""
+    a = rng.integers(0, K, B)
+    b = rng.integers(0, K, B)
+    b[:3] = a[:3]
+    if lam is None:
+        lam = rng.random(B)
+        lam[3], lam[4] = 0.0, 1.0
+    else:
+        lam = np.full(B, float(lam))
+    return np.stack([a, b, lam], axis=1).astype(dtype)
+
+
+def test_mixed_sparse_loss_reference_by_hand_and_central_differences():
+    """float64: the value is lam * CE(a) + (1 - lam) * CE(b) (log-softmax by hand) and the
+    gradient, (softmax - lam e_a - (1 - lam) e_b) / B, matches central differences."""
     rng = fresh_rng()
-    X = randn(rng, (20, 6))
-    y = rng.integers(0, 3, 20)
-    model = _model(loss="sparse_categorical_crossentropy", sizes=(6, 8, 3))
-    with pytest.raises(ValueError, match="Mixup needs soft targets"):
-        model.fit(X, y, epochs=1, augment=[fr.Mixup(0.2)], verbose=0)
-    # the other augmenters work with it
+    B, K = 9, 5
+    z = randn(rng, (B, K), np.float64, 2.0)
+    y = _mixed_targets(rng, B, K, np.float64)
+    a, b, lam = y[:, 0].astype(int), y[:, 1].astype(int), y[:, 2]
+    logp = z - z.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    rows = np.arange(B)
+    want = float(np.mean(-lam * logp[rows, a] - (1 - lam) * logp[rows, b]))
+    grad = np.zeros_like(z)
+    value = reference.loss_forward_backward(z, y, grad, SCE)
+    assert value == pytest.approx(want, rel=1e-13)
+    assert reference.loss_value(z, y, SCE) == value
+    onehot = np.eye(K)
+    np.testing.assert_allclose(grad, (np.exp(logp) - lam[:, None] * onehot[a]
+                                      - (1 - lam[:, None]) * onehot[b]) / B, rtol=1e-12,
+                               atol=1e-15)
+    num = np.zeros_like(z)
+    eps = 1e-6
+    for idx in np.ndindex(z.shape):
+        zz = z.copy()
+        zz[idx] += eps
+        up = reference.loss_value(zz, y, SCE)
+        zz[idx] -= 2 * eps
+        num[idx] = (up - reference.loss_value(zz, y, SCE)) / (2 * eps)
+    np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-9)
+    # each row's gradient sums to 0 (the mixed target is a distribution), and is not trivial
+    np.testing.assert_allclose(grad.sum(axis=1), 0, atol=1e-15)
+    assert np.abs(grad).max() > 1e-3
+
+
+@pytest.mark.parametrize("name,K", SPARSE_BACKENDS, ids=[b[0] for b in SPARSE_BACKENDS])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mixed_sparse_loss_with_lam_one_or_zero_is_the_plain_loss(name, K, dtype):
+    """lam = 1: bit for bit the one-column loss of label a (whatever label b is); lam = 0: that
+    of label b."""
+    rng = fresh_rng()
+    B, classes = 23, 6
+    z = randn(rng, (B, classes), dtype, 3.0)
+    for lam, col in ((1.0, 0), (0.0, 1)):
+        y3 = _mixed_targets(rng, B, classes, dtype, lam=lam)
+        g1, g3 = np.zeros_like(z), np.zeros_like(z)
+        v1 = K.loss_forward_backward(z, np.ascontiguousarray(y3[:, col:col + 1]), g1, SCE)
+        v3 = K.loss_forward_backward(z, y3, g3, SCE)
+        assert v3 == v1
+        np.testing.assert_array_equal(g3, g1)
+        assert K.loss_value(z, y3, SCE) == K.loss_value(z, y3[:, col:col + 1].copy(), SCE)
+
+
+@pytest.mark.parametrize("name,K", SPARSE_BACKENDS[1:], ids=[b[0] for b in SPARSE_BACKENDS[1:]])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mixed_sparse_loss_backends_equal_reference(name, K, dtype):
+    rng = fresh_rng()
+    B, classes = 41, 7
+    z = randn(rng, (B, classes), dtype, 3.0)
+    y = _mixed_targets(rng, B, classes, dtype)
+    gr, gk = np.zeros_like(z), np.zeros_like(z)
+    vr = reference.loss_forward_backward(z, y, gr, SCE)
+    vk = K.loss_forward_backward(z, y, gk, SCE)
+    assert vk == pytest.approx(vr, rel=1e-12)       # float64 sums on every backend
+    assert K.loss_value(z, y, SCE) == pytest.approx(vr, rel=1e-12)
+    tol = dict(rtol=2e-5, atol=2e-7) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(gk, gr, **tol)
+    # the backend reads both labels and lam: its gradient is not the plain one of either label
+    # (they differ by (1 - lam) / B, resp. lam / B, at rows whose labels differ)
+    for col in (0, 1):
+        plain = np.zeros_like(z)
+        K.loss_forward_backward(z, np.ascontiguousarray(y[:, col:col + 1]), plain, SCE)
+        assert np.abs(gk - plain).max() > 1e-3
+
+
+def test_mixup_sparse_targets_are_label_pairs_with_the_inputs_lambda_and_partner():
+    """x mixes exactly as for the other losses; y becomes (y, y[partner], lam) with the
+    partner and lam of the input mix (lam rounded to the dtype)."""
+    n, bs = 50, 8
+    X = np.eye(n, dtype=np.float64)         # row i is e_i: the mix shows its sources
+    y = np.arange(n) % 4
+    x, ym = A.apply([fr.Mixup(0.4)], X, y, batch_size=bs, seed=9, step=4,
+                    loss="sparse_categorical_crossentropy")
+    x_mse, _ = A.apply([fr.Mixup(0.4)], X, y.astype(np.float64), batch_size=bs, seed=9, step=4)
+    assert np.array_equal(x, x_mse)         # the inputs are mixed exactly as before
+    assert ym.shape == (n, C.SCE_MIXED_WIDTH) and ym.dtype == np.float64
+    lam = fr.Mixup(0.4).lambdas(A._Draws(9, 4, bs, n, 0))
+    partner = A._Draws(9, 4, bs, n, 0).batch_permutation(philox.STREAM_AUGMENT_PARTNER)
+    np.testing.assert_array_equal(ym[:, C.SCE_LABEL], y)
+    np.testing.assert_array_equal(ym[:, C.SCE_LABEL_B], y[partner])
+    np.testing.assert_array_equal(ym[:, C.SCE_LAM], lam)
+    for r in range(n):
+        expect = lam[r] * X[r] + (1 - lam[r]) * X[partner[r]]
+        np.testing.assert_allclose(x[r], expect, rtol=1e-15, atol=1e-15)
+    x32, y32 = A.apply([fr.Mixup(0.4)], X.astype(np.float32), y, batch_size=bs, seed=9, step=4,
+                       loss="sparse_categorical_crossentropy")
+    assert y32.dtype == np.float32
+    np.testing.assert_array_equal(y32[:, C.SCE_LAM], lam.astype(np.float32))
+
+
+def _blobs(rng, n=90, classes=3, dim=4):
+    """A small classification set: Gaussian blobs around well-separated centres."""
+    centres = 3.0 * np.eye(classes, dim)
+    y = np.arange(n) % classes
+    X = (centres[y] + 0.5 * rng.standard_normal((n, dim))).astype(np.float32)
+    return X, y
+
+
+def _sparse_model(backend, seed=5, classes=3, dim=4, hidden=8):
+    model = fr.Sequential([fr.Dense(hidden, "tanh", dropout=0.1), fr.Dense(classes)],
+                          input_dim=dim, seed=seed)
+    model.compile(loss="sparse_categorical_crossentropy", optimizer=fr.Adam(2e-2),
+                  backend=backend)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cython"])
+def test_mixup_with_sparse_labels_learns_a_classification_set(backend):
+    if backend == "cython":
+        pytest.importorskip("fastreg.kernels.cython_backend")
+    rng = fresh_rng()
+    X, y = _blobs(rng)
+    Xv, yv = _blobs(rng, 30)
+    model = _sparse_model(backend)
+    before = model.evaluate(Xv, yv)
+    h = model.fit(X, y, epochs=25, batch_size=16, augment=[fr.Mixup(0.4)],
+                  validation_data=(Xv, yv), verbose=0)
+    loss = h.history["loss"]
+    assert np.isfinite(loss).all() and loss[-1] < 0.8 * loss[0]
+    # validation runs on the plain labels: val_loss is evaluate's plain cross-entropy
+    assert h.history["val_loss"][-1] == pytest.approx(model.evaluate(Xv, yv), rel=1e-6)
+    assert model.evaluate(Xv, yv) < 0.5 * before
+    assert (model.predict(Xv).argmax(axis=1) == yv).mean() >= 0.9
+
+
+@pytest.mark.parametrize("backend,fused", [(b[0], None) for b in SPARSE_BACKENDS[1:]]
+                         + ([("cuda", 0)] if "cuda" in dict(SPARSE_BACKENDS) else []),
+                         ids=[b[0] for b in SPARSE_BACKENDS[1:]]
+                         + (["cuda-tiled"] if "cuda" in dict(SPARSE_BACKENDS) else []))
+def test_mixup_with_sparse_labels_trains_the_same_on_every_backend(backend, fused, monkeypatch):
+    """Two epochs (a partial last batch) with Mixup and jitter: the weights and losses of each
+    backend agree with the reference's (cuda: small tiles on the simulator; its default path
+    and, with FUSED_MAX_WIDTH = 0, the tiled one)."""
+    from fastreg.kernels import cuda as G
+    rng = fresh_rng()
+    X, y = _blobs(rng, 30 if backend == "cuda" else 70)
+    augs = [fr.GaussianJitter(0.05), fr.Mixup(0.3)]
+    if fused is not None:
+        monkeypatch.setattr(G, "FUSED_MAX_WIDTH", fused, raising=False)
+    runs = []
+    with small_cuda_tiles(monkeypatch, G if G.cuda is not None else None):
+        for name in ("numpy", backend):
+            m = _sparse_model(name)
+            h = m.fit(X, y, epochs=2, batch_size=12, augment=augs, verbose=0)
+            runs.append((m.get_weights(), h.history["loss"]))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(runs[1][1], runs[0][1], rtol=1e-5)
+
+
+def test_mixup_with_sparse_labels_is_deterministic_by_seed():
+    rng = fresh_rng()
+    X, y = _blobs(rng, 40)
+    ws = []
+    for seed in (3, 3, 4):
+        m = _sparse_model("numba", seed=seed)
+        m.set_weights(_sparse_model("numba", seed=3).get_weights())   # same start, seed differs
+        m.fit(X, y, epochs=2, batch_size=8, augment=[fr.Mixup(0.5)], verbose=0)
+        ws.append(m.get_weights())
+    assert all(np.array_equal(a, b) for a, b in zip(ws[0], ws[1]))
+    assert not all(np.array_equal(a, b) for a, b in zip(ws[0], ws[2]))
+    # and Mixup acted: without it the same start and seed train differently
+    plain = _sparse_model("numba", seed=3)
+    plain.fit(X, y, epochs=2, batch_size=8, verbose=0)
+    assert not all(np.array_equal(a, b) for a, b in zip(ws[0], plain.get_weights()))
+
+
+def test_one_mixup_per_fit_with_sparse_labels():
+    rng = fresh_rng()
+    X, y = _blobs(rng, 20)
+    model = _sparse_model("numpy")
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="at most one Mixup with sparse_categorical"):
+        model.fit(X, y, epochs=1, augment=[fr.Mixup(0.2), fr.Mixup(0.3)], verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert model._step == 0
+    # two Mixups still mix soft targets (mse), and the other augmenters work with labels
+    A.apply([fr.Mixup(0.2), fr.Mixup(0.3)], X, y.astype(np.float32), loss="mse")
     model.fit(X, y, epochs=1, augment=[fr.GaussianJitter(0.1)], verbose=0)

@@ -387,3 +387,232 @@ def test_batchnorm_must_follow_a_dense(layers):
     with pytest.raises(ValueError, match="right after a Dense"):
         for layer in layers():
             m.add(layer)
+
+
+# ---------------------------------------------------------------- BatchNorm with a noise layer
+NOISES = [C.NOISE_ADD, C.NOISE_MUL]
+
+
+def _noisy_forward(ops, x, W, b, gb, act, thr, scale, noise, std, seed=5, step=3, layer=1):
+    """bn_dense_forward with noise: (out, xhat, save, pre); pre is (0, O) when not needed."""
+    B, O = x.shape[0], W.shape[1]
+    dt = x.dtype
+    out, xhat = np.zeros((B, O), dt), np.zeros((B, O), dt)
+    save = np.zeros((C.BN_SAVE_ROWS, O))
+    pre = np.zeros((B, O) if driver.needs_pre(noise, act) else (0, O), dt)
+    ops.bn_dense_forward(x, W, b, out, xhat, gb, save, act, 0.1, thr, scale, 1e-3, seed, step,
+                         layer, noise, dt.type(std), pre)
+    return out, xhat, save, pre
+
+
+def _noisy_backward(ops, grad, out, xhat, save, pre, x, W, b, gb, stats, act, thr, scale,
+                    noise, std, seed=5, step=3, layer=1):
+    g = grad.copy()
+    dW, db, dgb, dx = np.zeros_like(W), np.full_like(b, 7.0), np.zeros_like(gb), np.zeros_like(x)
+    st = stats.copy()
+    ops.bn_dense_backward(g, out, xhat, x, W, gb, st, save.copy(), dW, db, dgb, dx, act, 0.1,
+                          thr, scale, 0.9, seed, step, layer, noise, x.dtype.type(std), pre)
+    return g, dW, db, dgb, dx, st
+
+
+@pytest.mark.parametrize("act", [C.ACT_LINEAR, C.ACT_TANH, C.ACT_RELU, C.ACT_SIGMOID])
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_reference_with_noise_gradients_by_central_differences(act, noise, rate):
+    """float64, L = sum(R * out) with the same Philox noise and mask in every evaluation:
+    dL/dx, dL/dW, dL/db (exactly 0), dL/dgamma, dL/dbeta through the noisy BatchNorm layer."""
+    rng = fresh_rng()
+    B, I, O = 6, 4, 3
+    x, W, b, gb = _layer(rng, B, I, O, np.float64)
+    Rw = rng.standard_normal((B, O))
+    thr, scale = dropout_threshold(rate), dropout_scale(rate, np.float64)
+    std = 0.6
+
+    def loss(x_, W_, b_, gb_):
+        out = _noisy_forward(R, x_, W_, b_, gb_, act, thr, scale, noise, std)[0]
+        return float((out * Rw).sum())
+
+    out, xhat, save, pre = _noisy_forward(R, x, W, b, gb, act, thr, scale, noise, std)
+    g, dW, db, dgb, dx, _ = _noisy_backward(R, Rw, out, xhat, save, pre, x, W, b, gb,
+                                            np.zeros((2, O)), act, thr, scale, noise, std)
+    args = [x, W, b, gb]
+    for k, analytic in ((0, dx), (1, dW), (2, db), (3, dgb)):
+        num = np.zeros_like(args[k])
+        for idx in np.ndindex(args[k].shape):
+            vals = []
+            for h in (1e-6, -1e-6):
+                moved = [a.copy() for a in args]
+                moved[k][idx] += h
+                vals.append(loss(*moved))
+            num[idx] = (vals[0] - vals[1]) / 2e-6
+        np.testing.assert_allclose(analytic, num, rtol=1e-6, atol=1e-7)
+    assert not db.any()
+    # the noise acted: the output differs from the noiseless layer's, pre is the noiseless one
+    plain = _forward(R, x, W, b, gb, act, 0, 1.0)[0]
+    assert np.abs(_noisy_forward(R, x, W, b, gb, act, 0, 1.0, noise, std)[0] - plain).max() > 1e-3
+    if pre.size:    # f(gamma zhat + beta) before the noise and the mask
+        np.testing.assert_allclose(pre, plain, rtol=1e-14)
+
+
+def test_reference_with_noise_is_the_dense_noise_after_the_normalization():
+    """out = dropout(noise(f(gamma zhat + beta))): the plain dense kernel's noise and mask (the
+    same stream, element order and layer word) applied to the BatchNorm activation."""
+    from fastreg.kernels.philox import STREAM_DROPOUT, STREAM_NOISE, philox_words, \
+        standard_normals
+    rng = fresh_rng()
+    x, W, b, gb = _layer(rng, 7, 4, 5, np.float64)
+    thr, scale = dropout_threshold(0.4), dropout_scale(0.4, np.float64)
+    a = _forward(R, x, W, b, gb, C.ACT_TANH, 0, 1.0, seed=11, step=2, layer=1)[0]
+    n = standard_normals(a.size, 11, 2, 1, STREAM_NOISE).reshape(a.shape)
+    keep = (philox_words(a.size, 11, 2, 1, STREAM_DROPOUT) >= thr).reshape(a.shape)
+    for noise, want in ((C.NOISE_ADD, a + 0.5 * n), (C.NOISE_MUL, a * (1 + 0.5 * n))):
+        out, _, _, pre = _noisy_forward(R, x, W, b, gb, C.ACT_TANH, thr, scale, noise, 0.5,
+                                        seed=11, step=2, layer=1)
+        np.testing.assert_allclose(pre, a, rtol=1e-14)
+        np.testing.assert_allclose(out, np.where(keep, want * scale, 0.0), rtol=1e-13)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("noise", NOISES)
+def test_kernels_with_noise_against_reference(backend, dtype, noise, small_tiles):
+    ops = _backend(backend)
+    rng = fresh_rng()
+    rtol, atol = (2e-5, 2e-6) if dtype == np.float32 else (1e-12, 1e-13)
+    shapes = [(7, 5, 4), (37, 19, 23)]
+    if backend != "cuda":
+        shapes.append((130, 3, 520))      # >= PARALLEL_MIN_ELEMENTS: the parallel passes
+    for i, (B, I, O) in enumerate(shapes):
+        for act in ACTS if i == 0 else (C.ACT_TANH, C.ACT_LINEAR):
+            for rate in (0.0, 0.3):
+                x, W, b, gb = _layer(rng, B, I, O, dtype, bias=i != 1)
+                thr, scale = dropout_threshold(rate), dropout_scale(rate, dtype)
+                grad = randn(rng, (B, O), dtype)
+                stats = np.stack([rng.standard_normal(O), rng.random(O) + 0.5]).astype(dtype)
+                res = []
+                for m in (R, ops):
+                    out, xhat, save, pre = _noisy_forward(m, x, W, b, gb, act, thr, scale,
+                                                          noise, 0.45)
+                    res.append((out, xhat, save[:3], pre)
+                               + _noisy_backward(m, grad, out, xhat, save, pre, x, W, b, gb,
+                                                 stats, act, thr, scale, noise, 0.45))
+                for a, r in zip(res[1], res[0]):
+                    s = max(1.0, float(np.abs(r).max(initial=0.0)))
+                    np.testing.assert_allclose(a, r, rtol=rtol, atol=atol * s * 10)
+                np.testing.assert_array_equal(res[1][0] == 0, res[0][0] == 0)   # same masks
+                assert not res[1][6].any()      # db exactly 0
+
+
+def _bn_noise_model(backend, dtype="float32", seed=4, noise=True):
+    """BatchNorm Dense layers followed by GaussianDropout (tanh), GaussianNoise (relu, own
+    dropout) and GaussianNoise (linear output); noise=False: the same without noise layers."""
+    layers = [fr.Dense(9, "tanh"), fr.BatchNorm(momentum=0.9)]
+    layers += [fr.GaussianDropout(0.3)] if noise else []
+    layers += [fr.Dropout(0.1), fr.Dense(7, "relu", dropout=0.2), fr.BatchNorm()]
+    layers += [fr.GaussianNoise(0.2)] if noise else []
+    layers += [fr.Dense(2), fr.BatchNorm(0.8, 1e-2)]
+    layers += [fr.GaussianNoise(0.1)] if noise else []
+    model = fr.Sequential(layers, input_dim=6, seed=seed, dtype=dtype)
+    model.compile(optimizer=fr.Adam(1e-2), backend=backend)
+    return model
+
+
+def test_noise_after_batchnorm_is_accepted_and_planned():
+    model = _bn_noise_model("numpy")
+    net = model._make_net(16, 2)
+    assert list(net.li[:, C.LI_BN]) == [1, 1, 1]
+    assert list(net.li[:, C.LI_NOISE]) == [C.NOISE_MUL, C.NOISE_ADD, C.NOISE_ADD]
+    # f(z) before the noise kept for the nonlinear layers, not for the linear output
+    assert [p.shape[0] for p in net.pres] == [16, 16, 0]
+    assert "output noise" in model.summary() and "batchnorm" in model.summary()
+    # the inference plan folds BatchNorm and keeps the noise codes (MC sampling draws them)
+    inf = model._make_net(training=False)
+    assert not inf.li[:, C.LI_BN].any()
+    assert list(inf.li[:, C.LI_NOISE]) == [C.NOISE_MUL, C.NOISE_ADD, C.NOISE_ADD]
+    # a noise layer between a Dense and its BatchNorm is still refused
+    with pytest.raises(ValueError, match="right after a Dense"):
+        fr.Sequential([fr.Dense(3), fr.GaussianNoise(0.1), fr.BatchNorm(), fr.Dense(1)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_with_noise_matches_reference(backend, small_tiles):
+    """Two epochs (a partial batch) through the compiled epochs: weights, gamma/beta, the
+    running statistics and the losses agree with the reference."""
+    _backend(backend)
+    rng = fresh_rng()
+    dtypes = ["float32"] if backend == "cuda" else ["float32", "float64"]
+    for dtype in dtypes:
+        X = randn(rng, (28 if backend == "cuda" else 40, 6), dtype)
+        y = randn(rng, (X.shape[0], 2), dtype)
+        models = [_bn_noise_model(b, dtype) for b in ("numpy", backend)]
+        for m in models:
+            m.fit(X, y, epochs=2, batch_size=12, verbose=0)
+        tol = dict(rtol=2e-4, atol=2e-5) if dtype == "float32" else dict(rtol=1e-10, atol=1e-11)
+        for a, r in zip(models[1].get_weights(), models[0].get_weights()):
+            np.testing.assert_allclose(a, r, **tol)
+        np.testing.assert_allclose(models[1].history.history["loss"],
+                                   models[0].history.history["loss"], rtol=1e-5)
+
+
+def test_noise_after_batchnorm_trains_but_inference_is_noiseless():
+    rng = fresh_rng()
+    X, y = randn(rng, (48, 6)), randn(rng, (48, 2))
+    noisy, plain = _bn_noise_model("numba"), _bn_noise_model("numba", noise=False)
+    plain.set_weights(noisy.get_weights())
+    np.testing.assert_array_equal(noisy.predict(X), plain.predict(X))
+    assert noisy.evaluate(X, y) == plain.evaluate(X, y)
+    h1 = noisy.fit(X, y, epochs=1, batch_size=48, shuffle=False, verbose=0)
+    h2 = plain.fit(X, y, epochs=1, batch_size=48, shuffle=False, verbose=0)
+    assert h1.history["loss"][0] != h2.history["loss"][0]     # the noise acted in training
+    # the running statistics are those of the pre-activations: the same in both (one step
+    # from the same weights, the noise acts after them)
+    for k in (4, 5):
+        np.testing.assert_allclose(noisy.get_weights()[k], plain.get_weights()[k], rtol=1e-6)
+    # after training, predict is still the noiseless folded forward
+    plain.set_weights(noisy.get_weights())
+    np.testing.assert_array_equal(noisy.predict(X), plain.predict(X))
+
+
+def test_mc_sampling_draws_the_noise_after_the_folded_batchnorm():
+    """MC sampling runs the inference plan (BatchNorm folded into W, b) with the noise on, as
+    for a plain Dense: equal to a model without BatchNorm holding the folded weights, and the
+    same on the reference and numba."""
+    rng = fresh_rng()
+    X, y = randn(rng, (32, 6)), randn(rng, (32, 2))
+    m = fr.Sequential([fr.Dense(5, "tanh"), fr.BatchNorm(), fr.GaussianNoise(0.3), fr.Dense(2)],
+                      input_dim=6, seed=2)
+    m.compile(optimizer=fr.Adam(1e-2), backend="numba")
+    m.fit(X, y, epochs=2, batch_size=8, verbose=0)
+    folded = fr.Sequential([fr.Dense(5, "tanh"), fr.GaussianNoise(0.3), fr.Dense(2)],
+                           input_dim=6, seed=2)
+    W0, b0 = m._folded(0, 1e-3)
+    folded.set_weights([W0, b0] + m.get_weights()[6:])
+    outs = []
+    for backend in ("numpy", "numba"):
+        for model in (m, folded):
+            model.compile(loss="mse", backend=backend)
+            outs.append(model.predict(X[:7], mc_samples=16, seed=9))
+    assert (outs[0][1] > 0).all()
+    for mean, std in outs[1:]:
+        np.testing.assert_allclose(mean, outs[0][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(std, outs[0][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_save_load_round_trip_with_noise(tmp_path, backend):
+    rng = fresh_rng()
+    X, y = randn(rng, (40, 6)), randn(rng, (40, 2))
+    m = _bn_noise_model(backend)
+    m.fit(X, y, epochs=1, batch_size=16, verbose=0)
+    m.save(tmp_path / "m.npz")
+    loaded = fr.load_model(tmp_path / "m.npz")
+    assert [layer.get_config() for layer in loaded.layers] == \
+        [layer.get_config() for layer in m.layers]
+    assert isinstance(loaded.layers[2], fr.GaussianDropout) and loaded.layers[2].rate == 0.3
+    for a, b in zip(loaded.get_weights(), m.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(loaded.predict(X), m.predict(X))
+    for model in (m, loaded):       # the same noise next (the step counter is saved)
+        model.fit(X, y, epochs=1, batch_size=16, verbose=0)
+    for a, b in zip(loaded.get_weights(), m.get_weights()):
+        np.testing.assert_array_equal(a, b)

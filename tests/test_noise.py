@@ -253,6 +253,7 @@ def test_cuda_split_path(monkeypatch):
     if G is None:
         pytest.skip("the cuda backend (or its simulator) is not available")
     monkeypatch.setattr(G, "FORCE_SPLIT", True)
+    monkeypatch.setattr(G, "FUSED_MAX_WIDTH", 0)    # the tiled path (not the fused one)
     rng = fresh_rng()
     X, y = _data(rng, 24)
     runs = []
@@ -343,11 +344,15 @@ def test_bad_placement_leaves_the_model_untouched():
     assert len(model.layers) == 3
     with pytest.raises(ValueError, match="at most one"):
         fr.Sequential([fr.GaussianNoise(0.1), fr.GaussianDropout(0.1), fr.Dense(2)])
-    if hasattr(fr, "BatchNorm"):
-        bn = fr.Sequential([fr.Dense(4), fr.BatchNorm()])
-        with pytest.raises(ValueError, match="BatchNorm"):
-            bn.add(fr.GaussianNoise(0.1))
-        assert len(bn.layers) == 2
+    # after a Dense with BatchNorm a noise layer is fine (tests/test_batchnorm.py); between a
+    # Dense and its BatchNorm it is not
+    bn = fr.Sequential([fr.Dense(4), fr.BatchNorm()])
+    bn.add(fr.GaussianNoise(0.1))
+    assert len(bn.layers) == 3
+    between = fr.Sequential([fr.Dense(4), fr.GaussianNoise(0.1)])
+    with pytest.raises(ValueError, match="BatchNorm must come right after a Dense"):
+        between.add(fr.BatchNorm())
+    assert len(between.layers) == 2
 
 
 def test_zero_noise_is_no_noise():
