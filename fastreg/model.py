@@ -107,10 +107,6 @@ class Sequential:
                     raise ValueError(f"{layer!r} after a Dropout on {where}: the fused order is "
                                      f"activation, noise, dropout; put the Dropout after the "
                                      f"GaussianNoise")
-                if blocks and blocks[-1]["bn"] is not None and layer.stddev > 0:
-                    raise ValueError(f"{layer!r} after a Dense with BatchNorm is not supported "
-                                     f"(BatchNorm's fused kernels take no noise); put the "
-                                     f"noise after a Dense without BatchNorm")
                 noise = layer
                 continue
             if isinstance(layer, L.BatchNorm):
@@ -445,7 +441,7 @@ class Sequential:
         history, cbs = begin_training(self, callbacks, available)
         n = X.shape[0]
         batch = min(batch_size, n)
-        net = self._make_net(batch, Y.shape[1])
+        net = self._make_net(batch, augmentation.target_width(plan, Y.shape[1]))
         sync = getattr(ops, "sync_to_host", None)
         n_batches = -(-n // batch_size)
         progress = EpochProgress(epochs, n_batches, verbose)
@@ -520,14 +516,7 @@ class Sequential:
         model's MC pass counter, so successive calls draw fresh masks, reproducibly from the
         model's seed (the counter is saved with the model).
         """
-        if mc_samples is not None:
-            mc_samples = _check_mc_samples(mc_samples)
-        if seed is not None:
-            if mc_samples is None:
-                raise ValueError("seed only applies to MC dropout: pass mc_samples too")
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
-                    or not 0 <= int(seed) < 2 ** 64:
-                raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        mc_samples, seed = check_mc_arguments(mc_samples, seed)
         X = as_features(X, "X", self.input_dim, self.dtype)
         if batch_size is not None:
             batch_size = check_positive_int("batch_size", batch_size)
@@ -594,84 +583,10 @@ class Sequential:
         """
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
-        blocks = self._blocks()
-        n = len(self._W)
-        Ws, bs = list(self._W), list(self._b)
-        gbs, stats = list(self._bn), list(self._bn_stats)
-        moments = {name: (None if getattr(self, f"_{name}") is None
-                          else list(getattr(self, f"_{name}")))
-                   for name in ("mW", "vW", "mb", "vb", "mbn", "vbn")}
-        units_before = [W.shape[1] for W in Ws]
-        params_before = self.count_params()
-        kept_all = [np.arange(u) for u in units_before]
-
-        def take(arrays, l, keep, axis, like):
-            if arrays is not None and like.size and arrays[l].shape == like.shape:
-                arrays[l] = np.ascontiguousarray(np.take(arrays[l], keep, axis=axis))
-
-        for l in range(n - 1):
-            W, b, W_next = Ws[l], bs[l], Ws[l + 1]
-            dead = ~W.any(axis=0)
-            if not dead.any():
-                continue
-            d = blocks[l]["dense"]
-            if blocks[l]["bn"] is not None:     # the unit's inference constant: folded bias
-                gb = gbs[l]
-                z = self._folded_parts(gb, stats[l], b, blocks[l]["bn"].eps)[dead]
-            else:
-                z = b[dead] if b.size else np.zeros(int(dead.sum()), W.dtype)
-            const = _activation(z, C.ACTIVATIONS[d.activation], d.negative_slope)
-            contrib = const.astype(np.float64)[:, None] * W_next[dead].astype(np.float64)
-            next_bn = blocks[l + 1]["bn"] is not None
-            if bs[l + 1].size == 0 and not next_bn:   # nowhere to fold: zero contributions go
-                removable = ~(contrib != 0).any(axis=1)
-                idx = np.flatnonzero(dead)
-                dead[idx[~removable]] = False
-                contrib = contrib[removable]
-            if dead.all():
-                first = np.flatnonzero(dead)[0]   # a Dense keeps at least one unit
-                dead[first] = False
-                contrib = contrib[1:]
-            if not dead.any():
-                continue
-            keep = np.flatnonzero(~dead)
-            if next_bn:     # z of the next layer drops by contrib: so does its running mean
-                st = stats[l + 1].astype(np.float64)
-                st[C.BN_MEAN] -= contrib.sum(axis=0)
-                stats[l + 1] = st.astype(W.dtype)
-            elif bs[l + 1].size:
-                bs[l + 1] = (bs[l + 1].astype(np.float64) + contrib.sum(axis=0)).astype(W.dtype)
-            gb = gbs[l]
-            for arrays, axis, like in ((Ws, 1, W), (bs, 0, b), (moments["mW"], 1, W),
-                                       (moments["vW"], 1, W), (moments["mb"], 0, b),
-                                       (moments["vb"], 0, b), (gbs, 1, gb), (stats, 1, gb),
-                                       (moments["mbn"], 1, gb), (moments["vbn"], 1, gb)):
-                take(arrays, l, keep, axis, like)
-            for arrays in (moments["mW"], moments["vW"]):
-                take(arrays, l + 1, keep, 0, W_next)
-            Ws[l + 1] = np.ascontiguousarray(W_next[keep])
-            kept_all[l] = kept_all[l][keep]
-        units_after = [W.shape[1] for W in Ws]
-        if units_after != units_before:
-            layers, l = [], 0
-            for layer in self.layers:
-                if isinstance(layer, L.Dense):
-                    if layer.units != units_after[l]:
-                        layer = copy.copy(layer)
-                        layer.units = units_after[l]
-                    l += 1
-                layers.append(layer)
-            self.layers = layers
-            self._W, self._b = Ws, bs
-            self._bn, self._bn_stats = gbs, stats
-            if moments["mW"] is not None:
-                self._mW, self._vW = moments["mW"], moments["vW"]
-                self._mb, self._vb = moments["mb"], moments["vb"]
-                self._mbn, self._vbn = moments["mbn"], moments["vbn"]
-        return PruneReport(removed=[a - b for a, b in zip(units_before, units_after)],
-                           units_before=units_before, units_after=units_after,
-                           params_before=params_before, params_after=self.count_params(),
-                           kept=kept_all)
+        state = PruneState(self)
+        for l in range(len(state.Ws) - 1):
+            state.prune_layer(l, [(state, l + 1)])
+        return state.commit()
 
     # ------------------------------------------------------------ persistence
     def get_config(self):
@@ -895,11 +810,131 @@ class PruneReport:
                 f"{self.params_before} -> {self.params_after}")
 
 
+class PruneState:
+    """A Sequential being pruned (Sequential.prune; fastreg.multitask prunes its trunk and
+    heads with one each): new lists of its arrays, replaced (never written in place) as units
+    go, installed all at once by commit(). prune_layer(l, consumers) removes the dead units of
+    dense layer l and folds their constant outputs into the dense layers that read them:
+    consumers = [(state, j), ...], dense layer j of a state (this one, or another model's)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.blocks = model._blocks()
+        self.Ws, self.bs = list(model._W), list(model._b)
+        self.gbs, self.stats = list(model._bn), list(model._bn_stats)
+        self.moments = {name: (None if getattr(model, f"_{name}") is None
+                               else list(getattr(model, f"_{name}")))
+                        for name in ("mW", "vW", "mb", "vb", "mbn", "vbn")}
+        self.units_before = [W.shape[1] for W in self.Ws]
+        self.params_before = model.count_params()
+        self.kept = [np.arange(u) for u in self.units_before]
+        self.changed = False
+
+    @staticmethod
+    def _take(arrays, l, keep, axis, like):
+        if arrays is not None and like.size and arrays[l].shape == like.shape:
+            arrays[l] = np.ascontiguousarray(np.take(arrays[l], keep, axis=axis))
+
+    def _fold(self, j, delta):
+        """Add delta (float64, per unit) to dense layer j's pre-activation constant: into its
+        running mean (subtracted) when it has a BatchNorm, else into its bias."""
+        dtype = self.Ws[j].dtype
+        if self.blocks[j]["bn"] is not None:
+            st = self.stats[j].astype(np.float64)
+            st[C.BN_MEAN] -= delta
+            self.stats[j] = st.astype(dtype)
+        elif self.bs[j].size:
+            self.bs[j] = (self.bs[j].astype(np.float64) + delta).astype(dtype)
+
+    def prune_layer(self, l, consumers):
+        W, b = self.Ws[l], self.bs[l]
+        dead = ~W.any(axis=0)
+        if not dead.any():
+            return
+        blk = self.blocks[l]
+        d = blk["dense"]
+        if blk["bn"] is not None:     # the unit's inference constant: folded bias
+            z = self.model._folded_parts(self.gbs[l], self.stats[l], b, blk["bn"].eps)[dead]
+        else:
+            z = b[dead] if b.size else np.zeros(int(dead.sum()), W.dtype)
+        const = _activation(z, C.ACTIVATIONS[d.activation], d.negative_slope)
+        contribs = [const.astype(np.float64)[:, None] * s.Ws[j][dead].astype(np.float64)
+                    for s, j in consumers]
+        removable = np.ones(int(dead.sum()), bool)
+        for (s, j), contrib in zip(consumers, contribs):
+            if s.bs[j].size == 0 and s.blocks[j]["bn"] is None:   # nowhere to fold:
+                removable &= ~(contrib != 0).any(axis=1)          # zero contributions go
+        idx = np.flatnonzero(dead)
+        dead[idx[~removable]] = False
+        contribs = [c[removable] for c in contribs]
+        if dead.all():
+            dead[np.flatnonzero(dead)[0]] = False   # a Dense keeps at least one unit
+            contribs = [c[1:] for c in contribs]
+        if not dead.any():
+            return
+        keep = np.flatnonzero(~dead)
+        for (s, j), contrib in zip(consumers, contribs):
+            s._fold(j, contrib.sum(axis=0))
+            W_next = s.Ws[j]
+            for arrays in (s.moments["mW"], s.moments["vW"]):
+                self._take(arrays, j, keep, 0, W_next)
+            s.Ws[j] = np.ascontiguousarray(W_next[keep])
+            s.changed = True
+        m, gb = self.moments, self.gbs[l]
+        for arrays, axis, like in ((self.Ws, 1, W), (self.bs, 0, b), (m["mW"], 1, W),
+                                   (m["vW"], 1, W), (m["mb"], 0, b), (m["vb"], 0, b),
+                                   (self.gbs, 1, gb), (self.stats, 1, gb), (m["mbn"], 1, gb),
+                                   (m["vbn"], 1, gb)):
+            self._take(arrays, l, keep, axis, like)
+        self.kept[l] = self.kept[l][keep]
+        self.changed = True
+
+    def commit(self):
+        """Install the pruned arrays and moments, and copies of the Dense layers with their
+        new widths, in the model; returns its PruneReport."""
+        model = self.model
+        units_after = [W.shape[1] for W in self.Ws]
+        if self.changed:
+            layers, l = [], 0
+            for layer in model.layers:
+                if isinstance(layer, L.Dense):
+                    if layer.units != units_after[l]:
+                        layer = copy.copy(layer)
+                        layer.units = units_after[l]
+                    l += 1
+                layers.append(layer)
+            model.layers = layers
+            model._W, model._b = self.Ws, self.bs
+            model._bn, model._bn_stats = self.gbs, self.stats
+            m = self.moments
+            if m["mW"] is not None:
+                model._mW, model._vW, model._mb, model._vb = m["mW"], m["vW"], m["mb"], m["vb"]
+                model._mbn, model._vbn = m["mbn"], m["vbn"]
+        return PruneReport(removed=[a - b for a, b in zip(self.units_before, units_after)],
+                           units_before=self.units_before, units_after=units_after,
+                           params_before=self.params_before,
+                           params_after=model.count_params(), kept=self.kept)
+
+
 def _check_mc_samples(n):
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"mc_samples must be an integer >= 1 (dropout masks per row), "
                          f"got {n!r}")
     return int(n)
+
+
+def check_mc_arguments(mc_samples, seed):
+    """predict's (mc_samples, seed), validated (Sequential and MultiTask)."""
+    if mc_samples is not None:
+        mc_samples = _check_mc_samples(mc_samples)
+    if seed is not None:
+        if mc_samples is None:
+            raise ValueError("seed only applies to MC dropout: pass mc_samples too")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+                or not 0 <= int(seed) < 2 ** 64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        seed = int(seed)
+    return mc_samples, seed
 
 
 def _init_kernel(kind, fan_in, fan_out, rng, dtype):

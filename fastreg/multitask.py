@@ -5,68 +5,112 @@ the trunk is trained by the summed, weighted gradients of every task, so it has 
 representation useful to all of them.
 
     model = fr.MultiTask(
-        trunk=[fr.Dense(64, "relu", dropout=0.1), fr.Dense(32, "relu")],
+        trunk=[fr.Dense(64, "relu", dropout=0.1), fr.BatchNorm(), fr.Dense(32, "relu")],
         heads={"price": ([fr.Dense(1)], "mse", 1.0),
-               "kind": ([fr.Dense(16, "relu"), fr.Dense(3)],
+               "kind": ([fr.GaussianNoise(0.1), fr.Dense(16, "relu"), fr.Dense(3)],
                         "sparse_categorical_crossentropy", 0.5)},
         input_dim=8, seed=0)
     model.compile(optimizer=fr.Adam(1e-3), backend="numba")     # loss_weights={...} optional
     model.fit(X, {"price": y1, "kind": y2}, epochs=20, batch_size=128,
               validation_data=(Xv, {"price": yv1, "kind": yv2}),
-              callbacks=[fr.EarlyStopping("val_loss", patience=3)])
+              callbacks=[fr.EarlyStopping("val_loss", patience=3)],
+              augment=[fr.GaussianJitter(0.05)])
     model.predict(Xt)    # {"price": (n, 1) values, "kind": (n, 3) probabilities}
+    model.predict(Xt, mc_samples=50, seed=0)   # {"price": (mean, std), "kind": (mean, std)}
+    model.prune()        # dead units of trunk and heads removed (e.g. after GroupLasso)
 
 A head is given as (layers, loss) or (layers, loss, weight) (weight 1.0 by default), or as a
 dict {"layers": ..., "loss": ..., "weight": ...}; heads keep the order of the `heads` dict.
 The objective of a batch is  sum_h weight_h * loss_h  (each loss the batch mean, as in
 Sequential) plus the penalties of every layer, trunk and heads.
 
+Layers: Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout, in the trunk and in every
+head, with Sequential's placement rules, checked by Sequential's own validation (its messages,
+prefixed with "the trunk: " or "head 'name': "). The trunk and every head are held as
+Sequential "parts": their weights, BatchNorm parameters and running statistics, optimizer
+moments, compute nets (kernels/driver.Net), snapshots, saved arrays and pruning are
+Sequential's, reused. A Dropout / GaussianNoise / GaussianDropout first in a head acts on the
+trunk's output as that head alone sees it (the head's input transform); a noise layer after
+the trunk's last Dense acts on the trunk's output for every head.
+
 One training step (``_forward_backward`` then ``_update``):
     trunk forward once -> every head forward on the trunk's output -> each head's fused
     loss + gradient, the gradient scaled by the head's weight -> head backward; the heads'
     input gradients are SUMMED (in head order) into the trunk's output gradient -> trunk
-    backward -> the fused penalized update of every parameter tensor.
-It runs the selected backend's per-op kernels (kernels/contract.py) from a Python loop over
-layers; the workspace (activations, gradients, gathered batches) is allocated once per fit.
+    backward -> the fused penalized update of every parameter tensor (W, b, and gamma/beta of
+    a BatchNorm, never penalized).
+A Dense with BatchNorm runs bn_dense_forward / bn_dense_backward with the batch statistics
+(the backward updates its running statistics, once the step's loss is known finite); the
+others dense_forward / dense_backward, with their output noise fused. Backward through a
+head's input transform applies its dropout mask and, for GaussianDropout, its regenerated
+factor (additive noise passes the gradient unchanged). It runs the selected backend's per-op
+kernels (kernels/contract.py) from a Python loop over layers; the workspace (activations,
+gradients, gathered batches) is allocated once per fit. Inference (predict, evaluate,
+validation, MC dropout) folds every BatchNorm's running statistics into its W, b
+(Sequential._make_net(training=False)) and runs without noise or dropout, except MC dropout.
 
 Dense layer numbering (the Philox layer word; DESIGN.md "Randomness"): the dense blocks are
 numbered globally, trunk first, then each head in the order of `heads`:
     trunk block l          -> layer word l                       (l = 0 .. T-1)
     block j of head k      -> layer word T + n_0 + ... + n_{k-1} + j
-(n_i the number of Dense layers of head i). A block's output dropout draws from
-(step, its word, STREAM_DROPOUT). Input dropout (a Dropout before the first Dense of a part)
-draws from (step, word of that part's first block, STREAM_INPUT_DROPOUT): word 0 for the
-trunk's inputs; for a head, dropout on the trunk's output as that head alone sees it. Every
-word is distinct and < 2**16 (never an MC-dropout word, philox.MC_LAYER_TAG), so no two
-masks of a step share Philox bits, and a one-head MultiTask numbers its layers exactly as the
-Sequential of trunk + head layers does (same masks, same trajectory).
+(n_i the number of Dense layers of head i). A block's output dropout and noise draw from
+(step, its word, STREAM_DROPOUT / STREAM_NOISE). The input transform of a part (a Dropout or
+noise layer before its first Dense) draws from (step, word of that part's first block,
+STREAM_INPUT_DROPOUT / STREAM_INPUT_NOISE): word 0 for the trunk's inputs; for a head, the
+trunk's output as that head alone sees it. Every word is distinct and < 2**16 (never an
+MC-dropout word, philox.MC_LAYER_TAG), so no two draws of a step share Philox bits, and a
+one-head MultiTask numbers its layers exactly as the Sequential of trunk + head layers does
+(same masks, same noise, same trajectory).
 
-Parameters (get_weights / set_weights / save) are in the same global order:
-[W, b of trunk block 0, ..., W, b of the last trunk block, then each head's blocks in order]
+augment= (fastreg.augment): the epoch's shuffled rows are augmented exactly as Sequential's
+fit augments them (augment.augment_epoch: Philox streams keyed by the model seed, the
+training step of the batch and the row in the batch), so a MultiTask sees the same input
+batches as a Sequential with its seed. Mixup mixes every head's targets with the same
+partner and lambda per row (one augment_epoch call over the heads' targets side by side; a
+sparse_categorical_crossentropy head's targets become (label, partner's label, lambda) rows,
+from the same draws); a head whose loss an augmenter refuses is named in the error.
+
+MC dropout, predict(X, mc_samples=n, seed=None) -> {head: (mean, std)}: pass c stacks n
+copies of each of R = driver.mc_rows_per_pass(n) rows of X (as Sequential's
+driver.mc_dropout_forward does), runs the trunk ONCE over the stack, then every head on the
+trunk's stacked output, so within a sample all heads see the same trunk masks. Layer words
+are the training words tagged philox.mc_layer_word(word), step the pass counter step0 + c
+(step0 = 0 with a seed, else the model's MC counter, saved). A one-head MultiTask draws
+exactly what the Sequential of its layers draws.
+
+prune(): model.PruneState per part (Sequential.prune's machinery): the trunk's layers in
+order, then the trunk's last layer, whose dead units are folded into the first layer of
+EVERY head (bias, or running mean with BatchNorm; removed only where every head can take the
+constant), then each head's layers. Returns a MultiTaskPruneReport.
+
+Parameters (get_weights / set_weights / save) are in the same global order, each part's
+arrays in Sequential's order: [W, b (, gamma, beta, moving_mean, moving_variance for a Dense
+with BatchNorm) of trunk block 0, ..., then each head's blocks in order]
 (``weight_names()`` lists them). The per-layer penalties, constraints, MaxNorm and GroupLasso
-are the layers' own, exactly as in Sequential; the trunk and every head are held as
-Sequential "parts", whose compute nets (kernels/driver.Net) and snapshots this class reuses.
+are the layers' own, exactly as in Sequential.
 
-Not supported (yet) in a MultiTask: BatchNorm and noise layers (refused at construction),
-fit(augment=...), predict(mc_samples=...), prune(). The per-op loop costs a few Python calls
-per layer and step: about twice a Sequential's compiled epoch on small nets.
+The per-op loop costs a few Python calls per layer and step: about twice a Sequential's
+compiled epoch on small nets.
 """
 import json
 import math
 import re
 from collections.abc import Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
 
+from . import augment as augmentation
 from . import backend as backends
 from . import layers as L
 from . import model as M
 from . import optimizers as O
 from .callbacks import Callback
 from .kernels import contract as C
-from .kernels import threads
+from .kernels import driver, threads
+from .kernels.philox import MASK32, mc_layer_word
 from .progress import EpochProgress
 from .validation import as_features, as_targets, check_positive_int
 
@@ -74,6 +118,7 @@ FORMAT = "fastreg-multitask"
 FORMAT_VERSION = 1
 MAX_LAYER_WORDS = 1 << 16      # training layer words stay below philox.MC_LAYER_TAG's range
 _HEAD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_LAYER_KINDS = "Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout"
 
 
 def _check_weight(name, weight):
@@ -89,15 +134,27 @@ def _check_layers(where, layers):
     if isinstance(layers, L.Layer):
         layers = [layers]
     if not isinstance(layers, (list, tuple)):
-        raise TypeError(f"{where} must be a list of fastreg layers (Dense, Dropout), got "
+        raise TypeError(f"{where} must be a list of fastreg layers ({_LAYER_KINDS}), got "
                         f"{layers!r}")
     for layer in layers:
-        if type(layer) not in (L.Dense, L.Dropout):
-            raise TypeError(f"{where}: MultiTask supports Dense and Dropout layers, got "
+        if not isinstance(layer, L.Layer):
+            raise TypeError(f"{where}: MultiTask takes fastreg layers ({_LAYER_KINDS}), got "
                             f"{layer!r}")
     if not any(isinstance(layer, L.Dense) for layer in layers):
         raise ValueError(f"{where} needs at least one Dense layer")
     return list(layers)
+
+
+def _make_part(where, layers, seed, dtype):
+    """A Sequential of `layers`, validated layer by layer by Sequential.add (BatchNorm and
+    noise placement: Sequential's rules and messages, prefixed with `where`)."""
+    part = M.Sequential(seed=seed, dtype=dtype)
+    for layer in layers:
+        try:
+            part.add(layer)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return part
 
 
 def _parse_head(name, spec):
@@ -132,22 +189,40 @@ def _parse_head(name, spec):
     return layers, loss, _check_weight(name, weight)
 
 
+@dataclass(frozen=True)
+class MultiTaskPruneReport(M.PruneReport):
+    """What MultiTask.prune() removed. The lists of PruneReport run over every Dense layer in
+    the global order (trunk, then each head: weight_names()); `parts` maps "trunk" and each
+    head name to that part's own PruneReport."""
+    parts: dict = None
+
+    def __str__(self):
+        widths = "; ".join(
+            f"{label}: " + ", ".join(f"{a}->{b}" for a, b in zip(r.units_before,
+                                                                 r.units_after))
+            for label, r in self.parts.items())
+        return (f"pruned {self.total_removed} units ({widths}); params "
+                f"{self.params_before} -> {self.params_after}")
+
+
 class MultiTask:
     """A shared trunk and named heads: MultiTask(trunk, heads, input_dim=None, seed=0,
     dtype="float32"). See the module docstring for the head format, the training step, the
     Philox layer numbering and the parameter order."""
 
     def __init__(self, trunk, heads, input_dim=None, seed=0, dtype="float32"):
+        M.Sequential(seed=seed, dtype=dtype)    # seed and dtype: Sequential's checks
         trunk = _check_layers("the trunk", trunk)
         if not isinstance(heads, Mapping) or not heads:
             raise ValueError("heads must be a non-empty dict {name: (layers, loss[, weight])}")
         parsed = {name: _parse_head(name, spec) for name, spec in heads.items()}
-        # Parts: the trunk and every head as a Sequential (validates seed and dtype, folds
-        # dropout into blocks, builds the compute nets); their parameters are ours.
-        self._trunk = M.Sequential(trunk, seed=seed, dtype=dtype)
+        # Parts: the trunk and every head as a Sequential (validates the layer sequence,
+        # folds dropout and noise into blocks, builds the compute nets); their parameters
+        # are ours.
+        self._trunk = _make_part("the trunk", trunk, seed, dtype)
         self.seed, self.dtype = self._trunk.seed, self._trunk.dtype
         self.head_names = list(parsed)
-        self._heads = {name: M.Sequential(layers, seed=seed, dtype=dtype)
+        self._heads = {name: _make_part(f"head {name!r}", layers, seed, dtype)
                        for name, (layers, _, _) in parsed.items()}
         self.losses = {name: loss for name, (_, loss, _) in parsed.items()}
         self.loss_weights = {name: w for name, (_, _, w) in parsed.items()}
@@ -159,6 +234,7 @@ class MultiTask:
         self._step = 0
         self._t = 0
         self._epochs_run = 0
+        self._mc_step = 0
         self.optimizer = None
         self.backend = None
         self.history = None
@@ -177,6 +253,9 @@ class MultiTask:
     def _parts(self):
         """[trunk, head_0, head_1, ...]: the Sequential parts in the global order."""
         return [self._trunk] + [self._heads[n] for n in self.head_names]
+
+    def _labels(self):
+        return ["trunk"] + self.head_names
 
     def _bases(self):
         """The Philox layer word of every part's first block (module docstring)."""
@@ -200,9 +279,10 @@ class MultiTask:
     def build(self, input_dim):
         """Create the weights from the seed: one generator, trunk blocks then each head's in
         order (so a one-head model starts as the Sequential of trunk + head layers does).
-        Every part is built by Sequential.build first (all its per-layer state), then its
-        kernels are redrawn from the one generator (several parts drawing from the same seed
-        would start correlated)."""
+        Every part is built by Sequential.build first (all its per-layer state: BatchNorm's
+        gamma = 1, beta = 0, running mean 0 and variance 1), then its kernels are redrawn from
+        the one generator (several parts drawing from the same seed would start
+        correlated)."""
         input_dim = check_positive_int("input_dim", input_dim)
         rng = np.random.default_rng(self.seed)
         fan_in = input_dim
@@ -225,6 +305,14 @@ class MultiTask:
     def _b(self):
         return [b for p in self._parts() for b in p._b]
 
+    @property
+    def _bn(self):
+        return [g for p in self._parts() for g in p._bn]
+
+    @property
+    def _bn_stats(self):
+        return [s for p in self._parts() for s in p._bn_stats]
+
     def _moments(self, name):
         parts = [getattr(p, f"_{name}") for p in self._parts()]
         return None if any(x is None for x in parts) else [a for x in parts for a in x]
@@ -233,6 +321,8 @@ class MultiTask:
     _vW = property(lambda self: self._moments("vW"))
     _mb = property(lambda self: self._moments("mb"))
     _vb = property(lambda self: self._moments("vb"))
+    _mbn = property(lambda self: self._moments("mbn"))
+    _vbn = property(lambda self: self._moments("vbn"))
 
     def _ensure_optimizer_state(self):
         for p in self._parts():
@@ -243,33 +333,32 @@ class MultiTask:
             p._reset_optimizer_state()
 
     def count_params(self):
+        """Parameters of every part, BatchNorm's running statistics included (as Keras)."""
         return sum(p.count_params() for p in self._parts())
 
     def weight_names(self):
-        """Names of get_weights()'s arrays, e.g. "trunk/dense_0/W", "price/dense_0/b"."""
+        """Names of get_weights()'s arrays, e.g. "trunk/dense_0/W", "price/dense_0/b", and
+        for a Dense i with BatchNorm "trunk/batchnorm_i/gamma", ".../beta",
+        ".../moving_mean", ".../moving_variance"."""
         out = []
-        for label, part in zip(["trunk"] + self.head_names, self._parts()):
-            for i in range(len(part._blocks())):
+        for label, part in zip(self._labels(), self._parts()):
+            for i, blk in enumerate(part._blocks()):
                 out += [f"{label}/dense_{i}/W", f"{label}/dense_{i}/b"]
+                if blk["bn"] is not None:
+                    out += [f"{label}/batchnorm_{i}/{k}"
+                            for k in ("gamma", "beta", "moving_mean", "moving_variance")]
         return out
 
     def summary(self):
+        """Sequential.summary() of every part (the heads' inputs: the trunk's output)."""
         lines = [f"MultiTask(input_dim={self.input_dim}, seed={self.seed}, dtype={self.dtype})"]
-        fan_in = self.input_dim
-        for k, (label, part) in enumerate(zip(["trunk"] + self.head_names, self._parts())):
-            if k == 0:
+        for label, part in zip(self._labels(), self._parts()):
+            if label == "trunk":
                 lines.append("  trunk:")
             else:
                 lines.append(f"  head {label!r}: loss {self.losses[label]}, weight "
                              f"{self.loss_weights[label]:g}")
-                fan_in = self.trunk_width if self.built else None
-            for i, blk in enumerate(part._blocks()):
-                d = blk["dense"]
-                extra = f", input dropout {blk['in_drop']:.3g}" if blk["in_drop"] else ""
-                lines.append(f"    dense_{i}: {fan_in or '?'}->{d.units} "
-                             f"{d.activation or 'linear'}, dropout {blk['out_drop']:.3g}{extra}, "
-                             f"regularizer {d.regularizer or None}")
-                fan_in = d.units
+            lines += ["  " + line for line in part.summary().splitlines()[1:-1]]
         lines.append(f"  total params: {self.count_params() if self.built else '?'}")
         return "\n".join(lines)
 
@@ -328,9 +417,14 @@ class MultiTask:
                            f"{what}[{h!r}]", self.dtype) for h in self.head_names]
 
     # ------------------------------------------------------------ weights
+    def _weight_list(self):
+        """The live arrays get_weights copies: every part's Sequential._weight_list."""
+        return [a for p in self._parts() for a in p._weight_list()]
+
     def get_weights(self):
-        """Copies, in the global order: trunk [W0, b0, ...] then each head's (weight_names)."""
-        return [p.copy() for pair in zip(self._W, self._b) for p in pair]
+        """Copies, in the global order: the trunk's Sequential.get_weights() list, then each
+        head's (weight_names)."""
+        return [a.copy() for a in self._weight_list()]
 
     def set_weights(self, weights):
         """Replace the parameters (the order of get_weights); shapes must match. All-or-nothing."""
@@ -338,7 +432,7 @@ class MultiTask:
             raise ValueError("the model is not built yet: pass input_dim to MultiTask or call "
                              "fit/build first")
         weights = list(weights)
-        current = [p for pair in zip(self._W, self._b) for p in pair]
+        current = self._weight_list()
         if len(weights) != len(current):
             raise ValueError(f"set_weights expects {len(current)} arrays (see "
                              f"weight_names()), got {len(weights)}")
@@ -372,10 +466,11 @@ class MultiTask:
 
     def _workspace(self, batch=None, y_widths=None, training=True):
         """nets: the compute nets [trunk, head_0, ...] (driver.Net, built by the parts'
-        Sequential._make_net: references to the parameters), with their workspaces for
-        batches of <= `batch` rows when batch is given (a head net's xbuf is unused: its
-        inputs are the trunk's activations); scratch: a (batch, trunk width) buffer for the
-        input gradient of every head after the first; bases: the parts' first layer words."""
+        Sequential._make_net: references to the parameters; training=False folds BatchNorm
+        into W, b), with their workspaces for batches of <= `batch` rows when batch is given
+        (a head net's xbuf is unused: its inputs are the trunk's activations); scratch: a
+        (batch, trunk width) buffer for the input gradient of every head after the first;
+        bases: the parts' first layer words."""
         nets = [self._trunk._make_net(batch, 0, training)]
         for k, h in enumerate(self.head_names):
             nets.append(self._heads[h]._make_net(batch, y_widths[k] if y_widths else 1,
@@ -388,31 +483,23 @@ class MultiTask:
     # ------------------------------------------------------------ one step
     def _forward_backward(self, ops, ws, X, Ys, idx, step):
         """Forward and backward of one batch (the rows idx of X and of every Ys[k]); fills
-        every net's dWs / dbs. Returns the heads' batch-mean losses (unweighted); when one
-        is not finite, returns before the backward."""
+        every net's gradients (and, through the BatchNorm backward, the running
+        statistics). Returns the heads' batch-mean losses (unweighted); when one is not
+        finite, returns before the backward."""
         n = idx.shape[0]
-        seed = self.seed
         nets, bases = ws.nets, ws.bases
         trunk = nets[0]
         xb = trunk.xbuf[:n]
         np.take(X, idx, axis=0, out=xb)
-        x = xb
-        if trunk.li[0, C.LI_IN_DROP_THR] > 0:
-            ops.input_dropout(xb, trunk.xdrop[:n], trunk.li[0, C.LI_IN_DROP_THR],
-                              trunk.lf[0, C.LF_IN_DROP_SCALE], seed, step, bases[0])
-            x = trunk.xdrop[:n]
-        inputs = [self._forward(ops, trunk, x, n, step, bases[0])]
+        x = _input_transform(ops, trunk, xb, n, step, bases[0])
+        inputs = [_forward(ops, trunk, x, n, step, bases[0])]
         H = trunk.acts[-1][:n]
         losses = []
         for k, net in enumerate(nets[1:], start=1):
             yb = net.ybuf[:n]
             np.take(Ys[k - 1], idx, axis=0, out=yb)
-            h = H
-            if net.li[0, C.LI_IN_DROP_THR] > 0:
-                ops.input_dropout(H, net.xdrop[:n], net.li[0, C.LI_IN_DROP_THR],
-                                  net.lf[0, C.LF_IN_DROP_SCALE], seed, step, bases[k])
-                h = net.xdrop[:n]
-            inputs.append(self._forward(ops, net, h, n, step, bases[k]))
+            h = _input_transform(ops, net, H, n, step, bases[k])
+            inputs.append(_forward(ops, net, h, n, step, bases[k]))
             losses.append(float(ops.loss_forward_backward(net.acts[-1][:n], yb,
                                                           net.grads[-1][:n], net.loss)))
         if not all(np.isfinite(losses)):
@@ -424,40 +511,18 @@ class MultiTask:
                 g = net.grads[-1][:n]
                 g *= self.dtype.type(w)
             dh = dH if k == 1 else ws.scratch[:n]
-            self._backward(ops, net, inputs[k], n, step, bases[k], dh)
-            if net.li[0, C.LI_IN_DROP_THR] > 0:   # back through the head's input dropout
-                ops.input_dropout(dh, dh, net.li[0, C.LI_IN_DROP_THR],
-                                  net.lf[0, C.LF_IN_DROP_SCALE], seed, step, bases[k])
+            _backward(ops, net, inputs[k], n, step, bases[k], dh)
+            _input_transform_backward(ops, net, dh, step, bases[k])
             if k > 1:
                 dH += dh
-        self._backward(ops, trunk, inputs[0], n, step, bases[0], trunk.xbuf[:0])
+        _backward(ops, trunk, inputs[0], n, step, bases[0], trunk.xbuf[:0])
         return losses
-
-    @staticmethod
-    def _forward(ops, net, x, n, step, base):
-        inputs = []
-        for l in range(net.n_layers):
-            inputs.append(x)
-            ops.dense_forward(x, net.Ws[l], net.bs[l], net.acts[l][:n], net.li[l, C.LI_ACT],
-                              net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
-                              net.lf[l, C.LF_DROP_SCALE], net.seed, step, base + l)
-            x = net.acts[l][:n]
-        return inputs
-
-    @staticmethod
-    def _backward(ops, net, inputs, n, step, base, dx_in):
-        """grads[-1] holds dL/d(output) on entry; dx_in gets dL/d(input) (size 0: skip)."""
-        for l in range(net.n_layers - 1, -1, -1):
-            dx = net.grads[l - 1][:n] if l > 0 else dx_in
-            ops.dense_backward(net.grads[l][:n], net.acts[l][:n], inputs[l], net.Ws[l],
-                               net.dWs[l], net.dbs[l], dx, net.li[l, C.LI_ACT],
-                               net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
-                               net.lf[l, C.LF_DROP_SCALE], net.seed, step, base + l)
 
     @staticmethod
     def _update(ops, nets, t):
         """The fused penalized update of every tensor (last layer first, as the Sequential
-        driver does); returns the summed penalty before the step."""
+        driver does: W, b, then gamma/beta of a BatchNorm, flattened, never penalized);
+        returns the summed penalty before the step."""
         pen = 0.0
         for net in reversed(nets):
             for l in range(net.n_layers - 1, -1, -1):
@@ -466,6 +531,11 @@ class MultiTask:
                 if net.bs[l].size:
                     pen += ops.penalized_update(net.bs[l], net.dbs[l], net.mb[l], net.vb[l],
                                                 net.hpb[l], net.opt, t)
+                if _bn_on(net, l):
+                    pen += ops.penalized_update(net.gbs[l].reshape(-1),
+                                                net.dgbs[l].reshape(-1),
+                                                net.mgb[l].reshape(-1), net.vgb[l].reshape(-1),
+                                                net.hpgb[l], net.opt, t)
         return pen
 
     def _train_steps(self, ops, ws, X, Ys, perm, batch_size, step0, t0):
@@ -485,28 +555,54 @@ class MultiTask:
             steps += 1
         return sums, pen_sum, steps, True
 
+    def _trainable(self):
+        """(names, arrays) of the trained tensors in the global order: W, b of every dense
+        block, then gamma, beta (views) of a BatchNorm: the order of
+        _objective_and_gradients' gradients."""
+        names, arrays = [], []
+        for label, part in zip(self._labels(), self._parts()):
+            for i, (W, b, gb) in enumerate(zip(part._W, part._b, part._bn)):
+                names += [f"{label}/dense_{i}/W", f"{label}/dense_{i}/b"]
+                arrays += [W, b]
+                if gb.size:
+                    names += [f"{label}/batchnorm_{i}/gamma", f"{label}/batchnorm_{i}/beta"]
+                    arrays += [gb[C.BN_GAMMA], gb[C.BN_BETA]]
+        return names, arrays
+
     def _objective_and_gradients(self, X, y, step=0):
-        """For tests: sum_h w_h * loss_h of the batch (X, y) with the dropout masks of `step`
-        and its gradients (in get_weights order), from the selected backend; no update."""
+        """For tests: sum_h w_h * loss_h of the batch (X, y) with the dropout masks and noise
+        of `step` (BatchNorm: the batch statistics) and its gradients (in _trainable()'s
+        order), from the selected backend; no update, the running statistics left as
+        they were."""
         self._require_compiled()
         X = as_features(X, "X", self.input_dim, self.dtype)
         Ys = self._targets(y, X.shape[0], "y")
         ws = self._workspace(X.shape[0], [Y.shape[1] for Y in Ys])
+        stats = [s.copy() for s in self._bn_stats]
         losses = self._forward_backward(self._ops(), ws, X, Ys,
                                         np.arange(X.shape[0], dtype=np.int64), step)
+        for dst, src in zip(self._bn_stats, stats):
+            dst[...] = src
         total = sum(self.loss_weights[h] * v for h, v in zip(self.head_names, losses))
-        grads = [g.copy() for net in ws.nets for pair in zip(net.dWs, net.dbs) for g in pair]
+        grads = []
+        for net in ws.nets:
+            for l in range(net.n_layers):
+                grads += [net.dWs[l].copy(), net.dbs[l].copy()]
+                if _bn_on(net, l):
+                    grads += [net.dgbs[l][C.BN_GAMMA].copy(), net.dgbs[l][C.BN_BETA].copy()]
         return total, grads
 
     # ------------------------------------------------------------ training
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
-            callbacks=None, verbose=1):
+            callbacks=None, verbose=1, augment=None, image_shape=None):
         """Train on X and y = {head: targets}; returns a History. A failed fit leaves the
         model as it was.
 
         History keys: "loss" (the weighted total sum_h w_h * loss_h), "loss_<head>" (each
         task's data loss, unweighted), "penalty"; with validation_data=(X_val, {head: ...}):
-        "val_loss" (weighted total) and "val_loss_<head>". EarlyStopping may monitor any."""
+        "val_loss" (weighted total) and "val_loss_<head>". EarlyStopping may monitor any.
+        augment / image_shape: as Sequential.fit (fastreg.augment), on the training batches
+        only; Mixup mixes every head's targets with the same partner and lambda."""
         self._require_compiled()
         X = as_features(X, "X", self.input_dim, self.dtype)
         Ys = self._targets(y, X.shape[0], "y")
@@ -524,26 +620,82 @@ class MultiTask:
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be fastreg Callback instances, got {cb!r}")
+        plans = self._augment_plans(augment, X.shape[1], image_shape)
         ops = self._ops()
         snapshot = self._snapshot()
         try:
             if not self.built:
                 self.build(X.shape[1])
-            return self._fit(ops, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose)
+            return self._fit(ops, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
+                             plans)
         except BaseException:
             self._restore(snapshot)
             raise
 
+    def _augment_plans(self, augment, width, image_shape):
+        """One augment.prepare plan per head (for its loss), or None without augmentation.
+        Checks that do not depend on a loss come first, unprefixed; a head whose loss an
+        augmenter refuses (e.g. two Mixups with sparse labels) is named."""
+        plan = augmentation.prepare(augment, width, C.LOSS_MSE, image_shape)
+        if not plan:
+            return None
+        plans = []
+        for h in self.head_names:
+            try:
+                plans.append(augmentation.prepare(augment, width, C.LOSSES[self.losses[h]],
+                                                  image_shape))
+            except ValueError as exc:    # every augmenter applies to every head's targets
+                raise ValueError(f"head {h!r} ({self.losses[h]}): {exc}") from None
+        return plans
+
+    def _augment_epoch(self, plans, X, Ys, perm, batch_size):
+        """The epoch's rows in training order, augmented as Sequential.fit augments them
+        (augment.augment_epoch, at the model's step): (Xe, [Ye_h]). Heads whose plans
+        are the same are augmented in one call, their targets side by side (mse and
+        binary_crossentropy targets mix column by column), so every head's targets get the
+        same partner and lambda; a sparse-label head gets its own call (the same draws: its
+        Mixup targets become (label, partner's label, lambda) rows)."""
+        mixes = any(isinstance(aug, augmentation.Mixup) for aug, _ in plans[0])
+        if not mixes:   # the targets are not transformed: the inputs alone
+            Xe, _ = augmentation.augment_epoch(plans[0], X, None, perm, batch_size, self.seed,
+                                               self._step)
+            return Xe, [np.ascontiguousarray(Y[perm]) for Y in Ys]
+        groups = []     # [(plan, [head indices])]
+        for k, plan in enumerate(plans):
+            sparse = self.losses[self.head_names[k]] == "sparse_categorical_crossentropy"
+            same = [g for g in groups if not sparse and g[2] is False
+                    and [b for _, b in g[0]] == [b for _, b in plan]]
+            if same:
+                same[0][1].append(k)
+            else:
+                groups.append((plan, [k], sparse))
+        Xe, Yes = None, [None] * len(Ys)
+        for plan, members, _ in groups:
+            Y = Ys[members[0]] if len(members) == 1 else np.hstack([Ys[k] for k in members])
+            x, Ym = augmentation.augment_epoch(plan, X, Y, perm, batch_size, self.seed,
+                                               self._step)
+            Xe = x if Xe is None else Xe
+            if len(members) == 1:
+                Yes[members[0]] = Ym
+            else:
+                cuts = np.cumsum([Ys[k].shape[1] for k in members])[:-1]
+                for k, part in zip(members, np.split(Ym, cuts, axis=1)):
+                    Yes[k] = np.ascontiguousarray(part)
+        return Xe, Yes
+
     def _keys(self, prefix):
         return [f"{prefix}loss"] + [f"{prefix}loss_{h}" for h in self.head_names]
 
-    def _fit(self, ops, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose):
+    def _fit(self, ops, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, plans):
         available = set(self._keys("")) | {"penalty"} | (set(self._keys("val_")) if val
                                                           else set())
         history, cbs = M.begin_training(self, callbacks, available)
         n = X.shape[0]
         batch = min(batch_size, n)
-        ws = self._workspace(batch, [Y.shape[1] for Y in Ys])   # once per fit
+        widths = [Y.shape[1] for Y in Ys]
+        if plans:   # the targets trained on: (label, label, lam) after a Mixup of sparse labels
+            widths = [augmentation.target_width(plan, w) for plan, w in zip(plans, widths)]
+        ws = self._workspace(batch, widths)   # once per fit
         weights = np.array([self.loss_weights[h] for h in self.head_names])
         n_batches = -(-n // batch_size)
         progress = EpochProgress(epochs, n_batches, verbose)
@@ -551,6 +703,10 @@ class MultiTask:
             with _thread_policy(ops, batch, self._W):
                 for epoch in range(epochs):
                     perm = M.epoch_order(self, n, shuffle)
+                    Xe, Yes = X, Ys
+                    if plans:   # the epoch's rows in order, augmented (as Sequential._fit)
+                        Xe, Yes = self._augment_epoch(plans, X, Ys, perm, batch_size)
+                        perm = np.arange(n, dtype=np.int64)
                     start_state = self._snapshot()
                     sums = np.zeros(len(self.head_names))
                     pen_sum = 0.0
@@ -558,7 +714,7 @@ class MultiTask:
                     finite = True
                     for first, last in progress.chunks(epoch):
                         s, p, steps, finite = self._train_steps(
-                            ops, ws, X, Ys, perm[first * batch_size:last * batch_size],
+                            ops, ws, Xe, Yes, perm[first * batch_size:last * batch_size],
                             batch_size, self._step, self._t + 1)
                         sums += s
                         pen_sum += p
@@ -589,13 +745,14 @@ class MultiTask:
 
     def _stop_on_nonfinite(self, epoch, steps_done, start_state):
         """As Sequential: keep the last finite weights, else the start of the epoch; warn."""
-        M.stop_on_nonfinite(self, self._W + self._b, epoch, steps_done, start_state,
-                            "Lower the learning rate, check the data scale or the loss "
-                            "weights.")
+        M.stop_on_nonfinite(self, self._W + self._b + self._bn + self._bn_stats, epoch,
+                            steps_done, start_state, "Lower the learning rate, check the data "
+                            "scale or the loss weights.")
 
     # ------------------------------------------------------------ inference
     def _outputs(self, ops, X, batch_size=None):
-        """{head: logits} for X, dropout off: the trunk once per chunk, then every head."""
+        """{head: logits} for X, dropout and noise off, BatchNorm folded: the trunk once per
+        chunk, then every head."""
         batch_size = batch_size or M.PREDICT_BATCH
         nets = self._workspace(training=False).nets
         out = {h: np.empty((X.shape[0], self._heads[h].n_outputs), self.dtype)
@@ -627,16 +784,101 @@ class MultiTask:
             batch_size = check_positive_int("batch_size", batch_size)
         return self._losses(self._ops(), X, Ys, batch_size)
 
-    def predict(self, X, batch_size=None):
-        """{head: outputs} for X, dropout off: probabilities for the cross-entropy heads."""
+    def predict(self, X, batch_size=None, mc_samples=None, seed=None):
+        """{head: outputs} for X, dropout and noise off (BatchNorm: running statistics):
+        probabilities for the cross-entropy heads.
+
+        mc_samples=n (an int >= 1): MC dropout, {head: (mean, std)} over n samples per row,
+        dropout and noise on as in training, each of shape (rows, outputs) (probabilities
+        for the cross-entropies, population std; exactly 0 without any dropout or noise).
+        Within a sample every head sees the same trunk masks: a batched pass runs the trunk
+        once over the stacked samples, then every head on its output. seed=s: a pure
+        function of (weights, X, n, s); seed=None: the model's seed and MC pass counter (as
+        Sequential.predict; the counter is saved with the model)."""
+        mc_samples, seed = M.check_mc_arguments(mc_samples, seed)
         X = as_features(X, "X", self.input_dim, self.dtype)
         if batch_size is not None:
             batch_size = check_positive_int("batch_size", batch_size)
         if not self.built:
             self.build(X.shape[1])
         ops = self._ops() if self.backend else backends.resolve(None)
+        if mc_samples is not None:
+            return self._predict_mc(ops, X, mc_samples, seed)
         logits = self._outputs(ops, X, batch_size)
         return {h: ops.output_transform(z, C.LOSSES[self.losses[h]]) for h, z in logits.items()}
+
+    def _predict_mc(self, ops, X, n_samples, seed):
+        """MC dropout over all parts: driver.mc_dropout_forward's stacking, pass rows and
+        Philox counters, with the trunk's stacked output shared by every head."""
+        nets = self._workspace(training=False).nets
+        bases = self._bases()
+        key, step0 = (self.seed, self._mc_step) if seed is None else (seed, 0)
+        N = X.shape[0]
+        n = int(n_samples)
+        out = {h: (np.empty((N, net.Ws[-1].shape[1]), self.dtype),
+                   np.zeros((N, net.Ws[-1].shape[1]), self.dtype))
+               for h, net in zip(self.head_names, nets[1:])}
+        if not any(driver.has_dropout(net) for net in nets):   # every sample is the same
+            for h, p in self.predict(X).items():
+                out[h][0][...] = p
+            return out
+        rows = driver.mc_rows_per_pass(n)
+        stacked = min(rows, N) * n
+        bufs = [_mc_buffers(net, stacked) for net in nets]
+        passes = 0
+        for start in range(0, N, rows):
+            xs = np.repeat(X[start:start + rows], n, axis=0)
+            m = xs.shape[0]
+            step = (int(step0) + passes) & MASK32
+            H = _mc_forward(ops, nets[0], bufs[0], xs, key, step, bases[0])
+            for k, h in enumerate(self.head_names, start=1):
+                z = _mc_forward(ops, nets[k], bufs[k], H, key, step, bases[k])
+                K = z.shape[1]
+                p = np.asarray(ops.output_transform(z, C.LOSSES[self.losses[h]]),
+                               np.float64).reshape(m // n, n, K)
+                out[h][0][start:start + m // n] = p.mean(axis=1)
+                out[h][1][start:start + m // n] = p.std(axis=1)
+            passes += 1
+        if seed is None:
+            self._mc_step = (self._mc_step + passes) % 2 ** 32
+        return out
+
+    # ------------------------------------------------------------ pruning
+    def prune(self):
+        """Remove dead units of the trunk and of every head; returns a MultiTaskPruneReport.
+
+        Sequential.prune's rule, part by part (model.PruneState): a unit whose incoming
+        column W[:, j] is exactly zero (what GroupLasso or L1 leave) outputs a constant at
+        inference (f(b_j), or its folded BatchNorm bias), folded into the layers that read
+        it. The trunk's last layer is read by the first layer of EVERY head: its dead unit j
+        goes into each head's bias (or running mean, with BatchNorm), and is removed only
+        when every head can take it (a head without bias or BatchNorm takes only zero
+        contributions). Visiting order: the trunk's layers, its last layer, then each head's
+        layers, so a head unit whose inputs all came from removed trunk units is found too.
+        Heads' output layers and a layer's last unit are never removed. Optimizer moments
+        shrink with the weights (fit continues without a new compile); the Dense layers are
+        replaced by copies with the new widths (save / load_model see them). Predictions are
+        unchanged up to float32 rounding."""
+        if not self.built:
+            raise ValueError("the model has no weights yet: fit it or pass input_dim")
+        states = [M.PruneState(p) for p in self._parts()]
+        trunk, heads = states[0], states[1:]
+        T = len(trunk.Ws)
+        for l in range(T - 1):
+            trunk.prune_layer(l, [(trunk, l + 1)])
+        trunk.prune_layer(T - 1, [(h, 0) for h in heads])
+        for h in heads:
+            for l in range(len(h.Ws) - 1):
+                h.prune_layer(l, [(h, l + 1)])
+        reports = [s.commit() for s in states]
+        return MultiTaskPruneReport(
+            removed=[x for r in reports for x in r.removed],
+            units_before=[x for r in reports for x in r.units_before],
+            units_after=[x for r in reports for x in r.units_after],
+            params_before=sum(r.params_before for r in reports),
+            params_after=self.count_params(),
+            kept=[x for r in reports for x in r.kept],
+            parts=dict(zip(self._labels(), reports)))
 
     # ------------------------------------------------------------ persistence
     def get_config(self):
@@ -649,12 +891,14 @@ class MultiTask:
                 "input_dim": self.input_dim, "seed": self.seed, "dtype": self.dtype.name,
                 "compile": None if self.optimizer is None else {
                     "optimizer": self.optimizer.get_config(), "backend": self.backend},
-                "step": self._step, "t": self._t, "epochs_run": self._epochs_run}
+                "step": self._step, "t": self._t, "epochs_run": self._epochs_run,
+                "mc_step": self._mc_step}
 
     def save(self, path):
         """Write the model atomically: the config as JSON plus .npy members, no pickle; each
         part (k = 0 the trunk, k = 1.. the heads in order) stored as Sequential.save stores
-        a model, its members prefixed "p<k>_". fr.load_model reads it back."""
+        a model (BatchNorm arrays and optimizer moments included), its members prefixed
+        "p<k>_". fr.load_model reads it back."""
         arrays = {"config": np.array(json.dumps(self.get_config()))}
         for k, part in enumerate(self._parts()):
             arrays.update({f"p{k}_{key}": a for key, a in M._model_arrays(part).items()})
@@ -680,7 +924,116 @@ def _from_config(cfg, files, backend=None):
             M._load_model_arrays(part, {key[len(prefix):]: a for key, a in files.items()
                                         if key.startswith(prefix)})
     model._step, model._t, model._epochs_run = cfg["step"], cfg["t"], cfg["epochs_run"]
+    model._mc_step = int(cfg.get("mc_step", 0))   # absent in files of earlier versions
     return model
+
+
+# ---------------------------------------------------------------- per-op passes of a part
+def _bn_on(net, l):
+    """Whether dense layer l of a training net runs BatchNorm (driver.train_epoch's test)."""
+    return net.li.shape[1] > C.LI_BN and bool(net.li[l, C.LI_BN])
+
+
+def _noise_args(net, l, n):
+    """The noise arguments of layer l's kernels, as driver.train_epoch passes them: (noise,
+    noise_std, pre). Empty for a BatchNorm layer without noise (the BatchNorm kernels take
+    no noise arguments where noise after a BatchNorm is not supported)."""
+    noise, std = driver.noise_of(net, l)
+    if _bn_on(net, l) and noise == C.NOISE_NONE:
+        return ()
+    return noise, std, net.pres[l][:n]
+
+
+def _forward(ops, net, x, n, step, base):
+    """The training forward of a part's dense layers (Philox words base + l); returns each
+    layer's input (what its backward reads)."""
+    inputs = []
+    for l in range(net.n_layers):
+        inputs.append(x)
+        out = net.acts[l][:n]
+        if _bn_on(net, l):
+            ops.bn_dense_forward(x, net.Ws[l], net.bs[l], out, net.xhats[l][:n], net.gbs[l],
+                                 net.saves[l], net.li[l, C.LI_ACT], net.lf[l, C.LF_SLOPE],
+                                 net.li[l, C.LI_DROP_THR], net.lf[l, C.LF_DROP_SCALE],
+                                 net.lf[l, C.LF_BN_EPS], net.seed, step, base + l,
+                                 *_noise_args(net, l, n))
+        else:
+            ops.dense_forward(x, net.Ws[l], net.bs[l], out, net.li[l, C.LI_ACT],
+                              net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
+                              net.lf[l, C.LF_DROP_SCALE], net.seed, step, base + l,
+                              *_noise_args(net, l, n))
+        x = out
+    return inputs
+
+
+def _backward(ops, net, inputs, n, step, base, dx_in):
+    """grads[-1] holds dL/d(output) on entry; dx_in gets dL/d(input) (size 0: skip). A
+    BatchNorm layer's backward also updates its running statistics."""
+    for l in range(net.n_layers - 1, -1, -1):
+        dx = net.grads[l - 1][:n] if l > 0 else dx_in
+        if _bn_on(net, l):
+            ops.bn_dense_backward(net.grads[l][:n], net.acts[l][:n], net.xhats[l][:n],
+                                  inputs[l], net.Ws[l], net.gbs[l], net.stats[l], net.saves[l],
+                                  net.dWs[l], net.dbs[l], net.dgbs[l], dx, net.li[l, C.LI_ACT],
+                                  net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
+                                  net.lf[l, C.LF_DROP_SCALE], net.lf[l, C.LF_BN_MOMENTUM],
+                                  net.seed, step, base + l, *_noise_args(net, l, n))
+        else:
+            ops.dense_backward(net.grads[l][:n], net.acts[l][:n], inputs[l], net.Ws[l],
+                               net.dWs[l], net.dbs[l], dx, net.li[l, C.LI_ACT],
+                               net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
+                               net.lf[l, C.LF_DROP_SCALE], net.seed, step, base + l,
+                               *_noise_args(net, l, n))
+
+
+def _input_transform(ops, net, x, n, step, base):
+    """A part's inputs after its input noise and dropout (into net.xdrop), or x itself."""
+    if not driver.has_input_transform(net):
+        return x
+    ops.input_dropout(x, net.xdrop[:n], net.li[0, C.LI_IN_DROP_THR],
+                      net.lf[0, C.LF_IN_DROP_SCALE], net.seed, step, base,
+                      *driver.input_noise_of(net))
+    return net.xdrop[:n]
+
+
+def _input_transform_backward(ops, net, dh, step, base):
+    """dh (in place) back through a part's input transform: the dropout mask and scale and,
+    for GaussianDropout, its regenerated factor 1 + std * n (input_dropout applied to the
+    gradient); additive noise passes the gradient unchanged."""
+    if not driver.has_input_transform(net):
+        return
+    noise, std = driver.input_noise_of(net)
+    if noise != C.NOISE_MUL:
+        noise, std = C.NOISE_NONE, 0.0
+    thr = net.li[0, C.LI_IN_DROP_THR]
+    if thr > 0 or noise != C.NOISE_NONE:
+        ops.input_dropout(dh, dh, thr, net.lf[0, C.LF_IN_DROP_SCALE], net.seed, step, base,
+                          noise, std)
+
+
+def _mc_buffers(net, rows):
+    return SimpleNamespace(
+        acts=[np.empty((rows, W.shape[1]), net.dtype) for W in net.Ws],
+        xdrop=(np.empty((rows, net.Ws[0].shape[0]), net.dtype)
+               if driver.has_input_transform(net) else None))
+
+
+def _mc_forward(ops, net, bufs, x, seed, step, base):
+    """One MC pass of an inference net over stacked rows: training's dropout and noise,
+    Philox layer words mc_layer_word(base + l) (driver.mc_dropout_forward's)."""
+    m = x.shape[0]
+    if bufs.xdrop is not None:
+        ops.input_dropout(x, bufs.xdrop[:m], net.li[0, C.LI_IN_DROP_THR],
+                          net.lf[0, C.LF_IN_DROP_SCALE], seed, step, mc_layer_word(base),
+                          *driver.input_noise_of(net))
+        x = bufs.xdrop[:m]
+    for l in range(net.n_layers):
+        ops.dense_forward(x, net.Ws[l], net.bs[l], bufs.acts[l][:m], net.li[l, C.LI_ACT],
+                          net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
+                          net.lf[l, C.LF_DROP_SCALE], seed, step, mc_layer_word(base + l),
+                          *driver.noise_of(net, l))
+        x = bufs.acts[l][:m]
+    return x
 
 
 def _thread_policy(ops, batch, Ws):
@@ -694,4 +1047,4 @@ def _thread_policy(ops, batch, Ws):
     return nullcontext()
 
 
-__all__ = ["MultiTask", "FORMAT"]
+__all__ = ["MultiTask", "MultiTaskPruneReport", "FORMAT"]
