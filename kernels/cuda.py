@@ -7,7 +7,16 @@ Twin of kernels/cpu.py, function for function: the per-op contract takes host Nu
 (copy in, run, copy out: for tests), ``train_epoch`` / ``forward_inference`` take a driver.Net
 and keep everything on the device (``net.cache["cuda"]``).
 
-GEMM strategy, chosen per shape by ``_use_cublas(M, N, K)``:
+Paths, chosen per net (``_DeviceNet.fused``):
+- Every width (inputs, fan_in, fan_out) <= FUSED_MAX_WIDTH (128) and no BatchNorm: the fully
+  fused small-MLP path of kernels/cuda_fused.py (tiny-cuda-nn style: a block carries its batch
+  rows through all layers, forward, loss and backward deltas, with the activations in shared
+  memory; then one launch for every layer's weight gradients, then the update): 3 launches
+  per step whatever the depth, or, when a step is small (FUSED_EPOCH_MAX_MACS), the whole
+  epoch in one launch of one block. Inference likewise, one launch per chunk.
+- Otherwise the tiled path below (2L + 3 launches per step).
+
+GEMM strategy of the tiled path, chosen per shape by ``_use_cublas(M, N, K)``:
 - Small and medium GEMMs (M*N*K < CUBLAS_MIN_MACS, or no CuPy): our own tiled shared-memory
   kernel ``gemm``: TILE_M x TILE_N output tiles, TILE_K deep, THREAD_M x THREAD_N register
   micro-tile per thread, transposes as flags (no copies). Its epilogue is fused:
@@ -25,7 +34,7 @@ GEMM strategy, chosen per shape by ``_use_cublas(M, N, K)``:
 - The tile sizes are module constants; kernels are built per (tiles, dtype) on first use, so a
   test can patch them small to exercise tile edges.
 
-Launches per training step (tiled path), L layers:
+Launches per training step on the tiled path, L layers:
     1 gather (rows of X, Y by the permutation, input dropout fused)
   + L forward GEMMs (epilogue fused)
   + 1 loss (one block: loss, gradient, last layer's backward epilogue, device-side loss sum,
@@ -82,6 +91,21 @@ BLOCK = 256        # threads of the elementwise / reduction kernels (a power of 
 UPDATE_PER_THREAD = 8      # parameters per thread of the fused update (chunk = BLOCK * this)
 CUBLAS_MIN_MACS = 1 << 22  # from this many multiply-adds on, cuBLAS + epilogue kernel
 FORCE_SPLIT = False        # tests: take the "GEMM then epilogue" path with our own GEMM
+# The fully fused small-MLP path (kernels/cuda_fused.py): nets no wider than FUSED_MAX_WIDTH
+# and without BatchNorm train in 3 launches per step; 0 turns it off (the tiled path).
+FUSED_MAX_WIDTH = 128      # widest input / fan_in / fan_out it takes (shared-memory rows)
+FUSED_ROWS = 32            # batch rows per block (float64: half, to fit 48 KiB of shared)
+FUSED_THREADS = 256        # threads per block: 8 warps, 2 per scheduler, to hide latency when
+                           # one block runs the epoch alone on its SM
+FUSED_TK = 16              # weight rows per shared-memory stage (float64: half)
+FUSED_THREAD_M = 2         # micro-tile rows per thread: 2 x 4 keeps all 256 threads busy on
+FUSED_THREAD_N = 4         # a 32 x 64 layer tile
+# Fused nets whose step is at most this many multiply-adds (batch x sum(I*O) x 3: forward,
+# backward deltas, weight gradients) train a whole epoch in ONE launch of one block
+# (cuda_fused.fused_epoch): a launch from Python costs tens of microseconds, about what one
+# SM needs for this much arithmetic. Bigger steps take the 3-launch multi-block path. A first
+# guess, to calibrate on a GPU (python -m fastreg.kernels.cuda_bench reports both).
+FUSED_EPOCH_MAX_MACS = 1 << 23
 
 EPI_NONE = 0
 EPI_FORWARD = 1
@@ -155,7 +179,9 @@ _BUILT = {}
 
 def _config(dtype):
     return (int(TILE_M), int(TILE_N), int(TILE_K), int(THREAD_M), int(THREAD_N), int(BLOCK),
-            int(UPDATE_PER_THREAD), np.dtype(dtype).str)
+            int(UPDATE_PER_THREAD), np.dtype(dtype).str,
+            (int(FUSED_ROWS), int(FUSED_MAX_WIDTH), int(FUSED_THREADS), int(FUSED_TK),
+             int(FUSED_THREAD_M), int(FUSED_THREAD_N)))
 
 
 def _kernels(dtype):
@@ -175,7 +201,7 @@ class _NS:
     pass
 
 
-def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
+def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str, fused):
     if TM % RM or TN % RN or NB & (NB - 1):
         raise ValueError("TILE_M/THREAD_M, TILE_N/THREAD_N must divide and BLOCK be a power of 2")
     dtype = np.dtype(dtype_str)
@@ -622,6 +648,83 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
             out[e] = np.uint32(philox_word(e, k0, k1, step, layer, stream))
 
     # ------------------------------------------------------------ loss (one block)
+    # The loss math, one row or element at a time: shared by loss_kernel and the fused
+    # small-MLP kernel (kernels/cuda_fused.py).
+    @cuda.jit(**dev)
+    def sce_row(z, i, K, y, src, mixed):
+        """Sparse CE of logits row z[i, :K] against the target row y[src] (a Mixup target
+        (label_a, label_b, lam) when `mixed`, contract.SCE_*): (loss in float64, zmax, the
+        softmax denominator in the dtype, label_a, label_b, lam)."""
+        label = int(y[src, C.SCE_LABEL])
+        label_b = label
+        lam = ONE
+        if mixed:
+            label_b = int(y[src, C.SCE_LABEL_B])
+            lam = y[src, C.SCE_LAM]
+        zmax = z[i, 0]
+        for k in range(1, K):
+            if z[i, k] > zmax:
+                zmax = z[i, k]
+        s = ZERO
+        s64 = 0.0
+        for k in range(K):
+            s += math.exp(z[i, k] - zmax)
+            s64 += math.exp(np.float64(z[i, k]) - np.float64(zmax))
+        lse = math.log(s64) + np.float64(zmax)
+        if mixed:
+            lam64 = np.float64(lam)
+            total = (lam64 * (lse - np.float64(z[i, label]))
+                     + (1.0 - lam64) * (lse - np.float64(z[i, label_b])))
+        else:
+            total = lse - np.float64(z[i, label])
+        return total, zmax, s, label, label_b, lam
+
+    @cuda.jit(**dev)
+    def sce_grad(zk, k, zmax, s, label, label_b, lam, mixed, c):
+        """d(mean sparse CE)/dz of logit k of a row (sce_row's values; c = 1 / B)."""
+        p = math.exp(zk - zmax) / s
+        if mixed:
+            if k == label:
+                p = p - lam
+            if k == label_b:
+                p = p - (ONE - lam)
+        elif k == label:
+            p = p - ONE
+        return p * c
+
+    @cuda.jit(**dev)
+    def pointwise_loss(zz, t, loss, c):
+        """(loss in float64, d(mean loss)/dz in the dtype) of one element under mse or
+        binary_crossentropy from logits (c = 2 / (B K) or 1 / (B K))."""
+        if loss == C.LOSS_MSE:
+            d = zz - t
+            return np.float64(d) * np.float64(d), d * c
+        z64 = np.float64(zz)
+        return ((max(z64, 0.0) - z64 * np.float64(t) + math.log1p(math.exp(-abs(z64)))),
+                (activate(zz, C.ACT_SIGMOID, zz) - t) * c)
+
+    @cuda.jit(**dev)
+    def loss_scale(loss, B, K):
+        """c of sce_grad / pointwise_loss, and the denominator of the batch mean."""
+        if loss == C.LOSS_SCE:
+            return FT(1.0 / B), np.float64(B)
+        if loss == C.LOSS_MSE:
+            return FT(2.0 / (B * K)), np.float64(B * K)
+        return FT(1.0 / (B * K)), np.float64(B * K)
+
+    @cuda.jit(**dev)
+    def record_batch_loss(status, mean, accumulate, weight):
+        """The batch mean into status[ST_BATCH]; with `accumulate`, the epoch's loss sum and
+        step count, or the stop flag at the first non-finite mean (later steps' updates then
+        skip: the CPU's "stop before the update")."""
+        status[ST_BATCH] = mean
+        if accumulate and status[ST_STOP] == 0.0:
+            if math.isnan(mean) or math.isinf(mean):
+                status[ST_STOP] = 1.0
+            else:
+                status[ST_LOSS] += mean * weight
+                status[ST_STEPS] += 1.0
+
     @cuda.jit
     def loss_kernel(z, y, grad, loss, want_grad, status, accumulate, weight,
                     act, slope, thr, scale, k0, k1, step, layer):
@@ -631,53 +734,29 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
         red = cuda.shared.array(NB, numba.float64)
         tid = cuda.threadIdx.x
         B, K = z.shape
+        c, denom = loss_scale(loss, B, K)
         total = 0.0
         if loss == C.LOSS_SCE:
-            c = FT(1.0 / B)
+            mixed = y.shape[1] == C.SCE_MIXED_WIDTH
             for i in range(tid, B, NB):
-                label = int(y[i, 0])
-                zmax = z[i, 0]
-                for k in range(1, K):
-                    if z[i, k] > zmax:
-                        zmax = z[i, k]
-                s = ZERO
-                s64 = 0.0
-                for k in range(K):
-                    s += math.exp(z[i, k] - zmax)
-                    s64 += math.exp(np.float64(z[i, k]) - np.float64(zmax))
-                total += math.log(s64) + np.float64(zmax) - np.float64(z[i, label])
+                row, zmax, s, label, label_b, lam = sce_row(z, i, K, y, i, mixed)
+                total += row
                 if want_grad:
                     for k in range(K):
-                        p = math.exp(z[i, k] - zmax) / s
-                        if k == label:
-                            p = p - ONE
-                        g = p * c
+                        g = sce_grad(z[i, k], k, zmax, s, label, label_b, lam, mixed, c)
                         word = (philox_word(i * K + k, k0, k1, step, layer, STREAM_DROPOUT)
                                 if thr > 0 else U0)
                         grad[i, k] = backward_value(g, z[i, k], act, slope, thr, scale, word)
-            denom = np.float64(B)
         else:
-            if loss == C.LOSS_MSE:
-                c = FT(2.0 / (B * K))
-            else:
-                c = FT(1.0 / (B * K))
             for e in range(tid, B * K, NB):
                 i = e // K
                 k = e - i * K
                 zz = z[i, k]
-                if loss == C.LOSS_MSE:
-                    d = zz - y[i, k]
-                    total += np.float64(d) * np.float64(d)
-                    g = d * c
-                else:
-                    z64 = np.float64(zz)
-                    total += (max(z64, 0.0) - z64 * np.float64(y[i, k])
-                              + math.log1p(math.exp(-abs(z64))))
-                    g = (activate(zz, C.ACT_SIGMOID, zz) - y[i, k]) * c
+                l64, g = pointwise_loss(zz, y[i, k], loss, c)
+                total += l64
                 if want_grad:
                     word = philox_word(e, k0, k1, step, layer, STREAM_DROPOUT) if thr > 0 else U0
                     grad[i, k] = backward_value(g, zz, act, slope, thr, scale, word)
-            denom = np.float64(B * K)
         red[tid] = total
         cuda.syncthreads()
         half = NB // 2
@@ -687,28 +766,19 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
             cuda.syncthreads()
             half //= 2
         if tid == 0:
-            mean = red[0] / denom
-            status[ST_BATCH] = mean
-            if accumulate and status[ST_STOP] == 0.0:
-                if math.isnan(mean) or math.isinf(mean):
-                    status[ST_STOP] = 1.0
-                else:
-                    status[ST_LOSS] += mean * weight
-                    status[ST_STEPS] += 1.0
+            record_batch_loss(status, red[0] / denom, accumulate, weight)
 
     # ------------------------------------------------------------ fused penalized update
-    @cuda.jit
-    def update(P, G, Mm, Vv, blk_seg, blk_lo, blk_hi, seg_hp, seg_has_m, opt, t, status,
-               weight):
-        """One launch updates every parameter tensor: block b owns P[blk_lo[b]:blk_hi[b]],
-        a chunk of tensor blk_seg[b] (mirrors cpu._update_rows element for element)."""
-        if status[ST_STOP] != 0.0:
-            return
-        coef = cuda.shared.array(16, T)
-        red1 = cuda.shared.array(NB, numba.float64)
-        red2 = cuda.shared.array(NB, numba.float64)
+    # Block-level device functions (work item b, the block's nt threads, nt a power of two):
+    # the kernels below run one item per block; the fused epoch kernel (cuda_fused) runs
+    # them all in its one block.
+    @cuda.jit(**dev)
+    def update_chunk(b, nt, coef, red1, red2, P, G, Mm, Vv, blk_seg, blk_lo, blk_hi, seg_hp,
+                     seg_has_m, opt, t, status, weight):
+        """The update of P[blk_lo[b]:blk_hi[b]], a chunk of tensor blk_seg[b] (mirrors
+        cpu._update_rows element for element); its penalty (before the step) added to
+        status[ST_PEN]. coef (16), red1, red2 (nt): shared scratch."""
         tid = cuda.threadIdx.x
-        b = cuda.blockIdx.x
         s = blk_seg[b]
         if tid == 0:    # cpu._coefficients, in float64, rounded once to the param dtype
             h_lr = seg_hp[s, C.HP_LR]
@@ -751,7 +821,7 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
         has_m = seg_has_m[s] != 0
         p1 = 0.0
         p2 = 0.0
-        for e in range(blk_lo[b] + tid, blk_hi[b], NB):
+        for e in range(blk_lo[b] + tid, blk_hi[b], nt):
             wi = P[e]
             p1 += abs(np.float64(wi))
             p2 += np.float64(wi) * np.float64(wi)
@@ -785,7 +855,7 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
         red1[tid] = p1
         red2[tid] = p2
         cuda.syncthreads()
-        half = NB // 2
+        half = nt // 2
         while half > 0:
             if tid < half:
                 red1[tid] += red1[tid + half]
@@ -796,6 +866,19 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
             pen = seg_hp[s, C.HP_L1] * red1[0] + 0.5 * seg_hp[s, C.HP_L2] * red2[0]
             if pen != 0.0:
                 cuda.atomic.add(status, ST_PEN, pen * weight)
+        cuda.syncthreads()      # coef and red are reused by the block's next chunk
+
+    @cuda.jit
+    def update(P, G, Mm, Vv, blk_seg, blk_lo, blk_hi, seg_hp, seg_has_m, opt, t, status,
+               weight):
+        """One launch updates every parameter tensor: block b owns chunk b (update_chunk)."""
+        if status[ST_STOP] != 0.0:
+            return
+        coef = cuda.shared.array(16, T)
+        red1 = cuda.shared.array(NB, numba.float64)
+        red2 = cuda.shared.array(NB, numba.float64)
+        update_chunk(cuda.blockIdx.x, NB, coef, red1, red2, P, G, Mm, Vv, blk_seg, blk_lo,
+                     blk_hi, seg_hp, seg_has_m, opt, t, status, weight)
 
     @cuda.jit(device=True)
     def column_norm(P, off, R, O, j):
@@ -805,64 +888,85 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
             acc += w * w
         return math.sqrt(acc)
 
+    @cuda.jit(**dev)
+    def group_penalty_cols(b, nt, P, cp_seg, cp_col, seg_off, seg_rows, seg_cols, seg_hp,
+                           status, weight):
+        """Before the step: group * ||w_j|| of the NB columns of item b into the penalty."""
+        s = cp_seg[b]
+        group = seg_hp[s, C.HP_GROUP]
+        for jj in range(cuda.threadIdx.x, NB, nt):
+            j = cp_col[b] + jj
+            if j < seg_cols[s] and group > 0.0:
+                nrm = column_norm(P, seg_off[s], seg_rows[s], seg_cols[s], j)
+                cuda.atomic.add(status, ST_PEN, group * nrm * weight)
+
     @cuda.jit
     def group_penalty(P, cp_seg, cp_col, seg_off, seg_rows, seg_cols, seg_hp, status, weight):
-        """Before the step: add group * ||w_j|| of every group-lasso column to the penalty."""
+        """group_penalty_cols, an item per block."""
         if status[ST_STOP] != 0.0:
             return
-        b = cuda.blockIdx.x
-        s = cp_seg[b]
-        j = cp_col[b] + cuda.threadIdx.x
+        group_penalty_cols(cuda.blockIdx.x, NB, P, cp_seg, cp_col, seg_off, seg_rows, seg_cols,
+                           seg_hp, status, weight)
+
+    @cuda.jit(**dev)
+    def column_shrink(P, Vv, s, j, O, seg_off, seg_rows, seg_hp, opt, t):
+        """Column j of tensor s: group shrink, then max-norm."""
+        off = seg_off[s]
+        R = seg_rows[s]
         group = seg_hp[s, C.HP_GROUP]
-        if j < seg_cols[s] and group > 0.0:
-            nrm = column_norm(P, seg_off[s], seg_rows[s], seg_cols[s], j)
-            cuda.atomic.add(status, ST_PEN, group * nrm * weight)
+        if group > 0.0:
+            h_lr = seg_hp[s, C.HP_LR]
+            if opt == C.OPT_SGD:
+                tau = h_lr * group
+            else:   # the coefficients of `update`, rounded to the dtype as there
+                step = np.float64(FT(h_lr / (1.0 - seg_hp[s, C.HP_BETA1] ** np.float64(t))))
+                bc2 = np.float64(FT(math.sqrt(1.0 - seg_hp[s, C.HP_BETA2] ** np.float64(t))))
+                eps = np.float64(FT(seg_hp[s, C.HP_EPS]))
+                den = 0.0
+                for i in range(R):
+                    den += math.sqrt(np.float64(Vv[off + i * O + j])) / bc2 + eps
+                tau = group * step / (den / R)
+            nrm = column_norm(P, off, R, O, j)
+            sc = FT(1.0 - tau / nrm) if nrm > tau else FT(0.0)
+            for i in range(R):
+                P[off + i * O + j] = P[off + i * O + j] * sc
+        c = seg_hp[s, C.HP_MAXNORM]
+        if c > 0.0:
+            nrm = column_norm(P, off, R, O, j)
+            if nrm > c:
+                sc = FT(c / nrm)
+                for i in range(R):
+                    P[off + i * O + j] = P[off + i * O + j] * sc
+
+    @cuda.jit(**dev)
+    def column_pass(b, nt, P, Vv, cp_seg, cp_col, seg_off, seg_rows, seg_cols, seg_hp, opt, t):
+        """After the step, a thread per column of item b (NB columns): the group-lasso block
+        shrink (reference group_prox with the thresholds of group_thresholds), then the
+        max-norm projection."""
+        s = cp_seg[b]
+        O = seg_cols[s]
+        for jj in range(cuda.threadIdx.x, NB, nt):
+            j = cp_col[b] + jj
+            if j < O:
+                column_shrink(P, Vv, s, j, O, seg_off, seg_rows, seg_hp, opt, t)
 
     @cuda.jit
     def columns(P, Vv, cp_seg, cp_col, seg_off, seg_rows, seg_cols, seg_hp, status, opt, t):
-        """After the step, a thread per column: the group-lasso block shrink (reference
-        group_prox with the thresholds of group_thresholds), then the max-norm projection."""
+        """column_pass, an item per block."""
         if status[ST_STOP] != 0.0:
             return
-        b = cuda.blockIdx.x
-        s = cp_seg[b]
-        j = cp_col[b] + cuda.threadIdx.x
-        O = seg_cols[s]
-        if j < O:
-            off = seg_off[s]
-            R = seg_rows[s]
-            group = seg_hp[s, C.HP_GROUP]
-            if group > 0.0:
-                h_lr = seg_hp[s, C.HP_LR]
-                if opt == C.OPT_SGD:
-                    tau = h_lr * group
-                else:   # the coefficients of `update`, rounded to the dtype as there
-                    step = np.float64(FT(h_lr / (1.0 - seg_hp[s, C.HP_BETA1] ** np.float64(t))))
-                    bc2 = np.float64(FT(math.sqrt(1.0 - seg_hp[s, C.HP_BETA2] ** np.float64(t))))
-                    eps = np.float64(FT(seg_hp[s, C.HP_EPS]))
-                    den = 0.0
-                    for i in range(R):
-                        den += math.sqrt(np.float64(Vv[off + i * O + j])) / bc2 + eps
-                    tau = group * step / (den / R)
-                nrm = column_norm(P, off, R, O, j)
-                sc = FT(1.0 - tau / nrm) if nrm > tau else FT(0.0)
-                for i in range(R):
-                    P[off + i * O + j] = P[off + i * O + j] * sc
-            c = seg_hp[s, C.HP_MAXNORM]
-            if c > 0.0:
-                nrm = column_norm(P, off, R, O, j)
-                if nrm > c:
-                    sc = FT(c / nrm)
-                    for i in range(R):
-                        P[off + i * O + j] = P[off + i * O + j] * sc
+        column_pass(cuda.blockIdx.x, NB, P, Vv, cp_seg, cp_col, seg_off, seg_rows, seg_cols,
+                    seg_hp, opt, t)
 
     # ------------------------------------------------------------ BatchNorm (training)
     @cuda.jit
     def bn_forward(out, bias, has_bias, gb, xhat, save, act, slope, thr, scale, eps, k0, k1,
-                   step, layer):
+                   step, layer, noise, nstd, pre):
         """After a plain GEMM (out = x @ W), a thread per unit j, rows in order (the CPU's
         column sums): z = out + b; batch mean and biased variance (float64, two passes);
-        inv_std rounded to the dtype; zhat -> xhat, out = dropout(f(gamma * zhat + beta))."""
+        inv_std rounded to the dtype; zhat -> xhat, out = dropout(noise(f(gamma * zhat +
+        beta))) (pre = f(gamma * zhat + beta) with noise and a nonlinear f, as
+        forward_epilogue)."""
         j = cuda.grid(1)
         B, O = out.shape
         if j < O:
@@ -889,9 +993,17 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
             for i in range(B):
                 xh = (out[i, j] - mu) * inv
                 xhat[i, j] = xh
-                word = (philox_word(i * O + j, k0, k1, step, layer, STREAM_DROPOUT)
-                        if thr > 0 else U0)
-                out[i, j] = forward_value(gam * xh + bet, act, slope, thr, scale, word)
+                e = i * O + j
+                word = philox_word(e, k0, k1, step, layer, STREAM_DROPOUT) if thr > 0 else U0
+                if noise != C.NOISE_NONE:
+                    nrm = FT(normal_at(e, k0, k1, step, layer, STREAM_NOISE))
+                    v, a = noise_forward_value(gam * xh + bet, act, slope, thr, scale, word,
+                                               noise, nstd, nrm)
+                    if act != C.ACT_LINEAR:
+                        pre[i, j] = a
+                    out[i, j] = v
+                else:
+                    out[i, j] = forward_value(gam * xh + bet, act, slope, thr, scale, word)
 
     @cuda.jit
     def bn_backward(grad, xhat, gb, save, dgb, db, has_bias, stats, momentum, status):
@@ -926,7 +1038,15 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
 
     ns = _NS()
     ns.__dict__.update(dict(
-        TM=TM, TN=TN, TK=TK, NT=NT, NB=NB, CHUNK=CHUNK, dtype=dtype,
+        TM=TM, TN=TN, TK=TK, RM=RM, RN=RN, NT=NT, NB=NB, CHUNK=CHUNK, dtype=dtype,
+        ST_STOP=ST_STOP,
+        pick=pick, philox_word=philox_word, normal_of=normal_of, normal_at=normal_at,
+        noisy=noisy, activate=activate, forward_value=forward_value,
+        backward_value=backward_value, noise_forward_value=noise_forward_value,
+        noise_backward_value=noise_backward_value, sce_row=sce_row, sce_grad=sce_grad,
+        pointwise_loss=pointwise_loss, loss_scale=loss_scale,
+        record_batch_loss=record_batch_loss, update_chunk=update_chunk,
+        group_penalty_cols=group_penalty_cols, column_pass=column_pass,
         philox4x32=philox4x32, gemm=gemm, forward_epilogue=forward_epilogue,
         backward_epilogue=backward_epilogue, column_sums=column_sums,
         noise_backward_epilogue=noise_backward_epilogue,
@@ -934,6 +1054,15 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str):
         stream_words=stream_words, loss_kernel=loss_kernel, update=update,
         group_penalty=group_penalty, columns=columns, bn_forward=bn_forward,
         bn_backward=bn_backward))
+    FR, FW, FNT, FTK, FRM, FRN = fused
+    if dtype.itemsize > 4:      # twice the bytes per element: half the rows and the stage
+        FR, FTK = max(FRM, FR // 2), max(1, FTK // 2)
+    if FW > 0:
+        from . import cuda_fused
+        if cuda_fused.shared_bytes(FR, FW, FTK, FNT, dtype.itemsize) > 48 * 1024:
+            raise ValueError("FUSED_ROWS, FUSED_MAX_WIDTH and FUSED_TK need more than the 48 "
+                             "KiB of static shared memory a block may use")
+        ns.__dict__.update(cuda_fused.build(ns, FR, FW, FNT, FTK, FRM, FRN, dev))
     return ns
 
 
@@ -1046,13 +1175,17 @@ def _dense_backward_dev(ns, dz, x, W, dW, db, has_bias, dx, prev, k0, k1, step):
 
 
 def _bn_dense_forward_dev(ns, x, W, b, has_bias, out, xhat, gb, save, act, slope, thr, scale,
-                         eps, k0, k1, step, layer):
+                         eps, k0, k1, step, layer, noise=C.NOISE_NONE, nstd=None, pre=None):
     """BatchNorm dense forward on device arrays: a plain GEMM, then bn_forward (the column
-    statistics need the whole batch, so this epilogue cannot live in the GEMM's tiles)."""
+    statistics need the whole batch, so this epilogue cannot live in the GEMM's tiles).
+    noise, nstd, pre as in _dense_forward_dev."""
     _matmul(ns, x, W, out, 0, 0)
     O = out.shape[1]
+    nstd = ns.dtype.type(0) if nstd is None else nstd
+    pre = ns.dummy if pre is None else pre
     ns.bn_forward[(O + ns.NB - 1) // ns.NB, ns.NB](out, b, has_bias, gb, xhat, save, act, slope,
-                                                   thr, scale, eps, k0, k1, step, layer)
+                                                   thr, scale, eps, k0, k1, step, layer, noise,
+                                                   nstd, pre)
 
 
 def _bn_backward_dev(ns, dy, xhat, gb, save, dgb, db, has_bias, stats, momentum, status):
@@ -1091,13 +1224,12 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
         pre[...] = pd.copy_to_host()
 
 
-def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
-    ns = _kernels(out.dtype)
-    k0, k1 = split_seed(seed)
-    dt = out.dtype.type
-    B, O = grad.shape
-    gd = _dev(grad)
+def _output_grad_dev(ns, gd, out, act, slope, drop_threshold, drop_scale, k0, k1, step, layer,
+                     noise, noise_std, pre):
+    """dL/d(out) -> dL/d(f's input) in place on the device copy gd (host out / pre): the
+    backward epilogue, or with noise its noise twin (f' from pre)."""
+    dt = ns.dtype.type
+    B, O = gd.shape
     if int(noise) != C.NOISE_NONE:
         pd = _dev(pre) if _needs_pre(noise, act) else ns.dummy
         ns.noise_backward_epilogue[_grid1(B * O, ns.NB), ns.NB](
@@ -1107,6 +1239,15 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
         ns.backward_epilogue[_grid1(B * O, ns.NB), ns.NB](gd, _dev(out), int(act), dt(slope),
                                                           int(drop_threshold), dt(drop_scale),
                                                           k0, k1, int(step), int(layer))
+
+
+def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
+                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+    ns = _kernels(out.dtype)
+    k0, k1 = split_seed(seed)
+    gd = _dev(grad)
+    _output_grad_dev(ns, gd, out, act, slope, drop_threshold, drop_scale, k0, k1, step, layer,
+                     noise, noise_std, pre)
     dWd = cuda.device_array(dW.shape, dW.dtype)
     has_bias = db.size > 0
     dbd = cuda.device_array(db.shape, db.dtype) if has_bias else ns.dummy1
@@ -1122,7 +1263,7 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
 
 
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
-                     eps, seed, step, layer):
+                     eps, seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     ns = _kernels(out.dtype)
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
@@ -1130,24 +1271,26 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
     od = cuda.device_array(out.shape, out.dtype)
     xd = cuda.device_array(xhat.shape, xhat.dtype)
     sd = cuda.to_device(np.ascontiguousarray(save, np.float64))
+    pd = cuda.device_array(out.shape, out.dtype) if _needs_pre(noise, act) else None
     _bn_dense_forward_dev(ns, _dev(x), _dev(W), bd, hb, od, xd, _dev(gb), sd, int(act),
                           dt(slope), int(drop_threshold), dt(drop_scale), float(dt(eps)), k0,
-                          k1, int(step), int(layer))
+                          k1, int(step), int(layer), int(noise), dt(noise_std), pd)
     out[...] = od.copy_to_host()
     xhat[...] = xd.copy_to_host()
     save[...] = sd.copy_to_host()
+    if pd is not None and pre is not None and pre.size:
+        pre[...] = pd.copy_to_host()
 
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
-                      drop_threshold, drop_scale, momentum, seed, step, layer):
+                      drop_threshold, drop_scale, momentum, seed, step, layer,
+                      noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     ns = _kernels(out.dtype)
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
-    B, O = grad.shape
     gd = _dev(grad)
-    ns.backward_epilogue[_grid1(B * O, ns.NB), ns.NB](gd, _dev(out), int(act), dt(slope),
-                                                      int(drop_threshold), dt(drop_scale),
-                                                      k0, k1, int(step), int(layer))
+    _output_grad_dev(ns, gd, out, act, slope, drop_threshold, drop_scale, k0, k1, step, layer,
+                     noise, noise_std, pre)
     has_bias = db.size > 0
     dbd = cuda.to_device(np.ascontiguousarray(db)) if has_bias else ns.dummy1
     dgbd = cuda.device_array(dgb.shape, dgb.dtype)
@@ -1347,7 +1490,13 @@ class _DeviceNet:
                 self.bs[l] = v
             else:
                 self.gbs[l] = v.reshape(net.gbs[l].shape)
+        widths = [net.Ws[0].shape[0]] + [W.shape[1] for W in net.Ws]
+        # the fused small-MLP path (kernels/cuda_fused.py) when every width fits and no layer
+        # needs whole-batch statistics
+        self.fused = hasattr(ns, "fused_step") and max(widths) <= ns.FW and not any(self.bn)
         if not self.training:
+            if self.fused:
+                self.lay_i, self.lay_f = self._fused_tables(net, widths, 0, [])
             return
         self.G = cuda.device_array(total, dt)
         self.dWs = [self.G[views[("W", l)][0]:views[("W", l)][1]].reshape(net.Ws[l].shape)
@@ -1366,19 +1515,59 @@ class _DeviceNet:
         self.V = self._moments(net, 2, total, dt) if need_v else ns.dummy1
         self.has_m = has_m
         B = net.batch
-        self.acts = [cuda.device_array((B, W.shape[1]), dt) for W in net.Ws]
-        self.grads = [cuda.device_array((B, W.shape[1]), dt) for W in net.Ws]
+        # One flat buffer for the inputs and every layer's output (segment l + 1: layer l's
+        # (B, O_l)), one for their dz (same layout), one for the pre-noise f(z) of the layers
+        # that keep it: the per-layer arrays are views, the fused kernels use offsets.
+        seg = np.concatenate([[0], np.cumsum([B * w for w in widths])]).astype(np.int64)
+        self.ACTS = cuda.device_array(int(seg[-1]), dt)
+        self.DZS = cuda.device_array(int(seg[-1]), dt)
+        flat_view = lambda buf, l: buf[seg[l]:seg[l + 1]].reshape(B, widths[l])  # noqa: E731
+        self.xbuf = flat_view(self.ACTS, 0)
+        self.acts = [flat_view(self.ACTS, l + 1) for l in range(L)]
+        self.grads = [flat_view(self.DZS, l + 1) for l in range(L)]
         self.xhats = [cuda.device_array((B, W.shape[1]), dt) if on else ns.dummy
                       for W, on in zip(net.Ws, self.bn)]
         from .driver import needs_pre, noise_of
         self.has_pre = [needs_pre(noise_of(net, l)[0], net.li[l, C.LI_ACT]) for l in range(L)]
-        self.pres = [cuda.device_array((B, W.shape[1]), dt) if on else ns.dummy
-                     for W, on in zip(net.Ws, self.has_pre)]
-        self.xbuf = cuda.device_array((B, net.Ws[0].shape[0]), dt)
+        pre_off, n_pre = [], 0
+        for l in range(L):
+            pre_off.append(n_pre if self.has_pre[l] else -1)
+            n_pre += B * widths[l + 1] if self.has_pre[l] else 0
+        self.PRE = cuda.device_array(max(n_pre, 1), dt)
+        self.pres = [self.PRE[pre_off[l]:pre_off[l] + B * widths[l + 1]].reshape(
+            B, widths[l + 1]) if self.has_pre[l] else ns.dummy for l in range(L)]
         self.ybuf = cuda.device_array((B, net.ybuf.shape[1]), dt)
+        if self.fused:
+            self.lay_i, self.lay_f = self._fused_tables(net, widths, B, pre_off)
+            self.partials = cuda.device_array(max(1, -(-B // ns.FR)), np.float64)
+        macs = 3 * B * sum(W.shape[0] * W.shape[1] for W in net.Ws)
+        self.one_block_epoch = self.fused and macs <= FUSED_EPOCH_MAX_MACS
         self.status = cuda.to_device(np.zeros(ST_SIZE))
         self.data = None
         self._views = {}
+
+    def _fused_tables(self, net, widths, B, pre_off):
+        """The per-layer tables of the fused kernels (cuda_fused.FI_* / FF_*): widths,
+        offsets of W and b in P, of the input / output / pre-noise rows in the flat buffers
+        (B = 0 for an inference plan, which stores none), activation, dropout and noise."""
+        from . import cuda_fused as F
+        from .driver import noise_of
+        L = self.L
+        lay_i = np.zeros((L, F.FI_SIZE), np.int64)
+        lay_f = np.zeros((L, F.FF_SIZE), net.dtype)
+        at = np.concatenate([[0], np.cumsum([B * w for w in widths])])
+        for l in range(L):
+            noise, nstd = noise_of(net, l)
+            lay_i[l, [F.FI_IN, F.FI_OUT]] = widths[l], widths[l + 1]
+            lay_i[l, F.FI_W] = self.views[("W", l)][0]
+            lay_i[l, F.FI_B] = self.views[("b", l)][0] if self.has_bias[l] else -1
+            lay_i[l, [F.FI_ACT, F.FI_THR, F.FI_NOISE]] = (
+                net.li[l, C.LI_ACT], net.li[l, C.LI_DROP_THR], noise)
+            lay_i[l, [F.FI_X, F.FI_Y]] = at[l], at[l + 1]
+            lay_i[l, F.FI_PRE] = pre_off[l] if pre_off else -1
+            lay_f[l, [F.FF_SLOPE, F.FF_SCALE, F.FF_NSTD]] = (
+                net.lf[l, C.LF_SLOPE], net.lf[l, C.LF_DROP_SCALE], nstd)
+        return cuda.to_device(lay_i), cuda.to_device(lay_f)
 
     def _moments(self, net, which, total, dt):
         """Moment `which` (1: first, 2: second) of every segment, flat, on the device."""
@@ -1471,6 +1660,9 @@ def train_epoch(net, X, Y, perm, batch_size, step0, t0):
     n_total = perm.shape[0]
     NB = ns.NB
     width = X.shape[1] + Y.shape[1]
+    if st.fused:
+        return _train_epoch_fused(net, st, Xd, Yd, perm_d, n_total, batch_size, step0, t0, k0,
+                                  k1, in_thr, in_scale, in_noise, in_nstd)
     steps = 0
     for start in range(0, n_total, batch_size):
         n = min(batch_size, n_total - start)
@@ -1487,7 +1679,7 @@ def train_epoch(net, X, Y, perm, batch_size, step0, t0):
                                       acts[l], v["xhats"][l], st.gbs[l], st.saves[l],
                                       li[l][C.LI_ACT], lf[l][C.LF_SLOPE], li[l][C.LI_DROP_THR],
                                       lf[l][C.LF_DROP_SCALE], float(lf[l][C.LF_BN_EPS]), k0, k1,
-                                      step, l)
+                                      step, l, noise[l], nstd[l], v["pres"][l])
             else:
                 _dense_forward_dev(ns, x, st.Ws[l], st.bs[l], acts[l], li[l][C.LI_ACT],
                                    lf[l][C.LF_SLOPE], li[l][C.LI_DROP_THR],
@@ -1531,6 +1723,41 @@ def train_epoch(net, X, Y, perm, batch_size, step0, t0):
     return float(res[ST_LOSS]), float(res[ST_PEN]), int(res[ST_STEPS]), bool(res[ST_STOP] == 0)
 
 
+def _train_epoch_fused(net, st, Xd, Yd, perm_d, n_total, batch_size, step0, t0, k0, k1,
+                       in_thr, in_scale, in_noise, in_nstd):
+    """train_epoch on the fused small-MLP path (cuda_fused): the whole epoch in one launch
+    for small steps, else 3 launches per step."""
+    ns = st.ns
+    L = st.L
+    tab = st.tab
+    if st.one_block_epoch:
+        ns.fused_epoch[1, ns.FNT](
+            Xd, Yd, perm_d, n_total, batch_size, int(step0), int(t0), st.P, st.G, st.M, st.V,
+            st.lay_i, st.lay_f, st.ACTS, st.DZS, st.PRE, int(net.loss), k0, k1, in_thr,
+            in_scale, in_noise, in_nstd, int(net.opt), st.status, tab["blk_seg"], tab["blk_lo"],
+            tab["blk_hi"], tab["hp"], tab["has_m"], tab["nblk"], tab["col_seg"], tab["col_lo"],
+            tab["off_d"], tab["rows"], tab["cols"], tab["n_colblk"])
+        res = st.status.copy_to_host()
+        return (float(res[ST_LOSS]), float(res[ST_PEN]), int(res[ST_STEPS]),
+                bool(res[ST_STOP] == 0))
+    gx = (max(W.shape[1] for W in net.Ws) + ns.TN - 1) // ns.TN
+    gy = (max(W.shape[0] for W in net.Ws) + ns.TM - 1) // ns.TM
+    steps = 0
+    for start in range(0, n_total, batch_size):
+        n = min(batch_size, n_total - start)
+        nblk = -(-n // ns.FR)
+        ns.fused_step[nblk, ns.FNT](Xd, Yd, perm_d, start, n, st.P, st.lay_i, st.lay_f, st.ACTS,
+                                    st.DZS, st.PRE, st.partials, int(net.loss), k0, k1,
+                                    int(step0 + steps), in_thr, in_scale, in_noise, in_nstd)
+        ns.weight_grads[(gx, gy, L + 1), ns.NT](st.G, st.lay_i, st.ACTS, st.DZS, n, st.partials,
+                                                nblk, int(net.loss), st.status, float(n))
+        _launch_update(ns, tab, st.P, st.G, st.M, st.V, int(net.opt), int(t0 + steps),
+                       st.status, float(n))
+        steps += 1
+    res = st.status.copy_to_host()
+    return float(res[ST_LOSS]), float(res[ST_PEN]), int(res[ST_STEPS]), bool(res[ST_STOP] == 0)
+
+
 def forward_inference(net, X, batch_size):
     """Logits for X, dropout off, in chunks of batch_size rows (parameters uploaded once)."""
     st = _state(net)
@@ -1541,6 +1768,15 @@ def forward_inference(net, X, batch_size):
     if n == 0:
         return out
     rows = max(1, min(int(batch_size), n))
+    if st.fused:    # one launch per chunk, activations in shared memory only
+        K = net.Ws[-1].shape[1]
+        od = cuda.device_array(rows * K, net.dtype)
+        for start in range(0, n, rows):
+            m = min(rows, n - start)
+            ns.fused_forward[-(-m // ns.FR), ns.FNT](_dev(X[start:start + m]), od, st.P,
+                                                     st.lay_i, st.lay_f)
+            out[start:start + m] = od[:m * K].copy_to_host().reshape(m, K)
+        return out
     bufs = [cuda.device_array((rows, W.shape[1]), net.dtype) for W in net.Ws]
     for start in range(0, n, rows):
         m = min(rows, n - start)

@@ -6,8 +6,9 @@ curve  1 -> 64 -> 64 -> 64 -> 1, leaky_relu, dropout 0.1, batch 128, 10,000 rows
 wide   784 -> 1024 -> 1024 -> 10, relu, dropout 0.2, batch 256, 16,384 rows, sparse CE
 Both: Adam(1e-3) + L2(1e-4) on the weights, float32. The first epoch (compilation) is
 reported apart; then the median of --epochs epochs. --cpu times the Numba CPU backend on the
-same Net for a ratio. With CuPy installed the big GEMMs go to cuBLAS; FASTREG_CUDA_CUBLAS=0
-keeps them in our kernel (the run reports both when CuPy is there).
+same Net for a ratio. `curve` runs on the fused small-MLP path (kernels/cuda_fused.py: as
+chosen, i.e. the one-block epoch, then with 3 launches per step) and on the tiled one; with CuPy installed the tiled path sends big GEMMs to cuBLAS (the run then also
+reports our own GEMM alone; FASTREG_CUDA_CUBLAS=0 turns cuBLAS off everywhere).
 """
 import argparse
 import statistics
@@ -88,21 +89,28 @@ def main(argv=None):
     ok, why = G.available()
     if not ok:
         raise SystemExit(why)
-    variants = [("cuda", None)]
+    # (label, module settings): the fused small-MLP path where the net fits it, then the tiled
+    # path (with cuBLAS for the big GEMMs when CuPy is there, and without)
+    variants = [("cuda-fused", {}), ("cuda-fused-step", {"FUSED_EPOCH_MAX_MACS": 0}),
+                ("cuda-tiled", {"FUSED_MAX_WIDTH": 0})]
     if G._cupy() is not None:
-        variants = [("cuda+cublas", None), ("cuda-own-gemm", "own")]
+        variants += [("cuda-own-gemm", {"FUSED_MAX_WIDTH": 0, "CUBLAS_MIN_MACS": 1 << 62})]
     for name, w in WORKLOADS.items():
         if args.only and name != args.only:
             continue
         X, Y = make_data(**w)
         steps = -(-w["rows"] // w["batch"])
-        for label, mode in variants:
-            saved = G.CUBLAS_MIN_MACS
-            if mode == "own":
-                G.CUBLAS_MIN_MACS = 1 << 62
+        fits = max(w["sizes"]) <= G.FUSED_MAX_WIDTH
+        for label, settings in variants:
+            if label.startswith("cuda-fused") and not fits:
+                continue
+            saved = {k: getattr(G, k) for k in settings}
+            for k, v in settings.items():
+                setattr(G, k, v)
             net = make_net(**w)
             first, med, losses = time_epochs(G, net, X, Y, w["batch"], args.epochs)
-            G.CUBLAS_MIN_MACS = saved
+            for k, v in saved.items():
+                setattr(G, k, v)
             print(f"{name:5s} {label:14s} first epoch {first * 1e3:9.1f} ms   median epoch "
                   f"{med * 1e3:8.2f} ms  ({steps / med:8.0f} steps/s)   loss {losses[1]:.4f} "
                   f"-> {losses[-1]:.4f}", flush=True)

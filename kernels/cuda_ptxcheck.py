@@ -44,6 +44,7 @@ def signatures(ns):
     i64 = np.zeros(2, np.int64)
     f64 = np.zeros(8)
     hp = np.zeros((2, C.HP_SIZE))
+    lay_i = np.zeros((2, 2), np.int64)
     i = 0
     return {
         "gemm": (a2, a2, a2, i, i, i, i, i, i, a1, i, i, z, i, z, i, a2, a1, i,
@@ -61,8 +62,15 @@ def signatures(ns):
         "group_penalty": (a1, i64, i64, i64, i64, i64, hp, f64, 1.0),
         "columns": (a1, a1, i64, i64, i64, i64, i64, hp, f64, i, i),
         "bn_forward": (a2, a1, i, a2, a2, np.zeros((C.BN_SAVE_ROWS, 2)), i, z, i, z, 1.0, i, i,
-                       i, i),
+                       i, i, i, z, a2),
         "bn_backward": (a2, a2, a2, np.zeros((C.BN_SAVE_ROWS, 2)), a2, a1, i, a2, 1.0, f64),
+        # the fused small-MLP path (kernels/cuda_fused.py)
+        "fused_step": (a2, a2, i64, i, i, a1, lay_i, a2, a1, a1, a1, f64, i, i, i, i, i, z, i,
+                       z),
+        "fused_forward": (a2, a1, a1, lay_i, a2),
+        "weight_grads": (a1, lay_i, a1, a1, i, f64, i, i, f64, 1.0),
+        "fused_epoch": (a2, a2, i64, i, i, i, i, a1, a1, a1, a1, lay_i, a2, a1, a1, a1, i, i, i, i,
+                        z, i, z, i, f64, i64, i64, i64, hp, i64, i, i64, i64, i64, i64, i64, i),
     }
 
 

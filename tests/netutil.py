@@ -91,7 +91,11 @@ def check_penalized_update(ops, assert_close, dtype, opt, b1, nesterov, l1, l2, 
 
 
 SMALL_CUDA_TILES = (("TILE_M", 16), ("TILE_N", 16), ("TILE_K", 8), ("THREAD_M", 4),
-                    ("THREAD_N", 4), ("BLOCK", 16), ("UPDATE_PER_THREAD", 4))
+                    ("THREAD_N", 4), ("BLOCK", 16), ("UPDATE_PER_THREAD", 4),
+                    # fused path: 8-row blocks, 2 x 2 micro-tiles of 16 threads (several per
+                    # thread), weights staged 4 rows at a time, widths up to 24
+                    ("FUSED_ROWS", 8), ("FUSED_THREADS", 16), ("FUSED_TK", 4),
+                    ("FUSED_MAX_WIDTH", 24), ("FUSED_THREAD_M", 2), ("FUSED_THREAD_N", 2))
 
 
 @contextmanager

@@ -253,7 +253,7 @@ def test_penalized_update_many_blocks_and_maxnorm_columns():
 
 # ---------------------------------------------------------------- whole epochs
 def build_net(rng, sizes, act, drop, in_drop, loss, opt, lr, b1, l1, l2, proximal, maxnorm,
-              wd=0.0, nesterov=0, batch=16, bias=True, seed=None):
+              wd=0.0, nesterov=0, batch=16, bias=True, seed=None, group=0.0):
     L = len(sizes) - 1
     dt = np.float32
     Ws = [randn(rng, (sizes[i], sizes[i + 1]), dt, 1 / np.sqrt(sizes[i])) for i in range(L)]
@@ -277,6 +277,7 @@ def build_net(rng, sizes, act, drop, in_drop, loss, opt, lr, b1, l1, l2, proxima
             row[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_NESTEROV, C.HP_DECOUPLED,
                  C.HP_L1, C.HP_L2, C.HP_PROXIMAL, C.HP_MAXNORM]] = \
                 (lr, b1, 0.999, 1e-3, nesterov, decay, a1, a2, proximal, mn)
+        hpW[l, C.HP_GROUP] = group
     net = driver.Net(Ws, bs, [np.zeros_like(W) for W in Ws], [np.zeros_like(b) for b in bs],
                      mom(Ws, needs_m), mom(Ws, needs_v), mom(bs, needs_m), mom(bs, needs_v),
                      li=li, lf=lf, hpW=hpW, hpb=hpb, opt=opt, loss=loss,
@@ -350,14 +351,93 @@ def _compare_epochs(case, n_rows=24, batch=16, epochs=2):
     return net_c, net_g, X, Y
 
 
+# The three ways the device trains a net (kernels/cuda.py, "Paths"): the fused small-MLP path
+# with a whole epoch in one one-block launch (the default for these small nets), the fused
+# path with 3 multi-block launches per step, and the tiled path.
+PATHS = ["fused-epoch", "fused-step", "tiled"]
+
+
+def use_path(monkeypatch, path):
+    if path == "fused-step":
+        monkeypatch.setattr(G, "FUSED_EPOCH_MAX_MACS", 0)
+    elif path == "tiled":
+        monkeypatch.setattr(G, "FUSED_MAX_WIDTH", 0)
+
+
+def path_taken(net):
+    st = net.cache["cuda"]
+    if not st.fused:
+        return "tiled"
+    return "fused-epoch" if st.one_block_epoch else "fused-step"
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", list(EPOCH_CASES))
-def test_train_epoch_equals_cpu(name):
-    _compare_epochs(EPOCH_CASES[name])
+def test_train_epoch_equals_cpu(monkeypatch, name, path):
+    use_path(monkeypatch, path)
+    net_g = _compare_epochs(EPOCH_CASES[name])[1]
+    assert path_taken(net_g) == path
 
 
 def test_train_epoch_split_path(monkeypatch):
     monkeypatch.setattr(G, "FORCE_SPLIT", True)
+    use_path(monkeypatch, "tiled")
     _compare_epochs(EPOCH_CASES["tanh-mse-adam-elasticnet-indrop"], epochs=1)
+
+
+@pytest.mark.parametrize("path", PATHS[:2])
+def test_fused_ragged_blocks_and_full_width(monkeypatch, path):
+    """Batches that end inside a block (13 rows: blocks of 8 and 5; the last batch 11),
+    a layer exactly FUSED_MAX_WIDTH wide, an odd output width, several micro-tiles per
+    thread; max-norm and group-lasso columns in the one-block epoch's update."""
+    use_path(monkeypatch, path)
+    width = G.FUSED_MAX_WIDTH
+    case = dict(EPOCH_CASES["relu-sce-sgd-nesterov-l2"], sizes=(5, width, 7, 3), maxnorm=0.8,
+                group=1e-3)
+    net_g = _compare_epochs(case, n_rows=37, batch=13)[1]
+    assert path_taken(net_g) == path
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_mixup_targets_train_as_on_cpu(monkeypatch, path):
+    """sparse_categorical_crossentropy with Mixup's (label_a, label_b, lam) targets."""
+    use_path(monkeypatch, path)
+    rng = fresh_rng()
+    case = EPOCH_CASES["relu-sce-sgd-nesterov-l2"]
+    net_c = build_net(rng, batch=16, **case)
+    driver.allocate_workspace(net_c, 16, C.SCE_MIXED_WIDTH)
+    net_g = clone(net_c)
+    net_a = clone(net_c)
+    driver.allocate_workspace(net_a, 16, 1)
+    X = randn(rng, (24, case["sizes"][0]))
+    K = case["sizes"][-1]
+    Y = np.stack([rng.integers(0, K, 24), rng.integers(0, K, 24), rng.random(24)],
+                 axis=1).astype(np.float32)
+    perm = rng.permutation(24).astype(np.int64)
+    rc = N.train_epoch(net_c, X, Y, perm, 16, 0, 1)
+    rg = G.train_epoch(net_g, X, Y, perm, 16, 0, 1)
+    G.sync_to_host(net_g)
+    assert rg[2] == rc[2] == 2 and rg[0] == pytest.approx(rc[0], rel=1e-4)
+    for a, b in zip(net_c.Ws + net_c.bs, net_g.Ws + net_g.bs):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    assert path_taken(net_g) == path
+    ra = N.train_epoch(net_a, X, Y[:, :1], perm, 16, 0, 1)     # label_a alone: not the same
+    assert abs(ra[0] - rc[0]) > 1e-3 * abs(rc[0])
+
+
+def test_fused_path_is_chosen_per_net(monkeypatch):
+    """Too wide for the fused kernels (any width, inputs included), or BatchNorm (whole-batch
+    statistics): the tiled path, with the same results."""
+    width = G.FUSED_MAX_WIDTH
+    for sizes in ((width + 1, 6, 2), (4, width + 1, 2)):
+        case = dict(EPOCH_CASES["leaky-mse-sgd-nobias"], sizes=sizes)
+        net_g = _compare_epochs(case, epochs=1)[1]
+        assert not net_g.cache["cuda"].fused
+    import fastreg as fr
+    model = fr.Sequential([fr.Dense(6, "relu"), fr.BatchNorm(), fr.Dense(2)], input_dim=3)
+    model.compile(loss="mse", optimizer=fr.Adam(1e-2), backend="cuda")
+    assert not G._DeviceNet(model._make_net(8, 2)).fused
+    assert G._DeviceNet(model._make_net(training=False)).fused   # BN folded at inference
 
 
 def test_device_state_is_reused_and_invalidated():
@@ -377,7 +457,9 @@ def test_device_state_is_reused_and_invalidated():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the simulator computes in NumPy
-def test_train_epoch_stops_on_nonfinite_loss():
+@pytest.mark.parametrize("path", PATHS)
+def test_train_epoch_stops_on_nonfinite_loss(monkeypatch, path):
+    use_path(monkeypatch, path)
     rng = fresh_rng()
     case = dict(EPOCH_CASES["leaky-mse-sgd-nobias"], lr=50.0)
     net_c = build_net(rng, batch=8, **case)
@@ -392,9 +474,12 @@ def test_train_epoch_stops_on_nonfinite_loss():
     G.sync_to_host(net_g)
     for a, b in zip(net_c.Ws, net_g.Ws):
         np.testing.assert_allclose(b, a, rtol=1e-3)
+    assert path_taken(net_g) == path
 
 
-def test_forward_inference_equals_cpu():
+@pytest.mark.parametrize("path", ["fused-step", "tiled"])
+def test_forward_inference_equals_cpu(monkeypatch, path):
+    use_path(monkeypatch, path)
     rng = fresh_rng()
     case = EPOCH_CASES["tanh-mse-adam-elasticnet-indrop"]
     net = build_net(rng, **case)
@@ -404,6 +489,7 @@ def test_forward_inference_equals_cpu():
     a = N.forward_inference(infer, X, 16)
     b = G.forward_inference(infer, X, 16)
     assert_close(b, a)
+    assert infer.cache["cuda"].fused == (path != "tiled")
 
 
 # ---------------------------------------------------------------- real compilation, no GPU
