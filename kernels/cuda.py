@@ -372,6 +372,50 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str, fused):
         return d
 
     @cuda.jit(**dev)
+    def group_words(cache, e, k0, k1, step, layer, stream):
+        """The 4 Philox words of element e's group (e // 4) of a (seed, step, layer, stream)
+        sequence, through `cache` (5 uint64: group + 1, then its words; cache[0] = 0 empties
+        it): one Philox call per group of 4 consecutive elements of a row."""
+        g = np.uint64(e >> 2)
+        if cache[0] != g + np.uint64(1):
+            w0, w1, w2, w3 = philox4x32(g, np.uint64(step) & MASK, np.uint64(layer) & MASK,
+                                        np.uint64(stream), k0, k1)
+            cache[0] = g + np.uint64(1)
+            cache[1] = w0
+            cache[2] = w1
+            cache[3] = w2
+            cache[4] = w3
+        return cache[1], cache[2], cache[3], cache[4]
+
+    @cuda.jit(**dev)
+    def dense_epilogue(v, epi, has_b, bias_j, act, slope, thr, scale, noise, nstd, stored, e,
+                       wc, nc, k0, k1, step, layer):
+        """One element e of a dense layer's fused epilogue (the GEMM's and the fused MLP's).
+        EPI_FORWARD: v = (x @ W)[e] -> (out, f(z)) with z = v (+ bias_j), activation, noise,
+        dropout. EPI_BACKWARD: v = dL/d(out)[e] -> (dL/dz, 0), f' from `stored`: the layer's
+        output, or with noise its pre-noise f(z). Dropout words and noise normals come from
+        the cached Philox groups wc and nc (group_words)."""
+        word = U0
+        if thr > 0:
+            w0, w1, w2, w3 = group_words(wc, e, k0, k1, step, layer, STREAM_DROPOUT)
+            word = pick(w0, w1, w2, w3, e & 3)
+        nrm = ZERO
+        if noise != C.NOISE_NONE and (epi == EPI_FORWARD or noise == C.NOISE_MUL):
+            n0, n1, n2, n3 = group_words(nc, e, k0, k1, step, layer, STREAM_NOISE)
+            nrm = FT(normal_of(n0, n1, n2, n3, e & 3))
+        if epi == EPI_FORWARD:
+            if has_b:
+                v = v + bias_j
+            if noise != C.NOISE_NONE:
+                return noise_forward_value(v, act, slope, thr, scale, word, noise, nstd, nrm)
+            return forward_value(v, act, slope, thr, scale, word), ZERO
+        if noise != C.NOISE_NONE:
+            p = stored if act != C.ACT_LINEAR else ZERO
+            return noise_backward_value(v, p, act, slope, thr, scale, word, noise, nstd,
+                                        nrm), ZERO
+        return backward_value(v, stored, act, slope, thr, scale, word), ZERO
+
+    @cuda.jit(**dev)
     def sign(x):
         if x > ZERO:
             return ONE
@@ -450,62 +494,30 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str, fused):
                 nn = tid + c * NT
                 if nn < TN and bn + nn < N:
                     dbias[bn + nn] = dbacc[c]
-        # noise words: with output noise in the forward, with GaussianDropout in the backward
-        want_n = epi != EPI_NONE and noise != C.NOISE_NONE and (
-            epi == EPI_FORWARD or noise == C.NOISE_MUL)
+        wc = cuda.local.array(5, numba.uint64)     # Philox group caches: dropout, noise
+        nc = cuda.local.array(5, numba.uint64)
         for r in range(RM):
             i = bm + ty * RM + r
             if i < M:
-                gcache = -1
-                w0 = U0
-                w1 = U0
-                w2 = U0
-                w3 = U0
-                ncache = -1
-                n0 = U0
-                n1 = U0
-                n2 = U0
-                n3 = U0
+                wc[0] = U0
+                nc[0] = U0
                 for c in range(RN):
                     j = bn + tx * RN + c
                     if j < N:
                         v = acc[r, c]
-                        word = U0
-                        e = i * N + j
-                        g = e >> 2
-                        if epi != EPI_NONE and thr > 0:
-                            if g != gcache:     # one Philox call per 4 consecutive elements
-                                w0, w1, w2, w3 = philox4x32(
-                                    np.uint64(g), np.uint64(step) & MASK,
-                                    np.uint64(layer) & MASK, np.uint64(STREAM_DROPOUT),
-                                    k0, k1)
-                                gcache = g
-                            word = pick(w0, w1, w2, w3, e & 3)
-                        nrm = ZERO
-                        if want_n:
-                            if g != ncache:
-                                n0, n1, n2, n3 = philox4x32(
-                                    np.uint64(g), np.uint64(step) & MASK,
-                                    np.uint64(layer) & MASK, np.uint64(STREAM_NOISE), k0, k1)
-                                ncache = g
-                            nrm = FT(normal_of(n0, n1, n2, n3, e & 3))
-                        if epi == EPI_FORWARD:
-                            if has_bias:
-                                v = v + bias[j]
-                            if noise != C.NOISE_NONE:
-                                v, a = noise_forward_value(v, act, slope, thr, scale, word,
-                                                           noise, nstd, nrm)
-                                if act != C.ACT_LINEAR:
-                                    eout[i, j] = a
-                            else:
-                                v = forward_value(v, act, slope, thr, scale, word)
-                        elif epi == EPI_BACKWARD:
-                            if noise != C.NOISE_NONE:
-                                p = eout[i, j] if act != C.ACT_LINEAR else ZERO
-                                v = noise_backward_value(v, p, act, slope, thr, scale, word,
-                                                         noise, nstd, nrm)
-                            else:
-                                v = backward_value(v, eout[i, j], act, slope, thr, scale, word)
+                        if epi != EPI_NONE:
+                            keep = epi == EPI_FORWARD and noise != C.NOISE_NONE and \
+                                act != C.ACT_LINEAR
+                            stored = ZERO
+                            if epi == EPI_BACKWARD and (noise == C.NOISE_NONE
+                                                        or act != C.ACT_LINEAR):
+                                stored = eout[i, j]
+                            bj = bias[j] if (epi == EPI_FORWARD and has_bias) else ZERO
+                            v, a = dense_epilogue(v, epi, has_bias, bj, act, slope, thr, scale,
+                                                  noise, nstd, stored, i * N + j, wc, nc, k0,
+                                                  k1, step, layer)
+                            if keep:
+                                eout[i, j] = a
                         Cm[i, j] = v
 
     @cuda.jit
@@ -1040,7 +1052,7 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str, fused):
     ns.__dict__.update(dict(
         TM=TM, TN=TN, TK=TK, RM=RM, RN=RN, NT=NT, NB=NB, CHUNK=CHUNK, dtype=dtype,
         ST_STOP=ST_STOP,
-        pick=pick, philox_word=philox_word, normal_of=normal_of, normal_at=normal_at,
+        pick=pick, philox_word=philox_word, dense_epilogue=dense_epilogue, normal_of=normal_of, normal_at=normal_at,
         noisy=noisy, activate=activate, forward_value=forward_value,
         backward_value=backward_value, noise_forward_value=noise_forward_value,
         noise_backward_value=noise_backward_value, sce_row=sce_row, sce_grad=sce_grad,

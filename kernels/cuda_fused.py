@@ -55,7 +55,7 @@ from numba import cuda  # a module global: the simulator swaps it (kernels/cuda.
                         # only once numba-cuda is known to be there)
 
 from . import contract as C
-from .philox import STREAM_DROPOUT, STREAM_INPUT_DROPOUT, STREAM_INPUT_NOISE, STREAM_NOISE
+from .philox import STREAM_INPUT_DROPOUT, STREAM_INPUT_NOISE
 
 # Columns of a fused plan's per-layer integer table lay_i (int64, L x FI_SIZE).
 FI_IN = 0       # fan_in I
@@ -78,6 +78,8 @@ FF_SIZE = 3
 MODE_TRAIN = 0  # forward epilogue of training: dropout and noise, output stored
 MODE_INFER = 1  # forward epilogue of inference: no dropout, no noise, nothing stored
 MODE_BACK = 2   # backward epilogue: dL/d(out) -> dL/dz of the layer
+EPI_FORWARD = 1     # cuda.EPI_*: the modes of cuda.dense_epilogue
+EPI_BACKWARD = 2
 
 
 def shared_bytes(R, W, TK, NT, itemsize):
@@ -98,7 +100,6 @@ def build(ns, R, W, NT, TK, RM, RN, dev):
     ZERO = FT(0)
     ONE = FT(1)
     U0 = np.uint64(0)
-    MASK = np.uint64(0xFFFFFFFF)
     WP = W + 1
     TPT = -(-((R // RM) * (W // RN)) // NT)     # micro-tiles per thread, at most
     GTM, GTN, GTK, GRM, GRN, GNT = ns.TM, ns.TN, ns.TK, ns.RM, ns.RN, ns.NT
@@ -106,10 +107,8 @@ def build(ns, R, W, NT, TK, RM, RN, dev):
     GTMP = GTM + 1      # padded shared rows (shapes must be compile-time constants)
     GTNP = GTN + 1
     DBN = (GTN + GNT - 1) // GNT
-    philox4x32, pick, philox_word = ns.philox4x32, ns.pick, ns.philox_word
-    normal_of, normal_at, noisy = ns.normal_of, ns.normal_at, ns.noisy
-    forward_value, backward_value = ns.forward_value, ns.backward_value
-    noise_forward_value, noise_backward_value = ns.noise_forward_value, ns.noise_backward_value
+    philox_word, normal_at, noisy = ns.philox_word, ns.normal_at, ns.noisy
+    dense_epilogue = ns.dense_epilogue
     sce_row, sce_grad, pointwise_loss = ns.sce_row, ns.sce_grad, ns.pointwise_loss
     loss_scale, record_batch_loss = ns.loss_scale, ns.record_batch_loss
     update_chunk, group_penalty_cols, column_pass = (ns.update_chunk, ns.group_penalty_cols,
@@ -180,7 +179,7 @@ def build(ns, R, W, NT, TK, RM, RN, dev):
         """The micro-tiles in acc -> H[1 - cur] (and global memory) through layer l's
         epilogue: forward (MODE_TRAIN / MODE_INFER) takes acc = x @ W_l; backward
         (MODE_BACK) takes acc = dL/d(out_l) and leaves dL/dz_l. One Philox call per group of
-        4 consecutive elements, as in cuda.gemm_problem."""
+        4 consecutive elements (cuda.dense_epilogue, as the tiled GEMM)."""
         tid = cuda.threadIdx.x
         O = lay_i[l, FI_OUT]
         boff = lay_i[l, FI_B]
@@ -195,11 +194,12 @@ def build(ns, R, W, NT, TK, RM, RN, dev):
         nstd = lay_f[l, FF_NSTD]
         yoff = lay_i[l, FI_Y]
         poff = lay_i[l, FI_PRE]
-        want_n = noise != C.NOISE_NONE and (mode == MODE_TRAIN or noise == C.NOISE_MUL)
+        epi = EPI_BACKWARD if mode == MODE_BACK else EPI_FORWARD
+        keep = mode == MODE_TRAIN and noise != C.NOISE_NONE and poff >= 0
         ntc = (O + RN - 1) // RN
         ntiles = ((nr + RM - 1) // RM) * ntc
-        lw = np.uint64(l) & MASK
-        sw = np.uint64(step) & MASK
+        wc = cuda.local.array(5, numba.uint64)     # Philox group caches: dropout, noise
+        nc = cuda.local.array(5, numba.uint64)
         for s in range(TPT):
             t = s * NT + tid
             if t < ntiles:
@@ -209,57 +209,27 @@ def build(ns, R, W, NT, TK, RM, RN, dev):
                     row = tr * RM + r
                     if row < nr:
                         i = row0 + row
-                        gcache = -1
-                        w0 = U0
-                        w1 = U0
-                        w2 = U0
-                        w3 = U0
-                        ncache = -1
-                        n0 = U0
-                        n1 = U0
-                        n2 = U0
-                        n3 = U0
+                        wc[0] = U0
+                        nc[0] = U0
                         for c in range(RN):
                             j = tc * RN + c
                             if j < O:
-                                v = acc[s, r, c]
                                 e = i * O + j
-                                g = e >> 2
-                                word = U0
-                                if thr > 0:
-                                    if g != gcache:
-                                        w0, w1, w2, w3 = philox4x32(
-                                            np.uint64(g), sw, lw, np.uint64(STREAM_DROPOUT),
-                                            k0, k1)
-                                        gcache = g
-                                    word = pick(w0, w1, w2, w3, e & 3)
-                                nrm = ZERO
-                                if want_n:
-                                    if g != ncache:
-                                        n0, n1, n2, n3 = philox4x32(
-                                            np.uint64(g), sw, lw, np.uint64(STREAM_NOISE),
-                                            k0, k1)
-                                        ncache = g
-                                    nrm = FT(normal_of(n0, n1, n2, n3, e & 3))
+                                stored = ZERO
                                 if mode == MODE_BACK:
-                                    if noise != C.NOISE_NONE:
-                                        p = PRE[poff + e] if act != C.ACT_LINEAR else ZERO
-                                        v = noise_backward_value(v, p, act, slope, thr, scale,
-                                                                 word, noise, nstd, nrm)
-                                    else:
-                                        v = backward_value(v, ACTS[yoff + e], act, slope, thr,
-                                                           scale, word)
+                                    if noise == C.NOISE_NONE:
+                                        stored = ACTS[yoff + e]
+                                    elif act != C.ACT_LINEAR:
+                                        stored = PRE[poff + e]
+                                bj = P[boff + j] if (mode != MODE_BACK and boff >= 0) else ZERO
+                                v, a = dense_epilogue(acc[s, r, c], epi, boff >= 0, bj, act,
+                                                      slope, thr, scale, noise, nstd, stored, e,
+                                                      wc, nc, k0, k1, step, l)
+                                if mode == MODE_BACK:
                                     DZS[yoff + e] = v
                                 else:
-                                    if boff >= 0:
-                                        v = v + P[boff + j]
-                                    if noise != C.NOISE_NONE:
-                                        v, a = noise_forward_value(v, act, slope, thr, scale,
-                                                                   word, noise, nstd, nrm)
-                                        if poff >= 0:
-                                            PRE[poff + e] = a
-                                    else:
-                                        v = forward_value(v, act, slope, thr, scale, word)
+                                    if keep:
+                                        PRE[poff + e] = a
                                     if mode == MODE_TRAIN:
                                         ACTS[yoff + e] = v
                                 H[1 - cur, row, j] = v
@@ -285,9 +255,13 @@ def build(ns, R, W, NT, TK, RM, RN, dev):
         mixed = loss == C.LOSS_SCE and Y.shape[1] == C.SCE_MIXED_WIDTH
         c, _ = loss_scale(loss, n, K)
         z = H[cur]
+        wc = cuda.local.array(5, numba.uint64)     # Philox group caches: dropout, noise
+        nc = cuda.local.array(5, numba.uint64)
         for r in range(tid, nr, NT):
             i = row0 + r
             src = perm[start + i]
+            wc[0] = U0
+            nc[0] = U0
             total = 0.0
             zmax = ZERO
             s = ONE
@@ -304,16 +278,11 @@ def build(ns, R, W, NT, TK, RM, RN, dev):
                     l64, g = pointwise_loss(zz, Y[src, k], loss, c)
                     total += l64
                 e = i * K + k
-                word = philox_word(e, k0, k1, step, last, STREAM_DROPOUT) if thr > 0 else U0
+                stored = zz
                 if noise != C.NOISE_NONE:
-                    nrm = ZERO
-                    if noise == C.NOISE_MUL:
-                        nrm = FT(normal_at(e, k0, k1, step, last, STREAM_NOISE))
-                    p = PRE[poff + e] if act != C.ACT_LINEAR else ZERO
-                    dz = noise_backward_value(g, p, act, slope, thr, scale, word, noise, nstd,
-                                              nrm)
-                else:
-                    dz = backward_value(g, zz, act, slope, thr, scale, word)
+                    stored = PRE[poff + e] if act != C.ACT_LINEAR else ZERO
+                dz, _ = dense_epilogue(g, EPI_BACKWARD, False, ZERO, act, slope, thr, scale,
+                                       noise, nstd, stored, e, wc, nc, k0, k1, step, last)
                 z[r, k] = dz
                 DZS[yoff + e] = dz
             rowloss[r] = total
