@@ -1259,18 +1259,30 @@ cdef void _column_norms(real* w, Py_ssize_t R, Py_ssize_t O, double* colnorm) no
         colnorm[j] = sqrt(colnorm[j])
 
 
+cdef void _scale_cols(real* w, Py_ssize_t R, Py_ssize_t O, double* scale) noexcept nogil:
+    """w[:, j] *= scale[j] (each scale already rounded to the param dtype), row by row: W is
+    row-major, so a column at a time would stride by O."""
+    cdef Py_ssize_t i, j
+    cdef real* row
+    for i in range(R):
+        row = w + i * O
+        for j in range(O):
+            row[j] = row[j] * <real>scale[j]
+
+
 cdef void _maxnorm_cols(real* w, Py_ssize_t R, Py_ssize_t O, double c,
                         double* colnorm) noexcept nogil:
-    cdef Py_ssize_t i, j
-    cdef double n
-    cdef real s
+    cdef Py_ssize_t j
+    cdef bint any_over = False
     _column_norms(w, R, O, colnorm)
-    for j in range(O):
-        n = colnorm[j]
-        if n > c:
-            s = <real>(c / n)       # rounded to the param dtype, as the reference does
-            for i in range(R):
-                w[i * O + j] = w[i * O + j] * s
+    for j in range(O):      # colnorm[j] becomes the column's scale (1: untouched)
+        if colnorm[j] > c:
+            colnorm[j] = <double><real>(c / colnorm[j])   # rounded to the param dtype, as
+            any_over = True                                # the reference does
+        else:
+            colnorm[j] = 1.0
+    if any_over:
+        _scale_cols(w, R, O, colnorm)
 
 
 cdef void _group_prox_cols(real* w, real* v, Py_ssize_t R, Py_ssize_t O, int opt,
@@ -1280,7 +1292,6 @@ cdef void _group_prox_cols(real* w, real* v, Py_ssize_t R, Py_ssize_t O, int opt
     of reference.group_thresholds; colnorm and coltau hold >= O doubles each."""
     cdef Py_ssize_t i, j
     cdef double n, step, bc2, eps
-    cdef real s
     if opt == OPT_SGD:
         for j in range(O):
             coltau[j] = lr * group
@@ -1296,14 +1307,13 @@ cdef void _group_prox_cols(real* w, real* v, Py_ssize_t R, Py_ssize_t O, int opt
         for j in range(O):
             coltau[j] = group * step / (coltau[j] / R)
     _column_norms(w, R, O, colnorm)
-    for j in range(O):
+    for j in range(O):      # colnorm[j] becomes the column's scale
         n = colnorm[j]
         if n > coltau[j]:
-            s = <real>(1.0 - coltau[j] / n)   # rounded to the param dtype, as the reference
-        else:
-            s = 0
-        for i in range(R):
-            w[i * O + j] = w[i * O + j] * s
+            colnorm[j] = <double><real>(1.0 - coltau[j] / n)   # rounded to the param dtype,
+        else:                                                 # as the reference does
+            colnorm[j] = 0.0
+    _scale_cols(w, R, O, colnorm)
 
 
 cdef double _penalized_update(real* w, real* g, real* m, real* v, Py_ssize_t R, Py_ssize_t O,
