@@ -54,6 +54,21 @@ PENALTY_IDS = ["none", "l2", "l1-prox", "l1-subgrad+l2", "l2+maxnorm", "group",
                "l1+l2+maxnorm+group"]
 
 
+def central_difference(f, p, eps=1e-6):
+    """d f() / d p by central differences: each element of p (float64) moved by +-eps in
+    place, f() evaluated, the element restored exactly."""
+    num = np.zeros_like(p)
+    for i in np.ndindex(p.shape):
+        old = p[i]
+        p[i] = old + eps
+        up = f()
+        p[i] = old - eps
+        down = f()
+        p[i] = old
+        num[i] = (up - down) / (2 * eps)
+    return num
+
+
 def check_penalized_update(ops, assert_close, dtype, opt, b1, nesterov, l1, l2, proximal,
                            maxnorm, group, shape):
     """One fused update of `ops` against the reference on fresh inputs: the penalty, w, m, v,

@@ -11,7 +11,7 @@ import fastreg as fr
 from fastreg import backend as backends
 from fastreg.kernels import driver
 
-from netutil import fresh_rng, randn
+from netutil import central_difference, fresh_rng, randn
 
 N_IN = 5
 
@@ -60,17 +60,8 @@ def test_gradient_check_float64_numpy():
     total, grads = model._objective_and_gradients(X, y, step)
     assert np.isfinite(total) and len(grads) == len(model.weight_names())
     params = [p for pair in zip(model._W, model._b) for p in pair]
-    eps = 1e-6
     for name, p, g in zip(model.weight_names(), params, grads):
-        num = np.zeros_like(p)
-        for i in np.ndindex(p.shape):
-            old = p[i]
-            p[i] = old + eps
-            up = model._objective_and_gradients(X, y, step)[0]
-            p[i] = old - eps
-            down = model._objective_and_gradients(X, y, step)[0]
-            p[i] = old
-            num[i] = (up - down) / (2 * eps)
+        num = central_difference(lambda: model._objective_and_gradients(X, y, step)[0], p)
         np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8, err_msg=name)
 
 
@@ -523,17 +514,8 @@ def check_gradients(model, X, y, step):
     assert np.isfinite(total) and len(grads) == len(params) == len(names)
     for a, b in zip(model._bn_stats, stats):
         np.testing.assert_array_equal(a, b)
-    eps = 1e-6
     for name, p, g in zip(names, params, grads):
-        num = np.zeros_like(p)
-        for i in np.ndindex(p.shape):
-            old = p[i]
-            p[i] = old + eps
-            up = model._objective_and_gradients(X, y, step)[0]
-            p[i] = old - eps
-            down = model._objective_and_gradients(X, y, step)[0]
-            p[i] = old
-            num[i] = (up - down) / (2 * eps)
+        num = central_difference(lambda: model._objective_and_gradients(X, y, step)[0], p)
         np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-7, err_msg=name)
         bn_name = name.replace("/dense_", "/batchnorm_")[:-2] + "/gamma"
         if name.endswith("/b") and bn_name in names:

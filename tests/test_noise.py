@@ -14,7 +14,7 @@ from fastreg.kernels.philox import (STREAM_DROPOUT, STREAM_INPUT_NOISE, STREAM_N
                                     dropout_scale, dropout_threshold, philox_words,
                                     standard_normals)
 
-from netutil import fresh_rng, randn, small_cuda_tiles
+from netutil import central_difference, fresh_rng, randn, small_cuda_tiles
 
 ACTS = [C.ACT_LINEAR, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_TANH, C.ACT_SIGMOID]
 NOISES = [C.NOISE_ADD, C.NOISE_MUL]
@@ -95,17 +95,8 @@ def test_reference_gradient_by_central_differences(act, noise, rate):
         R.dense_forward(x_, W_, b_, out, *args, *key, *nz)
         return float((out * G).sum())
 
-    eps = 1e-6
     for arr, grad in ((W, dW), (b, db), (x, dx)):
-        num = np.zeros_like(arr)
-        for idx in np.ndindex(arr.shape):
-            old = arr[idx]
-            arr[idx] = old + eps
-            up = loss(x, W, b)
-            arr[idx] = old - eps
-            down = loss(x, W, b)
-            arr[idx] = old
-            num[idx] = (up - down) / (2 * eps)
+        num = central_difference(lambda: loss(x, W, b), arr)
         np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-7)
 
 
