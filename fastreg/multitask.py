@@ -110,7 +110,7 @@ from . import optimizers as O
 from .callbacks import Callback
 from .kernels import contract as C
 from .kernels import driver, threads
-from .kernels.philox import MASK32, mc_layer_word
+from .kernels.philox import MASK32
 from .progress import EpochProgress
 from .validation import as_features, as_targets, check_positive_int
 
@@ -531,7 +531,7 @@ class MultiTask:
                 if net.bs[l].size:
                     pen += ops.penalized_update(net.bs[l], net.dbs[l], net.mb[l], net.vb[l],
                                                 net.hpb[l], net.opt, t)
-                if _bn_on(net, l):
+                if driver.bn_on(net, l):
                     pen += ops.penalized_update(net.gbs[l].reshape(-1),
                                                 net.dgbs[l].reshape(-1),
                                                 net.mgb[l].reshape(-1), net.vgb[l].reshape(-1),
@@ -588,7 +588,7 @@ class MultiTask:
         for net in ws.nets:
             for l in range(net.n_layers):
                 grads += [net.dWs[l].copy(), net.dbs[l].copy()]
-                if _bn_on(net, l):
+                if driver.bn_on(net, l):
                     grads += [net.dgbs[l][C.BN_GAMMA].copy(), net.dgbs[l][C.BN_BETA].copy()]
         return total, grads
 
@@ -929,40 +929,14 @@ def _from_config(cfg, files, backend=None):
 
 
 # ---------------------------------------------------------------- per-op passes of a part
-def _bn_on(net, l):
-    """Whether dense layer l of a training net runs BatchNorm (driver.train_epoch's test)."""
-    return net.li.shape[1] > C.LI_BN and bool(net.li[l, C.LI_BN])
-
-
-def _noise_args(net, l, n):
-    """The noise arguments of layer l's kernels, as driver.train_epoch passes them: (noise,
-    noise_std, pre). Empty for a BatchNorm layer without noise (the BatchNorm kernels take
-    no noise arguments where noise after a BatchNorm is not supported)."""
-    noise, std = driver.noise_of(net, l)
-    if _bn_on(net, l) and noise == C.NOISE_NONE:
-        return ()
-    return noise, std, net.pres[l][:n]
-
-
 def _forward(ops, net, x, n, step, base):
     """The training forward of a part's dense layers (Philox words base + l); returns each
     layer's input (what its backward reads)."""
     inputs = []
     for l in range(net.n_layers):
         inputs.append(x)
-        out = net.acts[l][:n]
-        if _bn_on(net, l):
-            ops.bn_dense_forward(x, net.Ws[l], net.bs[l], out, net.xhats[l][:n], net.gbs[l],
-                                 net.saves[l], net.li[l, C.LI_ACT], net.lf[l, C.LF_SLOPE],
-                                 net.li[l, C.LI_DROP_THR], net.lf[l, C.LF_DROP_SCALE],
-                                 net.lf[l, C.LF_BN_EPS], net.seed, step, base + l,
-                                 *_noise_args(net, l, n))
-        else:
-            ops.dense_forward(x, net.Ws[l], net.bs[l], out, net.li[l, C.LI_ACT],
-                              net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
-                              net.lf[l, C.LF_DROP_SCALE], net.seed, step, base + l,
-                              *_noise_args(net, l, n))
-        x = out
+        driver.layer_forward(ops, net, l, x, n, step, base + l)
+        x = net.acts[l][:n]
     return inputs
 
 
@@ -971,19 +945,7 @@ def _backward(ops, net, inputs, n, step, base, dx_in):
     BatchNorm layer's backward also updates its running statistics."""
     for l in range(net.n_layers - 1, -1, -1):
         dx = net.grads[l - 1][:n] if l > 0 else dx_in
-        if _bn_on(net, l):
-            ops.bn_dense_backward(net.grads[l][:n], net.acts[l][:n], net.xhats[l][:n],
-                                  inputs[l], net.Ws[l], net.gbs[l], net.stats[l], net.saves[l],
-                                  net.dWs[l], net.dbs[l], net.dgbs[l], dx, net.li[l, C.LI_ACT],
-                                  net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
-                                  net.lf[l, C.LF_DROP_SCALE], net.lf[l, C.LF_BN_MOMENTUM],
-                                  net.seed, step, base + l, *_noise_args(net, l, n))
-        else:
-            ops.dense_backward(net.grads[l][:n], net.acts[l][:n], inputs[l], net.Ws[l],
-                               net.dWs[l], net.dbs[l], dx, net.li[l, C.LI_ACT],
-                               net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
-                               net.lf[l, C.LF_DROP_SCALE], net.seed, step, base + l,
-                               *_noise_args(net, l, n))
+        driver.layer_backward(ops, net, l, inputs[l], dx, n, step, base + l)
 
 
 def _input_transform(ops, net, x, n, step, base):
@@ -1019,21 +981,9 @@ def _mc_buffers(net, rows):
 
 
 def _mc_forward(ops, net, bufs, x, seed, step, base):
-    """One MC pass of an inference net over stacked rows: training's dropout and noise,
-    Philox layer words mc_layer_word(base + l) (driver.mc_dropout_forward's)."""
-    m = x.shape[0]
-    if bufs.xdrop is not None:
-        ops.input_dropout(x, bufs.xdrop[:m], net.li[0, C.LI_IN_DROP_THR],
-                          net.lf[0, C.LF_IN_DROP_SCALE], seed, step, mc_layer_word(base),
-                          *driver.input_noise_of(net))
-        x = bufs.xdrop[:m]
-    for l in range(net.n_layers):
-        ops.dense_forward(x, net.Ws[l], net.bs[l], bufs.acts[l][:m], net.li[l, C.LI_ACT],
-                          net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
-                          net.lf[l, C.LF_DROP_SCALE], seed, step, mc_layer_word(base + l),
-                          *driver.noise_of(net, l))
-        x = bufs.acts[l][:m]
-    return x
+    """One MC pass of a part over stacked rows (driver.mc_forward_pass, layer words from
+    base)."""
+    return driver.mc_forward_pass(ops, net, x, bufs.acts, bufs.xdrop, seed, step, base)
 
 
 def _thread_policy(ops, batch, Ws):

@@ -142,6 +142,45 @@ def kept_bytes_per_element(net):
     return net.dtype.itemsize * (units + bn + pre) / units
 
 
+def bn_on(net, l):
+    """Whether dense layer l of a training plan runs BatchNorm."""
+    return net.li.shape[1] > C.LI_BN and bool(net.li[l, C.LI_BN])
+
+
+def layer_forward(ops, net, l, x, n, step, word):
+    """Dense layer l's training forward over the first n rows: x -> net.acts[l][:n] through
+    the BatchNorm kernel or the plain one, noise and dropout on Philox layer word `word`."""
+    if bn_on(net, l):
+        ops.bn_dense_forward(x, net.Ws[l], net.bs[l], net.acts[l][:n], net.xhats[l][:n],
+                             net.gbs[l], net.saves[l], net.li[l, C.LI_ACT],
+                             net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
+                             net.lf[l, C.LF_DROP_SCALE], net.lf[l, C.LF_BN_EPS], net.seed,
+                             step, word, *noise_of(net, l), net.pres[l][:n])
+    else:
+        ops.dense_forward(x, net.Ws[l], net.bs[l], net.acts[l][:n], net.li[l, C.LI_ACT],
+                          net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
+                          net.lf[l, C.LF_DROP_SCALE], net.seed, step, word,
+                          *noise_of(net, l), net.pres[l][:n])
+
+
+def layer_backward(ops, net, l, x, dx, n, step, word):
+    """Dense layer l's backward: net.grads[l][:n] holds dL/d(output) -> dW, db (dgb, and the
+    running statistics of a BatchNorm layer), and dx = dL/d(input) unless dx has size 0.
+    x is the layer's input of the forward."""
+    if bn_on(net, l):
+        ops.bn_dense_backward(net.grads[l][:n], net.acts[l][:n], net.xhats[l][:n], x,
+                              net.Ws[l], net.gbs[l], net.stats[l], net.saves[l], net.dWs[l],
+                              net.dbs[l], net.dgbs[l], dx, net.li[l, C.LI_ACT],
+                              net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
+                              net.lf[l, C.LF_DROP_SCALE], net.lf[l, C.LF_BN_MOMENTUM],
+                              net.seed, step, word, *noise_of(net, l), net.pres[l][:n])
+    else:
+        ops.dense_backward(net.grads[l][:n], net.acts[l][:n], x, net.Ws[l], net.dWs[l],
+                           net.dbs[l], dx, net.li[l, C.LI_ACT], net.lf[l, C.LF_SLOPE],
+                           net.li[l, C.LI_DROP_THR], net.lf[l, C.LF_DROP_SCALE], net.seed,
+                           step, word, *noise_of(net, l), net.pres[l][:n])
+
+
 def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
     """One epoch in Python over `ops` kernels; returns (loss_sum, penalty_sum, steps, finite).
 
@@ -150,7 +189,7 @@ def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
     """
     n_total = perm.shape[0]   # the rows of this call: an epoch or a chunk of whole batches
     L = net.n_layers
-    bn = [net.li.shape[1] > C.LI_BN and bool(net.li[l, C.LI_BN]) for l in range(L)]
+    bn = [bn_on(net, l) for l in range(L)]
     loss_sum = 0.0
     pen_sum = 0.0
     steps = 0
@@ -173,18 +212,7 @@ def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
         inputs = []
         for l in range(L):
             inputs.append(x)
-            if bn[l]:
-                ops.bn_dense_forward(x, net.Ws[l], net.bs[l], net.acts[l][:n],
-                                     net.xhats[l][:n], net.gbs[l], net.saves[l],
-                                     net.li[l, C.LI_ACT], net.lf[l, C.LF_SLOPE],
-                                     net.li[l, C.LI_DROP_THR], net.lf[l, C.LF_DROP_SCALE],
-                                     net.lf[l, C.LF_BN_EPS], net.seed, step, l,
-                                     *noise_of(net, l), net.pres[l][:n])
-            else:
-                ops.dense_forward(x, net.Ws[l], net.bs[l], net.acts[l][:n],
-                                  net.li[l, C.LI_ACT], net.lf[l, C.LF_SLOPE],
-                                  net.li[l, C.LI_DROP_THR], net.lf[l, C.LF_DROP_SCALE],
-                                  net.seed, step, l, *noise_of(net, l), net.pres[l][:n])
+            layer_forward(ops, net, l, x, n, step, l)
             x = net.acts[l][:n]
         batch_loss = ops.loss_forward_backward(net.acts[L - 1][:n], yb, net.grads[L - 1][:n],
                                                net.loss)
@@ -194,20 +222,7 @@ def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
         pen = 0.0
         for l in range(L - 1, -1, -1):
             dx = net.grads[l - 1][:n] if l > 0 else empty
-            if bn[l]:
-                ops.bn_dense_backward(net.grads[l][:n], net.acts[l][:n], net.xhats[l][:n],
-                                      inputs[l], net.Ws[l], net.gbs[l], net.stats[l],
-                                      net.saves[l], net.dWs[l], net.dbs[l], net.dgbs[l], dx,
-                                      net.li[l, C.LI_ACT], net.lf[l, C.LF_SLOPE],
-                                      net.li[l, C.LI_DROP_THR], net.lf[l, C.LF_DROP_SCALE],
-                                      net.lf[l, C.LF_BN_MOMENTUM], net.seed, step, l,
-                                      *noise_of(net, l), net.pres[l][:n])
-            else:
-                ops.dense_backward(net.grads[l][:n], net.acts[l][:n], inputs[l], net.Ws[l],
-                                   net.dWs[l], net.dbs[l], dx, net.li[l, C.LI_ACT],
-                                   net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
-                                   net.lf[l, C.LF_DROP_SCALE], net.seed, step, l,
-                                   *noise_of(net, l), net.pres[l][:n])
+            layer_backward(ops, net, l, inputs[l], dx, n, step, l)
             # Layer l's weights are not read again this step: update them while dW is hot.
             pen += ops.penalized_update(net.Ws[l], net.dWs[l], net.mW[l], net.vW[l],
                                         net.hpW[l], net.opt, t)
@@ -258,6 +273,27 @@ def has_dropout(net):
                 or any(noise_of(net, l)[0] for l in range(net.n_layers)))
 
 
+def mc_forward_pass(ops, net, x, acts, xdrop, seed, step, base=0):
+    """One MC pass of an inference plan over the stacked rows x (m of them): input noise and
+    dropout into xdrop (None: the plan has none), then every layer into acts[l][:m] with its
+    training dropout and noise, Philox layer words mc_layer_word(base + l). Returns the
+    output rows. (base: the first layer's word, for a part of a MultiTask.)"""
+    from .philox import mc_layer_word  # here: philox imports Numba, which cython needs not
+    m = x.shape[0]
+    if xdrop is not None:
+        ops.input_dropout(x, xdrop[:m], net.li[0, C.LI_IN_DROP_THR],
+                          net.lf[0, C.LF_IN_DROP_SCALE], seed, step, mc_layer_word(base),
+                          *input_noise_of(net))
+        x = xdrop[:m]
+    for l in range(net.n_layers):
+        ops.dense_forward(x, net.Ws[l], net.bs[l], acts[l][:m], net.li[l, C.LI_ACT],
+                          net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
+                          net.lf[l, C.LF_DROP_SCALE], seed, step, mc_layer_word(base + l),
+                          *noise_of(net, l))
+        x = acts[l][:m]
+    return x
+
+
 def mc_dropout_forward(ops, net, X, n_samples, seed, step0, loss):
     """MC dropout: (mean, std, passes) of the outputs over `n_samples` dropout masks per row.
 
@@ -275,7 +311,7 @@ def mc_dropout_forward(ops, net, X, n_samples, seed, step0, loss):
     returned in the net's dtype. Without any dropout every sample is the plain forward:
     mean is that, std is exactly 0, and no pass is drawn (passes = 0).
     """
-    from .philox import MASK32, mc_layer_word  # here: philox imports Numba, cython needs not
+    from .philox import MASK32  # here: philox imports Numba, which cython needs not
     N = X.shape[0]
     K = net.Ws[-1].shape[1]
     n = int(n_samples)
@@ -289,24 +325,13 @@ def mc_dropout_forward(ops, net, X, n_samples, seed, step0, loss):
     rows = mc_rows_per_pass(n)
     stacked = min(rows, N) * n
     bufs = [np.empty((stacked, W.shape[1]), net.dtype) for W in net.Ws]
-    in_thr = net.li[0, C.LI_IN_DROP_THR]
     xdrop = np.empty((stacked, X.shape[1]), net.dtype) if has_input_transform(net) else None
     passes = 0
     for start in range(0, N, rows):
         xs = np.repeat(X[start:start + rows], n, axis=0)
         m = xs.shape[0]
         step = (int(step0) + passes) & MASK32
-        x = xs
-        if xdrop is not None:
-            ops.input_dropout(xs, xdrop[:m], in_thr, net.lf[0, C.LF_IN_DROP_SCALE], seed, step,
-                              mc_layer_word(0), *input_noise_of(net))
-            x = xdrop[:m]
-        for l in range(net.n_layers):
-            ops.dense_forward(x, net.Ws[l], net.bs[l], bufs[l][:m], net.li[l, C.LI_ACT],
-                              net.lf[l, C.LF_SLOPE], net.li[l, C.LI_DROP_THR],
-                              net.lf[l, C.LF_DROP_SCALE], seed, step, mc_layer_word(l),
-                              *noise_of(net, l))
-            x = bufs[l][:m]
+        x = mc_forward_pass(ops, net, xs, bufs, xdrop, seed, step)
         p = np.asarray(ops.output_transform(x, loss), np.float64).reshape(m // n, n, K)
         mean[start:start + m // n] = p.mean(axis=1)
         std[start:start + m // n] = p.std(axis=1)
