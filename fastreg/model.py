@@ -904,6 +904,7 @@ class PruneState:
                     l += 1
                 layers.append(layer)
             model.layers = layers
+            model.input_dim = int(self.Ws[0].shape[0])   # a MultiTask head: the pruned trunk
             model._W, model._b = self.Ws, self.bs
             model._bn, model._bn_stats = self.gbs, self.stats
             m = self.moments
