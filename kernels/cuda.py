@@ -104,7 +104,8 @@ FUSED_THREAD_N = 4         # a 32 x 64 layer tile
 # backward deltas, weight gradients) train a whole epoch in ONE launch of one block
 # (cuda_fused.fused_epoch): a launch from Python costs tens of microseconds, about what one
 # SM needs for this much arithmetic. Bigger steps take the 3-launch multi-block path. A first
-# guess, to calibrate on a GPU (python -m fastreg.kernels.cuda_bench reports both).
+# guess, to calibrate on a GPU (python -m fastreg.kernels.cuda_bench reports both). Like
+# FUSED_MAX_WIDTH, read when a net's device state is built (cuda.invalidate(net) re-decides).
 FUSED_EPOCH_MAX_MACS = 1 << 23
 
 EPI_NONE = 0

@@ -440,19 +440,20 @@ def build(ns, R, W, NT, TK, RM, RN, dev):
                 _, denom = loss_scale(loss, n, K)
                 record_batch_loss(status, total / denom, True, weight)
             cuda.syncthreads()
-            if status[ST_STOP] == 0.0:      # uniform: read by every thread after the barrier
-                t = t0 + si
-                for b in range(ncol):
-                    group_penalty_cols(b, NT, P, cp_seg, cp_col, seg_off, seg_rows, seg_cols,
-                                       seg_hp, status, weight)
-                cuda.syncthreads()
-                for b in range(nblk):
-                    update_chunk(b, NT, coef, red1, red2, P, G, Mm, Vv, blk_seg, blk_lo, blk_hi,
-                                 seg_hp, seg_has_m, opt, t, status, weight)
-                for b in range(ncol):
-                    column_pass(b, NT, P, Vv, cp_seg, cp_col, seg_off, seg_rows, seg_cols,
-                                seg_hp, opt, t)
-                cuda.syncthreads()
+            if status[ST_STOP] != 0.0:      # a non-finite loss: stop before the update, as
+                break                       # the CPU does (uniform: read after the barrier)
+            t = t0 + si
+            for b in range(ncol):
+                group_penalty_cols(b, NT, P, cp_seg, cp_col, seg_off, seg_rows, seg_cols,
+                                   seg_hp, status, weight)
+            cuda.syncthreads()
+            for b in range(nblk):
+                update_chunk(b, NT, coef, red1, red2, P, G, Mm, Vv, blk_seg, blk_lo, blk_hi,
+                             seg_hp, seg_has_m, opt, t, status, weight)
+            for b in range(ncol):
+                column_pass(b, NT, P, Vv, cp_seg, cp_col, seg_off, seg_rows, seg_cols, seg_hp,
+                            opt, t)
+            cuda.syncthreads()
 
     @cuda.jit
     def fused_forward(X, out, P, lay_i, lay_f):
