@@ -197,9 +197,12 @@ class TorchCudaEngine(TorchEngine):
     time is the device's. Unavailable without a CUDA build of torch and a GPU."""
 
     name = "torch-cuda"
-    # the fused native_dropout on CUDA keeps a bool mask: 4 (ReLU output) + 1 + 4 (next input)
+    # An estimate, not a measurement (measure_torch_kept_bytes runs on the CPU): on CUDA,
+    # nn.Dropout is the fused native_dropout, which keeps a bool mask: 4 (ReLU output) + 1
+    # + 4 (the next Linear's input).
     kept_bytes_per_element = 9.0
-    notes = "PyTorch eager, CUDA; dropout with torch's own RNG (masks differ from fastreg's)"
+    notes = ("PyTorch eager, CUDA; dropout with torch's own RNG (masks differ from fastreg's); "
+             "B/el estimated from native_dropout's bool mask, not measured")
 
     @staticmethod
     def available():

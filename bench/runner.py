@@ -119,10 +119,11 @@ GPU_ENGINES = ("fastreg-cuda", "torch-cuda")
 PEER_ABBREV = {"torch": "to", "torch-cuda": "tc", "jax": "ja", "sklearn": "sk"}
 
 
-def gpu_gemm_ceiling_seconds(workload, repeats=5):
-    """The GPU twin of gemm_ceiling_seconds: the epoch's GEMMs back to back through cuBLAS
-    (CuPy's matmul, else torch's on device "cuda"), synchronized; None without either or
-    without a GPU (and under the numba-cuda simulator)."""
+def gpu_gemm_ceiling_seconds(workload, repeats=5, stack=64):
+    """The GPU twin of gemm_ceiling_seconds: the epoch's GEMMs through cuBLAS (CuPy's matmul,
+    else torch's on device "cuda"), each shape run as ONE batched GEMM over `stack` steps'
+    worth of operands, so that a Python call per small GEMM (~10 us) does not pose as
+    arithmetic; None without either library or a GPU (and under the numba-cuda simulator)."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
         return None
     mm = _gpu_matmul()
@@ -133,32 +134,27 @@ def gpu_gemm_ceiling_seconds(workload, repeats=5):
     B = workload.batch_size
     full, last = divmod(n, B)
     rng = np.random.default_rng(0)
-    seqs = [[tuple(to_device(a) for a in ops) for ops in _gemm_sequence(workload.gemm_shapes(m),
-                                                                        rng)]
-            for m in ((B, last) if last else (B,))]
 
-    def one_step(seq):
-        for a, b, out in seq:
+    def per_step(m, S):
+        """Seconds per step of the step's GEMMs at batch m, from S stacked steps."""
+        ops = [tuple(to_device(np.repeat(a[None], S, axis=0)) for a in trio)
+               for trio in _gemm_sequence(workload.gemm_shapes(m), rng)]
+        for a, b, out in ops:       # warm-up: cuBLAS picks its kernels
             matmul(a, b, out)
-
-    one_step(seqs[0])
-    sync()
-    steps = max(1, min(full, 200))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            one_step(seqs[0])
         sync()
-        t_full = (time.perf_counter() - t0) / steps
-        t_last = 0.0
-        if last:
+        times = []
+        for _ in range(repeats):
             t0 = time.perf_counter()
-            one_step(seqs[1])
+            for a, b, out in ops:
+                matmul(a, b, out)
             sync()
-            t_last = time.perf_counter() - t0
-        times.append(t_full * full + t_last)
-    return statistics.median(times)
+            times.append((time.perf_counter() - t0) / S)
+        return statistics.median(times)
+
+    total = per_step(B, max(1, min(full, stack))) * full
+    if last:
+        total += per_step(last, 1)
+    return total
 
 
 def _gpu_matmul():

@@ -1,6 +1,7 @@
 """The `fastreg` command line, end to end on small runs."""
 import json
 
+import numpy as np
 from click.testing import CliRunner
 
 from fastreg.cli import main
@@ -72,3 +73,25 @@ def test_gpu_rows_sit_beside_the_cpu_rows():
     console.print(render_table(res))
     text = console.export_text()
     assert "5.0xcpu" in text and "7.5xtc" in text and "GPU 2.00 ms/epoch (cuBLAS)" in text
+
+
+def test_gpu_ceiling_runs_each_shape_as_one_batched_gemm(monkeypatch):
+    """The cuBLAS ceiling's arithmetic, with NumPy standing in for the device (no GPU here):
+    one batched call per GEMM shape of a step, scaled to the epoch."""
+    from fastreg.bench import runner
+    from fastreg.bench.workloads import make_workload
+    calls = []
+
+    def matmul(a, b, out):
+        calls.append(a.shape)
+        np.matmul(a, b, out=out)
+
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
+    monkeypatch.setattr(runner, "_gpu_matmul", lambda: (matmul, np.asarray, lambda: None))
+    wl = make_workload("curve", quick=True)
+    t = runner.gpu_gemm_ceiling_seconds(wl, repeats=2, stack=4)
+    assert t > 0
+    per_step = len(wl.gemm_shapes(wl.batch_size))
+    assert calls[0][0] == 4 and len(calls) >= 3 * per_step    # warm-up + 2 repeats, batched
+    monkeypatch.setattr(runner, "_gpu_matmul", lambda: None)
+    assert runner.gpu_gemm_ceiling_seconds(wl) is None
