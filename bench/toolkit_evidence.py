@@ -159,7 +159,7 @@ def group_lasso_table(epochs):
     plain = trained(0.0)
     rows = []
     for lam in (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2):
-        model = plain if lam == 0.0 else trained(lam)
+        model = copy.deepcopy(plain) if lam == 0.0 else trained(lam)
         val = model.evaluate(Xv, yv)
         pred = model.predict(Xv)
         unpruned = copy.deepcopy(model)
