@@ -426,6 +426,29 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str, fused):
 
     # ------------------------------------------------------------ GEMM with fused epilogues
     @cuda.jit(**dev)
+    def tile_fma(As, Bs, acc, areg, breg, ty, tx):
+        """acc += this thread's RM x RN micro-tile of As^T Bs over one TK-deep shared stage
+        (As: TK x TM, Bs: TK x TN)."""
+        for kk in range(TK):
+            for r in range(RM):
+                areg[r] = As[kk, ty * RM + r]
+            for c in range(RN):
+                breg[c] = Bs[kk, tx * RN + c]
+            for r in range(RM):
+                for c in range(RN):
+                    acc[r, c] += areg[r] * breg[c]
+
+    @cuda.jit(**dev)
+    def stage_col_sums(dbacc, Bs, tid):
+        """dbacc[c] += the column sums of the stage Bs for the columns tid + c * NT (batch
+        rows in order, as the CPU sums db)."""
+        for c in range(DBN):
+            nn = tid + c * NT
+            if nn < TN:
+                for kk in range(TK):
+                    dbacc[c] += Bs[kk, nn]
+
+    @cuda.jit(**dev)
     def gemm_problem(As, Bs, acc, areg, breg, dbacc, A, B, Cm, ta, tb, M, N, K, epi, bias, has_bias,
                      act, slope, thr, scale, layer, eout, dbias, want_db, k0, k1, step, noise,
                      nstd):
@@ -476,19 +499,8 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str, fused):
                     Bs[kk, nn] = B[gn, gk] if (gn < N and gk < K) else ZERO
             cuda.syncthreads()
             if want_db:
-                for c in range(DBN):
-                    nn = tid + c * NT
-                    if nn < TN:
-                        for kk in range(TK):    # batch rows in order, as the CPU sums db
-                            dbacc[c] += Bs[kk, nn]
-            for kk in range(TK):
-                for r in range(RM):
-                    areg[r] = As[kk, ty * RM + r]
-                for c in range(RN):
-                    breg[c] = Bs[kk, tx * RN + c]
-                for r in range(RM):
-                    for c in range(RN):
-                        acc[r, c] += areg[r] * breg[c]
+                stage_col_sums(dbacc, Bs, tid)
+            tile_fma(As, Bs, acc, areg, breg, ty, tx)
             cuda.syncthreads()
         if want_db:
             for c in range(DBN):
@@ -1053,7 +1065,8 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str, fused):
     ns.__dict__.update(dict(
         TM=TM, TN=TN, TK=TK, RM=RM, RN=RN, NT=NT, NB=NB, CHUNK=CHUNK, dtype=dtype,
         ST_STOP=ST_STOP,
-        pick=pick, philox_word=philox_word, dense_epilogue=dense_epilogue, normal_of=normal_of, normal_at=normal_at,
+        pick=pick, philox_word=philox_word, dense_epilogue=dense_epilogue, tile_fma=tile_fma,
+        stage_col_sums=stage_col_sums, normal_of=normal_of, normal_at=normal_at,
         noisy=noisy, activate=activate, forward_value=forward_value,
         backward_value=backward_value, noise_forward_value=noise_forward_value,
         noise_backward_value=noise_backward_value, sce_row=sce_row, sce_grad=sce_grad,

@@ -108,7 +108,7 @@ def build(ns, R, W, NT, TK, RM, RN, dev):
     GTNP = GTN + 1
     DBN = (GTN + GNT - 1) // GNT
     philox_word, normal_at, noisy = ns.philox_word, ns.normal_at, ns.noisy
-    dense_epilogue = ns.dense_epilogue
+    dense_epilogue, tile_fma, stage_col_sums = ns.dense_epilogue, ns.tile_fma, ns.stage_col_sums
     sce_row, sce_grad, pointwise_loss = ns.sce_row, ns.sce_grad, ns.pointwise_loss
     loss_scale, record_batch_loss = ns.loss_scale, ns.record_batch_loss
     update_chunk, group_penalty_cols, column_pass = (ns.update_chunk, ns.group_penalty_cols,
@@ -542,19 +542,8 @@ def build(ns, R, W, NT, TK, RM, RN, dev):
                 Ds[kk, nn] = DZS[doff + rr * O + gj] if (rr < n and gj < O) else ZERO
             cuda.syncthreads()
             if want_db:
-                for c in range(DBN):
-                    nn = tid + c * GNT
-                    if nn < GTN:
-                        for kk in range(GTK):
-                            dbacc[c] += Ds[kk, nn]
-            for kk in range(GTK):
-                for r in range(GRM):
-                    areg[r] = Xs[kk, ty * GRM + r]
-                for c in range(GRN):
-                    breg[c] = Ds[kk, tx * GRN + c]
-                for r in range(GRM):
-                    for c in range(GRN):
-                        acc[r, c] += areg[r] * breg[c]
+                stage_col_sums(dbacc, Ds, tid)
+            tile_fma(Xs, Ds, acc, areg, breg, ty, tx)
             cuda.syncthreads()
         woff = lay_i[l, FI_W]
         for r in range(GRM):

@@ -151,22 +151,20 @@ def test_cuda_per_op_path_follows_numpy(monkeypatch):
     if not available("cuda"):
         pytest.skip("backend cuda is not available here")
     from fastreg.kernels import cuda as G
-    if G.on_simulator():
-        for name, value in (("TILE_M", 16), ("TILE_N", 16), ("TILE_K", 8), ("THREAD_M", 4),
-                            ("THREAD_N", 4), ("BLOCK", 16), ("UPDATE_PER_THREAD", 4)):
-            monkeypatch.setattr(G, name, value)
+    from netutil import small_cuda_tiles
     rng = fresh_rng()
     X = randn(rng, (6, 3))
     y = {"r": randn(rng, (6, 1)), "k": rng.integers(0, 2, 6)}
     out = {}
-    for name in ("numpy", "cuda"):
-        model = fr.MultiTask([fr.Dense(4, "relu", dropout=0.2)],
-                             {"r": ([fr.Dense(1)], "mse"),
-                              "k": ([fr.Dense(2)], "sparse_categorical_crossentropy", 0.5)},
-                             input_dim=3, seed=1)
-        model.compile(optimizer=fr.Adam(1e-2), backend=name)
-        h = model.fit(X, y, epochs=1, batch_size=6, verbose=0, shuffle=False)
-        out[name] = (model.get_weights(), h.history["loss"], model.predict(X))
+    with small_cuda_tiles(monkeypatch, G):
+        for name in ("numpy", "cuda"):
+            model = fr.MultiTask([fr.Dense(4, "relu", dropout=0.2)],
+                                 {"r": ([fr.Dense(1)], "mse"),
+                                  "k": ([fr.Dense(2)], "sparse_categorical_crossentropy", 0.5)},
+                                 input_dim=3, seed=1)
+            model.compile(optimizer=fr.Adam(1e-2), backend=name)
+            h = model.fit(X, y, epochs=1, batch_size=6, verbose=0, shuffle=False)
+            out[name] = (model.get_weights(), h.history["loss"], model.predict(X))
     for a, b in zip(out["numpy"][0], out["cuda"][0]):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out["cuda"][1], out["numpy"][1], rtol=1e-4)
