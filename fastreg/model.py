@@ -373,22 +373,10 @@ class Sequential:
         if not self.built:
             raise ValueError("the model is not built yet: pass input_dim to Sequential or "
                              "call fit/build first")
-        weights = list(weights)
         current = self._weight_list()
-        if len(weights) != len(current):
-            raise ValueError(f"set_weights expects {len(current)} arrays ([W0, b0, ...], and "
-                             f"gamma, beta, moving_mean, moving_variance after the W, b of a "
-                             f"Dense with BatchNorm), got {len(weights)}")
-        converted = []
-        for i, (new, cur) in enumerate(zip(weights, current)):
-            arr = np.asarray(new)
-            if arr.shape != cur.shape:
-                raise ValueError(f"weight {i} has shape {arr.shape}, expected {cur.shape}")
-            if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
-                raise ValueError(f"weight {i} must be finite numbers")
-            converted.append(arr.astype(self.dtype))
-        for cur, new in zip(current, converted):
-            cur[...] = new
+        assign_weights(current, weights, self.dtype, [""] * len(current),
+                       "[W0, b0, ...], and gamma, beta, moving_mean, moving_variance after the "
+                       "W, b of a Dense with BatchNorm")
 
     def penalty(self):
         """The current regularization term sum over layers (what history['penalty'] tracks)."""
@@ -915,6 +903,28 @@ class PruneState:
                            units_before=self.units_before, units_after=units_after,
                            params_before=self.params_before,
                            params_after=model.count_params(), kept=self.kept)
+
+
+def assign_weights(current, weights, dtype, labels, layout):
+    """set_weights of Sequential and MultiTask: validate every new array against the live
+    arrays `current` (count, shapes, finite numbers), then copy them all in, or raise and
+    change nothing. labels[i] follows "weight i" in the messages; layout says what the
+    expected list holds."""
+    weights = list(weights)
+    if len(weights) != len(current):
+        raise ValueError(f"set_weights expects {len(current)} arrays ({layout}), got "
+                         f"{len(weights)}")
+    converted = []
+    for i, (new, cur) in enumerate(zip(weights, current)):
+        arr = np.asarray(new)
+        if arr.shape != cur.shape:
+            raise ValueError(f"weight {i}{labels[i]} has shape {arr.shape}, expected "
+                             f"{cur.shape}")
+        if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+            raise ValueError(f"weight {i}{labels[i]} must be finite numbers")
+        converted.append(arr.astype(dtype))
+    for cur, new in zip(current, converted):
+        cur[...] = new
 
 
 def _check_mc_samples(n):

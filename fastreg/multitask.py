@@ -431,23 +431,8 @@ class MultiTask:
         if not self.built:
             raise ValueError("the model is not built yet: pass input_dim to MultiTask or call "
                              "fit/build first")
-        weights = list(weights)
-        current = self._weight_list()
-        if len(weights) != len(current):
-            raise ValueError(f"set_weights expects {len(current)} arrays (see "
-                             f"weight_names()), got {len(weights)}")
-        names = self.weight_names()
-        converted = []
-        for i, (new, cur) in enumerate(zip(weights, current)):
-            arr = np.asarray(new)
-            if arr.shape != cur.shape:
-                raise ValueError(f"weight {i} ({names[i]}) has shape {arr.shape}, expected "
-                                 f"{cur.shape}")
-            if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
-                raise ValueError(f"weight {i} ({names[i]}) must be finite numbers")
-            converted.append(arr.astype(self.dtype))
-        for cur, new in zip(current, converted):
-            cur[...] = new
+        M.assign_weights(self._weight_list(), weights, self.dtype,
+                         [f" ({name})" for name in self.weight_names()], "see weight_names()")
 
     def penalty(self):
         """The current regularization term, summed over every layer of trunk and heads."""
