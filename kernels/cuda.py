@@ -258,10 +258,15 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str, fused):
         return w3
 
     @cuda.jit(**dev)
+    def element_group(e, k0, k1, step, layer, stream):
+        """The 4 Philox words of element e's group (counter (e // 4, step, layer, stream))."""
+        return philox4x32(np.uint64(e >> 2), np.uint64(step) & MASK, np.uint64(layer) & MASK,
+                          np.uint64(stream) & MASK, k0, k1)
+
+    @cuda.jit(**dev)
     def philox_word(e, k0, k1, step, layer, stream):
         """The word of element e of the (seed, step, layer, stream) sequence."""
-        w0, w1, w2, w3 = philox4x32(np.uint64(e >> 2), np.uint64(step) & MASK,
-                                    np.uint64(layer) & MASK, np.uint64(stream) & MASK, k0, k1)
+        w0, w1, w2, w3 = element_group(e, k0, k1, step, layer, stream)
         return pick(w0, w1, w2, w3, e & 3)
 
     @cuda.jit(**dev)
@@ -334,8 +339,7 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str, fused):
     @cuda.jit(**dev)
     def normal_at(e, k0, k1, step, layer, stream):
         """The normal of element e of the (seed, step, layer, stream) sequence (float64)."""
-        w0, w1, w2, w3 = philox4x32(np.uint64(e >> 2), np.uint64(step) & MASK,
-                                    np.uint64(layer) & MASK, np.uint64(stream) & MASK, k0, k1)
+        w0, w1, w2, w3 = element_group(e, k0, k1, step, layer, stream)
         return normal_of(w0, w1, w2, w3, e & 3)
 
     @cuda.jit(**dev)
@@ -379,8 +383,7 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str, fused):
         it): one Philox call per group of 4 consecutive elements of a row."""
         g = np.uint64(e >> 2)
         if cache[0] != g + np.uint64(1):
-            w0, w1, w2, w3 = philox4x32(g, np.uint64(step) & MASK, np.uint64(layer) & MASK,
-                                        np.uint64(stream), k0, k1)
+            w0, w1, w2, w3 = element_group(e, k0, k1, step, layer, stream)
             cache[0] = g + np.uint64(1)
             cache[1] = w0
             cache[2] = w1
@@ -1522,7 +1525,7 @@ class _DeviceNet:
         self.fused = hasattr(ns, "fused_step") and max(widths) <= ns.FW and not any(self.bn)
         if not self.training:
             if self.fused:
-                self.lay_i, self.lay_f = self._fused_tables(net, widths, 0, [])
+                self.lay_i, self.lay_f = self._fused_tables(net, widths, np.zeros(L + 1), [])
             return
         self.G = cuda.device_array(total, dt)
         self.dWs = [self.G[views[("W", l)][0]:views[("W", l)][1]].reshape(net.Ws[l].shape)
@@ -1564,7 +1567,7 @@ class _DeviceNet:
             B, widths[l + 1]) if self.has_pre[l] else ns.dummy for l in range(L)]
         self.ybuf = cuda.device_array((B, net.ybuf.shape[1]), dt)
         if self.fused:
-            self.lay_i, self.lay_f = self._fused_tables(net, widths, B, pre_off)
+            self.lay_i, self.lay_f = self._fused_tables(net, widths, seg, pre_off)
             self.partials = cuda.device_array(max(1, -(-B // ns.FR)), np.float64)
         macs = 3 * B * sum(W.shape[0] * W.shape[1] for W in net.Ws)
         self.one_block_epoch = self.fused and macs <= FUSED_EPOCH_MAX_MACS
@@ -1572,16 +1575,16 @@ class _DeviceNet:
         self.data = None
         self._views = {}
 
-    def _fused_tables(self, net, widths, B, pre_off):
+    def _fused_tables(self, net, widths, seg, pre_off):
         """The per-layer tables of the fused kernels (cuda_fused.FI_* / FF_*): widths,
         offsets of W and b in P, of the input / output / pre-noise rows in the flat buffers
-        (B = 0 for an inference plan, which stores none), activation, dropout and noise."""
+        (seg: segment l of the activation buffer starts at seg[l]; zeros for an inference
+        plan, which stores none), activation, dropout and noise."""
         from . import cuda_fused as F
         from .driver import noise_of
         L = self.L
         lay_i = np.zeros((L, F.FI_SIZE), np.int64)
         lay_f = np.zeros((L, F.FF_SIZE), net.dtype)
-        at = np.concatenate([[0], np.cumsum([B * w for w in widths])])
         for l in range(L):
             noise, nstd = noise_of(net, l)
             lay_i[l, [F.FI_IN, F.FI_OUT]] = widths[l], widths[l + 1]
@@ -1589,7 +1592,7 @@ class _DeviceNet:
             lay_i[l, F.FI_B] = self.views[("b", l)][0] if self.has_bias[l] else -1
             lay_i[l, [F.FI_ACT, F.FI_THR, F.FI_NOISE]] = (
                 net.li[l, C.LI_ACT], net.li[l, C.LI_DROP_THR], noise)
-            lay_i[l, [F.FI_X, F.FI_Y]] = at[l], at[l + 1]
+            lay_i[l, [F.FI_X, F.FI_Y]] = seg[l], seg[l + 1]
             lay_i[l, F.FI_PRE] = pre_off[l] if pre_off else -1
             lay_f[l, [F.FF_SLOPE, F.FF_SCALE, F.FF_NSTD]] = (
                 net.lf[l, C.LF_SLOPE], net.lf[l, C.LF_DROP_SCALE], nstd)
