@@ -448,10 +448,10 @@ def _dense_forward(x, W, b, out, act, slope, thr, scale, k0, k1, step, layer, wo
 
 # ---------------------------------------------------------------- dense backward
 @njit(**JIT_PARALLEL)
-def _backward_epilogue_parallel(grad, out, db, act, slope, thr, scale, words, noise, nstd, pre,
-                                nwords):
-    B, O = grad.shape
-    n = B * O
+def _output_grads_parallel(grad, out, act, slope, thr, scale, words, noise, nstd, pre, nwords):
+    """dL/d(out) -> dL/d(activation input) in place over every element, in parallel chunks
+    (_output_grad_range): the element pass of the plain and the BatchNorm backward."""
+    n = grad.size
     gf = grad.reshape(n)
     of = out.reshape(n)
     pf = pre.reshape(pre.size)
@@ -459,6 +459,13 @@ def _backward_epilogue_parallel(grad, out, db, act, slope, thr, scale, words, no
     for c in prange(n_chunks):
         _output_grad_range(gf, of, pf, nwords, noise, nstd, words, thr, scale, act, slope,
                            c * _ELEM_CHUNK, min(n, (c + 1) * _ELEM_CHUNK))
+
+
+@njit(**JIT_PARALLEL)
+def _backward_epilogue_parallel(grad, out, db, act, slope, thr, scale, words, noise, nstd, pre,
+                                nwords):
+    O = grad.shape[1]
+    _output_grads_parallel(grad, out, act, slope, thr, scale, words, noise, nstd, pre, nwords)
     if db.shape[0] > 0:
         n_cchunks = (O + _COL_CHUNK - 1) // _COL_CHUNK
         for c in prange(n_cchunks):
@@ -646,14 +653,7 @@ def _bn_dz_rows(grad, xhat, save, r0, r1):
 def _bn_backward_epilogue_parallel(grad, out, xhat, gb, save, db, dgb, act, slope, thr, scale,
                                    words, noise, nstd, pre, nwords):
     B, O = grad.shape
-    n = B * O
-    gf = grad.reshape(n)
-    of = out.reshape(n)
-    pf = pre.reshape(pre.size)
-    n_chunks = (n + _ELEM_CHUNK - 1) // _ELEM_CHUNK
-    for c in prange(n_chunks):
-        _output_grad_range(gf, of, pf, nwords, noise, nstd, words, thr, scale, act, slope,
-                           c * _ELEM_CHUNK, min(n, (c + 1) * _ELEM_CHUNK))
+    _output_grads_parallel(grad, out, act, slope, thr, scale, words, noise, nstd, pre, nwords)
     n_cchunks = (O + _COL_CHUNK - 1) // _COL_CHUNK
     for c in prange(n_cchunks):
         _bn_sums_cols(grad, xhat, gb, save, dgb, db, c * _COL_CHUNK,
