@@ -511,16 +511,7 @@ class MultiTask:
         pen = 0.0
         for net in reversed(nets):
             for l in range(net.n_layers - 1, -1, -1):
-                pen += ops.penalized_update(net.Ws[l], net.dWs[l], net.mW[l], net.vW[l],
-                                            net.hpW[l], net.opt, t)
-                if net.bs[l].size:
-                    pen += ops.penalized_update(net.bs[l], net.dbs[l], net.mb[l], net.vb[l],
-                                                net.hpb[l], net.opt, t)
-                if driver.bn_on(net, l):
-                    pen += ops.penalized_update(net.gbs[l].reshape(-1),
-                                                net.dgbs[l].reshape(-1),
-                                                net.mgb[l].reshape(-1), net.vgb[l].reshape(-1),
-                                                net.hpgb[l], net.opt, t)
+                pen += driver.layer_update(ops, net, l, t)
         return pen
 
     def _train_steps(self, ops, ws, X, Ys, perm, batch_size, step0, t0):

@@ -181,6 +181,22 @@ def layer_backward(ops, net, l, x, dx, n, step, word):
                            step, word, *noise_of(net, l), net.pres[l][:n])
 
 
+def layer_update(ops, net, l, t):
+    """The fused penalized update of dense layer l's tensors at Adam step t: W, b, and a
+    BatchNorm's gamma/beta (flattened: a vector, never penalized). Returns their penalty
+    before the step."""
+    pen = ops.penalized_update(net.Ws[l], net.dWs[l], net.mW[l], net.vW[l], net.hpW[l],
+                               net.opt, t)
+    if net.bs[l].size:
+        pen += ops.penalized_update(net.bs[l], net.dbs[l], net.mb[l], net.vb[l], net.hpb[l],
+                                    net.opt, t)
+    if bn_on(net, l):
+        pen += ops.penalized_update(net.gbs[l].reshape(-1), net.dgbs[l].reshape(-1),
+                                    net.mgb[l].reshape(-1), net.vgb[l].reshape(-1),
+                                    net.hpgb[l], net.opt, t)
+    return pen
+
+
 def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
     """One epoch in Python over `ops` kernels; returns (loss_sum, penalty_sum, steps, finite).
 
@@ -189,7 +205,6 @@ def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
     """
     n_total = perm.shape[0]   # the rows of this call: an epoch or a chunk of whole batches
     L = net.n_layers
-    bn = [bn_on(net, l) for l in range(L)]
     loss_sum = 0.0
     pen_sum = 0.0
     steps = 0
@@ -224,15 +239,7 @@ def train_epoch(ops, net, X, Y, perm, batch_size, step0, t0):
             dx = net.grads[l - 1][:n] if l > 0 else empty
             layer_backward(ops, net, l, inputs[l], dx, n, step, l)
             # Layer l's weights are not read again this step: update them while dW is hot.
-            pen += ops.penalized_update(net.Ws[l], net.dWs[l], net.mW[l], net.vW[l],
-                                        net.hpW[l], net.opt, t)
-            if net.bs[l].size:
-                pen += ops.penalized_update(net.bs[l], net.dbs[l], net.mb[l], net.vb[l],
-                                            net.hpb[l], net.opt, t)
-            if bn[l]:   # gamma/beta: the same fused update, flattened (a vector, no penalty)
-                pen += ops.penalized_update(net.gbs[l].reshape(-1), net.dgbs[l].reshape(-1),
-                                            net.mgb[l].reshape(-1), net.vgb[l].reshape(-1),
-                                            net.hpgb[l], net.opt, t)
+            pen += layer_update(ops, net, l, t)
         pen_sum += pen * n
         steps += 1
     return loss_sum, pen_sum, steps, True
