@@ -19,14 +19,17 @@ import math
 
 import numpy as np
 from numba import njit, prange
+from numba.core import event as _numba_event
 from numba.typed import List
 
-from . import contract as C
+from . import compile_notice, contract as C
 from . import driver, threads
 from .config import JIT, JIT_PARALLEL, PARALLEL_MIN_ELEMENTS
 from .philox import (MASK32, STREAM_DROPOUT, STREAM_INPUT_DROPOUT, STREAM_INPUT_NOISE,
-                     STREAM_NOISE, TWO_PI, normal_from_words, split_seed)
+                     STREAM_NOISE, TWO_PI, split_seed)
 from .reference import update_coefficients as _coefficients_py  # noqa: F401  (documented twin)
+
+compile_notice.install(_numba_event, "Numba")
 
 COEF_SIZE = 16   # the update's scalars (coef[0..15]); the group prox's column scales follow
 
@@ -239,7 +242,18 @@ def _bias_grad_cols(dz, db, c0, c1):
 # ---------------------------------------------------------------- Gaussian noise
 # Noise words sit in their own (4, G) buffer `nwords` (stream STREAM_NOISE, or
 # STREAM_INPUT_NOISE on the inputs), next to the dropout words, so that noise and mask are
-# applied in one pass. Element e's normal is philox.normal_from_words on its word pair.
+# applied in one pass. Element e's normal is Box-Muller on its word pair (philox.py's
+# standard_normals, element by element).
+@njit(**JIT)
+def normal_from_words(w_radius, w_angle, odd):
+    """The Box-Muller normal of one element from its pair of words (float64)."""
+    u1 = (np.float64(w_radius) + 0.5) * (1.0 / 4294967296.0)
+    u2 = (np.float64(w_angle) + 0.5) * (1.0 / 4294967296.0)
+    r = math.sqrt(-2.0 * math.log(u1))
+    t = TWO_PI * u2
+    return r * math.sin(t) if odd else r * math.cos(t)
+
+
 @njit(inline="always", **JIT)
 def _normal(nwords, e):
     g = e >> 2

@@ -80,6 +80,13 @@ except Exception as exc:  # pragma: no cover - depends on the machine
     cuda = None
     numba = None
     _IMPORT_ERROR = exc
+else:
+    try:    # numba-cuda's own copy of the compile events (absent in older releases)
+        import numba.cuda.core.event as _cuda_event
+        from . import compile_notice
+        compile_notice.install(_cuda_event, "numba-cuda", "numba-cuda:compile")
+    except (ImportError, ValueError):  # pragma: no cover - depends on the release
+        pass
 
 # ---------------------------------------------------------------- tunables (patchable)
 TILE_M = 64        # output rows per GEMM block
@@ -317,7 +324,7 @@ def _build(TM, TN, TK, RM, RN, NB, UPT, dtype_str, fused):
             return ZERO
         return g * activation_grad(a, act, slope)
 
-    # Gaussian noise (GaussianNoise / GaussianDropout): philox.normal_from_words, float64
+    # Gaussian noise (GaussianNoise / GaussianDropout): the Box-Muller of philox.standard_normals, float64
     # libdevice log / cos / sin, rounded once to the dtype by the callers.
     @cuda.jit(**dev)
     def normal_pair(wa, wb, odd):

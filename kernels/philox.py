@@ -6,15 +6,13 @@ A draw is a pure function of (seed, step, layer, stream, element):
     word    = philox4x32(counter, key)[element % 4]
 A unit is kept iff ``word >= floor(rate * 2**32)`` (see :func:`dropout_threshold`).
 
-Two implementations of the same bits: ``philox4x32`` (scalar, Numba; inlined by the CPU
-kernels) and ``philox_words`` (vectorised NumPy; used by the reference backend).
+This module is NumPy only (the reference backend and the API import it without importing
+Numba); every compiled backend has its own twin of the round function (the Numba backend's
+``_philox_groups``, the Cython and CUDA kernels), checked against these known answers.
 """
 import math
 
 import numpy as np
-from numba import njit
-
-from .config import JIT
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -75,32 +73,9 @@ def dropout_scale(rate, dtype=np.float32):
     return dtype(1.0 / (1.0 - float(rate)))
 
 
-@njit(**JIT)
 def philox4x32(c0, c1, c2, c3, k0, k1):
-    """Ten rounds of Philox4x32 on one 128-bit counter; returns four uint32 words (as uint64)."""
-    c0 = np.uint64(c0)
-    c1 = np.uint64(c1)
-    c2 = np.uint64(c2)
-    c3 = np.uint64(c3)
-    k0 = np.uint64(k0)
-    k1 = np.uint64(k1)
-    m0 = np.uint64(PHILOX_M0)
-    m1 = np.uint64(PHILOX_M1)
-    w0 = np.uint64(PHILOX_W0)
-    w1 = np.uint64(PHILOX_W1)
-    mask = np.uint64(MASK32)
-    s32 = np.uint64(32)
-    for _ in range(10):
-        p0 = m0 * c0
-        p1 = m1 * c2
-        n0 = ((p1 >> s32) ^ c1 ^ k0) & mask
-        n1 = p1 & mask
-        n2 = ((p0 >> s32) ^ c3 ^ k1) & mask
-        n3 = p0 & mask
-        c0, c1, c2, c3 = n0, n1, n2, n3
-        k0 = (k0 + w0) & mask
-        k1 = (k1 + w1) & mask
-    return c0, c1, c2, c3
+    """Ten rounds of Philox4x32 on one 128-bit counter; returns four uint32 words."""
+    return tuple(philox4x32_block([(c0, c1, c2, c3)], (k0, k1))[0])
 
 
 def philox4x32_block(counters, key):
@@ -138,12 +113,6 @@ def keep_mask(shape, threshold, seed, step, layer, stream):
             else np.ones(n, dtype=bool)).reshape(shape)
 
 
-@njit(**JIT)
-def uniform_from_word(word):
-    """A uint32 word to a float64 in (0, 1): never 0 or 1, so log() is safe (Box-Muller)."""
-    return (np.float64(word) + 0.5) * (1.0 / 4294967296.0)
-
-
 # ---------------------------------------------------------------- Gaussian noise
 # A standard normal per element, Box-Muller on the word pairs of its group: element e (word
 # e % 4 of group e // 4) pairs with e ^ 1; the even word gives the radius, the odd one the angle:
@@ -153,16 +122,6 @@ def uniform_from_word(word):
 # order (libm / libdevice log, cos, sin), so the noise agrees to the rounding of the transform.
 # fastreg.augment.GaussianJitter uses the same transform on its own stream.
 TWO_PI = 2.0 * math.pi
-
-
-@njit(**JIT)
-def normal_from_words(w_radius, w_angle, odd):
-    """The Box-Muller normal of one element from its pair of words (float64)."""
-    u1 = (np.float64(w_radius) + 0.5) * (1.0 / 4294967296.0)
-    u2 = (np.float64(w_angle) + 0.5) * (1.0 / 4294967296.0)
-    r = math.sqrt(-2.0 * math.log(u1))
-    t = TWO_PI * u2
-    return r * math.sin(t) if odd else r * math.cos(t)
 
 
 def standard_normals(n, seed, step, layer, stream):
