@@ -3,7 +3,7 @@
     import fastreg as fr
     model = fr.Sequential([fr.Dense(64, "relu", dropout=0.1, regularizer=fr.L2(1e-4)),
                            fr.Dense(1)], input_dim=8, seed=0)
-    model.compile(loss="mse", optimizer=fr.Adam(lr=1e-3), backend="numba")
+    model.compile(loss="mse", optimizer=fr.Adam(lr=1e-3))
     model.fit(X, y, epochs=50, batch_size=128, validation_data=(Xv, yv))
 """
 from .augment import GaussianJitter, Mixup, RandomFlip, RandomShift
@@ -17,7 +17,7 @@ from .optimizers import SGD, Adam, AdamW
 from .regularizers import L1, L2, ElasticNet, GroupLasso, MaxNorm
 from .sweep import regularization_path, sweep
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["Sequential", "load_model", "PruneReport", "Dense", "Dropout", "BatchNorm",
            "GaussianNoise", "GaussianDropout",

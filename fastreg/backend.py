@@ -3,11 +3,15 @@
 Each backend is a module of fastreg.kernels implementing the kernel contract
 (kernels/contract.py) plus train_epoch / forward_inference. A backend whose build or hardware
 is missing raises BackendUnavailable with one sentence saying how to get it.
+
+The default is the Cython backend when its extension was built at install (compiled ahead of
+time: the first epoch of a fresh process runs at full speed), else the Numba backend (which
+compiles its kernels on first use and caches them on disk).
 """
 import importlib
 import os
 
-DEFAULT = "numba"
+PREFERRED_DEFAULTS = ("cython", "numba")
 MODULES = {
     "numpy": "fastreg.kernels.reference",
     "numba": "fastreg.kernels.cpu",
@@ -26,9 +30,22 @@ class BackendUnavailable(RuntimeError):
     """The backend exists but cannot run here."""
 
 
+def default_name():
+    """The first of PREFERRED_DEFAULTS that can run here (numba as the last word: its
+    error then says how to get it)."""
+    for name in PREFERRED_DEFAULTS:
+        try:
+            resolve(name)
+            return name
+        except BackendUnavailable:
+            continue
+    return PREFERRED_DEFAULTS[-1]
+
+
 def name_of(backend=None):
-    """The backend name to use: the argument, else $FASTREG_BACKEND, else numba."""
-    name = backend if backend is not None else os.environ.get("FASTREG_BACKEND") or DEFAULT
+    """The backend name to use: the argument, else $FASTREG_BACKEND, else default_name()."""
+    name = backend if backend is not None else os.environ.get("FASTREG_BACKEND") or \
+        default_name()
     if not isinstance(name, str) or name.lower() not in MODULES:
         source = "backend" if backend is not None else "FASTREG_BACKEND"
         raise ValueError(f"unknown {source} {name!r}; choose one of {sorted(MODULES)}")
