@@ -1,6 +1,7 @@
 """Built-in benchmark workloads, shared by ``fastreg bench``, the peer engines and the
 pytest-benchmark suites. Everything is generated from a seed with NumPy's ``default_rng``;
-nothing is downloaded (``digits`` reads scikit-learn's bundled copy).
+nothing is downloaded (``digits`` reads the copy of the UCI digits bundled in bench/data, the
+same 1,797 images scikit-learn ships, so it needs no scikit-learn).
 
 Shape legend: n samples, d input features, B batch, I fan_in, O fan_out.
 
@@ -10,7 +11,7 @@ Shape legend: n samples, d input features, B batch, I fan_in, O fan_out.
 - ``wide``   784 -> 1024 -> 1024 -> 10 classifier, relu, dropout 0.2, L2 1e-4, Adam 1e-3,
              batch 256; standard-normal features labelled by the argmax of a fixed random
              teacher MLP; 16,384 train (quick: 4,096) / 2,048 val. The GEMM-bound one.
-- ``digits`` scikit-learn's 8x8 digits scaled to [0, 1], stratified 80/20 split;
+- ``digits`` the 8x8 digits scaled to [0, 1], seeded stratified 80/20 split;
              64 -> 128 -> 10, relu, dropout 0.2, L2 1e-4, Adam 1e-3, batch 64.
 
 ``quick`` keeps every workload's shape and data (except ``wide``'s training-set size) and
@@ -19,6 +20,7 @@ lowers the number of timed epochs.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,26 +184,40 @@ def _wide(quick, seed):
     )
 
 
+DIGITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "digits.npz")
+
+
+def load_digits():
+    """(X, y) of the bundled UCI 8x8 digits (bench/data/README.md): X (1797, 64) float32 in
+    [0, 1] (pixel counts 0..16 divided by 16), y (1797,) int64 labels 0..9."""
+    with np.load(DIGITS_FILE, allow_pickle=False) as data:
+        return (data["X"].astype(np.float32) / np.float32(16.0)), data["y"].astype(np.int64)
+
+
+def stratified_split(y, test_fraction, seed):
+    """(train indices, test indices): each class split in the same proportion, seeded; both
+    index lists sorted. The test share of class c is round(test_fraction * n_c)."""
+    rng = np.random.default_rng([int(seed), 20])
+    test = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        test.append(rng.permutation(members)[:int(round(test_fraction * len(members)))])
+    test = np.sort(np.concatenate(test))
+    train = np.setdiff1d(np.arange(len(y)), test)
+    return train, test
+
+
 def _digits(quick, seed):
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:
-        raise RuntimeError("the 'digits' workload needs scikit-learn (its bundled 8x8 digits): "
-                           "pip install scikit-learn") from exc
-    data = load_digits()
-    X = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int64)
-    X_train, X_val, y_train, y_val = train_test_split(
-        X, y, test_size=0.2, stratify=y, random_state=seed)
+    X, y = load_digits()
+    tr, va = stratified_split(y, 0.2, seed)
     return Workload(
         name="digits",
-        X_train=np.ascontiguousarray(X_train), y_train=np.ascontiguousarray(y_train),
-        X_val=np.ascontiguousarray(X_val), y_val=np.ascontiguousarray(y_val),
+        X_train=np.ascontiguousarray(X[tr]), y_train=np.ascontiguousarray(y[tr]),
+        X_val=np.ascontiguousarray(X[va]), y_val=np.ascontiguousarray(y[va]),
         layers=[(128, "relu", 0.2), (10, None, 0.0)],
         loss="sparse_categorical_crossentropy", l2=1e-4, lr=1e-3, batch_size=64,
         epochs=5 if quick else 20, seed=seed,
-        description="scikit-learn's bundled 8x8 digits scaled to [0, 1], stratified 80/20 split",
+        description="the UCI 8x8 digits (bundled) scaled to [0, 1], stratified 80/20 split",
     )
 
 
