@@ -5,11 +5,16 @@ Method (DESIGN.md, "Performance method"):
 - the first epoch of each engine is timed apart (it includes compilation / tracing);
 - the timed epochs run interleaved, one epoch per engine in turn (A B C A B C ...), because the
   machine is noisy; the median is reported;
-- the GEMM ceiling is measured in the same run: the exact GEMMs of every training step of the
-  epoch (forward x@W, weight-gradient x.T@dz, input-gradient dz@W.T) back to back through NumPy's
-  float32 matmul on the same threads. No training step can beat it by much; the ratio says how
-  much of an epoch is overhead;
+- the GEMM ceiling is measured in the same rounds, as one more engine (bench/ceiling.py): the
+  exact GEMMs of every training step of the epoch (forward x@W, weight-gradient x.T@dz,
+  input-gradient dz@W.T) through NumPy's float32 matmul on all the cores (the faster of one
+  multi-threaded call per GEMM and one single-threaded block of rows per core). No training
+  step can beat it by much; the ratio says how much of an epoch is overhead;
 - thread pools are set once for all engines;
+- the NumPy reference is a correctness oracle, not an engine to benchmark: it runs only when
+  named (--backend numpy);
+- progress and status go to stderr (a live bar on a terminal, plain lines otherwise), the
+  tables and ``--json -`` to stdout.
 - before each timed epoch the process sleeps SETTLE_S, long enough for the previous engine's
   pools (OpenBLAS, OpenMP, XLA) to stop spinning: their busy-waiting workers would otherwise
   take cores from whichever engine runs next (measured: cython's curve epoch went from 17 ms
@@ -25,11 +30,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import peers as peer_engines
+from .ceiling import GemmCeiling
 from .workloads import initial_weights, make_workload
 
 WORKLOADS = ("curve", "wide", "digits")
 FASTREG_BACKENDS = ("numpy", "numba", "cython", "cuda")
 SETTLE_S = 0.1
+DEFAULT_BACKENDS = ("numba", "cython", "cuda")    # the numpy reference only when asked
+CEILING_NOTE_PCT = 105.0    # an engine above this share of the ceiling gets a note
+INSTALL_PEERS = 'pip install "fastreg[bench]"'
 
 
 # ---------------------------------------------------------------- fastreg as an engine
@@ -77,42 +86,12 @@ class FastregEngine:
         return float((pred == np.asarray(self.workload.y_val).reshape(-1)).mean())
 
 
-# ---------------------------------------------------------------- GEMM ceiling
+# ---------------------------------------------------------------- GEMM ceiling (GPU)
 def _gemm_sequence(shapes, rng):
     """Preallocated operands for a list of (m, k, n) GEMMs."""
     return [(rng.standard_normal((m, k)).astype(np.float32),
              rng.standard_normal((k, n)).astype(np.float32),
              np.empty((m, n), np.float32)) for m, k, n in shapes]
-
-
-def gemm_ceiling_seconds(workload, repeats=5):
-    """Seconds per epoch spent in the epoch's GEMMs alone, through NumPy's float32 matmul."""
-    n = workload.X_train.shape[0]
-    B = workload.batch_size
-    full, last = divmod(n, B)
-    rng = np.random.default_rng(0)
-    seq_full = _gemm_sequence(workload.gemm_shapes(B), rng)
-    seq_last = _gemm_sequence(workload.gemm_shapes(last), rng) if last else []
-
-    def one_step(seq):
-        for a, b, out in seq:
-            np.matmul(a, b, out=out)
-
-    one_step(seq_full)
-    steps = max(1, min(full, 50))   # time a sample of steps, scale to the epoch
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            one_step(seq_full)
-        t_full = (time.perf_counter() - t0) / steps
-        t_last = 0.0
-        if seq_last:
-            t0 = time.perf_counter()
-            one_step(seq_last)
-            t_last = time.perf_counter() - t0
-        times.append(t_full * full + t_last)
-    return statistics.median(times)
 
 
 GPU_ENGINES = ("fastreg-cuda", "torch-cuda")
@@ -195,15 +174,69 @@ class EngineResult:
         return statistics.median(self.epoch_times_s) if self.epoch_times_s else float("nan")
 
 
+class Status:
+    """Where a run says what it is doing: stderr, never the tables' stdout. On a terminal a
+    live bar (one task per workload); otherwise plain lines, at least one every `gap_s`
+    seconds of work (a line per engine epoch when rounds are slow, per round when fast), so
+    a log shows progress as it happens."""
+
+    def __init__(self, console=None, enabled=True, gap_s=2.0):
+        from rich.console import Console
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled
+        self.gap_s = gap_s
+        self.live = enabled and self.console.is_terminal
+        self._progress = None
+        self._task = None
+        self._last = time.perf_counter()
+
+    def __enter__(self):
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn)
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(),
+                                      console=self.console, transient=True)
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def say(self, text):
+        """A line that always shows (above the bar on a terminal)."""
+        if self.enabled:
+            self.console.print(text, highlight=False, markup=False)
+            self._last = time.perf_counter()
+
+    def begin(self, workload, total):
+        if self._progress is not None:
+            self._task = self._progress.add_task(workload, total=total)
+
+    def step(self, text, done=False):
+        """One engine epoch ended (`done`: the round ended too): the bar moves; a plain line
+        when the last one is `gap_s` old or the round ended."""
+        if self._progress is not None:
+            if self._task is not None:
+                self._progress.update(self._task, advance=1, description=text)
+        elif self.enabled and (done or time.perf_counter() - self._last >= self.gap_s):
+            self.say(text)
+
+
 def set_threads(threads):
     """One thread setting for every pool: Numba's, both OpenBLAS copies, OpenMP."""
     from threadpoolctl import threadpool_limits
-    import numba
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        import numba
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:     # no Numba here: only the BLAS and OpenMP pools to set
+        pass
     return threadpool_limits(limits=threads)
 
 
-def _engines_for(workload, weights, backends, peers, threads, log):
+def _engines_for(workload, weights, backends, peers, threads):
     engines, results = [], {}
     for backend in backends:
         name = f"fastreg-{backend}"
@@ -234,47 +267,62 @@ def _one_line(exc):
     return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
+def _timed(engine):
+    time.sleep(SETTLE_S)
+    t0 = time.perf_counter()
+    engine.run_epoch()
+    return time.perf_counter() - t0
+
+
 def bench_workload(name, backends, peers, epochs=None, repeats=1, threads=None, quick=False,
-                   seed=0, progress=None):
+                   seed=0, status=None):
     """Run one workload; returns a dict of every figure."""
+    status = status or Status(enabled=False)
     workload = make_workload(name, quick=quick, seed=seed)
     weights = initial_weights(workload, seed=seed)
     epochs = epochs or workload.epochs
     threads = threads or os.cpu_count()
-    task = progress.add_task(f"{name}", total=repeats * (epochs + 1)) if progress else None
-    all_results = None
+    all_results, ceiling = None, GemmCeiling(workload, threads, seed=seed)
     for rep in range(repeats):
-        engines, results = _engines_for(workload, weights, backends, peers, threads, None)
-        for eng in engines:                       # warm-up epoch: compile / trace included
-            time.sleep(SETTLE_S)
-            t0 = time.perf_counter()
-            eng.run_epoch()
-            results[eng.name].first_epoch_s = time.perf_counter() - t0
-        if progress:
-            progress.advance(task)
-        for _ in range(epochs):                   # interleaved A B C A B C ...
-            for eng in engines:
-                time.sleep(SETTLE_S)
-                t0 = time.perf_counter()
-                eng.run_epoch()
-                results[eng.name].epoch_times_s.append(time.perf_counter() - t0)
-            if progress:
-                progress.advance(task)
+        engines, results = _engines_for(workload, weights, backends, peers, threads)
+        status.begin(name, (len(engines) + 1) * (epochs + 1))
+        rep_text = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
+        for eng in engines + [ceiling]:           # warm-up epoch: compile / trace included
+            status.say(f"{name}{rep_text}: {eng.name} first epoch (compilation included)")
+            t = _timed(eng)
+            if eng is not ceiling:
+                results[eng.name].first_epoch_s = t
+            status.step(f"{name}: {eng.name} first epoch {t:.2f} s")
+        if ceiling.times_s:                       # its warm-up round is not a timing
+            ceiling.times_s.pop(), ceiling.multi_s.pop(), ceiling.blocks_s.pop()
+        for r in range(epochs):                   # interleaved A B C ceiling A B C ...
+            for eng in engines + [ceiling]:
+                t = _timed(eng)
+                if eng is ceiling:
+                    t = ceiling.times_s[-1]       # its own figure: the faster way
+                else:
+                    results[eng.name].epoch_times_s.append(t)
+                status.step(f"{name}{rep_text}: round {r + 1}/{epochs}, {eng.name} "
+                            f"{t * 1e3:.1f} ms", done=eng is ceiling)
         for eng in engines:
-            r = results[eng.name]
-            r.train_loss = float(eng.train_loss())
-            r.val_loss = float(eng.val_loss())
+            res = results[eng.name]
+            res.train_loss = float(eng.train_loss())
+            res.val_loss = float(eng.val_loss())
             acc = eng.val_accuracy()
-            r.val_accuracy = None if acc is None else float(acc)
+            res.val_accuracy = None if acc is None else float(acc)
         if all_results is None:
             all_results = results
         else:                                     # pool the timings of every repeat
-            for key, r in results.items():
-                all_results[key].epoch_times_s += r.epoch_times_s
-    ceiling = gemm_ceiling_seconds(workload)
+            for key, res in results.items():
+                all_results[key].epoch_times_s += res.epoch_times_s
     gpu = [k for k in GPU_ENGINES if k in all_results and all_results[k].available]
     gpu_ceiling = gpu_gemm_ceiling_seconds(workload) if gpu else None
-    return _summarise(workload, all_results, ceiling, epochs, repeats, gpu_ceiling)
+    out = _summarise(workload, all_results, statistics.median(ceiling.times_s), epochs,
+                     repeats, gpu_ceiling)
+    out["gemm_ceiling"] = {"epoch_times_s": ceiling.times_s,
+                           "multi_threaded_s": ceiling.multi_s,
+                           "row_blocks_s": ceiling.blocks_s, "threads": ceiling.threads}
+    return out
 
 
 def _summarise(workload, results, ceiling_s, epochs, repeats, gpu_ceiling_s=None):
@@ -316,6 +364,12 @@ def _summarise(workload, results, ceiling_s, epochs, repeats, gpu_ceiling_s=None
                 "speedup_vs": {p: t / med for p, t in peer_times.items()}
                 if key.startswith("fastreg") else {},
             })
+            pct = row["pct_of_gemm_ceiling"]
+            if pct > CEILING_NOTE_PCT:     # beating the GEMMs alone needs a word of why
+                row["notes"] = "; ".join(filter(None, [row["notes"], (
+                    f"{pct:.0f}% of the GEMM ceiling: faster than NumPy's matmul at the same "
+                    f"shapes in the same rounds, i.e. its GEMMs took a faster BLAS path than "
+                    f"the ceiling's calls (the per-round ceiling times are in --json)")]))
         rows.append(row)
     return {"workload": workload.name, "samples": n, "batch_size": workload.batch_size,
             "layers": [list(layer) for layer in workload.layers], "loss": workload.loss,
@@ -348,44 +402,62 @@ def machine_description(threads):
 
 
 def default_backends():
+    """The backends a default run times: every available one but the NumPy reference (a
+    correctness oracle, far slower by design), with the unavailable ones listed."""
     from fastreg.backend import availability
-    return [b for b, (ok, _) in availability().items() if ok]
+    ok = availability()
+    return [b for b in DEFAULT_BACKENDS if b in ok]
+
+
+def missing_peers():
+    """{peer: reason} of the CPU peers that are not installed here (torch-cuda is a GPU
+    engine: it is only expected where a GPU is)."""
+    return {p: cls.available()[1] for p, cls in peer_engines.PEERS.items()
+            if p != "torch-cuda" and not cls.available()[0]}
 
 
 def run(workloads=WORKLOADS, backends=None, peers=None, epochs=None, repeats=1, threads=None,
-        quick=False, seed=0, json_path=None, console=None, show_progress=True):
-    """The whole benchmark: returns {"machine": ..., "workloads": [...]}; prints tables."""
+        quick=False, seed=0, json_path=None, console=None, status=None, show_progress=True):
+    """The whole benchmark: returns {"machine": ..., "workloads": [...]}; prints the tables
+    on `console` (stdout) and the progress on `status` (stderr). json_path "-" writes the
+    JSON to stdout instead of the tables."""
     from rich.console import Console
-    from rich.progress import Progress
     if console is None:
         console = Console()
         if not console.is_terminal:       # a log file or a pipe: room for every column
-            console = Console(width=160)
+            console = Console(width=200)
+    status = status or Status(enabled=show_progress)
     threads = threads or os.cpu_count()
-    if backends:
-        backends = list(backends)
-    else:   # --quick leaves out the float64-speed NumPy reference: it is a spec, not an engine
-        backends = [b for b in FASTREG_BACKENDS if not (quick and b == "numpy")]
-    peers = list(peers) if peers is not None else [
-        p for p, cls in peer_engines.PEERS.items() if cls.available()[0]]
+    backends = list(backends) if backends else default_backends()
+    if peers is None:
+        peers = [p for p, cls in peer_engines.PEERS.items() if cls.available()[0]]
+        missing = missing_peers()
+        if missing:
+            status.say(f"peers not installed here: {', '.join(sorted(missing))} "
+                       f"(`{INSTALL_PEERS}` adds them)")
+    peers = list(peers)
+    if "numpy" not in backends:
+        status.say("the NumPy reference backend is left out (a correctness oracle, not an "
+                   "engine to time): --backend numpy runs it")
     out = {"machine": machine_description(threads), "workloads": []}
     limiter = set_threads(threads)
+    tables = json_path != "-"
     try:
-        with Progress(console=console, transient=True, disable=not show_progress) as progress:
+        with status:
             for name in workloads:
-                try:
-                    res = bench_workload(name, backends, peers, epochs, repeats, threads, quick,
-                                         seed, progress)
-                except ImportError as exc:   # digits without scikit-learn
-                    res = {"workload": name, "skipped": _one_line(exc), "rows": []}
+                res = bench_workload(name, backends, peers, epochs, repeats, threads, quick,
+                                     seed, status)
                 out["workloads"].append(res)
-                console.print(render_table(res))
+                if tables:
+                    console.print(render_table(res))
     finally:
         limiter.restore_original_limits()
-    if json_path:
+    if json_path == "-":
+        console.file.write(json.dumps(out, indent=2, default=float) + "\n")
+    elif json_path:
         with open(json_path, "w") as f:
             json.dump(out, f, indent=2, default=float)
-        console.print(f"every figure written to {json_path}")
+        status.say(f"every figure written to {json_path}")
     return out
 
 
