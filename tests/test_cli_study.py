@@ -9,6 +9,7 @@ from click.testing import CliRunner
 pytest.importorskip("matplotlib")
 
 from fastreg import cli_study  # noqa: E402
+from fastreg.cli_common import UserError  # noqa: E402
 from fastreg.cli_study import curve_data, load_data, register  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def test_load_data_from_files(tmp_path):
     Xt, yt, Xv, yv = load_data(str(tmp_path / "d.csv"), target="target")
     assert Xt.shape[1] == 2
     assert sorted(np.concatenate([yt, yv])[:, 0]) == pytest.approx(sorted(y), rel=1e-6)
-    with pytest.raises(click.BadParameter):
+    with pytest.raises(UserError, match="neither a data file"):
         load_data("no-such-workload")
 
 
