@@ -5,7 +5,11 @@ import numpy as np
 
 
 class Callback:
+    """The base of fit's callbacks. After on_train_end, `report` may hold one line saying what
+    the callback did (EarlyStopping: when it stopped, which weights it restored); fit's
+    progress shows it at verbose > 0."""
     model = None
+    report = None
 
     def set_model(self, model):
         self.model = model
@@ -39,11 +43,12 @@ class EarlyStopping(Callback):
     """Stop when `monitor` has not improved by more than min_delta for `patience` epochs.
 
     With restore_best_weights=True the best weights are restored when training ends, whether
-    patience ran out or the epochs did.
+    patience ran out or the epochs did. verbose=1 prints, at the end of training, when it
+    stopped and which epoch's weights it restored (fit's own progress shows the same line).
     """
 
     def __init__(self, monitor="val_loss", patience=0, min_delta=0.0,
-                 restore_best_weights=True, mode="auto"):
+                 restore_best_weights=True, mode="auto", verbose=0):
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
         if not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) \
@@ -51,6 +56,9 @@ class EarlyStopping(Callback):
             raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        if verbose not in (0, 1):
+            raise ValueError(f"verbose must be 0 or 1, got {verbose!r}")
+        self.verbose = verbose
         self.monitor = monitor
         self.patience = patience
         self.min_delta = float(min_delta)
@@ -78,6 +86,7 @@ class EarlyStopping(Callback):
         self.best_weights = None
         self.stopped_epoch = None
         self.wait = 0
+        self.report = None
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -97,5 +106,17 @@ class EarlyStopping(Callback):
                 self.model.stop_training = True
 
     def on_train_end(self, logs=None):
-        if self.restore_best_weights and self.best_weights is not None:
+        restored = self.restore_best_weights and self.best_weights is not None
+        if restored:
             self.model.set_weights(self.best_weights)
+        parts = []
+        if self.stopped_epoch is not None:
+            parts.append(f"early stopping at epoch {self.stopped_epoch + 1}: {self.monitor} "
+                         f"did not improve by more than {self.min_delta:g} for "
+                         f"{self.patience} epoch(s)")
+        if restored:
+            parts.append(f"restored the weights of epoch {self.best_epoch + 1} "
+                         f"({self.monitor} {self.best:.4g})")
+        self.report = "; ".join(parts) or None
+        if self.report and self.verbose:
+            print(self.report)

@@ -173,6 +173,13 @@ class Sequential:
                    + sum(g.size + s.size for g, s in zip(self._bn, self._bn_stats)))
 
     def summary(self):
+        """Print the layers, their shapes and parameter counts (as Keras does); returns the
+        same text."""
+        text = self._summary_text()
+        print(text)
+        return text
+
+    def _summary_text(self):
         lines = [f"Sequential(input_dim={self.input_dim}, seed={self.seed}, dtype={self.dtype})"]
         fan_in = self.input_dim
         for i, blk in enumerate(self._blocks()):
@@ -195,7 +202,7 @@ class Sequential:
         return "\n".join(lines)
 
     def __repr__(self):
-        return self.summary()
+        return self._summary_text()
 
     # ------------------------------------------------------------ compile
     def compile(self, loss="mse", optimizer=None, backend=None):
@@ -473,7 +480,7 @@ class Sequential:
                     break
         finally:
             progress.close()
-        return end_training(self, history, cbs)
+        return end_training(self, history, cbs, progress)
 
     def _stop_on_nonfinite(self, epoch, steps_done, start_state):
         stop_on_nonfinite(self, self._W + self._b + self._bn + self._bn_stats, epoch,
@@ -753,9 +760,14 @@ def end_epoch(model, progress, cbs, epoch, logs):
     return model.stop_training
 
 
-def end_training(model, history, cbs):
+def end_training(model, history, cbs, progress):
+    """Tell the callbacks, show what they report (unless they said it themselves), keep the
+    history on the model."""
     for cb in cbs:
         cb.on_train_end({})
+    for cb in cbs:
+        if cb.report and not getattr(cb, "verbose", 0):
+            progress.note(cb.report)
     model.history = history
     return history
 

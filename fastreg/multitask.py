@@ -350,7 +350,13 @@ class MultiTask:
         return out
 
     def summary(self):
-        """Sequential.summary() of every part (the heads' inputs: the trunk's output)."""
+        """Print Sequential.summary() of every part (the heads' inputs: the trunk's output);
+        returns the same text."""
+        text = self._summary_text()
+        print(text)
+        return text
+
+    def _summary_text(self):
         lines = [f"MultiTask(input_dim={self.input_dim}, seed={self.seed}, dtype={self.dtype})"]
         for label, part in zip(self._labels(), self._parts()):
             if label == "trunk":
@@ -358,12 +364,12 @@ class MultiTask:
             else:
                 lines.append(f"  head {label!r}: loss {self.losses[label]}, weight "
                              f"{self.loss_weights[label]:g}")
-            lines += ["  " + line for line in part.summary().splitlines()[1:-1]]
+            lines += ["  " + line for line in part._summary_text().splitlines()[1:-1]]
         lines.append(f"  total params: {self.count_params() if self.built else '?'}")
         return "\n".join(lines)
 
     def __repr__(self):
-        return self.summary()
+        return self._summary_text()
 
     # ------------------------------------------------------------ compile
     def compile(self, optimizer=None, backend=None, loss_weights=None):
@@ -717,7 +723,7 @@ class MultiTask:
                         break
         finally:
             progress.close()
-        return M.end_training(self, history, cbs)
+        return M.end_training(self, history, cbs, progress)
 
     def _stop_on_nonfinite(self, epoch, steps_done, start_state):
         """As Sequential: keep the last finite weights, else the start of the epoch; warn."""

@@ -1,5 +1,7 @@
 """Keras-style progress for fit(): verbose=1 a bar per epoch with the running loss,
-verbose=2 one line per epoch, verbose=0 nothing.
+verbose=2 one line per epoch, verbose=0 nothing. When stdout is not a terminal (a log file,
+a pipe) a bar cannot redraw: verbose=1 then writes verbose=2's plain lines, on a console
+wide enough that no field is cut.
 
 A compiled epoch is one call; for a live bar the epoch is run in a few chunks of whole
 batches (same steps, same masks: chunking changes nothing but how often Python looks).
@@ -16,6 +18,9 @@ class EpochProgress:
         self.n_batches = n_batches
         self.verbose = verbose
         self.console = Console(stderr=False)
+        if verbose and not (self.console.is_terminal or self.console.is_jupyter):
+            self.console = Console(stderr=False, width=200)
+            verbose = self.verbose = 2
         self._progress = None
         self._task = None
         if verbose == 1:
@@ -47,6 +52,11 @@ class EpochProgress:
             self._progress.update(self._task, completed=self.n_batches, metrics=text)
         elif self.verbose == 2:
             self.console.print(f"Epoch {epoch + 1}/{self.epochs}  {text}", highlight=False)
+
+    def note(self, text):
+        """A line under the epochs (e.g. what early stopping did), at any verbose > 0."""
+        if self.verbose:
+            self.console.print(text, highlight=False, markup=False)
 
     def close(self):
         if self._progress is not None:

@@ -22,8 +22,8 @@ def as_features(X, name="X", width=None, dtype=np.float32):
     if np.issubdtype(arr.dtype, np.complexfloating):
         raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (samples, features), got shape {arr.shape}; "
-                         f"reshape 1-D data with X.reshape(-1, 1)")
+        raise ValueError(f"{name} must be 2-D (samples, features), got shape {arr.shape}"
+                         f"{_reshape_hint(arr, width)}")
     if arr.shape[0] == 0:
         raise ValueError(f"{name} has no rows")
     if width is not None and arr.shape[1] != width:
@@ -37,6 +37,19 @@ def as_features(X, name="X", width=None, dtype=np.float32):
     if out is arr:
         out = out.copy()  # the model never holds a view of the caller's data
     return out
+
+
+def _reshape_hint(arr, width):
+    """What a 1-D array most likely is, and the reshape that makes it 2-D."""
+    if arr.ndim != 1:
+        return ""
+    one_sample = f"one sample of {arr.shape[0]} features: use X.reshape(1, -1)"
+    one_feature = f"{arr.shape[0]} samples of one feature: use X.reshape(-1, 1)"
+    if width is not None and width == arr.shape[0] and width != 1:
+        return f"; it looks like {one_sample}"
+    if width == 1:
+        return f"; for {one_feature}"
+    return f"; for {one_sample}, or for {one_feature}"
 
 
 def as_targets(y, n_rows, loss, n_outputs, name="y", dtype=np.float32):
