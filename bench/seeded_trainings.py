@@ -25,7 +25,7 @@ def _data(seed, n, d, k, kind):
         return X, np.minimum(y, k - 1)
     if kind == "bce":
         return X, (X[:, :k] > 0).astype(np.float32)
-    return X, (np.sin(X[:, :1]) + 0.1 * X[:, 1:2 % d + 1]).astype(np.float32)
+    return X, (np.sin(X[:, :1]) + 0.1 * X[:, 1:2]).astype(np.float32)
 
 
 def cases():

@@ -14,47 +14,27 @@ import math
 
 import numpy as np
 
+from .contract import (MC_LAYER_TAG, STREAM_AUGMENT_FLIP, STREAM_AUGMENT_JITTER,  # noqa: F401
+                       STREAM_AUGMENT_MIXUP, STREAM_AUGMENT_PARTNER, STREAM_AUGMENT_SHIFT,
+                       STREAM_DROPOUT, STREAM_INPUT_DROPOUT, STREAM_INPUT_NOISE, STREAM_MC,
+                       STREAM_NOISE)
+
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
 MASK32 = 0xFFFFFFFF
 
-# Streams: a distinct counter word per purpose, so no two purposes ever share bits.
-STREAM_DROPOUT = 0        # dropout on a dense layer's output
-STREAM_INPUT_DROPOUT = 1  # dropout on a dense layer's input (a standalone Dropout before it)
-STREAM_NOISE = 2          # Gaussian noise / Gaussian dropout on a dense layer's output
-STREAM_AUGMENT = 3        # data augmentation: GaussianJitter's noise (fastreg.augment)
-STREAM_MC = 4             # MC-dropout samples at inference
-
-# MC dropout (Sequential.predict(mc_samples=n)) runs the training forward kernels, whose stream
-# word is fixed by the kind of dropout (STREAM_DROPOUT on outputs, STREAM_INPUT_DROPOUT on
-# inputs). Its draws are told apart from training's by the layer word instead: dense layer l
-# of an MC pass uses layer word MC_LAYER_TAG | l (STREAM_MC in the high half). Training's layer
-# words are the layer indices l < 2**16, so no MC counter ever equals a training counter,
-# whatever the step (the step word of an MC pass is a pass counter, which training's step
-# counter can reach; the layer word never). See kernels/driver.mc_dropout_forward.
-MC_LAYER_TAG = STREAM_MC << 16
+# The streams (a counter word per purpose) and the MC layer-word tag are contract facts:
+# kernels/contract.py STREAM_TABLE. MC dropout's draws are told apart from training's by the
+# layer word: dense layer l of an MC pass uses MC_LAYER_TAG | l (STREAM_MC in the high half),
+# and training's layer words are the layer indices l < MAX_LAYER_WORDS, so no MC counter ever
+# equals a training counter, whatever the step (kernels/mc.py).
 
 
 def mc_layer_word(layer):
     """The Philox layer word of dense layer `layer` in an MC-dropout pass."""
     return MC_LAYER_TAG | int(layer)
-
-
-# The other augmenters (fastreg.augment), each its own stream. Their counter is
-# (element // 4, training step of the batch, position of the augmenter in fit's `augment`
-# list, stream), element = row in the batch * draws per row + draw: keyed per batch, never
-# equal to a dropout counter (different stream word).
-STREAM_AUGMENT_JITTER = STREAM_AUGMENT
-STREAM_AUGMENT_MIXUP = 5    # Mixup: the per-sample weight lambda ~ Beta(alpha, alpha)
-STREAM_AUGMENT_PARTNER = 6  # Mixup: the partner permutation inside each batch
-STREAM_AUGMENT_FLIP = 7     # RandomFlip: flip or not, per sample
-STREAM_AUGMENT_SHIFT = 8    # RandomShift: (dy, dx) per sample
-# Noise on a dense layer's input (a GaussianNoise / GaussianDropout before the first Dense):
-# its own stream, as input dropout has STREAM_INPUT_DROPOUT, so that the input noise and the
-# layer-0 output noise (both layer word 0) never share a counter.
-STREAM_INPUT_NOISE = 9
 
 
 def split_seed(seed):

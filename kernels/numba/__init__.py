@@ -1,0 +1,315 @@
+"""The Numba CPU backend ("numba"): the kernel contract as @njit functions, and one compiled
+epoch. The twin of kernels/reference (same module names, same signatures, same masks).
+
+    philox     Philox words and normals            epilogue   bias, activation, noise, mask
+    dense      GEMM + epilogue                     batchnorm  the BatchNorm dense layer
+    loss       losses from logits                  update     the fused penalized update
+    epoch      the compiled epoch and inference    jit        flags, specialization, cache
+
+The functions here are the entry points Python calls: each is compiled with cache=True,
+its disk cache tied to the whole backend's sources (jit.SOURCE_STAMP), and compiles, on
+first use, only the activations, update variants and features its network uses.
+"""
+import numpy as np
+from numba import njit
+from numba.core import event as _numba_event
+from numba.typed import List
+
+from .. import compile_notice, contract as C, threads
+from ..philox import split_seed
+from . import epoch as E
+from .batchnorm import bn_dense_backward as _bn_dense_backward
+from .batchnorm import bn_dense_forward as _bn_dense_forward
+from .dense import dense_backward as _dense_backward
+from .dense import dense_forward as _dense_forward
+from .epilogue import activations_used
+from .epilogue import input_dropout as _input_dropout
+from .jit import ENTRY_FLAGS, SOURCE_STAMP, uses_of
+from .loss import loss_forward_backward as _loss
+from .philox import philox_fill as _philox_fill
+from .update import (COEF_SIZE, N_UPDATE_VARIANTS, penalized_update_1d, penalized_update_2d,
+                     scratch_size, update_variant)
+
+NAME = "numba"
+compile_notice.install(_numba_event, "Numba")
+
+
+# ---------------------------------------------------------------- the entry points
+def _entry_points(stamp):
+    """The cached entry points; `stamp` (in every closure) ties their disk cache to the
+    backend's sources (kernels/numba/jit.py)."""
+    @njit(**ENTRY_FLAGS)
+    def train_epoch(X, Y, perm, batch_size, spec, T, ws, bn, xdrops, nwords, columns, li, lf,
+                    hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, loss_sums):
+        _ = stamp
+        return E.train_epoch(X, Y, perm, batch_size, spec, T, ws, bn, xdrops, nwords,
+                             columns, li, lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1,
+                             step0, t0, loss_sums)
+
+    @njit(**ENTRY_FLAGS)
+    def forward_inference(uses, X, Ws, bs, li, lf, bufs, out, batch_size, first):
+        _ = stamp
+        E.forward_inference(uses, X, Ws, bs, li, lf, bufs, out, batch_size, first)
+
+    @njit(**ENTRY_FLAGS)
+    def dense_forward(uses, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer, words,
+                      noise, nstd, pre, nwords):
+        _ = stamp
+        _dense_forward(uses, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer, words,
+                       noise, nstd, pre, nwords)
+
+    @njit(**ENTRY_FLAGS)
+    def dense_backward(uses, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1, step,
+                       layer, words, noise, nstd, pre, nwords):
+        _ = stamp
+        _dense_backward(uses, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1,
+                        step, layer, words, noise, nstd, pre, nwords)
+
+    @njit(**ENTRY_FLAGS)
+    def bn_dense_forward(uses, x, W, b, out, xhat, gb, save, act, slope, thr, scale, eps, k0,
+                         k1, step, layer, words, noise, nstd, pre, nwords):
+        _ = stamp
+        _bn_dense_forward(uses, x, W, b, out, xhat, gb, save, act, slope, thr, scale, eps, k0,
+                          k1, step, layer, words, noise, nstd, pre, nwords)
+
+    @njit(**ENTRY_FLAGS)
+    def bn_dense_backward(uses, grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act,
+                          slope, thr, scale, momentum, k0, k1, step, layer, words, noise,
+                          nstd, pre, nwords):
+        _ = stamp
+        _bn_dense_backward(uses, grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act,
+                           slope, thr, scale, momentum, k0, k1, step, layer, words, noise,
+                           nstd, pre, nwords)
+
+    @njit(**ENTRY_FLAGS)
+    def input_dropout(x, out, thr, scale, k0, k1, step, layer, words, noise, nstd, nwords):
+        _ = stamp
+        _input_dropout(x, out, thr, scale, k0, k1, step, layer, words, noise, nstd, nwords)
+
+    @njit(**ENTRY_FLAGS)
+    def loss(z, y, grad, code, want_grad):
+        _ = stamp
+        return _loss(z, y, grad, code, want_grad)
+
+    @njit(**ENTRY_FLAGS)
+    def update_matrix(uses, w, g, m, v, hp, opt, t, coef, scratch, columns):
+        _ = stamp
+        return penalized_update_2d(uses, w, g, m, v, hp, opt, t, coef, scratch, columns)
+
+    @njit(**ENTRY_FLAGS)
+    def update_vector(uses, w, g, m, v, hp, opt, t, coef, scratch):
+        _ = stamp
+        return penalized_update_1d(uses, w, g, m, v, hp, opt, t, coef, scratch)
+
+    @njit(**ENTRY_FLAGS)
+    def philox_fill(words, n_elements, k0, k1, step, layer, stream):
+        _ = stamp
+        _philox_fill(words, n_elements, k0, k1, step, layer, stream)
+
+    return dict(train_epoch=train_epoch, forward_inference=forward_inference,
+                dense_forward=dense_forward, dense_backward=dense_backward,
+                bn_dense_forward=bn_dense_forward, bn_dense_backward=bn_dense_backward,
+                input_dropout=input_dropout, loss=loss, update_matrix=update_matrix,
+                update_vector=update_vector, philox_fill=philox_fill)
+
+
+_K = _entry_points(SOURCE_STAMP)
+
+
+# ---------------------------------------------------------------- the contract (per op)
+def _words_for(n_elements):
+    return np.empty((4, (n_elements + 3) // 4), np.uint32)
+
+
+def _scalar(x, like):
+    return like.dtype.type(x)
+
+
+def _act_uses(act):
+    return uses_of({int(act)}, C.N_ACTIVATIONS)
+
+
+def _noise_args(noise, noise_std, pre, out):
+    """(code, std in out's dtype, pre or an empty (0, O) view, the noise words or None)."""
+    noise = int(noise)
+    pre = out[:0] if pre is None or pre.size == 0 else pre
+    return noise, _scalar(noise_std, out), pre, _words_for(out.size) if noise else None
+
+
+def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
+                  noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+    k0, k1 = split_seed(seed)
+    _K["dense_forward"](_act_uses(act), x, W, b, out, int(act), _scalar(slope, out),
+                        int(drop_threshold), _scalar(drop_scale, out), k0, k1, int(step),
+                        int(layer), _words_for(out.size),
+                        *_noise_args(noise, noise_std, pre, out))
+
+
+def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
+                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+    k0, k1 = split_seed(seed)
+    if dx.size == 0:
+        dx = grad[:0]
+    _K["dense_backward"](_act_uses(act), grad, out, x, W, dW, db, dx, int(act),
+                         _scalar(slope, out), int(drop_threshold), _scalar(drop_scale, out),
+                         k0, k1, int(step), int(layer), _words_for(out.size),
+                         *_noise_args(noise, noise_std, pre, out))
+
+
+def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
+                     eps, seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+    k0, k1 = split_seed(seed)
+    _K["bn_dense_forward"](_act_uses(act), x, W, b, out, xhat, gb, save, int(act),
+                           _scalar(slope, out), int(drop_threshold), _scalar(drop_scale, out),
+                           np.float64(_scalar(eps, out)), k0, k1, int(step), int(layer),
+                           _words_for(out.size), *_noise_args(noise, noise_std, pre, out))
+
+
+def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
+                      drop_threshold, drop_scale, momentum, seed, step, layer,
+                      noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+    k0, k1 = split_seed(seed)
+    if dx.size == 0:
+        dx = grad[:0]
+    _K["bn_dense_backward"](_act_uses(act), grad, out, xhat, x, W, gb, stats, save, dW, db,
+                            dgb, dx, int(act), _scalar(slope, out), int(drop_threshold),
+                            _scalar(drop_scale, out), np.float64(_scalar(momentum, out)), k0,
+                            k1, int(step), int(layer), _words_for(out.size),
+                            *_noise_args(noise, noise_std, pre, out))
+
+
+def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NONE,
+                  noise_std=0.0):
+    k0, k1 = split_seed(seed)
+    noise = int(noise)
+    _K["input_dropout"](x, out, int(threshold), _scalar(scale, x), k0, k1, int(step),
+                        int(layer), _words_for(x.size), noise, _scalar(noise_std, x),
+                        _words_for(x.size) if noise else None)
+
+
+def loss_forward_backward(logits, y, grad, loss):
+    return _K["loss"](logits, y.astype(logits.dtype, copy=False), grad, int(loss), True)
+
+
+def loss_value(logits, y, loss):
+    return _K["loss"](logits, y.astype(logits.dtype, copy=False), logits[:0], int(loss), False)
+
+
+def penalized_update(w, g, m, v, hp, opt, t):
+    hp = np.asarray(hp, np.float64)
+    variant = update_variant(int(opt), m.size > 0, hp[C.HP_NESTEROV] != 0, hp[C.HP_L1],
+                             hp[C.HP_PROXIMAL] != 0)
+    uses = uses_of({variant}, N_UPDATE_VARIANTS)
+    coef = np.zeros(COEF_SIZE + w.shape[-1], w.dtype)
+    scratch = np.zeros(scratch_size(w.size, w.shape[-1]))
+    if w.ndim == 1:
+        return _K["update_vector"](uses, w, g, m, v, hp, int(opt), int(t), coef, scratch)
+    if m.size == 0:
+        m = v = np.zeros((0, w.shape[1]), w.dtype)
+    columns = 1 if hp[C.HP_GROUP] > 0 or hp[C.HP_MAXNORM] > 0 else None
+    return _K["update_matrix"](uses, w, g, m, v, hp, int(opt), int(t), coef, scratch, columns)
+
+
+def penalty_value(w, hp):
+    from ..reference import penalty_value as reference
+    return reference(w, hp)
+
+
+def output_transform(logits, loss):
+    from ..reference import output_transform as reference
+    return reference(logits, loss)
+
+
+def philox_words(n, seed, step, layer, stream):
+    """The first n words of the (seed, step, layer, stream) sequence, element-indexed."""
+    words = _words_for(max(1, int(n)))
+    k0, k1 = split_seed(seed)
+    _K["philox_fill"](words, int(n), k0, k1, int(step), int(layer), int(stream))
+    return words.T.reshape(-1)[:int(n)].copy()
+
+
+# ---------------------------------------------------------------- epoch / inference entry
+def _update_uses(plan):
+    """The update variants of a plan's tensors (jit.specialized)."""
+    variants = set()
+    for l in range(plan.n_layers):
+        tensors = [(plan.hpW[l], plan.mW[l])]
+        if plan.bs[l].size:
+            tensors.append((plan.hpb[l], plan.mb[l]))
+        if plan.bn_on(l):
+            tensors.append((plan.hpgb[l], plan.mgb[l]))
+        for hp, m in tensors:
+            variants.add(update_variant(plan.opt, m.size > 0, hp[C.HP_NESTEROV] != 0,
+                                        hp[C.HP_L1], hp[C.HP_PROXIMAL] != 0))
+    return uses_of(variants, N_UPDATE_VARIANTS)
+
+
+def _compiled_args(plan):
+    """The typed lists, scratch and compile-time choices of a plan's epoch, built once per
+    workspace (plan.allocate clears plan.cache)."""
+    args = plan.cache.get("numba")
+    if args is not None:
+        return args
+    dt = plan.dtype
+    L = plan.n_layers
+    cols = max(W.shape[1] for W in plan.Ws)
+    widest = max(cols, plan.Ws[0].shape[0])
+    moments = [[a if a.size else np.zeros((0, W.shape[1]), dt) for a, W in zip(ms, plan.Ws)]
+               for ms in (plan.mW, plan.vW)]
+    T = E.Tensors(List(plan.Ws), List(plan.bs), List(plan.dWs), List(plan.dbs),
+                  List(moments[0]), List(moments[1]), List(plan.mb), List(plan.vb))
+    n_words = (plan.batch * widest + 3) // 4
+    ws = E.Workspace(List(plan.acts), List(plan.grads), List(plan.pres), plan.xbuf,
+                     List([y if y.size else np.zeros((0, 1), dt) for y in plan.ybufs]),
+                     plan.scratch, np.zeros((4, n_words), np.uint32),
+                     np.zeros(COEF_SIZE + cols, dt),
+                     np.zeros(scratch_size(max([W.size for W in plan.Ws]
+                                               + [g.size for g in plan.gbs]), cols)))
+    bn = None
+    if any(plan.bn_on(l) for l in range(L)):
+        bn = E.BatchNormState(*(List(getattr(plan, name)) for name in
+                                ("gbs", "dgbs", "mgb", "vgb", "stats", "xhats", "saves")))
+    xdrops = (List(plan.xdrops) if any(plan.has_input_transform(p)
+                                       for p in range(plan.n_parts)) else None)
+    noisy = any(plan.noise_of(l)[0] for l in range(L)) or any(
+        plan.input_transform_of(p)[2] for p in range(plan.n_parts))
+    nwords = np.zeros((4, n_words), np.uint32) if noisy else None
+    columns = 1 if ((plan.hpW[:, C.HP_GROUP] > 0).any()
+                    or (plan.hpW[:, C.HP_MAXNORM] > 0).any()) else None
+    spec = E.Spec(uses_of(activations_used(plan.li), C.N_ACTIVATIONS), _update_uses(plan))
+    args = (spec, T, ws, bn, xdrops, nwords, columns)
+    plan.cache["numba"] = args
+    return args
+
+
+def epoch_context(plan):
+    """The thread policy of a Numba epoch (kernels/threads.py)."""
+    return threads.numba_epoch(plan)
+
+
+def train_epoch(plan, X, Y, perm, batch_size, step0, t0):
+    """The batches of `perm` (an epoch or a chunk of whole batches) in one compiled call;
+    returns (loss sums per part, penalty sum, steps, finite) as kernels/reference/epoch.py."""
+    spec, T, ws, bn, xdrops, nwords, columns = _compiled_args(plan)
+    k0, k1 = split_seed(plan.seed)
+    loss_sums = np.zeros(plan.n_parts)
+    pen, steps, finite = _K["train_epoch"](
+        X, Y, perm, int(batch_size), spec, T, ws, bn, xdrops, nwords, columns, plan.li,
+        plan.lf, plan.hpW, plan.hpb, plan.hpgb, plan.parts, plan.partf, int(plan.opt), k0, k1,
+        int(step0), int(t0), loss_sums)
+    return loss_sums, pen, steps, finite
+
+
+def forward_inference(plan, X, batch_size, part=0):
+    """Logits of part `part` of an inference plan for X (that part's input)."""
+    layers = plan.part_layers(part)
+    n = X.shape[0]
+    rows = max(1, min(batch_size, n))
+    out = np.empty((n, plan.Ws[layers[-1]].shape[1]), plan.dtype)
+    if n:
+        uses = uses_of({int(plan.li[l, C.LI_ACT]) for l in layers}, C.N_ACTIVATIONS)
+        _K["forward_inference"](uses, X, List([plan.Ws[l] for l in layers]),
+                                List([plan.bs[l] for l in layers]), plan.li, plan.lf,
+                                List([np.empty((rows, plan.Ws[l].shape[1]), plan.dtype)
+                                      for l in layers]), out, int(rows), layers[0])
+    return out

@@ -1,0 +1,229 @@
+"""The compiled epoch of the Numba backend: kernels/reference/epoch.py step for step (same
+order, same masks, same roundings), a whole epoch in one call, nothing allocated inside, no
+Python per step, layer or element. Trunk and heads (a plan's parts) included.
+
+Shape legend: B batch rows, I fan_in, O fan_out, L layers, P parts.
+
+The arrays come in named tuples of typed lists (one entry per layer, or per part); optional
+features come as None so that a network compiles only what it uses (kernels/numba/jit.py):
+`bn` (BatchNorm state) is None without BatchNorm, `nwords` None without noise, `xdrops`
+None without input transforms, `columns` None without group lasso or max-norm.
+"""
+from collections import namedtuple
+
+import numpy as np
+
+from .. import contract as C
+from .batchnorm import bn_dense_backward, bn_dense_forward
+from .dense import dense_backward, dense_forward
+from .epilogue import input_dropout
+from .jit import kernel
+from .loss import loss_forward_backward
+from .update import penalized_update_1d, penalized_update_2d
+
+# per layer: the parameters, their gradients and moments (views of the plan's flat buffers)
+Tensors = namedtuple("Tensors", "W b dW db mW vW mb vb")
+# per layer: what one step keeps (acts, grads, pres), and the step's scratch
+Workspace = namedtuple("Workspace", "acts grads pres xbuf ybufs head_grad words coef scratch")
+# per layer: a BatchNorm's gamma; beta, gradient, moments, running statistics, zhat, save
+BatchNormState = namedtuple("BatchNormState", "gb dgb mgb vgb stats xhat save")
+# the compile-time choices of a network: (activation uses, update-variant uses)
+Spec = namedtuple("Spec", "acts updates")
+
+
+@kernel
+def _layer_forward(spec, T, ws, bn, nwords, li, lf, l, x, n, k0, k1, step):
+    """Dense layer l's training forward over the first n rows (reference layer_forward)."""
+    if bn is not None:
+        if li[l, C.LI_BN] != 0:
+            bn_dense_forward(spec.acts, x, T.W[l], T.b[l], ws.acts[l][:n], bn.xhat[l][:n],
+                             bn.gb[l], bn.save[l], li[l, C.LI_ACT], lf[l, C.LF_SLOPE],
+                             li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE],
+                             np.float64(lf[l, C.LF_BN_EPS]), k0, k1, step, l, ws.words,
+                             li[l, C.LI_NOISE], lf[l, C.LF_NOISE_STD], ws.pres[l][:n], nwords)
+            return
+    dense_forward(spec.acts, x, T.W[l], T.b[l], ws.acts[l][:n], li[l, C.LI_ACT],
+                  lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE], k0, k1,
+                  step, l, ws.words, li[l, C.LI_NOISE], lf[l, C.LF_NOISE_STD],
+                  ws.pres[l][:n], nwords)
+
+
+@kernel
+def _layer_backward(spec, T, ws, bn, nwords, li, lf, l, x, dx, n, k0, k1, step):
+    """Dense layer l's backward (reference layer_backward)."""
+    if bn is not None:
+        if li[l, C.LI_BN] != 0:
+            bn_dense_backward(spec.acts, ws.grads[l][:n], ws.acts[l][:n], bn.xhat[l][:n], x,
+                              T.W[l], bn.gb[l], bn.stats[l], bn.save[l], T.dW[l], T.db[l],
+                              bn.dgb[l], dx, li[l, C.LI_ACT], lf[l, C.LF_SLOPE],
+                              li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE],
+                              np.float64(lf[l, C.LF_BN_MOMENTUM]), k0, k1, step, l, ws.words,
+                              li[l, C.LI_NOISE], lf[l, C.LF_NOISE_STD], ws.pres[l][:n],
+                              nwords)
+            return
+    dense_backward(spec.acts, ws.grads[l][:n], ws.acts[l][:n], x, T.W[l], T.dW[l], T.db[l], dx,
+                   li[l, C.LI_ACT], lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR],
+                   lf[l, C.LF_DROP_SCALE], k0, k1, step, l, ws.words, li[l, C.LI_NOISE],
+                   lf[l, C.LF_NOISE_STD], ws.pres[l][:n], nwords)
+
+
+@kernel
+def _layer_update(spec, T, ws, bn, columns, hpW, hpb, hpgb, li, opt, l, t):
+    """The fused update of layer l's tensors (reference layer_update); their penalty."""
+    pen = penalized_update_2d(spec.updates, T.W[l], T.dW[l], T.mW[l], T.vW[l], hpW[l], opt, t,
+                              ws.coef, ws.scratch, columns)
+    if T.b[l].shape[0] > 0:
+        pen += penalized_update_1d(spec.updates, T.b[l], T.db[l], T.mb[l], T.vb[l], hpb[l], opt,
+                                   t, ws.coef, ws.scratch)
+    if bn is not None:
+        if li[l, C.LI_BN] != 0:     # gamma/beta, flattened: never penalized
+            g2 = bn.gb[l].size
+            pen += penalized_update_1d(spec.updates, bn.gb[l].reshape(g2),
+                                       bn.dgb[l].reshape(g2), bn.mgb[l].reshape(bn.mgb[l].size),
+                                       bn.vgb[l].reshape(bn.vgb[l].size), hpgb[l], opt, t,
+                                       ws.coef, ws.scratch)
+    return pen
+
+
+@kernel
+def _part_input(ws, xdrops, parts, li, p, n):
+    """The input part p's first layer reads: the gathered batch, the trunk's output, or its
+    input transform's output."""
+    first = parts[p, C.PT_FIRST]
+    if xdrops is not None:
+        if li[first, C.LI_IN_DROP_THR] > 0 or li[first, C.LI_IN_NOISE] != C.NOISE_NONE:
+            return xdrops[p][:n]
+    src = parts[p, C.PT_INPUT]
+    if src < 0:
+        return ws.xbuf[:n]
+    return ws.acts[parts[src, C.PT_END] - 1][:n]
+
+
+@kernel
+def _input_transform(ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, backward, dh):
+    """Part p's input transform: forward, the part's input into xdrops[p]; backward (a
+    head), dh in place through its mask and GaussianDropout factor (reference
+    input_transform / input_transform_backward)."""
+    if xdrops is None:
+        return
+    first = parts[p, C.PT_FIRST]
+    thr = li[first, C.LI_IN_DROP_THR]
+    noise = li[first, C.LI_IN_NOISE]
+    if thr == 0 and noise == C.NOISE_NONE:
+        return
+    scale = lf[first, C.LF_IN_DROP_SCALE]
+    std = lf[first, C.LF_IN_NOISE_STD]
+    if backward:
+        if noise != C.NOISE_MUL:
+            noise = C.NOISE_NONE
+            std = lf.dtype.type(0)
+        if thr > 0 or noise != C.NOISE_NONE:
+            input_dropout(dh, dh, thr, scale, k0, k1, step, first, ws.words, noise, std,
+                          nwords)
+        return
+    src = parts[p, C.PT_INPUT]
+    x = ws.xbuf[:n] if src < 0 else ws.acts[parts[src, C.PT_END] - 1][:n]
+    input_dropout(x, xdrops[p][:n], thr, scale, k0, k1, step, first, ws.words, noise, std,
+                  nwords)
+
+
+@kernel
+def train_epoch(X, Y, perm, batch_size, spec, T, ws, bn, xdrops, nwords, columns, li, lf, hpW,
+                hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, loss_sums):
+    """The batches of `perm`; loss_sums (P,) receives the per-part loss sums (weighted by
+    batch rows); returns (penalty sum, steps, finite). Stops at the first batch with a
+    non-finite loss, before its backward."""
+    n_total = perm.shape[0]
+    L = len(T.W)
+    P = parts.shape[0]
+    I0 = X.shape[1]
+    pen_sum = 0.0
+    steps = 0
+    losses = np.zeros(P)
+    for p in range(P):
+        loss_sums[p] = 0.0
+    trunk_end = parts[0, C.PT_END]
+    for start in range(0, n_total, batch_size):
+        n = min(batch_size, n_total - start)
+        step = step0 + steps
+        t = t0 + steps
+        xb = ws.xbuf[:n]
+        for r in range(n):
+            src = perm[start + r]
+            for j in range(I0):
+                xb[r, j] = X[src, j]
+        finite = True
+        for p in range(P):
+            _input_transform(ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, False,
+                             xb)
+            x = _part_input(ws, xdrops, parts, li, p, n)
+            for l in range(parts[p, C.PT_FIRST], parts[p, C.PT_END]):
+                _layer_forward(spec, T, ws, bn, nwords, li, lf, l, x, n, k0, k1, step)
+                x = ws.acts[l][:n]
+            losses[p] = 0.0
+            loss = parts[p, C.PT_LOSS]
+            if loss >= 0:
+                y0 = parts[p, C.PT_Y0]
+                yb = ws.ybufs[p][:n]
+                for r in range(n):
+                    src = perm[start + r]
+                    for j in range(yb.shape[1]):
+                        yb[r, j] = Y[src, y0 + j]
+                end = parts[p, C.PT_END]
+                losses[p] = loss_forward_backward(ws.acts[end - 1][:n], yb,
+                                                  ws.grads[end - 1][:n], loss, True)
+                if not np.isfinite(losses[p]):
+                    finite = False
+        if not finite:
+            return pen_sum, steps, False
+        for p in range(P):
+            loss_sums[p] += losses[p] * n
+        for k in range(P):               # the heads in order, then the trunk
+            p = k + 1 if k + 1 < P else 0
+            first = parts[p, C.PT_FIRST]
+            end = parts[p, C.PT_END]
+            w = partf[p, C.PF_WEIGHT]
+            if w != 1.0:
+                g = ws.grads[end - 1][:n]
+                g *= g.dtype.type(w)
+            trunk_out = ws.grads[trunk_end - 1][:n]
+            into = ws.xbuf[:0]                       # the trunk: no input gradient
+            if p == 1:
+                into = trunk_out
+            elif p > 1:
+                into = ws.head_grad[:n]
+            for l in range(end - 1, first - 1, -1):
+                x = ws.acts[l - 1][:n] if l > first else _part_input(ws, xdrops, parts, li, p,
+                                                                      n)
+                dx = ws.grads[l - 1][:n] if l > first else into
+                _layer_backward(spec, T, ws, bn, nwords, li, lf, l, x, dx, n, k0, k1, step)
+            if p > 0:
+                _input_transform(ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, True,
+                                 into)
+                if p > 1:
+                    trunk_out += into
+        pen = 0.0
+        for l in range(L - 1, -1, -1):
+            pen += _layer_update(spec, T, ws, bn, columns, hpW, hpb, hpgb, li, opt, l, t)
+        pen_sum += pen * n
+        steps += 1
+    return pen_sum, steps, True
+
+
+@kernel
+def forward_inference(uses, X, Ws, bs, li, lf, bufs, out, batch_size, first):
+    """Logits of the layers Ws (a part's, the first one numbered `first`) for X, dropout and
+    noise off, in chunks of batch_size rows."""
+    L = len(Ws)
+    n_total = X.shape[0]
+    words = np.zeros((4, 1), np.uint32)
+    for start in range(0, n_total, batch_size):
+        n = min(batch_size, n_total - start)
+        x = X[start:start + n]
+        for k in range(L):
+            l = first + k
+            dense_forward(uses, x, Ws[k], bs[k], bufs[k][:n], li[l, C.LI_ACT],
+                          lf[l, C.LF_SLOPE], 0, lf[l, C.LF_DROP_SCALE], 0, 0, 0, l, words,
+                          C.NOISE_NONE, lf[l, C.LF_NOISE_STD], bufs[k][:0], None)
+            x = bufs[k][:n]
+        out[start:start + n] = x

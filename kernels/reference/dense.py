@@ -1,0 +1,41 @@
+"""The reference dense layer: one GEMM and the epilogue (kernels/reference/epilogue.py),
+forward and backward side by side.
+
+Shape legend: B batch rows, I fan_in, O fan_out. Outputs are preallocated by the caller and
+written in place; an empty array (size 0) means "not present" (no bias, no dx).
+"""
+from .. import contract as C
+from .epilogue import activation, output_epilogue, output_epilogue_backward
+
+
+def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
+                  noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+    """out = dropout(noise(f(x @ W + b))): what backward keeps (B*O values), and with noise
+    and a nonlinear f also pre = f(x @ W + b) (contract.keeps_pre).
+
+    Noise (stream STREAM_NOISE) comes after the activation and before the dropout: a Keras
+    list Dense(activation), GaussianNoise, Dropout. It is training-only: inference passes
+    noise = NOISE_NONE.
+    """
+    z = x @ W
+    if b.size:
+        z += b
+    output_epilogue(activation(z, act, slope), out, drop_threshold, drop_scale, seed, step,
+                    layer, noise, noise_std, pre)
+
+
+def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
+                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+    """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db, dx written.
+
+    dz comes from output_epilogue_backward (mask, noise factor and f' regenerated or read
+    from out / pre); then db = column sums, dW = x.T @ dz, dx = dz @ W.T.
+    """
+    dz = output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed,
+                                  step, layer, noise, noise_std, pre)
+    grad[...] = dz
+    if db.size:
+        db[...] = dz.sum(axis=0)
+    dW[...] = x.T @ dz
+    if dx.size:
+        dx[...] = dz @ W.T

@@ -1,0 +1,126 @@
+"""The reference epilogues: what a dense layer does to its pre-activation after the GEMM
+(forward: activation, noise, dropout) and before it (backward: dropout mask, noise factor,
+f'), and a part's input transform. Forward and backward side by side.
+
+Shape legend: B batch rows, O fan_out.
+"""
+import numpy as np
+
+from .. import contract as C
+from ..philox import keep_mask, standard_normals
+
+
+# ---------------------------------------------------------------- activations
+def activation(z, act, slope):
+    """f(z) for an activation code (contract.ACTIVATION_TABLE). NaN stays NaN (np.maximum
+    propagates it): every backend's activation must do the same."""
+    if act == C.ACT_RELU:
+        return np.maximum(z, 0)
+    if act == C.ACT_LEAKY_RELU:
+        return np.where(z > 0, z, z * z.dtype.type(slope))
+    if act == C.ACT_TANH:
+        return np.tanh(z)
+    if act == C.ACT_SIGMOID:
+        return sigmoid(z)
+    return z
+
+
+def activation_grad(a, act, slope):
+    """f'(z), written in terms of what the table's `grad_from` says backward keeps: the
+    output a = f(z) (every activation here)."""
+    one = a.dtype.type(1)
+    if act == C.ACT_RELU:
+        return (a > 0).astype(a.dtype)
+    if act == C.ACT_LEAKY_RELU:
+        return np.where(a > 0, one, a.dtype.type(slope))
+    if act == C.ACT_TANH:
+        return one - a * a
+    if act == C.ACT_SIGMOID:
+        return a * (one - a)
+    return np.ones_like(a)
+
+
+def sigmoid(z):
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e)).astype(z.dtype)
+
+
+# ---------------------------------------------------------------- Gaussian noise
+def noise_values(shape, dtype, seed, step, layer, stream):
+    """Standard normals of `shape` (row-major element order), rounded once to dtype."""
+    n = int(np.prod(shape))
+    return standard_normals(n, seed, step, layer, stream).astype(dtype).reshape(shape)
+
+
+def noise_factor(std, nrm, dtype):
+    """1 + std * n, GaussianDropout's multiplier, in the working dtype."""
+    return dtype.type(1) + dtype.type(std) * nrm
+
+
+def apply_noise(a, noise, std, seed, step, layer, stream):
+    """NOISE_ADD: a + std * n; NOISE_MUL: a * (1 + std * n); in a's dtype, n rounded first."""
+    if noise == C.NOISE_NONE:
+        return a
+    nrm = noise_values(a.shape, a.dtype, seed, step, layer, stream)
+    if noise == C.NOISE_ADD:
+        return a + a.dtype.type(std) * nrm
+    return a * noise_factor(std, nrm, a.dtype)
+
+
+# ---------------------------------------------------------------- the output epilogue
+def output_epilogue(a, out, drop_threshold, drop_scale, seed, step, layer, noise, noise_std,
+                    pre):
+    """out = dropout(noise(a)) for the activation a = f(.) of a dense layer (plain or
+    BatchNorm); with noise, pre = a first (when pre is given and not empty)."""
+    if noise != C.NOISE_NONE:
+        if pre is not None and pre.size:
+            pre[...] = a
+        a = apply_noise(a, noise, noise_std, seed, step, layer, C.STREAM_NOISE)
+    if drop_threshold > 0:
+        keep = keep_mask(a.shape, drop_threshold, seed, step, layer, C.STREAM_DROPOUT)
+        a = np.where(keep, a * a.dtype.type(drop_scale), a.dtype.type(0))
+    out[...] = a
+
+
+def output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed, step,
+                             layer, noise, noise_std, pre):
+    """dL/d(f's input) from grad = dL/d(out): output_epilogue and f undone, a new array.
+
+    The dropout mask is regenerated from Philox, never stored. f' comes from the output:
+    a = out / scale for kept units when the table says f' needs the value back (tanh,
+    sigmoid; dropped units have zero gradient whatever f' is). With noise, f' comes from
+    pre (the kept f(.); f' = 1 for a linear layer) and, for NOISE_MUL, the factor
+    1 + std * n is regenerated: ((g * scale) * (1 + std * n)) * f'.
+    """
+    scale = out.dtype.type(drop_scale)
+    if noise != C.NOISE_NONE:
+        d = grad * scale if drop_threshold > 0 else grad
+        if noise == C.NOISE_MUL:
+            nrm = noise_values(out.shape, out.dtype, seed, step, layer, C.STREAM_NOISE)
+            d = d * noise_factor(noise_std, nrm, out.dtype)
+        if act != C.ACT_LINEAR:
+            d = d * activation_grad(pre, act, slope)
+        if drop_threshold > 0:
+            keep = keep_mask(out.shape, drop_threshold, seed, step, layer, C.STREAM_DROPOUT)
+            d = np.where(keep, d, out.dtype.type(0))
+        return d
+    if drop_threshold > 0:
+        keep = keep_mask(out.shape, drop_threshold, seed, step, layer, C.STREAM_DROPOUT)
+        a = out / scale if C.unscale_output(act) else out
+        return np.where(keep, (grad * scale) * activation_grad(a, act, slope),
+                        out.dtype.type(0))
+    return grad * activation_grad(out, act, slope)
+
+
+# ---------------------------------------------------------------- a part's input transform
+def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NONE,
+                  noise_std=0.0):
+    """out = dropout(noise(x)) on a part's input (standalone Dropout / GaussianNoise /
+    GaussianDropout layers before its first Dense); noise on stream STREAM_INPUT_NOISE.
+    Applied to a gradient (out = x allowed) it is its own backward for GaussianDropout's
+    factor and the mask (additive noise passes the gradient unchanged: pass NOISE_NONE)."""
+    v = apply_noise(x, noise, noise_std, seed, step, layer, C.STREAM_INPUT_NOISE)
+    if threshold > 0:
+        keep = keep_mask(x.shape, threshold, seed, step, layer, C.STREAM_INPUT_DROPOUT)
+        v = np.where(keep, v * x.dtype.type(scale), x.dtype.type(0))
+    out[...] = v

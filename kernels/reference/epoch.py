@@ -1,0 +1,188 @@
+"""The reference epoch: the readable specification of a training epoch of a plan
+(kernels/plan.py), over any backend's per-op kernels. The compiled epochs of the numba,
+cython and cuda backends follow it step for step, so every backend applies the same masks
+and noise in the same order.
+
+A network is parts (a tree of chains): part 0, the trunk, reads the inputs; every other
+part, a head, reads the trunk's output; a part with a loss ends in logits. A Sequential is
+one part. One training step on a batch:
+    gather the batch's inputs; for each part in order: its input transform (dropout, noise
+    on Philox layer word = its first layer), its layers' forward (layer word = the layer's
+    index), and for a part with a loss, the loss and its gradient (scaled by the loss
+    weight when it is not 1). A non-finite loss stops the epoch before any backward.
+    Backward: the heads in order, then the trunk; a head's input gradient goes into the
+    trunk's output gradient (the first head writes it, later ones add theirs, after their
+    input transform's backward), then the trunk's layers. Last, the fused penalized update
+    of every layer's tensors (W, b, a BatchNorm's gamma; beta), from the last layer to the
+    first; their penalties summed in that order.
+
+Shape legend: B batch rows, I fan_in, O fan_out, L layers, P parts.
+"""
+import numpy as np
+
+from .. import contract as C
+
+
+def layer_forward(ops, plan, l, x, n, step):
+    """Dense layer l's training forward over the first n rows: x -> plan.acts[l][:n]
+    through the BatchNorm kernel or the plain one, noise and dropout on layer word l."""
+    noise, std = plan.noise_of(l)
+    if plan.bn_on(l):
+        ops.bn_dense_forward(x, plan.Ws[l], plan.bs[l], plan.acts[l][:n], plan.xhats[l][:n],
+                             plan.gbs[l], plan.saves[l], plan.li[l, C.LI_ACT],
+                             plan.lf[l, C.LF_SLOPE], plan.li[l, C.LI_DROP_THR],
+                             plan.lf[l, C.LF_DROP_SCALE], plan.lf[l, C.LF_BN_EPS], plan.seed,
+                             step, l, noise, std, plan.pres[l][:n])
+    else:
+        ops.dense_forward(x, plan.Ws[l], plan.bs[l], plan.acts[l][:n], plan.li[l, C.LI_ACT],
+                          plan.lf[l, C.LF_SLOPE], plan.li[l, C.LI_DROP_THR],
+                          plan.lf[l, C.LF_DROP_SCALE], plan.seed, step, l, noise, std,
+                          plan.pres[l][:n])
+
+
+def layer_backward(ops, plan, l, x, dx, n, step):
+    """Dense layer l's backward: plan.grads[l][:n] holds dL/d(output) -> dW, db (dgb and the
+    running statistics of a BatchNorm layer), and dx = dL/d(input) unless dx has size 0.
+    x is the layer's input of the forward."""
+    noise, std = plan.noise_of(l)
+    if plan.bn_on(l):
+        ops.bn_dense_backward(plan.grads[l][:n], plan.acts[l][:n], plan.xhats[l][:n], x,
+                              plan.Ws[l], plan.gbs[l], plan.stats[l], plan.saves[l],
+                              plan.dWs[l], plan.dbs[l], plan.dgbs[l], dx,
+                              plan.li[l, C.LI_ACT], plan.lf[l, C.LF_SLOPE],
+                              plan.li[l, C.LI_DROP_THR], plan.lf[l, C.LF_DROP_SCALE],
+                              plan.lf[l, C.LF_BN_MOMENTUM], plan.seed, step, l, noise, std,
+                              plan.pres[l][:n])
+    else:
+        ops.dense_backward(plan.grads[l][:n], plan.acts[l][:n], x, plan.Ws[l], plan.dWs[l],
+                           plan.dbs[l], dx, plan.li[l, C.LI_ACT], plan.lf[l, C.LF_SLOPE],
+                           plan.li[l, C.LI_DROP_THR], plan.lf[l, C.LF_DROP_SCALE], plan.seed,
+                           step, l, noise, std, plan.pres[l][:n])
+
+
+def layer_update(ops, plan, l, t):
+    """The fused penalized update of dense layer l's tensors at optimizer step t: W, b, and
+    a BatchNorm's gamma/beta (flattened: a vector, never penalized). Returns their penalty
+    before the step."""
+    pen = ops.penalized_update(plan.Ws[l], plan.dWs[l], plan.mW[l], plan.vW[l], plan.hpW[l],
+                               plan.opt, t)
+    if plan.bs[l].size:
+        pen += ops.penalized_update(plan.bs[l], plan.dbs[l], plan.mb[l], plan.vb[l],
+                                    plan.hpb[l], plan.opt, t)
+    if plan.bn_on(l):
+        pen += ops.penalized_update(plan.gbs[l].reshape(-1), plan.dgbs[l].reshape(-1),
+                                    plan.mgb[l].reshape(-1), plan.vgb[l].reshape(-1),
+                                    plan.hpgb[l], plan.opt, t)
+    return pen
+
+
+def input_transform(ops, plan, p, x, n, step):
+    """Part p's input after its dropout and noise (into plan.xdrops[p]), or x itself."""
+    if not plan.has_input_transform(p):
+        return x
+    thr, scale, noise, std = plan.input_transform_of(p)
+    first = int(plan.parts[p, C.PT_FIRST])
+    ops.input_dropout(x, plan.xdrops[p][:n], thr, scale, plan.seed, step, first, noise, std)
+    return plan.xdrops[p][:n]
+
+
+def input_transform_backward(ops, plan, p, dh, step):
+    """dh (in place) back through part p's input transform: the dropout mask and scale and,
+    for GaussianDropout, its regenerated factor (input_dropout applied to the gradient);
+    additive noise passes the gradient unchanged."""
+    if not plan.has_input_transform(p):
+        return
+    thr, scale, noise, std = plan.input_transform_of(p)
+    if noise != C.NOISE_MUL:
+        noise, std = C.NOISE_NONE, 0.0
+    if thr > 0 or noise != C.NOISE_NONE:
+        ops.input_dropout(dh, dh, thr, scale, plan.seed, step, int(plan.parts[p, C.PT_FIRST]),
+                          noise, std)
+
+
+def train_step(ops, plan, X, Y, idx, step, t):
+    """One training step on the rows idx of X and Y (module docstring). Returns
+    (losses per part (0 where a part has none), penalty, finite): the batch means, and the
+    penalty of the tensors before their update; when a loss is not finite, nothing is
+    updated and the penalty is 0."""
+    n = idx.shape[0]
+    P, L = plan.n_parts, plan.n_layers
+    xb = plan.xbuf[:n]
+    xb[...] = X[idx]
+    inputs = [None] * L
+    losses = np.zeros(P)
+    for p in range(P):
+        first, end, src, loss, y0, y1 = (int(v) for v in plan.parts[p])
+        x = xb if src < 0 else plan.acts[int(plan.parts[src, C.PT_END]) - 1][:n]
+        x = input_transform(ops, plan, p, x, n, step)
+        for l in range(first, end):
+            inputs[l] = x
+            layer_forward(ops, plan, l, x, n, step)
+            x = plan.acts[l][:n]
+        if loss >= 0:
+            yb = plan.ybufs[p][:n]
+            yb[...] = Y[idx, y0:y1]
+            losses[p] = ops.loss_forward_backward(x, yb, plan.grads[end - 1][:n], loss)
+    if not np.isfinite(losses).all():
+        return losses, 0.0, False
+    empty = np.zeros((0, 0), plan.dtype)
+    for p in list(range(1, P)) + [0]:        # the heads in order, then the trunk
+        first, end = int(plan.parts[p, C.PT_FIRST]), int(plan.parts[p, C.PT_END])
+        w = plan.partf[p, C.PF_WEIGHT]
+        if w != 1.0:
+            g = plan.grads[end - 1][:n]
+            g *= plan.dtype.type(w)
+        if p == 0:
+            into = empty                     # nobody needs the inputs' gradient
+        else:                                # the trunk's output gradient: the first head
+            trunk_out = plan.grads[int(plan.parts[0, C.PT_END]) - 1][:n]   # writes it
+            into = trunk_out if p == 1 else plan.scratch[:n]
+        for l in range(end - 1, first - 1, -1):
+            dx = plan.grads[l - 1][:n] if l > first else into
+            layer_backward(ops, plan, l, inputs[l], dx, n, step)
+        if p > 0:
+            input_transform_backward(ops, plan, p, into, step)
+            if p > 1:
+                trunk_out += into
+    pen = 0.0
+    for l in range(L - 1, -1, -1):
+        pen += layer_update(ops, plan, l, t)
+    return losses, pen, True
+
+
+def train_epoch(ops, plan, X, Y, perm, batch_size, step0, t0):
+    """The batches of `perm` (an epoch, or a chunk of whole batches); returns
+    (loss sums per part, penalty sum, steps, finite), the sums weighted by batch rows
+    (divide by the rows seen for the means). Stops at the first batch with a non-finite
+    loss, before updating."""
+    loss_sums = np.zeros(plan.n_parts)
+    pen_sum = 0.0
+    steps = 0
+    for start in range(0, perm.shape[0], batch_size):
+        idx = perm[start:start + batch_size]
+        losses, pen, finite = train_step(ops, plan, X, Y, idx, step0 + steps, t0 + steps)
+        if not finite:
+            return loss_sums, pen_sum, steps, False
+        n = idx.shape[0]
+        loss_sums += losses * n
+        pen_sum += pen * n
+        steps += 1
+    return loss_sums, pen_sum, steps, True
+
+
+def forward_inference(ops, plan, X, batch_size, part=0):
+    """Logits of part `part` of an inference plan (BatchNorm folded into W, b) for X, that
+    part's input, dropout and noise off, in chunks of `batch_size` rows."""
+    layers = plan.part_layers(part)
+    out = np.empty((X.shape[0], plan.Ws[layers[-1]].shape[1]), plan.dtype)
+    bufs = {l: np.empty((min(batch_size, X.shape[0]), plan.Ws[l].shape[1]), plan.dtype)
+            for l in layers}
+    for start in range(0, X.shape[0], batch_size):
+        x = X[start:start + batch_size]
+        n = x.shape[0]
+        for l in layers:
+            ops.dense_forward(x, plan.Ws[l], plan.bs[l], bufs[l][:n], plan.li[l, C.LI_ACT],
+                              plan.lf[l, C.LF_SLOPE], 0, 1.0, 0, 0, l)
+            x = bufs[l][:n]
+        out[start:start + n] = x
+    return out
