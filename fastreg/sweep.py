@@ -13,9 +13,10 @@ Where the points run: through joblib, under whatever backend is active. With n_j
 no `joblib.parallel_config`, each point trains in its own local process (loky); inside
 `with joblib.parallel_config(backend="dask"):` (a `dask.distributed.Client` connected) or
 Ray's joblib backend (`ray.util.joblib.register_ray()`, backend="ray") they train on that
-cluster's workers. n_jobs=None takes the active configuration's n_jobs (for dask and Ray:
-every worker slot of the cluster; outside any configuration: 1, this process). As in joblib,
-a backend that offers one slot runs the points in this process. A regularization path is a
+cluster's workers. n_jobs=None takes joblib's active setting: the n_jobs given to
+parallel_config, else the backend's default (dask: every worker thread of the cluster; loky
+and Ray: 1, so pass n_jobs=-1 for every CPU Ray has); -1 asks the backend for every slot. As
+in joblib, a backend that offers one slot runs the points in this process. A regularization path is a
 chain of warm starts, so it runs as one task: in this process, or on a worker of the active
 backend when that offers more than one slot.
 
@@ -381,8 +382,9 @@ def sweep(build, grid=None, X=None, y=None, validation_data=None, epochs=10, bat
     as_frame=False forces the list.
 
     n_jobs: None (default) takes joblib's active setting (1 outside a
-    joblib.parallel_config; every worker slot under backend="dask" or "ray"), -1 every slot,
-    1 this process. The table does not depend on it (module docstring).
+    joblib.parallel_config; every worker thread under backend="dask"; 1 under "ray"), -1
+    every slot of the backend, 1 this process. The table does not depend on it (module
+    docstring).
 
     return_models=True returns (table, models): the trained models (with .history), in grid
     order. progress: optional callable(done, total, row), called as each point finishes.
