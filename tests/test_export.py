@@ -16,7 +16,10 @@ TOL = dict(rtol=2e-5, atol=2e-6)
 
 
 def _have(module):
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _keras():
