@@ -59,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without scikit-l
     raise ImportError("fastreg.sklearn needs scikit-learn >= 1.6: pip install "
                       "\"fastreg[sklearn]\"") from exc
 
+from . import backend as backends
 from . import layers as L
 from . import optimizers as O
 from . import regularizers as R
@@ -73,6 +74,7 @@ OPTIMIZERS = {"adam": O.Adam, "adamw": O.AdamW, "sgd": O.SGD}
 # model from the fitted weights; otherwise it keeps the model (and its Philox step counter).
 LAYER_PARAMS = ("hidden_layer_sizes", "activation", "dropout", "l1", "l2", "batch_norm",
                 "dtype")
+INPUT_ATTRIBUTES = ("n_features_in_", "feature_names_in_")   # set by validate_data
 
 
 class _FastregEstimator(BaseEstimator):
@@ -182,7 +184,8 @@ class _FastregEstimator(BaseEstimator):
     def _layer_params(self):
         return {k: getattr(self, k) for k in LAYER_PARAMS}
 
-    def _new_model(self, n_features, n_outputs, dtype, seed):
+    def _layers(self, n_outputs):
+        """The fastreg layers of the network (their constructors check the values)."""
         activation, reg = self._activation(), self._regularizer()
         layers = []
         for units in self._hidden_sizes():
@@ -190,7 +193,11 @@ class _FastregEstimator(BaseEstimator):
             if self.batch_norm:
                 layers.append(L.BatchNorm())
         layers.append(L.Dense(n_outputs, regularizer=reg))
-        return Sequential(layers, input_dim=n_features, seed=seed, dtype=dtype)
+        return layers
+
+    def _new_model(self, n_features, n_outputs, dtype, seed):
+        return Sequential(self._layers(n_outputs), input_dim=n_features, seed=seed,
+                          dtype=dtype)
 
     # ------------------------------------------------------------ fitting
     def _work_dtype(self, X):
@@ -201,25 +208,45 @@ class _FastregEstimator(BaseEstimator):
     def _fit(self, X, y, incremental, classes=None, **row_params):
         """fit (incremental=False) and partial_fit (True). row_params: per-row arrays for
         model.fit (split with the early-stopping hold-out); none exist yet (sample_weight
-        waits for Sequential.fit to take it)."""
+        waits for Sequential.fit to take it). The parameters are checked before the data;
+        the fitted attributes are set only once the fit succeeded."""
         self._check_training_params()
+        self._layers(1)
+        optimizer = self._make_optimizer()
+        backends.resolve(self.backend)    # an unknown or missing backend: before the data
+        row_params = {k: v for k, v in row_params.items() if v is not None}
+        saved = {k: self.__dict__[k] for k in INPUT_ATTRIBUTES if k in self.__dict__}
+        try:
+            return self._fit_data(X, y, incremental, classes, optimizer, row_params)
+        except BaseException:
+            # validate_data recorded the new X's width and names: a failed fit takes them back
+            for k in INPUT_ATTRIBUTES:
+                self.__dict__.pop(k, None)
+            self.__dict__.update(saved)
+            raise
+
+    def _fit_data(self, X, y, incremental, classes, optimizer, row_params):
         cold = not hasattr(self, "model_") or not (incremental or self.warm_start)
         X, y = validate_data(self, X, y, reset=cold, dtype=[np.float64, np.float32],
                              **self._target_check())
-        targets = self._encode_targets(y, cold, classes)
-        n_outputs, loss = self._output_spec()
+        targets, fitted = self._encode_targets(y, cold, classes)
+        n_outputs, loss = self._output_spec(fitted)
         dtype = self._work_dtype(X)
         seed = self._seed() if cold else self.model_.seed
+        # partial_fit continues the model as it is built: its layers stay what they were
+        layer_params = (self._fitted_layer_params if incremental and not cold
+                        else self._layer_params())
         if cold:
             model = self._new_model(X.shape[1], n_outputs, dtype, seed)
-            model.compile(loss=loss, optimizer=self._make_optimizer(), backend=self.backend)
-            self._fitted_layer_params = self._layer_params()
+            model.compile(loss=loss, optimizer=optimizer, backend=self.backend)
             history = {}
-        elif incremental:
-            model, history = self.model_, self.history_
         else:
-            model = self._warm_model(X.shape[1], n_outputs, loss, dtype, seed)
-            history = self.history_
+            model = self.model_
+            if not incremental:   # warm_start: a fresh optimizer at the current parameters
+                if layer_params != self._fitted_layer_params:
+                    model = self._carry_weights(model, X.shape[1], n_outputs, dtype, seed)
+                model.compile(loss=loss, optimizer=optimizer, backend=self.backend)
+            history = {k: list(v) for k, v in self.history_.items()}
         fit_kwargs = {"epochs": 1 if incremental else self.epochs,
                       "batch_size": (min(200, X.shape[0]) if self.batch_size == "auto"
                                      else int(self.batch_size)),
@@ -233,31 +260,28 @@ class _FastregEstimator(BaseEstimator):
         run = model.fit(X, targets, **fit_kwargs, **row_params)
         for key, values in run.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
+        for name, value in fitted.items():
+            setattr(self, name, value)
+        self._fitted_layer_params = layer_params
         self.model_ = model
         self.history_ = history
         self.n_iter_ = len(history.get("loss", []))
         return self
 
-    def _warm_model(self, n_features, n_outputs, loss, dtype, seed):
-        """warm_start: the fitted model with a fresh optimizer at the current parameters;
-        when a layer parameter changed, a new model carrying the fitted weights."""
-        model = self.model_
-        if self._layer_params() != self._fitted_layer_params:
-            fresh = self._new_model(n_features, n_outputs, dtype, seed)
-            try:
-                fresh.set_weights(model.get_weights())
-            except ValueError as exc:
-                raise ValueError(f"warm_start=True continues from the fitted weights, which "
-                                 f"do not fit the new hidden_layer_sizes / batch_norm "
-                                 f"({exc}); set warm_start=False to fit from scratch") \
-                    from None
-            model = fresh
-            self._fitted_layer_params = self._layer_params()
-        model.compile(loss=loss, optimizer=self._make_optimizer(), backend=self.backend)
-        return model
+    def _carry_weights(self, model, n_features, n_outputs, dtype, seed):
+        """warm_start after a layer parameter changed (l2, dropout, ...): a new model of the
+        current parameters holding the fitted weights."""
+        fresh = self._new_model(n_features, n_outputs, dtype, seed)
+        try:
+            fresh.set_weights(model.get_weights())
+        except ValueError as exc:
+            raise ValueError(f"warm_start=True continues from the fitted weights, which do not "
+                             f"fit the new hidden_layer_sizes / batch_norm ({exc}); set "
+                             f"warm_start=False to fit from scratch") from None
+        return fresh
 
     def _hold_out(self, X, targets, seed, row_params):
-        stratify = targets if self._stratify else None
+        stratify = targets.ravel() if self._stratify else None
         names = list(row_params)
         try:
             parts = train_test_split(X, targets, *[row_params[k] for k in names],
@@ -302,6 +326,7 @@ class FastregRegressor(RegressorMixin, _FastregEstimator):
         return {"multi_output": True, "y_numeric": True}
 
     def _encode_targets(self, y, cold, classes):
+        """(targets for model.fit, the fitted attributes they define)."""
         if classes is not None:
             raise ValueError("classes only applies to FastregClassifier.partial_fit")
         y = np.asarray(y)
@@ -309,11 +334,10 @@ class FastregRegressor(RegressorMixin, _FastregEstimator):
         if not cold and outputs != self.n_outputs_:
             raise ValueError(f"y has {outputs} output(s) but the fitted model has "
                              f"{self.n_outputs_}")
-        self.n_outputs_ = outputs
-        return y.reshape(-1, 1) if y.ndim == 1 else y
+        return (y.reshape(-1, 1) if y.ndim == 1 else y), {"n_outputs_": outputs}
 
-    def _output_spec(self):
-        return self.n_outputs_, "mse"
+    def _output_spec(self, fitted):
+        return fitted["n_outputs_"], "mse"
 
     def fit(self, X, y):
         """Train on X (n, features) and y (n,) or (n, outputs); returns self."""
@@ -348,36 +372,37 @@ class FastregClassifier(ClassifierMixin, _FastregEstimator):
         return {}
 
     def _encode_targets(self, y, cold, classes):
+        """(integer codes for model.fit, {"classes_": ...}): LabelEncoder's classes on a
+        cold start (or partial_fit's `classes`), the fitted ones otherwise."""
         check_classification_targets(y)
-        if cold or not hasattr(self, "classes_"):
-            if classes is None:
-                encoder = LabelEncoder().fit(y)
-            else:
-                encoder = LabelEncoder().fit(np.asarray(classes))
-                unseen = np.setdiff1d(np.unique(y), encoder.classes_)
-                if unseen.size:
-                    raise ValueError(f"y has labels {unseen.tolist()} that are not in classes "
-                                     f"{encoder.classes_.tolist()}")
-            if len(encoder.classes_) < 2:
+        if cold:
+            encoder = LabelEncoder().fit(y if classes is None else np.asarray(classes))
+            known = encoder.classes_
+            unseen = np.setdiff1d(np.unique(y), known)
+            if unseen.size:
+                raise ValueError(f"y has labels {unseen.tolist()} that are not in classes "
+                                 f"{known.tolist()}")
+            if len(known) < 2:
                 raise ValueError(f"{type(self).__name__} needs at least 2 classes in y, got "
-                                 f"one class: {encoder.classes_.tolist()}")
-            self.classes_ = encoder.classes_
+                                 f"one class: {known.tolist()}")
         else:
-            if classes is not None and not np.array_equal(
-                    np.unique(np.asarray(classes)), self.classes_):
+            known = self.classes_
+            if classes is not None and not np.array_equal(np.unique(np.asarray(classes)),
+                                                          known):
                 raise ValueError(f"classes={list(classes)} differs from the classes of the "
-                                 f"first partial_fit {self.classes_.tolist()}")
-            unseen = np.setdiff1d(np.unique(y), self.classes_)
+                                 f"first partial_fit {known.tolist()}")
+            unseen = np.setdiff1d(np.unique(y), known)
             if unseen.size:
                 raise ValueError(f"y has labels {unseen.tolist()} not seen in the first fit "
-                                 f"(classes_ = {self.classes_.tolist()})")
-        codes = np.searchsorted(self.classes_, y)
-        return codes.reshape(-1, 1) if len(self.classes_) == 2 else codes
+                                 f"(classes_ = {known.tolist()})")
+        codes = np.searchsorted(known, y)
+        return (codes.reshape(-1, 1) if len(known) == 2 else codes), {"classes_": known}
 
-    def _output_spec(self):
-        if len(self.classes_) == 2:
+    def _output_spec(self, fitted):
+        k = len(fitted["classes_"])
+        if k == 2:
             return 1, "binary_crossentropy"
-        return len(self.classes_), "sparse_categorical_crossentropy"
+        return k, "sparse_categorical_crossentropy"
 
     def fit(self, X, y):
         """Train on X (n, features) and labels y (n,); returns self."""

@@ -7,11 +7,13 @@ import pytest
 
 pytest.importorskip("sklearn")
 from sklearn.base import clone  # noqa: E402
+from sklearn.exceptions import NotFittedError  # noqa: E402
 from sklearn.model_selection import (GridSearchCV, RandomizedSearchCV,  # noqa: E402
                                      cross_val_score, train_test_split)
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+from sklearn.utils.validation import check_is_fitted  # noqa: E402
 
 import fastreg as fr  # noqa: E402
 from fastreg.sklearn import FastregClassifier, FastregRegressor  # noqa: E402
@@ -172,6 +174,13 @@ def test_partial_fit_continues_the_optimizer_like_more_epochs():
     assert inc.n_iter_ == 2 and len(inc.history_["loss"]) == 2
     with pytest.raises(ValueError, match="features"):
         inc.partial_fit(X[:, :3], y)
+    # partial_fit continues the model as built (as MLP's); a later warm fit applies new layers
+    inc.set_params(l2=1e-2)
+    inc.partial_fit(X, y)
+    assert inc.model_.penalty() == 0 and inc.n_iter_ == 3
+    inc.set_params(warm_start=True, epochs=1)
+    inc.fit(X, y)
+    assert inc.model_.penalty() > 0 and inc.n_iter_ == 4
 
 
 def test_classifier_partial_fit_needs_classes_and_rejects_unseen_labels():
@@ -251,13 +260,30 @@ def test_early_stopping_restores_the_best_weights_of_a_seeded_hold_out():
     ({"dropout": 1.0}, "dropout"),
     ({"l2": -1.0}, "L2"),
     ({"dtype": "int8"}, "dtype"),
+    ({"backend": "abacus"}, "backend"),
 ])
-def test_bad_parameters_are_named_at_fit(params, match):
+def test_bad_parameters_are_named_at_fit_and_leave_it_unfitted(params, match):
     X, y = _regression(32)
     est = FastregRegressor(**params)     # __init__ only stores
     with pytest.raises(ValueError, match=match):
         est.fit(X, y)
-    assert not hasattr(est, "model_")
+    with pytest.raises(NotFittedError):
+        check_is_fitted(est)
+
+
+def test_a_failed_fit_leaves_the_fitted_estimator_as_it_was():
+    X, y = _classification()
+    clf = FastregClassifier(random_state=0, **SMALL).fit(X, y)
+    before = clf.predict_proba(X)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        clf.fit(X[:, :2], np.array(["a"] * len(X)))          # new width, one class
+    assert clf.n_features_in_ == 3 and clf.classes_.tolist() == ["cat", "dog", "emu"]
+    np.testing.assert_array_equal(clf.predict_proba(X), before)
+    fresh = FastregClassifier(**SMALL)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        fresh.fit(X, np.array(["a"] * len(X)))
+    with pytest.raises(NotFittedError):
+        check_is_fitted(fresh)
 
 
 def test_one_class_is_refused_with_a_clear_message():
