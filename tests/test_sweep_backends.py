@@ -199,6 +199,9 @@ def test_regularization_path_runs_as_one_task_on_a_dask_worker(dask_client):
 
 # ------------------------------------------------------------------ Ray
 @pytest.mark.slow
+# Ray starts its processes with fork + exec; Python warns about the fork when JAX (imported by
+# the Keras export tests) has threads, but the child execs at once
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 def test_sweep_under_rays_joblib_backend_equals_the_local_table():
     ray = pytest.importorskip("ray")
     from ray.util.joblib import register_ray
