@@ -134,26 +134,34 @@ class Part:
     loss: str
 
 
-def _read_part(name, configs, weights, loss):
-    """A Part from layer configs and an iterator over the model's get_weights()."""
+def _read_part(name, where, configs, weights, loss):
+    """The Part `name` from layer configs and an iterator over the model's get_weights();
+    `where` names it in errors."""
+    def take(n):
+        arrays = [next(weights, None) for _ in range(n)]
+        if any(a is None for a in arrays):
+            raise ValueError(f"{where}: the model's get_weights() holds fewer arrays than its "
+                             f"layers need; fastreg.export does not know this layout")
+        return arrays
+
     before, blocks = [], []
     for cfg in configs:
         kind = cfg.get("class")
         if kind == "Dense":
-            W, b = next(weights), next(weights)
+            W, b = take(2)
             blocks.append(Block(cfg, None, [], W, b, None))
         elif kind == "BatchNorm":
             if not blocks or blocks[-1].bn is not None or blocks[-1].train_only:
-                raise ValueError(f"{name}: a BatchNorm must follow a Dense directly")
+                raise ValueError(f"{where}: a BatchNorm must follow a Dense directly")
             blocks[-1].bn = cfg
-            blocks[-1].bn_arrays = tuple(next(weights) for _ in range(4))
+            blocks[-1].bn_arrays = tuple(take(4))
         elif kind in ("Dropout", "GaussianNoise", "GaussianDropout"):
             (blocks[-1].train_only if blocks else before).append(cfg)
         else:
-            raise ValueError(f"{name}: cannot export a layer of class {kind!r}")
+            raise ValueError(f"{where}: cannot export a layer of class {kind!r}")
     for blk in blocks:
         if blk.dense["activation"] not in ACTIVATIONS:
-            raise ValueError(f"{name}: no export for activation {blk.dense['activation']!r}; "
+            raise ValueError(f"{where}: no export for activation {blk.dense['activation']!r}; "
                              f"add it to fastreg.export.ACTIVATIONS")
         if blk.dense.get("dropout", 0.0):        # a Dense's own dropout= comes last
             blk.train_only.append({"class": "Dropout", "rate": blk.dense["dropout"]})
@@ -172,17 +180,13 @@ def read_model(model):
                          "exporting")
     weights = iter(model.get_weights())
     if isinstance(model, MultiTask):
-        parts = [_read_part("the trunk", [la.get_config() for la in model.trunk_layers],
-                            weights, None)]
-        parts += [_read_part(f"head {h!r}", [la.get_config() for la in model.head_layers(h)],
+        parts = [_read_part("trunk", "the trunk",
+                            [la.get_config() for la in model.trunk_layers], weights, None)]
+        parts += [_read_part(h, f"head {h!r}", [la.get_config() for la in model.head_layers(h)],
                              weights, model.losses[h]) for h in model.head_names]
-        for part, h in zip(parts[1:], model.head_names):
-            part.name = h
-        parts[0].name = "trunk"
     else:
-        parts = [_read_part("the model", [la.get_config() for la in model.layers], weights,
-                            model.loss)]
-        parts[0].name = "output"
+        parts = [_read_part("output", "the model", [la.get_config() for la in model.layers],
+                            weights, model.loss)]
     if next(weights, None) is not None:
         raise ValueError("the model's get_weights() holds more arrays than its layers "
                          "explain; fastreg.export does not know this layout")

@@ -262,3 +262,20 @@ def test_keras_peer_of_a_multitask():
     assert set(out) == set(model.head_names)
     for head in model.head_names:
         np.testing.assert_allclose(np.asarray(out[head]), expected[head], **TOL)
+
+
+def test_a_weight_layout_export_does_not_know_is_refused():
+    """export reads get_weights() in the documented order; a model whose list does not match
+    its layers (e.g. after a change of layout) is an error, not a wrong graph."""
+    class Short(fr.Sequential):
+        def get_weights(self):
+            return super().get_weights()[:-1]
+
+    class Long(fr.Sequential):
+        def get_weights(self):
+            return super().get_weights() + [np.zeros(3, np.float32)]
+
+    for cls, match in ((Short, "fewer arrays"), (Long, "more arrays")):
+        model = cls([fr.Dense(4, "relu"), fr.BatchNorm(), fr.Dense(1)], input_dim=2)
+        with pytest.raises(ValueError, match=match):
+            E.read_model(model)
