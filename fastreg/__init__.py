@@ -16,6 +16,7 @@ from .multitask import MultiTask
 from .optimizers import SGD, Adam, AdamW
 from .regularizers import L1, L2, ElasticNet, GroupLasso, MaxNorm
 from .sweep import regularization_path, sweep
+from . import integrations  # noqa: E402  (fr.integrations.OptunaPruningCallback; optuna lazy)
 
 from ._version import __version__
 
@@ -25,4 +26,4 @@ __all__ = ["Sequential", "load_model", "PruneReport", "Dense", "Dropout", "Batch
            "SGD", "Adam", "AdamW", "EarlyStopping", "Callback", "History", "BackendUnavailable",
            "GaussianJitter", "Mixup", "RandomFlip", "RandomShift",
            "sweep", "regularization_path", "diagnose", "Diagnosis", "MultiTask",
-           "__version__"]
+           "integrations", "__version__"]

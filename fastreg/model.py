@@ -600,6 +600,23 @@ class Sequential:
         arrays.update(_model_arrays(self))
         _write_npz(path, arrays)
 
+    # ------------------------------------------------------------ export (fastreg.export)
+    def export(self, path, format="onnx", opset=None):
+        """Write the ONNX inference graph (BatchNorm folded, no dropout or noise, the loss's
+        sigmoid/softmax on the output) to `path`; `pip install "fastreg[onnx]"`."""
+        from . import export as _export
+        return _export.export(self, path, format=format, opset=opset)
+
+    def to_keras(self):
+        """The equivalent keras.Sequential (Keras 3; same weights and predictions)."""
+        from . import export as _export
+        return _export.to_keras(self)
+
+    def to_torch(self):
+        """The equivalent torch.nn.Sequential, in eval mode (same weights and predictions)."""
+        from . import export as _export
+        return _export.to_torch(self)
+
 
 def _model_arrays(model):
     """A built (or unbuilt) Sequential's .npy members besides the config: its parameters and

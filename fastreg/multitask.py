@@ -886,6 +886,23 @@ class MultiTask:
             arrays.update({f"p{k}_{key}": a for key, a in M._model_arrays(part).items()})
         M._write_npz(path, arrays)
 
+    # ------------------------------------------------------------ export (fastreg.export)
+    def export(self, path, format="onnx", opset=None):
+        """Write the ONNX inference graph, one output per head (named by the head), to
+        `path`; `pip install "fastreg[onnx]"`."""
+        from . import export as _export
+        return _export.export(self, path, format=format, opset=opset)
+
+    def to_keras(self):
+        """The equivalent functional keras.Model whose outputs are {head: tensor}."""
+        from . import export as _export
+        return _export.to_keras(self)
+
+    def to_torch(self):
+        """The equivalent torch module (eval mode) whose forward returns {head: tensor}."""
+        from . import export as _export
+        return _export.to_torch(self)
+
 
 def _from_config(cfg, files, backend=None):
     """The MultiTask of a saved file (fastreg.load_model reads the file and calls this)."""
