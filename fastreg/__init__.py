@@ -11,7 +11,9 @@ from .backend import BackendUnavailable
 from .callbacks import Callback, EarlyStopping, History
 from .diagnose import Diagnosis, diagnose
 from .layers import BatchNorm, Dense, Dropout, GaussianDropout, GaussianNoise
-from .model import PruneReport, Sequential, load_model
+from .model import Sequential
+from .pruning import PruneReport
+from .saving import load_model
 from .multitask import MultiTask
 from .optimizers import SGD, Adam, AdamW
 from .regularizers import L1, L2, ElasticNet, GroupLasso, MaxNorm

@@ -1,8 +1,9 @@
 """Backend names resolved in one place: compile(backend=...) or FASTREG_BACKEND.
 
-Each backend is a module of fastreg.kernels implementing the kernel contract
-(kernels/contract.py) plus train_epoch / forward_inference. A backend whose build or hardware
-is missing raises BackendUnavailable with one sentence saying how to get it.
+Each backend is a package of fastreg.kernels implementing the operations of
+kernels/protocol.py; `get` wraps it in protocol.Backend (checked once, optional hooks
+filled in). A backend whose build or hardware is missing raises BackendUnavailable with one
+sentence saying how to get it.
 
 The default is the Cython backend when its extension was built at install (compiled ahead of
 time: the first epoch of a fresh process runs at full speed), else the Numba backend (which
@@ -11,11 +12,13 @@ compiles its kernels on first use and caches them on disk).
 import importlib
 import os
 
+from .kernels.protocol import Backend, IncompleteBackend
+
 PREFERRED_DEFAULTS = ("cython", "numba")
 MODULES = {
     "numpy": "fastreg.kernels.reference",
-    "numba": "fastreg.kernels.cpu",
-    "cython": "fastreg.kernels.cython_backend",
+    "numba": "fastreg.kernels.numba",
+    "cython": "fastreg.kernels.cython",
     "cuda": "fastreg.kernels.cuda",
 }
 HOW_TO_GET = {
@@ -52,21 +55,31 @@ def name_of(backend=None):
     return name.lower()
 
 
+_RESOLVED = {}
+
+
 def resolve(backend=None):
-    """The kernel module of a backend, or BackendUnavailable with how to get it."""
+    """The Backend (kernels/protocol.py) of a name, or BackendUnavailable with how to get
+    it."""
     name = name_of(backend)
+    if name in _RESOLVED:
+        return _RESOLVED[name]
     try:
-        module = importlib.import_module(MODULES[name])
-    except ImportError as exc:
+        wrapped = Backend(importlib.import_module(MODULES[name]))
+    except (ImportError, IncompleteBackend) as exc:
         raise BackendUnavailable(f"backend {name!r} is not available: {exc}. "
                                  f"To get it, {HOW_TO_GET.get(name, 'reinstall fastreg')}.") \
             from exc
-    check = getattr(module, "available", None)
-    if check is not None:
-        ok, reason = check()
-        if not ok:
-            raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
-    return module
+    ok, reason = wrapped.available()
+    if not ok:
+        raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
+    _RESOLVED[name] = wrapped
+    return wrapped
+
+
+def get(backend=None):
+    """resolve(backend): the Backend the front ends call."""
+    return resolve(backend)
 
 
 def availability():

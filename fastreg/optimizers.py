@@ -26,12 +26,26 @@ def _unit(name, value, allow_zero=True):
 
 
 class Optimizer:
+    """A piece: its code (contract.OPTIMIZER_TABLE), the hyperparameter slots it fills
+    (`slots`, owner "optimizer"), and the moments it keeps (`moments`). The update formulas
+    live in kernels/reference/update.py, fused with the penalties in every backend."""
     code = None
-    needs_m = False
-    needs_v = False
 
-    def hyper(self):
-        """(lr, beta1_or_momentum, beta2, eps, nesterov, decoupled_decay)."""
+    @property
+    def moments(self):
+        """The moment buffers the update needs: a subset of ("m", "v")."""
+        return C.OPTIMIZER_BY_CODE[self.code].moments
+
+    @property
+    def needs_m(self):
+        return "m" in self.moments
+
+    @property
+    def needs_v(self):
+        return "v" in self.moments
+
+    def slots(self):
+        """{slot name: value} of the optimizer slots."""
         raise NotImplementedError
 
     def get_config(self):
@@ -44,7 +58,6 @@ class Optimizer:
 
 class SGD(Optimizer):
     code = C.OPT_SGD
-    needs_v = False
 
     def __init__(self, lr=0.01, momentum=0.0, nesterov=False):
         self.lr = _positive("lr", lr)
@@ -54,11 +67,12 @@ class SGD(Optimizer):
             raise ValueError("nesterov=True needs momentum > 0")
 
     @property
-    def needs_m(self):
-        return self.momentum > 0
+    def moments(self):
+        return ("m",) if self.momentum > 0 else ()
 
-    def hyper(self):
-        return self.lr, self.momentum, 0.0, 0.0, float(self.nesterov), 0.0
+    def slots(self):
+        return {"lr": self.lr, "beta1": self.momentum, "beta2": 0.0, "eps": 0.0,
+                "nesterov": float(self.nesterov), "decoupled": 0.0}
 
     def get_config(self):
         return {"class": "SGD", "lr": self.lr, "momentum": self.momentum,
@@ -67,8 +81,6 @@ class SGD(Optimizer):
 
 class Adam(Optimizer):
     code = C.OPT_ADAM
-    needs_m = True
-    needs_v = True
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8):
         self.lr = _positive("lr", lr)
@@ -76,8 +88,9 @@ class Adam(Optimizer):
         self.beta2 = _unit("beta2", beta2)
         self.eps = _positive("eps", eps)
 
-    def hyper(self):
-        return self.lr, self.beta1, self.beta2, self.eps, 0.0, 0.0
+    def slots(self):
+        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+                "nesterov": 0.0, "decoupled": 0.0}
 
     def get_config(self):
         return {"class": "Adam", "lr": self.lr, "beta1": self.beta1, "beta2": self.beta2,
@@ -95,8 +108,8 @@ class AdamW(Adam):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         self.weight_decay = float(weight_decay)
 
-    def hyper(self):
-        return self.lr, self.beta1, self.beta2, self.eps, 0.0, self.weight_decay
+    def slots(self):
+        return dict(super().slots(), decoupled=self.weight_decay)
 
     def get_config(self):
         return dict(super().get_config(), **{"class": "AdamW",

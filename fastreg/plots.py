@@ -235,8 +235,9 @@ def predictions(models, X, y, labels=None, path=None, X_plot=None, panels=None,
 def parameters_of(model, include_biases=False):
     """All kernel weights (and biases if asked) of a model, or of a [W0, b0, ...] list, as
     one flat float64 vector."""
-    if any(g.size for g in getattr(model, "_bn", ())):   # BatchNorm: not [W0, b0, ...]
-        chosen = list(model._W) + (list(model._b) if include_biases else [])
+    if hasattr(model, "_network"):     # a model (with BatchNorm, not [W0, b0, ...])
+        net = model._network
+        chosen = net.kernels() + (net.biases() if include_biases else [])
     else:
         weights = model.get_weights() if hasattr(model, "get_weights") else list(model)
         chosen = weights if include_biases else weights[::2]

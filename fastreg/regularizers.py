@@ -12,6 +12,10 @@ then removes them).
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
+from .kernels import contract as C
+
 
 def _check_strength(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -22,12 +26,23 @@ def _check_strength(name, value):
 
 
 class Regularizer:
-    """Base class. A regularizer contributes (l1, l2, proximal, maxnorm, group) to a tensor."""
+    """A piece: it declares the hyperparameter slots it fills (contract.SLOT_TABLE, owner
+    "regularizer") and, for reading and tests, its math in NumPy (`penalty`). The fused
+    update kernels implement every slot; `combine` merges the pieces on one tensor by the
+    slots' rules."""
     l1 = 0.0
     l2 = 0.0
     proximal = True
     maxnorm = 0.0
     group = 0.0
+
+    def slots(self):
+        """{slot name: value} this regularizer sets (the others keep their defaults)."""
+        raise NotImplementedError
+
+    def penalty(self, w):
+        """Its term of the objective for a kernel w (I, O), in float64 (0 for a constraint)."""
+        return 0.0
 
     def get_config(self):
         raise NotImplementedError
@@ -46,6 +61,12 @@ class L1(Regularizer):
     def l1(self):
         return self.l
 
+    def slots(self):
+        return {"l1": self.l, "proximal": float(self.proximal)}
+
+    def penalty(self, w):
+        return self.l * float(np.abs(np.asarray(w, np.float64)).sum())
+
     def get_config(self):
         return {"class": "L1", "l": self.l, "proximal": self.proximal}
 
@@ -61,6 +82,12 @@ class L2(Regularizer):
     def l2(self):
         return self.l
 
+    def slots(self):
+        return {"l2": self.l}
+
+    def penalty(self, w):
+        return 0.5 * self.l * float((np.asarray(w, np.float64) ** 2).sum())
+
     def get_config(self):
         return {"class": "L2", "l": self.l}
 
@@ -75,6 +102,13 @@ class ElasticNet(Regularizer):
         object.__setattr__(self, "l1", _check_strength("ElasticNet l1", l1))
         object.__setattr__(self, "l2", _check_strength("ElasticNet l2", l2))
         object.__setattr__(self, "proximal", bool(proximal))
+
+    def slots(self):
+        return {"l1": self.l1, "l2": self.l2, "proximal": float(self.proximal)}
+
+    def penalty(self, w):
+        w = np.asarray(w, np.float64)
+        return self.l1 * float(np.abs(w).sum()) + 0.5 * self.l2 * float((w ** 2).sum())
 
     def get_config(self):
         return {"class": "ElasticNet", "l1": self.l1, "l2": self.l2, "proximal": self.proximal}
@@ -94,6 +128,9 @@ class MaxNorm(Regularizer):
     def maxnorm(self):
         return self.c
 
+    def slots(self):
+        return {"maxnorm": self.c}
+
     def get_config(self):
         return {"class": "MaxNorm", "c": self.c}
 
@@ -102,9 +139,12 @@ class MaxNorm(Regularizer):
 class GroupLasso(Regularizer):
     """l * sum over units j of ||W[:, j]||_2 (Yuan & Lin 2006, one group per unit's incoming
     weights). Proximal: after each optimizer step, every column is scaled by
-    max(0, 1 - lr * l / ||W[:, j]||), so a unit whose weights the data do not hold up reaches
-    exactly zero. With Adam the threshold is lr * l in the plain Euclidean metric: a block
-    prox in Adam's per-coordinate metric has no closed form. Kernels only (not biases)."""
+    max(0, 1 - tau_j / ||W[:, j]||), so a unit whose weights the data do not hold up reaches
+    exactly zero. tau_j = lr * l with SGD; with Adam the prox is taken in the column's mean
+    Adam metric, tau_j = l * step_size / mean_i(sqrt(v_hat_ij) + eps) (an exact block prox in
+    a diagonal metric has no closed form; with the Euclidean lr * l, Adam's normalised steps
+    keep every unit alive: kernels/reference/update.py group_thresholds). Kernels only (not
+    biases)."""
     l: float
 
     def __init__(self, l=0.01):
@@ -113,6 +153,12 @@ class GroupLasso(Regularizer):
     @property
     def group(self):
         return self.l
+
+    def slots(self):
+        return {"group": self.l}
+
+    def penalty(self, w):
+        return self.l * float(np.sqrt((np.asarray(w, np.float64) ** 2).sum(axis=0)).sum())
 
     def get_config(self):
         return {"class": "GroupLasso", "l": self.l}
@@ -142,14 +188,26 @@ def as_list(reg, what="regularizer"):
     return items
 
 
+REGULARIZER_SLOTS = [s for s in C.SLOT_TABLE if s.owner == "regularizer"]
+
+
 def combine(regs):
-    """The (l1, l2, proximal, maxnorm, group) that a list of regularizers adds up to."""
-    l1 = sum(r.l1 for r in regs)
-    l2 = sum(r.l2 for r in regs)
-    with_l1 = [r for r in regs if r.l1 > 0]
-    proximal = all(r.proximal for r in with_l1) if with_l1 else True
-    if with_l1 and len({r.proximal for r in with_l1}) > 1:
-        raise ValueError("L1 penalties on one tensor must agree on proximal=True/False")
-    norms = [r.maxnorm for r in regs if r.maxnorm > 0]
-    group = sum(r.group for r in regs)
-    return l1, l2, proximal, (min(norms) if norms else 0.0), group
+    """{slot name: value} of the regularizer slots that a list of regularizers adds up to,
+    by each slot's rule (contract.SLOT_TABLE): penalties add, the tightest constraint wins,
+    the L1 mode must agree among the pieces that have an L1 term."""
+    out = {s.name: s.default for s in REGULARIZER_SLOTS}
+    seen = {}
+    for reg in regs:
+        for name, value in reg.slots().items():
+            slot = C.SLOTS[name]
+            if slot.combine == "sum":
+                out[name] += value
+            elif slot.combine == "min":
+                out[name] = value if name not in seen else min(out[name], value)
+            elif slot.combine == "agree":
+                if name in seen and seen[name] != value:
+                    raise ValueError("L1 penalties on one tensor must agree on "
+                                     "proximal=True/False")
+                out[name] = value
+            seen.setdefault(name, value)
+    return out

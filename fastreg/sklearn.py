@@ -64,7 +64,8 @@ from . import layers as L
 from . import optimizers as O
 from . import regularizers as R
 from .callbacks import EarlyStopping
-from .model import Sequential, load_model
+from .model import Sequential
+from .saving import load_model
 
 ACTIVATION_ALIASES = {"identity": None, "linear": None, "logistic": "sigmoid",
                       "relu": "relu", "leaky_relu": "leaky_relu", "tanh": "tanh",

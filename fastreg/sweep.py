@@ -440,7 +440,7 @@ MIN_LIVE_FRACTION = 0.1
 def _kernels(model):
     """The kernels W of every Dense, in order (not get_weights()[::2]: a Dense with BatchNorm
     adds gamma, beta and the running statistics to that list)."""
-    return list(model._W)
+    return model._network.kernels()
 
 
 def live_units(model):

@@ -295,7 +295,7 @@ def test_bad_fit_arguments_are_clear_errors_and_leave_the_model_unchanged():
         with pytest.raises(exc, match=match):
             model.fit(X, y, epochs=1, verbose=0, **kw)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
-    assert model._step == 0
+    assert model._network.counters.step == 0
     # the augmenter's own image_shape wins over fit's
     model.fit(X, y, epochs=1, verbose=0, augment=[fr.RandomFlip((3, 2))], image_shape=(3, 2))
 
@@ -514,7 +514,7 @@ def test_one_mixup_per_fit_with_sparse_labels():
     with pytest.raises(ValueError, match="at most one Mixup with sparse_categorical"):
         model.fit(X, y, epochs=1, augment=[fr.Mixup(0.2), fr.Mixup(0.3)], verbose=0)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
-    assert model._step == 0
+    assert model._network.counters.step == 0
     # two Mixups still mix soft targets (mse), and the other augmenters work with labels
     A.apply([fr.Mixup(0.2), fr.Mixup(0.3)], X, y.astype(np.float32), loss="mse")
     model.fit(X, y, epochs=1, augment=[fr.GaussianJitter(0.1)], verbose=0)

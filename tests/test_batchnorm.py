@@ -341,9 +341,9 @@ def test_prune_with_batchnorm_keeps_predictions():
     before = m.predict(X)
     report = m.prune()
     assert report.removed == [2, 2, 1, 0]
-    assert [g.shape for g in m._bn] == [(2, 6), (2, 4), (2, 4), (0, 0)]
-    assert [s.shape for s in m._bn_stats] == [(2, 6), (2, 4), (2, 4), (0, 0)]
-    assert m._mbn[0].shape == (2, 6) and m._vbn[1].shape == (2, 4)
+    assert [g.shape for g in m._network.tensors("gb")] == [(2, 6), (2, 4), (2, 4), (0, 0)]
+    assert [s.shape for s in m._network.running_stats()] == [(2, 6), (2, 4), (2, 4), (0, 0)]
+    assert m._network.moments("m", "gb")[0].shape == (2, 6) and m._network.moments("v", "gb")[1].shape == (2, 4)
     np.testing.assert_allclose(m.predict(X), before, rtol=1e-5, atol=1e-5)
     m.fit(X, y, epochs=1, batch_size=16, verbose=0)       # training continues
     assert np.isfinite(m.predict(X)).all()

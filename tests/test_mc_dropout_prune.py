@@ -161,7 +161,7 @@ def test_mc_reproducible_by_seed_and_fresh_without_one(tmp_path):
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     assert not np.allclose(a[0], c[0])
-    assert model._mc_step == 0                 # an explicit seed leaves the counter alone
+    assert model._network.counters.mc_step == 0                 # an explicit seed leaves the counter alone
     # seed=None: the model's seed, then fresh masks each call, reproducible from the model
     twin = _model(backend="numba")
     twin.set_weights(model.get_weights())
@@ -349,20 +349,20 @@ def test_fit_after_prune_with_shrunk_optimizer_state(backend):
     w = model.get_weights()                  # training revived the dead units: kill again
     w[0][:, [2, 7, 8]] = 0
     model.set_weights(w)
-    moments = [m.copy() for m in model._mW + model._vW]
-    t = model._t
+    moments = [m.copy() for m in model._network.moments("m", "W") + model._network.moments("v", "W")]
+    t = model._network.counters.t
     report = model.prune()
     assert report.removed[0] == 3
     keep0 = report.kept[0]
-    np.testing.assert_array_equal(model._mW[0], moments[0][:, keep0])
-    np.testing.assert_array_equal(model._vW[1], moments[4 + 1][keep0][:, report.kept[1]])
-    assert model._mb[0].shape == (0,) and model._mb[1].shape == (len(report.kept[1]),)
-    assert model._t == t
-    for params, ms in ((model._W, model._mW), (model._W, model._vW), (model._b, model._mb)):
+    np.testing.assert_array_equal(model._network.moments("m", "W")[0], moments[0][:, keep0])
+    np.testing.assert_array_equal(model._network.moments("v", "W")[1], moments[4 + 1][keep0][:, report.kept[1]])
+    assert model._network.moments("m", "b")[0].shape == (0,) and model._network.moments("m", "b")[1].shape == (len(report.kept[1]),)
+    assert model._network.counters.t == t
+    for params, ms in ((model._network.kernels(), model._network.moments("m", "W")), (model._network.kernels(), model._network.moments("v", "W")), (model._network.biases(), model._network.moments("m", "b"))):
         assert [p.shape for p in params] == [m.shape for m in ms]
     history = model.fit(X, y, epochs=2, batch_size=16, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
-    assert model._t == t + 8
+    assert model._network.counters.t == t + 8
 
 
 def test_save_load_after_prune(tmp_path):
@@ -380,7 +380,7 @@ def test_save_load_after_prune(tmp_path):
     loaded = fr.load_model(path)
     assert [layer.units for layer in loaded.layers] == report.units_after
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
-    for a, b in zip(loaded._mW + loaded._vW, model._mW + model._vW):
+    for a, b in zip(loaded._network.moments("m", "W") + loaded._network.moments("v", "W"), model._network.moments("m", "W") + model._network.moments("v", "W")):
         np.testing.assert_array_equal(a, b)
     # MC dropout on the pruned widths: the loaded model draws the same masks
     mean, std = loaded.predict(X, mc_samples=4, seed=0)

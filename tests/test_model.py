@@ -61,7 +61,7 @@ def test_last_partial_batch_is_used():
     model = _mlp(input_dim=2)
     model.compile(optimizer=fr.SGD(0.1), backend="numba")
     model.fit(X, y, epochs=1, batch_size=4, verbose=0)
-    assert model._step == 3  # 4 + 4 + 2
+    assert model._network.counters.step == 3  # 4 + 4 + 2
 
 
 def test_shuffle_is_seeded_and_fit_is_reproducible():
@@ -164,7 +164,7 @@ def test_failed_fit_leaves_weights_untouched():
         model.fit(X, y, epochs=4, batch_size=16, callbacks=[Boom()], verbose=0)
     for a, b in zip(before, model.get_weights()):
         np.testing.assert_array_equal(a, b)
-    assert model._step == 0
+    assert model._network.counters.step == 0
 
 
 def test_verbose_prints_progress(capsys):

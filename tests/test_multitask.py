@@ -9,8 +9,9 @@ import pytest
 
 import fastreg as fr
 from fastreg import backend as backends
-from fastreg.kernels import driver
+from fastreg.kernels import mc
 
+from modelutil import objective_and_gradients, trainable
 from netutil import central_difference, fresh_rng, randn
 
 N_IN = 5
@@ -54,14 +55,14 @@ def test_gradient_check_float64_numpy():
     rng = fresh_rng()
     model = make_model("float64")
     X, y = make_data(rng, 9, np.float64)
-    for W in model._W + model._b:       # nonzero biases: every term of the gradient is live
+    for W in model._network.kernels() + model._network.biases():       # nonzero biases: every term of the gradient is live
         W[...] = rng.standard_normal(W.shape) * 0.5
     step = 7
-    total, grads = model._objective_and_gradients(X, y, step)
+    total, grads = objective_and_gradients(model, X, y, step)
     assert np.isfinite(total) and len(grads) == len(model.weight_names())
-    params = [p for pair in zip(model._W, model._b) for p in pair]
+    params = [p for pair in zip(model._network.kernels(), model._network.biases()) for p in pair]
     for name, p, g in zip(model.weight_names(), params, grads):
-        num = central_difference(lambda: model._objective_and_gradients(X, y, step)[0], p)
+        num = central_difference(lambda: objective_and_gradients(model, X, y, step)[0], p)
         np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8, err_msg=name)
 
 
@@ -74,9 +75,9 @@ def test_head_gradients_are_weighted_and_summed_into_the_trunk():
         w = [0.0, 0.0, 0.0]
         w[k] = 1.0
         model = make_model("float64", weights=w)
-        per_head.append(model._objective_and_gradients(X, y, step=3))
+        per_head.append(objective_and_gradients(model, X, y, step=3))
     model = make_model("float64", weights=(2.0, 0.5, 1.5))
-    total, grads = model._objective_and_gradients(X, y, step=3)
+    total, grads = objective_and_gradients(model, X, y, step=3)
     assert total == pytest.approx(2.0 * per_head[0][0] + 0.5 * per_head[1][0]
                                   + 1.5 * per_head[2][0], rel=1e-12)
     for i, g in enumerate(grads):
@@ -118,7 +119,7 @@ def test_one_head_equals_sequential_step_for_step(backend):
             for a, b in zip(mt.get_weights(), seq.get_weights()):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(hm.history["loss"], hs.history["loss"], rtol=1e-4)
-    assert mt._step == seq._step and mt._t == seq._t
+    assert mt._network.counters.step == seq._network.counters.step and mt._network.counters.t == seq._network.counters.t
     np.testing.assert_allclose(mt.predict(Xv)["y"], seq.predict(Xv), rtol=1e-4, atol=1e-6)
     assert mt.evaluate(Xv, {"y": yv})["loss"] == pytest.approx(seq.evaluate(Xv, yv), rel=1e-5)
 
@@ -264,8 +265,8 @@ def test_errors_name_the_head_and_leave_the_model_untouched():
     X, y = make_data(rng, 12)
     model = make_model()
     model.fit(X, y, epochs=1, batch_size=4, verbose=0)
-    before, step = model.get_weights(), model._step
-    mW = [m.copy() for m in model._mW]
+    before, step = model.get_weights(), model._network.counters.step
+    mW = [m.copy() for m in model._network.moments("m", "W")]
     bad = [({"a": y["a"], "c": y["c"]}, ValueError, r"missing head.*'b'"),
            ({**y, "zzz": y["a"]}, ValueError, r"unknown head.*'zzz'"),
            ({**y, "b": y["b"][:9]}, ValueError, r"y\['b'\] has 9 rows but X has 12"),
@@ -290,9 +291,9 @@ def test_errors_name_the_head_and_leave_the_model_untouched():
         model.fit(X, y, epochs=3, batch_size=4, verbose=0, callbacks=[Boom()])
     for a, b in zip(model.get_weights(), before):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(model._mW, mW):
+    for a, b in zip(model._network.moments("m", "W"), mW):
         np.testing.assert_array_equal(a, b)
-    assert model._step == step
+    assert model._network.counters.step == step
 
 
 def test_a_failed_first_fit_leaves_the_model_unbuilt():
@@ -305,7 +306,7 @@ def test_a_failed_first_fit_leaves_the_model_unbuilt():
     X = np.ones((4, 2), np.float32)
     with pytest.raises(RuntimeError):
         model.fit(X, {"a": np.ones(4)}, verbose=0, callbacks=[Boom()])
-    assert not model.built and model.input_dim is None and model._step == 0
+    assert not model.built and model.input_dim is None and model._network.counters.step == 0
 
 
 def test_construction_and_compile_errors():
@@ -396,16 +397,18 @@ def test_get_set_weights_order():
     model.set_weights(new)
     for i, w in enumerate(model.get_weights()):
         assert w.dtype == np.float32 and (w == i).all()
-    assert model._bases() == [0, 2, 3, 5]   # Philox layer words of each part's first block
+    # Philox layer words of each part's first block
+    assert [first for first, _ in model._network.part_ranges()] == [0, 2, 3, 5]
     assert model.count_params() == sum(int(np.prod(s)) for s in shapes)
 
 
 # ---------------------------------------------------------------- determinism, workspace
 def test_same_seed_same_result_and_one_workspace_per_fit(monkeypatch):
+    from fastreg.kernels.plan import Plan
     calls = []
-    real = driver.allocate_workspace
-    monkeypatch.setattr(driver, "allocate_workspace",
-                        lambda net, b, w: (calls.append(b), real(net, b, w))[1])
+    real = Plan.allocate
+    monkeypatch.setattr(Plan, "allocate",
+                        lambda plan, b, w: (calls.append(b), real(plan, b, w))[1])
     rng = fresh_rng()
     X, y = make_data(rng, 25)
     runs = []
@@ -413,7 +416,7 @@ def test_same_seed_same_result_and_one_workspace_per_fit(monkeypatch):
         model = make_model(seed=seed)
         calls.clear()
         h = model.fit(X, y, epochs=3, batch_size=8, verbose=0)
-        assert calls == [8] * 4      # trunk + 3 heads, once per fit (not per step/epoch)
+        assert calls == [8]      # one plan for trunk + 3 heads, once per fit
         runs.append((model.get_weights(), h.history))
     for a, b in zip(runs[0][0], runs[1][0]):
         np.testing.assert_array_equal(a, b)
@@ -434,7 +437,7 @@ def test_head_dropout_masks_differ_from_the_trunks():
     model.set_weights(w[:2] + w[2:6] + w[2:6])       # heads p and q: the same weights
     X = randn(rng, (16, N_IN), np.float64)
     t = randn(rng, (16, 1), np.float64)
-    _, grads = model._objective_and_gradients(X, {"p": t, "q": t}, step=0)
+    _, grads = objective_and_gradients(model, X, {"p": t, "q": t}, step=0)
     assert not np.allclose(grads[2], grads[6])
 
 
@@ -499,21 +502,21 @@ def test_gradient_check_batchnorm_and_noise_float64_numpy():
     names, total = check_gradients(model, X, y, step=5)
     assert sum(n.endswith("/gamma") for n in names) == 3
     # the noise is live: another step draws other noise (and masks), another objective
-    assert model._objective_and_gradients(X, y, 6)[0] != total
+    assert objective_and_gradients(model, X, y, 6)[0] != total
 
 
 def check_gradients(model, X, y, step):
     """_objective_and_gradients' gradients of every trained tensor against central
     differences (float64); the running statistics are left as they were. Returns the names
     and the objective."""
-    stats = [s.copy() for s in model._bn_stats]
-    total, grads = model._objective_and_gradients(X, y, step)
-    names, params = model._trainable()
+    stats = [s.copy() for s in model._network.running_stats()]
+    total, grads = objective_and_gradients(model, X, y, step)
+    names, params = trainable(model)
     assert np.isfinite(total) and len(grads) == len(params) == len(names)
-    for a, b in zip(model._bn_stats, stats):
+    for a, b in zip(model._network.running_stats(), stats):
         np.testing.assert_array_equal(a, b)
     for name, p, g in zip(names, params, grads):
-        num = central_difference(lambda: model._objective_and_gradients(X, y, step)[0], p)
+        num = central_difference(lambda: objective_and_gradients(model, X, y, step)[0], p)
         np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-7, err_msg=name)
         bn_name = name.replace("/dense_", "/batchnorm_")[:-2] + "/gamma"
         if name.endswith("/b") and bn_name in names:
@@ -536,7 +539,7 @@ def test_gradient_check_noise_after_batchnorm_float64_numpy():
     X, y = make_data(rng, 10, np.float64)
     randomize(model, rng)
     _, total = check_gradients(model, X, {"a": y["a"], "b": y["b"]}, step=3)
-    assert model._objective_and_gradients(X, {"a": y["a"], "b": y["b"]}, 4)[0] != total
+    assert objective_and_gradients(model, X, {"a": y["a"], "b": y["b"]}, 4)[0] != total
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
@@ -684,15 +687,15 @@ def _manual_predict(model, X):
     from fastreg.kernels import reference as R
     weights = iter(model.get_weights())
     out, H = {}, None
-    for label, part in zip(["trunk"] + model.head_names, model._parts()):
+    for label, part in zip(["trunk"] + model.head_names, model._network.parts):
         x = X.astype(np.float64) if label == "trunk" else H
-        for blk in part._blocks():
+        for blk in part.blocks:
             W, b = next(weights).astype(np.float64), next(weights).astype(np.float64)
             z = x @ W + b
-            if blk["bn"] is not None:
+            if blk.bn is not None:
                 g, be, mu, var = (next(weights).astype(np.float64) for _ in range(4))
-                z = g * (z - mu) / np.sqrt(var + blk["bn"].eps) + be
-            d = blk["dense"]
+                z = g * (z - mu) / np.sqrt(var + blk.bn.eps) + be
+            d = blk.dense
             x = R.activation(z, C.ACTIVATIONS[d.activation], d.negative_slope)
         if label == "trunk":
             H = x
@@ -717,7 +720,7 @@ def test_inference_uses_running_statistics_and_no_noise():
     mse = float(np.mean((p["a"].astype(np.float64) - y["a"]) ** 2))
     assert ev["loss_a"] == pytest.approx(mse, rel=1e-4)
     # training runs the batch statistics, masks and noise: another value than inference's
-    total, _ = model._objective_and_gradients(X, y, step=0)
+    total, _ = objective_and_gradients(model, X, y, step=0)
     assert total != pytest.approx(ev["loss"], rel=1e-3)
 
 
@@ -728,22 +731,22 @@ def test_gamma_beta_are_trained_but_never_penalized():
                          {"a": ([fr.Dense(3, regularizer=fr.L1(1.0)), fr.BatchNorm(),
                                  fr.Dense(1)], "mse")}, input_dim=N_IN)
     model.compile(optimizer=fr.AdamW(1e-2, weight_decay=0.5), backend="numpy")
-    ws = model._workspace(4, [1])
+    plan = model._network.training_plan(model.optimizer, 4, [0, 1])
     from fastreg.kernels import contract as C
-    for net in ws.nets:
-        assert net.hpW[0, C.HP_L2] > 0 or net.hpW[0, C.HP_L1] > 0
-        for l in range(net.n_layers):
-            if net.li[l, C.LI_BN]:
-                row = net.hpgb[l]
-                assert row[C.HP_L1] == row[C.HP_L2] == row[C.HP_DECOUPLED] == 0
-                assert row[C.HP_MAXNORM] == row[C.HP_GROUP] == 0 and row[C.HP_LR] > 0
+    for first, _ in model._network.part_ranges():
+        assert plan.hpW[first, C.HP_L2] > 0 or plan.hpW[first, C.HP_L1] > 0
+    for l in range(plan.n_layers):
+        if plan.li[l, C.LI_BN]:
+            row = plan.hpgb[l]
+            assert row[C.HP_L1] == row[C.HP_L2] == row[C.HP_DECOUPLED] == 0
+            assert row[C.HP_MAXNORM] == row[C.HP_GROUP] == 0 and row[C.HP_LR] > 0
     rng = fresh_rng()
     X = randn(rng, (12, N_IN))
-    g0 = [g.copy() for g in model._bn if g.size]
+    g0 = [g.copy() for g in model._network.tensors("gb") if g.size]
     assert len(g0) == 2
     model.fit(X, {"a": randn(rng, (12, 1))}, epochs=2, batch_size=4, verbose=0)
     assert all(not np.array_equal(a, b)
-               for a, b in zip([g for g in model._bn if g.size], g0))   # trained
+               for a, b in zip([g for g in model._network.tensors("gb") if g.size], g0))   # trained
 
 
 # ---------------------------------------------------------------- layer validation
@@ -841,11 +844,11 @@ def test_mc_predict_shapes_determinism_and_spread():
             np.testing.assert_array_equal(a, b)
         assert not np.array_equal(out[k][0], other[k][0])
     # seed=None: the model's counter, advanced by the passes drawn; fresh masks each call
-    assert model._mc_step == 0
+    assert model._network.counters.mc_step == 0
     first = model.predict(X, mc_samples=6)
-    assert model._mc_step == 1
+    assert model._network.counters.mc_step == 1
     second = model.predict(X, mc_samples=6)
-    assert model._mc_step == 2
+    assert model._network.counters.mc_step == 2
     assert not np.array_equal(first["a"][0], second["a"][0])
     # a row's samples do not depend on the other rows of X
     part = model.predict(X[:4], mc_samples=6, seed=3)
@@ -870,7 +873,7 @@ def test_mc_without_dropout_or_noise_has_zero_std():
     for k in ("a", "b"):
         assert not out[k][1].any()
         np.testing.assert_array_equal(out[k][0], p[k])
-    assert model.predict(X, mc_samples=5)["a"][1].max() == 0 and model._mc_step == 0
+    assert model.predict(X, mc_samples=5)["a"][1].max() == 0 and model._network.counters.mc_step == 0
 
 
 def test_mc_heads_share_the_trunks_masks_within_a_sample():
@@ -895,7 +898,7 @@ def test_mc_heads_share_the_trunks_masks_within_a_sample():
 
 
 def test_mc_runs_in_batched_passes(monkeypatch):
-    """The samples of all rows run in stacked passes of driver.mc_rows_per_pass(n) rows: one
+    """The samples of all rows run in stacked passes of mc.mc_rows_per_pass(n) rows: one
     call per Dense layer and pass, never one per sample."""
     from fastreg.kernels import reference as R
     calls = []
@@ -905,14 +908,14 @@ def test_mc_runs_in_batched_passes(monkeypatch):
         calls.append(x.shape[0])
         return real(x, *args, **kwargs)
     model = make_bn_noise_model()
-    n_dense = len(model._W)
+    n_dense = len(model._network.kernels())
     X = randn(fresh_rng(), (10, N_IN))
     monkeypatch.setattr(R, "dense_forward", spy)
     model.predict(X, mc_samples=4, seed=0)
     assert calls == [40] * n_dense                          # 1 pass of 10 x 4 rows
     calls.clear()
     n = 5000                                                # 1 row per pass: 3 passes
-    assert driver.mc_rows_per_pass(n) == 1
+    assert mc.mc_rows_per_pass(n) == 1
     model.predict(X[:3], mc_samples=n, seed=0)
     assert calls == [n] * (3 * n_dense)
 
@@ -965,9 +968,10 @@ def test_prune_keeps_predictions_and_reports():
     assert "trunk: 8->6, 6->4" in str(report)
     assert model.trunk_width == 4 and [la.units for la in model.trunk_layers
                                        if isinstance(la, fr.Dense)] == [6, 4]
-    for h in model.head_names:
-        assert model._heads[h]._W[0].shape[0] == 4
-        assert model._heads[h].input_dim == 4       # summary() and count_params() agree
+    kernels = model._network.kernels()
+    for first, _ in model._network.part_ranges()[1:]:
+        assert kernels[first].shape[0] == 4         # every head reads the pruned trunk
+    assert "dense_0: 4->" in model.summary()
     after = model.predict(X)
     for k in before:
         np.testing.assert_allclose(after[k], before[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -1006,24 +1010,25 @@ def test_group_lasso_prune_then_fit_save_and_load(tmp_path):
                          input_dim=N_IN, seed=0)
     model.compile(optimizer=fr.Adam(1e-2), backend="numba")
     model.fit(X, y, epochs=15, batch_size=32, verbose=0)
-    dead = [int((~W.any(axis=0)).sum()) for W in model._W]
+    dead = [int((~W.any(axis=0)).sum()) for W in model._network.kernels()]
     assert dead[0] + dead[1] > 0                      # whole trunk units at exact zero
     before = model.predict(X)
-    mW = [m.copy() for m in model._mW]
-    t = model._t
+    mW = [m.copy() for m in model._network.moments("m", "W")]
+    t = model._network.counters.t
     report = model.prune()
     assert report.parts["trunk"].removed == [min(dead[0], 15), min(dead[1], 11)]
     for k in before:
         np.testing.assert_allclose(model.predict(X)[k], before[k], rtol=1e-5, atol=1e-6)
     # the moments shrank with the weights: the trunk's last columns, every head's first rows
     keep = report.parts["trunk"].kept
-    np.testing.assert_array_equal(model._mW[1], mW[1][keep[0]][:, keep[1]])
-    np.testing.assert_array_equal(model._heads["b"]._mW[0], mW[4][keep[1]])
-    for p in model._parts():
-        for params, ms in ((p._W, p._mW), (p._W, p._vW), (p._b, p._vb), (p._bn, p._mbn)):
-            assert [a.shape for a in params] == [m.shape for m in ms]
+    np.testing.assert_array_equal(model._network.moments("m", "W")[1], mW[1][keep[0]][:, keep[1]])
+    np.testing.assert_array_equal(model._network.moments("m", "W")[4], mW[4][keep[1]])
+    net = model._network
+    for kind, which in (("W", "m"), ("W", "v"), ("b", "v"), ("gb", "m")):
+        assert [a.shape for a in net.tensors(kind)] == [m.shape for m in
+                                                       net.moments(which, kind)]
     h = model.fit(X, y, epochs=2, batch_size=32, verbose=0)
-    assert np.isfinite(h.history["loss"]).all() and model._t == t + 6
+    assert np.isfinite(h.history["loss"]).all() and model._network.counters.t == t + 6
     path = tmp_path / "pruned.npz"
     model.save(path)
     loaded = fr.load_model(path)
@@ -1130,7 +1135,7 @@ def test_augment_errors_are_clear_and_leave_the_model_untouched():
     X, y = make_data(rng, 12)
     model = make_model()
     model.fit(X, y, epochs=1, batch_size=4, verbose=0)
-    before, step = model.get_weights(), model._step
+    before, step = model.get_weights(), model._network.counters.step
     with pytest.raises(ValueError, match=r"^head 'b' \(sparse_categorical_crossentropy\): "
                                          r"at most one Mixup"):
         model.fit(X, y, epochs=1, verbose=0, augment=[fr.Mixup(0.2), fr.Mixup(0.3)])
@@ -1142,7 +1147,7 @@ def test_augment_errors_are_clear_and_leave_the_model_untouched():
         model.fit(X, y, epochs=1, verbose=0, augment=["flip"])
     for a, b in zip(model.get_weights(), before):
         np.testing.assert_array_equal(a, b)
-    assert model._step == step
+    assert model._network.counters.step == step
 
 
 # ================================================================ persistence
@@ -1155,11 +1160,11 @@ def test_save_load_with_batchnorm_noise_and_mc_counter(tmp_path):
     path = tmp_path / "bn.npz"
     model.save(path)
     loaded = fr.load_model(path)
-    assert loaded.get_config() == model.get_config() and loaded._mc_step == 1
+    assert loaded.get_config() == model.get_config() and loaded._network.counters.mc_step == 1
     assert loaded.weight_names() == model.weight_names()
     for a, b in zip(loaded.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(loaded._mbn, model._mbn):
+    for a, b in zip(loaded._network.moments("m", "gb"), model._network.moments("m", "gb")):
         np.testing.assert_array_equal(a, b)
     p0, p1 = model.predict(X), loaded.predict(X)
     for k in p0:

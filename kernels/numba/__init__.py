@@ -39,52 +39,54 @@ def _entry_points(stamp):
     """The cached entry points; `stamp` (in every closure) ties their disk cache to the
     backend's sources (kernels/numba/jit.py)."""
     @njit(**ENTRY_FLAGS)
-    def train_epoch(X, Y, perm, batch_size, spec, T, ws, bn, xdrops, nwords, columns, li, lf,
-                    hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, loss_sums):
+    def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, columns, li,
+                    lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, loss_sums):
         _ = stamp
-        return E.train_epoch(X, Y, perm, batch_size, spec, T, ws, bn, xdrops, nwords,
+        return E.train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords,
                              columns, li, lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1,
                              step0, t0, loss_sums)
 
     @njit(**ENTRY_FLAGS)
-    def forward_inference(uses, X, Ws, bs, li, lf, bufs, out, batch_size, first):
+    def forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first):
         _ = stamp
-        E.forward_inference(uses, X, Ws, bs, li, lf, bufs, out, batch_size, first)
+        E.forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first)
 
     @njit(**ENTRY_FLAGS)
-    def dense_forward(uses, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer, words,
-                      noise, nstd, pre, nwords):
+    def dense_forward(uses, par, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer,
+                      words, noise, nstd, pre, nwords):
         _ = stamp
-        _dense_forward(uses, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer, words,
-                       noise, nstd, pre, nwords)
+        _dense_forward(uses, par, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer,
+                       words, noise, nstd, pre, nwords)
 
     @njit(**ENTRY_FLAGS)
-    def dense_backward(uses, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1, step,
-                       layer, words, noise, nstd, pre, nwords):
+    def dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1,
+                       step, layer, words, noise, nstd, pre, nwords):
         _ = stamp
-        _dense_backward(uses, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1,
+        _dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1,
                         step, layer, words, noise, nstd, pre, nwords)
 
     @njit(**ENTRY_FLAGS)
-    def bn_dense_forward(uses, x, W, b, out, xhat, gb, save, act, slope, thr, scale, eps, k0,
-                         k1, step, layer, words, noise, nstd, pre, nwords):
+    def bn_dense_forward(uses, par, x, W, b, out, xhat, gb, save, act, slope, thr, scale, eps,
+                         k0, k1, step, layer, words, noise, nstd, pre, nwords):
         _ = stamp
-        _bn_dense_forward(uses, x, W, b, out, xhat, gb, save, act, slope, thr, scale, eps, k0,
-                          k1, step, layer, words, noise, nstd, pre, nwords)
+        _bn_dense_forward(uses, par, x, W, b, out, xhat, gb, save, act, slope, thr, scale, eps,
+                          k0, k1, step, layer, words, noise, nstd, pre, nwords)
 
     @njit(**ENTRY_FLAGS)
-    def bn_dense_backward(uses, grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act,
-                          slope, thr, scale, momentum, k0, k1, step, layer, words, noise,
+    def bn_dense_backward(uses, par, grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx,
+                          act, slope, thr, scale, momentum, k0, k1, step, layer, words, noise,
                           nstd, pre, nwords):
         _ = stamp
-        _bn_dense_backward(uses, grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act,
-                           slope, thr, scale, momentum, k0, k1, step, layer, words, noise,
+        _bn_dense_backward(uses, par, grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx,
+                           act, slope, thr, scale, momentum, k0, k1, step, layer, words, noise,
                            nstd, pre, nwords)
 
     @njit(**ENTRY_FLAGS)
-    def input_dropout(x, out, thr, scale, k0, k1, step, layer, words, noise, nstd, nwords):
+    def input_dropout(par, x, out, thr, scale, k0, k1, step, layer, words, noise, nstd,
+                      nwords):
         _ = stamp
-        _input_dropout(x, out, thr, scale, k0, k1, step, layer, words, noise, nstd, nwords)
+        _input_dropout(par, x, out, thr, scale, k0, k1, step, layer, words, noise, nstd,
+                       nwords)
 
     @njit(**ENTRY_FLAGS)
     def loss(z, y, grad, code, want_grad):
@@ -92,19 +94,19 @@ def _entry_points(stamp):
         return _loss(z, y, grad, code, want_grad)
 
     @njit(**ENTRY_FLAGS)
-    def update_matrix(uses, w, g, m, v, hp, opt, t, coef, scratch, columns):
+    def update_matrix(uses, par, w, g, m, v, hp, opt, t, coef, scratch, columns):
         _ = stamp
-        return penalized_update_2d(uses, w, g, m, v, hp, opt, t, coef, scratch, columns)
+        return penalized_update_2d(uses, par, w, g, m, v, hp, opt, t, coef, scratch, columns)
 
     @njit(**ENTRY_FLAGS)
-    def update_vector(uses, w, g, m, v, hp, opt, t, coef, scratch):
+    def update_vector(uses, par, w, g, m, v, hp, opt, t, coef, scratch):
         _ = stamp
-        return penalized_update_1d(uses, w, g, m, v, hp, opt, t, coef, scratch)
+        return penalized_update_1d(uses, par, w, g, m, v, hp, opt, t, coef, scratch)
 
     @njit(**ENTRY_FLAGS)
-    def philox_fill(words, n_elements, k0, k1, step, layer, stream):
+    def philox_fill(par, words, n_elements, k0, k1, step, layer, stream):
         _ = stamp
-        _philox_fill(words, n_elements, k0, k1, step, layer, stream)
+        _philox_fill(par, words, n_elements, k0, k1, step, layer, stream)
 
     return dict(train_epoch=train_epoch, forward_inference=forward_inference,
                 dense_forward=dense_forward, dense_backward=dense_backward,
@@ -125,8 +127,18 @@ def _scalar(x, like):
     return like.dtype.type(x)
 
 
-def _act_uses(act):
-    return uses_of({int(act)}, C.N_ACTIVATIONS)
+# The per-op entry points (tests, tools, MC dropout's passes) compile every activation and
+# update variant and the parallel passes once per dtype: one compile serves every call. The
+# compiled epoch is the one that specializes on what its network uses (_compiled_args).
+_ALL_ACTS = uses_of(range(C.N_ACTIVATIONS), C.N_ACTIVATIONS)
+_ALL_UPDATES = uses_of(range(N_UPDATE_VARIANTS), N_UPDATE_VARIANTS)
+_PAR = 1
+
+
+def _parallel(*sizes):
+    """1 when a pass this big may run in parallel, else None (the parallel code is then
+    never compiled): jit.py."""
+    return 1 if max(sizes) >= C.PARALLEL_MIN_ELEMENTS else None
 
 
 def _noise_args(noise, noise_std, pre, out):
@@ -139,7 +151,7 @@ def _noise_args(noise, noise_std, pre, out):
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
                   noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
-    _K["dense_forward"](_act_uses(act), x, W, b, out, int(act), _scalar(slope, out),
+    _K["dense_forward"](_ALL_ACTS, _PAR, x, W, b, out, int(act), _scalar(slope, out),
                         int(drop_threshold), _scalar(drop_scale, out), k0, k1, int(step),
                         int(layer), _words_for(out.size),
                         *_noise_args(noise, noise_std, pre, out))
@@ -150,7 +162,7 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
     k0, k1 = split_seed(seed)
     if dx.size == 0:
         dx = grad[:0]
-    _K["dense_backward"](_act_uses(act), grad, out, x, W, dW, db, dx, int(act),
+    _K["dense_backward"](_ALL_ACTS, _PAR, grad, out, x, W, dW, db, dx, int(act),
                          _scalar(slope, out), int(drop_threshold), _scalar(drop_scale, out),
                          k0, k1, int(step), int(layer), _words_for(out.size),
                          *_noise_args(noise, noise_std, pre, out))
@@ -159,7 +171,7 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
                      eps, seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
-    _K["bn_dense_forward"](_act_uses(act), x, W, b, out, xhat, gb, save, int(act),
+    _K["bn_dense_forward"](_ALL_ACTS, _PAR, x, W, b, out, xhat, gb, save, int(act),
                            _scalar(slope, out), int(drop_threshold), _scalar(drop_scale, out),
                            np.float64(_scalar(eps, out)), k0, k1, int(step), int(layer),
                            _words_for(out.size), *_noise_args(noise, noise_std, pre, out))
@@ -171,7 +183,7 @@ def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, a
     k0, k1 = split_seed(seed)
     if dx.size == 0:
         dx = grad[:0]
-    _K["bn_dense_backward"](_act_uses(act), grad, out, xhat, x, W, gb, stats, save, dW, db,
+    _K["bn_dense_backward"](_ALL_ACTS, _PAR, grad, out, xhat, x, W, gb, stats, save, dW, db,
                             dgb, dx, int(act), _scalar(slope, out), int(drop_threshold),
                             _scalar(drop_scale, out), np.float64(_scalar(momentum, out)), k0,
                             k1, int(step), int(layer), _words_for(out.size),
@@ -182,7 +194,7 @@ def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NON
                   noise_std=0.0):
     k0, k1 = split_seed(seed)
     noise = int(noise)
-    _K["input_dropout"](x, out, int(threshold), _scalar(scale, x), k0, k1, int(step),
+    _K["input_dropout"](_PAR, x, out, int(threshold), _scalar(scale, x), k0, k1, int(step),
                         int(layer), _words_for(x.size), noise, _scalar(noise_std, x),
                         _words_for(x.size) if noise else None)
 
@@ -197,17 +209,17 @@ def loss_value(logits, y, loss):
 
 def penalized_update(w, g, m, v, hp, opt, t):
     hp = np.asarray(hp, np.float64)
-    variant = update_variant(int(opt), m.size > 0, hp[C.HP_NESTEROV] != 0, hp[C.HP_L1],
-                             hp[C.HP_PROXIMAL] != 0)
-    uses = uses_of({variant}, N_UPDATE_VARIANTS)
+    uses = _ALL_UPDATES
     coef = np.zeros(COEF_SIZE + w.shape[-1], w.dtype)
     scratch = np.zeros(scratch_size(w.size, w.shape[-1]))
+    par = _PAR
     if w.ndim == 1:
-        return _K["update_vector"](uses, w, g, m, v, hp, int(opt), int(t), coef, scratch)
+        return _K["update_vector"](uses, par, w, g, m, v, hp, int(opt), int(t), coef, scratch)
     if m.size == 0:
         m = v = np.zeros((0, w.shape[1]), w.dtype)
-    columns = 1 if hp[C.HP_GROUP] > 0 or hp[C.HP_MAXNORM] > 0 else None
-    return _K["update_matrix"](uses, w, g, m, v, hp, int(opt), int(t), coef, scratch, columns)
+    columns = 1
+    return _K["update_matrix"](uses, par, w, g, m, v, hp, int(opt), int(t), coef, scratch,
+                               columns)
 
 
 def penalty_value(w, hp):
@@ -224,7 +236,8 @@ def philox_words(n, seed, step, layer, stream):
     """The first n words of the (seed, step, layer, stream) sequence, element-indexed."""
     words = _words_for(max(1, int(n)))
     k0, k1 = split_seed(seed)
-    _K["philox_fill"](words, int(n), k0, k1, int(step), int(layer), int(stream))
+    _K["philox_fill"](_PAR, words, int(n), k0, k1, int(step), int(layer),
+                      int(stream))
     return words.T.reshape(-1)[:int(n)].copy()
 
 
@@ -277,7 +290,10 @@ def _compiled_args(plan):
     columns = 1 if ((plan.hpW[:, C.HP_GROUP] > 0).any()
                     or (plan.hpW[:, C.HP_MAXNORM] > 0).any()) else None
     spec = E.Spec(uses_of(activations_used(plan.li), C.N_ACTIVATIONS), _update_uses(plan))
-    args = (spec, T, ws, bn, xdrops, nwords, columns)
+    par = _parallel(*([plan.batch * W.shape[1] for W in plan.Ws]
+                      + [plan.batch * plan.part_input_width(p) for p in range(plan.n_parts)]
+                      + [r.size for r in plan.store.records]))
+    args = (spec, par, T, ws, bn, xdrops, nwords, columns)
     plan.cache["numba"] = args
     return args
 
@@ -290,11 +306,11 @@ def epoch_context(plan):
 def train_epoch(plan, X, Y, perm, batch_size, step0, t0):
     """The batches of `perm` (an epoch or a chunk of whole batches) in one compiled call;
     returns (loss sums per part, penalty sum, steps, finite) as kernels/reference/epoch.py."""
-    spec, T, ws, bn, xdrops, nwords, columns = _compiled_args(plan)
+    spec, par, T, ws, bn, xdrops, nwords, columns = _compiled_args(plan)
     k0, k1 = split_seed(plan.seed)
     loss_sums = np.zeros(plan.n_parts)
     pen, steps, finite = _K["train_epoch"](
-        X, Y, perm, int(batch_size), spec, T, ws, bn, xdrops, nwords, columns, plan.li,
+        X, Y, perm, int(batch_size), spec, par, T, ws, bn, xdrops, nwords, columns, plan.li,
         plan.lf, plan.hpW, plan.hpb, plan.hpgb, plan.parts, plan.partf, int(plan.opt), k0, k1,
         int(step0), int(t0), loss_sums)
     return loss_sums, pen, steps, finite
@@ -308,7 +324,8 @@ def forward_inference(plan, X, batch_size, part=0):
     out = np.empty((n, plan.Ws[layers[-1]].shape[1]), plan.dtype)
     if n:
         uses = uses_of({int(plan.li[l, C.LI_ACT]) for l in layers}, C.N_ACTIVATIONS)
-        _K["forward_inference"](uses, X, List([plan.Ws[l] for l in layers]),
+        par = _parallel(*(rows * plan.Ws[l].shape[1] for l in layers))
+        _K["forward_inference"](uses, par, X, List([plan.Ws[l] for l in layers]),
                                 List([plan.bs[l] for l in layers]), plan.li, plan.lf,
                                 List([np.empty((rows, plan.Ws[l].shape[1]), plan.dtype)
                                       for l in layers]), out, int(rows), layers[0])

@@ -71,8 +71,8 @@ bn_act_rows = specialized(_bn_act_loop)
 
 
 @kernel_parallel
-def _bn_forward_epilogue_parallel(uses, out, b, xhat, gb, save, act, slope, thr, scale, eps, words,
-                                  noise, nstd, pre, nwords):
+def _bn_forward_epilogue_parallel(uses, out, b, xhat, gb, save, act, slope, thr, scale, eps,
+                                  words, noise, nstd, pre, nwords):
     B, O = out.shape
     n = B * O
     n_cchunks = (O + COL_CHUNK - 1) // COL_CHUNK
@@ -93,29 +93,30 @@ def _bn_forward_epilogue_parallel(uses, out, b, xhat, gb, save, act, slope, thr,
 
 
 @kernel
-def _bn_forward_epilogue(uses, out, b, xhat, gb, save, act, slope, thr, scale, eps, words, noise,
-                         nstd, pre, nwords):
+def _bn_forward_epilogue(uses, par, out, b, xhat, gb, save, act, slope, thr, scale, eps,
+                         words, noise, nstd, pre, nwords):
     """Bias, batch statistics, normalize + scale/shift + activation, noise, dropout."""
-    if out.size >= PARALLEL_MIN_ELEMENTS:
-        _bn_forward_epilogue_parallel(uses, out, b, xhat, gb, save, act, slope, thr, scale, eps,
-                                      words, noise, nstd, pre, nwords)
-        return
+    if par is not None:
+        if out.size >= PARALLEL_MIN_ELEMENTS:
+            _bn_forward_epilogue_parallel(uses, out, b, xhat, gb, save, act, slope, thr, scale,
+                                          eps, words, noise, nstd, pre, nwords)
+            return
     _bn_stats_cols(out, b, save, eps, 0, out.shape[1])
     bn_act_rows(uses, act, out, xhat, gb, save, pre, slope, 0, out.shape[0])
     n = out.size
-    output_range(out.reshape(n), pre.reshape(pre.size), keeps_f(pre, act), nwords, noise, nstd,
-                 words, thr, scale, 0, n)
+    output_range(out.reshape(n), pre.reshape(pre.size), keeps_f(pre, act), nwords, noise,
+                 nstd, words, thr, scale, 0, n)
 
 
 @kernel
-def bn_dense_forward(uses, x, W, b, out, xhat, gb, save, act, slope, thr, scale, eps, k0, k1, step,
-                      layer, words, noise, nstd, pre, nwords):
-    """out = dropout(noise(f(gamma * zhat + beta))); pre = f(gamma * zhat + beta) when pre is
-    not empty (noise and a nonlinear f)."""
+def bn_dense_forward(uses, par, x, W, b, out, xhat, gb, save, act, slope, thr, scale, eps, k0,
+                     k1, step, layer, words, noise, nstd, pre, nwords):
+    """out = dropout(noise(f(gamma * zhat + beta))); pre = what f' needs when pre is not
+    empty (f(gamma * zhat + beta) before the noise, or its input for an input-derivable f)."""
     np.dot(x, W, out)
-    fill_output_words(words, nwords, out.size, k0, k1, step, layer, thr, noise, False)
-    _bn_forward_epilogue(uses, out, b, xhat, gb, save, act, slope, thr, scale, eps, words, noise,
-                         nstd, pre, nwords)
+    fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, False)
+    _bn_forward_epilogue(uses, par, out, b, xhat, gb, save, act, slope, thr, scale, eps, words,
+                         noise, nstd, pre, nwords)
 
 
 @kernel
@@ -160,10 +161,11 @@ def _bn_dz_rows(grad, xhat, save, r0, r1):
 
 
 @kernel_parallel
-def _bn_backward_epilogue_parallel(uses, grad, out, xhat, gb, save, db, dgb, act, slope, thr, scale,
-                                   words, noise, nstd, pre, nwords):
+def _bn_backward_epilogue_parallel(uses, grad, out, xhat, gb, save, db, dgb, act, slope, thr,
+                                   scale, words, noise, nstd, pre, nwords):
     B, O = grad.shape
-    output_grads_parallel(uses, grad, out, act, slope, thr, scale, words, noise, nstd, pre, nwords)
+    output_grads_parallel(uses, grad, out, act, slope, thr, scale, words, noise, nstd, pre,
+                          nwords)
     n_cchunks = (O + COL_CHUNK - 1) // COL_CHUNK
     for c in prange(n_cchunks):
         _bn_sums_cols(grad, xhat, gb, save, dgb, db, c * COL_CHUNK,
@@ -174,19 +176,20 @@ def _bn_backward_epilogue_parallel(uses, grad, out, xhat, gb, save, db, dgb, act
 
 
 @kernel
-def _bn_backward_epilogue(uses, grad, out, xhat, gb, save, db, dgb, act, slope, thr, scale, words,
-                          noise, nstd, pre, nwords):
-    """dy (mask and noise factor regenerated, f' from the output or, with noise, from pre),
-    the gamma/beta gradients, dz in place."""
-    if grad.size >= PARALLEL_MIN_ELEMENTS:
-        _bn_backward_epilogue_parallel(uses, grad, out, xhat, gb, save, db, dgb, act, slope, thr,
-                                       scale, words, noise, nstd, pre, nwords)
-        return
+def _bn_backward_epilogue(uses, par, grad, out, xhat, gb, save, db, dgb, act, slope, thr,
+                          scale, words, noise, nstd, pre, nwords):
+    """dy (mask and noise factor regenerated, f' from the output or from pre), the
+    gamma/beta gradients, dz in place."""
+    if par is not None:
+        if grad.size >= PARALLEL_MIN_ELEMENTS:
+            _bn_backward_epilogue_parallel(uses, grad, out, xhat, gb, save, db, dgb, act,
+                                           slope, thr, scale, words, noise, nstd, pre, nwords)
+            return
     n = grad.size
     if n == 0:
         return
-    output_grad_range(uses, grad.reshape(n), out.reshape(n), pre.reshape(pre.size), nwords, noise,
-                       nstd, words, thr, scale, act, slope, 0, n)
+    output_grad_range(uses, grad.reshape(n), out.reshape(n), pre.reshape(pre.size), nwords,
+                      noise, nstd, words, thr, scale, act, slope, 0, n)
     _bn_sums_cols(grad, xhat, gb, save, dgb, db, 0, grad.shape[1])
     _bn_dz_rows(grad, xhat, save, 0, grad.shape[0])
 
@@ -203,12 +206,13 @@ def _bn_running_update(stats, save, momentum):
 
 
 @kernel
-def bn_dense_backward(uses, grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
-                       thr, scale, momentum, k0, k1, step, layer, words, noise, nstd, pre,
-                       nwords):
-    fill_output_words(words, nwords, out.size, k0, k1, step, layer, thr, noise, True)
-    _bn_backward_epilogue(uses, grad, out, xhat, gb, save, db, dgb, act, slope, thr, scale, words,
-                          noise, nstd, pre, nwords)
+def bn_dense_backward(uses, par, grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act,
+                      slope, thr, scale, momentum, k0, k1, step, layer, words, noise, nstd,
+                      pre, nwords):
+    """grad: dL/d(out) in, dL/dz out; dgb, dW, db (= 0), dx; then the running statistics."""
+    fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, True)
+    _bn_backward_epilogue(uses, par, grad, out, xhat, gb, save, db, dgb, act, slope, thr,
+                          scale, words, noise, nstd, pre, nwords)
     np.dot(x.T, grad, dW)
     if dx.size > 0:
         np.dot(grad, W.T, dx)

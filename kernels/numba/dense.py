@@ -11,21 +11,22 @@ from .jit import kernel
 
 
 @kernel
-def dense_forward(uses, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer, words,
-                  noise, nstd, pre, nwords):
+def dense_forward(uses, par, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer,
+                  words, noise, nstd, pre, nwords):
     """out = dropout(noise(f(x @ W + b))); pre = what f' needs when pre is not empty."""
     np.dot(x, W, out)
-    fill_output_words(words, nwords, out.size, k0, k1, step, layer, thr, noise, False)
-    forward_epilogue(uses, out, b, act, slope, thr, scale, words, noise, nstd, pre, nwords)
+    fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, False)
+    forward_epilogue(uses, par, out, b, act, slope, thr, scale, words, noise, nstd, pre,
+                     nwords)
 
 
 @kernel
-def dense_backward(uses, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1, step,
-                   layer, words, noise, nstd, pre, nwords):
+def dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1,
+                   step, layer, words, noise, nstd, pre, nwords):
     """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db (if any), dx (if any)."""
-    fill_output_words(words, nwords, out.size, k0, k1, step, layer, thr, noise, True)
-    backward_epilogue(uses, grad, out, db, act, slope, thr, scale, words, noise, nstd, pre,
-                      nwords)
+    fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, True)
+    backward_epilogue(uses, par, grad, out, db, act, slope, thr, scale, words, noise, nstd,
+                      pre, nwords)
     np.dot(x.T, grad, dW)
     if dx.size > 0:
         np.dot(grad, W.T, dx)

@@ -176,14 +176,14 @@ def output_range(flat, pf, keep_f, nwords, noise, nstd, words, thr, scale, lo, h
 
 
 @kernel
-def fill_output_words(words, nwords, n, k0, k1, step, layer, thr, noise, backward):
+def fill_output_words(par, words, nwords, n, k0, k1, step, layer, thr, noise, backward):
     """The dropout words (with dropout) and the noise words (forward: with noise; backward:
     with GaussianDropout only, additive noise leaves no trace in the gradient) of a layer."""
     if thr > 0:
-        philox_fill(words, n, k0, k1, step, layer, C.STREAM_DROPOUT)
+        philox_fill(par, words, n, k0, k1, step, layer, C.STREAM_DROPOUT)
     if nwords is not None:
         if noise == C.NOISE_MUL or (noise != C.NOISE_NONE and not backward):
-            philox_fill(nwords, n, k0, k1, step, layer, C.STREAM_NOISE)
+            philox_fill(par, nwords, n, k0, k1, step, layer, C.STREAM_NOISE)
 
 
 @kernel
@@ -212,13 +212,15 @@ def _forward_epilogue_parallel(uses, out, b, act, slope, thr, scale, words, nois
 
 
 @kernel
-def forward_epilogue(uses, out, b, act, slope, thr, scale, words, noise, nstd, pre, nwords):
+def forward_epilogue(uses, par, out, b, act, slope, thr, scale, words, noise, nstd, pre,
+                     nwords):
     """Bias, activation, noise, dropout: a pass over rows, then one over elements (noise and
     mask together) when there is noise or dropout."""
-    if out.size >= PARALLEL_MIN_ELEMENTS:
-        _forward_epilogue_parallel(uses, out, b, act, slope, thr, scale, words, noise, nstd,
-                                   pre, nwords)
-        return
+    if par is not None:
+        if out.size >= PARALLEL_MIN_ELEMENTS:
+            _forward_epilogue_parallel(uses, out, b, act, slope, thr, scale, words, noise,
+                                       nstd, pre, nwords)
+            return
     bias_act(uses, act, out, b, pre, slope, 0, out.shape[0])
     n = out.size
     output_range(out.reshape(n), pre.reshape(pre.size), keeps_f(pre, act), nwords, noise,
@@ -356,14 +358,15 @@ def _backward_epilogue_parallel(uses, grad, out, db, act, slope, thr, scale, wor
 
 
 @kernel
-def backward_epilogue(uses, grad, out, db, act, slope, thr, scale, words, noise, nstd, pre,
-                      nwords):
+def backward_epilogue(uses, par, grad, out, db, act, slope, thr, scale, words, noise, nstd,
+                      pre, nwords):
     """dL/dz in place (mask and noise regenerated, f' from the output, or from pre), then
     the bias gradient."""
-    if grad.size >= PARALLEL_MIN_ELEMENTS:
-        _backward_epilogue_parallel(uses, grad, out, db, act, slope, thr, scale, words, noise,
-                                    nstd, pre, nwords)
-        return
+    if par is not None:
+        if grad.size >= PARALLEL_MIN_ELEMENTS:
+            _backward_epilogue_parallel(uses, grad, out, db, act, slope, thr, scale, words,
+                                        noise, nstd, pre, nwords)
+            return
     n = grad.size
     if n == 0:
         return
@@ -384,23 +387,23 @@ def _noise_parallel(flat, nwords, noise, std, words, thr, scale):
 
 
 @kernel
-def input_dropout(x, out, thr, scale, k0, k1, step, layer, words, noise, nstd, nwords):
+def input_dropout(par, x, out, thr, scale, k0, k1, step, layer, words, noise, nstd, nwords):
     """out = dropout(noise(x)): streams STREAM_INPUT_NOISE and STREAM_INPUT_DROPOUT. out may
     be x (a gradient sent back through the transform: GaussianDropout's factor and the
     mask)."""
     n = x.size
     if thr > 0:
-        philox_fill(words, n, k0, k1, step, layer, C.STREAM_INPUT_DROPOUT)
+        philox_fill(par, words, n, k0, k1, step, layer, C.STREAM_INPUT_DROPOUT)
     flat = out.reshape(n)
     flat[:] = x.reshape(n)
     if nwords is not None:
         if noise != C.NOISE_NONE:
-            philox_fill(nwords, n, k0, k1, step, layer, C.STREAM_INPUT_NOISE)
-            if n >= PARALLEL_MIN_ELEMENTS:
-                _noise_parallel(flat, nwords, noise, nstd, words, thr, scale)
-            else:
-                noise_range(flat, flat[:0], False, nwords, noise, nstd, words, thr, scale, 0,
-                            n)
+            philox_fill(par, nwords, n, k0, k1, step, layer, C.STREAM_INPUT_NOISE)
+            if par is not None:
+                if n >= PARALLEL_MIN_ELEMENTS:
+                    _noise_parallel(flat, nwords, noise, nstd, words, thr, scale)
+                    return
+            noise_range(flat, flat[:0], False, nwords, noise, nstd, words, thr, scale, 0, n)
             return
     if thr > 0:
         mask_range(flat, words, thr, scale, 0, n)

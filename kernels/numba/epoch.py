@@ -7,7 +7,8 @@ Shape legend: B batch rows, I fan_in, O fan_out, L layers, P parts.
 The arrays come in named tuples of typed lists (one entry per layer, or per part); optional
 features come as None so that a network compiles only what it uses (kernels/numba/jit.py):
 `bn` (BatchNorm state) is None without BatchNorm, `nwords` None without noise, `xdrops`
-None without input transforms, `columns` None without group lasso or max-norm.
+None without input transforms, `columns` None without group lasso or max-norm, `par` None
+when no pass of the network is big enough to run in parallel (PARALLEL_MIN_ELEMENTS).
 """
 from collections import namedtuple
 
@@ -32,28 +33,28 @@ Spec = namedtuple("Spec", "acts updates")
 
 
 @kernel
-def _layer_forward(spec, T, ws, bn, nwords, li, lf, l, x, n, k0, k1, step):
+def _layer_forward(spec, par, T, ws, bn, nwords, li, lf, l, x, n, k0, k1, step):
     """Dense layer l's training forward over the first n rows (reference layer_forward)."""
     if bn is not None:
         if li[l, C.LI_BN] != 0:
-            bn_dense_forward(spec.acts, x, T.W[l], T.b[l], ws.acts[l][:n], bn.xhat[l][:n],
+            bn_dense_forward(spec.acts, par, x, T.W[l], T.b[l], ws.acts[l][:n], bn.xhat[l][:n],
                              bn.gb[l], bn.save[l], li[l, C.LI_ACT], lf[l, C.LF_SLOPE],
                              li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE],
                              np.float64(lf[l, C.LF_BN_EPS]), k0, k1, step, l, ws.words,
                              li[l, C.LI_NOISE], lf[l, C.LF_NOISE_STD], ws.pres[l][:n], nwords)
             return
-    dense_forward(spec.acts, x, T.W[l], T.b[l], ws.acts[l][:n], li[l, C.LI_ACT],
+    dense_forward(spec.acts, par, x, T.W[l], T.b[l], ws.acts[l][:n], li[l, C.LI_ACT],
                   lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE], k0, k1,
                   step, l, ws.words, li[l, C.LI_NOISE], lf[l, C.LF_NOISE_STD],
                   ws.pres[l][:n], nwords)
 
 
 @kernel
-def _layer_backward(spec, T, ws, bn, nwords, li, lf, l, x, dx, n, k0, k1, step):
+def _layer_backward(spec, par, T, ws, bn, nwords, li, lf, l, x, dx, n, k0, k1, step):
     """Dense layer l's backward (reference layer_backward)."""
     if bn is not None:
         if li[l, C.LI_BN] != 0:
-            bn_dense_backward(spec.acts, ws.grads[l][:n], ws.acts[l][:n], bn.xhat[l][:n], x,
+            bn_dense_backward(spec.acts, par, ws.grads[l][:n], ws.acts[l][:n], bn.xhat[l][:n], x,
                               T.W[l], bn.gb[l], bn.stats[l], bn.save[l], T.dW[l], T.db[l],
                               bn.dgb[l], dx, li[l, C.LI_ACT], lf[l, C.LF_SLOPE],
                               li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE],
@@ -61,24 +62,24 @@ def _layer_backward(spec, T, ws, bn, nwords, li, lf, l, x, dx, n, k0, k1, step):
                               li[l, C.LI_NOISE], lf[l, C.LF_NOISE_STD], ws.pres[l][:n],
                               nwords)
             return
-    dense_backward(spec.acts, ws.grads[l][:n], ws.acts[l][:n], x, T.W[l], T.dW[l], T.db[l], dx,
+    dense_backward(spec.acts, par, ws.grads[l][:n], ws.acts[l][:n], x, T.W[l], T.dW[l], T.db[l], dx,
                    li[l, C.LI_ACT], lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR],
                    lf[l, C.LF_DROP_SCALE], k0, k1, step, l, ws.words, li[l, C.LI_NOISE],
                    lf[l, C.LF_NOISE_STD], ws.pres[l][:n], nwords)
 
 
 @kernel
-def _layer_update(spec, T, ws, bn, columns, hpW, hpb, hpgb, li, opt, l, t):
+def _layer_update(spec, par, T, ws, bn, columns, hpW, hpb, hpgb, li, opt, l, t):
     """The fused update of layer l's tensors (reference layer_update); their penalty."""
-    pen = penalized_update_2d(spec.updates, T.W[l], T.dW[l], T.mW[l], T.vW[l], hpW[l], opt, t,
+    pen = penalized_update_2d(spec.updates, par, T.W[l], T.dW[l], T.mW[l], T.vW[l], hpW[l], opt, t,
                               ws.coef, ws.scratch, columns)
     if T.b[l].shape[0] > 0:
-        pen += penalized_update_1d(spec.updates, T.b[l], T.db[l], T.mb[l], T.vb[l], hpb[l], opt,
+        pen += penalized_update_1d(spec.updates, par, T.b[l], T.db[l], T.mb[l], T.vb[l], hpb[l], opt,
                                    t, ws.coef, ws.scratch)
     if bn is not None:
         if li[l, C.LI_BN] != 0:     # gamma/beta, flattened: never penalized
             g2 = bn.gb[l].size
-            pen += penalized_update_1d(spec.updates, bn.gb[l].reshape(g2),
+            pen += penalized_update_1d(spec.updates, par, bn.gb[l].reshape(g2),
                                        bn.dgb[l].reshape(g2), bn.mgb[l].reshape(bn.mgb[l].size),
                                        bn.vgb[l].reshape(bn.vgb[l].size), hpgb[l], opt, t,
                                        ws.coef, ws.scratch)
@@ -100,7 +101,7 @@ def _part_input(ws, xdrops, parts, li, p, n):
 
 
 @kernel
-def _input_transform(ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, backward, dh):
+def _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, backward, dh):
     """Part p's input transform: forward, the part's input into xdrops[p]; backward (a
     head), dh in place through its mask and GaussianDropout factor (reference
     input_transform / input_transform_backward)."""
@@ -118,17 +119,17 @@ def _input_transform(ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, back
             noise = C.NOISE_NONE
             std = lf.dtype.type(0)
         if thr > 0 or noise != C.NOISE_NONE:
-            input_dropout(dh, dh, thr, scale, k0, k1, step, first, ws.words, noise, std,
+            input_dropout(par, dh, dh, thr, scale, k0, k1, step, first, ws.words, noise, std,
                           nwords)
         return
     src = parts[p, C.PT_INPUT]
     x = ws.xbuf[:n] if src < 0 else ws.acts[parts[src, C.PT_END] - 1][:n]
-    input_dropout(x, xdrops[p][:n], thr, scale, k0, k1, step, first, ws.words, noise, std,
+    input_dropout(par, x, xdrops[p][:n], thr, scale, k0, k1, step, first, ws.words, noise, std,
                   nwords)
 
 
 @kernel
-def train_epoch(X, Y, perm, batch_size, spec, T, ws, bn, xdrops, nwords, columns, li, lf, hpW,
+def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, columns, li, lf, hpW,
                 hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, loss_sums):
     """The batches of `perm`; loss_sums (P,) receives the per-part loss sums (weighted by
     batch rows); returns (penalty sum, steps, finite). Stops at the first batch with a
@@ -154,11 +155,11 @@ def train_epoch(X, Y, perm, batch_size, spec, T, ws, bn, xdrops, nwords, columns
                 xb[r, j] = X[src, j]
         finite = True
         for p in range(P):
-            _input_transform(ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, False,
+            _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, False,
                              xb)
             x = _part_input(ws, xdrops, parts, li, p, n)
             for l in range(parts[p, C.PT_FIRST], parts[p, C.PT_END]):
-                _layer_forward(spec, T, ws, bn, nwords, li, lf, l, x, n, k0, k1, step)
+                _layer_forward(spec, par, T, ws, bn, nwords, li, lf, l, x, n, k0, k1, step)
                 x = ws.acts[l][:n]
             losses[p] = 0.0
             loss = parts[p, C.PT_LOSS]
@@ -196,22 +197,22 @@ def train_epoch(X, Y, perm, batch_size, spec, T, ws, bn, xdrops, nwords, columns
                 x = ws.acts[l - 1][:n] if l > first else _part_input(ws, xdrops, parts, li, p,
                                                                       n)
                 dx = ws.grads[l - 1][:n] if l > first else into
-                _layer_backward(spec, T, ws, bn, nwords, li, lf, l, x, dx, n, k0, k1, step)
+                _layer_backward(spec, par, T, ws, bn, nwords, li, lf, l, x, dx, n, k0, k1, step)
             if p > 0:
-                _input_transform(ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, True,
+                _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, True,
                                  into)
                 if p > 1:
                     trunk_out += into
         pen = 0.0
         for l in range(L - 1, -1, -1):
-            pen += _layer_update(spec, T, ws, bn, columns, hpW, hpb, hpgb, li, opt, l, t)
+            pen += _layer_update(spec, par, T, ws, bn, columns, hpW, hpb, hpgb, li, opt, l, t)
         pen_sum += pen * n
         steps += 1
     return pen_sum, steps, True
 
 
 @kernel
-def forward_inference(uses, X, Ws, bs, li, lf, bufs, out, batch_size, first):
+def forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first):
     """Logits of the layers Ws (a part's, the first one numbered `first`) for X, dropout and
     noise off, in chunks of batch_size rows."""
     L = len(Ws)
@@ -222,7 +223,7 @@ def forward_inference(uses, X, Ws, bs, li, lf, bufs, out, batch_size, first):
         x = X[start:start + n]
         for k in range(L):
             l = first + k
-            dense_forward(uses, x, Ws[k], bs[k], bufs[k][:n], li[l, C.LI_ACT],
+            dense_forward(uses, par, x, Ws[k], bs[k], bufs[k][:n], li[l, C.LI_ACT],
                           lf[l, C.LF_SLOPE], 0, lf[l, C.LF_DROP_SCALE], 0, 0, 0, l, words,
                           C.NOISE_NONE, lf[l, C.LF_NOISE_STD], bufs[k][:0], None)
             x = bufs[k][:n]

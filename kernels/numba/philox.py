@@ -59,13 +59,16 @@ def _philox_fill_parallel(words, n_groups, k0, k1, step, layer, stream):
 
 
 @kernel
-def philox_fill(words, n_elements, k0, k1, step, layer, stream):
-    """Words for elements 0..n_elements-1 of one (seed, step, layer, stream) sequence."""
+def philox_fill(par, words, n_elements, k0, k1, step, layer, stream):
+    """Words for elements 0..n_elements-1 of one (seed, step, layer, stream) sequence.
+    par: None when no pass of the network is big enough to run in parallel (the parallel
+    code is then never compiled: jit.py)."""
     n_groups = (n_elements + 3) // 4
-    if n_elements >= PARALLEL_MIN_ELEMENTS:
-        _philox_fill_parallel(words, n_groups, k0, k1, step, layer, stream)
-    else:
-        philox_groups(words, 0, n_groups, k0, k1, step, layer, stream)
+    if par is not None:
+        if n_elements >= PARALLEL_MIN_ELEMENTS:
+            _philox_fill_parallel(words, n_groups, k0, k1, step, layer, stream)
+            return
+    philox_groups(words, 0, n_groups, k0, k1, step, layer, stream)
 
 
 # ---------------------------------------------------------------- Gaussian noise

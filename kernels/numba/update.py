@@ -216,7 +216,7 @@ def _maxnorm_cols(w, c, coef, colnorm):
 
 
 @kernel
-def _penalized_update_flat(uses, wf, gf, mf, vf, hp, opt, t, coef, scratch):
+def _penalized_update_flat(uses, par, wf, gf, mf, vf, hp, opt, t, coef, scratch):
     """Fused step of a flattened tensor; scratch (float64) holds >= 2*ceil(n/chunk) values."""
     _coefficients(hp, opt, t, coef)
     n = wf.shape[0]
@@ -224,9 +224,12 @@ def _penalized_update_flat(uses, wf, gf, mf, vf, hp, opt, t, coef, scratch):
                          hp[C.HP_PROXIMAL] != 0)
     want_penalty = hp[C.HP_L1] != 0 or hp[C.HP_L2] != 0
     n_chunks = (n + UPDATE_CHUNK - 1) // UPDATE_CHUNK
-    if n >= PARALLEL_MIN_ELEMENTS:
-        _update_parallel(uses, wf, gf, mf, vf, variant, coef, want_penalty, scratch, n)
-    else:
+    serial = True
+    if par is not None:
+        if n >= PARALLEL_MIN_ELEMENTS:
+            _update_parallel(uses, wf, gf, mf, vf, variant, coef, want_penalty, scratch, n)
+            serial = False
+    if serial:
         for c in range(n_chunks):
             _update_chunk(uses, wf, gf, mf, vf, variant, coef, want_penalty, scratch, c, n)
     if not want_penalty:
@@ -240,7 +243,7 @@ def _penalized_update_flat(uses, wf, gf, mf, vf, hp, opt, t, coef, scratch):
 
 
 @kernel
-def penalized_update_2d(uses, w, g, m, v, hp, opt, t, coef, scratch, columns):
+def penalized_update_2d(uses, par, w, g, m, v, hp, opt, t, coef, scratch, columns):
     """The fused step of a matrix W (the flat step, then its column passes: group lasso,
     max-norm). columns is None when no tensor of the network has a column pass: they are
     then never compiled."""
@@ -248,8 +251,8 @@ def penalized_update_2d(uses, w, g, m, v, hp, opt, t, coef, scratch, columns):
     mf = m.reshape(m.size)
     vf = v.reshape(v.size)
     if columns is None:
-        return _penalized_update_flat(uses, w.reshape(n), g.reshape(n), mf, vf, hp, opt, t,
-                                      coef, scratch)
+        return _penalized_update_flat(uses, par, w.reshape(n), g.reshape(n), mf, vf, hp, opt,
+                                      t, coef, scratch)
     group = hp[C.HP_GROUP]
     group_pen = 0.0
     if group > 0:           # the penalty of w before the step, like the other terms
@@ -257,8 +260,8 @@ def penalized_update_2d(uses, w, g, m, v, hp, opt, t, coef, scratch, columns):
         for j in range(w.shape[1]):
             group_pen += scratch[j]
         group_pen *= group
-    pen = _penalized_update_flat(uses, w.reshape(n), g.reshape(n), mf, vf, hp, opt, t, coef,
-                                 scratch)
+    pen = _penalized_update_flat(uses, par, w.reshape(n), g.reshape(n), mf, vf, hp, opt, t,
+                                 coef, scratch)
     pen += group_pen
     if group > 0:
         O = w.shape[1]
@@ -270,9 +273,9 @@ def penalized_update_2d(uses, w, g, m, v, hp, opt, t, coef, scratch, columns):
 
 
 @kernel
-def penalized_update_1d(uses, w, g, m, v, hp, opt, t, coef, scratch):
+def penalized_update_1d(uses, par, w, g, m, v, hp, opt, t, coef, scratch):
     """The fused step of a vector (a bias; a BatchNorm's gamma; beta, flattened)."""
-    return _penalized_update_flat(uses, w, g, m, v, hp, opt, t, coef, scratch)
+    return _penalized_update_flat(uses, par, w, g, m, v, hp, opt, t, coef, scratch)
 
 
 def scratch_size(n_params, widest):

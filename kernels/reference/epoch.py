@@ -100,11 +100,11 @@ def input_transform_backward(ops, plan, p, dh, step):
                           noise, std)
 
 
-def train_step(ops, plan, X, Y, idx, step, t):
-    """One training step on the rows idx of X and Y (module docstring). Returns
-    (losses per part (0 where a part has none), penalty, finite): the batch means, and the
-    penalty of the tensors before their update; when a loss is not finite, nothing is
-    updated and the penalty is 0."""
+def forward_backward(ops, plan, X, Y, idx, step):
+    """The forward and backward of one training step on the rows idx of X and Y (module
+    docstring), no update: the gradients of every tensor are in plan.dWs / dbs / dgbs (and a
+    BatchNorm's running statistics updated). Returns (losses per part, finite); when a loss
+    is not finite, nothing after the forward is run."""
     n = idx.shape[0]
     P, L = plan.n_parts, plan.n_layers
     xb = plan.xbuf[:n]
@@ -124,7 +124,7 @@ def train_step(ops, plan, X, Y, idx, step, t):
             yb[...] = Y[idx, y0:y1]
             losses[p] = ops.loss_forward_backward(x, yb, plan.grads[end - 1][:n], loss)
     if not np.isfinite(losses).all():
-        return losses, 0.0, False
+        return losses, False
     empty = np.zeros((0, 0), plan.dtype)
     for p in list(range(1, P)) + [0]:        # the heads in order, then the trunk
         first, end = int(plan.parts[p, C.PT_FIRST]), int(plan.parts[p, C.PT_END])
@@ -144,8 +144,20 @@ def train_step(ops, plan, X, Y, idx, step, t):
             input_transform_backward(ops, plan, p, into, step)
             if p > 1:
                 trunk_out += into
+    return losses, True
+
+
+def train_step(ops, plan, X, Y, idx, step, t):
+    """One training step on the rows idx of X and Y: forward_backward, then the fused
+    penalized update of every layer's tensors, last layer first. Returns (losses per part
+    (0 where a part has none), penalty, finite): the batch means, and the penalty of the
+    tensors before their update; when a loss is not finite, nothing is updated and the
+    penalty is 0."""
+    losses, finite = forward_backward(ops, plan, X, Y, idx, step)
+    if not finite:
+        return losses, 0.0, False
     pen = 0.0
-    for l in range(L - 1, -1, -1):
+    for l in range(plan.n_layers - 1, -1, -1):
         pen += layer_update(ops, plan, l, t)
     return losses, pen, True
 

@@ -1,0 +1,486 @@
+"""The one engine under Sequential and MultiTask: a network of parts (a tree of chains).
+
+A network is a trunk and heads (kernels/plan.py "parts"): each part is a chain of fastreg
+layers folded into dense blocks (a Dense with its dropout, BatchNorm and noise fused in);
+the trunk reads the inputs, every head reads the trunk's output. A Sequential is one part
+that is trunk and head at once; a MultiTask is a trunk (no loss) and named heads, each with
+its loss and weight. The dense blocks are numbered globally, part by part, and that number
+is a block's Philox layer word (DESIGN.md "Randomness"), so a one-head MultiTask draws
+exactly what the Sequential of its trunk + head layers draws.
+
+`Network` owns what both front ends share: the folding and placement rules of the layers,
+the parameters (a kernels.plan.ParamStore: flat buffers with a per-tensor table), the
+counters (training steps ever run: the Philox step; optimizer steps since compile: Adam's
+bias correction; epochs run: the shuffles; MC passes drawn), the configuration rows and
+plans every backend reads, snapshots, the weight list in Keras' order, and the penalty.
+"""
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import layers as L
+from . import regularizers as R
+from .kernels import contract as C
+from .kernels import plan as PL
+from .kernels.philox import dropout_scale, dropout_threshold
+from .kernels.reference import penalty_value
+
+
+# ---------------------------------------------------------------- dense blocks
+@dataclass
+class Block:
+    """A Dense with what is fused into it: the dropout on its input (first block of a part
+    only) and on its output, its BatchNorm, and the noise on its input / output."""
+    dense: L.Dense
+    in_drop: float = 0.0
+    out_drop: float = 0.0
+    bn: L.BatchNorm = None
+    in_noise: L.Layer = None
+    noise: L.Layer = None
+
+
+def fold_blocks(layers, partial=False):
+    """Fold a layer list into dense blocks (the placement rules; ValueError on a bad order).
+    partial=True folds a list that may have no Dense yet (Sequential.add's check)."""
+    blocks, pending = [], 0.0
+    noise = None    # the noise layer since the last Dense (or on the inputs)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, L.NOISE_LAYERS):
+            where = "the inputs" if not blocks else f"the output of Dense {len(blocks) - 1}"
+            if noise is not None:
+                raise ValueError(f"at most one GaussianNoise / GaussianDropout per dense "
+                                 f"output (or on the inputs): {noise!r} and {layer!r} both "
+                                 f"act on {where}")
+            if pending and isinstance(layer, L.GaussianNoise):
+                raise ValueError(f"{layer!r} after a Dropout on {where}: the fused order is "
+                                 f"activation, noise, dropout; put the Dropout after the "
+                                 f"GaussianNoise")
+            noise = layer
+            continue
+        if isinstance(layer, L.BatchNorm):
+            if i == 0 or not isinstance(layers[i - 1], L.Dense):
+                raise ValueError("BatchNorm must come right after a Dense: it normalizes "
+                                 "that Dense's pre-activation x @ W + b")
+            blocks[-1].bn = layer
+            continue
+        if isinstance(layer, L.Dropout):
+            pending = 1.0 - (1.0 - pending) * (1.0 - layer.rate)
+            continue
+        if isinstance(layer, L.Dense):
+            if pending and blocks:
+                prev = blocks[-1]
+                prev.out_drop = 1.0 - (1.0 - prev.out_drop) * (1.0 - pending)
+                pending = 0.0
+            if noise is not None and blocks:
+                blocks[-1].noise = noise
+            blocks.append(Block(layer, in_drop=pending if not blocks else 0.0,
+                                out_drop=layer.dropout,
+                                in_noise=noise if not blocks else None))
+            pending = 0.0
+            noise = None
+    if not blocks:
+        if partial:
+            return blocks
+        raise ValueError("a Sequential model needs at least one Dense layer")
+    if pending:
+        last = blocks[-1]
+        last.out_drop = 1.0 - (1.0 - last.out_drop) * (1.0 - pending)
+    if noise is not None:
+        blocks[-1].noise = noise
+    return blocks
+
+
+def check_loss_and_last_layer(loss, last, where=""):
+    """The rules tying a loss to the last Dense: the cross-entropies take logits from a
+    linear last layer; the sparse one needs a unit per class."""
+    if loss not in C.LOSSES:
+        raise ValueError(f"{where}unknown loss {loss!r}; choose one of {sorted(C.LOSSES)}")
+    if C.LOSS_BY_CODE[C.LOSSES[loss]].output != "identity" and last.activation is not None:
+        raise ValueError(f"{where}{loss} takes logits: make the last Dense linear "
+                         f"(activation=None); predict() returns the probabilities")
+    if loss == "sparse_categorical_crossentropy" and last.units < 2:
+        raise ValueError(f"{where}sparse_categorical_crossentropy needs a last Dense with one "
+                         f"unit per class (>= 2 units)")
+
+
+def check_part_layers(layers, where=""):
+    """Sequential.add's rules for a whole layer list: fastreg layers, noise and BatchNorm
+    placement (ValueError / TypeError prefixed with `where`)."""
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, L.Layer):
+            raise TypeError(f"{where}fastreg layers (Dense, Dropout, BatchNorm, "
+                            f"GaussianNoise, GaussianDropout) only, got {layer!r}")
+        if isinstance(layer, L.BatchNorm) and not (i and isinstance(layers[i - 1], L.Dense)):
+            after = type(layers[i - 1]).__name__ if i else "nothing (first layer)"
+            raise ValueError(f"{where}BatchNorm must come right after a Dense: it normalizes "
+                             f"that Dense's pre-activation x @ W + b; here it follows {after}")
+    try:
+        fold_blocks(layers, partial=True)
+    except ValueError as exc:
+        raise ValueError(f"{where}{exc}") from None
+
+
+def check_seed(seed, name="seed"):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+            or not 0 <= int(seed) < 2 ** 64:
+        raise ValueError(f"{name} must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def init_kernel(kind, fan_in, fan_out, rng, dtype):
+    if kind == "glorot_uniform":
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        W = rng.uniform(-limit, limit, (fan_in, fan_out))
+    elif kind == "glorot_normal":
+        W = rng.normal(0.0, math.sqrt(2.0 / (fan_in + fan_out)), (fan_in, fan_out))
+    elif kind == "he_uniform":
+        limit = math.sqrt(6.0 / fan_in)
+        W = rng.uniform(-limit, limit, (fan_in, fan_out))
+    elif kind == "he_normal":
+        W = rng.normal(0.0, math.sqrt(2.0 / fan_in), (fan_in, fan_out))
+    else:  # lecun_normal
+        W = rng.normal(0.0, math.sqrt(1.0 / fan_in), (fan_in, fan_out))
+    return np.ascontiguousarray(W, dtype=dtype)
+
+
+# ---------------------------------------------------------------- parts and the network
+@dataclass
+class Part:
+    """A chain of layers: the trunk (loss None under heads) or a head (label, loss, weight)."""
+    label: str
+    layers: list
+    loss: str = None
+    weight: float = 1.0
+    blocks: list = field(default_factory=list)
+
+
+@dataclass
+class Counters:
+    """The training counters saved with a model (DESIGN.md "Randomness")."""
+    step: int = 0          # training steps ever run: the Philox step word
+    t: int = 0             # optimizer steps since compile: Adam's bias correction
+    epochs_run: int = 0    # epochs ever run: seeds the shuffles
+    mc_step: int = 0       # MC-dropout passes drawn without a seed
+
+
+class Network:
+    """Parts, parameters and counters (module docstring). Parts are given trunk first."""
+
+    def __init__(self, parts, seed=0, dtype="float32"):
+        self.seed = check_seed(seed)
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        self.dtype = np.dtype(dtype)
+        self.parts = list(parts)
+        self.input_dim = None
+        self.store = None           # a kernels.plan.ParamStore once built
+        self.moments_ready = False  # the optimizer's moments exist (made at the first fit)
+        self.counters = Counters()
+        self.refold()
+
+    def refold(self):
+        """Fold every part's layers into blocks (a part may still be empty: a Sequential
+        being built with add)."""
+        for part in self.parts:
+            part.blocks = fold_blocks(part.layers, partial=True)
+        if self.n_blocks >= C.MAX_LAYER_WORDS:
+            raise ValueError(f"a network takes fewer than {C.MAX_LAYER_WORDS} Dense layers")
+
+    # ------------------------------------------------------------ structure
+    @property
+    def blocks(self):
+        """Every dense block, in the global order (trunk first, then each head)."""
+        return [b for part in self.parts for b in part.blocks]
+
+    @property
+    def n_blocks(self):
+        return sum(len(part.blocks) for part in self.parts)
+
+    def part_ranges(self):
+        """(first, end) global block indices of every part."""
+        out, first = [], 0
+        for part in self.parts:
+            out.append((first, first + len(part.blocks)))
+            first += len(part.blocks)
+        return out
+
+    def n_outputs(self, p):
+        return self.parts[p].blocks[-1].dense.units
+
+    @property
+    def heads(self):
+        """The parts with a loss (a Sequential's one part, or a MultiTask's heads)."""
+        return [p for p, part in enumerate(self.parts) if part.loss is not None]
+
+    @property
+    def built(self):
+        return self.store is not None
+
+    def fan_ins(self, input_dim):
+        out = []
+        trunk_out = None
+        for p, part in enumerate(self.parts):
+            fan_in = input_dim if p == 0 else trunk_out
+            for blk in part.blocks:
+                out.append(fan_in)
+                fan_in = blk.dense.units
+            if p == 0:
+                trunk_out = fan_in
+        return out
+
+    def layer_shapes(self, input_dim):
+        return [PL.LayerShape(fan_in, b.dense.units, b.dense.use_bias, b.bn is not None)
+                for fan_in, b in zip(self.fan_ins(input_dim), self.blocks)]
+
+    def build(self, input_dim):
+        """Create the weights from the seed: one generator, blocks in the global order;
+        biases 0; BatchNorm gamma 1, beta 0, running mean 0, variance 1."""
+        store = PL.ParamStore(self.layer_shapes(input_dim), self.dtype)
+        rng = np.random.default_rng(self.seed)
+        for l, blk in enumerate(self.blocks):
+            W = store.tensor("W", l)
+            W[...] = init_kernel(blk.dense.kernel_initializer, W.shape[0], W.shape[1], rng,
+                                 self.dtype)
+        self.input_dim = int(input_dim)
+        self.store = store
+        self.moments_ready = False
+
+    def count_params(self):
+        """Parameters of all layers, BatchNorm's running statistics included (as Keras)."""
+        return int(self.store.size + self.store.stats.size) if self.built else 0
+
+    # ------------------------------------------------------------ optimizer state
+    def reset_optimizer_state(self):
+        self.moments_ready = False
+        if self.built:
+            self.store.reset_moments(())
+
+    def ensure_optimizer_state(self, optimizer):
+        if not self.moments_ready:
+            self.store.reset_moments(optimizer.moments)
+            self.moments_ready = True
+
+    # ------------------------------------------------------------ snapshots
+    def snapshot(self):
+        """A copy of everything a fit changes (parameters, moments, statistics, counters)."""
+        return {"store": None if self.store is None else self.store.copy(),
+                "moments_ready": self.moments_ready,
+                "counters": Counters(**vars(self.counters)), "input_dim": self.input_dim}
+
+    def restore(self, snap):
+        """Put a snapshot back: in place when the layout is unchanged (plans keep pointing
+        into the same buffers), else the snapshot's own store."""
+        store = snap["store"]
+        if store is not None and self.store is not None and store.layers == self.store.layers:
+            self.store.assign(store)
+        else:
+            self.store = None if store is None else store.copy()
+        self.moments_ready = snap["moments_ready"]
+        self.counters = Counters(**vars(snap["counters"]))
+        self.input_dim = snap["input_dim"]
+
+    # ------------------------------------------------------------ configuration rows
+    def config_rows(self, optimizer, training):
+        """li, lf, hpW, hpb, hpgb of every block (kernels/contract.py layouts)."""
+        n = self.n_blocks
+        li = np.zeros((n, C.LI_SIZE), np.int64)
+        lf = np.zeros((n, C.LF_SIZE), self.dtype)
+        hps = [np.zeros((n, C.HP_SIZE)) for _ in range(3)]
+        opt_slots = optimizer.slots()
+        for i, blk in enumerate(self.blocks):
+            d = blk.dense
+            li[i, C.LI_ACT] = C.ACTIVATIONS[d.activation]
+            li[i, C.LI_DROP_THR] = dropout_threshold(blk.out_drop)
+            li[i, C.LI_HAS_BIAS] = int(d.use_bias)
+            li[i, C.LI_IN_DROP_THR] = dropout_threshold(blk.in_drop)
+            lf[i, C.LF_SLOPE] = d.negative_slope
+            lf[i, C.LF_DROP_SCALE] = dropout_scale(blk.out_drop, self.dtype.type)
+            lf[i, C.LF_IN_DROP_SCALE] = dropout_scale(blk.in_drop, self.dtype.type)
+            li[i, C.LI_NOISE], lf[i, C.LF_NOISE_STD] = L.noise_code(blk.noise)
+            li[i, C.LI_IN_NOISE], lf[i, C.LF_IN_NOISE_STD] = L.noise_code(blk.in_noise)
+            if blk.bn is not None:
+                li[i, C.LI_BN] = int(training)   # inference: folded into W, b
+                lf[i, C.LF_BN_EPS] = blk.bn.eps
+                lf[i, C.LF_BN_MOMENTUM] = blk.bn.momentum
+            # W: its regularizers and the optimizer's decoupled decay; b: its own
+            # regularizers, never decayed; gamma/beta: never penalized nor decayed
+            for row, regs, decayed in ((hps[0][i], d.regularizer, True),
+                                       (hps[1][i], d.bias_regularizer, False),
+                                       (hps[2][i], [], False)):
+                for name, value in opt_slots.items():
+                    row[C.SLOTS[name].index] = value
+                if not decayed:
+                    row[C.HP_DECOUPLED] = 0.0
+                for name, value in R.combine(regs).items():
+                    row[C.SLOTS[name].index] = value
+        return (li, lf) + tuple(hps)
+
+    def parts_rows(self, y_widths):
+        """The parts table (PT_* / PF_*) with each head's target columns."""
+        P = len(self.parts)
+        parts = np.zeros((P, C.PT_SIZE), np.int64)
+        partf = np.ones((P, C.PF_SIZE))
+        y0 = 0
+        for p, ((first, end), part, w) in enumerate(zip(self.part_ranges(), self.parts,
+                                                          y_widths)):
+            loss = -1 if part.loss is None else C.LOSSES[part.loss]
+            parts[p] = (first, end, -1 if p == 0 else 0, loss, y0, y0 + w)
+            partf[p, C.PF_WEIGHT] = part.weight
+            y0 += w
+        return parts, partf
+
+    # ------------------------------------------------------------ plans
+    def training_plan(self, optimizer, batch, y_widths):
+        """The plan a fit trains (views of the store), its workspace for `batch` rows;
+        y_widths[p]: the target width of part p (0 for the trunk under heads)."""
+        self.ensure_optimizer_state(optimizer)
+        li, lf, hpW, hpb, hpgb = self.config_rows(optimizer, training=True)
+        parts, partf = self.parts_rows(y_widths)
+        plan = PL.make_plan(self.store, li, lf, hpW, hpb, hpgb, parts, partf, optimizer.code,
+                            self.seed, training=True)
+        return plan.allocate(batch, y_widths)
+
+    def inference_plan(self, optimizer=None):
+        """The plan of inference: BatchNorm folded into W, b (running statistics)."""
+        from .optimizers import Adam
+        li, lf, hpW, hpb, hpgb = self.config_rows(optimizer or Adam(), training=False)
+        parts, partf = self.parts_rows([0] * len(self.parts))
+        folded = {l: self.folded(l) for l, blk in enumerate(self.blocks) if blk.bn is not None}
+        return PL.make_plan(self.store, li, lf, hpW, hpb, hpgb, parts, partf,
+                            (optimizer or Adam()).code, self.seed, training=False,
+                            folded=folded)
+
+    def folded_scale(self, gb, st, eps):
+        """s = gamma / sqrt(running_var + eps) in float64; eps rounded to the dtype first,
+        as training adds it."""
+        eps = float(self.dtype.type(eps))
+        return gb[C.BN_GAMMA].astype(np.float64) / np.sqrt(st[C.BN_VAR].astype(np.float64)
+                                                           + eps)
+
+    def folded_bias(self, gb, st, b, eps):
+        """The folded bias b' = (b - running_mean) * s + beta (in the dtype)."""
+        s = self.folded_scale(gb, st, eps)
+        b64 = b.astype(np.float64) if b.size else 0.0
+        return ((b64 - st[C.BN_MEAN].astype(np.float64)) * s
+                + gb[C.BN_BETA].astype(np.float64)).astype(self.dtype)
+
+    def folded(self, l):
+        """Block l with its BatchNorm folded in for inference (running statistics):
+        W' = W * s, b' = (b - running_mean) * s + beta, s = gamma / sqrt(running_var + eps),
+        in float64, rounded once to the dtype."""
+        eps = self.blocks[l].bn.eps
+        gb, st = self.store.tensor("gb", l), self.store.running_stats(l)
+        W = self.store.tensor("W", l)
+        s = self.folded_scale(gb, st, eps)
+        return (np.ascontiguousarray(W.astype(np.float64) * s, self.dtype),
+                self.folded_bias(gb, st, self.store.tensor("b", l), eps))
+
+    # ------------------------------------------------------------ weights
+    def tensors(self, kind, flat=None):
+        """Every block's tensor `kind` ("W", "b", "gb") as views, in the global order (of
+        the parameters, or of a gradient / moment buffer `flat`)."""
+        return [self.store.tensor(kind, l, flat) for l in range(self.n_blocks)]
+
+    def kernels(self):
+        """Every block's W (views), in the global order."""
+        return self.tensors("W")
+
+    def biases(self):
+        return self.tensors("b")
+
+    def running_stats(self):
+        """Every block's (2, O) BatchNorm running statistics, or an empty (0, 0)."""
+        return [self.store.running_stats(l) for l in range(self.n_blocks)]
+
+    def moments(self, which, kind):
+        """Every block's moment `which` ("m", "v") of tensor `kind` (empty where the
+        optimizer keeps none)."""
+        return self.tensors(kind, getattr(self.store, which))
+
+    def weight_list(self, parts=None):
+        """The live arrays get_weights copies, in Keras' order: per block W, b, then for a
+        BatchNorm after it gamma, beta, moving mean, moving variance (views)."""
+        out = []
+        ranges = self.part_ranges()
+        for p in (range(len(self.parts)) if parts is None else parts):
+            for l in range(*ranges[p]):
+                out += [self.store.tensor("W", l), self.store.tensor("b", l)]
+                if self.blocks[l].bn is not None:
+                    gb, st = self.store.tensor("gb", l), self.store.running_stats(l)
+                    out += [gb[C.BN_GAMMA], gb[C.BN_BETA], st[C.BN_MEAN], st[C.BN_VAR]]
+        return out
+
+    def weight_names(self):
+        """Names of weight_list()'s arrays: "<part>/dense_<i>/W", ".../b", and for a block
+        with BatchNorm "<part>/batchnorm_<i>/gamma", "beta", "moving_mean",
+        "moving_variance"."""
+        out = []
+        for part in self.parts:
+            for i, blk in enumerate(part.blocks):
+                out += [f"{part.label}/dense_{i}/W", f"{part.label}/dense_{i}/b"]
+                if blk.bn is not None:
+                    out += [f"{part.label}/batchnorm_{i}/{k}"
+                            for k in ("gamma", "beta", "moving_mean", "moving_variance")]
+        return out
+
+    def assign_weights(self, weights, labels, layout):
+        """set_weights: validate every new array against the live ones (count, shapes,
+        finite real numbers), then copy them all in, or raise and change nothing."""
+        if weights is None or isinstance(weights, (str, bytes)) \
+                or not hasattr(weights, "__iter__"):
+            raise TypeError(f"set_weights takes a list of arrays ({layout}), got "
+                            f"{type(weights).__name__}")
+        current = self.weight_list()
+        weights = list(weights)
+        if len(weights) != len(current):
+            raise ValueError(f"set_weights expects {len(current)} arrays ({layout}), got "
+                             f"{len(weights)}")
+        converted = []
+        for i, (new, cur) in enumerate(zip(weights, current)):
+            arr = np.asarray(new)
+            if arr.shape != cur.shape:
+                raise ValueError(f"weight {i}{labels[i]} has shape {arr.shape}, expected "
+                                 f"{cur.shape}")
+            if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) \
+                    or np.iscomplexobj(arr) or not np.isfinite(arr).all():
+                raise ValueError(f"weight {i}{labels[i]} must be finite real numbers")
+            converted.append(arr.astype(self.dtype))
+        for cur, new in zip(current, converted):
+            cur[...] = new
+
+    def penalty(self):
+        """The current regularization term, summed over every block (what
+        history['penalty'] tracks)."""
+        from .optimizers import Adam
+        _, _, hpW, hpb, _ = self.config_rows(Adam(), training=False)
+        return float(sum(penalty_value(self.store.tensor("W", l), hpW[l])
+                         + penalty_value(self.store.tensor("b", l), hpb[l])
+                         for l in range(self.n_blocks)))
+
+    # ------------------------------------------------------------ description
+    def summary_lines(self, p):
+        """One line per block of part p (fan-in, width, activation, dropout, noise,
+        BatchNorm, parameters, regularizer)."""
+        lines = []
+        fan_ins = self.fan_ins(self.input_dim) if self.input_dim else [None] * self.n_blocks
+        first = self.part_ranges()[p][0]
+        for i, blk in enumerate(self.parts[p].blocks):
+            d = blk.dense
+            fan_in = fan_ins[first + i]
+            if fan_in is None and p > 0 and self.input_dim is None:
+                fan_in = None
+            n = (fan_in * d.units + (d.units if d.use_bias else 0)) if fan_in else "?"
+            extra = f", input dropout {blk.in_drop:.3g}" if blk.in_drop else ""
+            if blk.in_noise is not None:
+                extra += f", input noise {blk.in_noise!r}"
+            if blk.noise is not None:
+                extra += f", output noise {blk.noise!r} (before the dropout)"
+            if blk.bn is not None:
+                n = n + 4 * d.units if fan_in else n
+                extra += (f", batchnorm(momentum={blk.bn.momentum:g}, "
+                          f"eps={blk.bn.eps:g}) before the activation")
+            lines.append(f"dense_{i}: {fan_in if fan_in else '?'}->{d.units} "
+                         f"{d.activation or 'linear'}, dropout {blk.out_drop:.3g}{extra}, "
+                         f"params {n}, regularizer {d.regularizer or None}")
+        return lines
