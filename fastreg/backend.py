@@ -15,7 +15,7 @@ PREFERRED_DEFAULTS = ("cython", "numba")
 MODULES = {
     "numpy": "fastreg.kernels.reference",
     "numba": "fastreg.kernels.cpu",
-    "cython": "fastreg.kernels.cython_backend",
+    "cython": "fastreg.kernels.cython",
     "cuda": "fastreg.kernels.cuda",
 }
 HOW_TO_GET = {
