@@ -493,27 +493,32 @@ def forward_inference(list Ws, list bs, acts, slopes, X, Py_ssize_t batch_size, 
     cdef Py_ssize_t n = X.shape[0]
     cdef Py_ssize_t rows = max(1, min(batch_size, n))
     cdef bint is_double = X.dtype == np.float64
-    cdef void* bufs[3]
+    cdef void* xp = _data(X)
+    cdef void* op = _data(out)
+    cdef void* p0
+    cdef void* p1
+    cdef LayerC* layers
     if n == 0:
         return
     widest = max(W.shape[1] for W in Ws)
     buf0, buf1 = np.empty(rows * widest, X.dtype), np.empty(rows * widest, X.dtype)
-    cdef LayerC* layers = <LayerC*>calloc(L, sizeof(LayerC))
+    p0, p1 = _data(buf0), _data(buf1)
+    layers = <LayerC*>calloc(L, sizeof(LayerC))
     if layers == NULL:
         raise MemoryError()
-    for l in range(L):
-        layers[l].W = _data(Ws[l])
-        layers[l].b = _data(bs[l]) if bs[l].size else NULL
-        layers[l].n_in, layers[l].n_out = Ws[l].shape
-        layers[l].act_code = acts[l]
-        layers[l].slope = slopes[l]
-    bufs[0], bufs[1], bufs[2] = _data(X), _data(buf0), _data(buf1)
-    cdef void* op = _data(out)
-    with nogil:
-        if is_double:
-            _forward_inference(layers, L, <double*>bufs[0], n, <double*>op, <double*>bufs[1],
-                               <double*>bufs[2], rows)
-        else:
-            _forward_inference(layers, L, <float*>bufs[0], n, <float*>op, <float*>bufs[1],
-                               <float*>bufs[2], rows)
-    free(layers)
+    try:
+        for l in range(L):
+            layers[l].W = _data(Ws[l])
+            layers[l].b = _data(bs[l]) if bs[l].size else NULL
+            layers[l].n_in, layers[l].n_out = Ws[l].shape
+            layers[l].act_code = acts[l]
+            layers[l].slope = slopes[l]
+        with nogil:
+            if is_double:
+                _forward_inference(layers, L, <double*>xp, n, <double*>op, <double*>p0,
+                                   <double*>p1, rows)
+            else:
+                _forward_inference(layers, L, <float*>xp, n, <float*>op, <float*>p0,
+                                   <float*>p1, rows)
+    finally:
+        free(layers)

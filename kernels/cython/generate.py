@@ -77,7 +77,7 @@ def activation_dispatch(contract):
         lines.append(f"cdef void {name}({params}) {NOGIL}:")
         lines += _cases(table, default, lambda a: call.format(act=a.code))
         lines.append("")
-    lines += ["# what the extension was built with, checked at import (kernels/cython/__init__.py)",
+    lines += ["# what the extension was built with, checked at import (__init__.py)",
               "ACTIVATION_FLAGS = {" + ", ".join(
                   f"{a.code}: ({int(a.unscale)}, {int(a.grad_from == 'input')})"
                   for a in table) + "}", ""]
