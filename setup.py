@@ -1,4 +1,10 @@
-"""Only what pyproject.toml cannot say: the Cython extensions built from kernels/*.pyx.
+"""Only what pyproject.toml cannot say: the Cython extension built from kernels/cython/.
+
+The extension ``fastreg.kernels.cython._kernels`` is kernels/cython/_kernels.pyx and the
+.pxi rooms it includes. One of them, kernels/cython/contract.pxi, is written here before
+cythonize from kernels/contract.py (loaded by path: it imports nothing from fastreg), by
+kernels/cython/generate.py: the contract's constants and the activation dispatch are never
+copied by hand.
 
 The extensions are optional: if the compiler or Cython is missing the package still installs
 (the pure-Python and Numba backends work) and ``backend="cython"`` explains how to build them.
@@ -18,14 +24,36 @@ import tempfile
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-EXT_NAME = "fastreg.kernels.cython_kernels"
-SOURCE = os.path.join("kernels", "cython_kernels.pyx")
+EXT_NAME = "fastreg.kernels.cython._kernels"
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join("kernels", "cython", "_kernels.pyx")
+CONTRACT_PXI = os.path.join(HERE, "kernels", "cython", "contract.pxi")
 DIRECTIVES = dict(language_level=3, boundscheck=False, wraparound=False, cdivision=True,
                   initializedcheck=False, nonecheck=False)
 
 
 def _warn(msg):
     print(f"fastreg: WARNING: {msg}", file=sys.stderr)
+
+
+def _write_contract_pxi():
+    """kernels/cython/contract.pxi from kernels/contract.py (rewritten only when it changes,
+    so an unchanged contract does not force a rebuild)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "_fastreg_cython_generate", os.path.join(HERE, "kernels", "cython", "generate.py"))
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    contract = generate.load_by_path(os.path.join(HERE, "kernels", "contract.py"),
+                                     "_fastreg_contract")
+    text = generate.contract_pxi(contract)
+    old = None
+    if os.path.exists(CONTRACT_PXI):
+        with open(CONTRACT_PXI) as f:
+            old = f.read()
+    if text != old:
+        with open(CONTRACT_PXI, "w") as f:
+            f.write(text)
 
 
 def _extensions():
@@ -44,6 +72,7 @@ def _extensions():
     ext = Extension(EXT_NAME, [SOURCE], include_dirs=[numpy.get_include()],
                     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
     try:
+        _write_contract_pxi()
         return cythonize([ext], compiler_directives=DIRECTIVES, quiet=True)
     except Exception as exc:  # a Cython error must not break the install of the rest
         _warn(f"cythonize failed ({exc}); backend='cython' will be unavailable")

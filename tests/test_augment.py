@@ -306,7 +306,7 @@ def _sparse_backends():
     from fastreg.kernels import cpu
     out = [("numpy", reference), ("numba", cpu)]
     try:
-        from fastreg.kernels import cython_backend
+        from fastreg.kernels import cython as cython_backend
         out.append(("cython", cython_backend))
     except ImportError:
         pass
@@ -448,7 +448,7 @@ def _sparse_model(backend, seed=5, classes=3, dim=4, hidden=8):
 @pytest.mark.parametrize("backend", ["numpy", "numba", "cython"])
 def test_mixup_with_sparse_labels_learns_a_classification_set(backend):
     if backend == "cython":
-        pytest.importorskip("fastreg.kernels.cython_backend")
+        pytest.importorskip("fastreg.kernels.cython")
     rng = fresh_rng()
     X, y = _blobs(rng)
     Xv, yv = _blobs(rng, 30)

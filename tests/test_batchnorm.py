@@ -24,7 +24,7 @@ def _backend(name):
         from fastreg.kernels import cpu
         return cpu
     if name == "cython":
-        return pytest.importorskip("fastreg.kernels.cython_backend")
+        return pytest.importorskip("fastreg.kernels.cython")
     G = pytest.importorskip("fastreg.kernels.cuda")
     if not G.available()[0]:
         pytest.skip(G.available()[1])

@@ -24,7 +24,7 @@ def _backends():
     """(name, module) of every backend available here; cuda runs on the simulator."""
     out = [("numba", N)]
     try:
-        from fastreg.kernels import cython_backend
+        from fastreg.kernels import cython as cython_backend
         out.append(("cython", cython_backend))
     except ImportError:
         pass

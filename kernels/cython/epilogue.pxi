@@ -1,0 +1,353 @@
+# The epilogues (twin of kernels/reference/epilogue.py and kernels/numba/epilogue.py): what a
+# dense layer does after its GEMM (bias, activation, noise, dropout) and, in backward, before
+# its GEMMs (dropout mask and GaussianDropout factor regenerated, f', the bias gradient), and
+# a part's input transform. Forward and backward side by side. Included by _kernels.pyx.
+#
+# Shape legend: B batch rows, O fan_out, G Philox groups (4 words each).
+#
+# The loops take the activation as an argument and are only called with a literal code,
+# through the ladders generated from the contract's table (contract.pxi: _activate_row,
+# _backward_row_masked / _plain, _backward_noise_row), so the C compiler emits a branch-free
+# copy per activation and the piecewise-linear ones vectorise. An activation whose f' needs
+# its input (grad_from "input") keeps z in the layer's pre buffer; the others read f' off
+# the stored output (divided back by the dropout scale where the table says `unscale`), or
+# off pre = f(z) before the noise when the layer has noise.
+
+# ---------------------------------------------------------------- activations
+# One f and one f' per row of contract.ACTIVATION_TABLE, named after it: _f_<name>(z, slope)
+# and _df_<name>(v, slope), v what the row's grad_from names (here the output a = f(z) for
+# every row). NaN stays NaN in every f (DESIGN.md).
+cdef inline real _f_linear(real z, real slope) noexcept nogil:
+    return z
+
+
+cdef inline real _df_linear(real a, real slope) noexcept nogil:
+    return 1
+
+
+cdef inline real _f_relu(real z, real slope) noexcept nogil:
+    return 0 if z <= 0 else z       # np.maximum(z, 0): NaN <= 0 is false; negatives give +0
+
+
+cdef inline real _df_relu(real a, real slope) noexcept nogil:
+    return 1 if a > 0 else 0
+
+
+cdef inline real _f_leaky_relu(real z, real slope) noexcept nogil:
+    return z if z > 0 else z * slope
+
+
+cdef inline real _df_leaky_relu(real a, real slope) noexcept nogil:
+    return 1 if a > 0 else slope
+
+
+cdef inline real _f_tanh(real z, real slope) noexcept nogil:
+    return _tanh(z)
+
+
+cdef inline real _df_tanh(real a, real slope) noexcept nogil:
+    return <real>1 - a * a
+
+
+cdef inline real _f_sigmoid(real z, real slope) noexcept nogil:
+    cdef real e
+    if z >= 0:
+        return <real>1 / (<real>1 + _exp(-z))
+    e = _exp(z)
+    return e / (<real>1 + e)
+
+
+cdef inline real _df_sigmoid(real a, real slope) noexcept nogil:
+    return a * (<real>1 - a)
+
+
+cdef inline real _noisy(real v, int noise, real nstd, real nrm) noexcept nogil:
+    """NOISE_ADD: v + std * n; NOISE_MUL: v * (1 + std * n)."""
+    if noise == NOISE_ADD:
+        return v + nstd * nrm
+    return v * (<real>1 + nstd * nrm)
+
+
+cdef void _fill_output_words(uint32_t* words, uint32_t* nwords, Py_ssize_t n, uint32_t k0,
+                             uint32_t k1, uint32_t step, uint32_t layer, uint32_t thr,
+                             int noise, bint backward) noexcept nogil:
+    """The dropout words (with dropout) and the noise words (forward: with noise; backward:
+    with GaussianDropout only, additive noise leaves no trace in the gradient) of a layer."""
+    if thr > 0:
+        _philox_fill(words, n, k0, k1, step, layer, STREAM_DROPOUT)
+    if noise == NOISE_MUL or (noise != NOISE_NONE and not backward):
+        _philox_fill(nwords, n, k0, k1, step, layer, STREAM_NOISE)
+
+
+# ---------------------------------------------------------------- forward
+cdef inline void _activate_span(real* row, real* pre, Py_ssize_t n, int act,
+                                real slope) noexcept nogil:
+    """row <- f(row) (through _activate_row); an f whose f' reads its input keeps z in pre
+    first (unless NULL: inference)."""
+    cdef Py_ssize_t j
+    if _act_from_input(act) and pre != NULL:
+        for j in range(n):
+            pre[j] = row[j]
+    if act == ACT_LINEAR:
+        return
+    for j in range(n):
+        row[j] = _activate(row[j], act, slope)
+
+
+cdef inline real* _noise_keeps(real* pre, int act) noexcept nogil:
+    """Where the noise pass stores f(z) for backward: pre for an f' read off the output, NULL
+    for an f' that reads z (pre holds z already)."""
+    return NULL if _act_from_input(act) else pre
+
+
+cdef inline void _noise_one(real* row, real* pre, uint32_t* w, Py_ssize_t j, double nrm,
+                            uint32_t thr, real scale, int noise, real nstd) noexcept nogil:
+    cdef real v = row[j]
+    if pre != NULL:
+        pre[j] = v
+    v = _noisy(v, noise, nstd, <real>nrm)
+    if thr > 0:
+        v = v * scale if w[j] >= thr else 0
+    row[j] = v
+
+
+cdef void _noise_span(real* row, real* pre, uint32_t* w, uint32_t* nwords, Py_ssize_t e0,
+                      Py_ssize_t n, uint32_t thr, real scale, int noise,
+                      real nstd) noexcept nogil:
+    """row[j] <- dropout(noise(row[j])) (pre[j] <- row[j] first unless NULL), j < n; e0 is
+    row[0]'s element index (the noise index). Whole Box-Muller pairs in the middle."""
+    cdef Py_ssize_t j = 0
+    cdef double c, s
+    if e0 & 1 and n > 0:
+        _noise_one(row, pre, w, 0, _normal(nwords, e0), thr, scale, noise, nstd)
+        j = 1
+    while j + 1 < n:
+        _normal_pair(nwords, e0 + j, &c, &s)
+        _noise_one(row, pre, w, j, c, thr, scale, noise, nstd)
+        _noise_one(row, pre, w, j + 1, s, thr, scale, noise, nstd)
+        j += 2
+    if j < n:
+        _noise_one(row, pre, w, j, _normal(nwords, e0 + j), thr, scale, noise, nstd)
+
+
+cdef inline void _output_row(real* out, real* pre, uint32_t* words, uint32_t* nwords,
+                             Py_ssize_t e0, Py_ssize_t n, uint32_t thr, real scale, int noise,
+                             real nstd) noexcept nogil:
+    """The part of a dense layer's forward epilogue after the activation (plain and
+    BatchNorm layers): the n elements from flat index e0 of out <- dropout(noise(a)), with
+    pre <- a first (noise, pre not NULL). out, pre, words: the layer's base pointers."""
+    cdef Py_ssize_t j
+    cdef real* row = out + e0
+    cdef uint32_t* w
+    if noise != NOISE_NONE:
+        _noise_span(row, pre + e0 if pre != NULL else NULL, words + e0, nwords, e0, n, thr,
+                    scale, noise, nstd)
+    elif thr > 0:
+        w = words + e0
+        for j in range(n):
+            row[j] = row[j] * scale if w[j] >= thr else 0
+
+
+cdef void _forward_rows(real* out, Py_ssize_t O, real* b, int act, real slope, uint32_t thr,
+                        real scale, uint32_t* words, Py_ssize_t r0, Py_ssize_t r1, int noise,
+                        real nstd, real* pre, uint32_t* nwords) noexcept nogil:
+    """Rows r0..r1 of out: z = out + b, [pre = z], a = f(z), [pre = a, a = noise(a)],
+    a * scale if kept else 0 (thr > 0)."""
+    cdef Py_ssize_t i, j
+    cdef real* row
+    cdef real* keep_f = _noise_keeps(pre, act)
+    for i in range(r0, r1):
+        row = out + i * O
+        if b != NULL:
+            for j in range(O):
+                row[j] = row[j] + b[j]
+        _activate_row(row, pre + i * O if pre != NULL else NULL, O, act, slope)
+        _output_row(out, keep_f, words, nwords, i * O, O, thr, scale, noise, nstd)
+
+
+cdef void _forward_epilogue(real* out, Py_ssize_t B, Py_ssize_t O, real* b, int act,
+                            real slope, uint32_t thr, real scale, uint32_t* words, int noise,
+                            real nstd, real* pre, uint32_t* nwords) noexcept nogil:
+    """Bias, activation, noise, dropout: one pass over the rows, in row chunks."""
+    cdef Py_ssize_t c, n_chunks
+    if B * O >= PARALLEL_MIN_ELEMENTS:
+        n_chunks = (B + ROW_CHUNK - 1) // ROW_CHUNK
+        for c in prange(n_chunks, schedule="static"):
+            _forward_rows(out, O, b, act, slope, thr, scale, words, c * ROW_CHUNK,
+                          _min(B, c * ROW_CHUNK + ROW_CHUNK), noise, nstd, pre, nwords)
+    else:
+        _forward_rows(out, O, b, act, slope, thr, scale, words, 0, B, noise, nstd, pre, nwords)
+
+
+# ---------------------------------------------------------------- backward
+cdef inline void _backward_span(real* grad, real* out, real* pre, uint32_t* w, real* db,
+                                Py_ssize_t n, int act, real slope, uint32_t thr,
+                                real scale) noexcept nogil:
+    """One row segment: grad <- dL/dz (mask regenerated, f' from the output, or from z in
+    pre), db += dz."""
+    cdef Py_ssize_t j
+    cdef real a, dz
+    for j in range(n):
+        if _act_from_input(act):
+            a = pre[j]
+        else:
+            a = out[j]
+            if thr > 0 and _act_unscale(act):
+                a = a / scale       # dropped units: 0 / scale, unused
+        if thr > 0:
+            dz = (grad[j] * scale) * _activation_grad(a, act, slope) if w[j] >= thr else 0
+        else:
+            dz = grad[j] * _activation_grad(a, act, slope)
+        grad[j] = dz
+        if db != NULL:
+            db[j] += dz
+
+
+cdef inline void _backward_row(real* grad, real* out, real* pre, uint32_t* w, real* db,
+                               Py_ssize_t n, int act, real slope, uint32_t thr,
+                               real scale) noexcept nogil:
+    if thr > 0:
+        _backward_row_masked(grad, out, pre, w, db, n, act, slope, thr, scale)
+    else:
+        _backward_row_plain(grad, out, pre, w, db, n, act, slope, scale)
+
+
+cdef inline void _dz_noise_one(real* grad, real* pre, uint32_t* w, real* db, Py_ssize_t j,
+                               double nrm, int act, real slope, uint32_t thr, real scale,
+                               int noise, real nstd) noexcept nogil:
+    cdef real d = grad[j]
+    if thr > 0:
+        d = d * scale
+    if noise == NOISE_MUL:
+        d = d * (<real>1 + nstd * <real>nrm)
+    if act != ACT_LINEAR:
+        d = d * _activation_grad(pre[j], act, slope)
+    if thr > 0 and w[j] < thr:
+        d = 0
+    grad[j] = d
+    if db != NULL:
+        db[j] += d
+
+
+cdef inline void _backward_noise_span(real* grad, real* pre, uint32_t* w, uint32_t* nwords,
+                                      Py_ssize_t e0, real* db, Py_ssize_t n, int act,
+                                      real slope, uint32_t thr, real scale, int noise,
+                                      real nstd) noexcept nogil:
+    """A row segment of a layer with noise: dz = ((g * scale) * (1 + std * n)) * f'(pre) if
+    kept else 0 (reference order; scale with dropout only, the factor for NOISE_MUL only, f'
+    for a nonlinear f only); e0 is the segment's first element (the noise index)."""
+    cdef Py_ssize_t j = 0
+    cdef double c = 0.0
+    cdef double s = 0.0
+    cdef bint mul = noise == NOISE_MUL
+    if e0 & 1 and n > 0:
+        _dz_noise_one(grad, pre, w, db, 0, _normal(nwords, e0) if mul else 0.0, act, slope, thr,
+                      scale, noise, nstd)
+        j = 1
+    while j + 1 < n:
+        if mul:
+            _normal_pair(nwords, e0 + j, &c, &s)
+        _dz_noise_one(grad, pre, w, db, j, c, act, slope, thr, scale, noise, nstd)
+        _dz_noise_one(grad, pre, w, db, j + 1, s, act, slope, thr, scale, noise, nstd)
+        j += 2
+    if j < n:
+        _dz_noise_one(grad, pre, w, db, j, _normal(nwords, e0 + j) if mul else 0.0, act, slope,
+                      thr, scale, noise, nstd)
+
+
+cdef inline void _output_grad_row(real* grad, real* out, real* pre, uint32_t* words,
+                                  uint32_t* nwords, Py_ssize_t e0, real* db, Py_ssize_t n,
+                                  int act, real slope, uint32_t thr, real scale, int noise,
+                                  real nstd) noexcept nogil:
+    """_output_row and f undone (plain and BatchNorm layers): the n elements from flat index
+    e0 of grad <- dL/d(f's input) from dL/d(out) (mask and noise factor regenerated, f' from
+    out, or from pre); db (unless NULL) += them. grad, out, pre, words: the layer's base
+    pointers."""
+    cdef real* pe = pre + e0 if pre != NULL else NULL
+    if noise != NOISE_NONE:
+        _backward_noise_row(grad + e0, pe, words + e0, nwords, e0, db, n, act, slope, thr,
+                            scale, noise, nstd)
+    else:
+        _backward_row(grad + e0, out + e0, pe, words + e0, db, n, act, slope, thr, scale)
+
+
+cdef void _backward_cols(real* grad, real* out, Py_ssize_t B, Py_ssize_t O, real* db,
+                         int act, real slope, uint32_t thr, real scale, uint32_t* words,
+                         Py_ssize_t c0, Py_ssize_t c1, int noise, real nstd, real* pre,
+                         uint32_t* nwords) noexcept nogil:
+    """Columns c0..c1 of every row, rows in order: each bias sum runs in row order."""
+    cdef Py_ssize_t i, j
+    cdef real* dbc = db + c0 if db != NULL else NULL
+    if db != NULL:
+        for j in range(c0, c1):
+            db[j] = 0
+    for i in range(B):
+        _output_grad_row(grad, out, pre, words, nwords, i * O + c0, dbc, c1 - c0, act, slope,
+                         thr, scale, noise, nstd)
+
+
+cdef void _backward_epilogue(real* grad, real* out, Py_ssize_t B, Py_ssize_t O, real* db,
+                             int act, real slope, uint32_t thr, real scale, uint32_t* words,
+                             int noise, real nstd, real* pre, uint32_t* nwords) noexcept nogil:
+    """dL/dz in place (mask and noise regenerated, f' from the output, or from pre) and the
+    bias gradient in the same pass, over column chunks (each bias sum on one thread)."""
+    cdef Py_ssize_t c, n_chunks
+    if B * O >= PARALLEL_MIN_ELEMENTS and O >= 32:
+        n_chunks = (O + COL_CHUNK - 1) // COL_CHUNK
+        for c in prange(n_chunks, schedule="static"):
+            _backward_cols(grad, out, B, O, db, act, slope, thr, scale, words,
+                           c * COL_CHUNK, _min(O, c * COL_CHUNK + COL_CHUNK), noise, nstd, pre,
+                           nwords)
+    else:
+        _backward_cols(grad, out, B, O, db, act, slope, thr, scale, words, 0, O, noise, nstd,
+                       pre, nwords)
+
+
+# ---------------------------------------------------------------- a part's input transform
+cdef void _input_dropout(real* x, real* out, Py_ssize_t B, Py_ssize_t I, uint32_t thr,
+                         real scale, uint32_t k0, uint32_t k1, uint32_t step, uint32_t layer,
+                         uint32_t* words, int noise, real nstd, uint32_t* nwords) noexcept nogil:
+    """out = dropout(noise(x)): streams STREAM_INPUT_NOISE and STREAM_INPUT_DROPOUT."""
+    cdef Py_ssize_t e, c, n_chunks
+    cdef Py_ssize_t n = B * I
+    if thr > 0:
+        _philox_fill(words, n, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
+    if noise == NOISE_NONE:
+        for e in range(n):
+            out[e] = x[e] * scale if words[e] >= thr else 0
+        return
+    _philox_fill(nwords, n, k0, k1, step, layer, STREAM_INPUT_NOISE)
+    if n >= PARALLEL_MIN_ELEMENTS:
+        n_chunks = (n + ROW_CHUNK * 1024 - 1) // (ROW_CHUNK * 1024)
+        for c in prange(n_chunks, schedule="static"):
+            _input_noise_range(x, out, c * ROW_CHUNK * 1024,
+                               _min(n, (c + 1) * ROW_CHUNK * 1024), thr, scale, words, noise,
+                               nstd, nwords)
+    else:
+        _input_noise_range(x, out, 0, n, thr, scale, words, noise, nstd, nwords)
+
+
+cdef void _input_noise_range(real* x, real* out, Py_ssize_t lo, Py_ssize_t hi, uint32_t thr,
+                             real scale, uint32_t* words, int noise, real nstd,
+                             uint32_t* nwords) noexcept nogil:
+    cdef Py_ssize_t e
+    for e in range(lo, hi):
+        out[e] = x[e]
+    _noise_span(out + lo, NULL, words + lo, nwords, lo, hi - lo, thr, scale, noise, nstd)
+
+
+def input_dropout(real[:, ::1] x, real[:, ::1] out, int64_t thr, double scale, uint32_t k0,
+                  uint32_t k1, int64_t step, int64_t layer, int noise, double nstd):
+    """out = dropout(noise(x)): x * scale where kept, else 0 (stream STREAM_INPUT_DROPOUT),
+    after the noise (stream STREAM_INPUT_NOISE). out may be x (a gradient sent back)."""
+    _check(x.shape[0] == out.shape[0] and x.shape[1] == out.shape[1],
+           "input_dropout: shapes do not match")
+    cdef uint32_t t32 = _threshold(thr)
+    cdef uint32_t[::1] words = _words_for(x.shape[0] * x.shape[1])
+    cdef uint32_t[::1] nwords = _words_for(x.shape[0] * x.shape[1] if noise else 0)
+    if x.shape[0] * x.shape[1] == 0:
+        return
+    with nogil:
+        _input_dropout(&x[0, 0], &out[0, 0], x.shape[0], x.shape[1], t32, <real>scale, k0, k1,
+                       <uint32_t>step, <uint32_t>layer, &words[0], noise, <real>nstd,
+                       &nwords[0])

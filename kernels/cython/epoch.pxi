@@ -1,0 +1,524 @@
+# The compiled epoch (twin of kernels/reference/epoch.py and kernels/numba/epoch.py): a whole
+# epoch of a plan (kernels/plan.py) in C without the GIL, step for step as the reference, trunk
+# and heads included; and the inference forward of one part. Included by _kernels.pyx.
+#
+# Shape legend: B batch rows, I fan_in, O fan_out, L layers, P parts.
+#
+# EpochPlan holds raw pointers into the plan's buffers, built once per workspace (kept in
+# plan.cache, which plan.allocate clears) and refreshed before every call, so in-place
+# changes of the configuration and hyperparameter rows (a learning-rate schedule) apply.
+
+cdef struct LayerC:
+    void* W
+    void* b          # NULL: no bias
+    void* dW
+    void* db
+    void* mW         # NULL: no moment (SGD without momentum)
+    void* vW
+    void* mb
+    void* vb
+    void* act        # (batch, O) what backward keeps
+    void* grad       # (batch, O)
+    void* pre        # (batch, O) what f' needs besides the output (contract.keeps_pre), or NULL
+    Py_ssize_t n_in
+    Py_ssize_t n_out
+    int act_code
+    uint32_t thr
+    double slope     # in the param dtype already (lf), exact in double
+    double scale
+    int noise        # NOISE_* on the output (li[l, LI_NOISE])
+    double nstd      # its std, in the param dtype already (lf)
+    double hpW[HP_SIZE]
+    double hpb[HP_SIZE]
+    # BatchNorm (bn = 1; pointers NULL otherwise)
+    int bn
+    void* gb         # (2, O) gamma; beta
+    void* dgb
+    void* mgb        # NULL: no moment
+    void* vgb
+    void* stats      # (2, O) running mean; variance
+    void* xhat       # (batch, O) zhat: what the BatchNorm backward keeps
+    double* save     # (BN_SAVE_ROWS, O) batch statistics and backward scratch
+    double eps
+    double momentum
+    double hpgb[HP_SIZE]
+
+
+cdef struct PartC:
+    int first        # its dense layers [first, end)
+    int end
+    int src          # -1: reads the inputs; else the part whose output it reads
+    int loss         # LOSS_* or -1
+    Py_ssize_t width # its input width
+    Py_ssize_t y0    # its target columns [y0, y0 + ky) of Y
+    Py_ssize_t ky
+    double weight    # its loss weight
+    uint32_t in_thr  # its input transform (read on its first layer's row)
+    double in_scale
+    int in_noise
+    double in_nstd
+    void* xdrop      # (batch, width) its transformed input, or NULL: no input transform
+    void* ybuf       # (batch, ky) its gathered targets, or NULL: no loss
+
+
+cdef struct PlanC:
+    int L
+    int P
+    LayerC* layers
+    PartC* parts
+    void* xbuf       # (batch, I0) the gathered inputs
+    void* head_grad  # (batch, trunk width): a later head's input gradient (plan.scratch)
+    double* losses   # (P,) the step's batch losses
+    double* pens     # (L, 3) the step's penalties of W, b, gamma/beta per layer
+    Py_ssize_t batch
+    Py_ssize_t I0
+    int opt
+    uint32_t k0
+    uint32_t k1
+    uint32_t* words  # element-indexed Philox words, >= batch * widest layer (+3)
+    uint32_t* nwords # the same for the noise stream (GaussianNoise / GaussianDropout)
+    double* scratch  # the update's (penalty row sums, column norms)
+    int is_double
+
+
+cdef class EpochPlan:
+    """Raw pointers to every buffer of a training plan. Holds references to the arrays it
+    points into, so they outlive the pointers."""
+    cdef PlanC p
+    cdef list keep
+    cdef readonly object dtype
+
+    def __cinit__(self):
+        self.p.layers = NULL
+        self.p.parts = NULL
+
+    def __dealloc__(self):
+        free(self.p.layers)
+        free(self.p.parts)
+
+    def __init__(self, plan, seed_words):
+        cdef int l, q, L = plan.n_layers, P = plan.n_parts
+        cdef LayerC* ly
+        cdef PartC* pt
+        dt = np.dtype(plan.dtype)
+        if dt != np.float32 and dt != np.float64:
+            raise TypeError(f"the Cython kernels take float32 or float64, not {dt}")
+        self.dtype = dt
+        self.keep = []
+        self.p.L = L
+        self.p.P = P
+        self.p.layers = <LayerC*>calloc(L, sizeof(LayerC))
+        self.p.parts = <PartC*>calloc(P, sizeof(PartC))
+        if self.p.layers == NULL or self.p.parts == NULL:
+            raise MemoryError()
+        B = plan.batch
+        cols = max(W.shape[1] for W in plan.Ws)
+        rows = max(W.shape[0] for W in plan.Ws)
+        n_words = 4 * max(1, (B * max(cols, plan.Ws[0].shape[0]) + 3) // 4)
+        words, nwords = np.zeros(n_words, np.uint32), np.zeros(n_words, np.uint32)
+        scratch = np.zeros(max(2 * rows, 2 * cols, 2))
+        losses, pens = np.zeros(P), np.zeros(3 * L)
+        self.keep += [words, nwords, scratch, losses, pens]
+        self.p.words = <uint32_t*>_data(words)
+        self.p.nwords = <uint32_t*>_data(nwords)
+        self.p.scratch = <double*>_data(scratch)
+        self.p.losses = <double*>_data(losses)
+        self.p.pens = <double*>_data(pens)
+        for l in range(L):
+            ly = &self.p.layers[l]
+            ly.n_in, ly.n_out = plan.Ws[l].shape
+            shape, vec, two = (ly.n_in, ly.n_out), (ly.n_out,), (2, ly.n_out)
+            ly.W = self._ptr(plan.Ws[l], shape)
+            ly.dW = self._ptr(plan.dWs[l], shape)
+            ly.mW = self._ptr_or_null(plan.mW[l], shape)
+            ly.vW = self._ptr_or_null(plan.vW[l], shape)
+            ly.b = self._ptr_or_null(plan.bs[l], vec)
+            if ly.b != NULL:
+                ly.db = self._ptr(plan.dbs[l], vec)
+                ly.mb = self._ptr_or_null(plan.mb[l], vec)
+                ly.vb = self._ptr_or_null(plan.vb[l], vec)
+            ly.act = self._ptr(plan.acts[l], (B, ly.n_out))
+            ly.grad = self._ptr(plan.grads[l], (B, ly.n_out))
+            ly.pre = self._ptr_or_null(plan.pres[l], (B, ly.n_out))
+            ly.bn = 1 if plan.bn_on(l) else 0
+            if ly.bn:
+                ly.gb = self._ptr(plan.gbs[l], two)
+                ly.dgb = self._ptr(plan.dgbs[l], two)
+                ly.mgb = self._ptr_or_null(plan.mgb[l], two)
+                ly.vgb = self._ptr_or_null(plan.vgb[l], two)
+                ly.stats = self._ptr(plan.stats[l], two)
+                ly.xhat = self._ptr(plan.xhats[l], (B, ly.n_out))
+                ly.save = <double*>self._ptr(plan.saves[l], (BN_SAVE_ROWS, ly.n_out),
+                                             np.float64)
+            if plan.opt != OPT_SGD and (ly.mW == NULL or ly.vW == NULL
+                                        or (ly.b != NULL and (ly.mb == NULL or ly.vb == NULL))
+                                        or (ly.bn and (ly.mgb == NULL or ly.vgb == NULL))):
+                raise ValueError(f"EpochPlan: layer {l} has no Adam moments")
+        for q in range(P):
+            pt = &self.p.parts[q]
+            pt.first, pt.end, pt.src, pt.loss, pt.y0, y1 = (int(v) for v in plan.parts[q])
+            pt.ky = y1 - pt.y0
+            pt.width = plan.part_input_width(q)
+            if not 0 <= pt.first < pt.end <= L or pt.src != (-1 if q == 0 else 0):
+                raise ValueError(f"EpochPlan: part {q} is not a chain on the inputs (the "
+                                 f"trunk) or on the trunk's output (a head)")
+            source = (plan.Ws[0].shape[0] if pt.src < 0
+                      else self.p.layers[self.p.parts[pt.src].end - 1].n_out)
+            for l in range(pt.first, pt.end):
+                width = source if l == pt.first else self.p.layers[l - 1].n_out
+                if self.p.layers[l].n_in != width:
+                    raise ValueError(f"EpochPlan: layer {l} takes {self.p.layers[l].n_in} "
+                                     f"inputs, its input gives {width}")
+            pt.xdrop = self._ptr_or_null(plan.xdrops[q], (B, pt.width))
+            if pt.loss >= 0:
+                k = self.p.layers[pt.end - 1].n_out
+                if not (pt.ky in (1, SCE_MIXED_WIDTH) if pt.loss == LOSS_SCE else pt.ky == k):
+                    raise ValueError(f"EpochPlan: part {q} has {pt.ky} target columns for "
+                                     f"{k} outputs")
+                pt.ybuf = self._ptr(plan.ybufs[q], (B, pt.ky))
+        self.p.batch = B
+        self.p.I0 = plan.Ws[0].shape[0]
+        self.p.xbuf = self._ptr(plan.xbuf, (B, self.p.I0))
+        self.p.head_grad = NULL
+        if P > 2:
+            self.p.head_grad = self._ptr(plan.scratch,
+                                         (B, self.p.layers[self.p.parts[0].end - 1].n_out))
+        self.p.opt = plan.opt
+        self.p.k0, self.p.k1 = seed_words
+        self.p.is_double = dt == np.float64
+        self.refresh(plan)
+
+    def refresh(self, plan):
+        """Re-read the configuration, hyperparameter and part-weight rows: cheap, done
+        before every epoch so in-place changes (a learning-rate schedule) apply."""
+        cdef int l, h, q
+        cdef LayerC* ly
+        cdef PartC* pt
+        li, lf = np.asarray(plan.li, np.int64), np.asarray(plan.lf, np.float64)
+        hpW, hpb = np.asarray(plan.hpW, np.float64), np.asarray(plan.hpb, np.float64)
+        hpgb = np.asarray(plan.hpgb, np.float64)
+        for a in (li, lf, hpW, hpb, hpgb):
+            if a.ndim != 2 or a.shape[0] != self.p.L:
+                raise ValueError("EpochPlan: li / lf / hp rows do not have one row per layer")
+        if hpW.shape[1] < HP_SIZE or hpb.shape[1] < HP_SIZE or hpgb.shape[1] < HP_SIZE:
+            raise ValueError(f"EpochPlan: hyperparameter rows need {HP_SIZE} slots")
+        for l in range(self.p.L):
+            ly = &self.p.layers[l]
+            ly.act_code = li[l, LI_ACT]
+            ly.thr = li[l, LI_DROP_THR]
+            ly.slope = lf[l, LF_SLOPE]
+            ly.scale = lf[l, LF_DROP_SCALE]
+            ly.noise = li[l, LI_NOISE]
+            ly.nstd = lf[l, LF_NOISE_STD]
+            if plan.keeps_pre(l) and ly.pre == NULL:
+                raise ValueError(f"EpochPlan: layer {l} needs a pre buffer (contract.keeps_pre)"
+                                 f" that the workspace does not have")
+            if (li[l, LI_BN] != 0) != (ly.bn != 0):
+                raise ValueError("EpochPlan: BatchNorm turned on or off after the workspace "
+                                 "was made")
+            ly.eps = lf[l, LF_BN_EPS]
+            ly.momentum = lf[l, LF_BN_MOMENTUM]
+            for h in range(HP_SIZE):
+                ly.hpW[h] = hpW[l, h]
+                ly.hpb[h] = hpb[l, h]
+                ly.hpgb[h] = hpgb[l, h]
+        for q in range(self.p.P):
+            pt = &self.p.parts[q]
+            pt.weight = plan.partf[q, PF_WEIGHT]
+            pt.in_thr = li[pt.first, LI_IN_DROP_THR]
+            pt.in_scale = lf[pt.first, LF_IN_DROP_SCALE]
+            pt.in_noise = li[pt.first, LI_IN_NOISE]
+            pt.in_nstd = lf[pt.first, LF_IN_NOISE_STD]
+            if (pt.in_thr > 0 or pt.in_noise != NOISE_NONE) != (pt.xdrop != NULL):
+                raise ValueError(f"EpochPlan: part {q}'s input transform was turned on or off "
+                                 f"after the workspace was made")
+
+    cdef void* _ptr(self, a, shape, dtype=None) except? NULL:
+        dtype = self.dtype if dtype is None else dtype
+        if (not isinstance(a, np.ndarray) or a.dtype != dtype
+                or tuple(a.shape) != tuple(shape) or not a.flags.c_contiguous
+                or not a.flags.writeable):
+            raise ValueError(f"EpochPlan: expected a writeable C-contiguous {np.dtype(dtype)} "
+                             f"array of shape {tuple(shape)}, got {getattr(a, 'shape', a)!r}")
+        self.keep.append(a)
+        return _data(a)
+
+    cdef void* _ptr_or_null(self, a, shape) except? NULL:
+        if a is None or np.size(a) == 0:
+            return NULL
+        return self._ptr(a, shape)
+
+
+cdef inline void* _part_source(PlanC* p, PartC* pt) noexcept nogil:
+    """What part pt reads before its input transform: the gathered batch or a part's output."""
+    if pt.src < 0:
+        return p.xbuf
+    return p.layers[p.parts[pt.src].end - 1].act
+
+
+cdef void _layer_forward(PlanC* p, int l, real* x, Py_ssize_t n, uint32_t step) noexcept nogil:
+    """Dense layer l's training forward over n rows, x -> its act (reference layer_forward)."""
+    cdef LayerC* ly = &p.layers[l]
+    if ly.bn:
+        _bn_dense_forward(x, <real*>ly.W, <real*>ly.b, <real*>ly.act, <real*>ly.xhat,
+                          <real*>ly.gb, ly.save, n, ly.n_in, ly.n_out, ly.act_code,
+                          <real>ly.slope, ly.thr, <real>ly.scale, ly.eps, p.k0, p.k1, step,
+                          <uint32_t>l, p.words, ly.noise, <real>ly.nstd, <real*>ly.pre,
+                          p.nwords)
+    else:
+        _dense_forward(x, <real*>ly.W, <real*>ly.b, <real*>ly.act, n, ly.n_in, ly.n_out,
+                       ly.act_code, <real>ly.slope, ly.thr, <real>ly.scale, p.k0, p.k1, step,
+                       <uint32_t>l, p.words, ly.noise, <real>ly.nstd, <real*>ly.pre, p.nwords)
+
+
+cdef void _layer_backward(PlanC* p, int l, real* xin, real* dx, Py_ssize_t n,
+                          uint32_t step) noexcept nogil:
+    """Dense layer l's backward (reference layer_backward); dx NULL: not wanted."""
+    cdef LayerC* ly = &p.layers[l]
+    if ly.bn:
+        _bn_dense_backward(<real*>ly.grad, <real*>ly.act, <real*>ly.xhat, xin, <real*>ly.W,
+                           <real*>ly.gb, <real*>ly.stats, ly.save, <real*>ly.dW, <real*>ly.db,
+                           <real*>ly.dgb, dx, n, ly.n_in, ly.n_out, ly.act_code,
+                           <real>ly.slope, ly.thr, <real>ly.scale, ly.momentum, p.k0, p.k1,
+                           step, <uint32_t>l, p.words, ly.noise, <real>ly.nstd, <real*>ly.pre,
+                           p.nwords)
+    else:
+        _dense_backward(<real*>ly.grad, <real*>ly.act, xin, <real*>ly.W, <real*>ly.dW,
+                        <real*>ly.db, dx, n, ly.n_in, ly.n_out, ly.act_code, <real>ly.slope,
+                        ly.thr, <real>ly.scale, p.k0, p.k1, step, <uint32_t>l, p.words,
+                        ly.noise, <real>ly.nstd, <real*>ly.pre, p.nwords)
+
+
+cdef void _layer_update(PlanC* p, int l, real* W, int64_t t) noexcept nogil:
+    """The fused updates of layer l's tensors (reference layer_update): W (its weights), b,
+    and a BatchNorm's gamma/beta as one vector of 2 O (never penalized); their penalties
+    before the step into p.pens[3 l:3 l + 3]."""
+    cdef LayerC* ly = &p.layers[l]
+    cdef double* pen = p.pens + 3 * l
+    pen[0] = _penalized_update(W, <real*>ly.dW, <real*>ly.mW, <real*>ly.vW, ly.n_in,
+                               ly.n_out, True, ly.hpW, p.opt, t, p.scratch)
+    if ly.b != NULL:
+        pen[1] = _penalized_update(<real*>ly.b, <real*>ly.db, <real*>ly.mb, <real*>ly.vb, 1,
+                                   ly.n_out, False, ly.hpb, p.opt, t, p.scratch)
+    if ly.bn:
+        pen[2] = _penalized_update(<real*>ly.gb, <real*>ly.dgb, <real*>ly.mgb, <real*>ly.vgb,
+                                   1, 2 * ly.n_out, False, ly.hpgb, p.opt, t, p.scratch)
+
+
+cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t n,
+                     uint32_t step, int64_t t, double* pen) noexcept nogil:
+    """One step on the gathered batch (p.xbuf) of the rows `rows` (reference train_step):
+    p.losses gets the parts' batch losses; returns 0, before any backward, when one is not
+    finite; else the backward and the updates, their penalty into pen.
+
+    The reference updates every layer after the whole backward, last layer first. Here each
+    layer is updated as soon as its own backward is done: nothing reads its tensors later in
+    the step (its dx used W before), so the weights come out the same bits, and dW, m, v are
+    still in cache (measured, one thread, a 2-300-260-1 net at batch 256: 74 ms an epoch
+    updating after the whole backward, 61 ms this way). The penalties are summed in the
+    reference's order, last layer first."""
+    cdef int q, k, l, finite = 1
+    cdef Py_ssize_t r, i
+    cdef PartC* pt
+    cdef LayerC* ly
+    cdef real* x
+    cdef real* yb
+    cdef real* g
+    cdef real* into
+    cdef real wgt
+    cdef real* trunk_out = <real*>p.layers[p.parts[0].end - 1].grad
+    cdef Py_ssize_t tw = p.layers[p.parts[0].end - 1].n_out
+    for q in range(p.P):             # forward: the trunk, then the heads on its output
+        pt = &p.parts[q]
+        x = <real*>_part_source(p, pt)
+        if pt.xdrop != NULL:
+            _input_dropout(x, <real*>pt.xdrop, n, pt.width, pt.in_thr, <real>pt.in_scale, p.k0,
+                           p.k1, step, <uint32_t>pt.first, p.words, pt.in_noise,
+                           <real>pt.in_nstd, p.nwords)
+            x = <real*>pt.xdrop
+        for l in range(pt.first, pt.end):
+            _layer_forward(p, l, x, n, step)
+            x = <real*>p.layers[l].act
+        p.losses[q] = 0.0
+        if pt.loss >= 0:
+            yb = <real*>pt.ybuf
+            for r in range(n):
+                memcpy(yb + r * pt.ky, Y + rows[r] * Ky + pt.y0, pt.ky * sizeof(real))
+            ly = &p.layers[pt.end - 1]
+            p.losses[q] = _loss_forward_backward(<real*>ly.act, yb, <real*>ly.grad, n,
+                                                 ly.n_out, pt.ky, pt.loss, True)
+            if not isfinite(p.losses[q]):
+                finite = 0
+    if not finite:
+        return 0
+    for k in range(p.P):             # backward: the heads in order, then the trunk
+        q = k + 1 if k + 1 < p.P else 0
+        pt = &p.parts[q]
+        ly = &p.layers[pt.end - 1]
+        if pt.weight != 1.0:
+            g = <real*>ly.grad
+            wgt = <real>pt.weight
+            for i in range(n * ly.n_out):
+                g[i] = g[i] * wgt
+        into = NULL                  # the trunk: nobody needs the inputs' gradient
+        if q == 1:                   # the first head writes the trunk's output gradient,
+            into = trunk_out
+        elif q > 1:                  # later ones add theirs
+            into = <real*>p.head_grad
+        for l in range(pt.end - 1, pt.first - 1, -1):
+            if l > pt.first:
+                _layer_backward(p, l, <real*>p.layers[l - 1].act, <real*>p.layers[l - 1].grad,
+                                n, step)
+            else:
+                _layer_backward(p, l, <real*>(pt.xdrop if pt.xdrop != NULL
+                                              else _part_source(p, pt)), into, n, step)
+            _layer_update(p, l, <real*>p.layers[l].W, t)
+        if q > 0:
+            if pt.in_thr > 0 or pt.in_noise == NOISE_MUL:   # additive noise: the identity
+                _input_dropout(into, into, n, pt.width, pt.in_thr, <real>pt.in_scale, p.k0,
+                               p.k1, step, <uint32_t>pt.first, p.words,
+                               NOISE_MUL if pt.in_noise == NOISE_MUL else NOISE_NONE,
+                               <real>pt.in_nstd if pt.in_noise == NOISE_MUL else 0, p.nwords)
+            if q > 1:
+                for i in range(n * tw):
+                    trunk_out[i] = trunk_out[i] + into[i]
+    for l in range(p.L - 1, -1, -1):  # the penalties, last layer first
+        pen[0] += p.pens[3 * l]
+        if p.layers[l].b != NULL:
+            pen[0] += p.pens[3 * l + 1]
+        if p.layers[l].bn:
+            pen[0] += p.pens[3 * l + 2]
+    return 1
+
+
+cdef int _train_epoch(PlanC* p, real* X, real* Y, Py_ssize_t Ky, int64_t* perm,
+                      Py_ssize_t n_total, Py_ssize_t batch_size, int64_t step0, int64_t t0,
+                      double* loss_sums, double* out2) noexcept nogil:
+    """The batches of perm (reference train_epoch): loss_sums (P,) += the parts' batch losses
+    times the batch rows; out2 = (penalty sum, steps). Returns 1 if every batch loss was
+    finite, else 0 (stopped before that batch's backward)."""
+    cdef Py_ssize_t start = 0
+    cdef Py_ssize_t n, r
+    cdef int64_t steps = 0
+    cdef int q
+    cdef double pen
+    cdef double pen_sum = 0.0
+    cdef real* xb = <real*>p.xbuf
+    cdef int finite = 1
+    while start < n_total:
+        n = _min(batch_size, n_total - start)
+        for r in range(n):
+            memcpy(xb + r * p.I0, X + perm[start + r] * p.I0, p.I0 * sizeof(real))
+        pen = 0.0
+        if not _train_step(p, Y, Ky, perm + start, n, <uint32_t>(step0 + steps), t0 + steps,
+                           &pen):
+            finite = 0
+            break
+        for q in range(p.P):
+            loss_sums[q] += p.losses[q] * n
+        pen_sum += pen * n
+        steps += 1
+        start += batch_size
+    out2[0] = pen_sum
+    out2[1] = <double>steps
+    return finite
+
+
+def train_epoch(EpochPlan plan, X, Y, perm, Py_ssize_t batch_size, int64_t step0, int64_t t0):
+    """The batches of `perm` (an epoch, or a chunk of whole batches) over X, Y; returns
+    (loss sums per part, penalty sum, steps, finite) as kernels/reference/epoch.py."""
+    cdef double out2[2]
+    cdef int finite, q
+    cdef PlanC* p = &plan.p
+    X = np.ascontiguousarray(X, plan.dtype)
+    Y = np.ascontiguousarray(Y, plan.dtype)
+    perm = np.ascontiguousarray(perm, np.int64)
+    y_end = max([p.parts[q].y0 + p.parts[q].ky for q in range(p.P) if p.parts[q].loss >= 0],
+                default=0)
+    if X.ndim != 2 or X.shape[1] != p.I0 or Y.ndim != 2 or Y.shape[1] < y_end \
+            or Y.shape[0] != X.shape[0]:
+        raise ValueError("train_epoch: X, Y do not match the plan's layer sizes and targets")
+    cdef Py_ssize_t n_total = perm.shape[0]
+    if batch_size < 1 or min(batch_size, n_total) > p.batch:
+        raise ValueError(f"train_epoch: batches of {min(batch_size, n_total)} rows do not fit "
+                         f"the workspace of {p.batch}")
+    if n_total and (perm.min() < 0 or perm.max() >= X.shape[0]):
+        raise IndexError("train_epoch: perm holds a row index outside X")
+    loss_sums = np.zeros(p.P)
+    cdef double* ls = <double*>_data(loss_sums)
+    cdef int64_t* pp = <int64_t*>_data(perm)
+    cdef void* xp = _data(X)
+    cdef void* yp = _data(Y)
+    cdef Py_ssize_t Ky = Y.shape[1]
+    with nogil:
+        if p.is_double:
+            finite = _train_epoch(p, <double*>xp, <double*>yp, Ky, pp, n_total, batch_size,
+                                  step0, t0, ls, out2)
+        else:
+            finite = _train_epoch(p, <float*>xp, <float*>yp, Ky, pp, n_total, batch_size,
+                                  step0, t0, ls, out2)
+    return loss_sums, out2[0], int(out2[1]), bool(finite)
+
+
+# ---------------------------------------------------------------- inference
+cdef void _forward_inference(LayerC* layers, int L, real* X, Py_ssize_t n_total, real* out,
+                             real* buf0, real* buf1, Py_ssize_t batch) noexcept nogil:
+    """Logits of X through the L layers, dropout and noise off, `batch` rows at a time; the
+    last layer writes `out`."""
+    cdef Py_ssize_t start = 0
+    cdef Py_ssize_t n
+    cdef int l
+    cdef real* x
+    cdef real* dst
+    cdef LayerC* ly
+    cdef Py_ssize_t K = layers[L - 1].n_out
+    while start < n_total:
+        n = _min(batch, n_total - start)
+        x = X + start * layers[0].n_in
+        for l in range(L):
+            ly = &layers[l]
+            dst = out + start * K if l == L - 1 else (buf0 if l % 2 == 0 else buf1)
+            _dense_forward(x, <real*>ly.W, <real*>ly.b, dst, n, ly.n_in, ly.n_out, ly.act_code,
+                           <real>ly.slope, 0, 1, 0, 0, 0, <uint32_t>l, NULL, NOISE_NONE, 0,
+                           NULL, NULL)
+            x = dst
+        start += batch
+
+
+def forward_inference(list Ws, list bs, acts, slopes, X, Py_ssize_t batch_size, out):
+    """out (n, K) = the logits of X through the layers Ws, bs (one part's, with activation
+    codes `acts` and slopes), in chunks of batch_size rows. The caller (__init__.py) gives
+    C-contiguous arrays of one float dtype with matching shapes."""
+    cdef int l, L = len(Ws)
+    cdef Py_ssize_t n = X.shape[0]
+    cdef Py_ssize_t rows = max(1, min(batch_size, n))
+    cdef bint is_double = X.dtype == np.float64
+    cdef void* xp = _data(X)
+    cdef void* op = _data(out)
+    cdef void* p0
+    cdef void* p1
+    cdef LayerC* layers
+    if n == 0:
+        return
+    widest = max(W.shape[1] for W in Ws)
+    buf0, buf1 = np.empty(rows * widest, X.dtype), np.empty(rows * widest, X.dtype)
+    p0, p1 = _data(buf0), _data(buf1)
+    layers = <LayerC*>calloc(L, sizeof(LayerC))
+    if layers == NULL:
+        raise MemoryError()
+    try:
+        for l in range(L):
+            layers[l].W = _data(Ws[l])
+            layers[l].b = _data(bs[l]) if bs[l].size else NULL
+            layers[l].n_in, layers[l].n_out = Ws[l].shape
+            layers[l].act_code = acts[l]
+            layers[l].slope = slopes[l]
+        with nogil:
+            if is_double:
+                _forward_inference(layers, L, <double*>xp, n, <double*>op, <double*>p0,
+                                   <double*>p1, rows)
+            else:
+                _forward_inference(layers, L, <float*>xp, n, <float*>op, <float*>p0,
+                                   <float*>p1, rows)
+    finally:
+        free(layers)

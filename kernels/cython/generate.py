@@ -1,0 +1,100 @@
+"""kernels/cython/contract.pxi, written by setup.py before cythonize: the contract's constants
+(kernels/contract.py pxi_source()) and the activation dispatch generated from its table.
+
+This module imports nothing (setup.py and the tests load it by path, before anything is
+built). Adding an activation is a row of contract.ACTIVATION_TABLE plus its f and f' in
+epilogue.pxi, named after the row: ``_f_<name>(z, slope)`` and ``_df_<name>(v, slope)``
+(v = the output a = f(z), or z itself when the row's grad_from is "input"). Everything that
+switches on an activation code is generated here from the table:
+- ``_act_unscale(act)`` / ``_act_from_input(act)``: the row's flags, as comparisons with
+  literal codes (the C compiler folds them where the code is a literal; a table in memory
+  it could not fold);
+- ``_activate(z, act, slope)`` / ``_activation_grad(v, act, slope)``: one case per row;
+- the entry points of SPECIALIZED: one call per row of an elementwise loop with the literal
+  code, so the compiler emits a branch-free, vectorisable copy of the loop per activation.
+"""
+
+# (entry point, its parameters, the loop it calls with a literal code {act}): the loops are
+# in epilogue.pxi and batchnorm.pxi; their parameter lists are repeated here.
+SPECIALIZED = (
+    ("_activate_row", "real* row, real* pre, Py_ssize_t n, int act, real slope",
+     "_activate_span(row, pre, n, {act}, slope)"),
+    ("_backward_row_masked",
+     "real* grad, real* out, real* pre, uint32_t* w, real* db, Py_ssize_t n, int act, "
+     "real slope, uint32_t thr, real scale",
+     "_backward_span(grad, out, pre, w, db, n, {act}, slope, thr, scale)"),
+    ("_backward_row_plain",
+     "real* grad, real* out, real* pre, uint32_t* w, real* db, Py_ssize_t n, int act, "
+     "real slope, real scale",
+     "_backward_span(grad, out, pre, w, db, n, {act}, slope, 0, scale)"),
+    ("_backward_noise_row",
+     "real* grad, real* pre, uint32_t* w, uint32_t* nwords, Py_ssize_t e0, real* db, "
+     "Py_ssize_t n, int act, real slope, uint32_t thr, real scale, int noise, real nstd",
+     "_backward_noise_span(grad, pre, w, nwords, e0, db, n, {act}, slope, thr, scale, noise, "
+     "nstd)"),
+    ("_bn_act_row",
+     "real* row, real* xr, real* pr, real* gam, real* bet, double* mean, double* inv, "
+     "Py_ssize_t O, int act, real slope",
+     "_bn_act_span(row, xr, pr, gam, bet, mean, inv, O, {act}, slope)"),
+)
+
+NOGIL = "noexcept nogil"
+
+
+def _flag(name, codes):
+    test = " or ".join(f"act == {c}" for c in codes) or "False"
+    return [f"cdef inline bint {name}(int act) {NOGIL}:", f"    return {test}", ""]
+
+
+def _cases(table, default, body):
+    """An if / elif ladder over the table's rows (the default row last, as the else)."""
+    lines, first = [], True
+    for a in table:
+        if a.code == default.code:
+            continue
+        lines += [f"    {'if' if first else 'elif'} act == {a.code}:    # {a.name}",
+                  f"        {body(a)}"]
+        first = False
+    if first:
+        return [f"    {body(default)}    # {default.name}"]
+    return lines + [f"    else:    # {default.name} (and any unknown code)",
+                    f"        {body(default)}"]
+
+
+def activation_dispatch(contract):
+    """The generated activation code (module docstring) for the contract module given."""
+    table = contract.ACTIVATION_TABLE
+    default = contract.ACTIVATION_BY_CODE[contract.ACT_LINEAR]
+    lines = ["", "# ---- activations: generated from contract.ACTIVATION_TABLE "
+             "(kernels/cython/generate.py)", ""]
+    lines += _flag("_act_unscale", [a.code for a in table if a.unscale])
+    lines += _flag("_act_from_input", [a.code for a in table if a.grad_from == "input"])
+    for fn, arg, prefix in (("_activate", "z", "_f_"), ("_activation_grad", "v", "_df_")):
+        lines.append(f"cdef inline real {fn}(real {arg}, int act, real slope) {NOGIL}:")
+        lines += _cases(table, default, lambda a: f"return {prefix}{a.name}({arg}, slope)")
+        lines.append("")
+    for name, params, call in SPECIALIZED:
+        lines.append(f"cdef void {name}({params}) {NOGIL}:")
+        lines += _cases(table, default, lambda a: call.format(act=a.code))
+        lines.append("")
+    lines += ["# what the extension was built with, checked at import (__init__.py)",
+              "ACTIVATION_FLAGS = {" + ", ".join(
+                  f"{a.code}: ({int(a.unscale)}, {int(a.grad_from == 'input')})"
+                  for a in table) + "}", ""]
+    return "\n".join(lines)
+
+
+def contract_pxi(contract):
+    """The whole of contract.pxi for the contract module given."""
+    return contract.pxi_source() + activation_dispatch(contract)
+
+
+def load_by_path(path, name):
+    """A module from its file, without importing its package (setup.py, the tests)."""
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module      # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
