@@ -355,11 +355,12 @@ def make_plan(rng, eps=1e-3, **kw):
     return plan
 
 
-def mixup_targets(rng, plan, n, part=-1):
-    """Targets with Mixup's (label_a, label_b, lam) for `part` (a sparse CE part: the last
-    one), the plain targets of the others before it."""
-    p = plan.n_parts + part if part < 0 else part
-    assert int(plan.parts[p, C.PT_LOSS]) == C.LOSS_SCE and p == plan.n_parts - 1
+def mixup_targets(rng, plan, n):
+    """Targets with Mixup's (label_a, label_b, lam) for the plan's last part (a sparse CE
+    part), the plain targets of the parts before it; the last part's target columns and
+    width become Mixup's."""
+    p = plan.n_parts - 1
+    assert int(plan.parts[p, C.PT_LOSS]) == C.LOSS_SCE
     y0 = int(plan.parts[p, C.PT_Y0])
     plan.parts[p, C.PT_Y1] = y0 + C.SCE_MIXED_WIDTH
     plan.y_widths[p] = C.SCE_MIXED_WIDTH
@@ -409,10 +410,10 @@ def path_taken(plan):
     return "fused-epoch" if st.one_block_epoch else "fused-step"
 
 
-T, RL, LR, SG, LN = C.ACT_TANH, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_SIGMOID, C.ACT_LINEAR
+TH, RL, LR, SG, LN = C.ACT_TANH, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_SIGMOID, C.ACT_LINEAR
 EPOCH_CASES = {
     "tanh-mse-adam-elasticnet-indrop": dict(
-        sizes=(3, 12, 10, 2), acts=[T, T, LN], drop=[0.25, 0.25, 0.0], in_drop=0.2,
+        sizes=(3, 12, 10, 2), acts=[TH, TH, LN], drop=[0.25, 0.25, 0.0], in_drop=0.2,
         loss=C.LOSS_MSE, opt=C.OPT_ADAM, l1=1e-3, l2=1e-3),
     "relu-sce-sgd-nesterov-l2": dict(
         sizes=(4, 20, 5), acts=[RL, LN], drop=[0.1, 0.0], loss=C.LOSS_SCE, opt=C.OPT_SGD,
@@ -446,7 +447,7 @@ def test_train_epoch_equals_reference(monkeypatch, name, path):
 # the same features as the single-part plan (so Numba compiles its epoch once): tanh, input
 # dropout on the trunk and on a head, Adam with L1 + L2
 NUMBA_HEADS = dict(EPOCH_CASES["tanh-mse-adam-elasticnet-indrop"], sizes=(3, 12),
-                   acts=[T, T, LN, LN], drop=[0.25, 0.25, 0.0, 0.0],
+                   acts=[TH, TH, LN, LN], drop=[0.25, 0.25, 0.0, 0.0],
                    heads=[((10, 2), C.LOSS_MSE, 0.7, 0.2), ((3,), C.LOSS_SCE, 1.0, 0.0)])
 
 
@@ -532,7 +533,7 @@ HEAD_CASES = {
     # BatchNorm in the trunk and a head, GaussianDropout on a layer and on a head's input,
     # dropout on both heads' inputs, loss weights, Adam + L1 / L2
     "bn-noise-adam": dict(
-        sizes=(4, 9, 6), acts=[T, RL, LN, T, LN], bn=[True, False, False, True, False],
+        sizes=(4, 9, 6), acts=[TH, RL, LN, TH, LN], bn=[True, False, False, True, False],
         drop=[0.2, 0.0, 0.0, 0.1, 0.0], in_drop=0.1,
         noise=[(C.NOISE_NONE, 0.0), (C.NOISE_MUL, 0.3), (C.NOISE_NONE, 0.0),
                (C.NOISE_ADD, 0.2), (C.NOISE_NONE, 0.0)],
@@ -547,7 +548,7 @@ HEAD_CASES = {
         opt=C.OPT_SGD, momentum=0.9, l2=1e-3, maxnorm=1.2, group=1e-3),
     # AdamW, Mixup targets on the sparse CE head
     "adamw-mixup": dict(
-        sizes=(3, 7), acts=[RL, T, LN, LN], drop=[0.2, 0.2, 0.0, 0.0],
+        sizes=(3, 7), acts=[RL, TH, LN, LN], drop=[0.2, 0.2, 0.0, 0.0],
         heads=[((4, 2), C.LOSS_MSE, 1.0, 0.0), ((3,), C.LOSS_SCE, 0.5, 0.3)],
         opt=C.OPT_ADAMW, l2=1e-4),
 }

@@ -1,7 +1,7 @@
 """The dense layer on the device: a tiled shared-memory GEMM with the epilogue fused, and the
 launches of a layer's forward and backward (twin of kernels/reference/dense.py).
 
-Shape legend: B batch rows, I fan_in, O fan_out; in the GEMM kernel C[M, N] =
+Shape legend: B batch rows, I fan_in, O fan_out; in the GEMM kernel Cm[M, N] =
 op(A)[M, K] @ op(B)[K, N].
 
 `gemm`: TILE_M x TILE_N output tiles, TILE_K deep, THREAD_M x THREAD_N register micro-tile
