@@ -1,33 +1,40 @@
-"""The CUDA backend against the reference and the Numba CPU backend.
+"""The CUDA backend (kernels/cuda/) against the reference and the Numba backend, through plans
+built directly (tests/planutil.py).
 
 Runs on the numba-cuda simulator (NUMBA_ENABLE_CUDASIM=1, set by conftest.py before numba is
-imported) unless a GPU is present: small shapes only, and the GEMM tile constants patched small
-so that tile edges, several blocks and the split (GEMM, then epilogue kernel) path are all hit.
-FASTREG_TEST_GPU=1 runs the same tests on the real device with the production tiles.
+imported) unless a GPU is present: small shapes only, and the tile constants patched small
+(netutil.small_cuda_tiles) so that tile edges, several blocks and the split (GEMM, then
+epilogue kernel) path are all hit. FASTREG_TEST_GPU=1 runs the same tests on the real device
+with the production tiles. Epochs are compared with the Numba backend in a few plans (each
+new combination of features costs Numba a compile) and with the reference in the others.
 """
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 from fastreg.kernels import contract as C
-from fastreg.kernels import cpu as N
-from fastreg.kernels import driver
+from fastreg.kernels import plan as PL
 from fastreg.kernels import reference as R
 from fastreg.kernels.philox import (STREAM_DROPOUT, STREAM_INPUT_DROPOUT, dropout_scale,
-                                    dropout_threshold, philox_words, split_seed)
+                                    dropout_threshold, philox_words)
 
 from netutil import (OPTIMIZERS, PENALTIES, check_penalized_update, fresh_rng, randn,
                      small_cuda_tiles)
+from planutil import clone_plan, random_plan, random_targets, run_epochs
 
 G = pytest.importorskip("fastreg.kernels.cuda")
 if not G.available()[0]:
     pytest.skip(G.available()[1], allow_module_level=True)
 
+from fastreg.kernels.cuda import epilogue as GE  # noqa: E402
+from fastreg.kernels.cuda import jit as GJ  # noqa: E402
+
 SIM = G.on_simulator()
-ACTS = [C.ACT_LINEAR, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_TANH, C.ACT_SIGMOID]
+ACTS = [a.code for a in C.ACTIVATION_TABLE]
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +47,10 @@ def assert_close(actual, desired, dtype=np.float32):
     rtol, atol = (2e-5, 2e-6) if dtype == np.float32 else (1e-12, 1e-13)
     scale = max(1.0, float(np.abs(desired).max(initial=0.0)))
     np.testing.assert_allclose(actual, desired, rtol=rtol, atol=atol * scale * 10)
+
+
+def numba_backend():
+    return pytest.importorskip("fastreg.kernels.numba")
 
 
 # ---------------------------------------------------------------- availability
@@ -57,7 +68,7 @@ def test_available_without_numba_cuda(monkeypatch):
     ok, reason = G.available()
     assert not ok and 'pip install "fastreg[cuda]"' in reason
     with pytest.raises(RuntimeError, match="not available"):
-        G.philox_words_device([(0, 0, 0, 0)], (0, 0))
+        G.philox_counters([(0, 0, 0, 0)], (0, 0))
 
 
 def test_available_without_gpu(monkeypatch):
@@ -65,6 +76,14 @@ def test_available_without_gpu(monkeypatch):
     monkeypatch.setattr(G.cuda, "is_available", lambda: False)
     ok, reason = G.available()
     assert not ok and "GPU" in reason and reason.count(".") <= 1
+
+
+def test_is_a_complete_backend():
+    from fastreg.kernels.protocol import Backend
+    backend = Backend(G)
+    assert backend.name == "cuda"
+    words = backend.philox_words(11, 12345, 6, 2, STREAM_DROPOUT)
+    np.testing.assert_array_equal(words, philox_words(11, 12345, 6, 2, STREAM_DROPOUT))
 
 
 def _run(code, **env_changes):
@@ -75,7 +94,7 @@ def _run(code, **env_changes):
         else:
             env[k] = v
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=600)
 
 
 def test_import_never_fails_without_numba_cuda():
@@ -105,55 +124,55 @@ KAT = [((0, 0, 0, 0), (0, 0), (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
 
 @pytest.mark.parametrize("counter,key,expected", KAT)
 def test_philox_known_answers(counter, key, expected):
-    words = G.philox_words_device([counter], key)
+    words = G.philox_counters([counter], key)
     assert tuple(int(w) for w in words[0]) == expected
 
 
 @pytest.mark.parametrize("stream", [STREAM_DROPOUT, STREAM_INPUT_DROPOUT])
-def test_stream_words_match_numpy_and_cpu(stream):
+def test_stream_words_match_numpy_and_numba(stream):
     rng = fresh_rng()
     seed = int(rng.integers(2**63))
     step, layer = int(rng.integers(2**32)), int(rng.integers(7))
     n = 103
-    dev = G.stream_words_device(n, seed, step, layer, stream)
+    dev = G.philox_words(n, seed, step, layer, stream)
     np.testing.assert_array_equal(dev, philox_words(n, seed, step, layer, stream))
-    words = np.zeros((4, (n + 3) // 4), np.uint32)
-    N.philox_fill(words, n, *split_seed(seed), step, layer, stream)
-    np.testing.assert_array_equal(dev, words.T.reshape(-1)[:n])
+    np.testing.assert_array_equal(dev, numba_backend().philox_words(n, seed, step, layer,
+                                                                    stream))
 
 
 # ---------------------------------------------------------------- dense layer
-def _dense_case(rng, shape, dtype, act, rate):
+def _dense_case(rng, shape, dtype, act, rate, noise=(C.NOISE_NONE, 0.0)):
+    """dense_forward / dense_backward of the device against the reference: values to
+    rounding, the dropout masks bit for bit."""
     B, I, O = shape
     x, W, b = randn(rng, (B, I), dtype), randn(rng, (I, O), dtype, 0.3), randn(rng, O, dtype)
     thr, sc = dropout_threshold(rate), dropout_scale(rate, np.dtype(dtype).type)
     seed, step, layer = int(rng.integers(2**63)), int(rng.integers(2**31)), 2
-    outs = {}
-    backends = (R, N, G) if dtype == np.float32 else (R, G)   # spare the CPU a float64 compile
-    for K in backends:
+    keeps = C.keeps_pre(act, noise[0])
+    outs, pres = {}, {}
+    for K in (R, G):
         out = np.zeros((B, O), dtype)
-        K.dense_forward(x, W, b, out, act, 0.02, thr, sc, seed, step, layer)
-        outs[K] = out
+        pre = np.zeros((B if keeps else 0, O), dtype)
+        K.dense_forward(x, W, b, out, act, 0.02, thr, sc, seed, step, layer, *noise, pre)
+        outs[K], pres[K] = out, pre
     assert_close(outs[G], outs[R], dtype)
-    # the same masks, bit for bit, as the CPU backend and the reference
-    if N in outs:
-        np.testing.assert_array_equal(outs[G] == 0, outs[N] == 0)
+    assert_close(pres[G], pres[R], dtype)
     np.testing.assert_array_equal(outs[G] == 0, outs[R] == 0)
     g = randn(rng, (B, O), dtype)
     res = []
     for K in (R, G):
         gg = g.copy()
         dW, db, dx = np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
-        K.dense_backward(gg, outs[R], x, W, dW, db, dx, act, 0.02, thr, sc, seed, step, layer)
+        K.dense_backward(gg, outs[R], x, W, dW, db, dx, act, 0.02, thr, sc, seed, step, layer,
+                         *noise, pres[R])
         res.append((gg, dW, db, dx))
     for a, bb in zip(*res):
         assert_close(bb, a, dtype)
 
 
-@pytest.mark.parametrize("act,shape", [(C.ACT_LINEAR, (11, 7, 13)), (C.ACT_RELU, (37, 19, 23)),
-                                       (C.ACT_LEAKY_RELU, (11, 7, 13)),
-                                       (C.ACT_TANH, (37, 19, 23)), (C.ACT_SIGMOID, (11, 7, 13))])
-def test_dense_forward_backward_dropout(act, shape):
+@pytest.mark.parametrize("act", ACTS)
+def test_dense_forward_backward_dropout(act):
+    shape = (37, 19, 23) if act in (C.ACT_RELU, C.ACT_TANH) else (11, 7, 13)
     _dense_case(fresh_rng(), shape, np.float32, act, 0.35)
 
 
@@ -161,6 +180,12 @@ def test_dense_forward_backward_dropout(act, shape):
                                        (C.ACT_LINEAR, (1, 9, 8))])
 def test_dense_forward_backward_no_dropout(act, shape):
     _dense_case(fresh_rng(), shape, np.float32, act, 0.0)
+
+
+@pytest.mark.parametrize("act,noise", [(C.ACT_TANH, (C.NOISE_MUL, 0.4)),
+                                       (C.ACT_LINEAR, (C.NOISE_ADD, 0.3))])
+def test_dense_with_noise(act, noise):
+    _dense_case(fresh_rng(), (9, 6, 11), np.float32, act, 0.25, noise)
 
 
 def test_dense_float64():
@@ -172,7 +197,7 @@ def test_dense_split_path(monkeypatch, act):
     """GEMM without epilogue followed by the elementwise epilogue kernels (the cuBLAS path's
     structure; the GEMM is ours here, cuBLAS where CuPy is installed)."""
     monkeypatch.setattr(G, "FORCE_SPLIT", True)
-    _dense_case(fresh_rng(), (13, 10, 17), np.float32, act, 0.3)
+    _dense_case(fresh_rng(), (13, 10, 17), np.float32, act, 0.3, (C.NOISE_MUL, 0.2))
 
 
 def test_backward_without_bias_or_dx():
@@ -188,11 +213,29 @@ def test_backward_without_bias_or_dx():
     for K in (R, G):
         g = g0.copy()
         dW = np.zeros_like(W)
-        K.dense_backward(g, out, x, W, dW, np.zeros(0, np.float32), np.zeros((0, 0), np.float32),
-                         C.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
+        K.dense_backward(g, out, x, W, dW, np.zeros(0, np.float32),
+                         np.zeros((0, 0), np.float32), C.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
         res.append((g, dW))
     for a, b in zip(*res):
         assert_close(b, a)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_relu_propagates_nan(monkeypatch, split):
+    """relu(NaN) is NaN as in the reference (np.maximum), on the fused GEMM epilogue and on
+    the split path's elementwise kernel: a diverged model is not hidden."""
+    monkeypatch.setattr(G, "FORCE_SPLIT", split)
+    rng = fresh_rng()
+    x, W = randn(rng, (6, 4)), randn(rng, (4, 5))
+    x[2, 1] = np.nan
+    outs = []
+    for K in (R, G):
+        out = np.zeros((6, 5), np.float32)
+        K.dense_forward(x, W, np.zeros(5, np.float32), out, C.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
+        outs.append(out)
+    assert np.isnan(outs[0][2]).all()
+    np.testing.assert_array_equal(np.isnan(outs[1]), np.isnan(outs[0]))
+    assert_close(np.nan_to_num(outs[1]), np.nan_to_num(outs[0]))
 
 
 def test_input_dropout_bitwise():
@@ -201,17 +244,66 @@ def test_input_dropout_bitwise():
     a, b = np.zeros_like(x), np.zeros_like(x)
     thr, sc = dropout_threshold(0.2), dropout_scale(0.2)
     seed, step = int(rng.integers(2**63)), int(rng.integers(2**31))
-    R.input_dropout(x, a, thr, sc, seed, step, 0)
-    G.input_dropout(x, b, thr, sc, seed, step, 0)
-    np.testing.assert_array_equal(a, b)
+    R.input_dropout(x, a, thr, sc, seed, step, 3, C.NOISE_MUL, 0.3)
+    G.input_dropout(x, b, thr, sc, seed, step, 3, C.NOISE_MUL, 0.3)
+    assert_close(b, a)
+    np.testing.assert_array_equal(a == 0, b == 0)
+
+
+# ---------------------------------------------------------------- an activation whose f' reads z
+@contextmanager
+def relu_read_from_z():
+    """relu flagged grad_from="input" in the contract's table: its f' (z > 0) is the same
+    whether read from z or from f(z), so the results must not change while every kernel now
+    keeps z in the pre buffer and reads f' from it (the path a GELU or SiLU takes)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(C.ACTIVATION_BY_CODE, C.ACT_RELU,
+                   C.Activation("relu", C.ACT_RELU, grad_from="input"))
+        mp.setattr(GE, "FROM_INPUT_MASK", 1 << C.ACT_RELU)
+        mp.setattr(GJ, "_BUILT", {})         # kernels compiled with the new flag
+        assert C.keeps_pre(C.ACT_RELU, C.NOISE_NONE)
+        yield
+
+
+@pytest.fixture
+def relu_from_input():
+    with relu_read_from_z():
+        yield
+
+
+@pytest.mark.parametrize("noise", [(C.NOISE_NONE, 0.0), (C.NOISE_MUL, 0.3)])
+def test_input_derivative_kernels(relu_from_input, noise):
+    rng = fresh_rng()
+    x, W, b = randn(rng, (7, 5)), randn(rng, (5, 9), scale=0.5), randn(rng, 9)
+    thr, sc = dropout_threshold(0.3), dropout_scale(0.3)
+    out, pre = np.zeros((7, 9), np.float32), np.zeros((7, 9), np.float32)
+    G.dense_forward(x, W, b, out, C.ACT_RELU, 0.0, thr, sc, 9, 4, 1, *noise, pre)
+    assert_close(pre, x @ W + b)                     # z, not f(z)
+    ref_out = np.zeros_like(out)
+    R.dense_forward(x, W, b, ref_out, C.ACT_RELU, 0.0, thr, sc, 9, 4, 1, *noise,
+                    np.zeros_like(out))
+    assert_close(out, ref_out)
+    g0 = randn(rng, (7, 9))
+    res = []
+    for K, p in ((R, np.maximum(pre, 0)), (G, pre)):  # the reference keeps f(z) with noise
+        g, dW, db, dx = g0.copy(), np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
+        K.dense_backward(g, ref_out, x, W, dW, db, dx, C.ACT_RELU, 0.0, thr, sc, 9, 4, 1,
+                         *noise, p)
+        res.append((g, dW, db, dx))
+    for a, bb in zip(*res):
+        assert_close(bb, a)
 
 
 # ---------------------------------------------------------------- losses
-@pytest.mark.parametrize("loss", [C.LOSS_MSE, C.LOSS_BCE, C.LOSS_SCE])
+@pytest.mark.parametrize("loss", [C.LOSS_MSE, C.LOSS_BCE, C.LOSS_SCE, "mixup"])
 def test_losses(loss):
     rng = fresh_rng()
     z = randn(rng, (41, 7), np.float32, 3.0)
-    if loss == C.LOSS_SCE:
+    if loss == "mixup":
+        y = np.stack([rng.integers(0, 7, 41), rng.integers(0, 7, 41), rng.random(41)],
+                     axis=1).astype(np.float32)
+        loss = C.LOSS_SCE
+    elif loss == C.LOSS_SCE:
         y = rng.integers(0, 7, (41, 1)).astype(np.float32)
     elif loss == C.LOSS_BCE:
         y = rng.random((41, 7)).astype(np.float32)
@@ -252,108 +344,55 @@ def test_penalized_update_many_blocks_and_maxnorm_columns():
 
 
 # ---------------------------------------------------------------- whole epochs
-def build_net(rng, sizes, act, drop, in_drop, loss, opt, lr, b1, l1, l2, proximal, maxnorm,
-              wd=0.0, nesterov=0, batch=16, bias=True, seed=None, group=0.0):
-    L = len(sizes) - 1
-    dt = np.float32
-    Ws = [randn(rng, (sizes[i], sizes[i + 1]), dt, 1 / np.sqrt(sizes[i])) for i in range(L)]
-    bs = [randn(rng, sizes[i + 1], dt, 0.1) if bias else np.zeros(0, dt) for i in range(L)]
-    needs_m = opt != C.OPT_SGD or b1 > 0
-    needs_v = opt != C.OPT_SGD
-    mom = (lambda ps, need: [np.zeros_like(p) if need else np.zeros((0,) * p.ndim, dt)
-                             for p in ps])
-    li = np.zeros((L, C.LI_SIZE), np.int64)
-    lf = np.zeros((L, C.LF_SIZE), dt)
-    hpW = np.zeros((L, C.HP_SIZE))
-    hpb = np.zeros((L, C.HP_SIZE))
-    for l in range(L):
-        last = l == L - 1
-        li[l, C.LI_ACT] = C.ACT_LINEAR if last else act
-        li[l, C.LI_DROP_THR] = 0 if last else dropout_threshold(drop)
-        li[l, C.LI_HAS_BIAS] = int(bias)
-        li[l, C.LI_IN_DROP_THR] = dropout_threshold(in_drop) if l == 0 else 0
-        lf[l, :3] = (0.05, dropout_scale(0 if last else drop), dropout_scale(in_drop))
-        for row, a1, a2, mn, decay in ((hpW[l], l1, l2, maxnorm, wd), (hpb[l], 0.0, 0.0, 0.0, 0.0)):
-            row[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_NESTEROV, C.HP_DECOUPLED,
-                 C.HP_L1, C.HP_L2, C.HP_PROXIMAL, C.HP_MAXNORM]] = \
-                (lr, b1, 0.999, 1e-3, nesterov, decay, a1, a2, proximal, mn)
-        hpW[l, C.HP_GROUP] = group
-    net = driver.Net(Ws, bs, [np.zeros_like(W) for W in Ws], [np.zeros_like(b) for b in bs],
-                     mom(Ws, needs_m), mom(Ws, needs_v), mom(bs, needs_m), mom(bs, needs_v),
-                     li=li, lf=lf, hpW=hpW, hpb=hpb, opt=opt, loss=loss,
-                     seed=int(rng.integers(2**63)) if seed is None else seed)
-    driver.allocate_workspace(net, batch, 1 if loss == C.LOSS_SCE else sizes[-1])
-    return net
+def make_plan(rng, eps=1e-3, **kw):
+    """random_plan with Adam's eps at 1e-3: with 1e-8 a gradient that is ~0 up to float32
+    rounding makes the step any value in [-lr, lr], so two correct backends may differ by lr
+    in such a coordinate (seen: one weight of 120, rarely)."""
+    kw.setdefault("seed", int(rng.integers(2**63)))
+    plan = random_plan(rng, **kw)
+    for hp in (plan.hpW, plan.hpb, plan.hpgb):
+        hp[:, C.HP_EPS] = eps
+    return plan
 
 
-def clone(net):
-    cp = lambda xs: [x.copy() for x in xs]  # noqa: E731
-    out = driver.Net(cp(net.Ws), cp(net.bs), cp(net.dWs), cp(net.dbs), cp(net.mW), cp(net.vW),
-                     cp(net.mb), cp(net.vb), li=net.li.copy(), lf=net.lf.copy(),
-                     hpW=net.hpW.copy(), hpb=net.hpb.copy(), opt=net.opt, loss=net.loss,
-                     seed=net.seed)
-    driver.allocate_workspace(out, net.batch, net.ybuf.shape[1])
-    return out
+def mixup_targets(rng, plan, n):
+    """Targets with Mixup's (label_a, label_b, lam) for the plan's last part (a sparse CE
+    part), the plain targets of the parts before it; the last part's target columns and
+    width become Mixup's."""
+    p = plan.n_parts - 1
+    assert int(plan.parts[p, C.PT_LOSS]) == C.LOSS_SCE
+    y0 = int(plan.parts[p, C.PT_Y0])
+    plan.parts[p, C.PT_Y1] = y0 + C.SCE_MIXED_WIDTH
+    plan.y_widths[p] = C.SCE_MIXED_WIDTH
+    K = plan.n_outputs[p]
+    mixed = np.stack([rng.integers(0, K, n), rng.integers(0, K, n), rng.random(n)], axis=1)
+    plain = random_targets(rng, plan, n)[:, :y0]
+    return np.ascontiguousarray(np.hstack([plain, mixed]).astype(plan.dtype))
 
 
-def make_data(rng, n, sizes, loss):
-    X = randn(rng, (n, sizes[0]))
-    if loss == C.LOSS_SCE:
-        Y = rng.integers(0, sizes[-1], (n, 1)).astype(np.float32)
-    elif loss == C.LOSS_BCE:
-        Y = rng.random((n, sizes[-1])).astype(np.float32)
-    else:
-        Y = randn(rng, (n, sizes[-1]))
-    return X, Y
+STORE_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-# Adam's eps is 1e-3 in these nets (build_net): with 1e-8 a gradient that is ~0 up to float32
-# rounding makes the step any value in [-lr, lr], so two correct backends may differ by lr in
-# such a coordinate (seen: one weight of 120, rarely).
-EPOCH_CASES = {
-    "tanh-mse-adam-elasticnet-indrop": dict(
-        sizes=(3, 12, 10, 2), act=C.ACT_TANH, drop=0.25, in_drop=0.2, loss=C.LOSS_MSE,
-        opt=C.OPT_ADAM, lr=1e-2, b1=0.9, l1=1e-3, l2=1e-3, proximal=1, maxnorm=0.0),
-    "relu-sce-sgd-nesterov-l2": dict(
-        sizes=(4, 20, 5), act=C.ACT_RELU, drop=0.1, in_drop=0.0, loss=C.LOSS_SCE,
-        opt=C.OPT_SGD, lr=0.05, b1=0.9, l1=0.0, l2=1e-3, proximal=1, maxnorm=0.0, nesterov=1),
-    "sigmoid-bce-adamw-l1-maxnorm": dict(
-        sizes=(6, 9, 9, 2), act=C.ACT_SIGMOID, drop=0.3, in_drop=0.0, loss=C.LOSS_BCE,
-        opt=C.OPT_ADAMW, lr=1e-2, b1=0.9, l1=1e-3, l2=0.0, proximal=1, maxnorm=1.0, wd=0.1),
-    "leaky-mse-sgd-nobias": dict(
-        sizes=(5, 11, 1), act=C.ACT_LEAKY_RELU, drop=0.2, in_drop=0.0, loss=C.LOSS_MSE,
-        opt=C.OPT_SGD, lr=0.02, b1=0.0, l1=0.0, l2=1e-4, proximal=0, maxnorm=0.0, bias=False),
-}
+def compare_epochs(plan, X, Y, batch, oracle=R, epochs=2, tol=STORE_TOL):
+    """`epochs` epochs of the same plan on the device and through `oracle`: the per-part loss
+    sums, the penalty, the steps and the stop flag; then every parameter, moment and running
+    statistic. Returns the device's plan."""
+    ref, dev = clone_plan(plan), clone_plan(plan)
+    rr = run_epochs(oracle, ref, X, Y, batch, epochs)
+    rd = run_epochs(G, dev, X, Y, batch, epochs)
+    for a, b in zip(rr, rd):
+        assert b[2] == a[2] and b[3] == a[3]
+        np.testing.assert_allclose(b[0], a[0], rtol=1e-4)
+        assert b[1] == pytest.approx(a[1], rel=1e-4, abs=1e-12)
+    for name in ("params", "m", "v", "stats"):
+        np.testing.assert_allclose(getattr(dev.store, name), getattr(ref.store, name), **tol,
+                                   err_msg=name)
+    return dev
 
 
-def _compare_epochs(case, n_rows=24, batch=16, epochs=2):
-    rng = fresh_rng()
-    case = dict(case)
-    sizes = case["sizes"]
-    net_c = build_net(rng, batch=batch, **case)
-    net_g = clone(net_c)
-    X, Y = make_data(rng, n_rows, sizes, case["loss"])
-    step = t = 0
-    for epoch in range(epochs):
-        perm = rng.permutation(n_rows).astype(np.int64)
-        rc = N.train_epoch(net_c, X, Y, perm, batch, step, t + 1)
-        rg = G.train_epoch(net_g, X, Y, perm, batch, step, t + 1)
-        G.sync_to_host(net_g)
-        assert rg[2] == rc[2] and rg[3] == rc[3]
-        assert rg[0] == pytest.approx(rc[0], rel=1e-4)
-        assert rg[1] == pytest.approx(rc[1], rel=1e-4, abs=1e-12)
-        step += rc[2]
-        t += rc[2]
-    tol = dict(rtol=1e-4, atol=1e-5)
-    for name in ("Ws", "bs", "mW", "vW", "mb", "vb"):
-        for a, b in zip(getattr(net_c, name), getattr(net_g, name)):
-            np.testing.assert_allclose(b, a, **tol, err_msg=name)
-    return net_c, net_g, X, Y
-
-
-# The three ways the device trains a net (kernels/cuda.py, "Paths"): the fused small-MLP path
-# with a whole epoch in one one-block launch (the default for these small nets), the fused
-# path with 3 multi-block launches per step, and the tiled path.
+# The three ways the device trains a single-part plan (kernels/cuda/epoch.py, "Paths"): the
+# fused small-MLP path with a whole epoch in one one-block launch (the default for these
+# small plans), the fused path with 3 multi-block launches per step, and the tiled path.
 PATHS = ["fused-epoch", "fused-step", "tiled"]
 
 
@@ -364,25 +403,74 @@ def use_path(monkeypatch, path):
         monkeypatch.setattr(G, "FUSED_MAX_WIDTH", 0)
 
 
-def path_taken(net):
-    st = net.cache["cuda"]
+def path_taken(plan):
+    st = plan.cache["cuda"]
     if not st.fused:
         return "tiled"
     return "fused-epoch" if st.one_block_epoch else "fused-step"
 
 
+TH, RL, LR, SG, LN = C.ACT_TANH, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_SIGMOID, C.ACT_LINEAR
+EPOCH_CASES = {
+    "tanh-mse-adam-elasticnet-indrop": dict(
+        sizes=(3, 12, 10, 2), acts=[TH, TH, LN], drop=[0.25, 0.25, 0.0], in_drop=0.2,
+        loss=C.LOSS_MSE, opt=C.OPT_ADAM, l1=1e-3, l2=1e-3),
+    "relu-sce-sgd-nesterov-l2": dict(
+        sizes=(4, 20, 5), acts=[RL, LN], drop=[0.1, 0.0], loss=C.LOSS_SCE, opt=C.OPT_SGD,
+        momentum=0.9, nesterov=True, l2=1e-3),
+    "sigmoid-bce-adamw-l1-maxnorm-noise": dict(
+        sizes=(6, 9, 9, 2), acts=[SG, SG, LN], drop=[0.3, 0.3, 0.0], loss=C.LOSS_BCE,
+        opt=C.OPT_ADAMW, l1=1e-3, maxnorm=1.0,
+        noise=[(C.NOISE_MUL, 0.3), (C.NOISE_ADD, 0.2), (C.NOISE_NONE, 0.0)],
+        in_noise=(C.NOISE_ADD, 0.1)),
+    "leaky-mse-sgd-nobias-group": dict(
+        sizes=(5, 11, 1), acts=[LR, LN], drop=[0.2, 0.0], loss=C.LOSS_MSE, opt=C.OPT_SGD,
+        momentum=0.0, l2=1e-4, proximal=False, group=1e-3, bias=False),
+}
+
+
+def _data(rng, plan, n):
+    return randn(rng, (n, plan.Ws[0].shape[0]), plan.dtype), random_targets(rng, plan, n)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", list(EPOCH_CASES))
-def test_train_epoch_equals_cpu(monkeypatch, name, path):
+def test_train_epoch_equals_reference(monkeypatch, name, path):
     use_path(monkeypatch, path)
-    net_g = _compare_epochs(EPOCH_CASES[name])[1]
-    assert path_taken(net_g) == path
+    rng = fresh_rng()
+    plan = make_plan(rng, **EPOCH_CASES[name])
+    X, Y = _data(rng, plan, 24)
+    dev = compare_epochs(plan, X, Y, 16)
+    assert path_taken(dev) == path
 
 
-def test_train_epoch_split_path(monkeypatch):
+# the same features as the single-part plan (so Numba compiles its epoch once): tanh, input
+# dropout on the trunk and on a head, Adam with L1 + L2
+NUMBA_HEADS = dict(EPOCH_CASES["tanh-mse-adam-elasticnet-indrop"], sizes=(3, 12),
+                   acts=[TH, TH, LN, LN], drop=[0.25, 0.25, 0.0, 0.0],
+                   heads=[((10, 2), C.LOSS_MSE, 0.7, 0.2), ((3,), C.LOSS_SCE, 1.0, 0.0)])
+
+
+@pytest.mark.parametrize("path", PATHS + ["heads"])
+def test_train_epoch_equals_numba(monkeypatch, path):
+    use_path(monkeypatch, path)
+    rng = fresh_rng()
+    plan = make_plan(rng, **(NUMBA_HEADS if path == "heads" else
+                             EPOCH_CASES["tanh-mse-adam-elasticnet-indrop"]))
+    X, Y = _data(rng, plan, 21)
+    dev = compare_epochs(plan, X, Y, 8, oracle=numba_backend())
+    assert path_taken(dev) == ("tiled" if path == "heads" else path)
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_train_epoch_split_path(monkeypatch, heads):
+    """Every GEMM, then its elementwise epilogue kernel (the cuBLAS path's structure)."""
     monkeypatch.setattr(G, "FORCE_SPLIT", True)
     use_path(monkeypatch, "tiled")
-    _compare_epochs(EPOCH_CASES["tanh-mse-adam-elasticnet-indrop"], epochs=1)
+    rng = fresh_rng()
+    plan = (_head_plan(rng, "three-heads-sgd-maxnorm-group") if heads else
+            make_plan(rng, **EPOCH_CASES["sigmoid-bce-adamw-l1-maxnorm-noise"]))
+    compare_epochs(plan, *_data(rng, plan, 19), 8, epochs=1)
 
 
 @pytest.mark.parametrize("path", PATHS[:2])
@@ -391,116 +479,213 @@ def test_fused_ragged_blocks_and_full_width(monkeypatch, path):
     a layer exactly FUSED_MAX_WIDTH wide, an odd output width, several micro-tiles per
     thread; max-norm and group-lasso columns in the one-block epoch's update."""
     use_path(monkeypatch, path)
-    width = G.FUSED_MAX_WIDTH
-    case = dict(EPOCH_CASES["relu-sce-sgd-nesterov-l2"], sizes=(5, width, 7, 3), maxnorm=0.8,
-                group=1e-3)
-    net_g = _compare_epochs(case, n_rows=37, batch=13)[1]
-    assert path_taken(net_g) == path
+    rng = fresh_rng()
+    case = dict(EPOCH_CASES["relu-sce-sgd-nesterov-l2"], sizes=(5, G.FUSED_MAX_WIDTH, 7, 3),
+                acts=[RL, RL, LN], drop=[0.1, 0.1, 0.0], maxnorm=0.8, group=1e-3)
+    plan = make_plan(rng, **case)
+    dev = compare_epochs(plan, *_data(rng, plan, 37), 13)
+    assert path_taken(dev) == path
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_mixup_targets_train_as_on_cpu(monkeypatch, path):
+def test_mixup_targets(monkeypatch, path):
     """sparse_categorical_crossentropy with Mixup's (label_a, label_b, lam) targets."""
     use_path(monkeypatch, path)
     rng = fresh_rng()
-    case = EPOCH_CASES["relu-sce-sgd-nesterov-l2"]
-    net_c = build_net(rng, batch=16, **case)
-    driver.allocate_workspace(net_c, 16, C.SCE_MIXED_WIDTH)
-    net_g = clone(net_c)
-    net_a = clone(net_c)
-    driver.allocate_workspace(net_a, 16, 1)
-    X = randn(rng, (24, case["sizes"][0]))
-    K = case["sizes"][-1]
-    Y = np.stack([rng.integers(0, K, 24), rng.integers(0, K, 24), rng.random(24)],
-                 axis=1).astype(np.float32)
-    perm = rng.permutation(24).astype(np.int64)
-    rc = N.train_epoch(net_c, X, Y, perm, 16, 0, 1)
-    rg = G.train_epoch(net_g, X, Y, perm, 16, 0, 1)
-    G.sync_to_host(net_g)
-    assert rg[2] == rc[2] == 2 and rg[0] == pytest.approx(rc[0], rel=1e-4)
-    for a, b in zip(net_c.Ws + net_c.bs, net_g.Ws + net_g.bs):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
-    assert path_taken(net_g) == path
-    ra = N.train_epoch(net_a, X, Y[:, :1], perm, 16, 0, 1)     # label_a alone: not the same
-    assert abs(ra[0] - rc[0]) > 1e-3 * abs(rc[0])
+    plan = make_plan(rng, **EPOCH_CASES["relu-sce-sgd-nesterov-l2"])
+    X = randn(rng, (24, 4))
+    Y = mixup_targets(rng, plan, 24)
+    dev = compare_epochs(plan, X, Y, 16, epochs=1)
+    assert path_taken(dev) == path
+    plain = clone_plan(plan)        # label_a alone: another loss (the test can tell)
+    plain.parts[0, C.PT_Y1] = 1
+    plain.y_widths = [1]
+    mixed_loss = run_epochs(R, clone_plan(plan), X, Y, 16, 1)[0][0][0]
+    assert abs(run_epochs(R, plain, X, Y, 16, 1)[0][0][0] - mixed_loss) > 1e-4 * mixed_loss
 
 
-def test_fused_path_is_chosen_per_net(monkeypatch):
-    """Too wide for the fused kernels (any width, inputs included), or BatchNorm (whole-batch
-    statistics): the tiled path, with the same results."""
+def test_input_derivative_epochs():
+    """relu read from z (relu_read_from_z) trains bitwise as relu, on the fused path and on
+    the tiled one with BatchNorm and noise: its z goes through the pre buffers of the fused,
+    GEMM and BatchNorm epilogues."""
+    rng = fresh_rng()
+    plans = {"fused-epoch": make_plan(rng, **EPOCH_CASES["relu-sce-sgd-nesterov-l2"]),
+             "tiled": make_plan(rng, sizes=(4, 8, 6, 3), acts=[RL, RL, LN],
+                                bn=[True, False, False], drop=[0.2, 0.2, 0.0],
+                                noise=[(C.NOISE_NONE, 0.0), (C.NOISE_MUL, 0.2),
+                                       (C.NOISE_NONE, 0.0)])}
+    for path, plan in plans.items():
+        X, Y = _data(rng, plan, 19)
+        flagged, plain = clone_plan(plan), clone_plan(plan)
+        with relu_read_from_z():
+            run_epochs(G, flagged, X, Y, 8, epochs=1)
+        run_epochs(G, plain, X, Y, 8, epochs=1)
+        relu = plan.li[:, C.LI_ACT] == RL
+        assert all(np.array(flagged.cache["cuda"].keeps_pre)[relu])
+        assert not any(np.array(plain.cache["cuda"].keeps_pre)[relu & (plan.li[:, C.LI_NOISE]
+                                                                       == 0)])
+        assert path_taken(flagged) == path
+        np.testing.assert_array_equal(flagged.store.params, plain.store.params)
+
+
+# ---------------------------------------------------------------- trunk and heads
+HEAD_CASES = {
+    # BatchNorm in the trunk and a head, GaussianDropout on a layer and on a head's input,
+    # dropout on both heads' inputs, loss weights, Adam + L1 / L2
+    "bn-noise-adam": dict(
+        sizes=(4, 9, 6), acts=[TH, RL, LN, TH, LN], bn=[True, False, False, True, False],
+        drop=[0.2, 0.0, 0.0, 0.1, 0.0], in_drop=0.1,
+        noise=[(C.NOISE_NONE, 0.0), (C.NOISE_MUL, 0.3), (C.NOISE_NONE, 0.0),
+               (C.NOISE_ADD, 0.2), (C.NOISE_NONE, 0.0)],
+        heads=[((2,), C.LOSS_MSE, 0.7, 0.25), ((5, 3), C.LOSS_SCE, 1.0, 0.0)],
+        opt=C.OPT_ADAM, l1=1e-3, l2=1e-3),
+    # three heads (the third adds its input gradient into the trunk's), SGD with momentum,
+    # max-norm and group lasso, a trunk whose weight is not 1, binary CE
+    "three-heads-sgd-maxnorm-group": dict(
+        sizes=(5, 8), acts=[SG, LR, LN, LN, LN], drop=[0.1, 0.2, 0.0, 0.0, 0.0],
+        heads=[((3, 2), C.LOSS_BCE, 0.5, 0.0), ((2,), C.LOSS_MSE, 1.0, 0.2),
+               ((3,), C.LOSS_SCE, 2.0, 0.1)],
+        opt=C.OPT_SGD, momentum=0.9, l2=1e-3, maxnorm=1.2, group=1e-3),
+    # AdamW, Mixup targets on the sparse CE head
+    "adamw-mixup": dict(
+        sizes=(3, 7), acts=[RL, TH, LN, LN], drop=[0.2, 0.2, 0.0, 0.0],
+        heads=[((4, 2), C.LOSS_MSE, 1.0, 0.0), ((3,), C.LOSS_SCE, 0.5, 0.3)],
+        opt=C.OPT_ADAMW, l2=1e-4),
+}
+
+
+def _head_plan(rng, name):
+    plan = make_plan(rng, **HEAD_CASES[name])
+    first = int(plan.parts[-1, C.PT_FIRST])
+    if name == "bn-noise-adam":          # GaussianDropout on the last head's input
+        plan.li[first, C.LI_IN_NOISE] = C.NOISE_MUL
+        plan.lf[first, C.LF_IN_NOISE_STD] = 0.3
+    if name == "three-heads-sgd-maxnorm-group":
+        plan.partf[0, C.PF_WEIGHT] = 0.5
+    return plan
+
+
+@pytest.mark.parametrize("name", list(HEAD_CASES))
+def test_trunk_and_heads_equal_reference(name):
+    """A trunk and heads (kernels/reference/epoch.py) on the tiled path: per-part input
+    transforms, target columns, loss weights, the heads' input gradients summed into the
+    trunk's, the per-part loss sums. Ragged last batch (19 rows in batches of 8)."""
+    rng = fresh_rng()
+    plan = _head_plan(rng, name)
+    X = randn(rng, (19, plan.Ws[0].shape[0]))
+    Y = mixup_targets(rng, plan, 19) if name == "adamw-mixup" else random_targets(rng, plan, 19)
+    dev = compare_epochs(plan, X, Y, 8, epochs=2 if name == "bn-noise-adam" else 1)
+    assert path_taken(dev) == "tiled"       # a trunk and heads never takes the fused path
+
+
+def test_path_is_chosen_per_plan():
+    """Too wide for the fused kernels (any width, inputs included), BatchNorm (whole-batch
+    statistics), or trunk and heads: the tiled path, with the same results. At inference
+    (BatchNorm folded) a chain that fits takes the fused forward."""
+    rng = fresh_rng()
     width = G.FUSED_MAX_WIDTH
-    for sizes in ((width + 1, 6, 2), (4, width + 1, 2)):
-        case = dict(EPOCH_CASES["leaky-mse-sgd-nobias"], sizes=sizes)
-        net_g = _compare_epochs(case, epochs=1)[1]
-        assert not net_g.cache["cuda"].fused
-    import fastreg as fr
-    model = fr.Sequential([fr.Dense(6, "relu"), fr.BatchNorm(), fr.Dense(2)], input_dim=3)
-    model.compile(loss="mse", optimizer=fr.Adam(1e-2), backend="cuda")
-    assert not G._DeviceNet(model._make_net(8, 2)).fused
-    assert G._DeviceNet(model._make_net(training=False)).fused   # BN folded at inference
+    for kw in (dict(sizes=(width + 1, 6, 2)), dict(sizes=(4, width + 1, 2)),
+               dict(sizes=(4, 6, 2), bn=[True, False])):
+        plan = make_plan(rng, acts=[LR, LN], opt=C.OPT_SGD, momentum=0.0, **kw)
+        dev = compare_epochs(plan, *_data(rng, plan, 10), 10, epochs=1)
+        assert path_taken(dev) == "tiled"
+    infer = make_plan(rng, sizes=(4, 6, 2), bn=[True, False], training=False)
+    G.forward_inference(infer, randn(rng, (3, 4)), 3)
+    assert infer.cache["cuda"].chains[0] is not None
 
 
 def test_device_state_is_reused_and_invalidated():
-    net_c, net_g, X, Y = _compare_epochs(EPOCH_CASES["relu-sce-sgd-nesterov-l2"], epochs=1)
-    st = net_g.cache["cuda"]
+    rng = fresh_rng()
+    plan = make_plan(rng, **EPOCH_CASES["relu-sce-sgd-nesterov-l2"])
+    X, Y = _data(rng, plan, 16)
+    run_epochs(G, plan, X, Y, 16, epochs=1)
+    st = plan.cache["cuda"]
     Xd = st.dataset(X, Y)[0]
-    G.train_epoch(net_g, X, Y, np.arange(16, dtype=np.int64), 16, 100, 100)
-    assert net_g.cache["cuda"] is st and st.dataset(X, Y)[0] is Xd   # nothing re-copied
+    G.train_epoch(plan, X, Y, np.arange(16, dtype=np.int64), 16, 100, 100)
+    assert plan.cache["cuda"] is st and st.dataset(X, Y)[0] is Xd   # nothing re-copied
     # the user changes the host weights: invalidate, and the next epoch starts from them
-    for W in net_g.Ws:
-        W[...] = 0.0
-    G.invalidate(net_g)
-    assert "cuda" not in net_g.cache
-    G.train_epoch(net_g, X, Y, np.arange(16, dtype=np.int64), 16, 101, 101)
-    G.sync_to_host(net_g)
-    assert max(float(np.abs(W).max()) for W in net_g.Ws) < 0.5   # one small step from zero
+    plan.store.params[...] = 0.0
+    G.invalidate(plan)
+    assert "cuda" not in plan.cache
+    G.train_epoch(plan, X, Y, np.arange(16, dtype=np.int64), 16, 101, 101)
+    G.sync_to_host(plan)
+    assert 0 < float(np.abs(plan.store.params).max()) < 0.5    # one small step from zero
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the simulator computes in NumPy
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS + ["heads"])
 def test_train_epoch_stops_on_nonfinite_loss(monkeypatch, path):
+    """A loss that is not finite stops the epoch before that step's update, as in the
+    reference: the steps before it, their losses and weights. Single part: an infinite input
+    row (inf and inf - inf in the logits); trunk and heads: a NaN input row, through a
+    BatchNorm trunk (whose running statistics keep the first step's values) and
+    leaky_relu / relu (NaN stays NaN). The row sits in the second batch."""
     use_path(monkeypatch, path)
     rng = fresh_rng()
-    case = dict(EPOCH_CASES["leaky-mse-sgd-nobias"], lr=50.0)
-    net_c = build_net(rng, batch=8, **case)
-    net_g = clone(net_c)
-    X, Y = make_data(rng, 32, case["sizes"], case["loss"])
-    X *= 1e3
-    perm = np.arange(32, dtype=np.int64)
-    rc = N.train_epoch(net_c, X, Y, perm, 8, 0, 1)
-    rg = G.train_epoch(net_g, X, Y, perm, 8, 0, 1)
-    assert rc[3] is False and rg[3] is False
-    assert rg[2] == rc[2] < 4
-    G.sync_to_host(net_g)
-    for a, b in zip(net_c.Ws, net_g.Ws):
-        np.testing.assert_allclose(b, a, rtol=1e-3)
-    assert path_taken(net_g) == path
+    kw = dict(EPOCH_CASES["leaky-mse-sgd-nobias-group"], group=0.0)
+    if path == "heads":
+        kw.update(sizes=(5, 11), acts=[LR, RL, LN, LN], drop=[0.2, 0.0, 0.0, 0.0],
+                  bn=[True, False, False, False],
+                  heads=[((3, 1), C.LOSS_MSE, 1.0, 0.0), ((2,), C.LOSS_SCE, 1.0, 0.0)])
+    plan = make_plan(rng, **kw)
+    X, Y = _data(rng, plan, 32)
+    row = np.random.default_rng([1, 0]).permutation(32)[9]     # run_epochs' first order
+    X[row] = np.nan if path == "heads" else np.inf
+    ref, dev = clone_plan(plan), clone_plan(plan)
+    rr = run_epochs(R, ref, X, Y, 8, epochs=1)[0]
+    rd = run_epochs(G, dev, X, Y, 8, epochs=1)[0]
+    assert rr[3] is False and rd[3] is False
+    assert rd[2] == rr[2] == 1
+    np.testing.assert_allclose(rd[0], rr[0], rtol=1e-4)
+    for name in ("params", "stats"):
+        np.testing.assert_allclose(getattr(dev.store, name), getattr(ref.store, name),
+                                   **STORE_TOL)
+    assert path == "heads" or path_taken(dev) == path
 
 
 @pytest.mark.parametrize("path", ["fused-step", "tiled"])
-def test_forward_inference_equals_cpu(monkeypatch, path):
+def test_forward_inference_equals_reference(monkeypatch, path):
+    """Logits of every part of an inference plan (BatchNorm folded into W, b of one layer,
+    as the API does), in chunks with a ragged last one; the fused forward for chains that
+    fit it."""
     use_path(monkeypatch, path)
     rng = fresh_rng()
-    case = EPOCH_CASES["tanh-mse-adam-elasticnet-indrop"]
-    net = build_net(rng, **case)
-    X = randn(rng, (45, case["sizes"][0]))
-    infer = driver.Net(net.Ws, net.bs, [], [], [], [], [], [], li=net.li, lf=net.lf,
-                       hpW=net.hpW, hpb=net.hpb, opt=net.opt, loss=net.loss, seed=net.seed)
-    a = N.forward_inference(infer, X, 16)
-    b = G.forward_inference(infer, X, 16)
-    assert_close(b, a)
-    assert infer.cache["cuda"].fused == (path != "tiled")
+    train = make_plan(rng, **HEAD_CASES["three-heads-sgd-maxnorm-group"])
+    folded = {1: (randn(rng, train.Ws[1].shape, scale=0.3), randn(rng, train.Ws[1].shape[1]))}
+    infer = PL.make_plan(train.store, train.li, train.lf, train.hpW, train.hpb, train.hpgb,
+                         train.parts, train.partf, train.opt, train.seed, training=False,
+                         folded=folded)
+    X = randn(rng, (45, train.Ws[0].shape[0]))
+    H = R.forward_inference(infer, X, 16, part=0)
+    for part, x in ((0, X), (1, H), (3, H)):
+        assert_close(G.forward_inference(infer, x, 16, part), R.forward_inference(infer, x, 16,
+                                                                                  part))
+        assert (infer.cache["cuda"].chains[part] is not None) == (path != "tiled")
+
+
+@pytest.mark.parametrize("path", ["fused-epoch", "tiled"])
+def test_nan_input_propagates_through_relu_inference(monkeypatch, path):
+    use_path(monkeypatch, path)
+    rng = fresh_rng()
+    plan = make_plan(rng, sizes=(3, 6, 2), acts=[RL, LN], training=False)
+    X = randn(rng, (5, 3))
+    X[1, 0] = np.nan
+    out = G.forward_inference(plan, X, 5)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(R.forward_inference(plan, X, 5)))
+    assert np.isnan(out[1]).all() and not np.isnan(out[[0, 2, 3, 4]]).any()
 
 
 # ---------------------------------------------------------------- real compilation, no GPU
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("FASTREG_TEST_PTX") == "0",
-                    reason="FASTREG_TEST_PTX=0: the PTX compile check (about 30 s) is off")
+                    reason="FASTREG_TEST_PTX=0: the PTX compile check (about 1 min) is off")
 def test_kernels_compile_to_ptx():
     """The simulator runs kernels as Python and never type-checks them: compile them all with
-    NVVM (no GPU needed) in a process without the simulator."""
-    res = _run("import sys; from fastreg.kernels import cuda_ptxcheck as p; sys.exit(p.main())",
+    NVVM (no GPU needed), float32 and float64, in a process without the simulator."""
+    res = _run("import sys; from fastreg.kernels.cuda import ptxcheck as p; "
+               "sys.exit(max(p.main(['float32']), p.main(['float64'])))",
                NUMBA_ENABLE_CUDASIM=None)
     if res.returncode == 77:
         pytest.skip(res.stdout.strip())
     assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("ok ") == 2 * 20, res.stdout

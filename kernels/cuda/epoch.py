@@ -1,0 +1,465 @@
+"""The device-resident plan and the launch sequence of an epoch: kernels/reference/epoch.py
+on the GPU, step for step (same order, same masks), trunk and heads (a plan's parts).
+
+Shape legend: B batch rows, I fan_in, O fan_out, L layers, P parts.
+
+`DevicePlan` holds a plan's state on the device, built once per plan workspace
+(plan.cache["cuda"]; plan.allocate and invalidate() drop it): the ParamStore's flat buffers
+uploaded once each (parameters, moments, running statistics; gradients beside them in the
+same layout), so one launch updates every tensor and the per-layer tensors are views; the
+workspace of one batch (every layer's output and dz in one flat buffer each, the pre
+buffers, BatchNorm's zhat and batch statistics, the heads' input transforms and input
+gradients); the update's tables; the status vector (loss.py); the training set, copied
+once while the same arrays come back. Nothing comes back to the host per step.
+
+Paths, chosen per plan (`DevicePlan.fused`):
+- A single part, no BatchNorm, every width <= FUSED_MAX_WIDTH: the fused small-MLP path
+  (fused.py): 3 launches per step whatever the depth, or the whole epoch in one launch of
+  one block when a step is at most FUSED_EPOCH_MAX_MACS multiply-adds.
+- Otherwise (trunk and heads always) the tiled path, per step:
+    1 gather (rows of X and Y by the permutation, the trunk's input transform fused)
+  + per head with an input transform: 1 (forward) + 1 (backward)
+  + L forward GEMMs (epilogue fused; BatchNorm: GEMM + bn_forward)
+  + 1 loss per part with a loss (one block: loss, gradient times the loss weight, the last
+    layer's backward epilogue, the step's commit in the last one) [+ 1 epilogue kernel when
+    that layer keeps a pre buffer]
+  + L backward GEMM launches (dW + db + dx in one, the previous layer's epilogue fused into
+    dx) [+ bn_backward per BatchNorm layer]; a head's input gradient goes into the trunk's
+    output gradient (the first head writes it, the others add theirs: 1 launch each), then
+    the trunk's last layer's epilogue (1 launch)
+  + 1 penalized update of every tensor [+ 2 column passes with max-norm / group lasso]
+  = 2L + 3 for a Sequential (11 for the 4-layer `curve` MLP).
+"""
+from collections import namedtuple
+
+import numpy as np
+
+from .. import contract as C
+from . import batchnorm, dense, fused, update
+from .dense import Epilogue
+from .jit import cuda, grid1, to_dev, tunables
+from .loss import loss_slot, status_size, ST_PEN, ST_STEPS, ST_STOP
+
+# the row views [:n] of the workspace for one batch size
+Views = namedtuple("Views", "x y acts grads pres xhats xdrops scratch epis")
+
+
+def build(ns):
+    """The epoch's own kernels: the batch gather, and the sums of the heads' gradients."""
+    FT, ZERO = ns.FT, ns.ZERO
+    philox_word, normal_at, noisy = ns.philox_word, ns.normal_at, ns.noisy
+
+    @cuda.jit
+    def gather(X, Y, perm, start, n, xout, yout, thr, scale, k0, k1, step, noise, nstd):
+        """Rows perm[start:start+n] of X and the first yout.shape[1] columns of Y; the trunk's
+        input noise and dropout (layer word 0, its first layer) fused on X."""
+        I0 = X.shape[1]
+        Ky = yout.shape[1]
+        width = I0 + Ky
+        for e in range(cuda.grid(1), n * width, cuda.gridsize(1)):
+            r = e // width
+            j = e - r * width
+            src = perm[start + r]
+            if j < I0:
+                v = X[src, j]
+                if noise != C.NOISE_NONE:
+                    v = noisy(v, noise, nstd, FT(normal_at(r * I0 + j, k0, k1, step, 0,
+                                                           C.STREAM_INPUT_NOISE)))
+                if thr > 0:
+                    word = philox_word(r * I0 + j, k0, k1, step, 0, C.STREAM_INPUT_DROPOUT)
+                    v = v * scale if word >= np.uint64(thr) else ZERO
+                xout[r, j] = v
+            else:
+                yout[r, j - I0] = Y[src, j - I0]
+
+    @cuda.jit
+    def add_into(dst, src):
+        """dst += src (a head's input gradient into the trunk's output gradient)."""
+        B, O = dst.shape
+        for e in range(cuda.grid(1), B * O, cuda.gridsize(1)):
+            i = e // O
+            j = e - i * O
+            dst[i, j] = dst[i, j] + src[i, j]
+
+    @cuda.jit
+    def scale_by(a, w):
+        """a *= w (a part's loss weight on an output gradient no loss kernel wrote)."""
+        B, O = a.shape
+        for e in range(cuda.grid(1), B * O, cuda.gridsize(1)):
+            i = e // O
+            j = e - i * O
+            a[i, j] = a[i, j] * w
+
+    ns.__dict__.update(gather=gather, add_into=add_into, scale_by=scale_by)
+
+
+class DevicePlan:
+    """A plan's state on the device (module docstring)."""
+
+    def __init__(self, plan, ns):
+        self.ns = ns
+        dt = plan.dtype
+        self.L = L = plan.n_layers
+        self.P_count = plan.n_parts
+        self.training = plan.training
+        self.has_bias = [plan.bs[l].size > 0 for l in range(L)]
+        self.bn = [self.training and plan.bn_on(l) for l in range(L)]
+        self.widths = [W.shape for W in plan.Ws]
+        self._views = {}
+        self.data = None
+        if not self.training:       # BatchNorm folded: Ws, bs are not all the store's
+            self._upload_inference(plan)
+            return
+        store = plan.store
+        self.P = cuda.to_device(store.params)
+        self.G = cuda.device_array(store.size, dt)
+        self.M = cuda.to_device(store.m) if store.m.size else ns.dummy1
+        self.V = cuda.to_device(store.v) if store.v.size else ns.dummy1
+        self.STATS = cuda.to_device(store.stats) if store.stats.size else None
+        self.offsets = {}
+        segments = []
+        hps = {"W": plan.hpW, "b": plan.hpb, "gb": plan.hpgb}
+        for r in store.records:
+            self.offsets[(r.layer, r.kind)] = (r.offset, r.end, r.shape)
+            segments.append((r.offset, r.shape, hps[r.kind][r.layer], r.kind == "W"))
+        self.tab = update.segment_tables(ns, segments, store.m.size > 0)
+        self.Ws, self.bs, self.gbs = self._tensor_views(self.P, L)
+        self.dWs, self.dbs, self.dgbs = self._tensor_views(self.G, L)
+        self.stats = [self.STATS[off:off + 2 * o].reshape(2, o) if off >= 0 else ns.dummy
+                      for off, (_, o) in zip(store.stat_offsets, self.widths)]
+        self._workspace(plan)
+
+    # ------------------------------------------------------------ buffers
+    def _tensor_views(self, flat, L):
+        """Per-layer views (W, b, gb) of a flat buffer of the store's layout."""
+        ns, out = self.ns, ([], [], [])
+        for l in range(L):
+            for k, (kind, absent) in enumerate((("W", None), ("b", ns.dummy1),
+                                                ("gb", ns.dummy))):
+                where = self.offsets.get((l, kind))
+                out[k].append(absent if where is None else flat[where[0]:where[1]].reshape(
+                    where[2]))
+        return out
+
+    def _upload_inference(self, plan):
+        """An inference plan's Ws, bs (folded BatchNorm included) in one flat buffer."""
+        parts, self.offsets, off = [], {}, 0
+        for l in range(self.L):
+            for kind, a in (("W", plan.Ws[l]), ("b", plan.bs[l])):
+                if a.size:
+                    self.offsets[(l, kind)] = (off, off + a.size, a.shape)
+                    parts.append(a.reshape(-1))
+                    off += a.size
+        self.P = cuda.to_device(np.concatenate(parts).astype(plan.dtype))
+        self.Ws, self.bs, _ = self._tensor_views(self.P, self.L)
+        self.chains = {}            # part -> fused inference tables, or None (tiled)
+
+    def _workspace(self, plan):
+        """The batch workspace, the fused path's tables and the status vector."""
+        ns, dt, B, L = self.ns, plan.dtype, plan.batch, self.L
+        self.keeps_pre = [plan.keeps_pre(l) for l in range(L)]
+        # one flat buffer for the inputs and every layer's output (segment l + 1: layer l's
+        # (B, O_l)), one for their dz (same layout), one for the pre buffers that are kept
+        cols = [plan.Ws[0].shape[0]] + [o for _, o in self.widths]
+        seg = np.concatenate([[0], np.cumsum([B * w for w in cols])]).astype(np.int64)
+        self.ACTS = cuda.device_array(int(seg[-1]), dt)
+        self.DZS = cuda.device_array(int(seg[-1]), dt)
+        flat_view = lambda buf, k: buf[seg[k]:seg[k + 1]].reshape(B, cols[k])  # noqa: E731
+        self.xbuf = flat_view(self.ACTS, 0)
+        self.acts = [flat_view(self.ACTS, l + 1) for l in range(L)]
+        self.grads = [flat_view(self.DZS, l + 1) for l in range(L)]
+        pre_off, n_pre = [], 0
+        for l in range(L):
+            pre_off.append(n_pre if self.keeps_pre[l] else -1)
+            n_pre += B * cols[l + 1] if self.keeps_pre[l] else 0
+        self.PRE = cuda.device_array(max(n_pre, 1), dt)
+        self.pres = [self.PRE[pre_off[l]:pre_off[l] + B * cols[l + 1]].reshape(B, cols[l + 1])
+                     if self.keeps_pre[l] else None for l in range(L)]
+        self.xhats = [cuda.device_array((B, cols[l + 1]), dt) if self.bn[l] else ns.dummy
+                      for l in range(L)]
+        self.saves = [cuda.device_array((C.BN_SAVE_ROWS, cols[l + 1]), np.float64)
+                      if self.bn[l] else ns.dummy for l in range(L)]
+        self.parts = [tuple(int(v) for v in row) for row in plan.parts]
+        self.trunk_last = self.parts[0][C.PT_END] - 1
+        trunk_w = cols[self.trunk_last + 1]
+        self.has_in = [plan.has_input_transform(p) for p in range(self.P_count)]
+        self.in_cfg = [plan.input_transform_of(p) for p in range(self.P_count)]
+        self.xdrops = [cuda.device_array((B, trunk_w), dt) if p > 0 and self.has_in[p]
+                       else None for p in range(self.P_count)]
+        self.scratch = (cuda.device_array((B, trunk_w), dt) if self.P_count > 2 else None)
+        ky = max([1] + [pt[C.PT_Y1] for pt in self.parts if pt[C.PT_LOSS] >= 0])
+        self.ybuf = cuda.device_array((B, ky), dt)
+        self.loss_parts = [p for p in range(self.P_count) if self.parts[p][C.PT_LOSS] >= 0]
+        self.weights = [dt.type(w) for w in plan.partf[:, C.PF_WEIGHT]]
+        self.cfg = [self._layer_config(plan, l) for l in range(L)]
+        self.fused = (hasattr(ns, "fused_step") and self.P_count == 1 and not any(self.bn)
+                      and max(cols) <= ns.FW)
+        if self.fused:
+            P_off = [self._P_offsets(l) for l in range(L)]
+            lay_i, lay_f = fused.tables(plan, list(range(L)), P_off, seg, pre_off)
+            self.lay_i, self.lay_f = cuda.to_device(lay_i), cuda.to_device(lay_f)
+            self.partials = cuda.device_array(max(1, -(-B // ns.FR)), np.float64)
+        macs = 3 * B * sum(i * o for i, o in self.widths)
+        self.one_block_epoch = self.fused and macs <= tunables().FUSED_EPOCH_MAX_MACS
+        self.status = cuda.to_device(np.zeros(status_size(self.P_count)))
+
+    def _P_offsets(self, l):
+        b = self.offsets.get((l, "b"))
+        return self.offsets[(l, "W")][0], (b[0] if b is not None else -1)
+
+    def _layer_config(self, plan, l):
+        """Python scalars of layer l (what its launches pass)."""
+        dt = plan.dtype.type
+        return dict(act=int(plan.li[l, C.LI_ACT]), slope=dt(plan.lf[l, C.LF_SLOPE]),
+                    thr=int(plan.li[l, C.LI_DROP_THR]), scale=dt(plan.lf[l, C.LF_DROP_SCALE]),
+                    noise=int(plan.li[l, C.LI_NOISE]), nstd=dt(plan.lf[l, C.LF_NOISE_STD]),
+                    eps=float(dt(plan.lf[l, C.LF_BN_EPS])),
+                    momentum=float(dt(plan.lf[l, C.LF_BN_MOMENTUM])))
+
+    def views(self, n):
+        """Row views [:n] of the workspace, made once per batch size."""
+        v = self._views.get(n)
+        if v is None:
+            pres = [p[:n] if p is not None else None for p in self.pres]
+            acts = [a[:n] for a in self.acts]
+            epis = []
+            for l, c in enumerate(self.cfg):
+                stored = pres[l] if pres[l] is not None else acts[l]
+                epis.append(Epilogue(stored, c["act"], c["slope"], c["thr"], c["scale"], l,
+                                     c["noise"], c["nstd"]))
+            v = Views(self.xbuf[:n], self.ybuf[:n], acts, [g[:n] for g in self.grads], pres,
+                      [a[:n] if on else a for a, on in zip(self.xhats, self.bn)],
+                      [x[:n] if x is not None else None for x in self.xdrops],
+                      self.scratch[:n] if self.scratch is not None else None, epis)
+            self._views[n] = v
+        return v
+
+    def dataset(self, X, Y):
+        """The training set on the device, copied once while the same arrays come back."""
+        d = self.data
+        if d is None or d[0] is not X or d[1] is not Y or d[2] != (X.shape, Y.shape):
+            self.data = d = (X, Y, (X.shape, Y.shape), to_dev(X), to_dev(Y))
+        return d[3], d[4]
+
+    def sync_to_host(self, plan):
+        """Parameters, moments and running statistics back into the plan's store."""
+        if not self.training:
+            return
+        store = plan.store
+        store.params[...] = self.P.copy_to_host()
+        if store.m.size:
+            store.m[...] = self.M.copy_to_host()
+        if store.v.size:
+            store.v[...] = self.V.copy_to_host()
+        if self.STATS is not None:
+            store.stats[...] = self.STATS.copy_to_host()
+
+    def results(self):
+        """(loss sums per part, penalty sum, steps, finite) from the status vector."""
+        res = self.status.copy_to_host()
+        losses = np.array([res[loss_slot(p)] for p in range(self.P_count)])
+        return losses, float(res[ST_PEN]), int(res[ST_STEPS]), bool(res[ST_STOP] == 0)
+
+
+# ---------------------------------------------------------------- the epoch
+def train_epoch(st, plan, X, Y, perm, batch_size, step0, t0, k0, k1):
+    """The batches of `perm` on the device; returns DevicePlan.results()."""
+    ns = st.ns
+    Xd, Yd = st.dataset(X, Y)
+    perm_d = to_dev(np.asarray(perm, np.int64))
+    st.status.copy_to_device(np.zeros(status_size(st.P_count)))
+    if st.fused:
+        _fused_epoch(st, plan, Xd, Yd, perm_d, perm.shape[0], batch_size, step0, t0, k0, k1)
+        return st.results()
+    thr, scale, noise, nstd = st.in_cfg[0]
+    dt = plan.dtype.type
+    in0 = (int(thr), dt(scale), int(noise), dt(nstd))
+    n_total = perm.shape[0]
+    width = X.shape[1] + st.ybuf.shape[1]
+    steps = 0
+    for start in range(0, n_total, batch_size):
+        n = min(batch_size, n_total - start)
+        step = int(step0 + steps)
+        v = st.views(n)
+        ns.gather[grid1(n * width, ns.NB), ns.NB](Xd, Yd, perm_d, start, n, v.x, v.y, in0[0],
+                                                  in0[1], k0, k1, step, in0[2], in0[3])
+        for p in range(st.P_count):
+            _part_forward(st, v, p, n, k0, k1, step)
+        for p in list(range(1, st.P_count)) + [0]:     # the heads in order, then the trunk
+            _part_backward(st, v, p, k0, k1, step)
+        update.launch(ns, st.tab, st.P, st.G, st.M, st.V, int(plan.opt), int(t0 + steps),
+                      st.status, float(n))
+        steps += 1
+    return st.results()
+
+
+def _part_input(st, v, p):
+    """What part p's first layer reads: the batch, a head's input transform, the trunk's
+    output."""
+    if p == 0:
+        return v.x      # the trunk's input transform is fused into the gather
+    return v.xdrops[p] if st.has_in[p] else v.acts[st.trunk_last]
+
+
+def _layer_forward(st, v, l, x, k0, k1, step):
+    ns, c = st.ns, st.cfg[l]
+    hb = 1 if st.has_bias[l] else 0
+    if st.bn[l]:
+        batchnorm.forward(ns, x, st.Ws[l], st.bs[l], hb, v.acts[l], v.xhats[l], st.gbs[l],
+                          st.saves[l], c["act"], c["slope"], c["thr"], c["scale"], c["eps"], k0,
+                          k1, step, l, c["noise"], c["nstd"], v.pres[l])
+    else:
+        dense.forward(ns, x, st.Ws[l], st.bs[l], hb, v.acts[l], c["act"], c["slope"], c["thr"],
+                      c["scale"], k0, k1, step, l, c["noise"], c["nstd"], v.pres[l])
+
+
+def _part_forward(st, v, p, n, k0, k1, step):
+    """Part p's input transform (a head's), its layers, and its loss (reference train_step)."""
+    ns = st.ns
+    first, end, _, loss, y0, y1 = st.parts[p]
+    if p > 0 and st.has_in[p]:
+        thr, scale, noise, nstd = st.in_cfg[p]
+        src = v.acts[st.trunk_last]
+        ns.input_dropout[grid1(src.size, ns.NB), ns.NB](src, v.xdrops[p], int(thr),
+                                                        src.dtype.type(scale), k0, k1, step,
+                                                        first, int(noise),
+                                                        src.dtype.type(nstd))
+    x = _part_input(st, v, p)
+    for l in range(first, end):
+        _layer_forward(st, v, l, x, k0, k1, step)
+        x = v.acts[l]
+    if loss < 0:
+        return
+    last = end - 1
+    epi = v.epis[last]
+    fuse = epi.noise == C.NOISE_NONE and not st.keeps_pre[last]
+    z0 = ns.ZERO
+    act, slope, thr, scale = ((epi.act, epi.slope, epi.thr, epi.scale) if fuse
+                              else (C.ACT_LINEAR, z0, 0, z0))
+    ns.loss_kernel[1, ns.NB](x, v.y, y0, y1 - y0, v.grads[last], loss, True, st.weights[p],
+                             st.status, p, st.P_count, p == st.loss_parts[-1], True, float(n),
+                             act, slope, thr, scale, k0, k1, step, last)
+    if not fuse:    # the last layer's backward epilogue reads its pre buffer (or noise)
+        dense.output_grad(ns, v.grads[last], epi, k0, k1, step)
+
+
+def _part_backward(st, v, p, k0, k1, step):
+    """Part p's layers backward, last to first (reference train_step). A head's input
+    gradient goes into the trunk's output gradient; the trunk starts with its last layer's
+    backward epilogue once every head has added its share."""
+    ns = st.ns
+    first, end, _, loss, _, _ = st.parts[p]
+    trunk_out = v.grads[st.trunk_last]
+    if loss < 0:    # the trunk under heads: no loss kernel applied its weight and epilogue
+        g = v.grads[end - 1]
+        if st.weights[p] != 1:
+            ns.scale_by[grid1(g.size, ns.NB), ns.NB](g, st.weights[p])
+        dense.output_grad(ns, g, v.epis[end - 1], k0, k1, step)
+    into = None if p == 0 else (trunk_out if p == 1 else v.scratch)
+    for l in range(end - 1, first - 1, -1):
+        c = st.cfg[l]
+        if st.bn[l]:    # grads[l] holds dy (f' and the mask were applied upstream)
+            batchnorm.backward(ns, v.grads[l], v.xhats[l], st.gbs[l], st.saves[l], st.dgbs[l],
+                               st.dbs[l], 1 if st.has_bias[l] else 0, st.stats[l],
+                               c["momentum"], st.status)
+        xin = v.acts[l - 1] if l > first else _part_input(st, v, p)
+        dx, prev = (v.grads[l - 1], v.epis[l - 1]) if l > first else (into, None)
+        dense.backward(ns, v.grads[l], xin, st.Ws[l], st.dWs[l], st.dbs[l],
+                       st.has_bias[l] and not st.bn[l], dx, prev, k0, k1, step)
+    if p == 0:
+        return
+    thr, scale, noise, nstd = st.in_cfg[p]
+    if noise != C.NOISE_MUL:    # additive noise passes the gradient unchanged
+        noise, nstd = C.NOISE_NONE, 0.0
+    if thr > 0 or noise != C.NOISE_NONE:
+        ns.input_dropout[grid1(into.size, ns.NB), ns.NB](into, into, int(thr),
+                                                         into.dtype.type(scale), k0, k1, step,
+                                                         first, int(noise),
+                                                         into.dtype.type(nstd))
+    if p > 1:
+        ns.add_into[grid1(into.size, ns.NB), ns.NB](trunk_out, into)
+
+
+def _fused_epoch(st, plan, Xd, Yd, perm_d, n_total, batch_size, step0, t0, k0, k1):
+    """The fused small-MLP path (fused.py): the whole epoch in one launch for small steps,
+    else 3 launches per step."""
+    ns, tab = st.ns, st.tab
+    loss = int(st.parts[0][C.PT_LOSS])
+    thr, scale, noise, nstd = st.in_cfg[0]
+    dt = plan.dtype.type
+    ins = (int(thr), dt(scale), int(noise), dt(nstd))
+    if st.one_block_epoch:
+        ns.fused_epoch[1, ns.FNT](
+            Xd, Yd, perm_d, n_total, batch_size, int(step0), int(t0), st.P, st.G, st.M, st.V,
+            st.lay_i, st.lay_f, st.ACTS, st.DZS, st.PRE, loss, k0, k1, *ins, int(plan.opt),
+            st.status, tab["blk_seg"], tab["blk_lo"], tab["blk_hi"], tab["hp"], tab["has_m"],
+            tab["nblk"], tab["col_seg"], tab["col_lo"], tab["off_d"], tab["rows"], tab["cols"],
+            tab["n_colblk"])
+        return
+    gx = (max(o for _, o in st.widths) + ns.TN - 1) // ns.TN
+    gy = (max(i for i, _ in st.widths) + ns.TM - 1) // ns.TM
+    steps = 0
+    for start in range(0, n_total, batch_size):
+        n = min(batch_size, n_total - start)
+        nblk = -(-n // ns.FR)
+        ns.fused_step[nblk, ns.FNT](Xd, Yd, perm_d, start, n, st.P, st.lay_i, st.lay_f, st.ACTS,
+                                    st.DZS, st.PRE, st.partials, loss, k0, k1,
+                                    int(step0 + steps), *ins)
+        ns.weight_grads[(gx, gy, st.L + 1), ns.NT](st.G, st.lay_i, st.ACTS, st.DZS, n,
+                                                   st.partials, nblk, loss, st.status,
+                                                   float(n))
+        update.launch(ns, tab, st.P, st.G, st.M, st.V, int(plan.opt), int(t0 + steps),
+                      st.status, float(n))
+        steps += 1
+
+
+# ---------------------------------------------------------------- inference
+def forward_inference(st, plan, X, batch_size, part):
+    """Logits of part `part` for X (that part's input), dropout and noise off, in chunks of
+    batch_size rows; the fused forward when the chain fits it."""
+    ns = st.ns
+    layers = list(plan.part_layers(part))
+    n = X.shape[0]
+    K = plan.Ws[layers[-1]].shape[1]
+    out = np.empty((n, K), plan.dtype)
+    if n == 0:
+        return out
+    rows = max(1, min(int(batch_size), n))
+    chain = _chain_tables(st, plan, part, layers)
+    if chain is not None:   # one launch per chunk, activations in shared memory only
+        lay_i, lay_f = chain
+        od = cuda.device_array(rows * K, plan.dtype)
+        for start in range(0, n, rows):
+            m = min(rows, n - start)
+            ns.fused_forward[-(-m // ns.FR), ns.FNT](to_dev(X[start:start + m]), od, st.P,
+                                                     lay_i, lay_f)
+            out[start:start + m] = od[:m * K].copy_to_host().reshape(m, K)
+        return out
+    bufs = {l: cuda.device_array((rows, plan.Ws[l].shape[1]), plan.dtype) for l in layers}
+    dt = plan.dtype.type
+    for start in range(0, n, rows):
+        m = min(rows, n - start)
+        x = to_dev(X[start:start + m])
+        for l in layers:
+            dense.forward(ns, x, st.Ws[l], st.bs[l], 1 if st.has_bias[l] else 0, bufs[l][:m],
+                          int(plan.li[l, C.LI_ACT]), dt(plan.lf[l, C.LF_SLOPE]), 0, dt(1), 0,
+                          0, 0, l)
+            x = bufs[l][:m]
+        out[start:start + m] = x.copy_to_host()
+    return out
+
+
+def _chain_tables(st, plan, part, layers):
+    """The fused inference tables of a part's chain (cached), or None when it does not fit."""
+    chains = getattr(st, "chains", None)
+    if chains is None:
+        st.chains = chains = {}
+    if part not in chains:
+        ns = st.ns
+        fits = hasattr(ns, "fused_forward") and max(
+            max(plan.Ws[l].shape) for l in layers) <= ns.FW
+        chains[part] = None
+        if fits:
+            lay_i, lay_f = fused.tables(plan, layers, {l: st._P_offsets(l) for l in layers})
+            chains[part] = (cuda.to_device(lay_i), cuda.to_device(lay_f))
+    return chains[part]
