@@ -1,15 +1,27 @@
-"""pytest-benchmark suites for the kernels at the built-in workloads' shapes, numpy vs numba.
+"""pytest-benchmark suites for the kernels at the built-in workloads' shapes, on every
+backend that runs here (numpy, numba, cython).
 
 Run: pytest bench/ --benchmark-only   (not part of the test suite: no timing is asserted)
 """
 import numpy as np
 import pytest
 
+from fastreg import backend as backends
 from fastreg.kernels import contract as C
-from fastreg.kernels import cpu, reference
-from fastreg.kernels.philox import dropout_scale, dropout_threshold, split_seed
+from fastreg.kernels.philox import dropout_scale, dropout_threshold
 
-BACKENDS = {"numpy": reference, "numba": cpu}
+
+def _available(names):
+    out = {}
+    for name in names:
+        try:
+            out[name] = backends.resolve(name)
+        except backends.BackendUnavailable:
+            pass
+    return out
+
+
+BACKENDS = _available(["numpy", "numba", "cython"])
 # (batch, fan_in, fan_out, activation, dropout) of the hidden layers of curve and wide
 SHAPES = {"curve-64x64": (128, 64, 64, C.ACT_LEAKY_RELU, 0.1),
           "wide-784x1024": (256, 784, 1024, C.ACT_RELU, 0.2),
@@ -62,11 +74,4 @@ def test_fused_adam_update(benchmark, backend, shape):
 def test_dropout_mask(benchmark, backend, shape):
     """Philox words + mask for one layer's output (what backward regenerates)."""
     B, _, O, _, rate = SHAPES[shape]
-    thr = dropout_threshold(rate)
-    if backend == "numpy":
-        from fastreg.kernels.philox import keep_mask
-        benchmark(keep_mask, (B, O), thr, 1, 0, 0, 0)
-    else:
-        words = np.zeros((4, (B * O + 3) // 4), np.uint32)
-        k0, k1 = split_seed(1)
-        benchmark(cpu.philox_fill, words, B * O, k0, k1, 0, 0, 0)
+    benchmark(BACKENDS[backend].philox_words, B * O, 1, 0, 0, C.STREAM_DROPOUT)

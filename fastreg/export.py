@@ -199,7 +199,8 @@ def _need(module, extra):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"this export needs {module}: pip install {extra}") from exc
+        raise ImportError(f"this export needs {module}: pip install {extra} "
+                          f"({module} said: {exc})") from exc
 
 
 def to_onnx(model, opset=None):
@@ -280,7 +281,8 @@ def export(model, path, format="onnx", opset=None):
 def to_keras(model):
     """The equivalent Keras 3 model: keras.Sequential for a Sequential, a functional
     keras.Model with one output per head (a dict) for a MultiTask."""
-    keras = _need("keras", "keras (and a backend: jax, torch or tensorflow)")
+    keras = _need("keras", "keras and a backend (tensorflow; or jax or torch with "
+                           "KERAS_BACKEND=jax / torch set before keras is imported)")
     input_dim, parts, multitask = read_model(model)
     dtype = np.dtype(model.dtype).name
 

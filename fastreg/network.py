@@ -210,7 +210,10 @@ class Network:
 
     @property
     def heads(self):
-        """The parts with a loss (a Sequential's one part, or a MultiTask's heads)."""
+        """The parts whose outputs are the model's: a Sequential's one part (compiled or
+        not), or a MultiTask's heads (the parts with a loss)."""
+        if len(self.parts) == 1:
+            return [0]
         return [p for p, part in enumerate(self.parts) if part.loss is not None]
 
     @property

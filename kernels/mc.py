@@ -53,7 +53,7 @@ def mc_dropout(ops, plan, X, n_samples, seed, step0, losses):
     in float64, returned in the plan's dtype."""
     N = X.shape[0]
     n = int(n_samples)
-    heads = [p for p in range(plan.n_parts) if int(plan.parts[p, C.PT_LOSS]) >= 0]
+    heads = plan.heads
     out = [(np.empty((N, plan.n_outputs[p]), plan.dtype),
             np.zeros((N, plan.n_outputs[p]), plan.dtype)) for p in heads]
     rows = mc_rows_per_pass(n)

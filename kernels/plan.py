@@ -210,6 +210,14 @@ class Plan:
         """Widths of the parts' outputs, in part order."""
         return [self.Ws[int(p[C.PT_END]) - 1].shape[1] for p in self.parts]
 
+    @property
+    def heads(self):
+        """The parts whose outputs are the model's: the only part (with a loss or not, as an
+        uncompiled Sequential's), else the parts with a loss (a MultiTask's heads)."""
+        if self.n_parts == 1:
+            return [0]
+        return [p for p in range(self.n_parts) if int(self.parts[p, C.PT_LOSS]) >= 0]
+
     def part_layers(self, p):
         return range(int(self.parts[p, C.PT_FIRST]), int(self.parts[p, C.PT_END]))
 

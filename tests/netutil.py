@@ -10,6 +10,28 @@ from fastreg.kernels import contract as C
 from fastreg.kernels import reference as R
 
 
+def backend_module(name):
+    """The kernels module of a backend (skipping the test where it cannot run)."""
+    import pytest
+    from fastreg import backend as backends
+    try:
+        return backends.resolve(name).module
+    except backends.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def available_backends(names):
+    """[(name, module)] of the backends among `names` that can run here."""
+    from fastreg import backend as backends
+    out = []
+    for name in names:
+        try:
+            out.append((name, backends.resolve(name).module))
+        except backends.BackendUnavailable:
+            pass
+    return out
+
+
 def fresh_rng():
     """A generator seeded from the OS: every run sees new inputs."""
     return np.random.default_rng()

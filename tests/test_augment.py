@@ -9,7 +9,7 @@ from fastreg import augment as A
 from fastreg.kernels import contract as C
 from fastreg.kernels import philox, reference
 
-from netutil import central_difference, fresh_rng, randn, small_cuda_tiles
+from netutil import available_backends, central_difference, fresh_rng, randn, small_cuda_tiles
 
 
 def _model(backend="numba", loss="mse", sizes=(6, 8, 1), dropout=0.1, seed=5):
@@ -303,20 +303,7 @@ def test_bad_fit_arguments_are_clear_errors_and_leave_the_model_unchanged():
 # ---------------------------------------------------------------- Mixup with sparse labels
 def _sparse_backends():
     """(name, kernel module) of every backend here; cuda on the simulator."""
-    from fastreg.kernels import cpu
-    out = [("numpy", reference), ("numba", cpu)]
-    try:
-        from fastreg.kernels import cython as cython_backend
-        out.append(("cython", cython_backend))
-    except ImportError:
-        pass
-    try:
-        from fastreg.kernels import cuda
-        if cuda.available()[0]:
-            out.append(("cuda", cuda))
-    except ImportError:
-        pass
-    return out
+    return available_backends(["numpy", "numba", "cython", "cuda"])
 
 
 SPARSE_BACKENDS = _sparse_backends()

@@ -1,5 +1,5 @@
-"""BatchNorm (fr.BatchNorm after a Dense): the reference checked by central differences, every
-backend against the reference, training vs inference, no penalty on gamma/beta, weights
+"""BatchNorm (fr.BatchNorm after a Dense): the reference checked by central differences (the
+kernels of every backend against it: tests/test_kernels.py), training steps of every backend, training vs inference, no penalty on gamma/beta, weights
 order, save/load, prune, errors.
 
 The CUDA tests run on the numba-cuda simulator (conftest.py) with small GEMM tiles.
@@ -10,25 +10,16 @@ import pytest
 
 import fastreg as fr
 from fastreg.kernels import contract as C
-from fastreg.kernels import driver
 from fastreg.kernels import reference as R
 from fastreg.kernels.philox import dropout_scale, dropout_threshold
 
-from netutil import central_difference, fresh_rng, randn, small_cuda_tiles
+from netutil import backend_module, central_difference, fresh_rng, randn, small_cuda_tiles
 
 ACTS = [C.ACT_LINEAR, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_TANH, C.ACT_SIGMOID]
 
 
 def _backend(name):
-    if name == "numba":
-        from fastreg.kernels import cpu
-        return cpu
-    if name == "cython":
-        return pytest.importorskip("fastreg.kernels.cython")
-    G = pytest.importorskip("fastreg.kernels.cuda")
-    if not G.available()[0]:
-        pytest.skip(G.available()[1])
-    return G
+    return backend_module(name)
 
 
 @pytest.fixture
@@ -112,35 +103,6 @@ def test_reference_forward_is_the_paper_formula():
 
 # ---------------------------------------------------------------- backends against it
 BACKENDS = ["numba", "cython", "cuda"]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kernels_against_reference(backend, dtype, small_tiles):
-    ops = _backend(backend)
-    rng = fresh_rng()
-    rtol, atol = (2e-5, 2e-6) if dtype == np.float32 else (1e-12, 1e-13)
-    shapes = [(7, 5, 4, True), (37, 19, 23, False)]
-    if backend != "cuda":
-        shapes.append((130, 3, 520, True))      # >= PARALLEL_MIN_ELEMENTS: the parallel passes
-    for i, (B, I, O, bias) in enumerate(shapes):
-        for act in ACTS if i == 0 else (C.ACT_TANH, C.ACT_RELU):
-            for rate in (0.0, 0.3):
-                x, W, b, gb = _layer(rng, B, I, O, dtype, bias)
-                thr, scale = dropout_threshold(rate), dropout_scale(rate, dtype)
-                grad = randn(rng, (B, O), dtype)
-                stats = np.stack([rng.standard_normal(O), rng.random(O) + 0.5]).astype(dtype)
-                res = []
-                for m in (R, ops):
-                    out, xhat, save = _forward(m, x, W, b, gb, act, thr, scale)
-                    res.append((out, xhat, save[:3])
-                               + _backward(m, grad, out, xhat, save, x, W, b, gb, stats, act,
-                                           thr, scale, want_dx=i != 1))
-                for a, r in zip(res[1], res[0]):
-                    s = max(1.0, float(np.abs(r).max(initial=0.0)))
-                    np.testing.assert_allclose(a, r, rtol=rtol, atol=atol * s * 10)
-                np.testing.assert_array_equal(res[1][0] == 0, res[0][0] == 0)   # same masks
-                assert not res[1][5].any()      # db exactly 0
 
 
 def _bn_model(backend, dtype="float32", opt=None, dropout=0.2, seed=4, momentum=0.9):
@@ -262,7 +224,7 @@ def test_gamma_beta_never_penalized_and_bias_never_moves(backend):
                            fr.BatchNorm(), fr.Dense(1)], input_dim=5, seed=2)
         m.compile(optimizer=fr.AdamW(1e-2, weight_decay=0.5 if heavy else 0.0), backend=backend)
         m.set_weights([w + (0.3 if i == 1 else 0) for i, w in enumerate(m.get_weights())])
-        net = m._make_net(16, 1)
+        net = m._network.training_plan(m.optimizer, 16, [1])
         for col in (C.HP_L1, C.HP_L2, C.HP_MAXNORM, C.HP_GROUP, C.HP_DECOUPLED):
             assert net.hpgb[0, col] == 0
         m.fit(X, y, epochs=1, batch_size=16, verbose=0)
@@ -352,8 +314,8 @@ def test_prune_with_batchnorm_keeps_predictions():
 def test_kept_bytes_per_element_counts_zhat():
     m = fr.Sequential([fr.Dense(8, "relu"), fr.BatchNorm(), fr.Dense(2)], input_dim=3)
     m.compile(backend="numpy")
-    net = m._make_net(16, 2)
-    assert driver.kept_bytes_per_element(net) == pytest.approx(4 * (8 + 8 + 2) / 10)
+    net = m._network.training_plan(m.optimizer, 16, [2])
+    assert net.kept_bytes_per_element() == pytest.approx(4 * (8 + 8 + 2) / 10)
     assert net.xhats[0].shape == (16, 8) and net.xhats[1].size == 0
 
 
@@ -392,7 +354,7 @@ def _noisy_forward(ops, x, W, b, gb, act, thr, scale, noise, std, seed=5, step=3
     dt = x.dtype
     out, xhat = np.zeros((B, O), dt), np.zeros((B, O), dt)
     save = np.zeros((C.BN_SAVE_ROWS, O))
-    pre = np.zeros((B, O) if driver.needs_pre(noise, act) else (0, O), dt)
+    pre = np.zeros((B, O) if C.keeps_pre(act, noise) else (0, O), dt)
     ops.bn_dense_forward(x, W, b, out, xhat, gb, save, act, 0.1, thr, scale, 1e-3, seed, step,
                          layer, noise, dt.type(std), pre)
     return out, xhat, save, pre
@@ -458,37 +420,6 @@ def test_reference_with_noise_is_the_dense_noise_after_the_normalization():
         np.testing.assert_allclose(out, np.where(keep, want * scale, 0.0), rtol=1e-13)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("noise", NOISES)
-def test_kernels_with_noise_against_reference(backend, dtype, noise, small_tiles):
-    ops = _backend(backend)
-    rng = fresh_rng()
-    rtol, atol = (2e-5, 2e-6) if dtype == np.float32 else (1e-12, 1e-13)
-    shapes = [(7, 5, 4), (37, 19, 23)]
-    if backend != "cuda":
-        shapes.append((130, 3, 520))      # >= PARALLEL_MIN_ELEMENTS: the parallel passes
-    for i, (B, I, O) in enumerate(shapes):
-        for act in ACTS if i == 0 else (C.ACT_TANH, C.ACT_LINEAR):
-            for rate in (0.0, 0.3):
-                x, W, b, gb = _layer(rng, B, I, O, dtype, bias=i != 1)
-                thr, scale = dropout_threshold(rate), dropout_scale(rate, dtype)
-                grad = randn(rng, (B, O), dtype)
-                stats = np.stack([rng.standard_normal(O), rng.random(O) + 0.5]).astype(dtype)
-                res = []
-                for m in (R, ops):
-                    out, xhat, save, pre = _noisy_forward(m, x, W, b, gb, act, thr, scale,
-                                                          noise, 0.45)
-                    res.append((out, xhat, save[:3], pre)
-                               + _noisy_backward(m, grad, out, xhat, save, pre, x, W, b, gb,
-                                                 stats, act, thr, scale, noise, 0.45))
-                for a, r in zip(res[1], res[0]):
-                    s = max(1.0, float(np.abs(r).max(initial=0.0)))
-                    np.testing.assert_allclose(a, r, rtol=rtol, atol=atol * s * 10)
-                np.testing.assert_array_equal(res[1][0] == 0, res[0][0] == 0)   # same masks
-                assert not res[1][6].any()      # db exactly 0
-
-
 def _bn_noise_model(backend, dtype="float32", seed=4, noise=True):
     """BatchNorm Dense layers followed by GaussianDropout (tanh), GaussianNoise (relu, own
     dropout) and GaussianNoise (linear output); noise=False: the same without noise layers."""
@@ -505,14 +436,14 @@ def _bn_noise_model(backend, dtype="float32", seed=4, noise=True):
 
 def test_noise_after_batchnorm_is_accepted_and_planned():
     model = _bn_noise_model("numpy")
-    net = model._make_net(16, 2)
+    net = model._network.training_plan(model.optimizer, 16, [2])
     assert list(net.li[:, C.LI_BN]) == [1, 1, 1]
     assert list(net.li[:, C.LI_NOISE]) == [C.NOISE_MUL, C.NOISE_ADD, C.NOISE_ADD]
     # f(z) before the noise kept for the nonlinear layers, not for the linear output
     assert [p.shape[0] for p in net.pres] == [16, 16, 0]
     assert "output noise" in model.summary() and "batchnorm" in model.summary()
     # the inference plan folds BatchNorm and keeps the noise codes (MC sampling draws them)
-    inf = model._make_net(training=False)
+    inf = model._network.inference_plan()
     assert not inf.li[:, C.LI_BN].any()
     assert list(inf.li[:, C.LI_NOISE]) == [C.NOISE_MUL, C.NOISE_ADD, C.NOISE_ADD]
     # a noise layer between a Dense and its BatchNorm is still refused
@@ -571,7 +502,7 @@ def test_mc_sampling_draws_the_noise_after_the_folded_batchnorm():
     m.fit(X, y, epochs=2, batch_size=8, verbose=0)
     folded = fr.Sequential([fr.Dense(5, "tanh"), fr.GaussianNoise(0.3), fr.Dense(2)],
                            input_dim=6, seed=2)
-    W0, b0 = m._folded(0, 1e-3)
+    W0, b0 = m._network.folded(0)
     folded.set_weights([W0, b0] + m.get_weights()[6:])
     outs = []
     for backend in ("numpy", "numba"):

@@ -1,6 +1,6 @@
 """MC dropout (``predict(mc_samples=n)``) and ``prune()``.
 
-MC dropout is checked against a NumPy computation of the documented masks (kernels/driver.py,
+MC dropout is checked against a NumPy computation of the documented masks (kernels/mc.py,
 ``mc_dropout_forward``): pass c takes R = max(1, 8192 // n) rows, stacks n consecutive copies
 of each, and layer l draws from Philox counter (element // 4, step0 + c, MC_LAYER_TAG | l,
 stream). Pruning is checked by the predictions before and after, the report, and that the
@@ -57,18 +57,18 @@ def _mc_oracle(model, X, n, seed, step0=0):
     for c, start in enumerate(range(0, X.shape[0], rows)):
         x = np.repeat(X[start:start + rows], n, axis=0)
         step = step0 + c
-        if blocks[0]["in_drop"]:
-            rate = blocks[0]["in_drop"]
+        if blocks[0].in_drop:
+            rate = blocks[0].in_drop
             keep = keep_mask(x.shape, dropout_threshold(rate), seed, step, MC_LAYER_TAG,
                              STREAM_INPUT_DROPOUT)
             x = np.where(keep, x * dropout_scale(rate), np.float32(0))
         for l, blk in enumerate(blocks):
             W, b = weights[2 * l], weights[2 * l + 1]
-            d = blk["dense"]
+            d = blk.dense
             z = x @ W + b if b.size else x @ W
             a = R.activation(z, C.ACTIVATIONS[d.activation], d.negative_slope)
-            if blk["out_drop"]:
-                rate = blk["out_drop"]
+            if blk.out_drop:
+                rate = blk.out_drop
                 keep = keep_mask(a.shape, dropout_threshold(rate), seed, step,
                                  MC_LAYER_TAG | l, STREAM_DROPOUT)
                 a = np.where(keep, a * dropout_scale(rate), np.float32(0))

@@ -183,8 +183,8 @@ def test_standalone_dropout_on_inputs_and_folding():
     model = fr.Sequential([fr.Dropout(0.2), fr.Dense(4, "relu", dropout=0.5), fr.Dropout(0.5),
                            fr.Dense(1)], input_dim=3)
     blocks = model._blocks()
-    assert blocks[0]["in_drop"] == pytest.approx(0.2)
-    assert blocks[0]["out_drop"] == pytest.approx(0.75)
+    assert blocks[0].in_drop == pytest.approx(0.2)
+    assert blocks[0].out_drop == pytest.approx(0.75)
     model.compile(backend="numba")
     rng = fresh_rng()
     X, y = _regression(rng, 40, 3)

@@ -7,34 +7,20 @@ import pytest
 
 import fastreg as fr
 from fastreg.kernels import contract as C
-from fastreg.kernels import cpu as N
-from fastreg.kernels import driver
 from fastreg.kernels import reference as R
 from fastreg.kernels.philox import (STREAM_DROPOUT, STREAM_INPUT_NOISE, STREAM_NOISE,
                                     dropout_scale, dropout_threshold, philox_words,
                                     standard_normals)
 
-from netutil import central_difference, fresh_rng, randn, small_cuda_tiles
+from netutil import available_backends, central_difference, fresh_rng, randn, small_cuda_tiles
 
 ACTS = [C.ACT_LINEAR, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_TANH, C.ACT_SIGMOID]
 NOISES = [C.NOISE_ADD, C.NOISE_MUL]
 
 
 def _backends():
-    """(name, module) of every backend available here; cuda runs on the simulator."""
-    out = [("numba", N)]
-    try:
-        from fastreg.kernels import cython as cython_backend
-        out.append(("cython", cython_backend))
-    except ImportError:
-        pass
-    try:
-        from fastreg.kernels import cuda as G
-        if G.available()[0]:
-            out.append(("cuda", G))
-    except ImportError:
-        pass
-    return out
+    """(name, module) of every compiled backend available here; cuda on the simulator."""
+    return available_backends(["numba", "cython", "cuda"])
 
 
 BACKENDS = _backends()
@@ -71,7 +57,7 @@ def _run_layer(K, x, W, b, args, key, nz, g):
     B, O = x.shape[0], W.shape[1]
     dt = x.dtype
     out = np.zeros((B, O), dt)
-    pre = np.zeros((B, O) if driver.needs_pre(nz[0], args[0]) else (0, O), dt)
+    pre = np.zeros((B, O) if C.keeps_pre(args[0], nz[0]) else (0, O), dt)
     K.dense_forward(x, W, b, out, *args, *key, *nz, pre)
     gg = g.copy()
     dW, db, dx = np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
@@ -134,67 +120,6 @@ def test_noise_statistics():
         R.dense_forward(x, W, np.full(O, bias, np.float32), out, C.ACT_LINEAR, 0, 0, 1.0, 5, 9,
                         2, noise, std)
         assert abs(out.mean() - mean) < 0.01 and abs(out.var() - var) < 0.01 * var + 1e-3
-
-
-@pytest.mark.parametrize("name,K", BACKENDS, ids=[b[0] for b in BACKENDS])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_noise_itself_equals_reference(name, K, dtype):
-    """With z = 0 and std = 1 the kernel's output IS the normal: equal to the reference up to
-    the rounding of the float64 transform (libm / NumPy / libdevice) to the dtype."""
-    rng = fresh_rng()
-    B, O = (9, 13) if name == "cuda" else (61, 37)
-    seed, step = int(rng.integers(2**63)), int(rng.integers(2**31))
-    x = np.zeros((B, 2), dtype)
-    W = randn(rng, (2, O), dtype)
-    want = standard_normals(B * O, seed, step, 4, STREAM_NOISE).astype(dtype).reshape(B, O)
-    out = np.zeros((B, O), dtype)
-    K.dense_forward(x, W, np.zeros(O, dtype), out, C.ACT_LINEAR, 0, 0, 1.0, seed, step, 4,
-                    C.NOISE_ADD, 1.0)
-    tight = dict(rtol=3e-7, atol=1e-12) if dtype == np.float32 else dict(rtol=1e-14, atol=1e-20)
-    np.testing.assert_allclose(out, want, **tight)
-    xin = np.ones((B, O), dtype)
-    got = np.zeros_like(xin)
-    K.input_dropout(xin, got, 0, 1.0, seed, step, 0, C.NOISE_MUL, 0.5)
-    want = 1 + dtype(0.5) * standard_normals(B * O, seed, step, 0, STREAM_INPUT_NOISE).astype(
-        dtype).reshape(B, O)
-    np.testing.assert_allclose(got, want, **tight)
-
-
-# ---------------------------------------------------------------- the fused kernels
-@pytest.mark.parametrize("name,K", CPU_BACKENDS, ids=[b[0] for b in CPU_BACKENDS])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("noise", NOISES)
-@pytest.mark.parametrize("rate", [0.0, 0.35])
-@pytest.mark.parametrize("shape", [(37, 19, 23), (300, 40, 260)], ids=["small", "parallel"])
-def test_cpu_kernels_equal_reference(name, K, dtype, act, noise, rate, shape):
-    rng = fresh_rng()
-    x, W, b, args, key, nz = _layer(rng, dtype, shape, act, noise, rate, 0.6)
-    g = randn(rng, (shape[0], shape[2]), dtype)
-    want = _run_layer(R, x, W, b, args, key, nz, g)
-    got = _run_layer(K, x, W, b, args, key, nz, g)
-    for a, c in zip(got, want):
-        assert_close(a, c, dtype)
-    np.testing.assert_array_equal(got[0] == 0, want[0] == 0)   # the same masks
-    xi, xo = np.zeros_like(x), np.zeros_like(x)
-    R.input_dropout(x, xi, args[2], args[3], *key, *nz)
-    K.input_dropout(x, xo, args[2], args[3], *key, *nz)
-    assert_close(xo, xi, dtype)
-
-
-@pytest.mark.parametrize("act", [C.ACT_LINEAR, C.ACT_RELU, C.ACT_TANH])
-@pytest.mark.parametrize("noise", NOISES)
-def test_cuda_kernels_equal_reference(act, noise):
-    G = dict(BACKENDS).get("cuda")
-    if G is None:
-        pytest.skip("the cuda backend (or its simulator) is not available")
-    rng = fresh_rng()
-    x, W, b, args, key, nz = _layer(rng, np.float32, (21, 11, 19), act, noise, 0.3, 0.6)
-    g = randn(rng, (21, 19))
-    want = _run_layer(R, x, W, b, args, key, nz, g)
-    got = _run_layer(G, x, W, b, args, key, nz, g)
-    for a, c in zip(got, want):
-        assert_close(a, c, np.float32)
 
 
 # ---------------------------------------------------------------- the model
@@ -287,11 +212,11 @@ def test_determinism_by_seed():
 
 def test_kept_bytes_and_workspace():
     model = _noise_model("numba")
-    net = model._make_net(16, 2)
+    net = model._network.training_plan(model.optimizer, 16, [2])
     # tanh + GaussianDropout and relu + GaussianNoise keep f(z) too; the linear output not
     assert [p.shape[0] for p in net.pres] == [16, 16, 0]
-    assert driver.kept_bytes_per_element(net) == pytest.approx(4 * (18 + 9 + 7) / 18)
-    assert net.xdrop.shape == (16, 4)
+    assert net.kept_bytes_per_element() == pytest.approx(4 * (18 + 9 + 7) / 18)
+    assert [x.shape for x in net.xdrops] == [(16, 4)]
     assert list(net.li[:, C.LI_NOISE]) == [C.NOISE_MUL, C.NOISE_ADD, C.NOISE_ADD]
     assert net.li[0, C.LI_IN_NOISE] == C.NOISE_ADD
     assert net.lf[0, C.LF_NOISE_STD] == np.float32(np.sqrt(0.3 / 0.7))
@@ -350,7 +275,7 @@ def test_zero_noise_is_no_noise():
     model = fr.Sequential([fr.GaussianNoise(0.0), fr.Dense(3), fr.GaussianDropout(0.0),
                            fr.Dense(1)], input_dim=2)
     model.compile(loss="mse")
-    net = model._make_net(4, 1)
+    net = model._network.training_plan(model.optimizer, 4, [1])
     assert not net.li[:, C.LI_NOISE].any() and not net.li[:, C.LI_IN_NOISE].any()
 
 

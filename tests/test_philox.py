@@ -1,8 +1,8 @@
-"""Philox4x32-10: known answers, the element mapping, and the keep-rate statistics."""
+"""Philox4x32-10: known answers, the element mapping, and the keep-rate statistics (every
+backend's words against these: tests/test_kernels.py)."""
 import numpy as np
 import pytest
 
-from fastreg.kernels import cpu
 from fastreg.kernels.philox import (dropout_threshold, keep_mask, philox4x32,
                                     philox4x32_block, philox_words, split_seed)
 
@@ -18,18 +18,6 @@ KAT = [
 def test_known_answers_scalar_and_vectorised(counter, key, expected):
     assert tuple(int(w) for w in philox4x32(*counter, *key)) == expected
     assert tuple(int(w) for w in philox4x32_block([counter], key)[0]) == expected
-
-
-def test_numba_fill_matches_reference_words():
-    rng = np.random.default_rng()
-    seed = int(rng.integers(0, 2**63))
-    step, layer, stream = (int(v) for v in rng.integers(0, 2**31, 3))
-    n = 1001
-    words = np.zeros((4, (n + 3) // 4), np.uint32)
-    k0, k1 = split_seed(seed)
-    cpu.philox_fill(words, n, k0, k1, step, layer, stream)
-    flat = words.T.reshape(-1)[:n]
-    np.testing.assert_array_equal(flat, philox_words(n, seed, step, layer, stream))
 
 
 def test_word_for_element_is_counter_element_div_4():

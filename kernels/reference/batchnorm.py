@@ -7,7 +7,7 @@ kernels/contract.py (BN_*).
 import numpy as np
 
 from .. import contract as C
-from .epilogue import activation, output_epilogue, output_epilogue_backward
+from .epilogue import activate_keeping, output_epilogue, output_epilogue_backward
 
 
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
@@ -36,8 +36,9 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
     save[C.BN_SAVE_INVSTD] = inv
     xh = (z - mean.astype(out.dtype)) * inv
     xhat[...] = xh
-    output_epilogue(activation(gb[C.BN_GAMMA] * xh + gb[C.BN_BETA], act, slope), out,
-                    drop_threshold, drop_scale, seed, step, layer, noise, noise_std, pre)
+    output_epilogue(activate_keeping(gb[C.BN_GAMMA] * xh + gb[C.BN_BETA], act, slope, pre),
+                    out, drop_threshold, drop_scale, seed, step, layer, noise, noise_std, pre,
+                    act)
 
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,

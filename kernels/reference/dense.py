@@ -5,7 +5,7 @@ Shape legend: B batch rows, I fan_in, O fan_out. Outputs are preallocated by the
 written in place; an empty array (size 0) means "not present" (no bias, no dx).
 """
 from .. import contract as C
-from .epilogue import activation, output_epilogue, output_epilogue_backward
+from .epilogue import activate_keeping, output_epilogue, output_epilogue_backward
 
 
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
@@ -20,8 +20,8 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
     z = x @ W
     if b.size:
         z += b
-    output_epilogue(activation(z, act, slope), out, drop_threshold, drop_scale, seed, step,
-                    layer, noise, noise_std, pre)
+    output_epilogue(activate_keeping(z, act, slope, pre), out, drop_threshold, drop_scale,
+                    seed, step, layer, noise, noise_std, pre, act)
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,

@@ -68,12 +68,20 @@ def apply_noise(a, noise, std, seed, step, layer, stream):
 
 
 # ---------------------------------------------------------------- the output epilogue
+def activate_keeping(z, act, slope, pre):
+    """f(z); an activation whose f' needs its input keeps z in pre (contract.keeps_pre)."""
+    if C.ACTIVATION_BY_CODE[int(act)].grad_from == "input" and pre is not None and pre.size:
+        pre[...] = z
+    return activation(z, act, slope)
+
+
 def output_epilogue(a, out, drop_threshold, drop_scale, seed, step, layer, noise, noise_std,
-                    pre):
+                    pre, act=C.ACT_LINEAR):
     """out = dropout(noise(a)) for the activation a = f(.) of a dense layer (plain or
-    BatchNorm); with noise, pre = a first (when pre is given and not empty)."""
+    BatchNorm); with noise, pre = a first (when pre is given and not empty, and f' reads
+    its output: an input-derivable f has z there already)."""
     if noise != C.NOISE_NONE:
-        if pre is not None and pre.size:
+        if pre is not None and pre.size and C.ACTIVATION_BY_CODE[int(act)].grad_from != "input":
             pre[...] = a
         a = apply_noise(a, noise, noise_std, seed, step, layer, C.STREAM_NOISE)
     if drop_threshold > 0:
@@ -104,12 +112,17 @@ def output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, 
             keep = keep_mask(out.shape, drop_threshold, seed, step, layer, C.STREAM_DROPOUT)
             d = np.where(keep, d, out.dtype.type(0))
         return d
+    if C.ACTIVATION_BY_CODE[int(act)].grad_from == "input":
+        a = pre                      # z itself, kept by the forward
+    elif drop_threshold > 0:
+        a = out / scale if C.unscale_output(act) else out
+    else:
+        a = out
     if drop_threshold > 0:
         keep = keep_mask(out.shape, drop_threshold, seed, step, layer, C.STREAM_DROPOUT)
-        a = out / scale if C.unscale_output(act) else out
         return np.where(keep, (grad * scale) * activation_grad(a, act, slope),
                         out.dtype.type(0))
-    return grad * activation_grad(out, act, slope)
+    return grad * activation_grad(a, act, slope)
 
 
 # ---------------------------------------------------------------- a part's input transform
