@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fastreg import metrics as M
+from fastreg import metrics
 from netutil import fresh_rng
 
 sk = pytest.importorskip("sklearn.metrics")
@@ -14,7 +14,7 @@ def _softmax(z):
 
 
 def _compiled(name, loss):
-    metric, = M.resolve([name], loss)
+    metric, = metrics.resolve([name], loss)
     return metric
 
 
@@ -90,25 +90,25 @@ def test_r2_of_a_constant_target_follows_scikit_learn():
     y = np.ones((10, 2))
     p = np.ones((10, 2))
     p[0, 1] = 2.0
-    assert M.r2(y, p, M.REGRESSION) == pytest.approx(sk.r2_score(y, p)) == 0.5
+    assert metrics.r2(y, p, metrics.REGRESSION) == pytest.approx(sk.r2_score(y, p)) == 0.5
 
 
 def test_resolve_names_errors_and_callables():
     def hit_rate(y_true, y_pred):
         return 0.25
-    ms = M.resolve(["acc", "F1_score", hit_rate], "binary_crossentropy")
+    ms = metrics.resolve(["acc", "F1_score", hit_rate], "binary_crossentropy")
     assert [m.name for m in ms] == ["accuracy", "f1", "hit_rate"]
     assert ms[2](None, None) == 0.25
     with pytest.raises(ValueError, match="needs a classification loss"):
-        M.resolve(["accuracy"], "mse")
+        metrics.resolve(["accuracy"], "mse")
     with pytest.raises(ValueError, match="unknown metric 'accuracyy'"):
-        M.resolve(["accuracyy"], "mse")
+        metrics.resolve(["accuracyy"], "mse")
     with pytest.raises(ValueError, match="given twice"):
-        M.resolve(["mae", "mean_absolute_error"], "mse")
+        metrics.resolve(["mae", "mean_absolute_error"], "mse")
     with pytest.raises(ValueError, match="lambda"):
-        M.resolve([lambda t, p: 0.0], "mse")
+        metrics.resolve([lambda t, p: 0.0], "mse")
     with pytest.raises(TypeError, match="must return a number"):
-        M.resolve([type("bad", (), {"__call__": lambda s, t, p: "x", "__name__": "bad"})()],
-                  "mse")[0](None, None)
+        bad = type("bad", (), {"__call__": lambda s, t, p: "x", "__name__": "bad"})()
+        metrics.resolve([bad], "mse")[0](None, None)
     with pytest.raises(ValueError, match="one class only"):
         _compiled("auc", "binary_crossentropy")(np.ones((4, 1)), np.random.rand(4, 1))
