@@ -81,9 +81,9 @@ def test_regression_metrics_equal_scikit_learn(K):
     y = rng.standard_normal((50, K)).astype(np.float32)
     p = (y + 0.3 * rng.standard_normal((50, K))).astype(np.float32)
     y64, p64 = y.astype(np.float64), p.astype(np.float64)   # ours sums in float64
-    assert _compiled("mae", "mse")(y, p) == pytest.approx(sk.mean_absolute_error(y64, p64), rel=1e-12)
-    assert _compiled("mse", "mse")(y, p) == pytest.approx(sk.mean_squared_error(y64, p64), rel=1e-12)
-    assert _compiled("r2", "mse")(y, p) == pytest.approx(sk.r2_score(y64, p64), rel=1e-12)
+    for name, peer in (("mae", sk.mean_absolute_error), ("mse", sk.mean_squared_error),
+                       ("r2", sk.r2_score)):
+        assert _compiled(name, "mse")(y, p) == pytest.approx(peer(y64, p64), rel=1e-12), name
 
 
 def test_r2_of_a_constant_target_follows_scikit_learn():
