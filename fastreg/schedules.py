@@ -48,27 +48,42 @@ class LearningRateSchedule:
     __hash__ = None
 
 
-class ExponentialDecay(LearningRateSchedule):
-    """initial_learning_rate * decay_rate ** (step / decay_steps) (the exponent floored with
-    staircase=True)."""
+class _DecayEveryStep(LearningRateSchedule):
+    """A decay of initial_learning_rate driven by p = step / decay_steps (floored with
+    staircase=True): ExponentialDecay and InverseTimeDecay."""
 
     def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False):
         self.initial_learning_rate = _number("initial_learning_rate", initial_learning_rate, 0,
                                              lo_open=True)
         self.decay_steps = _number("decay_steps", decay_steps, 0, lo_open=True)
-        self.decay_rate = _number("decay_rate", decay_rate, 0, lo_open=True)
+        self.decay_rate = _number("decay_rate", decay_rate, 0, lo_open=self.rate_positive)
         self.staircase = bool(staircase)
 
-    def rates(self, steps):
+    rate_positive = True
+
+    def _progress(self, steps):
         p = np.asarray(steps, np.float64) / self.decay_steps
-        if self.staircase:
-            p = np.floor(p)
-        return self.initial_learning_rate * np.power(self.decay_rate, p)
+        return np.floor(p) if self.staircase else p
 
     def get_config(self):
         return {"initial_learning_rate": self.initial_learning_rate,
                 "decay_steps": self.decay_steps, "decay_rate": self.decay_rate,
                 "staircase": self.staircase}
+
+
+class ExponentialDecay(_DecayEveryStep):
+    """initial_learning_rate * decay_rate ** p."""
+
+    def rates(self, steps):
+        return self.initial_learning_rate * np.power(self.decay_rate, self._progress(steps))
+
+
+class InverseTimeDecay(_DecayEveryStep):
+    """initial_learning_rate / (1 + decay_rate * p)."""
+    rate_positive = False       # decay_rate 0: a constant rate
+
+    def rates(self, steps):
+        return self.initial_learning_rate / (1.0 + self.decay_rate * self._progress(steps))
 
 
 class PiecewiseConstantDecay(LearningRateSchedule):
@@ -164,29 +179,6 @@ class CosineDecay(LearningRateSchedule):
         return {"initial_learning_rate": self.initial_learning_rate,
                 "decay_steps": self.decay_steps, "alpha": self.alpha,
                 "warmup_target": self.warmup_target, "warmup_steps": self.warmup_steps}
-
-
-class InverseTimeDecay(LearningRateSchedule):
-    """initial_learning_rate / (1 + decay_rate * step / decay_steps) (floored with
-    staircase=True)."""
-
-    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False):
-        self.initial_learning_rate = _number("initial_learning_rate", initial_learning_rate, 0,
-                                             lo_open=True)
-        self.decay_steps = _number("decay_steps", decay_steps, 0, lo_open=True)
-        self.decay_rate = _number("decay_rate", decay_rate, 0)
-        self.staircase = bool(staircase)
-
-    def rates(self, steps):
-        p = np.asarray(steps, np.float64) / self.decay_steps
-        if self.staircase:
-            p = np.floor(p)
-        return self.initial_learning_rate / (1.0 + self.decay_rate * p)
-
-    def get_config(self):
-        return {"initial_learning_rate": self.initial_learning_rate,
-                "decay_steps": self.decay_steps, "decay_rate": self.decay_rate,
-                "staircase": self.staircase}
 
 
 REGISTRY = {cls.__name__: cls for cls in (ExponentialDecay, PiecewiseConstantDecay,
