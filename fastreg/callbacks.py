@@ -1,7 +1,7 @@
 """Callbacks and the History record of a fit."""
-import math
-
 import numpy as np
+
+from .validation import check_int, check_real
 
 
 class Callback:
@@ -49,19 +49,14 @@ class EarlyStopping(Callback):
 
     def __init__(self, monitor="val_loss", patience=0, min_delta=0.0,
                  restore_best_weights=True, mode="auto", verbose=0):
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
-        if not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) \
-                or min_delta < 0:
-            raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+        self.patience = check_int("patience", patience, 0, what="an integer >= 0")
+        self.min_delta = check_real("min_delta", min_delta, 0.0)
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-        if verbose not in (0, 1):
-            raise ValueError(f"verbose must be 0 or 1, got {verbose!r}")
-        self.verbose = verbose
+        self.verbose = check_int("verbose", verbose, 0, 1, what="0 or 1")
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor must be a metric name such as 'val_loss', got {monitor!r}")
         self.monitor = monitor
-        self.patience = patience
-        self.min_delta = float(min_delta)
         self.restore_best_weights = bool(restore_best_weights)
         self.mode = mode
         self.best = None

@@ -13,8 +13,8 @@ from . import layers as L
 from . import optimizers as O
 from . import pruning, saving, training
 from .kernels import contract as C
-from .network import Network, Part, check_loss_and_last_layer, fold_blocks
-from .validation import as_features, as_targets, check_positive_int
+from .network import Network, Part, check_in_model_dtype, check_loss_and_last_layer, fold_blocks
+from .validation import as_features, as_targets, check_batch_size, check_seed, check_width
 
 FORMAT = "fastreg-model"
 FORMAT_VERSION = 1
@@ -52,8 +52,7 @@ class Sequential:
 
     @seed.setter
     def seed(self, value):
-        from .network import check_seed
-        self._network.seed = check_seed(value)
+        self._network.seed = check_seed("seed", value)
 
     @property
     def dtype(self):
@@ -77,6 +76,7 @@ class Sequential:
             after = type(self.layers[-1]).__name__ if self.layers else "nothing (first layer)"
             raise ValueError(f"BatchNorm must come right after a Dense: it normalizes that "
                              f"Dense's pre-activation x @ W + b; here it follows {after}")
+        check_in_model_dtype(layer, self.dtype)
         part = self._network.parts[0]
         part.layers = layers
         part.blocks = fold_blocks(layers, partial=True)
@@ -93,7 +93,7 @@ class Sequential:
         return self._blocks()[-1].dense.units
 
     def build(self, input_dim):
-        input_dim = check_positive_int("input_dim", input_dim)
+        input_dim = check_width("input_dim", input_dim)
         self._network.refold()
         self._blocks()      # a Sequential needs a Dense
         self._network.build(input_dim)
@@ -124,9 +124,10 @@ class Sequential:
         """Choose the loss, the optimizer (fresh state) and the backend (cython when built,
         else numba)."""
         if not isinstance(loss, str):
-            raise TypeError(f"loss must be the name of a loss ({sorted(C.LOSSES)}), got "
-                            f"{loss!r}")
+            raise TypeError(f"loss must be the name of a loss ({sorted(C.LOSSES)}; one name: "
+                            f"a Sequential has one output), got {loss!r}")
         optimizer = O.get(optimizer)
+        optimizer.check_dtype(self.dtype)
         name = backends.name_of(backend)
         backends.resolve(name)  # fail now, with how to get it, not at fit time
         check_loss_and_last_layer(loss, self._blocks()[-1].dense)
@@ -184,8 +185,8 @@ class Sequential:
         self._require_compiled()
         X = as_features(X, "X", self.input_dim, self.dtype)
         Ys = self._targets(y, X.shape[0])
-        epochs, batch_size, callbacks = training.check_fit_arguments(epochs, batch_size,
-                                                                     verbose, callbacks)
+        epochs, batch_size, verbose, callbacks = training.check_fit_arguments(
+            epochs, batch_size, verbose, callbacks)
         val = training.validation_pair(validation_data, X.shape[1], self.dtype, self._targets)
         plan = augmentation.prepare(augment, X.shape[1], C.LOSSES[self.loss], image_shape)
         backends.resolve(self.backend)
@@ -217,9 +218,8 @@ class Sequential:
         saved with the model).
         """
         mc_samples, seed = training.check_mc_arguments(mc_samples, seed)
+        batch_size = check_batch_size(batch_size)
         X = as_features(X, "X", self.input_dim, self.dtype)
-        if batch_size is not None:
-            batch_size = check_positive_int("batch_size", batch_size)
         if not self.built:
             self.build(X.shape[1])
         if mc_samples is not None:
@@ -241,10 +241,9 @@ class Sequential:
         self._require_compiled()
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
+        batch_size = check_batch_size(batch_size)
         X = as_features(X, "X", self.input_dim, self.dtype)
         Ys = self._targets(y, X.shape[0])
-        if batch_size is not None:
-            batch_size = check_positive_int("batch_size", batch_size)
         return training.evaluate(self, X, Ys, batch_size)["loss"]
 
     # ------------------------------------------------------------ pruning

@@ -84,7 +84,6 @@ with BatchNorm) of trunk block 0, ..., then each head's blocks in order]
 are the layers' own, exactly as in Sequential.
 
 """
-import math
 import re
 from collections.abc import Mapping
 
@@ -96,9 +95,10 @@ from . import layers as L
 from . import optimizers as O
 from . import pruning, saving, training
 from .kernels import contract as C
-from .network import Network, Part, check_loss_and_last_layer, check_part_layers, check_seed
+from .network import Network, Part, check_loss_and_last_layer, check_part_layers
 from .pruning import MultiTaskPruneReport
-from .validation import as_features, as_targets, check_positive_int
+from .validation import (as_features, as_targets, check_batch_size, check_real, check_seed,
+                         check_width)
 
 FORMAT = "fastreg-multitask"
 FORMAT_VERSION = 1
@@ -107,12 +107,7 @@ _LAYER_KINDS = "Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout"
 
 
 def _check_weight(name, weight):
-    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer,
-                                                           np.floating)) \
-            or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"the loss weight of head {name!r} must be a finite number >= 0, "
-                         f"got {weight!r}")
-    return float(weight)
+    return check_real(f"the loss weight of head {name!r}", weight, 0.0)
 
 
 def _check_layers(where, layers):
@@ -161,7 +156,7 @@ class MultiTask:
     Philox layer numbering and the parameter order."""
 
     def __init__(self, trunk, heads, input_dim=None, seed=0, dtype="float32"):
-        seed = check_seed(seed)
+        seed = check_seed("seed", seed)
         trunk = _check_layers("the trunk", trunk)
         if not isinstance(heads, Mapping) or not heads:
             raise ValueError("heads must be a non-empty dict {name: (layers, loss[, weight])}")
@@ -219,7 +214,7 @@ class MultiTask:
     def build(self, input_dim):
         """Create the weights from the seed: one generator, trunk blocks then each head's in
         order (so a one-head model starts as the Sequential of trunk + head layers does)."""
-        self._network.build(check_positive_int("input_dim", input_dim))
+        self._network.build(check_width("input_dim", input_dim))
 
     def count_params(self):
         """Parameters of every part, BatchNorm's running statistics included (as Keras)."""
@@ -260,6 +255,7 @@ class MultiTask:
         loss_weights: optionally {head: weight >= 0} replacing the weights given with the
         heads (heads not named keep theirs), as Keras' compile(loss_weights=...)."""
         optimizer = O.get(optimizer)
+        optimizer.check_dtype(self.dtype)
         name = backends.name_of(backend)
         backends.resolve(name)  # fail now, with how to get it, not at fit time
         weights = dict(self.loss_weights)
@@ -347,8 +343,8 @@ class MultiTask:
         self._require_compiled()
         X = as_features(X, "X", self.input_dim, self.dtype)
         Ys = self._targets(y, X.shape[0])
-        epochs, batch_size, callbacks = training.check_fit_arguments(epochs, batch_size,
-                                                                     verbose, callbacks)
+        epochs, batch_size, verbose, callbacks = training.check_fit_arguments(
+            epochs, batch_size, verbose, callbacks)
         val = training.validation_pair(validation_data, X.shape[1], self.dtype, self._targets,
                                        "(X_val, {head: y_val})")
         plans = self._augment_plans(augment, X.shape[1], image_shape)
@@ -422,10 +418,9 @@ class MultiTask:
         self._require_compiled()
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
+        batch_size = check_batch_size(batch_size)
         X = as_features(X, "X", self.input_dim, self.dtype)
         Ys = self._targets(y, X.shape[0])
-        if batch_size is not None:
-            batch_size = check_positive_int("batch_size", batch_size)
         return training.evaluate(self, X, Ys, batch_size)
 
     def predict(self, X, batch_size=None, mc_samples=None, seed=None):
@@ -440,9 +435,8 @@ class MultiTask:
         function of (weights, X, n, s); seed=None: the model's seed and MC pass counter (as
         Sequential.predict; the counter is saved with the model)."""
         mc_samples, seed = training.check_mc_arguments(mc_samples, seed)
+        batch_size = check_batch_size(batch_size)
         X = as_features(X, "X", self.input_dim, self.dtype)
-        if batch_size is not None:
-            batch_size = check_positive_int("batch_size", batch_size)
         if not self.built:
             self.build(X.shape[1])
         if mc_samples is not None:

@@ -25,6 +25,7 @@ from .kernels import contract as C
 from .kernels import plan as PL
 from .kernels.philox import dropout_scale, dropout_threshold
 from .kernels.reference import penalty_value
+from .validation import check_in_dtype, check_seed
 
 
 # ---------------------------------------------------------------- dense blocks
@@ -94,7 +95,7 @@ def fold_blocks(layers, partial=False):
 def check_loss_and_last_layer(loss, last, where=""):
     """The rules tying a loss to the last Dense: the cross-entropies take logits from a
     linear last layer; the sparse one needs a unit per class."""
-    if loss not in C.LOSSES:
+    if not isinstance(loss, str) or loss not in C.LOSSES:
         raise ValueError(f"{where}unknown loss {loss!r}; choose one of {sorted(C.LOSSES)}")
     if C.LOSS_BY_CODE[C.LOSSES[loss]].output != "identity" and last.activation is not None:
         raise ValueError(f"{where}{loss} takes logits: make the last Dense linear "
@@ -121,11 +122,16 @@ def check_part_layers(layers, where=""):
         raise ValueError(f"{where}{exc}") from None
 
 
-def check_seed(seed, name="seed"):
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
-            or not 0 <= int(seed) < 2 ** 64:
-        raise ValueError(f"{name} must be an integer in [0, 2**64), got {seed!r}")
-    return int(seed)
+def check_in_model_dtype(layer, dtype):
+    """What a layer's numbers become in the model's dtype, where the kernels use them: a
+    BatchNorm's eps is added and its momentum mixes the running statistics in that dtype
+    (an eps that rounds to 0 divides by a zero variance; a momentum that rounds to 1 never
+    moves the statistics; one that rounds to 0 only keeps the last batch's, which is
+    allowed)."""
+    if isinstance(layer, L.BatchNorm):
+        check_in_dtype("BatchNorm eps", layer.eps, dtype)
+        check_in_dtype("BatchNorm momentum", layer.momentum, dtype, positive=False,
+                       below_one=True)
 
 
 def init_kernel(kind, fan_in, fan_out, rng, dtype):
@@ -168,11 +174,18 @@ class Network:
     """Parts, parameters and counters (module docstring). Parts are given trunk first."""
 
     def __init__(self, parts, seed=0, dtype="float32"):
-        self.seed = check_seed(seed)
-        if np.dtype(dtype) not in (np.float32, np.float64):
+        self.seed = check_seed("seed", seed)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:       # not a dtype at all ("float" typo'd, a list...)
+            dt = None
+        if dt not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-        self.dtype = np.dtype(dtype)
+        self.dtype = dt
         self.parts = list(parts)
+        for part in self.parts:
+            for layer in part.layers:
+                check_in_model_dtype(layer, self.dtype)
         self.input_dim = None
         self.store = None           # a kernels.plan.ParamStore once built
         self.moments_ready = False  # the optimizer's moments exist (made at the first fit)

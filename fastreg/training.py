@@ -22,23 +22,18 @@ from .callbacks import Callback, History
 from .kernels import contract as C
 from .kernels import mc
 from .progress import EpochProgress
-from .validation import as_features, check_positive_int
+from .validation import (as_features, check_callbacks, check_int, check_positive_int,
+                         check_seed, check_verbose)
 
 PREDICT_BATCH = 4096
 
 
 # ---------------------------------------------------------------- arguments
 def check_fit_arguments(epochs, batch_size, verbose, callbacks):
-    """(epochs, batch_size, callbacks as a list), validated: what every fit takes."""
+    """(epochs, batch_size, verbose, callbacks as a list), validated: what every fit takes."""
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
-    if verbose not in (0, 1, 2):
-        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
-    callbacks = list(callbacks or [])
-    for cb in callbacks:
-        if not isinstance(cb, Callback):
-            raise TypeError(f"callbacks must be fastreg Callback instances, got {cb!r}")
-    return epochs, batch_size, callbacks
+    return epochs, batch_size, check_verbose(verbose), check_callbacks(callbacks, Callback)
 
 
 def validation_pair(validation_data, width, dtype, targets, what="(X_val, y_val)"):
@@ -54,16 +49,12 @@ def validation_pair(validation_data, width, dtype, targets, what="(X_val, y_val)
 def check_mc_arguments(mc_samples, seed):
     """predict's (mc_samples, seed), validated (Sequential and MultiTask)."""
     if mc_samples is not None:
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, (int, np.integer)) \
-                or mc_samples < 1:
-            raise ValueError(f"mc_samples must be an integer >= 1 (dropout masks per row), "
-                             f"got {mc_samples!r}")
-        mc_samples = int(mc_samples)
+        mc_samples = check_int("mc_samples", mc_samples, 1,
+                               what="an integer >= 1 (dropout masks per row)")
     if seed is not None:
         if mc_samples is None:
             raise ValueError("seed only applies to MC dropout: pass mc_samples too")
-        from .network import check_seed
-        seed = check_seed(seed)
+        seed = check_seed("seed", seed)
     return mc_samples, seed
 
 
