@@ -24,6 +24,17 @@ class Callback:
         pass
 
 
+class FitProgress:
+    """What a fit tells its callbacks at on_train_begin (logs["fit"]): the History being
+    written, and the epoch the fit starts at (BackupAndRestore moves it past the epochs a
+    backup already holds)."""
+
+    def __init__(self, history, epochs):
+        self.history = history
+        self.epochs = epochs
+        self.initial_epoch = 0
+
+
 class History(Callback):
     """history.history[key] is a list with one value per epoch: "loss" (data loss, mean over
     the epoch's batches), "penalty" (the regularization term, averaged the same way),

@@ -5,16 +5,17 @@ part (trunk and head at once): its layers, its loss, its parameters, counters an
 the network's; the fit frame and inference are fastreg/training.py's, persistence
 fastreg/saving.py's, pruning fastreg/pruning.py's.
 """
-import numpy as np
 
 from . import augment as augmentation
 from . import backend as backends
+from . import interrupts
 from . import layers as L
 from . import optimizers as O
 from . import pruning, saving, training
 from .kernels import contract as C
 from .network import Network, Part, check_in_model_dtype, check_loss_and_last_layer, fold_blocks
-from .validation import as_features, as_targets, check_batch_size, check_seed, check_width
+from .validation import (as_features, as_targets, check_batch_size, check_seed, check_width,
+                         feature_source)
 
 FORMAT = "fastreg-model"
 FORMAT_VERSION = 1
@@ -131,10 +132,11 @@ class Sequential:
         name = backends.name_of(backend)
         backends.resolve(name)  # fail now, with how to get it, not at fit time
         check_loss_and_last_layer(loss, self._blocks()[-1].dense)
-        self.loss, self.optimizer, self.backend = loss, optimizer, name
-        self._network.parts[0].loss = loss
-        self._network.counters.t = 0
-        self._network.reset_optimizer_state()
+        with interrupts.deferred():     # all of it or nothing, even under Ctrl-C
+            self.loss, self.optimizer, self.backend = loss, optimizer, name
+            self._network.parts[0].loss = loss
+            self._network.counters.t = 0
+            self._network.reset_optimizer_state()
 
     def _require_compiled(self):
         if self.loss is None:
@@ -177,11 +179,24 @@ class Sequential:
     # ------------------------------------------------------------ training
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
             callbacks=None, verbose=1, augment=None, image_shape=None):
-        """Train; returns a History. A failed fit leaves the model as it was.
+        """Train; returns a History.
 
-        augment: augmenters (fastreg.augment) applied in order to the training batches, seeded
-        by the model (never to validation data); image_shape=(H, W) or (H, W, C) for the image
-        augmenters that were not given one."""
+        Bad input (any argument) raises before anything changes. A Ctrl-C stops the fit
+        between two chunks of batches (well under a second) and propagates as
+        KeyboardInterrupt, leaving the state of the last completed step: weights, optimizer
+        moments and counters as after that step, model.history with the completed epochs. Any
+        other exception puts the model back as it was before the fit. At the end of every
+        epoch (and at a Ctrl-C) the state is checked: finite weights and optimizer moments
+        that give a finite loss on the epoch's last batch; a state that fails, or a training
+        loss that becomes NaN or inf, stops the fit with a RuntimeWarning and the last state
+        that passed (the end of an earlier epoch, else the state before the fit)
+        (fastreg/training.py).
+
+        X is read in place when it is C-contiguous in the model's dtype (np.memmap too: it
+        trains out of core), else converted once. augment: augmenters (fastreg.augment)
+        applied in order to the training batches, seeded by the model (never to validation
+        data); image_shape=(H, W) or (H, W, C) for the image augmenters that were not given
+        one."""
         self._require_compiled()
         X = as_features(X, "X", self.input_dim, self.dtype)
         Ys = self._targets(y, X.shape[0])
@@ -190,27 +205,22 @@ class Sequential:
         val = training.validation_pair(validation_data, X.shape[1], self.dtype, self._targets)
         plan = augmentation.prepare(augment, X.shape[1], C.LOSSES[self.loss], image_shape)
         backends.resolve(self.backend)
-        snapshot = self._network.snapshot()
-        try:
-            if not self.built:
-                self.build(X.shape[1])
-            available = {"loss", "penalty"} | ({"val_loss"} if val else set())
-            return training.run_fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks,
-                                    verbose, [plan] if plan else None, available)
-        except BaseException:
-            self._network.restore(snapshot)
-            raise
+        available = {"loss", "penalty"} | ({"val_loss"} if val else set())
+        return training.fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
+                            [plan] if plan else None, available)
 
     # ------------------------------------------------------------ inference
     def predict(self, X, batch_size=None, mc_samples=None, seed=None):
         """Outputs for X, dropout off: probabilities for the cross-entropy losses.
 
-        mc_samples=n (an int >= 1): MC dropout (Gal & Ghahramani, 2016). Returns (mean, std)
-        over n dropout masks per row, dropout on as in training (input dropout included), each
-        of shape (rows, outputs); for the cross-entropies both are over probabilities; std is
-        the population std (ddof=0), exactly 0 for a model without dropout. The n samples of a
-        row run in one batched forward pass (kernels/mc.py, whose rows per pass depend on n
-        only: batch_size does not apply). The masks come from the Philox streams of training,
+        X is read a chunk of rows at a time (converted to the model dtype per chunk), so
+        predict never holds a copy of all of X. mc_samples=n (an int >= 1): MC dropout (Gal &
+        Ghahramani, 2016). Returns (mean, std) over n dropout masks per row, dropout on as in
+        training (input dropout included), each of shape (rows, outputs); for the
+        cross-entropies both are over probabilities; std is the population std (ddof=0),
+        exactly 0 for a model without dropout. The n samples of a row run in batched forward
+        passes of at most 8192 stacked rows (kernels/mc.py, whose passes depend on n only:
+        batch_size does not apply). The masks come from the Philox streams of training,
         told apart by the layer word (contract.MC_LAYER_TAG): seed=s makes the result a pure
         function of (weights, X, n, s), the same on every backend up to float32 rounding;
         seed=None uses the model's seed and advances the model's MC pass counter, so
@@ -219,7 +229,7 @@ class Sequential:
         """
         mc_samples, seed = training.check_mc_arguments(mc_samples, seed)
         batch_size = check_batch_size(batch_size)
-        X = as_features(X, "X", self.input_dim, self.dtype)
+        X = feature_source(X, "X", self.input_dim, self.dtype)
         if not self.built:
             self.build(X.shape[1])
         if mc_samples is not None:
@@ -237,12 +247,13 @@ class Sequential:
                               **thresholds)
 
     def evaluate(self, X, y, batch_size=None):
-        """The data loss (no penalty) on (X, y), dropout off."""
+        """The data loss (no penalty) on (X, y), dropout off (X read a chunk of rows at a
+        time, as predict reads it)."""
         self._require_compiled()
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
         batch_size = check_batch_size(batch_size)
-        X = as_features(X, "X", self.input_dim, self.dtype)
+        X = feature_source(X, "X", self.input_dim, self.dtype)
         Ys = self._targets(y, X.shape[0])
         return training.evaluate(self, X, Ys, batch_size)["loss"]
 

@@ -65,12 +65,12 @@ sparse_categorical_crossentropy head's targets become (label, partner's label, l
 from the same draws); a head whose loss an augmenter refuses is named in the error.
 
 MC dropout, predict(X, mc_samples=n, seed=None) -> {head: (mean, std)}: pass c stacks n
-copies of each of R = mc.mc_rows_per_pass(n) rows of X (kernels/mc.py, as for a
-Sequential), runs the trunk ONCE over the stack, then every head on the
-trunk's stacked output, so within a sample all heads see the same trunk masks. Layer words
-are the training words tagged philox.mc_layer_word(word), step the pass counter step0 + c
-(step0 = 0 with a seed, else the model's MC counter, saved). A one-head MultiTask draws
-exactly what the Sequential of its layers draws.
+copies of each of R = mc.mc_rows_per_pass(n) rows of X (kernels/mc.py, as for a Sequential;
+more than 8192 samples of a row are cut into passes of 8192), runs the trunk ONCE over the
+stack, then every head on the trunk's stacked output, so within a sample all heads see the
+same trunk masks. Layer words are the training words tagged philox.mc_layer_word(word),
+step the pass counter step0 + c (step0 = 0 with a seed, else the model's MC counter,
+saved). A one-head MultiTask draws exactly what the Sequential of its layers draws.
 
 prune(): fastreg/pruning.py, as for a Sequential: the trunk's layers in order, then the
 trunk's last layer, whose dead units are folded into the first layer of EVERY head (bias, or
@@ -91,6 +91,7 @@ import numpy as np
 
 from . import augment as augmentation
 from . import backend as backends
+from . import interrupts
 from . import layers as L
 from . import optimizers as O
 from . import pruning, saving, training
@@ -98,7 +99,7 @@ from .kernels import contract as C
 from .network import Network, Part, check_loss_and_last_layer, check_part_layers
 from .pruning import MultiTaskPruneReport
 from .validation import (as_features, as_targets, check_batch_size, check_real, check_seed,
-                         check_width)
+                         check_width, feature_source)
 
 FORMAT = "fastreg-multitask"
 FORMAT_VERSION = 1
@@ -266,11 +267,12 @@ class MultiTask:
             self._check_names(loss_weights, "loss_weights", require_all=False)
             for head, w in loss_weights.items():
                 weights[head] = _check_weight(head, w)
-        for head, w in weights.items():
-            self._head(head).weight = w
-        self.optimizer, self.backend = optimizer, name
-        self._network.counters.t = 0
-        self._network.reset_optimizer_state()
+        with interrupts.deferred():     # all of it or nothing, even under Ctrl-C
+            for head, w in weights.items():
+                self._head(head).weight = w
+            self.optimizer, self.backend = optimizer, name
+            self._network.counters.t = 0
+            self._network.reset_optimizer_state()
 
     def _require_compiled(self):
         if self.optimizer is None:
@@ -332,8 +334,8 @@ class MultiTask:
     # ------------------------------------------------------------ training
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
             callbacks=None, verbose=1, augment=None, image_shape=None):
-        """Train on X and y = {head: targets}; returns a History. A failed fit leaves the
-        model as it was.
+        """Train on X and y = {head: targets}; returns a History, with Sequential.fit's
+        guarantees (bad input, Ctrl-C, other failures, the checked state: fastreg/training.py).
 
         History keys: "loss" (the weighted total sum_h w_h * loss_h), "loss_<head>" (each
         task's data loss, unweighted), "penalty"; with validation_data=(X_val, {head: ...}):
@@ -349,17 +351,10 @@ class MultiTask:
                                        "(X_val, {head: y_val})")
         plans = self._augment_plans(augment, X.shape[1], image_shape)
         backends.resolve(self.backend)
-        snapshot = self._network.snapshot()
-        try:
-            if not self.built:
-                self.build(X.shape[1])
-            available = set(self._keys("")) | {"penalty"} | (set(self._keys("val_")) if val
-                                                              else set())
-            return training.run_fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks,
-                                    verbose, plans, available)
-        except BaseException:
-            self._network.restore(snapshot)
-            raise
+        available = set(self._keys("")) | {"penalty"} | (set(self._keys("val_")) if val
+                                                          else set())
+        return training.fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
+                            plans, available)
 
     def _augment_plans(self, augment, width, image_shape):
         """One augment.prepare plan per head (for its loss), or None without augmentation.
@@ -419,7 +414,7 @@ class MultiTask:
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
         batch_size = check_batch_size(batch_size)
-        X = as_features(X, "X", self.input_dim, self.dtype)
+        X = feature_source(X, "X", self.input_dim, self.dtype)   # converted a chunk at a time
         Ys = self._targets(y, X.shape[0])
         return training.evaluate(self, X, Ys, batch_size)
 
@@ -436,7 +431,7 @@ class MultiTask:
         Sequential.predict; the counter is saved with the model)."""
         mc_samples, seed = training.check_mc_arguments(mc_samples, seed)
         batch_size = check_batch_size(batch_size)
-        X = as_features(X, "X", self.input_dim, self.dtype)
+        X = feature_source(X, "X", self.input_dim, self.dtype)   # converted a chunk at a time
         if not self.built:
             self.build(X.shape[1])
         if mc_samples is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import interrupts
 from . import layers as L
 from . import regularizers as R
 from .kernels import contract as C
@@ -286,15 +287,18 @@ class Network:
 
     def restore(self, snap):
         """Put a snapshot back: in place when the layout is unchanged (plans keep pointing
-        into the same buffers), else the snapshot's own store."""
-        store = snap["store"]
-        if store is not None and self.store is not None and store.layers == self.store.layers:
-            self.store.assign(store)
-        else:
-            self.store = None if store is None else store.copy()
-        self.moments_ready = snap["moments_ready"]
-        self.counters = Counters(**vars(snap["counters"]))
-        self.input_dim = snap["input_dim"]
+        into the same buffers), else the snapshot's own store. A Ctrl-C during it waits for
+        its end (fastreg/interrupts.py): never a half-restored network."""
+        with interrupts.deferred():
+            store = snap["store"]
+            if store is not None and self.store is not None \
+                    and store.layers == self.store.layers:
+                self.store.assign(store)
+            else:
+                self.store = None if store is None else store.copy()
+            self.moments_ready = snap["moments_ready"]
+            self.counters = Counters(**vars(snap["counters"]))
+            self.input_dim = snap["input_dim"]
 
     # ------------------------------------------------------------ configuration rows
     def config_rows(self, optimizer, training):
@@ -454,16 +458,26 @@ class Network:
                              f"{len(weights)}")
         converted = []
         for i, (new, cur) in enumerate(zip(weights, current)):
-            arr = np.asarray(new)
+            try:
+                arr = np.asarray(new)
+            except Exception as exc:    # ragged lists and the like
+                raise TypeError(f"weight {i}{labels[i]} is not an array: {exc}") from exc
             if arr.shape != cur.shape:
                 raise ValueError(f"weight {i}{labels[i]} has shape {arr.shape}, expected "
                                  f"{cur.shape}")
+            if np.iscomplexobj(arr):
+                raise TypeError(f"weight {i}{labels[i]} must be real, got dtype {arr.dtype}")
             if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) \
-                    or np.iscomplexobj(arr) or not np.isfinite(arr).all():
+                    or not np.isfinite(arr).all():
                 raise ValueError(f"weight {i}{labels[i]} must be finite real numbers")
-            converted.append(arr.astype(self.dtype))
-        for cur, new in zip(current, converted):
-            cur[...] = new
+            with np.errstate(over="ignore"):
+                conv = arr.astype(self.dtype)
+            if not np.isfinite(conv).all():
+                raise ValueError(f"weight {i}{labels[i]} overflows {self.dtype.name}")
+            converted.append(conv)
+        with interrupts.deferred():     # every array or none, even under Ctrl-C
+            for cur, new in zip(current, converted):
+                cur[...] = new
 
     def penalty(self):
         """The current regularization term, summed over every block (what
