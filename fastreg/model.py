@@ -280,8 +280,18 @@ class Sequential:
                 **saving.counters_config(self._network)}
 
     def save(self, path):
-        """Write the model (config as JSON, arrays as .npy members) to `path` atomically."""
+        """Write the model (config as JSON, arrays as .npy members) to `path` atomically
+        (a new file gets 0o666 less the umask, an existing one keeps its mode, a symlink is
+        written through: fastreg/modelfile.py)."""
         saving.save_network(path, self.get_config(), self._network)
+
+    def save_weights(self, path):
+        """Write get_weights() alone to `path` (atomically); model.load_weights reads it."""
+        saving.save_weights(self, path)
+
+    def load_weights(self, path):
+        """set_weights from a file written by save_weights (shapes checked before reading)."""
+        saving.load_weights(self, path)
 
     def export(self, path, format="onnx", opset=None):
         """Write the ONNX inference graph (BatchNorm folded, no dropout or noise, the loss's
@@ -300,20 +310,20 @@ class Sequential:
         return _export.to_torch(self)
 
 
-def _load(cfg, files, backend=None):
-    """The Sequential of a saved file (saving.load_model reads the file and calls this)."""
-    saving.check_version(cfg, FORMAT_VERSION)
-    model = Sequential([L.from_config(c) for c in cfg["layers"]], seed=cfg["seed"],
-                       dtype=cfg["dtype"])
+def _load(cfg, arc, backend=None):
+    """The Sequential of a saved file (saving.load_model opens the archive and calls this):
+    every member checked against the config before the model is built."""
+    saving.check_version(cfg, FORMAT_VERSION, "model format")
+    model = Sequential([L.from_config(c) for c in saving.config_list(cfg["layers"], "layers")],
+                       seed=cfg["seed"], dtype=cfg["dtype"])
     if cfg["compile"] is not None:
         comp = cfg["compile"]
         model.compile(loss=comp["loss"], optimizer=O.get(comp["optimizer"]),
                       backend=saving.backend_for_loading(comp["backend"], backend))
+    counters = saving.read_counters(cfg)
     if cfg["input_dim"] is not None:
-        model.build(cfg["input_dim"])
-        model.set_weights(saving.load_part_arrays(model._network, 0, files))
-        saving.load_part_moments(model._network, 0, files, model.optimizer or O.Adam())
-    saving.load_counters(model._network, cfg)
+        saving.load_state(model, arc, cfg["input_dim"])
+    saving.set_counters(model._network, counters)
     return model
 
 

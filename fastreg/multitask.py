@@ -476,6 +476,14 @@ class MultiTask:
         "p<k>_". fr.load_model reads it back."""
         saving.save_network(path, self.get_config(), self._network)
 
+    def save_weights(self, path):
+        """Write get_weights() alone to `path` (atomically); model.load_weights reads it."""
+        saving.save_weights(self, path)
+
+    def load_weights(self, path):
+        """set_weights from a file written by save_weights (shapes checked before reading)."""
+        saving.load_weights(self, path)
+
     def export(self, path, format="onnx", opset=None):
         """Write the ONNX inference graph, one output per head (named by the head), to
         `path`; `pip install "fastreg[onnx]"`."""
@@ -493,27 +501,23 @@ class MultiTask:
         return _export.to_torch(self)
 
 
-def _load(cfg, files, backend=None):
-    """The MultiTask of a saved file (saving.load_model reads the file and calls this)."""
+def _load(cfg, arc, backend=None):
+    """The MultiTask of a saved file (saving.load_model opens the archive and calls this):
+    every member checked against the config before the model is built."""
     saving.check_version(cfg, FORMAT_VERSION, "multitask format")
-    heads = {h["name"]: ([L.from_config(c) for c in h["layers"]], h["loss"], h["weight"])
-             for h in cfg["heads"]}
-    model = MultiTask([L.from_config(c) for c in cfg["trunk"]], heads, seed=cfg["seed"],
-                      dtype=cfg["dtype"])
+    heads = {h["name"]: ([L.from_config(c) for c in saving.config_list(h["layers"], "layers")],
+                         h["loss"], h["weight"])
+             for h in saving.config_list(cfg["heads"], "heads")}
+    model = MultiTask([L.from_config(c) for c in saving.config_list(cfg["trunk"], "trunk")],
+                      heads, seed=cfg["seed"], dtype=cfg["dtype"])
     if cfg["compile"] is not None:
         comp = cfg["compile"]
         model.compile(optimizer=O.get(comp["optimizer"]),
                       backend=saving.backend_for_loading(comp["backend"], backend))
+    counters = saving.read_counters(cfg)
     if cfg["input_dim"] is not None:
-        model.build(cfg["input_dim"])
-        network = model._network
-        parts = [{key[len(f"p{k}_"):]: a for key, a in files.items()
-                  if key.startswith(f"p{k}_")} for k in range(len(network.parts))]
-        model.set_weights([w for k, member in enumerate(parts)
-                           for w in saving.load_part_arrays(network, k, member)])
-        for k, member in enumerate(parts):
-            saving.load_part_moments(network, k, member, model.optimizer or O.Adam())
-    saving.load_counters(model._network, cfg)
+        saving.load_state(model, arc, cfg["input_dim"])
+    saving.set_counters(model._network, counters)
     return model
 
 
