@@ -1,6 +1,6 @@
 """Persistence: model files (.npz archives of a JSON config and .npy arrays, read without
-pickle through fastreg/modelfile.py), the arrays of a network's parts, weights files, and
-the registry of model formats.
+pickle through fastreg/modelfile.py), the arrays of a network's parts, weights files,
+BackupAndRestore's backups, and the registry of model formats.
 
 Each front end registers its format (Sequential "fastreg-model", MultiTask
 "fastreg-multitask") with a loader; load_model opens a file and dispatches on the config's
@@ -291,3 +291,51 @@ def load_weights(model, path):
         except LOAD_ERRORS as exc:
             raise ValueError(f"{path!r} is not a valid fastreg weights file: {exc}") from exc
     model.set_weights(weights)
+
+
+# ---------------------------------------------------------------- BackupAndRestore's files
+# The config keys that a backup of the same model may differ in: what training changes.
+_PROGRESS_KEYS = ("compile",) + tuple(COUNTER_LIMITS)
+
+
+def write_backup(model, path, epochs_done, history):
+    """BackupAndRestore's file: the model's file members plus the fit's progress."""
+    arrays = network_members(model.get_config(), model._network)
+    arrays["backup"] = np.array(json.dumps({"epochs_done": int(epochs_done),
+                                            "history": history}))
+    modelfile.write_npz(path, arrays)
+
+
+def read_backup(model, path):
+    """Restore a backup written by write_backup into `model` (the same model: config
+    compared), all of it or nothing; returns (epochs_done, history)."""
+    path = os.fspath(path)
+    with modelfile.Archive(path) as arc:
+        try:
+            cfg = arc.json("config")
+            progress = arc.json("backup")
+            mine = model.get_config()
+            for key in sorted(set(cfg) | set(mine)):
+                if key not in _PROGRESS_KEYS and cfg.get(key) != mine.get(key):
+                    raise InvalidModelFile(f"it was written by another model (its {key} "
+                                           f"differs)")
+            theirs, ours = cfg.get("compile") or {}, mine.get("compile") or {}
+            for key in ("loss", "optimizer"):
+                if theirs.get(key) != ours.get(key):
+                    raise InvalidModelFile(f"it was written by another model (its {key} "
+                                           f"differs)")
+            done = modelfile.check_counter(progress, "epochs_done", 2 ** 63)
+            history = progress.get("history")
+            if not isinstance(history, dict) or not all(
+                    isinstance(v, list) and len(v) == done
+                    and all(isinstance(x, (int, float)) for x in v) for v in history.values()):
+                raise InvalidModelFile("its history does not hold one number per epoch done")
+            counters = read_counters(cfg)
+            staged = stage_state(model._network, arc, model.input_dim, model.optimizer)
+        except LOAD_ERRORS as exc:
+            raise ValueError(f"{path!r} is not a valid fastreg backup of this model: "
+                             f"{exc}") from exc
+    with interrupts.deferred():
+        install_state(model._network, staged, model.optimizer)
+        set_counters(model._network, counters)
+    return done, history
