@@ -8,7 +8,7 @@
 """
 from .augment import GaussianJitter, Mixup, RandomFlip, RandomShift
 from .backend import BackendUnavailable
-from .callbacks import Callback, EarlyStopping, History
+from .callbacks import BackupAndRestore, Callback, EarlyStopping, History, ModelCheckpoint
 from .diagnose import Diagnosis, diagnose
 from .layers import BatchNorm, Dense, Dropout, GaussianDropout, GaussianNoise
 from .model import Sequential
@@ -25,7 +25,8 @@ from ._version import __version__
 __all__ = ["Sequential", "load_model", "PruneReport", "Dense", "Dropout", "BatchNorm",
            "GaussianNoise", "GaussianDropout",
            "L1", "L2", "ElasticNet", "MaxNorm", "GroupLasso",
-           "SGD", "Adam", "AdamW", "EarlyStopping", "Callback", "History", "BackendUnavailable",
+           "SGD", "Adam", "AdamW", "EarlyStopping", "ModelCheckpoint", "BackupAndRestore",
+           "Callback", "History", "BackendUnavailable",
            "GaussianJitter", "Mixup", "RandomFlip", "RandomShift",
            "sweep", "regularization_path", "diagnose", "Diagnosis", "MultiTask",
            "integrations", "__version__"]

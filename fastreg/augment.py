@@ -42,6 +42,7 @@ from .kernels import contract as C
 from .kernels.philox import (MASK32, STREAM_AUGMENT_FLIP, STREAM_AUGMENT_JITTER,
                              STREAM_AUGMENT_MIXUP, STREAM_AUGMENT_PARTNER, STREAM_AUGMENT_SHIFT,
                              philox4x32_block, split_seed)
+from .validation import as_features, check_int, check_real
 
 # Philox words drawn per NumPy pass: bounds the temporaries (about 50 bytes per word).
 _WORDS_PER_PASS = 1 << 21
@@ -151,9 +152,7 @@ class RandomShift(_ImageAugmenter):
     dx > 0 right)."""
 
     def __init__(self, k=2, image_shape=None):
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"RandomShift k must be an integer >= 0 (pixels), got {k!r}")
-        self.k = int(k)
+        self.k = check_int("RandomShift k", k, 0, what="an integer >= 0 (pixels)")
         super().__init__(image_shape)
 
     def offsets(self, draws):
@@ -184,12 +183,7 @@ class RandomShift(_ImageAugmenter):
 
 # ---------------------------------------------------------------- validation
 def _check_number(name, value, minimum, strict=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
-    return float(value)
+    return check_real(name, value, minimum, min_open=strict)
 
 
 def check_image_shape(image_shape):
@@ -265,7 +259,6 @@ def apply(augmenters, X, y=None, *, batch_size=None, seed=0, step=0, image_shape
     model with this `seed`. Returns x (and y when given); the inputs are not modified. With
     Mixup and loss="sparse_categorical_crossentropy", y comes back as (n, 3) rows (label,
     partner's label, lam)."""
-    from .validation import as_features
     if loss not in C.LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(C.LOSSES)}")
     dtype = np.float64 if np.asarray(X).dtype == np.float64 else np.float32

@@ -1,18 +1,20 @@
-"""Layers: constructors store and validate arguments; the model turns them into kernel plans."""
+"""Layers: constructors store and validate arguments; the model turns them into kernel plans.
+
+Numbers may be Python or NumPy scalars (np.float32(0.1) is 0.1 here); the checks that depend
+on the model's dtype (a BatchNorm eps that rounds to 0 in float32) run when the layer joins a
+model (fastreg.network.check_in_model_dtype).
+"""
 import math
 
 from .kernels import contract as C
 from . import regularizers as R
+from .validation import check_real, check_width
 
 INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal")
 
 
 def check_rate(name, rate):
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
-        raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}")
-    if not 0 <= rate < 1:
-        raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
-    return float(rate)
+    return check_real(name, rate, 0.0, 1.0, max_open=True)
 
 
 class Layer:
@@ -34,14 +36,11 @@ class Dense(Layer):
     def __init__(self, units, activation=None, dropout=0.0, regularizer=None, use_bias=True,
                  negative_slope=0.01, kernel_initializer="glorot_uniform",
                  bias_regularizer=None, constraint=None):
-        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
-            raise ValueError(f"Dense units must be a positive integer, got {units!r}")
+        units = check_width("Dense units", units)
         if activation not in C.ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of "
                              f"{sorted(k for k in C.ACTIVATIONS if k)} or None")
-        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) \
-                or not math.isfinite(negative_slope) or negative_slope < 0:
-            raise ValueError(f"negative_slope must be a finite number >= 0, got {negative_slope!r}")
+        negative_slope = check_real("negative_slope", negative_slope, 0.0)
         if kernel_initializer not in INITIALIZERS:
             raise ValueError(f"unknown kernel_initializer {kernel_initializer!r}; choose one of "
                              f"{INITIALIZERS}")
@@ -106,15 +105,10 @@ class BatchNorm(Layer):
     """
 
     def __init__(self, momentum=0.99, eps=1e-3):
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
-                or not math.isfinite(momentum) or not 0 < momentum < 1:
-            raise ValueError(f"BatchNorm momentum must be a number in (0, 1) (running = "
-                             f"momentum * running + (1 - momentum) * batch), got {momentum!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
-                or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"BatchNorm eps must be a finite number > 0, got {eps!r}")
-        self.momentum = float(momentum)
-        self.eps = float(eps)
+        # running = momentum * running + (1 - momentum) * batch
+        self.momentum = check_real("BatchNorm momentum", momentum, 0.0, 1.0, min_open=True,
+                                   max_open=True)
+        self.eps = check_real("BatchNorm eps", eps, 0.0, min_open=True)
 
     def get_config(self):
         return {"class": "BatchNorm", "momentum": self.momentum, "eps": self.eps}
@@ -138,11 +132,7 @@ class GaussianNoise(Layer):
     """
 
     def __init__(self, stddev):
-        if isinstance(stddev, bool) or not isinstance(stddev, (int, float)) \
-                or not math.isfinite(stddev) or stddev < 0:
-            raise ValueError(f"GaussianNoise stddev must be a finite number >= 0, got "
-                             f"{stddev!r}")
-        self.stddev = float(stddev)
+        self.stddev = check_real("GaussianNoise stddev", stddev, 0.0)
 
     def get_config(self):
         return {"class": "GaussianNoise", "stddev": self.stddev}

@@ -5,16 +5,17 @@ part (trunk and head at once): its layers, its loss, its parameters, counters an
 the network's; the fit frame and inference are fastreg/training.py's, persistence
 fastreg/saving.py's, pruning fastreg/pruning.py's.
 """
-import numpy as np
 
 from . import augment as augmentation
 from . import backend as backends
+from . import interrupts
 from . import layers as L
 from . import optimizers as O
 from . import pruning, saving, training
 from .kernels import contract as C
-from .network import Network, Part, check_loss_and_last_layer, fold_blocks
-from .validation import as_features, as_targets, check_positive_int
+from .network import Network, Part, check_in_model_dtype, check_loss_and_last_layer, fold_blocks
+from .validation import (as_features, as_targets, check_batch_size, check_seed, check_width,
+                         feature_source)
 
 FORMAT = "fastreg-model"
 FORMAT_VERSION = 1
@@ -52,8 +53,7 @@ class Sequential:
 
     @seed.setter
     def seed(self, value):
-        from .network import check_seed
-        self._network.seed = check_seed(value)
+        self._network.seed = check_seed("seed", value)
 
     @property
     def dtype(self):
@@ -77,6 +77,7 @@ class Sequential:
             after = type(self.layers[-1]).__name__ if self.layers else "nothing (first layer)"
             raise ValueError(f"BatchNorm must come right after a Dense: it normalizes that "
                              f"Dense's pre-activation x @ W + b; here it follows {after}")
+        check_in_model_dtype(layer, self.dtype)
         part = self._network.parts[0]
         part.layers = layers
         part.blocks = fold_blocks(layers, partial=True)
@@ -93,7 +94,7 @@ class Sequential:
         return self._blocks()[-1].dense.units
 
     def build(self, input_dim):
-        input_dim = check_positive_int("input_dim", input_dim)
+        input_dim = check_width("input_dim", input_dim)
         self._network.refold()
         self._blocks()      # a Sequential needs a Dense
         self._network.build(input_dim)
@@ -124,16 +125,18 @@ class Sequential:
         """Choose the loss, the optimizer (fresh state) and the backend (cython when built,
         else numba)."""
         if not isinstance(loss, str):
-            raise TypeError(f"loss must be the name of a loss ({sorted(C.LOSSES)}), got "
-                            f"{loss!r}")
+            raise TypeError(f"loss must be the name of a loss ({sorted(C.LOSSES)}; one name: "
+                            f"a Sequential has one output), got {loss!r}")
         optimizer = O.get(optimizer)
+        optimizer.check_dtype(self.dtype)
         name = backends.name_of(backend)
         backends.resolve(name)  # fail now, with how to get it, not at fit time
         check_loss_and_last_layer(loss, self._blocks()[-1].dense)
-        self.loss, self.optimizer, self.backend = loss, optimizer, name
-        self._network.parts[0].loss = loss
-        self._network.counters.t = 0
-        self._network.reset_optimizer_state()
+        with interrupts.deferred():     # all of it or nothing, even under Ctrl-C
+            self.loss, self.optimizer, self.backend = loss, optimizer, name
+            self._network.parts[0].loss = loss
+            self._network.counters.t = 0
+            self._network.reset_optimizer_state()
 
     def _require_compiled(self):
         if self.loss is None:
@@ -176,40 +179,48 @@ class Sequential:
     # ------------------------------------------------------------ training
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
             callbacks=None, verbose=1, augment=None, image_shape=None):
-        """Train; returns a History. A failed fit leaves the model as it was.
+        """Train; returns a History.
 
-        augment: augmenters (fastreg.augment) applied in order to the training batches, seeded
-        by the model (never to validation data); image_shape=(H, W) or (H, W, C) for the image
-        augmenters that were not given one."""
+        Bad input (any argument) raises before anything changes. A Ctrl-C stops the fit
+        between two chunks of batches (well under a second) and propagates as
+        KeyboardInterrupt, leaving the state of the last completed step: weights, optimizer
+        moments and counters as after that step, model.history with the completed epochs. Any
+        other exception puts the model back as it was before the fit. At the end of every
+        epoch (and at a Ctrl-C) the state is checked: finite weights and optimizer moments
+        that give a finite loss on the epoch's last batch; a state that fails, or a training
+        loss that becomes NaN or inf, stops the fit with a RuntimeWarning and the last state
+        that passed (the end of an earlier epoch, else the state before the fit)
+        (fastreg/training.py).
+
+        X is read in place when it is C-contiguous in the model's dtype (np.memmap too: it
+        trains out of core), else converted once. augment: augmenters (fastreg.augment)
+        applied in order to the training batches, seeded by the model (never to validation
+        data); image_shape=(H, W) or (H, W, C) for the image augmenters that were not given
+        one."""
         self._require_compiled()
         X = as_features(X, "X", self.input_dim, self.dtype)
         Ys = self._targets(y, X.shape[0])
-        epochs, batch_size, callbacks = training.check_fit_arguments(epochs, batch_size,
-                                                                     verbose, callbacks)
+        epochs, batch_size, verbose, callbacks = training.check_fit_arguments(
+            epochs, batch_size, verbose, callbacks)
         val = training.validation_pair(validation_data, X.shape[1], self.dtype, self._targets)
         plan = augmentation.prepare(augment, X.shape[1], C.LOSSES[self.loss], image_shape)
         backends.resolve(self.backend)
-        snapshot = self._network.snapshot()
-        try:
-            if not self.built:
-                self.build(X.shape[1])
-            available = {"loss", "penalty"} | ({"val_loss"} if val else set())
-            return training.run_fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks,
-                                    verbose, [plan] if plan else None, available)
-        except BaseException:
-            self._network.restore(snapshot)
-            raise
+        available = {"loss", "penalty"} | ({"val_loss"} if val else set())
+        return training.fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
+                            [plan] if plan else None, available)
 
     # ------------------------------------------------------------ inference
     def predict(self, X, batch_size=None, mc_samples=None, seed=None):
         """Outputs for X, dropout off: probabilities for the cross-entropy losses.
 
-        mc_samples=n (an int >= 1): MC dropout (Gal & Ghahramani, 2016). Returns (mean, std)
-        over n dropout masks per row, dropout on as in training (input dropout included), each
-        of shape (rows, outputs); for the cross-entropies both are over probabilities; std is
-        the population std (ddof=0), exactly 0 for a model without dropout. The n samples of a
-        row run in one batched forward pass (kernels/mc.py, whose rows per pass depend on n
-        only: batch_size does not apply). The masks come from the Philox streams of training,
+        X is read a chunk of rows at a time (converted to the model dtype per chunk), so
+        predict never holds a copy of all of X. mc_samples=n (an int >= 1): MC dropout (Gal &
+        Ghahramani, 2016). Returns (mean, std) over n dropout masks per row, dropout on as in
+        training (input dropout included), each of shape (rows, outputs); for the
+        cross-entropies both are over probabilities; std is the population std (ddof=0),
+        exactly 0 for a model without dropout. The n samples of a row run in batched forward
+        passes of at most 8192 stacked rows (kernels/mc.py, whose passes depend on n only:
+        batch_size does not apply). The masks come from the Philox streams of training,
         told apart by the layer word (contract.MC_LAYER_TAG): seed=s makes the result a pure
         function of (weights, X, n, s), the same on every backend up to float32 rounding;
         seed=None uses the model's seed and advances the model's MC pass counter, so
@@ -217,9 +228,8 @@ class Sequential:
         saved with the model).
         """
         mc_samples, seed = training.check_mc_arguments(mc_samples, seed)
-        X = as_features(X, "X", self.input_dim, self.dtype)
-        if batch_size is not None:
-            batch_size = check_positive_int("batch_size", batch_size)
+        batch_size = check_batch_size(batch_size)
+        X = feature_source(X, "X", self.input_dim, self.dtype)
         if not self.built:
             self.build(X.shape[1])
         if mc_samples is not None:
@@ -237,14 +247,14 @@ class Sequential:
                               **thresholds)
 
     def evaluate(self, X, y, batch_size=None):
-        """The data loss (no penalty) on (X, y), dropout off."""
+        """The data loss (no penalty) on (X, y), dropout off (X read a chunk of rows at a
+        time, as predict reads it)."""
         self._require_compiled()
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
-        X = as_features(X, "X", self.input_dim, self.dtype)
+        batch_size = check_batch_size(batch_size)
+        X = feature_source(X, "X", self.input_dim, self.dtype)
         Ys = self._targets(y, X.shape[0])
-        if batch_size is not None:
-            batch_size = check_positive_int("batch_size", batch_size)
         return training.evaluate(self, X, Ys, batch_size)["loss"]
 
     # ------------------------------------------------------------ pruning
@@ -270,8 +280,18 @@ class Sequential:
                 **saving.counters_config(self._network)}
 
     def save(self, path):
-        """Write the model (config as JSON, arrays as .npy members) to `path` atomically."""
+        """Write the model (config as JSON, arrays as .npy members) to `path` atomically
+        (a new file gets 0o666 less the umask, an existing one keeps its mode, a symlink is
+        written through: fastreg/modelfile.py)."""
         saving.save_network(path, self.get_config(), self._network)
+
+    def save_weights(self, path):
+        """Write get_weights() alone to `path` (atomically); model.load_weights reads it."""
+        saving.save_weights(self, path)
+
+    def load_weights(self, path):
+        """set_weights from a file written by save_weights (shapes checked before reading)."""
+        saving.load_weights(self, path)
 
     def export(self, path, format="onnx", opset=None):
         """Write the ONNX inference graph (BatchNorm folded, no dropout or noise, the loss's
@@ -290,20 +310,20 @@ class Sequential:
         return _export.to_torch(self)
 
 
-def _load(cfg, files, backend=None):
-    """The Sequential of a saved file (saving.load_model reads the file and calls this)."""
-    saving.check_version(cfg, FORMAT_VERSION)
-    model = Sequential([L.from_config(c) for c in cfg["layers"]], seed=cfg["seed"],
-                       dtype=cfg["dtype"])
+def _load(cfg, arc, backend=None):
+    """The Sequential of a saved file (saving.load_model opens the archive and calls this):
+    every member checked against the config before the model is built."""
+    saving.check_version(cfg, FORMAT_VERSION, "model format")
+    model = Sequential([L.from_config(c) for c in saving.config_list(cfg["layers"], "layers")],
+                       seed=cfg["seed"], dtype=cfg["dtype"])
     if cfg["compile"] is not None:
         comp = cfg["compile"]
         model.compile(loss=comp["loss"], optimizer=O.get(comp["optimizer"]),
                       backend=saving.backend_for_loading(comp["backend"], backend))
+    counters = saving.read_counters(cfg)
     if cfg["input_dim"] is not None:
-        model.build(cfg["input_dim"])
-        model.set_weights(saving.load_part_arrays(model._network, 0, files))
-        saving.load_part_moments(model._network, 0, files, model.optimizer or O.Adam())
-    saving.load_counters(model._network, cfg)
+        saving.load_state(model, arc, cfg["input_dim"])
+    saving.set_counters(model._network, counters)
     return model
 
 

@@ -65,12 +65,12 @@ sparse_categorical_crossentropy head's targets become (label, partner's label, l
 from the same draws); a head whose loss an augmenter refuses is named in the error.
 
 MC dropout, predict(X, mc_samples=n, seed=None) -> {head: (mean, std)}: pass c stacks n
-copies of each of R = mc.mc_rows_per_pass(n) rows of X (kernels/mc.py, as for a
-Sequential), runs the trunk ONCE over the stack, then every head on the
-trunk's stacked output, so within a sample all heads see the same trunk masks. Layer words
-are the training words tagged philox.mc_layer_word(word), step the pass counter step0 + c
-(step0 = 0 with a seed, else the model's MC counter, saved). A one-head MultiTask draws
-exactly what the Sequential of its layers draws.
+copies of each of R = mc.mc_rows_per_pass(n) rows of X (kernels/mc.py, as for a Sequential;
+more than 8192 samples of a row are cut into passes of 8192), runs the trunk ONCE over the
+stack, then every head on the trunk's stacked output, so within a sample all heads see the
+same trunk masks. Layer words are the training words tagged philox.mc_layer_word(word),
+step the pass counter step0 + c (step0 = 0 with a seed, else the model's MC counter,
+saved). A one-head MultiTask draws exactly what the Sequential of its layers draws.
 
 prune(): fastreg/pruning.py, as for a Sequential: the trunk's layers in order, then the
 trunk's last layer, whose dead units are folded into the first layer of EVERY head (bias, or
@@ -84,7 +84,6 @@ with BatchNorm) of trunk block 0, ..., then each head's blocks in order]
 are the layers' own, exactly as in Sequential.
 
 """
-import math
 import re
 from collections.abc import Mapping
 
@@ -92,13 +91,15 @@ import numpy as np
 
 from . import augment as augmentation
 from . import backend as backends
+from . import interrupts
 from . import layers as L
 from . import optimizers as O
 from . import pruning, saving, training
 from .kernels import contract as C
-from .network import Network, Part, check_loss_and_last_layer, check_part_layers, check_seed
+from .network import Network, Part, check_loss_and_last_layer, check_part_layers
 from .pruning import MultiTaskPruneReport
-from .validation import as_features, as_targets, check_positive_int
+from .validation import (as_features, as_targets, check_batch_size, check_real, check_seed,
+                         check_width, feature_source)
 
 FORMAT = "fastreg-multitask"
 FORMAT_VERSION = 1
@@ -107,12 +108,7 @@ _LAYER_KINDS = "Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout"
 
 
 def _check_weight(name, weight):
-    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer,
-                                                           np.floating)) \
-            or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"the loss weight of head {name!r} must be a finite number >= 0, "
-                         f"got {weight!r}")
-    return float(weight)
+    return check_real(f"the loss weight of head {name!r}", weight, 0.0)
 
 
 def _check_layers(where, layers):
@@ -161,7 +157,7 @@ class MultiTask:
     Philox layer numbering and the parameter order."""
 
     def __init__(self, trunk, heads, input_dim=None, seed=0, dtype="float32"):
-        seed = check_seed(seed)
+        seed = check_seed("seed", seed)
         trunk = _check_layers("the trunk", trunk)
         if not isinstance(heads, Mapping) or not heads:
             raise ValueError("heads must be a non-empty dict {name: (layers, loss[, weight])}")
@@ -219,7 +215,7 @@ class MultiTask:
     def build(self, input_dim):
         """Create the weights from the seed: one generator, trunk blocks then each head's in
         order (so a one-head model starts as the Sequential of trunk + head layers does)."""
-        self._network.build(check_positive_int("input_dim", input_dim))
+        self._network.build(check_width("input_dim", input_dim))
 
     def count_params(self):
         """Parameters of every part, BatchNorm's running statistics included (as Keras)."""
@@ -260,6 +256,7 @@ class MultiTask:
         loss_weights: optionally {head: weight >= 0} replacing the weights given with the
         heads (heads not named keep theirs), as Keras' compile(loss_weights=...)."""
         optimizer = O.get(optimizer)
+        optimizer.check_dtype(self.dtype)
         name = backends.name_of(backend)
         backends.resolve(name)  # fail now, with how to get it, not at fit time
         weights = dict(self.loss_weights)
@@ -270,11 +267,12 @@ class MultiTask:
             self._check_names(loss_weights, "loss_weights", require_all=False)
             for head, w in loss_weights.items():
                 weights[head] = _check_weight(head, w)
-        for head, w in weights.items():
-            self._head(head).weight = w
-        self.optimizer, self.backend = optimizer, name
-        self._network.counters.t = 0
-        self._network.reset_optimizer_state()
+        with interrupts.deferred():     # all of it or nothing, even under Ctrl-C
+            for head, w in weights.items():
+                self._head(head).weight = w
+            self.optimizer, self.backend = optimizer, name
+            self._network.counters.t = 0
+            self._network.reset_optimizer_state()
 
     def _require_compiled(self):
         if self.optimizer is None:
@@ -336,8 +334,8 @@ class MultiTask:
     # ------------------------------------------------------------ training
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
             callbacks=None, verbose=1, augment=None, image_shape=None):
-        """Train on X and y = {head: targets}; returns a History. A failed fit leaves the
-        model as it was.
+        """Train on X and y = {head: targets}; returns a History, with Sequential.fit's
+        guarantees (bad input, Ctrl-C, other failures, the checked state: fastreg/training.py).
 
         History keys: "loss" (the weighted total sum_h w_h * loss_h), "loss_<head>" (each
         task's data loss, unweighted), "penalty"; with validation_data=(X_val, {head: ...}):
@@ -347,23 +345,16 @@ class MultiTask:
         self._require_compiled()
         X = as_features(X, "X", self.input_dim, self.dtype)
         Ys = self._targets(y, X.shape[0])
-        epochs, batch_size, callbacks = training.check_fit_arguments(epochs, batch_size,
-                                                                     verbose, callbacks)
+        epochs, batch_size, verbose, callbacks = training.check_fit_arguments(
+            epochs, batch_size, verbose, callbacks)
         val = training.validation_pair(validation_data, X.shape[1], self.dtype, self._targets,
                                        "(X_val, {head: y_val})")
         plans = self._augment_plans(augment, X.shape[1], image_shape)
         backends.resolve(self.backend)
-        snapshot = self._network.snapshot()
-        try:
-            if not self.built:
-                self.build(X.shape[1])
-            available = set(self._keys("")) | {"penalty"} | (set(self._keys("val_")) if val
-                                                              else set())
-            return training.run_fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks,
-                                    verbose, plans, available)
-        except BaseException:
-            self._network.restore(snapshot)
-            raise
+        available = set(self._keys("")) | {"penalty"} | (set(self._keys("val_")) if val
+                                                          else set())
+        return training.fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
+                            plans, available)
 
     def _augment_plans(self, augment, width, image_shape):
         """One augment.prepare plan per head (for its loss), or None without augmentation.
@@ -422,10 +413,9 @@ class MultiTask:
         self._require_compiled()
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
-        X = as_features(X, "X", self.input_dim, self.dtype)
+        batch_size = check_batch_size(batch_size)
+        X = feature_source(X, "X", self.input_dim, self.dtype)   # converted a chunk at a time
         Ys = self._targets(y, X.shape[0])
-        if batch_size is not None:
-            batch_size = check_positive_int("batch_size", batch_size)
         return training.evaluate(self, X, Ys, batch_size)
 
     def predict(self, X, batch_size=None, mc_samples=None, seed=None):
@@ -440,9 +430,8 @@ class MultiTask:
         function of (weights, X, n, s); seed=None: the model's seed and MC pass counter (as
         Sequential.predict; the counter is saved with the model)."""
         mc_samples, seed = training.check_mc_arguments(mc_samples, seed)
-        X = as_features(X, "X", self.input_dim, self.dtype)
-        if batch_size is not None:
-            batch_size = check_positive_int("batch_size", batch_size)
+        batch_size = check_batch_size(batch_size)
+        X = feature_source(X, "X", self.input_dim, self.dtype)   # converted a chunk at a time
         if not self.built:
             self.build(X.shape[1])
         if mc_samples is not None:
@@ -487,6 +476,14 @@ class MultiTask:
         "p<k>_". fr.load_model reads it back."""
         saving.save_network(path, self.get_config(), self._network)
 
+    def save_weights(self, path):
+        """Write get_weights() alone to `path` (atomically); model.load_weights reads it."""
+        saving.save_weights(self, path)
+
+    def load_weights(self, path):
+        """set_weights from a file written by save_weights (shapes checked before reading)."""
+        saving.load_weights(self, path)
+
     def export(self, path, format="onnx", opset=None):
         """Write the ONNX inference graph, one output per head (named by the head), to
         `path`; `pip install "fastreg[onnx]"`."""
@@ -504,27 +501,23 @@ class MultiTask:
         return _export.to_torch(self)
 
 
-def _load(cfg, files, backend=None):
-    """The MultiTask of a saved file (saving.load_model reads the file and calls this)."""
+def _load(cfg, arc, backend=None):
+    """The MultiTask of a saved file (saving.load_model opens the archive and calls this):
+    every member checked against the config before the model is built."""
     saving.check_version(cfg, FORMAT_VERSION, "multitask format")
-    heads = {h["name"]: ([L.from_config(c) for c in h["layers"]], h["loss"], h["weight"])
-             for h in cfg["heads"]}
-    model = MultiTask([L.from_config(c) for c in cfg["trunk"]], heads, seed=cfg["seed"],
-                      dtype=cfg["dtype"])
+    heads = {h["name"]: ([L.from_config(c) for c in saving.config_list(h["layers"], "layers")],
+                         h["loss"], h["weight"])
+             for h in saving.config_list(cfg["heads"], "heads")}
+    model = MultiTask([L.from_config(c) for c in saving.config_list(cfg["trunk"], "trunk")],
+                      heads, seed=cfg["seed"], dtype=cfg["dtype"])
     if cfg["compile"] is not None:
         comp = cfg["compile"]
         model.compile(optimizer=O.get(comp["optimizer"]),
                       backend=saving.backend_for_loading(comp["backend"], backend))
+    counters = saving.read_counters(cfg)
     if cfg["input_dim"] is not None:
-        model.build(cfg["input_dim"])
-        network = model._network
-        parts = [{key[len(f"p{k}_"):]: a for key, a in files.items()
-                  if key.startswith(f"p{k}_")} for k in range(len(network.parts))]
-        model.set_weights([w for k, member in enumerate(parts)
-                           for w in saving.load_part_arrays(network, k, member)])
-        for k, member in enumerate(parts):
-            saving.load_part_moments(network, k, member, model.optimizer or O.Adam())
-    saving.load_counters(model._network, cfg)
+        saving.load_state(model, arc, cfg["input_dim"])
+    saving.set_counters(model._network, counters)
     return model
 
 

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import interrupts
 from . import layers as L
 from . import regularizers as R
 from .kernels import contract as C
 from .kernels import plan as PL
 from .kernels.philox import dropout_scale, dropout_threshold
 from .kernels.reference import penalty_value
+from .validation import check_in_dtype, check_seed
 
 
 # ---------------------------------------------------------------- dense blocks
@@ -94,7 +96,7 @@ def fold_blocks(layers, partial=False):
 def check_loss_and_last_layer(loss, last, where=""):
     """The rules tying a loss to the last Dense: the cross-entropies take logits from a
     linear last layer; the sparse one needs a unit per class."""
-    if loss not in C.LOSSES:
+    if not isinstance(loss, str) or loss not in C.LOSSES:
         raise ValueError(f"{where}unknown loss {loss!r}; choose one of {sorted(C.LOSSES)}")
     if C.LOSS_BY_CODE[C.LOSSES[loss]].output != "identity" and last.activation is not None:
         raise ValueError(f"{where}{loss} takes logits: make the last Dense linear "
@@ -121,11 +123,16 @@ def check_part_layers(layers, where=""):
         raise ValueError(f"{where}{exc}") from None
 
 
-def check_seed(seed, name="seed"):
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
-            or not 0 <= int(seed) < 2 ** 64:
-        raise ValueError(f"{name} must be an integer in [0, 2**64), got {seed!r}")
-    return int(seed)
+def check_in_model_dtype(layer, dtype):
+    """What a layer's numbers become in the model's dtype, where the kernels use them: a
+    BatchNorm's eps is added and its momentum mixes the running statistics in that dtype
+    (an eps that rounds to 0 divides by a zero variance; a momentum that rounds to 1 never
+    moves the statistics; one that rounds to 0 only keeps the last batch's, which is
+    allowed)."""
+    if isinstance(layer, L.BatchNorm):
+        check_in_dtype("BatchNorm eps", layer.eps, dtype)
+        check_in_dtype("BatchNorm momentum", layer.momentum, dtype, positive=False,
+                       below_one=True)
 
 
 def init_kernel(kind, fan_in, fan_out, rng, dtype):
@@ -168,11 +175,18 @@ class Network:
     """Parts, parameters and counters (module docstring). Parts are given trunk first."""
 
     def __init__(self, parts, seed=0, dtype="float32"):
-        self.seed = check_seed(seed)
-        if np.dtype(dtype) not in (np.float32, np.float64):
+        self.seed = check_seed("seed", seed)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:       # not a dtype at all ("float" typo'd, a list...)
+            dt = None
+        if dt not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-        self.dtype = np.dtype(dtype)
+        self.dtype = dt
         self.parts = list(parts)
+        for part in self.parts:
+            for layer in part.layers:
+                check_in_model_dtype(layer, self.dtype)
         self.input_dim = None
         self.store = None           # a kernels.plan.ParamStore once built
         self.moments_ready = False  # the optimizer's moments exist (made at the first fit)
@@ -273,15 +287,18 @@ class Network:
 
     def restore(self, snap):
         """Put a snapshot back: in place when the layout is unchanged (plans keep pointing
-        into the same buffers), else the snapshot's own store."""
-        store = snap["store"]
-        if store is not None and self.store is not None and store.layers == self.store.layers:
-            self.store.assign(store)
-        else:
-            self.store = None if store is None else store.copy()
-        self.moments_ready = snap["moments_ready"]
-        self.counters = Counters(**vars(snap["counters"]))
-        self.input_dim = snap["input_dim"]
+        into the same buffers), else the snapshot's own store. A Ctrl-C during it waits for
+        its end (fastreg/interrupts.py): never a half-restored network."""
+        with interrupts.deferred():
+            store = snap["store"]
+            if store is not None and self.store is not None \
+                    and store.layers == self.store.layers:
+                self.store.assign(store)
+            else:
+                self.store = None if store is None else store.copy()
+            self.moments_ready = snap["moments_ready"]
+            self.counters = Counters(**vars(snap["counters"]))
+            self.input_dim = snap["input_dim"]
 
     # ------------------------------------------------------------ configuration rows
     def config_rows(self, optimizer, training):
@@ -441,16 +458,26 @@ class Network:
                              f"{len(weights)}")
         converted = []
         for i, (new, cur) in enumerate(zip(weights, current)):
-            arr = np.asarray(new)
+            try:
+                arr = np.asarray(new)
+            except Exception as exc:    # ragged lists and the like
+                raise TypeError(f"weight {i}{labels[i]} is not an array: {exc}") from exc
             if arr.shape != cur.shape:
                 raise ValueError(f"weight {i}{labels[i]} has shape {arr.shape}, expected "
                                  f"{cur.shape}")
+            if np.iscomplexobj(arr):
+                raise TypeError(f"weight {i}{labels[i]} must be real, got dtype {arr.dtype}")
             if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) \
-                    or np.iscomplexobj(arr) or not np.isfinite(arr).all():
+                    or not np.isfinite(arr).all():
                 raise ValueError(f"weight {i}{labels[i]} must be finite real numbers")
-            converted.append(arr.astype(self.dtype))
-        for cur, new in zip(current, converted):
-            cur[...] = new
+            with np.errstate(over="ignore"):
+                conv = arr.astype(self.dtype)
+            if not np.isfinite(conv).all():
+                raise ValueError(f"weight {i}{labels[i]} overflows {self.dtype.name}")
+            converted.append(conv)
+        with interrupts.deferred():     # every array or none, even under Ctrl-C
+            for cur, new in zip(current, converted):
+                cur[...] = new
 
     def penalty(self):
         """The current regularization term, summed over every block (what

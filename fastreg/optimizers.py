@@ -3,26 +3,16 @@
 Update formulas are PyTorch's (bias correction, eps after the square root, AdamW's decoupled
 decay w <- w - lr*wd*w); the fused kernels implement them (kernels/reference.py is the spec).
 """
-import math
-
 from .kernels import contract as C
+from .validation import check_in_dtype, check_real
 
 
 def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return float(value)
+    return check_real(name, value, 0.0, min_open=True)
 
 
 def _unit(name, value, allow_zero=True):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    lo_ok = value >= 0 if allow_zero else value > 0
-    if not (lo_ok and value < 1):
-        raise ValueError(f"{name} must be in {'[0' if allow_zero else '(0'}, 1), got {value!r}")
-    return float(value)
+    return check_real(name, value, 0.0, 1.0, min_open=not allow_zero, max_open=True)
 
 
 class Optimizer:
@@ -47,6 +37,13 @@ class Optimizer:
     def slots(self):
         """{slot name: value} of the optimizer slots."""
         raise NotImplementedError
+
+    def check_dtype(self, dtype):
+        """The kernels round lr (and Adam's eps) to the model dtype once: they must stay
+        finite and > 0 there (an eps of 1e-50 is 0 in float32, and 0 / 0 is NaN)."""
+        check_in_dtype("lr", self.lr, dtype)
+        if getattr(self, "eps", None) is not None:
+            check_in_dtype("eps", self.eps, dtype)
 
     def get_config(self):
         raise NotImplementedError
@@ -103,10 +100,7 @@ class AdamW(Adam):
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
         super().__init__(lr, beta1, beta2, eps)
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
-                or not math.isfinite(weight_decay) or weight_decay < 0:
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-        self.weight_decay = float(weight_decay)
+        self.weight_decay = check_real("weight_decay", weight_decay, 0.0)
 
     def slots(self):
         return dict(super().slots(), decoupled=self.weight_decay)

@@ -3,8 +3,9 @@ verbose=2 one line per epoch, verbose=0 nothing. When stdout is not a terminal (
 a pipe) a bar cannot redraw: verbose=1 then writes verbose=2's plain lines, on a console
 wide enough that no field is cut.
 
-A compiled epoch is one call; for a live bar the epoch is run in a few chunks of whole
-batches (same steps, same masks: chunking changes nothing but how often Python looks).
+A compiled epoch runs in chunks of whole batches (same steps, same masks: chunking changes
+nothing but how often Python looks): at most `max_batches` a chunk, which fit sizes so a
+chunk is short (a Ctrl-C acts between chunks), and for a live bar at most 1/20 of the epoch.
 """
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -30,14 +31,15 @@ class EpochProgress:
                                       console=self.console)
             self._progress.start()
 
-    def chunks(self, epoch):
-        """(first_batch, end_batch) ranges covering the epoch."""
-        if self.verbose != 1:
-            yield 0, self.n_batches
-            return
-        self._task = self._progress.add_task(f"Epoch {epoch + 1}/{self.epochs}",
-                                             total=self.n_batches, metrics="")
-        size = max(1, -(-self.n_batches // CHUNKS_PER_EPOCH))
+    def chunks(self, epoch, max_batches=None):
+        """(first_batch, end_batch) ranges covering the epoch, at most max_batches each."""
+        size = self.n_batches
+        if self.verbose == 1:
+            self._task = self._progress.add_task(f"Epoch {epoch + 1}/{self.epochs}",
+                                                 total=self.n_batches, metrics="")
+            size = max(1, -(-self.n_batches // CHUNKS_PER_EPOCH))
+        if max_batches is not None:
+            size = max(1, min(size, int(max_batches)))
         for first in range(0, self.n_batches, size):
             yield first, min(self.n_batches, first + size)
 

@@ -9,20 +9,16 @@ GroupLasso(l) adds l * sum_j ||W[:, j]||_2, one group per unit (its incoming wei
 by block soft-thresholding after the step, so whole units reach exact zero (model.prune()
 then removes them).
 """
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .kernels import contract as C
+from .validation import check_real
 
 
 def _check_strength(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return check_real(name, value, 0.0, error=TypeError)
 
 
 class Regularizer:

@@ -353,10 +353,11 @@ def _table(rows, as_frame):
     return pd.DataFrame(rows)
 
 
-def _check_common(epochs, batch_size, validation_data):
-    from .validation import check_positive_int
+def _check_common(epochs, batch_size, validation_data, seed=0):
+    from .validation import check_positive_int, check_seed
     check_positive_int("epochs", epochs)
     check_positive_int("batch_size", batch_size)
+    check_seed("seed", seed)
     if validation_data is not None and (not isinstance(validation_data, (tuple, list))
                                         or len(validation_data) != 2):
         raise ValueError("validation_data must be a tuple (X_val, y_val)")
@@ -395,7 +396,7 @@ def sweep(build, grid=None, X=None, y=None, validation_data=None, epochs=10, bat
         raise TypeError("build must be a callable: build(**point) -> compiled Sequential")
     if X is None or y is None:
         raise ValueError("sweep needs the training data: sweep(build, grid, X, y, ...)")
-    _check_common(epochs, batch_size, validation_data)
+    _check_common(epochs, batch_size, validation_data, seed)
     if n_iter is not None:
         points = sample_points(grid, distributions, n_iter, seed)
     elif distributions is not None:
@@ -512,7 +513,7 @@ def regularization_path(build, lambdas, X, y, validation_data=None, epochs=10, b
     """
     if not callable(build):
         raise TypeError("build must be a callable: build(lam) -> compiled Sequential")
-    _check_common(epochs, batch_size, validation_data)
+    _check_common(epochs, batch_size, validation_data, seed)
     warm_epochs = epochs if warm_epochs is None else warm_epochs
     _check_common(warm_epochs, batch_size, None)
     try:

@@ -4,41 +4,51 @@ A front end validates what the user gave (its targets: an array, or a dict by he
 hands the frame the network, the inputs and the targets of every head; the frame runs the
 epochs through the backend's compiled epoch (kernels/<backend>/epoch: trunk and heads in one
 call, no Python per step), in chunks of whole batches (same steps, same masks), with the
-callbacks, the seeded shuffles, augmentation, the non-finite stop and the validation logs.
+callbacks, the seeded shuffles, augmentation, the state checks and the validation logs.
+
+What a fit promises (`fit`): bad input raises before anything changes; a Ctrl-C stops the
+fit between two chunks of batches and propagates, leaving the state of the last completed
+step; any other exception puts the model back as it was; a state that is not sound at an
+epoch's end (or a non-finite training loss) is replaced by the last sound one, with a
+RuntimeWarning (FitFrame).
 
 What the frame asks of a front end (both implement it):
     model._network                     the fastreg.network.Network
     model.optimizer, model.backend     what compile chose
+    model.build(input_dim)             its weights from the seed (an unbuilt model's first fit)
     model._loss_logs(means)            {"loss": ..., ...} from the heads' mean losses
     model._augment_epoch(plans, X, Ys, perm, batch_size) -> (X, [Y per head])
     model._nonfinite_advice            the sentence the non-finite warning ends with
 """
+import os
+import sys
 import warnings
 
 import numpy as np
 
 from . import backend as backends
-from .callbacks import Callback, History
+from . import interrupts
+from .callbacks import Callback, FitProgress, History
 from .kernels import contract as C
 from .kernels import mc
 from .progress import EpochProgress
-from .validation import as_features, check_positive_int
+from .validation import (as_chunk, as_features, check_callbacks, check_int, check_positive_int,
+                         check_seed, check_verbose, chunk_rows)
 
 PREDICT_BATCH = 4096
+# Multiply-adds of one chunk of training batches (a step costs about 3x its forward pass):
+# the frame hands the backend an epoch a chunk at a time and acts on a Ctrl-C between
+# chunks, so a chunk must be short (milliseconds on the compiled CPU backends, ~0.1 s on the
+# NumPy reference). Chunks are whole batches: how an epoch is cut changes no result.
+CHUNK_MACS = 1 << 27
 
 
 # ---------------------------------------------------------------- arguments
 def check_fit_arguments(epochs, batch_size, verbose, callbacks):
-    """(epochs, batch_size, callbacks as a list), validated: what every fit takes."""
+    """(epochs, batch_size, verbose, callbacks as a list), validated: what every fit takes."""
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
-    if verbose not in (0, 1, 2):
-        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
-    callbacks = list(callbacks or [])
-    for cb in callbacks:
-        if not isinstance(cb, Callback):
-            raise TypeError(f"callbacks must be fastreg Callback instances, got {cb!r}")
-    return epochs, batch_size, callbacks
+    return epochs, batch_size, check_verbose(verbose), check_callbacks(callbacks, Callback)
 
 
 def validation_pair(validation_data, width, dtype, targets, what="(X_val, y_val)"):
@@ -54,37 +64,41 @@ def validation_pair(validation_data, width, dtype, targets, what="(X_val, y_val)
 def check_mc_arguments(mc_samples, seed):
     """predict's (mc_samples, seed), validated (Sequential and MultiTask)."""
     if mc_samples is not None:
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, (int, np.integer)) \
-                or mc_samples < 1:
-            raise ValueError(f"mc_samples must be an integer >= 1 (dropout masks per row), "
-                             f"got {mc_samples!r}")
-        mc_samples = int(mc_samples)
+        mc_samples = check_int("mc_samples", mc_samples, 1,
+                               what="an integer >= 1 (dropout masks per row)")
     if seed is not None:
         if mc_samples is None:
             raise ValueError("seed only applies to MC dropout: pass mc_samples too")
-        from .network import check_seed
-        seed = check_seed(seed)
+        seed = check_seed("seed", seed)
     return mc_samples, seed
 
 
 # ---------------------------------------------------------------- the epoch loop's frame
-def begin_training(model, callbacks, available):
+def begin_training(model, callbacks, available, epochs):
     """History first, then the user's callbacks, each bound to the model and told which
-    metrics the fit reports; returns (history, callbacks)."""
+    metrics the fit reports and (logs["fit"]) the fit's progress, which BackupAndRestore may
+    move past the epochs of a backup; returns (history, callbacks, progress)."""
     history = History()
     cbs = [history] + list(callbacks)
+    progress = FitProgress(history, epochs)
     for cb in cbs:
         cb.set_model(model)
     for cb in cbs:
-        cb.on_train_begin({"available_metrics": available})
+        cb.on_train_begin({"available_metrics": available, "fit": progress})
     model.stop_training = False
-    return history, cbs
+    return history, cbs, progress
 
 
 def epoch_order(network, n, shuffle):
     """The rows of the next epoch in training order: seeded by (seed, epochs run)."""
     return (np.random.default_rng([network.seed, network.counters.epochs_run]).permutation(n)
-            if shuffle else np.arange(n)).astype(np.int64)
+            if shuffle else np.arange(n, dtype=np.int64)).astype(np.int64, copy=False)
+
+
+def chunk_batches(batch, kernels):
+    """Batches per chunk of an epoch: about CHUNK_MACS multiply-adds, at least one batch."""
+    macs = 3 * int(batch) * sum(int(W.size) for W in kernels)
+    return max(1, CHUNK_MACS // max(1, macs))
 
 
 def end_epoch(model, progress, cbs, epoch, logs):
@@ -97,31 +111,127 @@ def end_epoch(model, progress, cbs, epoch, logs):
 
 
 def end_training(model, history, cbs, progress):
-    """Tell the callbacks, show what they report (unless they said it themselves), keep the
-    history on the model."""
+    """Keep the history on the model (first: a Ctrl-C during the callbacks still finds it),
+    tell the callbacks, show what they report (unless they said it themselves)."""
+    model.history = history
     for cb in cbs:
         cb.on_train_end({})
     for cb in cbs:
         if cb.report and not getattr(cb, "verbose", 0):
             progress.note(cb.report)
-    model.history = history
     return history
 
 
-def stop_on_nonfinite(model, epoch, steps_done, start_state, stacklevel=4):
-    """After a non-finite batch loss: keep the last finite weights (the failing batch's update
-    was skipped), or restore the epoch's starting weights if any parameter is not finite;
-    then warn with the epoch and step (Keras' TerminateOnNaN, as a RuntimeWarning), pointed at
-    the user's fit call (stacklevel: here <- run_fit <- fit <- caller)."""
-    network = model._network
-    where = "the last finite weights kept"
-    store = network.store
-    if not (np.isfinite(store.params).all() and np.isfinite(store.stats).all()):
-        network.restore(start_state)
-        where = "the weights restored to the start of that epoch"
-    warnings.warn(f"the training loss became NaN or inf at epoch {epoch + 1} (step "
-                  f"{steps_done + 1} of the epoch); training stopped with {where}. "
-                  f"{model._nonfinite_advice}", RuntimeWarning, stacklevel=stacklevel)
+class FitFrame:
+    """The state checks of a fit.
+
+    `good` is the last state known to be sound: snapshot at the end of each epoch once it is
+    checked, before the callbacks see it (the state the fit started from before the first).
+    A state is sound when every parameter, BatchNorm statistic and optimizer moment is
+    finite (second moments and variances >= 0 by construction) and the data loss of the last
+    completed batch, dropout off, is finite. It is checked at the end of every epoch and when
+    a Ctrl-C stops the fit; a state that fails, or a training loss that became NaN or inf, is
+    replaced by `good`, with a RuntimeWarning saying which state that is.
+
+    Used as a context manager around the epochs: a KeyboardInterrupt leaving it (raised at a
+    chunk boundary by the guard, or by a callback) brings the device state to the host,
+    checks it, sets model.history to the completed epochs and propagates.
+    """
+
+    def __init__(self, model, backend, plan, history):
+        self.model = model
+        self.network = model._network
+        self.backend = backend
+        self.plan = plan
+        self.history = history
+        self.good = None
+        self.good_label = "those from before this fit"
+        self.last = None            # (X, [Y per head], rows) of the last completed batch
+        self.checked = True         # the current state is the one last checked
+        self.on_device = False      # chunks ran since the device state was last synced
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            self.sync()
+            if not self.checked and self.good is not None and not self._sound():
+                self._restore_good("the state at the Ctrl-C was not finite (or gave a NaN or "
+                                   "inf loss on its last batch)")
+            self.model.history = self.history
+        return False
+
+    def begin_epoch(self, initial_epoch):
+        if self.good is None:       # the first epoch of the fit: the state it starts from
+            self.good = self.network.snapshot()
+            if initial_epoch:
+                self.good_label = "those at the start of this fit (the backup's)"
+        self.checked = True
+
+    def completed(self, X, Ys, perm, batches_done, batch_size):
+        """A chunk done: batches [0, batches_done) of the epoch's order `perm` are trained."""
+        if batches_done:
+            lo = (batches_done - 1) * batch_size
+            self.last = (X, Ys, perm[lo:lo + batch_size])
+            self.checked = False
+            self.on_device = True
+
+    def sync(self):
+        if self.on_device:
+            self.backend.sync_to_host(self.plan)
+            self.on_device = False
+
+    def _sound(self):
+        if not self.network.store.finite():
+            return False
+        if self.last is None:
+            return True
+        X, Ys, rows = self.last
+        with np.errstate(all="ignore"):
+            means = head_loss_means(self.model, X[rows], [Y[rows] for Y in Ys])
+        return bool(np.isfinite(means).all())
+
+    def verify(self, epoch):
+        """At an epoch's end: True when sound (the state becomes `good`, before any callback
+        sees it), else restore `good`, warn, False."""
+        if self._sound():
+            self.checked = True
+            self.good = self.network.snapshot()
+            self.good["counters"].epochs_run += 1   # the epoch it closes (end_epoch counts it)
+            self.good_label = (f"those at the end of epoch {epoch + 1}, the last that were "
+                               f"finite and gave a finite loss on its last batch")
+            return True
+        self._restore_good(f"at the end of epoch {epoch + 1} the weights or optimizer state "
+                           f"were NaN or inf, or gave a NaN or inf loss on the epoch's last "
+                           f"batch")
+        return False
+
+    def stop(self, reason):
+        """A non-finite training loss: restore `good` and warn."""
+        self._restore_good(reason)
+
+    def _restore_good(self, reason):
+        if self.good is not None:
+            self.network.restore(self.good)
+            self.backend.invalidate(self.plan)     # the device copies are not the host's now
+            self.on_device = False
+        self.checked = True
+        warnings.warn(f"{reason}; training stopped with the weights, optimizer state and "
+                      f"counters restored to {self.good_label}. {self.model._nonfinite_advice}",
+                      RuntimeWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel():
+    """The stacklevel of the first frame outside fastreg (the user's fit call)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        where = os.path.dirname(os.path.abspath(frame.f_code.co_filename))
+        if where != here and not where.startswith(here + os.sep):
+            break
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def target_widths(network, Ys):
@@ -138,67 +248,99 @@ def side_by_side(Ys):
     return Ys[0] if len(Ys) == 1 else np.ascontiguousarray(np.hstack(Ys))
 
 
+def fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, plans, available):
+    """A fit of a front end (module docstring): X and Ys validated (arrays; one Y per head),
+    plans the augmentation plans (one per head) or None, val (X_val, [Y_val]) or None,
+    `available` the metrics the fit reports. Returns the History.
+
+    A Ctrl-C is held until a chunk of batches is done (fastreg/interrupts.py), then
+    propagates as KeyboardInterrupt with the state of the last completed step (weights,
+    optimizer moments and counters; model.history the completed epochs); any other exception
+    puts the model back as it was before the fit."""
+    network = model._network
+    with interrupts.deferred() as guard:
+        snapshot = network.snapshot()
+        try:
+            if not network.built:
+                model.build(X.shape[1])
+            return run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
+                           plans, available, guard)
+        except KeyboardInterrupt:
+            raise       # the state of the last completed step, kept (FitFrame)
+        except BaseException:
+            network.restore(snapshot)
+            raise
+
+
 def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, plans,
-            available):
-    """The epochs of a fit (module docstring); returns the History. X and Ys are validated;
-    plans: the augmentation plans (one per head) or None; val: (X_val, [Y_val]) or None."""
+            available, guard):
+    """The epochs of a fit (fit's arguments; guard: the Ctrl-C guard, checked between
+    chunks)."""
     network = model._network
     backend = backends.get(model.backend)
-    history, cbs = begin_training(model, callbacks, available)
+    history, cbs, fit_progress = begin_training(model, callbacks, available, epochs)
     n = X.shape[0]
-    batch = min(batch_size, n)
+    batch_size = min(batch_size, n)     # a batch of more rows than X has: all of them
     widths = target_widths(network, Ys)
     if plans:   # the targets trained on: (label, label, lam) after a Mixup of sparse labels
         from . import augment as augmentation
         for p, plan in zip(network.heads, plans):
             widths[p] = augmentation.target_width(plan, widths[p])
-    plan = network.training_plan(model.optimizer, batch, widths)
+    plan = network.training_plan(model.optimizer, batch_size, widths)
     Y = side_by_side(Ys)
     heads = network.heads
     counters = network.counters
     n_batches = -(-n // batch_size)
+    per_chunk = chunk_batches(batch_size, plan.Ws)
     progress = EpochProgress(epochs, n_batches, verbose)
+    frame = FitFrame(model, backend, plan, history)
     try:
-        for epoch in range(epochs):
-            perm = epoch_order(network, n, shuffle)
-            Xe, Ye = X, Y
-            if plans:
-                # The epoch's rows in training order, augmented as its batches (fresh arrays
-                # each epoch: the CUDA backend re-uploads a new array, not a reused one); the
-                # compiled loop then walks them in order.
-                Xe, Yes = model._augment_epoch(plans, X, Ys, perm, batch_size)
-                Ye = side_by_side(Yes)
-                perm = np.arange(n, dtype=np.int64)
-            start_state = network.snapshot()
-            sums = np.zeros(len(network.parts))
-            pen_sum = 0.0
-            steps_done = 0
-            finite = True
-            for first, last in progress.chunks(epoch):
-                with backend.epoch_context(plan):
+        with backend.epoch_context(plan), frame:   # the thread policy: once per fit
+            for epoch in range(fit_progress.initial_epoch, epochs):
+                guard.check()           # a Ctrl-C during the last epoch's end acts here
+                perm = epoch_order(network, n, shuffle)
+                Xe, Yes, Ye = X, Ys, Y
+                if plans:
+                    # The epoch's rows in training order, augmented as its batches (fresh
+                    # arrays each epoch: the CUDA backend re-uploads a new array, not a reused
+                    # one); the compiled loop then walks them in order.
+                    Xe, Yes = model._augment_epoch(plans, X, Ys, perm, batch_size)
+                    Ye = side_by_side(Yes)
+                    perm = np.arange(n, dtype=np.int64)
+                frame.begin_epoch(fit_progress.initial_epoch)
+                sums = np.zeros(len(network.parts))
+                pen_sum = 0.0
+                steps_done = 0
+                finite = True
+                for first, last in progress.chunks(epoch, per_chunk):
                     ls, ps, steps, finite = backend.train_epoch(
                         plan, Xe, Ye, perm[first * batch_size:last * batch_size], batch_size,
                         counters.step, counters.t + 1)
-                sums += ls
-                pen_sum += ps
-                steps_done += steps
-                counters.step += steps
-                counters.t += steps
-                rows = min(n, (first + steps) * batch_size) if steps else 1
-                progress.update(epoch, first + steps,
-                                model._loss_logs(sums[heads] / max(rows, 1))["loss"])
+                    sums += ls
+                    pen_sum += ps
+                    steps_done += steps
+                    counters.step += steps
+                    counters.t += steps
+                    frame.completed(Xe, Yes, perm, first + steps, batch_size)
+                    rows = min(n, (first + steps) * batch_size) if steps else 1
+                    progress.update(epoch, first + steps,
+                                    model._loss_logs(sums[heads] / max(rows, 1))["loss"])
+                    if not finite:
+                        break
+                    guard.check()       # a Ctrl-C acts here, between whole chunks
+                frame.sync()
                 if not finite:
+                    frame.stop(f"the training loss became NaN or inf at epoch {epoch + 1} "
+                               f"(step {steps_done + 1} of the epoch)")
                     break
-            backend.sync_to_host(plan)
-            if not finite:
-                stop_on_nonfinite(model, epoch, steps_done, start_state)
-                break
-            logs = model._loss_logs(sums[heads] / n)
-            logs["penalty"] = pen_sum / n
-            if val is not None:
-                logs.update({f"val_{k}": v for k, v in evaluate(model, *val).items()})
-            if end_epoch(model, progress, cbs, epoch, logs):
-                break
+                if not frame.verify(epoch):
+                    break
+                logs = model._loss_logs(sums[heads] / n)
+                logs["penalty"] = pen_sum / n
+                if val is not None:
+                    logs.update({f"val_{k}": v for k, v in evaluate(model, *val).items()})
+                if end_epoch(model, progress, cbs, epoch, logs):
+                    break
     finally:
         progress.close()
     return end_training(model, history, cbs, progress)
@@ -212,19 +354,32 @@ def inference_backend(model):
 
 def head_logits(model, X, batch_size=None):
     """[logits of every head] for X, dropout and noise off, BatchNorm folded: the trunk once
-    per chunk, then every head on its output."""
+    per chunk, then every head on its output. X is any real 2-D array of the model's width:
+    each chunk of rows is converted to the model dtype on its own (a view when X already is
+    C-contiguous in it), never all of X at once; between chunks a pending Ctrl-C of an
+    enclosing fit is acted on."""
     network = model._network
     backend = inference_backend(model)
     plan = network.inference_plan(model.optimizer)
-    batch_size = batch_size or PREDICT_BATCH
-    if len(network.parts) == 1:
-        return [backend.forward_inference(plan, X, batch_size, 0)]
-    out = [np.empty((X.shape[0], network.n_outputs(p)), network.dtype) for p in network.heads]
-    chunk = max(batch_size, PREDICT_BATCH)   # bounds the trunk's output held at once
-    for start in range(0, X.shape[0], chunk):
-        H = backend.forward_inference(plan, X[start:start + chunk], batch_size, 0)
-        for o, p in zip(out, network.heads):
-            o[start:start + H.shape[0]] = backend.forward_inference(plan, H, batch_size, p)
+    n = X.shape[0]
+    batch_size = max(1, min(batch_size or PREDICT_BATCH, n))
+    if len(network.parts) == 1:     # chunks of whole batches: each batch the same call
+        chunk = max(1, chunk_rows(X.shape[1], network.dtype) // batch_size) * batch_size
+    else:                           # bounds the trunk's output held at once
+        chunk = max(batch_size, PREDICT_BATCH)
+    out = [np.empty((n, network.n_outputs(p)), network.dtype) for p in network.heads]
+    for start in range(0, n, chunk):
+        if start:
+            interrupts.check()
+        x = as_chunk(X, start, start + chunk, network.dtype)
+        if len(network.parts) == 1:
+            out[0][start:start + x.shape[0]] = backend.forward_inference(plan, x, batch_size, 0)
+        else:
+            H = backend.forward_inference(plan, x, batch_size, 0)
+            for o, p in zip(out, network.heads):
+                o[start:start + H.shape[0]] = backend.forward_inference(plan, H, batch_size, p)
+            del H
+        del x       # before the next chunk is converted: one chunk at a time
     return out
 
 
@@ -241,12 +396,16 @@ def predict_heads(model, X, batch_size=None):
             for z, loss in zip(head_logits(model, X, batch_size), head_losses(model))]
 
 
+def head_loss_means(model, X, Ys, batch_size=None):
+    """The data loss of every head on (X, Ys), dropout off, in head order."""
+    backend = inference_backend(model)
+    return np.array([float(backend.loss_value(z, Y, loss)) for z, Y, loss in
+                     zip(head_logits(model, X, batch_size), Ys, head_losses(model))])
+
+
 def evaluate(model, X, Ys, batch_size=None):
     """The data losses on (X, Ys), dropout off: the front end's logs of the heads' losses."""
-    backend = inference_backend(model)
-    means = np.array([float(backend.loss_value(z, Y, loss)) for z, Y, loss in
-                      zip(head_logits(model, X, batch_size), Ys, head_losses(model))])
-    return model._loss_logs(means)
+    return model._loss_logs(head_loss_means(model, X, Ys, batch_size))
 
 
 def predict_mc(model, X, n_samples, seed):

@@ -1,15 +1,143 @@
 """Input validation at the API boundary: one clear ValueError/TypeError per problem.
 
-Nothing the user passed is modified: arrays are converted into new arrays when a conversion is
-needed, and only read otherwise.
+Nothing the user passed is modified. A number argument takes a Python or NumPy number
+(np.float32(1e-3) as 1e-3, np.int64(8) as 8), never a bool; an array argument is only read:
+fit trains on the caller's X itself when it is already C-contiguous in the model's dtype,
+predict / evaluate convert X a chunk of rows at a time, and the finiteness checks run chunk
+by chunk too, so no check holds a second array the size of X.
 """
+import math
+import numbers
+import operator
+
 import numpy as np
 
 from .kernels import contract as C
 
+# Rows per chunk of a check or a conversion: about CHUNK_BYTES of the converted rows.
+CHUNK_BYTES = 1 << 20
+# BLAS takes 32-bit dimensions: a layer or input wider than this cannot be multiplied.
+MAX_WIDTH = 2 ** 31 - 1
 
-def as_features(X, name="X", width=None, dtype=np.float32):
-    """A C-contiguous 2-D float array (a copy only when needed), checked for NaN/inf."""
+
+# ---------------------------------------------------------------- numbers
+def _is_bool(value):
+    return isinstance(value, (bool, np.bool_))
+
+
+def _range_text(minimum, maximum):
+    if maximum is None:
+        return f"an integer >= {minimum}"
+    if minimum is None:
+        return f"an integer <= {maximum}"
+    return f"an integer in [{minimum}, {maximum}]"
+
+
+def check_int(name, value, minimum=None, maximum=None, what=None):
+    """A Python or NumPy integer (not a bool) in [minimum, maximum], as an int."""
+    if _is_bool(value) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be {what or 'an integer'}, got {value!r}")
+    v = operator.index(value)
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        raise ValueError(f"{name} must be {what or _range_text(minimum, maximum)}, got "
+                         f"{value!r}")
+    return v
+
+
+def check_positive_int(name, value):
+    return check_int(name, value, 1, what="a positive integer")
+
+
+def check_width(name, value):
+    """A layer or input width: a positive integer BLAS can take."""
+    return check_int(name, value, 1, MAX_WIDTH,
+                     what="a positive integer below 2**31 (BLAS takes 32-bit dimensions)")
+
+
+def check_seed(name, value):
+    return check_int(name, value, 0, 2 ** 64 - 1, what="an integer in [0, 2**64)")
+
+
+def check_real(name, value, minimum=None, maximum=None, min_open=False, max_open=False,
+               error=ValueError):
+    """A finite Python or NumPy real number (not a bool, not complex) in the given range, as
+    a float. min_open / max_open exclude the bound; error: the exception for a value that is
+    not a number at all (ValueError, or TypeError where the API has always raised that)."""
+    if maximum is None and minimum is None:
+        text = ""
+    elif maximum is None:
+        text = f"{'>' if min_open else '>='} {minimum:g}"
+    elif minimum is None:
+        text = f"{'<' if max_open else '<='} {maximum:g}"
+    else:
+        text = (f"in {'(' if min_open else '['}{minimum:g}, {maximum:g}"
+                f"{')' if max_open else ']'}")
+    finite = f"a finite number{' ' + text if text else ''}"
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise error(f"{name} must be {finite}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be {finite}, got {value!r}")
+    low_bad = minimum is not None and (v < minimum or (min_open and v == minimum))
+    high_bad = maximum is not None and (v > maximum or (max_open and v == maximum))
+    if low_bad or high_bad:
+        raise ValueError(f"{name} must be {text}, got {value!r}")
+    return v
+
+
+def check_in_dtype(name, value, dtype, positive=True, below_one=False):
+    """A hyperparameter as the kernels see it, rounded once to the model dtype: it must stay
+    finite there (and > 0, or < 1, where asked). Returns value."""
+    dt = np.dtype(dtype)
+    with np.errstate(over="ignore", under="ignore"):
+        rounded = dt.type(value)
+    if not np.isfinite(rounded):
+        raise ValueError(f"{name} {value!r} overflows to inf in {dt.name}: use a value below "
+                         f"{float(np.finfo(dt).max):g}")
+    if positive and not rounded > 0:
+        raise ValueError(f"{name} {value!r} rounds to 0 in {dt.name}, the dtype the kernels "
+                         f"compute in: use at least {float(np.finfo(dt).smallest_subnormal):g} "
+                         f"(or dtype='float64')")
+    if below_one and not rounded < 1:
+        below = float(np.nextafter(dt.type(1), dt.type(0)))
+        raise ValueError(f"{name} {value!r} rounds to 1 in {dt.name}, the dtype the kernels "
+                         f"compute in: use a value below {below:.9g}")
+    return value
+
+
+def check_verbose(verbose):
+    if _is_bool(verbose) or not isinstance(verbose, numbers.Integral) \
+            or int(verbose) not in (0, 1, 2):
+        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+    return int(verbose)
+
+
+def check_batch_size(batch_size):
+    """None or a positive integer (any size: a batch of more rows than X has is all rows)."""
+    return None if batch_size is None else check_positive_int("batch_size", batch_size)
+
+
+def check_callbacks(callbacks, base):
+    """callbacks=None or a list/tuple of `base` instances, as a list."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, base):
+        kind = type(callbacks).__name__
+        raise TypeError(f"callbacks must be a list of callbacks, got a single {kind}: pass "
+                        f"callbacks=[{kind}(...)]")
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of fastreg Callback instances, got "
+                        f"{type(callbacks).__name__}")
+    for cb in callbacks:
+        if not isinstance(cb, base):
+            raise TypeError(f"callbacks must be fastreg Callback instances, got {cb!r}")
+    return list(callbacks)
+
+
+# ---------------------------------------------------------------- arrays
+def _numeric_array(X, name):
+    """X as an ndarray without copying (subclasses such as np.memmap become plain views),
+    refusing what is not a real numeric array."""
     if X is None:
         raise ValueError(f"{name} is None")
     try:
@@ -21,6 +149,34 @@ def as_features(X, name="X", width=None, dtype=np.float32):
         raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.complexfloating):
         raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
+    return arr
+
+
+def chunk_rows(width, dtype):
+    """Rows of a (rows, width) chunk of about CHUNK_BYTES in dtype."""
+    return max(1, CHUNK_BYTES // max(1, int(width) * np.dtype(dtype).itemsize))
+
+
+def as_chunk(arr, start, stop, dtype):
+    """Rows [start, stop) of arr as a C-contiguous array of dtype (a view when they already
+    are one)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.ascontiguousarray(arr[start:stop], dtype=dtype)
+
+
+def _check_finite(chunk, name, row0):
+    if np.isfinite(chunk).all():
+        return
+    bad = np.argwhere(~np.isfinite(chunk))[0]
+    kind = "NaN" if np.isnan(chunk[tuple(bad)]) else "inf"
+    raise ValueError(f"{name} contains {kind} (first at row {row0 + bad[0]}, column {bad[1]}); "
+                     f"clean or impute the data first")
+
+
+def feature_source(X, name="X", width=None, dtype=np.float32):
+    """A 2-D real array of the right width, read in place (not converted, not copied), with
+    every value finite once converted to dtype (checked a chunk of rows at a time)."""
+    arr = _numeric_array(X, name)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (samples, features), got shape {arr.shape}"
                          f"{_reshape_hint(arr, width)}")
@@ -28,15 +184,21 @@ def as_features(X, name="X", width=None, dtype=np.float32):
         raise ValueError(f"{name} has no rows")
     if width is not None and arr.shape[1] != width:
         raise ValueError(f"{name} has {arr.shape[1]} features but the model expects {width}")
-    out = np.ascontiguousarray(arr, dtype=dtype)
-    if not np.isfinite(out).all():
-        bad = np.argwhere(~np.isfinite(out))[0]
-        kind = "NaN" if np.isnan(out[tuple(bad)]) else "inf"
-        raise ValueError(f"{name} contains {kind} (first at row {bad[0]}, column {bad[1]}); "
-                         f"clean or impute the data first")
-    if out is arr:
-        out = out.copy()  # the model never holds a view of the caller's data
-    return out
+    rows = chunk_rows(arr.shape[1], dtype)
+    for start in range(0, arr.shape[0], rows):
+        _check_finite(as_chunk(arr, start, start + rows, dtype), name, start)
+    return arr
+
+
+def as_features(X, name="X", width=None, dtype=np.float32):
+    """A C-contiguous 2-D array of dtype, checked for NaN/inf: the caller's array itself when
+    it already is one (read, never written: an np.memmap then trains out of core), else one
+    converted copy."""
+    arr = feature_source(X, name, width, dtype)
+    if arr.dtype == np.dtype(dtype) and arr.flags.c_contiguous:
+        return arr
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.ascontiguousarray(arr, dtype=dtype)
 
 
 def _reshape_hint(arr, width):
@@ -53,13 +215,16 @@ def _reshape_hint(arr, width):
 
 
 def as_targets(y, n_rows, loss, n_outputs, name="y", dtype=np.float32):
-    """Targets as a (n, Ky) float array in the layout the loss kernels take."""
+    """Targets as a (n, Ky) float array in the layout the loss kernels take (converted; the
+    kernels only read it)."""
     if y is None:
         raise ValueError(f"{name} is None")
     arr = np.asarray(y)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number)
                                    or arr.dtype == np.bool_):
         raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.complexfloating):    # its imaginary part would be dropped
+        raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
     if arr.shape[0:1] != (n_rows,):
         raise ValueError(f"{name} has {arr.shape[0] if arr.ndim else 0} rows but X has {n_rows}")
     if loss == C.LOSS_SCE:
@@ -84,16 +249,11 @@ def as_targets(y, n_rows, loss, n_outputs, name="y", dtype=np.float32):
     if arr.shape[1] != n_outputs:
         raise ValueError(f"{name} has {arr.shape[1]} columns but the last Dense has "
                          f"{n_outputs} units")
-    out = np.array(arr, dtype=dtype, order="C", copy=True)
+    with np.errstate(over="ignore", invalid="ignore"):    # an overflow is refused below
+        out = np.array(arr, dtype=dtype, order="C", copy=True)
     if not np.isfinite(out).all():
         raise ValueError(f"{name} contains NaN or inf")
     if loss == C.LOSS_BCE and (out.min() < 0 or out.max() > 1):
         raise ValueError(f"{name} for binary_crossentropy must lie in [0, 1], found values "
                          f"from {out.min()} to {out.max()}")
     return out
-
-
-def check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)

@@ -265,6 +265,26 @@ def test_penalized_update(K, dtype, opt, b1, nesterov, l1, l2, proximal, maxnorm
                                nesterov, l1, l2, proximal, maxnorm, group, shape)
 
 
+@pytest.mark.parametrize("prox", ["l1", "l1_sgd", "group", "maxnorm"])
+def test_the_update_keeps_a_nan_weight_nan(K, prox):
+    """The L1 prox (sign(NaN) * max(NaN, 0)), the group prox and max-norm leave a NaN weight
+    NaN, as the reference does (a NaN turned into 0 would hide a diverged model)."""
+    rng = fresh_rng()
+    w = randn(rng, (4, 3))
+    w[1, 1] = np.nan
+    g, m, v = randn(rng, (4, 3)), np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32)
+    hp = np.zeros(C.HP_SIZE)
+    hp[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_PROXIMAL]] = (0.01, 0.9, 0.999, 1e-8, 1)
+    hp[{"l1": C.HP_L1, "l1_sgd": C.HP_L1, "group": C.HP_GROUP,
+        "maxnorm": C.HP_MAXNORM}[prox]] = 0.5
+    opt = C.OPT_SGD if prox == "l1_sgd" else C.OPT_ADAM
+    want = [a.copy() for a in (w, g, m, v)]
+    R.penalized_update(*want, hp, opt, 1)
+    assert np.isnan(want[0][1, 1])
+    K.penalized_update(w, g, m, v, hp, opt, 1)
+    np.testing.assert_array_equal(np.isnan(w), np.isnan(want[0]))
+
+
 # ---------------------------------------------------------------- Philox
 @pytest.mark.parametrize("stream", [s.word for s in C.STREAM_TABLE],
                          ids=[s.name for s in C.STREAM_TABLE])

@@ -31,11 +31,14 @@ def build_chunks(ns):
 
     @cuda.jit(**dev)
     def sign(x):
+        """np.sign: -1, 0 or 1, and NaN for NaN (the L1 prox must not turn NaN into 0)."""
         if x > ZERO:
             return ONE
         if x < ZERO:
             return -ONE
-        return ZERO
+        if x == ZERO:
+            return ZERO
+        return x
 
     @cuda.jit(**dev)
     def update_chunk(b, nt, coef, red1, red2, P, G, Mm, Vv, blk_seg, blk_lo, blk_hi, seg_hp,
