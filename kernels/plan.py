@@ -259,6 +259,28 @@ class Plan:
         pre = sum(W.shape[1] for l, W in enumerate(self.Ws) if self.keeps_pre(l))
         return self.dtype.itemsize * (units + bn + pre) / units
 
+    # ------------------------------------------------------------ learning rates
+    def step_rates(self, n_rows, batch_size, lrs=None):
+        """The learning rate of each training step of a call over n_rows rows in batches of
+        batch_size (one per batch), float64: `lrs` as given (checked: one finite rate > 0
+        per step, >= 0: a schedule may end at 0), or the optimizer's rate in the hp rows for every step. The compiled
+        epochs write step k's rate into the HP_LR slot of every hp row before its update
+        (one optimizer: the slot is the same in every row)."""
+        n_steps = -(-int(n_rows) // max(1, int(batch_size)))
+        if lrs is None:
+            return np.full(n_steps, self.hpW[0, C.HP_LR] if self.n_layers else 0.0)
+        lrs = np.ascontiguousarray(lrs, np.float64).reshape(-1)
+        if lrs.shape[0] < n_steps:
+            raise ValueError(f"train_epoch: {lrs.shape[0]} learning rates for {n_steps} steps")
+        if not (np.isfinite(lrs[:n_steps]).all() and (lrs[:n_steps] >= 0).all()):
+            raise ValueError("train_epoch: every step's learning rate must be finite and >= 0")
+        return lrs
+
+    def set_learning_rate(self, lr):
+        """Write lr into the HP_LR slot of every hp row (the host copy)."""
+        for hp in (self.hpW, self.hpb, self.hpgb):
+            hp[:, C.HP_LR] = lr
+
     # ------------------------------------------------------------ workspace
     def allocate(self, batch, y_widths):
         """Preallocate every buffer one training step touches, for batches of <= `batch`

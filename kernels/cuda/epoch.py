@@ -90,7 +90,15 @@ def build(ns):
             j = e - i * O
             a[i, j] = a[i, j] * w
 
-    ns.__dict__.update(gather=gather, add_into=add_into, scale_by=scale_by)
+    @cuda.jit
+    def set_learning_rate(seg_hp, lrs, k):
+        """Step k's learning rate into the HP_LR slot of every segment's hp row (one
+        optimizer: the same in every row; reference Plan.set_learning_rate)."""
+        for s in range(cuda.grid(1), seg_hp.shape[0], cuda.gridsize(1)):
+            seg_hp[s, C.HP_LR] = lrs[k]
+
+    ns.__dict__.update(gather=gather, add_into=add_into, scale_by=scale_by,
+                       set_learning_rate=set_learning_rate)
 
 
 class DevicePlan:
@@ -123,6 +131,7 @@ class DevicePlan:
             self.offsets[(r.layer, r.kind)] = (r.offset, r.end, r.shape)
             segments.append((r.offset, r.shape, hps[r.kind][r.layer], r.kind == "W"))
         self.tab = update.segment_tables(ns, segments, store.m.size > 0)
+        self.lr_now = float(plan.hpW[0, C.HP_LR]) if L else None   # the rate in tab["hp"]
         self.Ws, self.bs, self.gbs = self._tensor_views(self.P, L)
         self.dWs, self.dbs, self.dgbs = self._tensor_views(self.G, L)
         self.stats = [self.STATS[off:off + 2 * o].reshape(2, o) if off >= 0 else ns.dummy
@@ -262,14 +271,26 @@ class DevicePlan:
 
 
 # ---------------------------------------------------------------- the epoch
-def train_epoch(st, plan, X, Y, perm, batch_size, step0, t0, k0, k1):
-    """The batches of `perm` on the device; returns DevicePlan.results()."""
+def _set_learning_rate(st, lrs, lrs_d, k):
+    """Step k's rate into the device hp rows, when it is not the rate already there."""
+    if st.lr_now != lrs[k]:
+        ns = st.ns
+        rows = st.tab["hp"].shape[0]
+        ns.set_learning_rate[grid1(rows, ns.NB), ns.NB](st.tab["hp"], lrs_d, k)
+        st.lr_now = lrs[k]
+
+
+def train_epoch(st, plan, X, Y, perm, batch_size, step0, t0, k0, k1, lrs):
+    """The batches of `perm` on the device with step k's learning rate lrs[k]; returns
+    DevicePlan.results()."""
     ns = st.ns
     Xd, Yd = st.dataset(X, Y)
     perm_d = to_dev(np.asarray(perm, np.int64))
+    lrs_d = to_dev(lrs)
     st.status.copy_to_device(np.zeros(status_size(st.P_count)))
     if st.fused:
-        _fused_epoch(st, plan, Xd, Yd, perm_d, perm.shape[0], batch_size, step0, t0, k0, k1)
+        _fused_epoch(st, plan, Xd, Yd, perm_d, perm.shape[0], batch_size, step0, t0, k0, k1,
+                     lrs, lrs_d)
         return st.results()
     thr, scale, noise, nstd = st.in_cfg[0]
     dt = plan.dtype.type
@@ -287,6 +308,7 @@ def train_epoch(st, plan, X, Y, perm, batch_size, step0, t0, k0, k1):
             _part_forward(st, v, p, n, k0, k1, step)
         for p in list(range(1, st.P_count)) + [0]:     # the heads in order, then the trunk
             _part_backward(st, v, p, k0, k1, step)
+        _set_learning_rate(st, lrs, lrs_d, steps)
         update.launch(ns, st.tab, st.P, st.G, st.M, st.V, int(plan.opt), int(t0 + steps),
                       st.status, float(n))
         steps += 1
@@ -380,7 +402,7 @@ def _part_backward(st, v, p, k0, k1, step):
         ns.add_into[grid1(into.size, ns.NB), ns.NB](trunk_out, into)
 
 
-def _fused_epoch(st, plan, Xd, Yd, perm_d, n_total, batch_size, step0, t0, k0, k1):
+def _fused_epoch(st, plan, Xd, Yd, perm_d, n_total, batch_size, step0, t0, k0, k1, lrs, lrs_d):
     """The fused small-MLP path (fused.py): the whole epoch in one launch for small steps,
     else 3 launches per step."""
     ns, tab = st.ns, st.tab
@@ -394,7 +416,8 @@ def _fused_epoch(st, plan, Xd, Yd, perm_d, n_total, batch_size, step0, t0, k0, k
             st.lay_i, st.lay_f, st.ACTS, st.DZS, st.PRE, loss, k0, k1, *ins, int(plan.opt),
             st.status, tab["blk_seg"], tab["blk_lo"], tab["blk_hi"], tab["hp"], tab["has_m"],
             tab["nblk"], tab["col_seg"], tab["col_lo"], tab["off_d"], tab["rows"], tab["cols"],
-            tab["n_colblk"])
+            tab["n_colblk"], lrs_d)
+        st.lr_now = lrs[-1] if len(lrs) else st.lr_now
         return
     gx = (max(o for _, o in st.widths) + ns.TN - 1) // ns.TN
     gy = (max(i for i, _ in st.widths) + ns.TM - 1) // ns.TM
@@ -408,6 +431,7 @@ def _fused_epoch(st, plan, Xd, Yd, perm_d, n_total, batch_size, step0, t0, k0, k
         ns.weight_grads[(gx, gy, st.L + 1), ns.NT](st.G, st.lay_i, st.ACTS, st.DZS, n,
                                                    st.partials, nblk, loss, st.status,
                                                    float(n))
+        _set_learning_rate(st, lrs, lrs_d, steps)
         update.launch(ns, tab, st.P, st.G, st.M, st.V, int(plan.opt), int(t0 + steps),
                       st.status, float(n))
         steps += 1

@@ -13,6 +13,7 @@ Shape legend: B batch rows, I fan_in, O fan_out, L dense layers.
 """
 import numpy as np
 
+from .. import contract as C
 from .fused import FI_B, FI_IN, FI_OUT, FI_W, FI_X, FI_Y
 from .jit import cuda, numba
 
@@ -161,10 +162,10 @@ def build_epoch(ns):
     def fused_epoch(X, Y, perm, n_total, batch, step0, t0, P, G, Mm, Vv, lay_i, lay_f, ACTS,
                     DZS, PRE, loss, k0, k1, in_thr, in_scale, in_noise, in_nstd, opt, status,
                     blk_seg, blk_lo, blk_hi, seg_hp, seg_has_m, nblk, cp_seg, cp_col, seg_off,
-                    seg_rows, seg_cols, ncol):
+                    seg_rows, seg_cols, ncol, lrs):
         """A whole epoch (every step of perm) in ONE block and one launch, for small nets and
         batches where a step's launches would cost more than its arithmetic (module
-        docstring)."""
+        docstring); step si updates with learning rate lrs[si]."""
         H = cuda.shared.array((2, R, WP), T)
         Wsh = cuda.shared.array((TK, WP), T)
         rowloss = cuda.shared.array(R, numba.float64)
@@ -181,6 +182,8 @@ def build_epoch(ns):
             start = si * batch
             n = min(batch, n_total - start)
             step = step0 + si
+            for s in range(tid, seg_hp.shape[0], NT):     # read after the barriers below
+                seg_hp[s, C.HP_LR] = lrs[si]
             total = 0.0
             for row0 in range(0, n, R):
                 nr = min(R, n - row0)

@@ -391,12 +391,22 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
     return 1
 
 
+cdef void _set_learning_rate(PlanC* p, double lr) noexcept nogil:
+    """lr into the HP_LR slot of every layer's hp rows (reference Plan.set_learning_rate)."""
+    cdef int l
+    for l in range(p.L):
+        p.layers[l].hpW[HP_LR] = lr
+        p.layers[l].hpb[HP_LR] = lr
+        p.layers[l].hpgb[HP_LR] = lr
+
+
 cdef int _train_epoch(PlanC* p, real* X, real* Y, Py_ssize_t Ky, int64_t* perm,
                       Py_ssize_t n_total, Py_ssize_t batch_size, int64_t step0, int64_t t0,
-                      double* loss_sums, double* out2) noexcept nogil:
+                      double* lrs, double* loss_sums, double* out2) noexcept nogil:
     """The batches of perm (reference train_epoch): loss_sums (P,) += the parts' batch losses
-    times the batch rows; out2 = (penalty sum, steps). Returns 1 if every batch loss was
-    finite, else 0 (stopped before that batch's backward)."""
+    times the batch rows; out2 = (penalty sum, steps). lrs[k] is step k's learning rate.
+    Returns 1 if every batch loss was finite, else 0 (stopped before that batch's
+    backward)."""
     cdef Py_ssize_t start = 0
     cdef Py_ssize_t n, r
     cdef int64_t steps = 0
@@ -410,6 +420,7 @@ cdef int _train_epoch(PlanC* p, real* X, real* Y, Py_ssize_t Ky, int64_t* perm,
         for r in range(n):
             memcpy(xb + r * p.I0, X + perm[start + r] * p.I0, p.I0 * sizeof(real))
         pen = 0.0
+        _set_learning_rate(p, lrs[steps])
         if not _train_step(p, Y, Ky, perm + start, n, <uint32_t>(step0 + steps), t0 + steps,
                            &pen):
             finite = 0
@@ -424,9 +435,11 @@ cdef int _train_epoch(PlanC* p, real* X, real* Y, Py_ssize_t Ky, int64_t* perm,
     return finite
 
 
-def train_epoch(EpochPlan plan, X, Y, perm, Py_ssize_t batch_size, int64_t step0, int64_t t0):
-    """The batches of `perm` (an epoch, or a chunk of whole batches) over X, Y; returns
-    (loss sums per part, penalty sum, steps, finite) as kernels/reference/epoch.py."""
+def train_epoch(EpochPlan plan, X, Y, perm, Py_ssize_t batch_size, int64_t step0, int64_t t0,
+                lrs):
+    """The batches of `perm` (an epoch, or a chunk of whole batches) over X, Y with step k's
+    learning rate lrs[k] (float64, one per step: Plan.step_rates); returns (loss sums per
+    part, penalty sum, steps, finite) as kernels/reference/epoch.py."""
     cdef double out2[2]
     cdef int finite, q
     cdef PlanC* p = &plan.p
@@ -444,6 +457,10 @@ def train_epoch(EpochPlan plan, X, Y, perm, Py_ssize_t batch_size, int64_t step0
                          f"the workspace of {p.batch}")
     if n_total and (perm.min() < 0 or perm.max() >= X.shape[0]):
         raise IndexError("train_epoch: perm holds a row index outside X")
+    lrs = np.ascontiguousarray(lrs, np.float64)
+    if lrs.ndim != 1 or lrs.shape[0] < (n_total + batch_size - 1) // batch_size:
+        raise ValueError("train_epoch: lrs must hold one learning rate per step")
+    cdef double* lrp = <double*>_data(lrs)
     loss_sums = np.zeros(p.P)
     cdef double* ls = <double*>_data(loss_sums)
     cdef int64_t* pp = <int64_t*>_data(perm)
@@ -453,10 +470,10 @@ def train_epoch(EpochPlan plan, X, Y, perm, Py_ssize_t batch_size, int64_t step0
     with nogil:
         if p.is_double:
             finite = _train_epoch(p, <double*>xp, <double*>yp, Ky, pp, n_total, batch_size,
-                                  step0, t0, ls, out2)
+                                  step0, t0, lrp, ls, out2)
         else:
             finite = _train_epoch(p, <float*>xp, <float*>yp, Ky, pp, n_total, batch_size,
-                                  step0, t0, ls, out2)
+                                  step0, t0, lrp, ls, out2)
     return loss_sums, out2[0], int(out2[1]), bool(finite)
 
 

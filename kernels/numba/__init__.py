@@ -40,11 +40,11 @@ def _entry_points(stamp):
     backend's sources (kernels/numba/jit.py)."""
     @njit(**ENTRY_FLAGS)
     def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, columns, li,
-                    lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, loss_sums):
+                    lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums):
         _ = stamp
         return E.train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords,
                              columns, li, lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1,
-                             step0, t0, loss_sums)
+                             step0, t0, lrs, loss_sums)
 
     @njit(**ENTRY_FLAGS)
     def forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first):
@@ -303,16 +303,18 @@ def epoch_context(plan):
     return threads.numba_epoch(plan)
 
 
-def train_epoch(plan, X, Y, perm, batch_size, step0, t0):
+def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None):
     """The batches of `perm` (an epoch or a chunk of whole batches) in one compiled call;
-    returns (loss sums per part, penalty sum, steps, finite) as kernels/reference/epoch.py."""
+    returns (loss sums per part, penalty sum, steps, finite) as kernels/reference/epoch.py;
+    lrs: one learning rate per step (Plan.step_rates)."""
+    lrs = plan.step_rates(perm.shape[0], batch_size, lrs)
     spec, par, T, ws, bn, xdrops, nwords, columns = _compiled_args(plan)
     k0, k1 = split_seed(plan.seed)
     loss_sums = np.zeros(plan.n_parts)
     pen, steps, finite = _K["train_epoch"](
         X, Y, perm, int(batch_size), spec, par, T, ws, bn, xdrops, nwords, columns, plan.li,
         plan.lf, plan.hpW, plan.hpb, plan.hpgb, plan.parts, plan.partf, int(plan.opt), k0, k1,
-        int(step0), int(t0), loss_sums)
+        int(step0), int(t0), lrs, loss_sums)
     return loss_sums, pen, steps, finite
 
 

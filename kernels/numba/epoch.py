@@ -130,10 +130,11 @@ def _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step,
 
 @kernel
 def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, columns, li, lf, hpW,
-                hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, loss_sums):
+                hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums):
     """The batches of `perm`; loss_sums (P,) receives the per-part loss sums (weighted by
     batch rows); returns (penalty sum, steps, finite). Stops at the first batch with a
-    non-finite loss, before its backward."""
+    non-finite loss, before its backward. lrs[k]: step k's learning rate, written into
+    every hp row's HP_LR slot before its update (reference train_epoch)."""
     n_total = perm.shape[0]
     L = len(T.W)
     P = parts.shape[0]
@@ -204,6 +205,10 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
                 if p > 1:
                     trunk_out += into
         pen = 0.0
+        for l in range(L):
+            hpW[l, C.HP_LR] = lrs[steps]
+            hpb[l, C.HP_LR] = lrs[steps]
+            hpgb[l, C.HP_LR] = lrs[steps]
         for l in range(L - 1, -1, -1):
             pen += _layer_update(spec, par, T, ws, bn, columns, hpW, hpb, hpgb, li, opt, l, t)
         pen_sum += pen * n

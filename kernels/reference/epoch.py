@@ -162,16 +162,19 @@ def train_step(ops, plan, X, Y, idx, step, t):
     return losses, pen, True
 
 
-def train_epoch(ops, plan, X, Y, perm, batch_size, step0, t0):
+def train_epoch(ops, plan, X, Y, perm, batch_size, step0, t0, lrs=None):
     """The batches of `perm` (an epoch, or a chunk of whole batches); returns
     (loss sums per part, penalty sum, steps, finite), the sums weighted by batch rows
     (divide by the rows seen for the means). Stops at the first batch with a non-finite
-    loss, before updating."""
+    loss, before updating. lrs: the learning rate of each step (Plan.step_rates), written
+    into the hp rows before the step's update."""
+    lrs = plan.step_rates(perm.shape[0], batch_size, lrs)
     loss_sums = np.zeros(plan.n_parts)
     pen_sum = 0.0
     steps = 0
     for start in range(0, perm.shape[0], batch_size):
         idx = perm[start:start + batch_size]
+        plan.set_learning_rate(lrs[steps])
         losses, pen, finite = train_step(ops, plan, X, Y, idx, step0 + steps, t0 + steps)
         if not finite:
             return loss_sums, pen_sum, steps, False
