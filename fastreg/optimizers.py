@@ -3,6 +3,9 @@
 Update formulas are PyTorch's (bias correction, eps after the square root, AdamW's decoupled
 decay w <- w - lr*wd*w); the fused kernels implement them (kernels/reference.py is the spec).
 """
+import numpy as np
+
+from . import schedules
 from .kernels import contract as C
 from .validation import check_in_dtype, check_real
 
@@ -15,11 +18,74 @@ def _unit(name, value, allow_zero=True):
     return check_real(name, value, 0.0, 1.0, min_open=not allow_zero, max_open=True)
 
 
+def _given_rate(optimizer, learning_rate, lr, default):
+    """Set the rate an optimizer was given: learning_rate (Keras' name), or lr (kept as an
+    alias); not both."""
+    if lr is not None and learning_rate is not None:
+        raise ValueError("pass learning_rate or lr (its alias), not both")
+    name = "lr" if lr is not None else "learning_rate"
+    value = lr if lr is not None else learning_rate
+    optimizer._learning_rate = _check_learning_rate(default if value is None else value, name)
+
+
+def _check_learning_rate(value, name="learning_rate"):
+    """A number > 0 or a fastreg.schedules schedule (evaluated at every step)."""
+    if isinstance(value, schedules.LearningRateSchedule):
+        return value
+    if isinstance(value, dict):     # a saved schedule
+        return schedules.from_config(value)
+    if callable(value):
+        raise TypeError(f"learning_rate must be a number or a fastreg.schedules schedule "
+                        f"(ExponentialDecay, CosineDecay, ...), got the callable {value!r}; "
+                        f"for a function of the epoch use fr.LearningRateScheduler")
+    return _positive(name, value)
+
+
 class Optimizer:
     """A piece: its code (contract.OPTIMIZER_TABLE), the hyperparameter slots it fills
     (`slots`, owner "optimizer"), and the moments it keeps (`moments`). The update formulas
-    live in kernels/reference/update.py, fused with the penalties in every backend."""
+    live in kernels/reference/update.py, fused with the penalties in every backend.
+
+    `learning_rate` (alias `lr`) is a number or a schedule (fastreg.schedules). fit reads it
+    for every chunk of batches it hands the compiled epoch and passes one rate per step
+    (`step_rates`), so a schedule changes the rate at every step and an assignment from a
+    callback (`model.optimizer.learning_rate = 1e-4`) takes effect from the next step.
+    """
     code = None
+    _learning_rate = None
+
+    @property
+    def learning_rate(self):
+        return self._learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        self._learning_rate = _check_learning_rate(value)
+
+    lr = learning_rate      # the alias, read and written alike
+
+    @property
+    def schedule(self):
+        """The schedule, or None for a constant rate."""
+        lr = self._learning_rate
+        return lr if isinstance(lr, schedules.LearningRateSchedule) else None
+
+    def current_rate(self, iterations=0):
+        """The rate of the update after `iterations` updates (Keras' optimizer.iterations)."""
+        return float(self.step_rates(iterations, 1)[0])
+
+    def step_rates(self, iterations, n):
+        """float64 rates of the next n updates, the first after `iterations` updates."""
+        if self.schedule is None:
+            return np.full(int(n), float(self._learning_rate))
+        rates = self.schedule.rates(np.arange(iterations, iterations + int(n), dtype=np.float64))
+        return np.ascontiguousarray(rates, np.float64)
+
+    def _rate_config(self):
+        """{"lr": number} (the format's key since round 1) or {"learning_rate": schedule}."""
+        if self.schedule is None:
+            return {"lr": self._learning_rate}
+        return {"learning_rate": schedules.to_config(self.schedule)}
 
     @property
     def moments(self):
@@ -41,7 +107,8 @@ class Optimizer:
     def check_dtype(self, dtype):
         """The kernels round lr (and Adam's eps) to the model dtype once: they must stay
         finite and > 0 there (an eps of 1e-50 is 0 in float32, and 0 / 0 is NaN)."""
-        check_in_dtype("lr", self.lr, dtype)
+        if self.schedule is None:
+            check_in_dtype("lr", self.lr, dtype)
         if getattr(self, "eps", None) is not None:
             check_in_dtype("eps", self.eps, dtype)
 
@@ -56,8 +123,8 @@ class Optimizer:
 class SGD(Optimizer):
     code = C.OPT_SGD
 
-    def __init__(self, lr=0.01, momentum=0.0, nesterov=False):
-        self.lr = _positive("lr", lr)
+    def __init__(self, learning_rate=None, momentum=0.0, nesterov=False, lr=None):
+        _given_rate(self, learning_rate, lr, 0.01)
         self.momentum = _unit("momentum", momentum)
         self.nesterov = bool(nesterov)
         if self.nesterov and self.momentum == 0:
@@ -68,29 +135,29 @@ class SGD(Optimizer):
         return ("m",) if self.momentum > 0 else ()
 
     def slots(self):
-        return {"lr": self.lr, "beta1": self.momentum, "beta2": 0.0, "eps": 0.0,
+        return {"lr": self.current_rate(), "beta1": self.momentum, "beta2": 0.0, "eps": 0.0,
                 "nesterov": float(self.nesterov), "decoupled": 0.0}
 
     def get_config(self):
-        return {"class": "SGD", "lr": self.lr, "momentum": self.momentum,
+        return {"class": "SGD", **self._rate_config(), "momentum": self.momentum,
                 "nesterov": self.nesterov}
 
 
 class Adam(Optimizer):
     code = C.OPT_ADAM
 
-    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8):
-        self.lr = _positive("lr", lr)
+    def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, lr=None):
+        _given_rate(self, learning_rate, lr, 0.001)
         self.beta1 = _unit("beta1", beta1)
         self.beta2 = _unit("beta2", beta2)
         self.eps = _positive("eps", eps)
 
     def slots(self):
-        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
-                "nesterov": 0.0, "decoupled": 0.0}
+        return {"lr": self.current_rate(), "beta1": self.beta1, "beta2": self.beta2,
+                "eps": self.eps, "nesterov": 0.0, "decoupled": 0.0}
 
     def get_config(self):
-        return {"class": "Adam", "lr": self.lr, "beta1": self.beta1, "beta2": self.beta2,
+        return {"class": "Adam", **self._rate_config(), "beta1": self.beta1, "beta2": self.beta2,
                 "eps": self.eps}
 
 
@@ -98,8 +165,9 @@ class AdamW(Adam):
     """Adam with decoupled weight decay on the kernels (biases are not decayed)."""
     code = C.OPT_ADAMW
 
-    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
-        super().__init__(lr, beta1, beta2, eps)
+    def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                 lr=None):
+        super().__init__(learning_rate, beta1, beta2, eps, lr=lr)
         self.weight_decay = check_real("weight_decay", weight_decay, 0.0)
 
     def slots(self):

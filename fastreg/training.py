@@ -28,11 +28,11 @@ import numpy as np
 
 from . import backend as backends
 from . import interrupts
-from .callbacks import Callback, FitProgress, History
+from .callbacks import FitProgress, History, as_callbacks
 from .kernels import contract as C
 from .kernels import mc
 from .progress import EpochProgress
-from .validation import (as_chunk, as_features, check_callbacks, check_int, check_positive_int,
+from .validation import (as_chunk, as_features, check_int, check_positive_int, check_real,
                          check_seed, check_verbose, chunk_rows)
 
 PREDICT_BATCH = 4096
@@ -48,7 +48,7 @@ def check_fit_arguments(epochs, batch_size, verbose, callbacks):
     """(epochs, batch_size, verbose, callbacks as a list), validated: what every fit takes."""
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
-    return epochs, batch_size, check_verbose(verbose), check_callbacks(callbacks, Callback)
+    return epochs, batch_size, check_verbose(verbose), as_callbacks(callbacks)
 
 
 def validation_pair(validation_data, width, dtype, targets, what="(X_val, y_val)"):
@@ -59,6 +59,24 @@ def validation_pair(validation_data, width, dtype, targets, what="(X_val, y_val)
         raise ValueError(f"validation_data must be a tuple {what}")
     Xv = as_features(validation_data[0], "X_val", width, dtype)
     return Xv, targets(validation_data[1], Xv.shape[0], "y_val")
+
+
+def split_validation(X, Ys, validation_split, has_validation_data):
+    """(X, Ys, val): with validation_split=f > 0 the last int(n * f) rows (Keras: taken before
+    any shuffling) become val = (X_val, [Y_val per head]) and are not trained on; else val
+    is None. Ys are the validated targets, one array per head."""
+    f = check_real("validation_split", validation_split, 0.0, 1.0, max_open=True)
+    if f == 0.0:
+        return X, Ys, None
+    if has_validation_data:
+        raise ValueError("pass validation_split or validation_data, not both")
+    n = X.shape[0]
+    n_val = int(n * f)
+    if n_val == 0 or n_val == n:
+        raise ValueError(f"validation_split={f:g} of {n} rows leaves {n - n_val} to train "
+                         f"on and {n_val} to validate: both need at least one")
+    cut = n - n_val
+    return X[:cut], [Y[:cut] for Y in Ys], (X[cut:], [Y[cut:] for Y in Ys])
 
 
 def check_mc_arguments(mc_samples, seed):
@@ -75,11 +93,12 @@ def check_mc_arguments(mc_samples, seed):
 
 # ---------------------------------------------------------------- the epoch loop's frame
 def begin_training(model, callbacks, available, epochs):
-    """History first, then the user's callbacks, each bound to the model and told which
+    """The user's callbacks, then History, each bound to the model and told which
     metrics the fit reports and (logs["fit"]) the fit's progress, which BackupAndRestore may
     move past the epochs of a backup; returns (history, callbacks, progress)."""
     history = History()
-    cbs = [history] + list(callbacks)
+    cbs = list(callbacks) + [history]   # History last, as Keras: it records the logs as the
+    #                                     callbacks left them (ReduceLROnPlateau's learning_rate)
     progress = FitProgress(history, epochs)
     for cb in cbs:
         cb.set_model(model)
@@ -308,26 +327,38 @@ def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, 
                     Ye = side_by_side(Yes)
                     perm = np.arange(n, dtype=np.int64)
                 frame.begin_epoch(fit_progress.initial_epoch)
+                for cb in cbs:
+                    cb.on_epoch_begin(epoch, {})
                 sums = np.zeros(len(network.parts))
                 pen_sum = 0.0
                 steps_done = 0
+                rows = 0
                 finite = True
                 for first, last in progress.chunks(epoch, per_chunk):
+                    for cb in cbs:
+                        cb.on_train_batch_begin(first, {})
+                    # the optimizer's rate for every step of the chunk, read now: a schedule,
+                    # or a rate a callback assigned, applies from the next step
+                    lrs = model.optimizer.step_rates(counters.t, last - first)
                     ls, ps, steps, finite = backend.train_epoch(
                         plan, Xe, Ye, perm[first * batch_size:last * batch_size], batch_size,
-                        counters.step, counters.t + 1)
+                        counters.step, counters.t + 1, lrs)
                     sums += ls
                     pen_sum += ps
                     steps_done += steps
                     counters.step += steps
                     counters.t += steps
                     frame.completed(Xe, Yes, perm, first + steps, batch_size)
-                    rows = min(n, (first + steps) * batch_size) if steps else 1
-                    progress.update(epoch, first + steps,
-                                    model._loss_logs(sums[heads] / max(rows, 1))["loss"])
+                    rows = min(n, (first + steps) * batch_size)
+                    running = model._loss_logs(sums[heads] / max(rows, 1))["loss"]
+                    progress.update(epoch, first + steps, running)
                     if not finite:
                         break
+                    for cb in cbs:
+                        cb.on_train_batch_end(first + steps - 1, {"loss": running})
                     guard.check()       # a Ctrl-C acts here, between whole chunks
+                    if model.stop_training:     # a batch hook asked: the epoch ends here
+                        break
                 frame.sync()
                 if not finite:
                     frame.stop(f"the training loss became NaN or inf at epoch {epoch + 1} "
@@ -335,8 +366,8 @@ def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, 
                     break
                 if not frame.verify(epoch):
                     break
-                logs = model._loss_logs(sums[heads] / n)
-                logs["penalty"] = pen_sum / n
+                logs = model._loss_logs(sums[heads] / max(rows, 1))    # the rows trained
+                logs["penalty"] = pen_sum / max(rows, 1)
                 if val is not None:
                     logs.update({f"val_{k}": v for k, v in evaluate(model, *val).items()})
                 if end_epoch(model, progress, cbs, epoch, logs):
@@ -404,8 +435,18 @@ def head_loss_means(model, X, Ys, batch_size=None):
 
 
 def evaluate(model, X, Ys, batch_size=None):
-    """The data losses on (X, Ys), dropout off: the front end's logs of the heads' losses."""
-    return model._loss_logs(head_loss_means(model, X, Ys, batch_size))
+    """The data losses on (X, Ys), dropout off (the front end's logs of the heads' losses),
+    and the compiled metrics (model._metric_list) on the same pass's predictions."""
+    backend = inference_backend(model)
+    losses = head_losses(model)
+    logits = head_logits(model, X, batch_size)
+    logs = model._loss_logs(np.array([float(backend.loss_value(z, Y, loss))
+                                      for z, Y, loss in zip(logits, Ys, losses)]))
+    for h, prefix, metrics in getattr(model, "_metric_list", []):
+        y_pred = backend.output_transform(logits[h], losses[h])
+        for metric in metrics:
+            logs[prefix + metric.name] = metric(Ys[h], y_pred)
+    return logs
 
 
 def predict_mc(model, X, n_samples, seed):
