@@ -3,12 +3,14 @@
     import fastreg as fr
     model = fr.Sequential([fr.Dense(64, "relu", dropout=0.1, regularizer=fr.L2(1e-4)),
                            fr.Dense(1)], input_dim=8, seed=0)
-    model.compile(loss="mse", optimizer=fr.Adam(lr=1e-3))
+    model.compile(loss="mse", optimizer=fr.Adam(learning_rate=1e-3))
     model.fit(X, y, epochs=50, batch_size=128, validation_data=(Xv, yv))
 """
 from .augment import GaussianJitter, Mixup, RandomFlip, RandomShift
 from .backend import BackendUnavailable
-from .callbacks import BackupAndRestore, Callback, EarlyStopping, History, ModelCheckpoint
+from .callbacks import (BackupAndRestore, Callback, CSVLogger, EarlyStopping, History,
+                        LambdaCallback, LearningRateScheduler, ModelCheckpoint,
+                        ReduceLROnPlateau, TerminateOnNaN)
 from .diagnose import Diagnosis, diagnose
 from .layers import BatchNorm, Dense, Dropout, GaussianDropout, GaussianNoise
 from .model import Sequential
@@ -18,6 +20,7 @@ from .multitask import MultiTask
 from .optimizers import SGD, Adam, AdamW
 from .regularizers import L1, L2, ElasticNet, GroupLasso, MaxNorm
 from .sweep import regularization_path, sweep
+from . import metrics, schedules  # noqa: E402  (fr.metrics, fr.schedules.CosineDecay, ...)
 from . import integrations  # noqa: E402  (fr.integrations.OptunaPruningCallback; optuna lazy)
 
 from ._version import __version__
@@ -26,7 +29,9 @@ __all__ = ["Sequential", "load_model", "PruneReport", "Dense", "Dropout", "Batch
            "GaussianNoise", "GaussianDropout",
            "L1", "L2", "ElasticNet", "MaxNorm", "GroupLasso",
            "SGD", "Adam", "AdamW", "EarlyStopping", "ModelCheckpoint", "BackupAndRestore",
-           "Callback", "History", "BackendUnavailable",
+           "Callback", "History", "BackendUnavailable", "ReduceLROnPlateau",
+           "LearningRateScheduler", "CSVLogger", "TerminateOnNaN", "LambdaCallback",
+           "metrics", "schedules",
            "GaussianJitter", "Mixup", "RandomFlip", "RandomShift",
            "sweep", "regularization_path", "diagnose", "Diagnosis", "MultiTask",
            "integrations", "__version__"]

@@ -1,7 +1,22 @@
 """Callbacks and the History record of a fit; checkpoints and resuming (Keras' names and
-semantics: EarlyStopping, ModelCheckpoint, BackupAndRestore)."""
+semantics: EarlyStopping, ModelCheckpoint, BackupAndRestore, ReduceLROnPlateau,
+LearningRateScheduler, CSVLogger, TerminateOnNaN, LambdaCallback).
+
+The hooks a fit calls, in order: on_train_begin(logs); per epoch on_epoch_begin(epoch, logs),
+then per chunk of batches on_train_batch_begin(batch, logs) and on_train_batch_end(batch,
+logs), then on_epoch_end(epoch, logs); on_train_end(logs). fit runs an epoch's batches in
+compiled chunks (fastreg/training.py), so the batch hooks are called once per chunk, with the
+index of the chunk's first batch (begin) and last batch (end); the end's logs hold the
+epoch's running "loss" so far. Setting model.stop_training in a batch hook ends the epoch
+after that chunk (its logs then cover the batches trained), and the fit after it. An object
+that is not a Callback but has some of these methods is accepted as one (duck typing); the
+methods it lacks do nothing.
+"""
+import csv
+import inspect
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -22,11 +37,76 @@ class Callback:
     def on_train_begin(self, logs=None):
         pass
 
+    def on_epoch_begin(self, epoch, logs=None):
+        pass
+
+    def on_train_batch_begin(self, batch, logs=None):
+        pass
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
     def on_epoch_end(self, epoch, logs=None):
         pass
 
     def on_train_end(self, logs=None):
         pass
+
+
+HOOKS = ("on_train_begin", "on_epoch_begin", "on_train_batch_begin", "on_train_batch_end",
+         "on_epoch_end", "on_train_end")
+
+
+class _DuckCallback(Callback):
+    """An object with some of the hook methods, as a Callback: its methods are called, the
+    ones it lacks do nothing; set_model sets its .model when it has no set_model."""
+
+    def __init__(self, obj):
+        self.obj = obj
+        for hook in HOOKS:
+            method = getattr(obj, hook, None)
+            if callable(method):
+                setattr(self, hook, method)
+
+    def set_model(self, model):
+        self.model = model
+        if callable(getattr(self.obj, "set_model", None)):
+            self.obj.set_model(model)
+        else:
+            try:
+                self.obj.model = model
+            except AttributeError:      # a read-only object: its hooks get what they need
+                pass
+
+    @property
+    def report(self):
+        return getattr(self.obj, "report", None)
+
+
+def as_callbacks(callbacks):
+    """fit's callbacks argument as a list of Callbacks: None, or a list/tuple of Callback
+    instances or objects with hook methods (HOOKS)."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback) or any(callable(getattr(callbacks, h, None))
+                                              for h in HOOKS):
+        kind = type(callbacks).__name__
+        raise TypeError(f"callbacks must be a list of callbacks, got a single {kind}: pass "
+                        f"callbacks=[{kind}(...)]")
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of fastreg Callback instances (or objects "
+                        f"with on_epoch_end and the other hook methods), got "
+                        f"{type(callbacks).__name__}")
+    out = []
+    for cb in callbacks:
+        if isinstance(cb, Callback):
+            out.append(cb)
+        elif any(callable(getattr(cb, h, None)) for h in HOOKS):
+            out.append(_DuckCallback(cb))
+        else:
+            raise TypeError(f"callbacks must be fastreg Callback instances or objects with "
+                            f"hook methods ({', '.join(HOOKS)}), got {cb!r}")
+    return out
 
 
 class FitProgress:
@@ -265,9 +345,202 @@ class BackupAndRestore(Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         os.makedirs(self.backup_dir, exist_ok=True)
-        history = self._progress.history.history if self._progress is not None else {}
+        # History (last in the list) records this epoch after us: add its logs here
+        history = {k: list(v) for k, v in
+                   (self._progress.history.history if self._progress is not None else {}).items()}
+        for k, v in (logs or {}).items():
+            history.setdefault(k, []).append(v)
         saving.write_backup(self.model, self.path, epoch + 1, history)
 
     def on_train_end(self, logs=None):
         if self.delete_checkpoint and os.path.exists(self.path):
             os.unlink(self.path)
+
+
+def _optimizer_of(model, who):
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        raise ValueError(f"{who} needs a compiled model (an optimizer's learning rate)")
+    return optimizer
+
+
+def _set_rate(optimizer, who, value):
+    if optimizer.schedule is not None:
+        raise TypeError(f"{who} sets the learning rate, but the optimizer's learning_rate is "
+                        f"the schedule {optimizer.schedule!r}: use one or the other")
+    optimizer.learning_rate = value
+
+
+class LearningRateScheduler(Callback):
+    """LearningRateScheduler(schedule, verbose=0), as Keras: at the start of every epoch the
+    optimizer's learning rate becomes schedule(epoch, lr) (or schedule(epoch) for a
+    one-argument function; epoch counts from 0), from that epoch's first step. The epoch's
+    logs (History) hold "learning_rate"."""
+
+    def __init__(self, schedule, verbose=0):
+        if not callable(schedule):
+            raise TypeError(f"schedule must be a function of (epoch, lr), got {schedule!r}")
+        self.schedule = schedule
+        self.verbose = check_int("verbose", verbose, 0, 1, what="0 or 1")
+        try:
+            params = inspect.signature(schedule).parameters.values()
+            positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY,
+                                                          p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+            self._two_arguments = (len(positional) >= 2
+                                   or any(p.kind == p.VAR_POSITIONAL for p in positional))
+        except (TypeError, ValueError):     # a builtin without a signature: Keras' form
+            self._two_arguments = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        optimizer = _optimizer_of(self.model, "LearningRateScheduler")
+        if optimizer.schedule is not None:
+            _set_rate(optimizer, "LearningRateScheduler", None)     # raises, naming both
+        lr = (self.schedule(epoch, float(optimizer.learning_rate)) if self._two_arguments
+              else self.schedule(epoch))
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"LearningRateScheduler: schedule({epoch}) returned {lr!r}; it "
+                             f"must return a finite number > 0")
+        _set_rate(optimizer, "LearningRateScheduler", float(lr))
+        if self.verbose:
+            print(f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {lr:g}.")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(self.model.optimizer.learning_rate)
+
+
+class ReduceLROnPlateau(Callback):
+    """ReduceLROnPlateau(monitor="val_loss", factor=0.1, patience=10, verbose=0, mode="auto",
+    min_delta=1e-4, cooldown=0, min_lr=0.0), Keras 3's rule: when `monitor` has not improved
+    by more than min_delta for `patience` epochs, lr <- max(lr * factor, min_lr) from the
+    next step, then `cooldown` epochs without counting. The epoch's logs hold
+    "learning_rate" (the rate the epoch trained with)."""
+
+    def __init__(self, monitor="val_loss", factor=0.1, patience=10, verbose=0, mode="auto",
+                 min_delta=1e-4, cooldown=0, min_lr=0.0):
+        self.monitor = _check_monitor(monitor)
+        self.factor = check_real("factor", factor, 0.0, 1.0, min_open=True, max_open=True)
+        self.patience = check_int("patience", patience, 0, what="an integer >= 0")
+        self.verbose = check_int("verbose", verbose, 0, 1, what="0 or 1")
+        self.mode = _check_mode(mode)
+        self.min_delta = check_real("min_delta", min_delta, 0.0)
+        self.cooldown = check_int("cooldown", cooldown, 0, what="an integer >= 0")
+        self.min_lr = check_real("min_lr", min_lr, 0.0)
+        self._reset()
+
+    def _reset(self):
+        self.best = None
+        self.wait = 0
+        self.cooldown_counter = 0
+
+    def on_train_begin(self, logs=None):
+        _check_monitor_available("ReduceLROnPlateau", self.monitor, logs)
+        self._reset()
+
+    def on_epoch_end(self, epoch, logs=None):
+        optimizer = _optimizer_of(self.model, "ReduceLROnPlateau")
+        logs = logs if logs is not None else {}
+        lr = float(optimizer.learning_rate)
+        logs["learning_rate"] = lr
+        value = logs.get(self.monitor)
+        if value is None or not math.isfinite(value):
+            return
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.wait = 0
+        s = _mode_sign(self.monitor, self.mode)
+        if self.best is None or s * (value - self.best) < -self.min_delta:
+            self.best = value
+            self.wait = 0
+        elif self.cooldown_counter == 0:
+            self.wait += 1
+            if self.wait >= self.patience and lr > self.min_lr:
+                new = max(lr * self.factor, self.min_lr)
+                _set_rate(optimizer, "ReduceLROnPlateau", new)
+                if self.verbose:
+                    print(f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to "
+                          f"{new:g}.")
+                self.cooldown_counter = self.cooldown
+                self.wait = 0
+
+
+class TerminateOnNaN(Callback):
+    """Stop training when a loss in the logs is NaN or inf, as Keras. fit already stops on a
+    non-finite training loss (restoring the last sound state, with a RuntimeWarning: see
+    Trust); this callback also stops on a non-finite validation loss or metric, after the
+    epoch it happened in, and on a non-finite running loss at a chunk's end."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check(logs, f"batch {batch}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check(logs, f"epoch {epoch + 1}")
+
+    def _check(self, logs, where):
+        for key, value in (logs or {}).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                self.model.stop_training = True
+                self.report = f"TerminateOnNaN: {key} was {value} at {where}; training stopped"
+                return
+
+
+class CSVLogger(Callback):
+    """CSVLogger(filename, separator=",", append=False), as Keras: one row per epoch with
+    "epoch" (from 0) and every key of the epoch's logs, in sorted order, header first
+    (unless appending to a file that has rows). Written through the csv module, flushed
+    every epoch."""
+
+    def __init__(self, filename, separator=",", append=False):
+        self.filename = _check_path("filename", filename, "a path")
+        if not isinstance(separator, str) or len(separator) != 1:
+            raise ValueError(f"separator must be one character, got {separator!r}")
+        self.separator = separator
+        self.append = bool(append)
+        self._file = None
+        self._writer = None
+        self._keys = None
+
+    def on_train_begin(self, logs=None):
+        has_rows = (self.append and os.path.exists(self.filename)
+                    and os.path.getsize(self.filename) > 0)
+        self._file = open(self.filename, "a" if self.append else "w", newline="")
+        self._keys = None
+        self._header = not has_rows
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self._keys is None:
+            self._keys = sorted(logs)
+            self._writer = csv.DictWriter(self._file, fieldnames=["epoch"] + self._keys,
+                                          delimiter=self.separator, extrasaction="ignore",
+                                          restval="NA")
+            if self._header:
+                self._writer.writeheader()
+        self._writer.writerow({"epoch": epoch, **{k: logs.get(k, "NA") for k in self._keys}})
+        self._file.flush()
+
+    def on_train_end(self, logs=None):
+        if self._file is not None:
+            self._file.close()
+        self._file = self._writer = None
+
+
+class LambdaCallback(Callback):
+    """LambdaCallback(on_epoch_begin=None, on_epoch_end=None, on_train_begin=None,
+    on_train_end=None, on_train_batch_begin=None, on_train_batch_end=None), as Keras: each
+    given function is called at that hook with the hook's arguments (the batch hooks once
+    per chunk of batches: the module docstring)."""
+
+    def __init__(self, on_epoch_begin=None, on_epoch_end=None, on_train_begin=None,
+                 on_train_end=None, on_train_batch_begin=None, on_train_batch_end=None):
+        given = dict(on_epoch_begin=on_epoch_begin, on_epoch_end=on_epoch_end,
+                     on_train_begin=on_train_begin, on_train_end=on_train_end,
+                     on_train_batch_begin=on_train_batch_begin,
+                     on_train_batch_end=on_train_batch_end)
+        for hook, fn in given.items():
+            if fn is None:
+                continue
+            if not callable(fn):
+                raise TypeError(f"LambdaCallback {hook} must be a function, got {fn!r}")
+            setattr(self, hook, fn)

@@ -117,23 +117,6 @@ def check_batch_size(batch_size):
     return None if batch_size is None else check_positive_int("batch_size", batch_size)
 
 
-def check_callbacks(callbacks, base):
-    """callbacks=None or a list/tuple of `base` instances, as a list."""
-    if callbacks is None:
-        return []
-    if isinstance(callbacks, base):
-        kind = type(callbacks).__name__
-        raise TypeError(f"callbacks must be a list of callbacks, got a single {kind}: pass "
-                        f"callbacks=[{kind}(...)]")
-    if not isinstance(callbacks, (list, tuple)):
-        raise TypeError(f"callbacks must be a list of fastreg Callback instances, got "
-                        f"{type(callbacks).__name__}")
-    for cb in callbacks:
-        if not isinstance(cb, base):
-            raise TypeError(f"callbacks must be fastreg Callback instances, got {cb!r}")
-    return list(callbacks)
-
-
 # ---------------------------------------------------------------- arrays
 def _numeric_array(X, name):
     """X as an ndarray without copying (subclasses such as np.memmap become plain views),
