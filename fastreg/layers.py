@@ -10,7 +10,10 @@ from .kernels import contract as C
 from . import regularizers as R
 from .validation import check_real, check_width
 
-INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal")
+# Keras 3's names and formulas (fastreg.network.init_kernel); drawn from the model's seed
+INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal",
+                "orthogonal", "zeros", "ones")
+BIAS_INITIALIZERS = ("zeros", "ones")
 
 
 def check_rate(name, rate):
@@ -30,12 +33,23 @@ class Dense(Layer):
     dropout: kept units are scaled by 1/(1 - rate)); off at inference. regularizer: a penalty
     or constraint (or a list of them) on W. bias_regularizer: the same for b (biases are never
     penalized unless asked for here). constraint: e.g. MaxNorm(3), the same as passing it in
-    regularizer.
+    regularizer. kernel_initializer: one of INITIALIZERS (Keras' formulas; orthogonal with
+    gain 1); bias_initializer: "zeros" or "ones".
+
+    Keras' spellings are accepted: kernel_regularizer= (regularizer), kernel_constraint=
+    (constraint), and input_shape=(n,) / input_dim=n on the first layer of a Sequential (the
+    model's input width).
     """
 
     def __init__(self, units, activation=None, dropout=0.0, regularizer=None, use_bias=True,
                  negative_slope=0.01, kernel_initializer="glorot_uniform",
-                 bias_regularizer=None, constraint=None):
+                 bias_regularizer=None, constraint=None, bias_initializer="zeros",
+                 kernel_regularizer=None, kernel_constraint=None, input_shape=None,
+                 input_dim=None):
+        regularizer = _alias("regularizer", regularizer, "kernel_regularizer",
+                             kernel_regularizer)
+        constraint = _alias("constraint", constraint, "kernel_constraint", kernel_constraint)
+        self.input_shape = _input_shape(input_shape, input_dim)
         units = check_width("Dense units", units)
         if activation not in C.ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of "
@@ -56,9 +70,13 @@ class Dense(Layer):
                              "to a bias vector")
         R.combine(self.regularizer)  # validates a consistent combination now, not at fit time
         R.combine(self.bias_regularizer)
+        if bias_initializer not in BIAS_INITIALIZERS:
+            raise ValueError(f"unknown bias_initializer {bias_initializer!r}; choose one of "
+                             f"{BIAS_INITIALIZERS}")
         self.use_bias = bool(use_bias)
         self.negative_slope = float(negative_slope)
         self.kernel_initializer = kernel_initializer
+        self.bias_initializer = bias_initializer
 
     def get_config(self):
         return {"class": "Dense", "units": self.units, "activation": self.activation,
@@ -66,11 +84,37 @@ class Dense(Layer):
                 "negative_slope": self.negative_slope,
                 "kernel_initializer": self.kernel_initializer,
                 "regularizer": [r.get_config() for r in self.regularizer],
-                "bias_regularizer": [r.get_config() for r in self.bias_regularizer]}
+                "bias_regularizer": [r.get_config() for r in self.bias_regularizer],
+                # only when not the default: files stay as round 1 wrote them
+                **({"bias_initializer": self.bias_initializer}
+                   if self.bias_initializer != "zeros" else {})}
 
     def __repr__(self):
         return (f"Dense({self.units}, activation={self.activation!r}, dropout={self.dropout}, "
                 f"regularizer={self.regularizer or None})")
+
+
+def _alias(name, value, keras_name, keras_value):
+    """fastreg's argument or its Keras spelling; not both."""
+    if keras_value is None:
+        return value
+    if value is not None:
+        raise ValueError(f"pass {name}= or {keras_name}= (its Keras spelling), not both")
+    return keras_value
+
+
+def _input_shape(input_shape, input_dim):
+    """The input width a first layer declares (Keras' input_shape=(n,) or input_dim=n), or
+    None."""
+    if input_shape is not None:
+        if input_dim is not None:
+            raise ValueError("pass input_shape=(n,) or input_dim=n, not both")
+        if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__len__") \
+                or len(input_shape) != 1:
+            raise ValueError(f"input_shape must be (n_features,): a Dense takes rows of "
+                             f"features, got {input_shape!r}")
+        input_dim = input_shape[0]
+    return None if input_dim is None else check_width("input_dim", input_dim)
 
 
 class Dropout(Layer):

@@ -6,10 +6,13 @@ the network's; the fit frame and inference are fastreg/training.py's, persistenc
 fastreg/saving.py's, pruning fastreg/pruning.py's.
 """
 
+import numpy as np
+
 from . import augment as augmentation
 from . import backend as backends
 from . import interrupts
 from . import layers as L
+from . import metrics as M
 from . import optimizers as O
 from . import pruning, saving, training
 from .kernels import contract as C
@@ -37,10 +40,25 @@ class Sequential:
         self.loss = None
         self.optimizer = None
         self.backend = None
+        self.metrics = []       # compile(metrics=...): fastreg.metrics.Metric objects
         self.history = None
         self.stop_training = False
+        declared = self._declared_input_dim()
+        if input_dim is not None and declared is not None \
+                and check_width("input_dim", input_dim) != declared:
+            raise ValueError(f"input_dim={input_dim} but the first layer declares an input "
+                             f"width of {declared} (input_shape)")
+        if input_dim is None:
+            input_dim = declared
         if input_dim is not None:
             self.build(input_dim)
+
+    def _declared_input_dim(self):
+        """The width the first layer declares (Dense(input_shape=(n,)), Keras' way), or
+        None; the model is built from it at construction, or at the first fit/predict when
+        the layer was added later (X must then have that width)."""
+        first = self.layers[0] if self.layers else None
+        return getattr(first, "input_shape", None)
 
     # ------------------------------------------------------------ structure
     @property
@@ -61,7 +79,7 @@ class Sequential:
 
     @property
     def input_dim(self):
-        return self._network.input_dim
+        return self._network.input_dim if self.built else self._declared_input_dim()
 
     def add(self, layer):
         if not isinstance(layer, L.Layer):
@@ -69,6 +87,9 @@ class Sequential:
                             f"GaussianNoise, GaussianDropout), got {layer!r}")
         if self.built:
             raise ValueError("layers must be added before the model is built")
+        if self.layers and getattr(layer, "input_shape", None) is not None:
+            raise ValueError("input_shape / input_dim belong on the model's first layer (or "
+                             "pass Sequential(input_dim=...))")
         layers = self.layers + [layer]
         if isinstance(layer, L.NOISE_LAYERS):   # placement errors now, the model untouched
             fold_blocks(layers, partial=True)
@@ -121,9 +142,11 @@ class Sequential:
         return self._summary_text()
 
     # ------------------------------------------------------------ compile
-    def compile(self, loss="mse", optimizer=None, backend=None):
-        """Choose the loss, the optimizer (fresh state) and the backend (cython when built,
-        else numba)."""
+    def compile(self, loss="mse", optimizer=None, backend=None, metrics=None):
+        """Choose the loss, the optimizer (fresh state), the backend (cython when built, else
+        numba) and the metrics: names ("accuracy", "precision", "recall", "f1", "auc", "mae",
+        "mse", "r2") or callables f(y_true, y_pred) -> float (fastreg/metrics.py), reported
+        for validation_data as val_<name> in History and by evaluate."""
         if not isinstance(loss, str):
             raise TypeError(f"loss must be the name of a loss ({sorted(C.LOSSES)}; one name: "
                             f"a Sequential has one output), got {loss!r}")
@@ -132,8 +155,10 @@ class Sequential:
         name = backends.name_of(backend)
         backends.resolve(name)  # fail now, with how to get it, not at fit time
         check_loss_and_last_layer(loss, self._blocks()[-1].dense)
+        metrics = M.resolve(metrics, loss)
         with interrupts.deferred():     # all of it or nothing, even under Ctrl-C
             self.loss, self.optimizer, self.backend = loss, optimizer, name
+            self.metrics = metrics
             self._network.parts[0].loss = loss
             self._network.counters.t = 0
             self._network.reset_optimizer_state()
@@ -169,6 +194,11 @@ class Sequential:
     def _loss_logs(self, means):
         return {"loss": float(means[0])}
 
+    @property
+    def _metric_list(self):
+        """[(head index, log-key prefix, [Metric])] (training.evaluate)."""
+        return [(0, "", self.metrics)] if self.metrics else []
+
     def _augment_epoch(self, plans, X, Ys, perm, batch_size):
         Xe, Ye = augmentation.augment_epoch(plans[0], X, Ys[0], perm, batch_size, self.seed,
                                             self._network.counters.step)
@@ -178,8 +208,13 @@ class Sequential:
 
     # ------------------------------------------------------------ training
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
-            callbacks=None, verbose=1, augment=None, image_shape=None):
+            callbacks=None, verbose=1, augment=None, image_shape=None,
+            validation_split=0.0):
         """Train; returns a History.
+
+        validation_split=f (0 <= f < 1), as Keras: the last fraction f of the rows of X and
+        y, taken before any shuffling, is held out as validation_data (not trained on); not
+        together with validation_data.
 
         Bad input (any argument) raises before anything changes. A Ctrl-C stops the fit
         between two chunks of batches (well under a second) and propagates as
@@ -202,10 +237,15 @@ class Sequential:
         Ys = self._targets(y, X.shape[0])
         epochs, batch_size, verbose, callbacks = training.check_fit_arguments(
             epochs, batch_size, verbose, callbacks)
-        val = training.validation_pair(validation_data, X.shape[1], self.dtype, self._targets)
+        X, Ys, val = training.split_validation(X, Ys, validation_split,
+                                               validation_data is not None)
+        if val is None:
+            val = training.validation_pair(validation_data, X.shape[1], self.dtype,
+                                           self._targets)
         plan = augmentation.prepare(augment, X.shape[1], C.LOSSES[self.loss], image_shape)
         backends.resolve(self.backend)
-        available = {"loss", "penalty"} | ({"val_loss"} if val else set())
+        available = {"loss", "penalty"} | ({"val_loss"} | {f"val_{m.name}" for m in
+                                                         self.metrics} if val else set())
         return training.fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
                             [plan] if plan else None, available)
 
@@ -238,6 +278,31 @@ class Sequential:
             return training.head_logits(self, X, batch_size)[0]
         return training.predict_heads(self, X, batch_size)[0]
 
+    def predict_proba(self, X, batch_size=None):
+        """Class probabilities for X (scikit-learn's name), dropout off: softmax rows for
+        sparse/categorical cross-entropy, sigmoid outputs for binary_crossentropy (one
+        column: the positive class's, as Keras' predict; scikit-learn's two columns come from
+        fastreg.sklearn.FastRegClassifier)."""
+        self._require_classifier("predict_proba")
+        return self.predict(X, batch_size)
+
+    def predict_classes(self, X, batch_size=None):
+        """Predicted labels for X (what Keras' removed predict_classes returned): the argmax
+        of the softmax rows, or (probability >= 0.5) as 0/1 for binary_crossentropy (per
+        output: multi-label models get one column per label)."""
+        self._require_classifier("predict_classes")
+        p = self.predict(X, batch_size)
+        if self.loss == "binary_crossentropy":
+            labels = (p >= 0.5).astype(np.int64)
+            return labels[:, 0] if labels.shape[1] == 1 else labels
+        return p.argmax(axis=1)
+
+    def _require_classifier(self, what):
+        self._require_compiled()
+        if M.loss_family(self.loss) == M.REGRESSION:
+            raise ValueError(f"{what} needs a classification loss; the loss is {self.loss!r} "
+                             f"(use predict)")
+
     def diagnose(self, X_tr, y_tr, X_val, y_val, baseline=0.0, metric="loss", **thresholds):
         """The bias/variance verdict of the overfitting guide on this model (see
         fastreg.diagnose): metric="loss" (percent of the constant predictor's loss) or
@@ -246,16 +311,22 @@ class Sequential:
         return diagnose_model(self, X_tr, y_tr, X_val, y_val, baseline=baseline, metric=metric,
                               **thresholds)
 
-    def evaluate(self, X, y, batch_size=None):
+    def evaluate(self, X, y, batch_size=None, return_dict=False):
         """The data loss (no penalty) on (X, y), dropout off (X read a chunk of rows at a
-        time, as predict reads it)."""
+        time, as predict reads it), as Keras: the loss, or [loss, metric, ...] when metrics
+        were compiled; return_dict=True: {"loss": ..., "<metric>": ...}. The metrics come
+        from the same inference pass as the loss."""
         self._require_compiled()
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
         batch_size = check_batch_size(batch_size)
         X = feature_source(X, "X", self.input_dim, self.dtype)
         Ys = self._targets(y, X.shape[0])
-        return training.evaluate(self, X, Ys, batch_size)["loss"]
+        logs = training.evaluate(self, X, Ys, batch_size)
+        if return_dict:
+            return logs
+        return [logs["loss"]] + [logs[m.name] for m in self.metrics] if self.metrics \
+            else logs["loss"]
 
     # ------------------------------------------------------------ pruning
     def prune(self):
@@ -273,10 +344,12 @@ class Sequential:
     def get_config(self):
         return {"format": FORMAT, "version": FORMAT_VERSION,
                 "layers": [layer.get_config() for layer in self.layers],
-                "input_dim": self.input_dim, "seed": self.seed, "dtype": self.dtype.name,
+                "input_dim": self._network.input_dim, "seed": self.seed,
+                "dtype": self.dtype.name,
                 "compile": None if self.loss is None else {
                     "loss": self.loss, "optimizer": self.optimizer.get_config(),
-                    "backend": self.backend},
+                    "backend": self.backend,
+                    **({"metrics": M.names(self.metrics)} if M.names(self.metrics) else {})},
                 **saving.counters_config(self._network)}
 
     def save(self, path):
@@ -319,7 +392,8 @@ def _load(cfg, arc, backend=None):
     if cfg["compile"] is not None:
         comp = cfg["compile"]
         model.compile(loss=comp["loss"], optimizer=O.get(comp["optimizer"]),
-                      backend=saving.backend_for_loading(comp["backend"], backend))
+                      backend=saving.backend_for_loading(comp["backend"], backend),
+                      metrics=comp.get("metrics"))
     counters = saving.read_counters(cfg)
     if cfg["input_dim"] is not None:
         saving.load_state(model, arc, cfg["input_dim"])

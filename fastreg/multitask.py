@@ -333,9 +333,11 @@ class MultiTask:
 
     # ------------------------------------------------------------ training
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
-            callbacks=None, verbose=1, augment=None, image_shape=None):
+            callbacks=None, verbose=1, augment=None, image_shape=None,
+            validation_split=0.0):
         """Train on X and y = {head: targets}; returns a History, with Sequential.fit's
         guarantees (bad input, Ctrl-C, other failures, the checked state: fastreg/training.py).
+        validation_split: as Sequential.fit (the last rows of X and of every head's targets).
 
         History keys: "loss" (the weighted total sum_h w_h * loss_h), "loss_<head>" (each
         task's data loss, unweighted), "penalty"; with validation_data=(X_val, {head: ...}):
@@ -347,8 +349,11 @@ class MultiTask:
         Ys = self._targets(y, X.shape[0])
         epochs, batch_size, verbose, callbacks = training.check_fit_arguments(
             epochs, batch_size, verbose, callbacks)
-        val = training.validation_pair(validation_data, X.shape[1], self.dtype, self._targets,
-                                       "(X_val, {head: y_val})")
+        X, Ys, val = training.split_validation(X, Ys, validation_split,
+                                               validation_data is not None)
+        if val is None:
+            val = training.validation_pair(validation_data, X.shape[1], self.dtype,
+                                           self._targets, "(X_val, {head: y_val})")
         plans = self._augment_plans(augment, X.shape[1], image_shape)
         backends.resolve(self.backend)
         available = set(self._keys("")) | {"penalty"} | (set(self._keys("val_")) if val

@@ -146,8 +146,19 @@ def init_kernel(kind, fan_in, fan_out, rng, dtype):
         W = rng.uniform(-limit, limit, (fan_in, fan_out))
     elif kind == "he_normal":
         W = rng.normal(0.0, math.sqrt(2.0 / fan_in), (fan_in, fan_out))
-    else:  # lecun_normal
+    elif kind == "lecun_normal":
         W = rng.normal(0.0, math.sqrt(1.0 / fan_in), (fan_in, fan_out))
+    elif kind == "orthogonal":
+        # Keras' Orthogonal(gain=1): the Q of a normal matrix's QR, signs fixed by diag(R),
+        # so the columns (fan_in >= fan_out) or the rows are orthonormal
+        a = rng.normal(0.0, 1.0, (max(fan_in, fan_out), min(fan_in, fan_out)))
+        q, r = np.linalg.qr(a)
+        q *= np.sign(np.diag(r))
+        W = q if fan_in >= fan_out else q.T
+    elif kind == "zeros":
+        W = np.zeros((fan_in, fan_out))
+    else:  # ones
+        W = np.ones((fan_in, fan_out))
     return np.ascontiguousarray(W, dtype=dtype)
 
 
@@ -252,13 +263,15 @@ class Network:
 
     def build(self, input_dim):
         """Create the weights from the seed: one generator, blocks in the global order;
-        biases 0; BatchNorm gamma 1, beta 0, running mean 0, variance 1."""
+        biases 0 (or 1: bias_initializer="ones"); BatchNorm gamma 1, beta 0, running mean 0, variance 1."""
         store = PL.ParamStore(self.layer_shapes(input_dim), self.dtype)
         rng = np.random.default_rng(self.seed)
         for l, blk in enumerate(self.blocks):
             W = store.tensor("W", l)
             W[...] = init_kernel(blk.dense.kernel_initializer, W.shape[0], W.shape[1], rng,
                                  self.dtype)
+            if blk.dense.use_bias and blk.dense.bias_initializer == "ones":
+                store.tensor("b", l)[...] = 1
         self.input_dim = int(input_dim)
         self.store = store
         self.moments_ready = False
