@@ -135,9 +135,16 @@ class History(Callback):
             self.history.setdefault(k, []).append(v)
 
 
+# metrics where larger is better (Keras 3's "auto" reads the metric's direction: up for
+# these, down for losses and errors)
+_LARGER_IS_BETTER = ("accuracy", "acc", "precision", "recall", "f1", "auc", "r2")
+
+
 def _mode_sign(monitor, mode):
-    """+1 when smaller is better, -1 when larger is (Keras' "auto": larger for accuracies)."""
-    if mode == "max" or (mode == "auto" and "acc" in monitor):
+    """+1 when smaller is better, -1 when larger is ("auto": larger for the accuracy, precision,
+    recall, f1, auc and r2 metrics, with or without val_)."""
+    base = monitor[4:] if monitor.startswith("val_") else monitor
+    if mode == "max" or (mode == "auto" and (base in _LARGER_IS_BETTER or "acc" in base)):
         return -1.0
     return 1.0
 

@@ -133,6 +133,8 @@ class Sequential:
 
     def _summary_text(self):
         lines = [f"Sequential(input_dim={self.input_dim}, seed={self.seed}, dtype={self.dtype})"]
+        if self._network.inputs_line():
+            lines.append("  " + self._network.inputs_line())
         if self._network.parts[0].blocks:
             lines += ["  " + line for line in self._network.summary_lines(0)]
         lines.append(f"  total params: {self.count_params() if self.built else '?'}")
@@ -233,7 +235,7 @@ class Sequential:
         data); image_shape=(H, W) or (H, W, C) for the image augmenters that were not given
         one."""
         self._require_compiled()
-        X = as_features(X, "X", self.input_dim, self.dtype)
+        X = as_features(X, "X", self.input_dim, self.dtype, self._network.inputs_hint())
         Ys = self._targets(y, X.shape[0])
         epochs, batch_size, verbose, callbacks = training.check_fit_arguments(
             epochs, batch_size, verbose, callbacks)
@@ -269,7 +271,7 @@ class Sequential:
         """
         mc_samples, seed = training.check_mc_arguments(mc_samples, seed)
         batch_size = check_batch_size(batch_size)
-        X = feature_source(X, "X", self.input_dim, self.dtype)
+        X = feature_source(X, "X", self.input_dim, self.dtype, self._network.inputs_hint())
         if not self.built:
             self.build(X.shape[1])
         if mc_samples is not None:
@@ -320,7 +322,7 @@ class Sequential:
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
         batch_size = check_batch_size(batch_size)
-        X = feature_source(X, "X", self.input_dim, self.dtype)
+        X = feature_source(X, "X", self.input_dim, self.dtype, self._network.inputs_hint())
         Ys = self._targets(y, X.shape[0])
         logs = training.evaluate(self, X, Ys, batch_size)
         if return_dict:
@@ -329,16 +331,34 @@ class Sequential:
             else logs["loss"]
 
     # ------------------------------------------------------------ pruning
-    def prune(self):
+    def prune(self, inputs=False):
         """Remove dead hidden units physically; returns a PruneReport (fastreg/pruning.py:
         the rule, the folding of their constants into the next layer's bias or BatchNorm
-        running mean, the moments shrinking with the weights so fit continues)."""
+        running mean, the moments shrinking with the weights so fit continues).
+        inputs=True also removes the input columns selected_features() finds dropped: the
+        model then takes X[:, model.input_columns] (summary() and the saved file say so)."""
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
         before = self.count_params()
-        (report,) = pruning.prune(self._network)
+        with interrupts.deferred():
+            (report,) = pruning.prune(self._network, inputs=bool(inputs))
         return pruning.PruneReport(report.removed, report.units_before, report.units_after,
-                                   before, self.count_params(), report.kept)
+                                   before, self.count_params(), report.kept,
+                                   report.inputs_removed)
+
+    def selected_features(self):
+        """L1 as feature selection: a FeatureSelection with the input columns whose
+        first-layer weights are all exactly zero (dropped) and the others (kept)."""
+        if not self.built:
+            raise ValueError("the model has no weights yet: fit it or pass input_dim")
+        return pruning.selected_features(self._network)
+
+    @property
+    def input_columns(self):
+        """After prune(inputs=True): the columns of the original X the model reads (pass
+        X[:, model.input_columns]); None when it reads all of them."""
+        cols = self._network.input_columns
+        return None if cols is None else cols.copy()
 
     # ------------------------------------------------------------ persistence
     def get_config(self):
@@ -350,6 +370,7 @@ class Sequential:
                     "loss": self.loss, "optimizer": self.optimizer.get_config(),
                     "backend": self.backend,
                     **({"metrics": M.names(self.metrics)} if M.names(self.metrics) else {})},
+                **saving.input_columns_config(self._network),
                 **saving.counters_config(self._network)}
 
     def save(self, path):
@@ -395,8 +416,10 @@ def _load(cfg, arc, backend=None):
                       backend=saving.backend_for_loading(comp["backend"], backend),
                       metrics=comp.get("metrics"))
     counters = saving.read_counters(cfg)
+    columns = saving.read_input_columns(cfg)
     if cfg["input_dim"] is not None:
         saving.load_state(model, arc, cfg["input_dim"])
+        saving.set_input_columns(model._network, columns)
     saving.set_counters(model._network, counters)
     return model
 

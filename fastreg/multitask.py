@@ -236,6 +236,8 @@ class MultiTask:
 
     def _summary_text(self):
         lines = [f"MultiTask(input_dim={self.input_dim}, seed={self.seed}, dtype={self.dtype})"]
+        if self._network.inputs_line():
+            lines.append("  " + self._network.inputs_line())
         for p, part in enumerate(self._network.parts):
             if p == 0:
                 lines.append("  trunk:")
@@ -345,7 +347,7 @@ class MultiTask:
         augment / image_shape: as Sequential.fit (fastreg.augment), on the training batches
         only; Mixup mixes every head's targets with the same partner and lambda."""
         self._require_compiled()
-        X = as_features(X, "X", self.input_dim, self.dtype)
+        X = as_features(X, "X", self.input_dim, self.dtype, self._network.inputs_hint())
         Ys = self._targets(y, X.shape[0])
         epochs, batch_size, verbose, callbacks = training.check_fit_arguments(
             epochs, batch_size, verbose, callbacks)
@@ -419,7 +421,8 @@ class MultiTask:
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
         batch_size = check_batch_size(batch_size)
-        X = feature_source(X, "X", self.input_dim, self.dtype)   # converted a chunk at a time
+        X = feature_source(X, "X", self.input_dim, self.dtype,   # converted a chunk at a time
+                           self._network.inputs_hint())
         Ys = self._targets(y, X.shape[0])
         return training.evaluate(self, X, Ys, batch_size)
 
@@ -436,7 +439,8 @@ class MultiTask:
         Sequential.predict; the counter is saved with the model)."""
         mc_samples, seed = training.check_mc_arguments(mc_samples, seed)
         batch_size = check_batch_size(batch_size)
-        X = feature_source(X, "X", self.input_dim, self.dtype)   # converted a chunk at a time
+        X = feature_source(X, "X", self.input_dim, self.dtype,   # converted a chunk at a time
+                           self._network.inputs_hint())
         if not self.built:
             self.build(X.shape[1])
         if mc_samples is not None:
@@ -444,22 +448,37 @@ class MultiTask:
         return dict(zip(self.head_names, training.predict_heads(self, X, batch_size)))
 
     # ------------------------------------------------------------ pruning
-    def prune(self):
+    def prune(self, inputs=False):
         """Remove dead units of the trunk and of every head (fastreg/pruning.py); returns a
         MultiTaskPruneReport. The trunk's last layer is read by the first layer of EVERY head:
         its dead unit j goes into each head's bias (or running mean, with BatchNorm), and is
-        removed only when every head can take it."""
+        removed only when every head can take it. inputs=True: as Sequential.prune (the
+        trunk's first layer reads the inputs)."""
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
         before = self.count_params()
-        reports = pruning.prune(self._network)
+        with interrupts.deferred():
+            reports = pruning.prune(self._network, inputs=bool(inputs))
         return MultiTaskPruneReport(
             removed=[x for r in reports for x in r.removed],
             units_before=[x for r in reports for x in r.units_before],
             units_after=[x for r in reports for x in r.units_after],
             params_before=before, params_after=self.count_params(),
             kept=[x for r in reports for x in r.kept],
+            inputs_removed=reports[0].inputs_removed,
             parts=dict(zip(["trunk"] + self.head_names, reports)))
+
+    def selected_features(self):
+        """As Sequential.selected_features (the trunk's first layer reads the inputs)."""
+        if not self.built:
+            raise ValueError("the model has no weights yet: fit it or pass input_dim")
+        return pruning.selected_features(self._network)
+
+    @property
+    def input_columns(self):
+        """As Sequential.input_columns."""
+        cols = self._network.input_columns
+        return None if cols is None else cols.copy()
 
     # ------------------------------------------------------------ persistence
     def get_config(self):
@@ -472,6 +491,7 @@ class MultiTask:
                 "input_dim": self.input_dim, "seed": self.seed, "dtype": self.dtype.name,
                 "compile": None if self.optimizer is None else {
                     "optimizer": self.optimizer.get_config(), "backend": self.backend},
+                **saving.input_columns_config(self._network),
                 **saving.counters_config(self._network)}
 
     def save(self, path):
@@ -520,8 +540,10 @@ def _load(cfg, arc, backend=None):
         model.compile(optimizer=O.get(comp["optimizer"]),
                       backend=saving.backend_for_loading(comp["backend"], backend))
     counters = saving.read_counters(cfg)
+    columns = saving.read_input_columns(cfg)
     if cfg["input_dim"] is not None:
         saving.load_state(model, arc, cfg["input_dim"])
+        saving.set_input_columns(model._network, columns)
     saving.set_counters(model._network, counters)
     return model
 

@@ -199,6 +199,9 @@ class Network:
             for layer in part.layers:
                 check_in_model_dtype(layer, self.dtype)
         self.input_dim = None
+        # the columns of the original inputs this network reads, after prune(inputs=True)
+        # removed dead ones (fastreg/pruning.py); None: all of them
+        self.input_columns = None
         self.store = None           # a kernels.plan.ParamStore once built
         self.moments_ready = False  # the optimizer's moments exist (made at the first fit)
         self.counters = Counters()
@@ -273,8 +276,24 @@ class Network:
             if blk.dense.use_bias and blk.dense.bias_initializer == "ones":
                 store.tensor("b", l)[...] = 1
         self.input_dim = int(input_dim)
+        self.input_columns = None
         self.store = store
         self.moments_ready = False
+
+    def inputs_hint(self):
+        """What a wrong-width error adds for an input-pruned network ("" otherwise)."""
+        if self.input_columns is None:
+            return ""
+        return (f" (prune(inputs=True) kept the columns {self.input_columns.tolist()} of "
+                f"the original X: pass X[:, model.input_columns])")
+
+    def inputs_line(self):
+        """The summary line of an input-pruned network, or None."""
+        if self.input_columns is None:
+            return None
+        cols = self.input_columns.tolist()
+        return (f"inputs: {len(cols)} columns {cols} of the original X (prune(inputs=True) "
+                f"removed the others): pass X[:, model.input_columns]")
 
     def count_params(self):
         """Parameters of all layers, BatchNorm's running statistics included (as Keras)."""

@@ -37,15 +37,42 @@ class PruneReport:
     params_before: int
     params_after: int
     kept: list
+    inputs_removed: tuple = ()      # prune(inputs=True): the input columns removed (indices
+    #                                 of the X the model took before)
 
     @property
     def total_removed(self):
         return int(sum(self.removed))
 
+    def _inputs_text(self):
+        return (f"; removed input columns {list(self.inputs_removed)}"
+                if len(self.inputs_removed) else "")
+
     def __str__(self):
         widths = ", ".join(f"{a}->{b}" for a, b in zip(self.units_before, self.units_after))
         return (f"pruned {self.total_removed} units (widths {widths}); params "
-                f"{self.params_before} -> {self.params_after}")
+                f"{self.params_before} -> {self.params_after}{self._inputs_text()}")
+
+
+@dataclass(frozen=True)
+class FeatureSelection:
+    """selected_features(): L1 as feature selection. kept / dropped: the input columns (of
+    the X the model takes) whose row of the first layer's W has a nonzero entry / is exactly
+    zero (such a column cannot change any output). prune(inputs=True) removes the dropped
+    ones."""
+    kept: np.ndarray
+    dropped: np.ndarray
+
+    def __str__(self):
+        n = len(self.kept) + len(self.dropped)
+        return (f"{len(self.kept)} of {n} input columns kept; exactly zero (dropped): "
+                f"{self.dropped.tolist()}")
+
+
+def selected_features(network):
+    """The FeatureSelection of a built network (its first block's W reads the inputs)."""
+    zero = ~network.store.tensor("W", 0).any(axis=1)
+    return FeatureSelection(np.flatnonzero(~zero), np.flatnonzero(zero))
 
 
 @dataclass(frozen=True)
@@ -61,7 +88,7 @@ class MultiTaskPruneReport(PruneReport):
                                                                  r.units_after))
             for label, r in self.parts.items())
         return (f"pruned {self.total_removed} units ({widths}); params "
-                f"{self.params_before} -> {self.params_after}")
+                f"{self.params_before} -> {self.params_after}{self._inputs_text()}")
 
 
 class _Pruning:
@@ -81,6 +108,7 @@ class _Pruning:
                                         for l in range(L_)] for kind, _ in self.KINDS}
                                 if getattr(store, which).size else None)
                         for which in ("m", "v")}
+        self.input_keep = None      # prune_inputs: the input columns kept
         self.units_before = [W.shape[1] for W in self.arrays["W"]]
         self.params_before = network.count_params()
         self.kept = [np.arange(u) for u in self.units_before]
@@ -148,6 +176,19 @@ class _Pruning:
         self.kept[l] = self.kept[l][keep]
         self.changed = True
 
+    def prune_inputs(self):
+        """Remove the input columns whose row of the first block's W is all exactly zero
+        (one column always stays); returns the removed indices."""
+        dead = ~self.arrays["W"][0].any(axis=1)
+        if dead.all():
+            dead[0] = False
+        if not dead.any():
+            return np.zeros(0, np.int64)
+        self.input_keep = np.flatnonzero(~dead)
+        self._take("W", 0, self.input_keep, 0)
+        self.changed = True
+        return np.flatnonzero(dead)
+
     def commit(self):
         """Install the pruned arrays and moments in a new store, and copies of the Dense
         layers with their new widths in the network's parts; returns the widths after."""
@@ -167,6 +208,11 @@ class _Pruning:
                 layers.append(layer)
             part.layers = layers
         network.refold()
+        if self.input_keep is not None:
+            before = (np.arange(network.input_dim) if network.input_columns is None
+                      else network.input_columns)
+            network.input_columns = before[self.input_keep]
+            network.input_dim = len(self.input_keep)
         store = PL.ParamStore(network.layer_shapes(network.input_dim), network.dtype)
         for l in range(len(units_after)):
             for kind, _ in self.KINDS:
@@ -194,11 +240,14 @@ def _part_params(store, first, end):
                + sum(store.running_stats(l).size for l in range(first, end)))
 
 
-def prune(network):
-    """Prune a built network (module docstring); returns [PruneReport per part] (the
-    global order: concatenate their lists)."""
+def prune(network, inputs=False):
+    """Prune a built network (module docstring); with inputs=True first remove the input
+    columns no first-layer weight reads (selected_features' dropped: the model then takes
+    the reduced X). Returns [PruneReport per part] (the global order: concatenate their
+    lists; the trunk's report carries inputs_removed)."""
     before = network.store
     state = _Pruning(network)
+    removed_inputs = state.prune_inputs() if inputs else np.zeros(0, np.int64)
     ranges = network.part_ranges()
     trunk_first, trunk_end = ranges[0]
     heads_first = [first for first, _ in ranges[1:]]
@@ -214,5 +263,6 @@ def prune(network):
                         units_after=units_after[first:end],
                         params_before=_part_params(before, first, end),
                         params_after=_part_params(network.store, first, end),
-                        kept=state.kept[first:end])
-            for first, end in ranges]
+                        kept=state.kept[first:end],
+                        inputs_removed=tuple(removed_inputs.tolist()) if p == 0 else ())
+            for p, (first, end) in enumerate(ranges)]

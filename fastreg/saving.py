@@ -105,6 +105,32 @@ def read_counters(cfg):
             for key, high in COUNTER_LIMITS.items()}
 
 
+def input_columns_config(network):
+    """{"input_columns": [...]} for an input-pruned network (prune(inputs=True)), else {}:
+    files of unpruned models stay as they were."""
+    cols = network.input_columns
+    return {} if cols is None else {"input_columns": [int(c) for c in cols]}
+
+
+def read_input_columns(cfg):
+    """The saved input_columns (strictly increasing integers >= 0, one per input), or None."""
+    cols = cfg.get("input_columns")
+    if cols is None:
+        return None
+    dim = cfg.get("input_dim")
+    if not isinstance(cols, list) or not all(isinstance(c, int) and not isinstance(c, bool)
+                                              for c in cols) \
+            or any(c < 0 for c in cols) or any(a >= b for a, b in zip(cols, cols[1:])) \
+            or len(cols) != dim:
+        raise modelfile.InvalidModelFile(
+            f"input_columns must be {dim} increasing column indices >= 0, got {cols!r:.200}")
+    return np.asarray(cols, np.int64)
+
+
+def set_input_columns(network, columns):
+    network.input_columns = columns
+
+
 def set_counters(network, counters):
     with interrupts.deferred():
         for key, value in counters.items():

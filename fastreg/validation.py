@@ -156,9 +156,10 @@ def _check_finite(chunk, name, row0):
                      f"clean or impute the data first")
 
 
-def feature_source(X, name="X", width=None, dtype=np.float32):
+def feature_source(X, name="X", width=None, dtype=np.float32, hint=""):
     """A 2-D real array of the right width, read in place (not converted, not copied), with
-    every value finite once converted to dtype (checked a chunk of rows at a time)."""
+    every value finite once converted to dtype (checked a chunk of rows at a time). hint:
+    what a wrong width error adds (an input-pruned model's columns)."""
     arr = _numeric_array(X, name)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (samples, features), got shape {arr.shape}"
@@ -166,18 +167,19 @@ def feature_source(X, name="X", width=None, dtype=np.float32):
     if arr.shape[0] == 0:
         raise ValueError(f"{name} has no rows")
     if width is not None and arr.shape[1] != width:
-        raise ValueError(f"{name} has {arr.shape[1]} features but the model expects {width}")
+        raise ValueError(f"{name} has {arr.shape[1]} features but the model expects {width}"
+                         f"{hint}")
     rows = chunk_rows(arr.shape[1], dtype)
     for start in range(0, arr.shape[0], rows):
         _check_finite(as_chunk(arr, start, start + rows, dtype), name, start)
     return arr
 
 
-def as_features(X, name="X", width=None, dtype=np.float32):
+def as_features(X, name="X", width=None, dtype=np.float32, hint=""):
     """A C-contiguous 2-D array of dtype, checked for NaN/inf: the caller's array itself when
     it already is one (read, never written: an np.memmap then trains out of core), else one
     converted copy."""
-    arr = feature_source(X, name, width, dtype)
+    arr = feature_source(X, name, width, dtype, hint)
     if arr.dtype == np.dtype(dtype) and arr.flags.c_contiguous:
         return arr
     with np.errstate(over="ignore", invalid="ignore"):

@@ -195,6 +195,17 @@ def test_reduce_lr_on_plateau_follows_keras_rule():
         fr.ReduceLROnPlateau(factor=1.0)
 
 
+def test_auto_mode_knows_which_metrics_grow():
+    es = fr.EarlyStopping("val_auc", patience=0, restore_best_weights=False)
+    es.set_model(_Holder(0.1))
+    es.on_train_begin({})
+    for epoch, v in enumerate([0.6, 0.7, 0.8]):    # improving: no stop
+        es.on_epoch_end(epoch, {"val_auc": v})
+    assert not es.model.stop_training
+    es.on_epoch_end(3, {"val_auc": 0.75})
+    assert es.model.stop_training
+
+
 def test_reduce_lr_on_plateau_in_a_fit_lowers_the_rate_and_logs_it():
     X, y = _data()
     m = _model(fr.Adam(1e-2))
@@ -369,3 +380,54 @@ def test_initializers_follow_keras():
     assert (b0 == 1).all() and (b1 == 0).all() and (W2 == 0).all() and (W3 == 1).all()
     with pytest.raises(ValueError, match="bias_initializer"):
         fr.Dense(3, bias_initializer="glorot_uniform")
+
+
+# ---------------------------------------------------------------- L1 as feature selection
+def _sparse_inputs_model(kind="sequential"):
+    """A model trained on 6 columns of which only 0, 2 and 4 carry signal, with a proximal L1
+    on the first layer strong enough to zero the rows of the others."""
+    rng = fresh_rng()
+    X = randn(rng, (512, 6))
+    y = (X[:, 0] - 2 * X[:, 2] + X[:, 4]).astype(np.float32)
+    first = fr.Dense(16, "tanh", regularizer=fr.L1(5e-2))
+    if kind == "sequential":
+        m = fr.Sequential([first, fr.Dense(1)], input_dim=6, seed=0)
+        m.compile(loss="mse", optimizer=fr.Adam(1e-2))
+        targets = y
+    else:
+        m = fr.MultiTask(trunk=[first], heads={"a": ([fr.Dense(1)], "mse", 1.0),
+                                               "b": ([fr.Dense(1)], "mse", 1.0)},
+                         input_dim=6, seed=0)
+        m.compile(optimizer=fr.Adam(1e-2))
+        targets = {"a": y, "b": -y}
+    m.fit(X, targets, epochs=40, batch_size=64, verbose=0)
+    return m, X, targets
+
+
+@pytest.mark.parametrize("kind", ["sequential", "multitask"])
+def test_l1_selects_features_and_prune_inputs_removes_the_dead_columns(kind, tmp_path):
+    m, X, targets = _sparse_inputs_model(kind)
+    sel = m.selected_features()
+    W0 = m.get_weights()[0]
+    assert (W0[sel.dropped] == 0).all() and W0[sel.kept].any(axis=1).all()
+    assert {0, 2, 4} <= set(sel.kept.tolist()) and len(sel.dropped) >= 1
+    before = m.predict(X)
+    report = m.prune(inputs=True)
+    assert list(report.inputs_removed) == sel.dropped.tolist()
+    assert (m.input_columns == sel.kept).all() and m.input_dim == len(sel.kept)
+    after = m.predict(X[:, m.input_columns])
+    for a, b in (zip(before.values(), after.values()) if kind == "multitask"
+                 else [(before, after)]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert "input_columns" in m.summary()
+    with pytest.raises(ValueError, match="kept the columns"):
+        m.predict(X)                                    # the full X is refused, by name
+    m.fit(X[:, m.input_columns], targets, epochs=1, verbose=0)   # training continues
+    m.save(tmp_path / "m.npz")
+    loaded = fr.load_model(tmp_path / "m.npz")
+    assert (loaded.input_columns == m.input_columns).all()
+    again = loaded.predict(X[:, loaded.input_columns])
+    mine = m.predict(X[:, m.input_columns])
+    for a, b in (zip(again.values(), mine.values()) if kind == "multitask"
+                 else [(again, mine)]):
+        np.testing.assert_array_equal(a, b)
