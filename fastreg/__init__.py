@@ -10,7 +10,7 @@ from .augment import GaussianJitter, Mixup, RandomFlip, RandomShift
 from .backend import BackendUnavailable
 from .callbacks import Callback, EarlyStopping, History
 from .diagnose import Diagnosis, diagnose
-from .layers import BatchNorm, Dense, Dropout, GaussianDropout, GaussianNoise
+from .layers import AlphaDropout, BatchNorm, Dense, Dropout, GaussianDropout, GaussianNoise
 from .model import Sequential
 from .pruning import PruneReport
 from .saving import load_model
@@ -18,12 +18,13 @@ from .multitask import MultiTask
 from .optimizers import SGD, Adam, AdamW
 from .regularizers import L1, L2, ElasticNet, GroupLasso, MaxNorm
 from .sweep import regularization_path, sweep
+from . import losses
 from . import integrations  # noqa: E402  (fr.integrations.OptunaPruningCallback; optuna lazy)
 
 from ._version import __version__
 
 __all__ = ["Sequential", "load_model", "PruneReport", "Dense", "Dropout", "BatchNorm",
-           "GaussianNoise", "GaussianDropout",
+           "GaussianNoise", "GaussianDropout", "AlphaDropout", "losses",
            "L1", "L2", "ElasticNet", "MaxNorm", "GroupLasso",
            "SGD", "Adam", "AdamW", "EarlyStopping", "Callback", "History", "BackendUnavailable",
            "GaussianJitter", "Mixup", "RandomFlip", "RandomShift",

@@ -66,12 +66,11 @@ class Sequential:
     def add(self, layer):
         if not isinstance(layer, L.Layer):
             raise TypeError(f"Sequential takes fastreg layers (Dense, Dropout, BatchNorm, "
-                            f"GaussianNoise, GaussianDropout), got {layer!r}")
+                            f"GaussianNoise, GaussianDropout, AlphaDropout), got {layer!r}")
         if self.built:
             raise ValueError("layers must be added before the model is built")
         layers = self.layers + [layer]
-        if isinstance(layer, L.NOISE_LAYERS):   # placement errors now, the model untouched
-            fold_blocks(layers, partial=True)
+        blocks = fold_blocks(layers, partial=True)  # placement errors now, the model untouched
         if isinstance(layer, L.BatchNorm) and not (self.layers
                                                    and isinstance(self.layers[-1], L.Dense)):
             after = type(self.layers[-1]).__name__ if self.layers else "nothing (first layer)"
@@ -79,7 +78,7 @@ class Sequential:
                              f"Dense's pre-activation x @ W + b; here it follows {after}")
         part = self._network.parts[0]
         part.layers = layers
-        part.blocks = fold_blocks(layers, partial=True)
+        part.blocks = blocks
 
     @property
     def built(self):
@@ -121,17 +120,14 @@ class Sequential:
 
     # ------------------------------------------------------------ compile
     def compile(self, loss="mse", optimizer=None, backend=None):
-        """Choose the loss, the optimizer (fresh state) and the backend (cython when built,
-        else numba)."""
-        if not isinstance(loss, str):
-            raise TypeError(f"loss must be the name of a loss ({sorted(C.LOSSES)}), got "
-                            f"{loss!r}")
+        """Choose the loss (a name or a fastreg.losses object; model.loss is its name), the
+        optimizer (fresh state) and the backend (cython when built, else numba)."""
         optimizer = O.get(optimizer)
         name = backends.name_of(backend)
         backends.resolve(name)  # fail now, with how to get it, not at fit time
-        check_loss_and_last_layer(loss, self._blocks()[-1].dense)
-        self.loss, self.optimizer, self.backend = loss, optimizer, name
-        self._network.parts[0].loss = loss
+        loss = check_loss_and_last_layer(loss, self._blocks()[-1].dense)
+        self.loss, self.optimizer, self.backend = loss.name, optimizer, name
+        self._network.parts[0].set_loss(loss)
         self._network.counters.t = 0
         self._network.reset_optimizer_state()
 
@@ -265,7 +261,8 @@ class Sequential:
                 "layers": [layer.get_config() for layer in self.layers],
                 "input_dim": self.input_dim, "seed": self.seed, "dtype": self.dtype.name,
                 "compile": None if self.loss is None else {
-                    "loss": self.loss, "optimizer": self.optimizer.get_config(),
+                    "loss": self._network.parts[0].loss_config(),
+                    "optimizer": self.optimizer.get_config(),
                     "backend": self.backend},
                 **saving.counters_config(self._network)}
 

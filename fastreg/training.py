@@ -19,7 +19,6 @@ import numpy as np
 
 from . import backend as backends
 from .callbacks import Callback, History
-from .kernels import contract as C
 from .kernels import mc
 from .progress import EpochProgress
 from .validation import as_features, check_positive_int
@@ -229,9 +228,14 @@ def head_logits(model, X, batch_size=None):
 
 
 def head_losses(model):
-    """The loss code of every head (mse for a Sequential not compiled yet: outputs as they
-    are)."""
-    return [C.LOSSES[model._network.parts[p].loss or "mse"] for p in model._network.heads]
+    """The loss code of every head (for a Sequential not compiled yet: outputs as they are,
+    or their softmax after a "softmax" last Dense: Network.output_loss)."""
+    return [model._network.output_loss(p) for p in model._network.heads]
+
+
+def head_loss_params(model):
+    """The loss parameter of every head (contract PF_LOSS_PARAM)."""
+    return [model._network.parts[p].loss_param for p in model._network.heads]
 
 
 def predict_heads(model, X, batch_size=None):
@@ -244,8 +248,9 @@ def predict_heads(model, X, batch_size=None):
 def evaluate(model, X, Ys, batch_size=None):
     """The data losses on (X, Ys), dropout off: the front end's logs of the heads' losses."""
     backend = inference_backend(model)
-    means = np.array([float(backend.loss_value(z, Y, loss)) for z, Y, loss in
-                      zip(head_logits(model, X, batch_size), Ys, head_losses(model))])
+    means = np.array([float(backend.loss_value(z, Y, loss, param)) for z, Y, loss, param in
+                      zip(head_logits(model, X, batch_size), Ys, head_losses(model),
+                          head_loss_params(model))])
     return model._loss_logs(means)
 
 
