@@ -220,8 +220,8 @@ class Sequential:
             self.build(X.shape[1])
         if mc_samples is not None:
             return training.predict_mc(self, X, mc_samples, seed)[0]
-        if self.loss is None:       # not compiled: the outputs as they are
-            return training.head_logits(self, X, batch_size)[0]
+        # not compiled: the outputs as they are, or their softmax after a "softmax" last
+        # Dense (training.head_losses)
         return training.predict_heads(self, X, batch_size)[0]
 
     def diagnose(self, X_tr, y_tr, X_val, y_val, baseline=0.0, metric="loss", **thresholds):
