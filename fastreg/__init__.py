@@ -12,7 +12,7 @@ from .callbacks import (BackupAndRestore, Callback, CSVLogger, EarlyStopping, Hi
                         LambdaCallback, LearningRateScheduler, ModelCheckpoint,
                         ReduceLROnPlateau, TerminateOnNaN)
 from .diagnose import Diagnosis, diagnose
-from .layers import BatchNorm, Dense, Dropout, GaussianDropout, GaussianNoise
+from .layers import AlphaDropout, BatchNorm, Dense, Dropout, GaussianDropout, GaussianNoise
 from .model import Sequential
 from .pruning import PruneReport
 from .saving import load_model
@@ -20,13 +20,13 @@ from .multitask import MultiTask
 from .optimizers import SGD, Adam, AdamW
 from .regularizers import L1, L2, ElasticNet, GroupLasso, MaxNorm
 from .sweep import regularization_path, sweep
-from . import metrics, schedules  # noqa: E402  (fr.metrics, fr.schedules.CosineDecay, ...)
+from . import losses, metrics, schedules  # noqa: E402  (fr.losses.Huber, fr.schedules...)
 from . import integrations  # noqa: E402  (fr.integrations.OptunaPruningCallback; optuna lazy)
 
 from ._version import __version__
 
 __all__ = ["Sequential", "load_model", "PruneReport", "Dense", "Dropout", "BatchNorm",
-           "GaussianNoise", "GaussianDropout",
+           "GaussianNoise", "GaussianDropout", "AlphaDropout", "losses",
            "L1", "L2", "ElasticNet", "MaxNorm", "GroupLasso",
            "SGD", "Adam", "AdamW", "EarlyStopping", "ModelCheckpoint", "BackupAndRestore",
            "Callback", "History", "BackendUnavailable", "ReduceLROnPlateau",

@@ -1,7 +1,8 @@
 """PyTorch modules for fastreg.export.to_torch (imported only there: it imports torch).
 
 GaussianNoise and GaussianDropout as Keras defines them (fastreg's layers), training only;
-MultiHead: a shared trunk and named heads whose forward returns {head: output}."""
+Exp (poisson's output transform: the rate from the log-rate); MultiHead: a shared trunk and
+named heads whose forward returns {head: output}."""
 import math
 
 import torch
@@ -38,6 +39,13 @@ class GaussianDropout(nn.Module):
 
     def extra_repr(self):
         return f"rate={self.rate}"
+
+
+class Exp(nn.Module):
+    """exp(x): a poisson model's rate from its last layer's log-rate."""
+
+    def forward(self, x):
+        return torch.exp(x)
 
 
 class MultiHead(nn.Module):

@@ -63,6 +63,64 @@ def _keras_activation(name):
     return lambda keras, cfg, layer_name: keras.layers.Activation(name, name=layer_name)
 
 
+def _onnx_const(helper, name, value):
+    """A float32 scalar Constant node named `name`."""
+    from onnx import TensorProto
+    return helper.make_node("Constant", [], [name], name=name,
+                            value=helper.make_tensor(name, TensorProto.FLOAT, [], [value]))
+
+
+def _names(out):
+    """The namer of an activation's intermediate ONNX values: out/<suffix>."""
+    def name(suffix):
+        return f"{out}/{suffix}"
+    return name
+
+
+def _onnx_gelu(helper, x, out, cfg):
+    """x * 0.5 * (1 + Erf(x / sqrt 2)): opset 17 has no Gelu (20 has)."""
+    c = _names(out)
+    return [_onnx_const(helper, c("sqrt_half"), 0.7071067811865476),
+            _onnx_const(helper, c("one"), 1.0), _onnx_const(helper, c("half"), 0.5),
+            helper.make_node("Mul", [x, c("sqrt_half")], [c("scaled")]),
+            helper.make_node("Erf", [c("scaled")], [c("erf")]),
+            helper.make_node("Add", [c("erf"), c("one")], [c("cdf2")]),
+            helper.make_node("Mul", [c("cdf2"), c("half")], [c("cdf")]),
+            helper.make_node("Mul", [x, c("cdf")], [out])]
+
+
+def _onnx_gelu_tanh(helper, x, out, cfg):
+    """0.5 x (1 + Tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    c = _names(out)
+    return [_onnx_const(helper, c("k"), 0.7978845608028654),
+            _onnx_const(helper, c("c"), 0.044715), _onnx_const(helper, c("one"), 1.0),
+            _onnx_const(helper, c("half"), 0.5),
+            helper.make_node("Mul", [x, x], [c("x2")]),
+            helper.make_node("Mul", [c("x2"), x], [c("x3")]),
+            helper.make_node("Mul", [c("x3"), c("c")], [c("cx3")]),
+            helper.make_node("Add", [x, c("cx3")], [c("inner0")]),
+            helper.make_node("Mul", [c("inner0"), c("k")], [c("inner")]),
+            helper.make_node("Tanh", [c("inner")], [c("tanh")]),
+            helper.make_node("Add", [c("tanh"), c("one")], [c("t1")]),
+            helper.make_node("Mul", [x, c("half")], [c("halfx")]),
+            helper.make_node("Mul", [c("halfx"), c("t1")], [out])]
+
+
+def _onnx_times(inner_nodes):
+    """x * g(x), g given by nodes(helper, x, out) (silu: Sigmoid; mish: Tanh(Softplus))."""
+    def nodes(helper, x, out, cfg):
+        g = f"{out}/g"
+        return inner_nodes(helper, x, g) + [helper.make_node("Mul", [x, g], [out])]
+    return nodes
+
+
+def _torch_peer(name):
+    def module(nn, cfg):
+        from . import _torch_peer
+        return getattr(_torch_peer, name)()
+    return module
+
+
 ACTIVATIONS = {
     None: None,      # linear: no node, no layer
     "relu": Activation(
@@ -83,18 +141,72 @@ ACTIVATIONS = {
         onnx=_onnx_op("Sigmoid"),
         keras=_keras_activation("sigmoid"),
         torch=lambda nn, cfg: nn.Sigmoid()),
-}
-
-# What predict applies to the logits of each loss (None: the logits themselves).
-OUTPUT_TRANSFORMS = {
-    None: None,
-    "mse": None,
-    "binary_crossentropy": ACTIVATIONS["sigmoid"],
-    "sparse_categorical_crossentropy": Activation(
+    "gelu": Activation(             # Keras 3's "gelu" is the exact form
+        onnx=_onnx_gelu,
+        keras=_keras_activation("gelu"),
+        torch=lambda nn, cfg: nn.GELU(approximate="none")),
+    "gelu_tanh": Activation(
+        onnx=_onnx_gelu_tanh,
+        keras=lambda keras, cfg, name: keras.layers.Activation(
+            lambda x: keras.activations.gelu(x, approximate=True), name=name),
+        torch=lambda nn, cfg: nn.GELU(approximate="tanh")),
+    "elu": Activation(
+        onnx=lambda helper, x, out, cfg: [helper.make_node("Elu", [x], [out],
+                                                           alpha=float(cfg.get("alpha", 1.0)))],
+        keras=lambda keras, cfg, name: keras.layers.ELU(alpha=float(cfg.get("alpha", 1.0)),
+                                                        name=name),
+        torch=lambda nn, cfg: nn.ELU(float(cfg.get("alpha", 1.0)))),
+    "selu": Activation(
+        onnx=lambda helper, x, out, cfg: [helper.make_node(
+            "Selu", [x], [out], alpha=1.6732632423543772, gamma=1.0507009873554805)],
+        keras=_keras_activation("selu"),
+        torch=lambda nn, cfg: nn.SELU()),
+    "silu": Activation(
+        onnx=_onnx_times(lambda helper, x, g: [helper.make_node("Sigmoid", [x], [g])]),
+        keras=_keras_activation("silu"),
+        torch=lambda nn, cfg: nn.SiLU()),
+    "softplus": Activation(
+        onnx=_onnx_op("Softplus"),
+        keras=_keras_activation("softplus"),
+        torch=lambda nn, cfg: nn.Softplus()),
+    "mish": Activation(
+        onnx=_onnx_times(lambda helper, x, g: [helper.make_node("Softplus", [x], [f"{g}/sp"]),
+                                               helper.make_node("Tanh", [f"{g}/sp"], [g])]),
+        keras=_keras_activation("mish"),
+        torch=lambda nn, cfg: nn.Mish()),
+    "hard_sigmoid": Activation(     # relu6(x + 3) / 6 = clip(x / 6 + 1/2, 0, 1)
+        onnx=lambda helper, x, out, cfg: [helper.make_node("HardSigmoid", [x], [out],
+                                                           alpha=1.0 / 6.0, beta=0.5)],
+        keras=_keras_activation("hard_sigmoid"),
+        torch=lambda nn, cfg: nn.Hardsigmoid()),
+    # on a categorical model's last Dense: the probabilities (the loss's transform is then
+    # not added again: Part.transform)
+    "softmax": Activation(
         onnx=_onnx_op("Softmax", axis=-1),
         keras=lambda keras, cfg, name: keras.layers.Softmax(axis=-1, name=name),
         torch=lambda nn, cfg: nn.Softmax(dim=-1)),
 }
+ACTIVATIONS["swish"] = ACTIVATIONS["silu"]
+
+# What predict applies to the last layer's values, by the loss's contract `output` (None:
+# the values themselves).
+OUTPUT_TRANSFORMS = {
+    "identity": None,
+    "sigmoid": ACTIVATIONS["sigmoid"],
+    "softmax": ACTIVATIONS["softmax"],
+    "exp": Activation(
+        onnx=_onnx_op("Exp"),
+        keras=_keras_activation("exponential"),
+        torch=_torch_peer("Exp")),
+}
+
+
+def output_transform(loss):
+    """The Activation predict applies after the last layer for a loss name (None: none)."""
+    if loss is None:
+        return None
+    from .kernels import contract as C
+    return OUTPUT_TRANSFORMS[C.LOSS_BY_CODE[C.LOSSES[loss]].output]
 
 
 # ---------------------------------------------------------------- reading a model
@@ -133,6 +245,14 @@ class Part:
     blocks: list
     loss: str
 
+    @property
+    def transform(self):
+        """What ends the part: the loss's output transform, unless its last Dense says
+        "softmax" (that activation is the transform already)."""
+        if self.blocks and self.blocks[-1].dense["activation"] == "softmax":
+            return None
+        return output_transform(self.loss)
+
 
 def _read_part(name, where, configs, weights, loss):
     """The Part `name` from layer configs and an iterator over the model's get_weights();
@@ -155,7 +275,7 @@ def _read_part(name, where, configs, weights, loss):
                 raise ValueError(f"{where}: a BatchNorm must follow a Dense directly")
             blocks[-1].bn = cfg
             blocks[-1].bn_arrays = tuple(take(4))
-        elif kind in ("Dropout", "GaussianNoise", "GaussianDropout"):
+        elif kind in ("Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout"):
             (blocks[-1].train_only if blocks else before).append(cfg)
         else:
             raise ValueError(f"{where}: cannot export a layer of class {kind!r}")
@@ -231,7 +351,7 @@ def to_onnx(model, opset=None):
             if act is not None:
                 x = _onnx_nodes(act, helper, nodes, x, f"{name}/{blk.dense['activation']}",
                                 blk.dense)
-        transform = OUTPUT_TRANSFORMS[part.loss]
+        transform = part.transform
         if transform is not None:
             x = _onnx_nodes(transform, helper, nodes, x, f"{prefix}probabilities", {})
         nodes.append(helper.make_node("Identity", [x], [final], name=f"{final}/identity"))
@@ -305,7 +425,7 @@ def to_keras(model):
                 out.append(act.keras(keras, d, f"{prefix}{d['activation']}_{i}"))
             out += [_keras_train_only(keras, c, f"{prefix}dense_{i}_{j}", dtype)
                     for j, c in enumerate(blk.train_only)]
-        transform = OUTPUT_TRANSFORMS[part.loss]
+        transform = part.transform
         if transform is not None:
             out.append(transform.keras(keras, {}, f"{prefix}probabilities"))
         return out
@@ -345,6 +465,8 @@ def _keras_train_only(keras, cfg, name, dtype):
         return keras.layers.Dropout(cfg["rate"], name=name, dtype=dtype)
     if kind == "GaussianNoise":
         return keras.layers.GaussianNoise(cfg["stddev"], name=name, dtype=dtype)
+    if kind == "AlphaDropout":
+        return keras.layers.AlphaDropout(cfg["rate"], name=name, dtype=dtype)
     return keras.layers.GaussianDropout(cfg["rate"], name=name, dtype=dtype)
 
 
@@ -386,7 +508,7 @@ def to_torch(model):
             if act is not None:
                 mods.append(act.torch(nn, d))
             mods += [_torch_train_only(P, nn, c) for c in blk.train_only]
-        transform = OUTPUT_TRANSFORMS[part.loss]
+        transform = part.transform
         if transform is not None:
             mods.append(transform.torch(nn, {}))
         return nn.Sequential(*mods)
@@ -405,6 +527,8 @@ def _torch_train_only(P, nn, cfg):
         return nn.Dropout(cfg["rate"])
     if kind == "GaussianNoise":
         return P.GaussianNoise(cfg["stddev"])
+    if kind == "AlphaDropout":
+        return nn.AlphaDropout(cfg["rate"])
     return P.GaussianDropout(cfg["rate"])
 
 

@@ -25,16 +25,27 @@ class Layer:
         raise NotImplementedError
 
 
+# The last Dense of a categorical model may say "softmax": the loss already takes its logits
+# and predict returns the softmax probabilities, so the kernels see a linear layer there
+# (network.check_loss_and_last_layer keeps it to that place).
+SOFTMAX = "softmax"
+ACTIVATION_NAMES = sorted(k for k in C.ACTIVATIONS if k) + [SOFTMAX]
+
+
 class Dense(Layer):
     """y = dropout(f(x @ W + b)), W of shape (fan_in, units).
 
-    activation: None/"linear", "relu", "leaky_relu" (negative_slope, 0.01 by default, as in
-    PyTorch), "tanh", "sigmoid". dropout: drop probability of this layer's outputs (inverted
-    dropout: kept units are scaled by 1/(1 - rate)); off at inference. regularizer: a penalty
-    or constraint (or a list of them) on W. bias_regularizer: the same for b (biases are never
-    penalized unless asked for here). constraint: e.g. MaxNorm(3), the same as passing it in
-    regularizer. kernel_initializer: one of INITIALIZERS (Keras' formulas; orthogonal with
-    gain 1); bias_initializer: "zeros" or "ones".
+    activation (Keras' names): None/"linear", "relu", "leaky_relu" (negative_slope, 0.01 by
+    default, as in PyTorch), "tanh", "sigmoid", "gelu" (the exact erf form), "gelu_tanh" (its
+    tanh approximation), "elu" (alpha, 1.0 by default), "selu", "silu" (alias "swish"),
+    "softplus", "mish", "hard_sigmoid" (relu6(x + 3) / 6), and "softmax" on the last Dense of
+    a categorical cross-entropy model only (the loss's logits path). dropout: drop
+    probability of this layer's outputs (inverted dropout: kept units are scaled by
+    1/(1 - rate)); off at inference. regularizer: a penalty or constraint (or a list of them)
+    on W. bias_regularizer: the same for b (biases are never penalized unless asked for
+    here). constraint: e.g. MaxNorm(3), the same as passing it in regularizer.
+    kernel_initializer: one of INITIALIZERS (Keras' formulas; orthogonal with gain 1);
+    bias_initializer: "zeros" or "ones".
 
     Keras' spellings are accepted: kernel_regularizer= (regularizer), kernel_constraint=
     (constraint), and input_shape=(n,) / input_dim=n on the first layer of a Sequential (the
@@ -43,7 +54,7 @@ class Dense(Layer):
 
     def __init__(self, units, activation=None, dropout=0.0, regularizer=None, use_bias=True,
                  negative_slope=0.01, kernel_initializer="glorot_uniform",
-                 bias_regularizer=None, constraint=None, bias_initializer="zeros",
+                 bias_regularizer=None, constraint=None, alpha=1.0, bias_initializer="zeros",
                  kernel_regularizer=None, kernel_constraint=None, input_shape=None,
                  input_dim=None):
         regularizer = _alias("regularizer", regularizer, "kernel_regularizer",
@@ -51,10 +62,11 @@ class Dense(Layer):
         constraint = _alias("constraint", constraint, "kernel_constraint", kernel_constraint)
         self.input_shape = _input_shape(input_shape, input_dim)
         units = check_width("Dense units", units)
-        if activation not in C.ACTIVATIONS:
+        if activation not in C.ACTIVATIONS and activation != SOFTMAX:
             raise ValueError(f"unknown activation {activation!r}; choose one of "
-                             f"{sorted(k for k in C.ACTIVATIONS if k)} or None")
+                             f"{ACTIVATION_NAMES} or None")
         negative_slope = check_real("negative_slope", negative_slope, 0.0)
+        alpha = check_real("elu's alpha", alpha, 0.0)
         if kernel_initializer not in INITIALIZERS:
             raise ValueError(f"unknown kernel_initializer {kernel_initializer!r}; choose one of "
                              f"{INITIALIZERS}")
@@ -74,14 +86,24 @@ class Dense(Layer):
             raise ValueError(f"unknown bias_initializer {bias_initializer!r}; choose one of "
                              f"{BIAS_INITIALIZERS}")
         self.use_bias = bool(use_bias)
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = negative_slope
+        self.alpha = alpha
         self.kernel_initializer = kernel_initializer
         self.bias_initializer = bias_initializer
+
+    @property
+    def kernel_activation(self):
+        """(contract activation code, its parameter) the kernels compute: "softmax" is the
+        linear logits path; the parameter is elu's alpha or leaky_relu's negative slope."""
+        if self.activation == SOFTMAX:
+            return C.ACT_LINEAR, 0.0
+        return (C.ACTIVATIONS[self.activation],
+                self.alpha if self.activation == "elu" else self.negative_slope)
 
     def get_config(self):
         return {"class": "Dense", "units": self.units, "activation": self.activation,
                 "dropout": self.dropout, "use_bias": self.use_bias,
-                "negative_slope": self.negative_slope,
+                "negative_slope": self.negative_slope, "alpha": self.alpha,
                 "kernel_initializer": self.kernel_initializer,
                 "regularizer": [r.get_config() for r in self.regularizer],
                 "bias_regularizer": [r.get_config() for r in self.bias_regularizer],
@@ -207,12 +229,48 @@ class GaussianDropout(Layer):
         return f"GaussianDropout({self.rate})"
 
 
-NOISE_LAYERS = (GaussianNoise, GaussianDropout)
+class AlphaDropout(Layer):
+    """Dropout for self-normalizing (selu) networks (Klambauer et al. 2017; Keras'
+    AlphaDropout), training only: a unit is dropped with probability `rate` (the mask of a
+    Dropout(rate) at the same place: same Philox stream, same bits), dropped units are set to
+    alpha' = -selu_lambda * selu_alpha, then a * x + b with
+    a = ((1 - rate) * (1 + rate * alpha'^2)) ** -0.5 and b = -a * alpha' * rate, which keeps
+    zero mean and unit variance. Placement: on the inputs (before the first Dense) or on a
+    Dense's output (after its activation and BatchNorm), like GaussianNoise; it is that
+    output's only dropout and noise (no Dropout, Dense(dropout=...) or Gaussian noise there
+    too). Off in predict and evaluate; MC dropout (predict(mc_samples=...)) samples it as
+    it samples Dropout."""
+
+    def __init__(self, rate):
+        self.rate = check_rate("AlphaDropout rate", rate)
+
+    @property
+    def scale(self):
+        """a = ((1 - rate) * (1 + rate * alpha'^2)) ** -0.5, in float64."""
+        return ((1.0 - self.rate) * (1.0 + self.rate * C.ALPHA_DROPPED ** 2)) ** -0.5
+
+    @property
+    def shift(self):
+        """b = -a * alpha' * rate, in float64."""
+        return -self.scale * C.ALPHA_DROPPED * self.rate
+
+    def get_config(self):
+        return {"class": "AlphaDropout", "rate": self.rate}
+
+    def __repr__(self):
+        return f"AlphaDropout({self.rate})"
+
+
+# The layers that take a dense output's (or the inputs') noise slot (contract NOISE_*).
+NOISE_LAYERS = (GaussianNoise, GaussianDropout, AlphaDropout)
 
 
 def noise_code(layer):
-    """(contract NOISE_* code, std) of a noise layer or None; (NOISE_NONE, 0) when it is a
+    """(contract NOISE_* code, its parameter) of a noise layer or None: the std of
+    GaussianNoise / GaussianDropout, AlphaDropout's shift b; (NOISE_NONE, 0) when it is a
     no-op (stddev 0, rate 0)."""
+    if isinstance(layer, AlphaDropout):
+        return (C.NOISE_ALPHA, layer.shift) if layer.rate else (C.NOISE_NONE, 0.0)
     if layer is None or layer.stddev == 0:
         return C.NOISE_NONE, 0.0
     return (C.NOISE_ADD if isinstance(layer, GaussianNoise) else C.NOISE_MUL), layer.stddev
@@ -231,6 +289,8 @@ def from_config(cfg):
         return GaussianNoise(**cfg)
     if kind == "GaussianDropout":
         return GaussianDropout(**cfg)
+    if kind == "AlphaDropout":
+        return AlphaDropout(**cfg)
     if kind == "BatchNorm":
         return BatchNorm(**cfg)
     raise ValueError(f"unknown layer in config: {kind!r}")

@@ -84,15 +84,14 @@ class Sequential:
     def add(self, layer):
         if not isinstance(layer, L.Layer):
             raise TypeError(f"Sequential takes fastreg layers (Dense, Dropout, BatchNorm, "
-                            f"GaussianNoise, GaussianDropout), got {layer!r}")
+                            f"GaussianNoise, GaussianDropout, AlphaDropout), got {layer!r}")
         if self.built:
             raise ValueError("layers must be added before the model is built")
         if self.layers and getattr(layer, "input_shape", None) is not None:
             raise ValueError("input_shape / input_dim belong on the model's first layer (or "
                              "pass Sequential(input_dim=...))")
         layers = self.layers + [layer]
-        if isinstance(layer, L.NOISE_LAYERS):   # placement errors now, the model untouched
-            fold_blocks(layers, partial=True)
+        blocks = fold_blocks(layers, partial=True)  # placement errors now, the model untouched
         if isinstance(layer, L.BatchNorm) and not (self.layers
                                                    and isinstance(self.layers[-1], L.Dense)):
             after = type(self.layers[-1]).__name__ if self.layers else "nothing (first layer)"
@@ -101,7 +100,7 @@ class Sequential:
         check_in_model_dtype(layer, self.dtype)
         part = self._network.parts[0]
         part.layers = layers
-        part.blocks = fold_blocks(layers, partial=True)
+        part.blocks = blocks
 
     @property
     def built(self):
@@ -145,23 +144,21 @@ class Sequential:
 
     # ------------------------------------------------------------ compile
     def compile(self, loss="mse", optimizer=None, backend=None, metrics=None):
-        """Choose the loss, the optimizer (fresh state), the backend (cython when built, else
-        numba) and the metrics: names ("accuracy", "precision", "recall", "f1", "auc", "mae",
-        "mse", "r2") or callables f(y_true, y_pred) -> float (fastreg/metrics.py), reported
-        for validation_data as val_<name> in History and by evaluate."""
-        if not isinstance(loss, str):
-            raise TypeError(f"loss must be the name of a loss ({sorted(C.LOSSES)}; one name: "
-                            f"a Sequential has one output), got {loss!r}")
+        """Choose the loss (a name or a fastreg.losses object; model.loss is its name), the
+        optimizer (fresh state), the backend (cython when built, else numba) and the metrics:
+        names ("accuracy", "precision", "recall", "f1", "auc", "mae", "mse", "r2") or
+        callables f(y_true, y_pred) -> float (fastreg/metrics.py), reported for
+        validation_data as val_<name> in History and by evaluate."""
         optimizer = O.get(optimizer)
         optimizer.check_dtype(self.dtype)
         name = backends.name_of(backend)
         backends.resolve(name)  # fail now, with how to get it, not at fit time
-        check_loss_and_last_layer(loss, self._blocks()[-1].dense)
-        metrics = M.resolve(metrics, loss)
+        loss = check_loss_and_last_layer(loss, self._blocks()[-1].dense)
+        metrics = M.resolve(metrics, loss.name)
         with interrupts.deferred():     # all of it or nothing, even under Ctrl-C
-            self.loss, self.optimizer, self.backend = loss, optimizer, name
+            self.loss, self.optimizer, self.backend = loss.name, optimizer, name
             self.metrics = metrics
-            self._network.parts[0].loss = loss
+            self._network.parts[0].set_loss(loss)
             self._network.counters.t = 0
             self._network.reset_optimizer_state()
 
@@ -276,8 +273,8 @@ class Sequential:
             self.build(X.shape[1])
         if mc_samples is not None:
             return training.predict_mc(self, X, mc_samples, seed)[0]
-        if self.loss is None:       # not compiled: the outputs as they are
-            return training.head_logits(self, X, batch_size)[0]
+        # not compiled: the outputs as they are, or their softmax after a "softmax" last
+        # Dense (training.head_losses)
         return training.predict_heads(self, X, batch_size)[0]
 
     def predict_proba(self, X, batch_size=None):
@@ -367,7 +364,8 @@ class Sequential:
                 "input_dim": self._network.input_dim, "seed": self.seed,
                 "dtype": self.dtype.name,
                 "compile": None if self.loss is None else {
-                    "loss": self.loss, "optimizer": self.optimizer.get_config(),
+                    "loss": self._network.parts[0].loss_config(),
+                    "optimizer": self.optimizer.get_config(),
                     "backend": self.backend,
                     **({"metrics": M.names(self.metrics)} if M.names(self.metrics) else {})},
                 **saving.input_columns_config(self._network),

@@ -104,7 +104,7 @@ from .validation import (as_features, as_targets, check_batch_size, check_real, 
 FORMAT = "fastreg-multitask"
 FORMAT_VERSION = 1
 _HEAD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-_LAYER_KINDS = "Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout"
+_LAYER_KINDS = "Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout, AlphaDropout"
 
 
 def _check_weight(name, weight):
@@ -147,7 +147,7 @@ def _parse_head(name, spec):
                         f"dict with those keys; got {spec!r}")
     layers = _check_layers(f"head {name!r}", layers)
     last = [la for la in layers if isinstance(la, L.Dense)][-1]
-    check_loss_and_last_layer(loss, last, where=f"head {name!r}: ")
+    loss = check_loss_and_last_layer(loss, last, where=f"head {name!r}: ")
     return layers, loss, _check_weight(name, weight)
 
 
@@ -486,7 +486,8 @@ class MultiTask:
                 "trunk": [layer.get_config() for layer in self.trunk_layers],
                 "heads": [{"name": h, "layers": [la.get_config() for la in
                                                  self.head_layers(h)],
-                           "loss": self.losses[h], "weight": self.loss_weights[h]}
+                           "loss": self._head(h).loss_config(),
+                           "weight": self.loss_weights[h]}
                           for h in self.head_names],
                 "input_dim": self.input_dim, "seed": self.seed, "dtype": self.dtype.name,
                 "compile": None if self.optimizer is None else {

@@ -42,22 +42,38 @@ class Block:
     noise: L.Layer = None
 
 
+def _check_alpha_dropout(noise, rate, where):
+    """AlphaDropout is the only dropout of the output it acts on (it uses that output's
+    dropout mask and scale)."""
+    if isinstance(noise, L.AlphaDropout) and rate:
+        raise ValueError(f"{noise!r} on {where} has a Dropout (or a Dense dropout=) there "
+                         f"too: AlphaDropout is that output's dropout; keep one of them")
+
+
 def fold_blocks(layers, partial=False):
     """Fold a layer list into dense blocks (the placement rules; ValueError on a bad order).
     partial=True folds a list that may have no Dense yet (Sequential.add's check)."""
     blocks, pending = [], 0.0
     noise = None    # the noise layer since the last Dense (or on the inputs)
+
+    def where():
+        return "the inputs" if not blocks else f"the output of Dense {len(blocks) - 1}"
     for i, layer in enumerate(layers):
+        if blocks and blocks[-1].dense.activation == L.SOFTMAX \
+                and isinstance(layer, (L.Dense, L.Dropout) + L.NOISE_LAYERS):
+            raise ValueError(f"{layer!r} after a softmax Dense: softmax is only accepted on "
+                             f"the last Dense, as its output (the categorical losses' logits "
+                             f"path)")
         if isinstance(layer, L.NOISE_LAYERS):
-            where = "the inputs" if not blocks else f"the output of Dense {len(blocks) - 1}"
             if noise is not None:
-                raise ValueError(f"at most one GaussianNoise / GaussianDropout per dense "
-                                 f"output (or on the inputs): {noise!r} and {layer!r} both "
-                                 f"act on {where}")
+                raise ValueError(f"at most one GaussianNoise / GaussianDropout / AlphaDropout "
+                                 f"per dense output (or on the inputs): {noise!r} and "
+                                 f"{layer!r} both act on {where()}")
             if pending and isinstance(layer, L.GaussianNoise):
-                raise ValueError(f"{layer!r} after a Dropout on {where}: the fused order is "
+                raise ValueError(f"{layer!r} after a Dropout on {where()}: the fused order is "
                                  f"activation, noise, dropout; put the Dropout after the "
                                  f"GaussianNoise")
+            _check_alpha_dropout(layer, pending or (blocks and blocks[-1].out_drop), where())
             noise = layer
             continue
         if isinstance(layer, L.BatchNorm):
@@ -67,9 +83,13 @@ def fold_blocks(layers, partial=False):
             blocks[-1].bn = layer
             continue
         if isinstance(layer, L.Dropout):
+            _check_alpha_dropout(noise, layer.rate, where())
             pending = 1.0 - (1.0 - pending) * (1.0 - layer.rate)
             continue
         if isinstance(layer, L.Dense):
+            if layer.activation == L.SOFTMAX and layer.dropout:
+                raise ValueError(f"{layer!r}: a softmax Dense is the model's output, it takes "
+                                 f"no dropout")
             if pending and blocks:
                 prev = blocks[-1]
                 prev.out_drop = 1.0 - (1.0 - prev.out_drop) * (1.0 - pending)
@@ -94,16 +114,31 @@ def fold_blocks(layers, partial=False):
 
 
 def check_loss_and_last_layer(loss, last, where=""):
-    """The rules tying a loss to the last Dense: the cross-entropies take logits from a
-    linear last layer; the sparse one needs a unit per class."""
-    if not isinstance(loss, str) or loss not in C.LOSSES:
-        raise ValueError(f"{where}unknown loss {loss!r}; choose one of {sorted(C.LOSSES)}")
-    if C.LOSS_BY_CODE[C.LOSSES[loss]].output != "identity" and last.activation is not None:
-        raise ValueError(f"{where}{loss} takes logits: make the last Dense linear "
-                         f"(activation=None); predict() returns the probabilities")
-    if loss == "sparse_categorical_crossentropy" and last.units < 2:
-        raise ValueError(f"{where}sparse_categorical_crossentropy needs a last Dense with one "
-                         f"unit per class (>= 2 units)")
+    """The rules tying a loss to the last Dense; returns the loss as a fastreg.losses.Loss.
+    The cross-entropies and poisson take the last layer's raw values (logits, log-rate), so
+    that layer is linear; "softmax" is accepted there for the categorical ones (it IS their
+    logits path: the loss takes the logits, predict returns the softmax) and refused
+    elsewhere; the categorical ones need a unit per class."""
+    from . import losses
+    try:
+        loss = losses.get(loss)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}{exc}") from None
+    row = loss.row
+    categorical = row.output == "softmax"
+    if last.activation == L.SOFTMAX and not categorical:
+        raise ValueError(f"{where}softmax on the last Dense needs a categorical cross-entropy "
+                         f"loss (categorical_crossentropy or sparse_categorical_crossentropy), "
+                         f"not {loss.name}; use a linear last Dense")
+    if row.output != "identity" and last.activation not in (None, L.SOFTMAX):
+        takes = "the log-rate" if row.output == "exp" else "logits"
+        raise ValueError(f"{where}{loss.name} takes {takes}: make the last Dense linear "
+                         f"(activation=None); predict() returns the "
+                         f"{'rate' if row.output == 'exp' else 'probabilities'}")
+    if categorical and last.units < 2:
+        raise ValueError(f"{where}{loss.name} needs a last Dense with one unit per class "
+                         f"(>= 2 units)")
+    return loss
 
 
 def check_part_layers(layers, where=""):
@@ -112,7 +147,7 @@ def check_part_layers(layers, where=""):
     for i, layer in enumerate(layers):
         if not isinstance(layer, L.Layer):
             raise TypeError(f"{where}fastreg layers (Dense, Dropout, BatchNorm, "
-                            f"GaussianNoise, GaussianDropout) only, got {layer!r}")
+                            f"GaussianNoise, GaussianDropout, AlphaDropout) only, got {layer!r}")
         if isinstance(layer, L.BatchNorm) and not (i and isinstance(layers[i - 1], L.Dense)):
             after = type(layers[i - 1]).__name__ if i else "nothing (first layer)"
             raise ValueError(f"{where}BatchNorm must come right after a Dense: it normalizes "
@@ -165,12 +200,29 @@ def init_kernel(kind, fan_in, fan_out, rng, dtype):
 # ---------------------------------------------------------------- parts and the network
 @dataclass
 class Part:
-    """A chain of layers: the trunk (loss None under heads) or a head (label, loss, weight)."""
+    """A chain of layers: the trunk (loss None under heads) or a head (label, loss, weight).
+    `loss` is given as a name or a fastreg.losses object and kept as the loss's name, its
+    parameter (huber's delta, label smoothing) in `loss_param` (contract PF_LOSS_PARAM)."""
     label: str
     layers: list
     loss: str = None
     weight: float = 1.0
     blocks: list = field(default_factory=list)
+    loss_param: float = 0.0
+
+    def __post_init__(self):
+        if self.loss is not None:
+            self.set_loss(self.loss)
+
+    def set_loss(self, loss):
+        from . import losses
+        loss = losses.get(loss)
+        self.loss, self.loss_param = loss.name, loss.param
+
+    def loss_config(self):
+        """The loss as a saved model records it (fastreg.losses.Loss.get_config)."""
+        from . import losses
+        return None if self.loss is None else losses.of(self.loss, self.loss_param).get_config()
 
 
 @dataclass
@@ -212,6 +264,10 @@ class Network:
         being built with add)."""
         for part in self.parts:
             part.blocks = fold_blocks(part.layers, partial=True)
+        if len(self.parts) > 1 and self.parts[0].blocks \
+                and self.parts[0].blocks[-1].dense.activation == L.SOFTMAX:
+            raise ValueError("softmax is only accepted on the last Dense of a categorical "
+                             "head (its logits path), not on the trunk")
         if self.n_blocks >= C.MAX_LAYER_WORDS:
             raise ValueError(f"a network takes fewer than {C.MAX_LAYER_WORDS} Dense layers")
 
@@ -243,6 +299,16 @@ class Network:
         if len(self.parts) == 1:
             return [0]
         return [p for p, part in enumerate(self.parts) if part.loss is not None]
+
+    def output_loss(self, p):
+        """The loss code whose output transform predict applies to part p: its loss, or
+        for a part not compiled yet the identity (mse's), the softmax when its last Dense
+        says "softmax"."""
+        part = self.parts[p]
+        if part.loss is not None:
+            return C.LOSSES[part.loss]
+        last = part.blocks[-1].dense if part.blocks else None
+        return C.LOSS_SCE if last is not None and last.activation == L.SOFTMAX else C.LOSS_MSE
 
     @property
     def built(self):
@@ -342,13 +408,12 @@ class Network:
         opt_slots = optimizer.slots()
         for i, blk in enumerate(self.blocks):
             d = blk.dense
-            li[i, C.LI_ACT] = C.ACTIVATIONS[d.activation]
-            li[i, C.LI_DROP_THR] = dropout_threshold(blk.out_drop)
+            li[i, C.LI_ACT], lf[i, C.LF_SLOPE] = d.kernel_activation
             li[i, C.LI_HAS_BIAS] = int(d.use_bias)
-            li[i, C.LI_IN_DROP_THR] = dropout_threshold(blk.in_drop)
-            lf[i, C.LF_SLOPE] = d.negative_slope
-            lf[i, C.LF_DROP_SCALE] = dropout_scale(blk.out_drop, self.dtype.type)
-            lf[i, C.LF_IN_DROP_SCALE] = dropout_scale(blk.in_drop, self.dtype.type)
+            li[i, C.LI_DROP_THR], lf[i, C.LF_DROP_SCALE] = self.dropout_slots(blk.out_drop,
+                                                                             blk.noise)
+            li[i, C.LI_IN_DROP_THR], lf[i, C.LF_IN_DROP_SCALE] = self.dropout_slots(
+                blk.in_drop, blk.in_noise)
             li[i, C.LI_NOISE], lf[i, C.LF_NOISE_STD] = L.noise_code(blk.noise)
             li[i, C.LI_IN_NOISE], lf[i, C.LF_IN_NOISE_STD] = L.noise_code(blk.in_noise)
             if blk.bn is not None:
@@ -368,17 +433,26 @@ class Network:
                     row[C.SLOTS[name].index] = value
         return (li, lf) + tuple(hps)
 
+    def dropout_slots(self, rate, noise):
+        """(threshold, scale) of a dropout slot: an inverted Dropout(rate)'s, or the
+        AlphaDropout's that takes the slot (its mask threshold, its scale a; fold_blocks
+        leaves no other dropout beside it)."""
+        if isinstance(noise, L.AlphaDropout) and noise.rate:
+            return dropout_threshold(noise.rate), self.dtype.type(noise.scale)
+        return dropout_threshold(rate), dropout_scale(rate, self.dtype.type)
+
     def parts_rows(self, y_widths):
         """The parts table (PT_* / PF_*) with each head's target columns."""
         P = len(self.parts)
         parts = np.zeros((P, C.PT_SIZE), np.int64)
-        partf = np.ones((P, C.PF_SIZE))
+        partf = np.zeros((P, C.PF_SIZE))
         y0 = 0
         for p, ((first, end), part, w) in enumerate(zip(self.part_ranges(), self.parts,
                                                           y_widths)):
             loss = -1 if part.loss is None else C.LOSSES[part.loss]
             parts[p] = (first, end, -1 if p == 0 else 0, loss, y0, y0 + w)
             partf[p, C.PF_WEIGHT] = part.weight
+            partf[p, C.PF_LOSS_PARAM] = part.loss_param
             y0 += w
         return parts, partf
 
@@ -534,9 +608,13 @@ class Network:
                 fan_in = None
             n = (fan_in * d.units + (d.units if d.use_bias else 0)) if fan_in else "?"
             extra = f", input dropout {blk.in_drop:.3g}" if blk.in_drop else ""
-            if blk.in_noise is not None:
+            if isinstance(blk.in_noise, L.AlphaDropout):
+                extra += f", input {blk.in_noise!r}"
+            elif blk.in_noise is not None:
                 extra += f", input noise {blk.in_noise!r}"
-            if blk.noise is not None:
+            if isinstance(blk.noise, L.AlphaDropout):
+                extra += f", output {blk.noise!r}"
+            elif blk.noise is not None:
                 extra += f", output noise {blk.noise!r} (before the dropout)"
             if blk.bn is not None:
                 n = n + 4 * d.units if fan_in else n

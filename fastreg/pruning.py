@@ -149,7 +149,7 @@ class _Pruning:
                                          blk.bn.eps)[dead]
         else:
             z = b[dead] if b.size else np.zeros(int(dead.sum()), W.dtype)
-        const = activation(z, C.ACTIVATIONS[d.activation], d.negative_slope)
+        const = activation(z, *d.kernel_activation)
         contribs = [const.astype(np.float64)[:, None]
                     * self.arrays["W"][j][dead].astype(np.float64) for j in readers]
         removable = np.ones(int(dead.sum()), bool)

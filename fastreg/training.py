@@ -29,7 +29,6 @@ import numpy as np
 from . import backend as backends
 from . import interrupts
 from .callbacks import FitProgress, History, as_callbacks
-from .kernels import contract as C
 from .kernels import mc
 from .progress import EpochProgress
 from .validation import (as_chunk, as_features, check_int, check_positive_int, check_real,
@@ -415,9 +414,14 @@ def head_logits(model, X, batch_size=None):
 
 
 def head_losses(model):
-    """The loss code of every head (mse for a Sequential not compiled yet: outputs as they
-    are)."""
-    return [C.LOSSES[model._network.parts[p].loss or "mse"] for p in model._network.heads]
+    """The loss code of every head (for a Sequential not compiled yet: outputs as they are,
+    or their softmax after a "softmax" last Dense: Network.output_loss)."""
+    return [model._network.output_loss(p) for p in model._network.heads]
+
+
+def head_loss_params(model):
+    """The loss parameter of every head (contract PF_LOSS_PARAM)."""
+    return [model._network.parts[p].loss_param for p in model._network.heads]
 
 
 def predict_heads(model, X, batch_size=None):
@@ -430,8 +434,9 @@ def predict_heads(model, X, batch_size=None):
 def head_loss_means(model, X, Ys, batch_size=None):
     """The data loss of every head on (X, Ys), dropout off, in head order."""
     backend = inference_backend(model)
-    return np.array([float(backend.loss_value(z, Y, loss)) for z, Y, loss in
-                     zip(head_logits(model, X, batch_size), Ys, head_losses(model))])
+    return np.array([float(backend.loss_value(z, Y, loss, param)) for z, Y, loss, param in
+                     zip(head_logits(model, X, batch_size), Ys, head_losses(model),
+                         head_loss_params(model))])
 
 
 def evaluate(model, X, Ys, batch_size=None):
@@ -440,8 +445,9 @@ def evaluate(model, X, Ys, batch_size=None):
     backend = inference_backend(model)
     losses = head_losses(model)
     logits = head_logits(model, X, batch_size)
-    logs = model._loss_logs(np.array([float(backend.loss_value(z, Y, loss))
-                                      for z, Y, loss in zip(logits, Ys, losses)]))
+    logs = model._loss_logs(np.array([float(backend.loss_value(z, Y, loss, param))
+                                      for z, Y, loss, param in
+                                      zip(logits, Ys, losses, head_loss_params(model))]))
     for h, prefix, metrics in getattr(model, "_metric_list", []):
         y_pred = backend.output_transform(logits[h], losses[h])
         for metric in metrics:

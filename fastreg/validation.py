@@ -227,10 +227,16 @@ def as_targets(y, n_rows, loss, n_outputs, name="y", dtype=np.float32):
             raise ValueError(f"{name} has labels outside 0..{n_outputs - 1} (found {lo} to "
                              f"{hi}); the last Dense has {n_outputs} units")
         return np.ascontiguousarray(arr.reshape(-1, 1), dtype=dtype)
+    kind = C.LOSS_BY_CODE[loss].targets
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 1-D or 2-D, got shape {arr.shape}")
+    if kind == "distributions" and arr.shape[1] != n_outputs:
+        raise ValueError(f"{name} for categorical_crossentropy must be one-hot (or soft) rows "
+                         f"of {n_outputs} columns, one per unit of the last Dense, got shape "
+                         f"{arr.shape}; for integer labels use "
+                         f"sparse_categorical_crossentropy")
     if arr.shape[1] != n_outputs:
         raise ValueError(f"{name} has {arr.shape[1]} columns but the last Dense has "
                          f"{n_outputs} units")
@@ -238,7 +244,17 @@ def as_targets(y, n_rows, loss, n_outputs, name="y", dtype=np.float32):
         out = np.array(arr, dtype=dtype, order="C", copy=True)
     if not np.isfinite(out).all():
         raise ValueError(f"{name} contains NaN or inf")
-    if loss == C.LOSS_BCE and (out.min() < 0 or out.max() > 1):
-        raise ValueError(f"{name} for binary_crossentropy must lie in [0, 1], found values "
-                         f"from {out.min()} to {out.max()}")
+    if kind in ("probabilities", "distributions") and (out.min() < 0 or out.max() > 1):
+        raise ValueError(f"{name} for {C.LOSS_BY_CODE[loss].name} must lie in [0, 1], found "
+                         f"values from {out.min()} to {out.max()}")
+    if kind == "distributions":
+        sums = out.sum(axis=1, dtype=np.float64)
+        bad = np.flatnonzero(np.abs(sums - 1.0) > 1e-3)
+        if bad.size:
+            raise ValueError(f"{name} for categorical_crossentropy must be rows of "
+                             f"probabilities summing to 1 (one-hot or soft); row {bad[0]} sums "
+                             f"to {sums[bad[0]]:.6g} ({bad.size} rows do not)")
+    if kind == "counts" and out.min() < 0:
+        raise ValueError(f"{name} for poisson must be counts or rates >= 0, found "
+                         f"{out.min()}")
     return out

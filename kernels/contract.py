@@ -21,6 +21,27 @@ ACT_RELU = 1
 ACT_LEAKY_RELU = 2
 ACT_TANH = 3
 ACT_SIGMOID = 4
+ACT_GELU = 5          # z * Phi(z), Phi the normal CDF (the exact erf form: Keras' "gelu")
+ACT_GELU_TANH = 6     # the tanh approximation (Keras gelu(approximate=True), torch 'tanh')
+ACT_ELU = 7           # z if z > 0 else alpha * expm1(z); alpha in the LF_SLOPE slot
+ACT_SELU = 8          # SELU_LAMBDA * z if z > 0 else SELU_LAMBDA * SELU_ALPHA * expm1(z)
+ACT_SILU = 9          # z * sigmoid(z), alias swish
+ACT_SOFTPLUS = 10     # log(1 + exp(z)), as max(z, 0) + log1p(exp(-|z|))
+ACT_MISH = 11         # z * tanh(softplus(z))
+ACT_HARD_SIGMOID = 12  # relu6(z + 3) / 6 (Keras 3 and torch)
+
+# SELU's constants (Klambauer et al. 2017; the digits Keras and torch use), and
+# AlphaDropout's value of a dropped unit, -SELU_LAMBDA * SELU_ALPHA (NOISE_ALPHA below).
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_LAMBDA = 1.0507009873554804934193349852946
+SELU_NEG = SELU_LAMBDA * SELU_ALPHA
+ALPHA_DROPPED = -SELU_NEG
+# GELU: Phi(z) = 0.5 * erfc(-z * SQRT_HALF) (erfc: no cancellation for z << 0), its density
+# INV_SQRT_2PI * exp(-z^2 / 2); the tanh form 0.5 z (1 + tanh(GELU_K (z + GELU_C z^3))).
+SQRT_HALF = 0.7071067811865476
+INV_SQRT_2PI = 0.3989422804014327
+GELU_K = 0.7978845608028654
+GELU_C = 0.044715
 
 
 @dataclass(frozen=True)
@@ -43,6 +64,16 @@ ACTIVATION_TABLE = (
     Activation("leaky_relu", ACT_LEAKY_RELU),
     Activation("tanh", ACT_TANH, unscale=True),
     Activation("sigmoid", ACT_SIGMOID, unscale=True),
+    Activation("gelu", ACT_GELU, grad_from="input"),
+    Activation("gelu_tanh", ACT_GELU_TANH, grad_from="input"),
+    # f' = f(z) + alpha (z <= 0): read off the output, as relu's sign is
+    Activation("elu", ACT_ELU, unscale=True),
+    Activation("selu", ACT_SELU, unscale=True),
+    Activation("silu", ACT_SILU, grad_from="input", aliases=("swish",)),
+    Activation("softplus", ACT_SOFTPLUS, grad_from="input"),
+    Activation("mish", ACT_MISH, grad_from="input"),
+    # f' = 1/6 where 0 < a < 1: the output tells it
+    Activation("hard_sigmoid", ACT_HARD_SIGMOID, unscale=True),
 )
 N_ACTIVATIONS = max(a.code for a in ACTIVATION_TABLE) + 1
 ACTIVATIONS = {key: a.code for a in ACTIVATION_TABLE for key in (a.name,) + a.aliases}
@@ -67,27 +98,54 @@ def unscale_output(act):
 LOSS_MSE = 0
 LOSS_BCE = 1
 LOSS_SCE = 2
+LOSS_MAE = 3
+LOSS_HUBER = 4
+LOSS_LOG_COSH = 5
+LOSS_CCE = 6
+LOSS_POISSON = 7
 
 
 @dataclass(frozen=True)
 class Loss:
-    """One loss. `output`: what predict() returns from the last layer's values ("identity",
-    "sigmoid" or "softmax": the cross-entropies take logits from a linear last layer).
-    `targets`: "values" (one per output), "probabilities" (values in [0, 1]) or "labels"
-    (one integer class per row)."""
+    """One loss. `output`: what predict() returns from the last layer's values ("identity";
+    "sigmoid" or "softmax": the cross-entropies take logits from a linear last layer;
+    "exp": poisson takes the log-rate and predicts the rate). `targets`: "values" (one per
+    output), "probabilities" (values in [0, 1]), "distributions" (one row of K
+    probabilities summing to 1 per sample: one-hot or soft), "labels" (one integer class
+    per row) or "counts" (values >= 0). `param`: the name of its parameter, carried in the
+    part's PF_LOSS_PARAM slot ("" for none), `default` its value when not given. `aliases`:
+    the other names compile() accepts (Keras' long names)."""
     name: str
     code: int
     output: str
     targets: str
+    param: str = ""
+    default: float = 0.0
+    aliases: tuple = ()
 
 
 LOSS_TABLE = (
-    Loss("mse", LOSS_MSE, "identity", "values"),
+    Loss("mse", LOSS_MSE, "identity", "values", aliases=("mean_squared_error",)),
     Loss("binary_crossentropy", LOSS_BCE, "sigmoid", "probabilities"),
-    Loss("sparse_categorical_crossentropy", LOSS_SCE, "softmax", "labels"),
+    Loss("sparse_categorical_crossentropy", LOSS_SCE, "softmax", "labels",
+         "label_smoothing"),
+    Loss("mae", LOSS_MAE, "identity", "values", aliases=("mean_absolute_error",)),
+    Loss("huber", LOSS_HUBER, "identity", "values", "delta", 1.0),
+    Loss("log_cosh", LOSS_LOG_COSH, "identity", "values", aliases=("logcosh",)),
+    Loss("categorical_crossentropy", LOSS_CCE, "softmax", "distributions",
+         "label_smoothing"),
+    Loss("poisson", LOSS_POISSON, "exp", "counts"),
 )
-LOSSES = {loss.name: loss.code for loss in LOSS_TABLE}
+LOSSES = {key: loss.code for loss in LOSS_TABLE for key in (loss.name,) + loss.aliases}
 LOSS_BY_CODE = {loss.code: loss for loss in LOSS_TABLE}
+
+# The formulas (kernels/reference/loss.py is their spec). Elementwise losses are means over
+# all B * K elements, d = logit - target: mae |d|; huber 0.5 d^2 where |d| <= delta, else
+# delta * (|d| - 0.5 delta); log_cosh log(cosh(d)); poisson exp(z) - y * z from the
+# log-rate z (torch's PoissonNLLLoss(log_input=True); Keras' poisson on the rate exp(z)).
+# The categorical ones are means over the B rows of sum_k -t_k log softmax(z)_k, with the
+# targets smoothed by label_smoothing ls when ls > 0: t = (1 - ls) * y + ls / K (y one-hot
+# rows, or the label's one-hot row for the sparse one).
 
 # Targets y of LOSS_SCE: (B, 1) integer labels stored as floats, or (B, SCE_MIXED_WIDTH) mixed
 # targets (Mixup): label a, label b, weight lam, whose loss is lam * CE(a) + (1 - lam) * CE(b)
@@ -166,30 +224,43 @@ SLOT_TABLE = (
 SLOTS = {s.name: s for s in SLOT_TABLE}
 
 # ---------------------------------------------------------------- noise kinds
-# Noise layers (fastreg.GaussianNoise / GaussianDropout), fused into a dense layer's forward
-# epilogue: out = dropout(noise(f(x @ W + b))), n a standard normal from Philox (stream
-# STREAM_NOISE, Box-Muller). Training only. With a nonlinear activation, backward keeps the
-# pre-noise activation f(z) (keeps_pre) besides the output; the noise itself is regenerated
-# in backward (GaussianDropout's gradient needs it), never stored.
+# Noise layers (fastreg.GaussianNoise / GaussianDropout / AlphaDropout), fused into a dense
+# layer's forward epilogue: out = dropout(noise(f(x @ W + b))), n a standard normal from
+# Philox (stream STREAM_NOISE, Box-Muller). Training only. With a nonlinear activation,
+# backward keeps the pre-noise activation f(z) (keeps_pre) besides the output; the noise
+# itself is regenerated in backward (GaussianDropout's gradient needs it), never stored.
 NOISE_NONE = 0
 NOISE_ADD = 1       # a + std * n            GaussianNoise(stddev): std = stddev
 NOISE_MUL = 2       # a * (1 + std * n)      GaussianDropout(rate): std = sqrt(rate / (1 - rate))
+# AlphaDropout(rate) (Klambauer et al. 2017, Keras' semantics): the layer's (or the part's
+# input) dropout mask of `rate` (threshold LI_DROP_THR / LI_IN_DROP_THR, the dropout
+# streams: the same masks as Dropout(rate)), dropped units set to ALPHA_DROPPED, then the
+# affine map that keeps a selu net's mean and variance:
+#     out = scale * (a if kept else ALPHA_DROPPED) + shift,
+#     scale = ((1 - rate) * (1 + rate * ALPHA_DROPPED**2)) ** -0.5 (the dropout scale slot),
+#     shift = -scale * ALPHA_DROPPED * rate (the noise std slot, see LF_ALPHA_SHIFT).
+# Its gradient is the dropout's (scale where kept, else 0): nothing is regenerated but the
+# mask, as for NOISE_ADD; f' reads the kept f(z) in pre (keeps_pre), as with any noise.
+NOISE_ALPHA = 3
 
 
 @dataclass(frozen=True)
 class Noise:
     """One noise kind. `regenerated_in_backward`: its gradient needs the draw again
-    (GaussianDropout's factor; additive noise leaves no trace in the gradient)."""
+    (GaussianDropout's factor; additive noise leaves no trace in the gradient). `normals`:
+    it draws standard normals (stream STREAM_NOISE / STREAM_INPUT_NOISE)."""
     name: str
     code: int
     layer: str
     regenerated_in_backward: bool
+    normals: bool = True
 
 
 NOISE_TABLE = (
-    Noise("none", NOISE_NONE, "", False),
+    Noise("none", NOISE_NONE, "", False, False),
     Noise("add", NOISE_ADD, "GaussianNoise", False),
     Noise("mul", NOISE_MUL, "GaussianDropout", True),
+    Noise("alpha", NOISE_ALPHA, "AlphaDropout", False, False),
 )
 
 # ---------------------------------------------------------------- Philox streams
@@ -248,14 +319,17 @@ LI_BN = 4           # 1: BatchNorm on this layer's pre-activation (training plan
 LI_NOISE = 5        # NOISE_* code of the noise on this layer's output (before its dropout)
 LI_IN_NOISE = 6     # NOISE_* code of the noise on the part's input
 LI_SIZE = 7
-LF_SLOPE = 0        # leaky_relu negative slope
-LF_DROP_SCALE = 1   # 1 / keep_prob of the output dropout
+LF_SLOPE = 0        # the activation's parameter: leaky_relu's negative slope, elu's alpha
+LF_DROP_SCALE = 1   # 1 / keep_prob of the output dropout (AlphaDropout: its scale)
 LF_IN_DROP_SCALE = 2
 LF_BN_EPS = 3       # BatchNorm epsilon (added to the batch variance)
 LF_BN_MOMENTUM = 4  # BatchNorm running-statistics momentum (Keras convention)
 LF_NOISE_STD = 5    # std of the output noise n: NOISE_ADD adds std*n, NOISE_MUL scales by 1+std*n
 LF_IN_NOISE_STD = 6
 LF_SIZE = 7
+# NOISE_ALPHA's shift lives in its noise slot (the parameter of the layer's noise kind)
+LF_ALPHA_SHIFT = LF_NOISE_STD
+LF_IN_ALPHA_SHIFT = LF_IN_NOISE_STD
 
 # ---------------------------------------------------------------- parts (a tree of chains)
 # A network is a trunk and heads: parts, each a chain of consecutive dense layers. Part 0 is
@@ -270,7 +344,8 @@ PT_Y0 = 4           # its target columns in Y
 PT_Y1 = 5
 PT_SIZE = 6
 PF_WEIGHT = 0       # the loss weight
-PF_SIZE = 1
+PF_LOSS_PARAM = 1   # the loss's parameter (Loss.param: huber's delta, label smoothing)
+PF_SIZE = 2
 
 # ---------------------------------------------------------------- BatchNorm layouts
 # A dense layer with LI_BN = 1 normalizes its pre-activation z = x @ W + b over the batch
@@ -302,14 +377,25 @@ def integer_constants():
             if name.isupper() and isinstance(value, int) and not isinstance(value, bool)}
 
 
+def float_constants():
+    """{NAME: value} of every float constant above (SELU's, GELU's): compiled in as doubles."""
+    return {name: value for name, value in globals().items()
+            if name.isupper() and isinstance(value, float)}
+
+
 def pxi_source():
     """kernels/cython/contract.pxi, generated at build time from this file: the integer
-    constants as a C enum, and the activation flags as a lookup table."""
+    constants as a C enum, the float ones as doubles, and the activation flags as a lookup
+    table."""
     lines = ["# Generated from kernels/contract.py by setup.py: do not edit.", "cdef enum:"]
     lines += [f"    {name} = {value}" for name, value in sorted(integer_constants().items())]
+    lines += [""] + [f"cdef double {name} = {value!r}"
+                     for name, value in sorted(float_constants().items())]
     unscale = ", ".join("1" if ACTIVATION_BY_CODE.get(c) and ACTIVATION_BY_CODE[c].unscale
                         else "0" for c in range(N_ACTIVATIONS))
     lines += ["", f"cdef int ACT_UNSCALE[{N_ACTIVATIONS}]", f"ACT_UNSCALE[:] = [{unscale}]",
               "", "CONTRACT = dict(" + ", ".join(
-                  f"{name}={name}" for name in sorted(integer_constants())) + ")", ""]
+                  f"{name}={name}" for name in sorted(integer_constants())) + ")",
+              "CONTRACT_FLOATS = dict(" + ", ".join(
+                  f"{name}={name}" for name in sorted(float_constants())) + ")", ""]
     return "\n".join(lines)

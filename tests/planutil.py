@@ -10,7 +10,8 @@ from fastreg.kernels.philox import dropout_scale, dropout_threshold
 def random_plan(rng, dtype=np.float32, sizes=(3, 8, 6, 2), acts=None, drop=None, bn=None,
                 noise=None, in_drop=0.0, in_noise=(C.NOISE_NONE, 0.0), opt=C.OPT_ADAM,
                 momentum=0.9, nesterov=False, loss=C.LOSS_MSE, l1=0.0, l2=0.0, proximal=True,
-                group=0.0, maxnorm=0.0, bias=True, seed=5, heads=None, training=True):
+                group=0.0, maxnorm=0.0, bias=True, seed=5, heads=None, training=True,
+                loss_param=None):
     """A plan of dense layers fan-in sizes[0] -> ... -> sizes[-1]. Per-layer lists (acts,
     drop, bn, noise) default to tanh / no dropout / no BatchNorm / no noise. heads: None for
     one part, else [(layer sizes, loss, weight, input dropout rate), ...] of heads on the
@@ -69,17 +70,19 @@ def random_plan(rng, dtype=np.float32, sizes=(3, 8, 6, 2), acts=None, drop=None,
     li[0, C.LI_IN_NOISE], lf[0, C.LF_IN_NOISE_STD] = in_noise
     y_width = lambda code, k: 1 if code == C.LOSS_SCE else k  # noqa: E731
     if not heads:
-        parts, partf = PL.single_part(L, loss, y_width(loss, sizes[-1]))
+        parts, partf = PL.single_part(L, loss, y_width(loss, sizes[-1]), loss_param)
         y_widths = [y_width(loss, sizes[-1])]
     else:
         parts = np.zeros((len(widths), C.PT_SIZE), np.int64)
-        partf = np.ones((len(widths), C.PF_SIZE))
+        partf = np.zeros((len(widths), C.PF_SIZE))
+        partf[0, C.PF_WEIGHT] = 1.0
         parts[0] = (0, trunk_L, -1, -1, 0, 0)
         y_widths, y0 = [0], 0
         for p, (h, first) in enumerate(zip(heads, firsts[1:]), start=1):
             k = y_width(h[1], h[0][-1])
             parts[p] = (first, first + len(h[0]), 0, h[1], y0, y0 + k)
             partf[p, C.PF_WEIGHT] = h[2]
+            partf[p, C.PF_LOSS_PARAM] = h[4] if len(h) > 4 else C.LOSS_BY_CODE[h[1]].default
             y_widths.append(k)
             y0 += k
     plan = PL.make_plan(store, li, lf, hp[0], hp[1], hp[2], parts, partf, opt, seed,
@@ -97,13 +100,24 @@ def random_targets(rng, plan, n, dtype=None):
         if loss < 0:
             continue
         k = plan.n_outputs[p]
-        if loss == C.LOSS_SCE:
-            cols.append(rng.integers(0, k, (n, 1)).astype(dtype))
-        elif loss == C.LOSS_BCE:
-            cols.append(rng.random((n, k)).astype(dtype))
-        else:
-            cols.append(rng.standard_normal((n, k)).astype(dtype))
+        cols.append(targets_for(rng, loss, n, k, dtype))
     return np.ascontiguousarray(np.hstack(cols))
+
+
+def targets_for(rng, loss, n, k, dtype):
+    """(n, width) random targets of the kind the loss takes (contract Loss.targets)."""
+    kind = C.LOSS_BY_CODE[int(loss)].targets
+    if kind == "labels":
+        return rng.integers(0, k, (n, 1)).astype(dtype)
+    if kind == "probabilities":
+        return rng.random((n, k)).astype(dtype)
+    if kind == "distributions":       # soft rows summing to 1, some one-hot
+        y = rng.random((n, k)) ** 3
+        y[::3] = np.eye(k)[rng.integers(0, k, len(y[::3]))]
+        return (y / y.sum(axis=1, keepdims=True)).astype(dtype)
+    if kind == "counts":
+        return rng.poisson(2.0, (n, k)).astype(dtype)
+    return rng.standard_normal((n, k)).astype(dtype)
 
 
 def clone_plan(plan):

@@ -18,11 +18,12 @@ from fastreg.kernels.reference import epoch as spec
 
 from netutil import (OPTIMIZERS, PENALTIES, PENALTY_IDS, check_penalized_update,
                      central_difference, fresh_rng, randn, small_cuda_tiles)
-from planutil import clone_plan, random_plan, random_targets, run_epochs
+from planutil import clone_plan, random_plan, random_targets, run_epochs, targets_for
 
 ACTS = [a.code for a in C.ACTIVATION_TABLE]
 ACT_IDS = [a.name for a in C.ACTIVATION_TABLE]
 NOISES = [n.code for n in C.NOISE_TABLE if n.code != C.NOISE_NONE]
+NOISE_IDS = [n.name for n in C.NOISE_TABLE]
 LOSSES = [loss.code for loss in C.LOSS_TABLE]
 COMPILED = ["numba", "cython", "cuda"]
 
@@ -135,7 +136,7 @@ def _dense(ops, x, W, b, g, act, thr, scale, key, noise=C.NOISE_NONE, std=0.0, w
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
-@pytest.mark.parametrize("noise", [C.NOISE_NONE] + NOISES, ids=["none", "add", "mul"])
+@pytest.mark.parametrize("noise", [C.NOISE_NONE] + NOISES, ids=NOISE_IDS)
 @pytest.mark.parametrize("rate", [0.0, 0.35])
 def test_dense_forward_backward(K, dtype, act, noise, rate):
     rng = fresh_rng()
@@ -152,7 +153,7 @@ def test_dense_forward_backward(K, dtype, act, noise, rate):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("noise", [C.NOISE_NONE] + NOISES, ids=["none", "add", "mul"])
+@pytest.mark.parametrize("noise", [C.NOISE_NONE] + NOISES, ids=NOISE_IDS)
 def test_input_transform(K, dtype, noise):
     rng = fresh_rng()
     x = randn(rng, (33, 17), dtype)
@@ -205,7 +206,7 @@ def _bn(ops, x, W, b, gb, stats, g, act, thr, scale, key, noise, std, want_dx):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
-@pytest.mark.parametrize("noise", [C.NOISE_NONE] + NOISES, ids=["none", "add", "mul"])
+@pytest.mark.parametrize("noise", [C.NOISE_NONE] + NOISES, ids=NOISE_IDS)
 def test_batchnorm_forward_backward(K, dtype, act, noise):
     rng = fresh_rng()
     shapes = [(7, 5, 4)] if K.NAME == "cuda" else [(7, 5, 4), (37, 19, 23), (130, 3, 520)]
@@ -238,12 +239,8 @@ def test_losses(K, dtype, loss):
         loss = C.LOSS_SCE
         y = np.stack([rng.integers(0, 7, 41), rng.integers(0, 7, 41), rng.random(41)],
                      axis=1).astype(dtype)
-    elif loss == C.LOSS_SCE:
-        y = rng.integers(0, 7, (41, 1)).astype(dtype)
-    elif loss == C.LOSS_BCE:
-        y = rng.random((41, 7)).astype(dtype)
     else:
-        y = randn(rng, (41, 7), dtype)
+        y = targets_for(rng, loss, 41, 7, dtype)
     gr, gk = np.zeros_like(z), np.zeros_like(z)
     vr = R.loss_forward_backward(z, y, gr, loss)
     vk = K.loss_forward_backward(z, y, gk, loss)

@@ -25,6 +25,7 @@ from .. import contract as C
 from ..philox import split_seed
 from ..reference import output_transform as _reference_output_transform
 from ..reference import penalty_value as _reference_penalty_value
+from ..reference.loss import loss_param
 from . import batchnorm, dense, epoch, update
 from .dense import Epilogue
 from .jit import IMPORT_ERROR as _IMPORT_ERROR
@@ -213,25 +214,26 @@ def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NON
     out[...] = od.copy_to_host()
 
 
-def _loss(logits, y, grad, loss):
+def _loss(logits, y, grad, loss, param):
     ns = kernels(logits.dtype)
     z = ns.ZERO
     status = cuda.to_device(np.zeros(status_size(1)))
     gd = cuda.device_array(logits.shape, logits.dtype) if grad is not None else ns.dummy
     ns.loss_kernel[1, ns.NB](to_dev(logits), to_dev(y.astype(logits.dtype, copy=False)), 0,
-                             y.shape[1], gd, int(loss), grad is not None, ns.ONE, status, 0, 1,
-                             True, False, 1.0, C.ACT_LINEAR, z, 0, z, 0, 0, 0, 0)
+                             y.shape[1], gd, int(loss), loss_param(loss, param),
+                             grad is not None, ns.ONE, status, 0, 1, True, False, 1.0,
+                             C.ACT_LINEAR, z, 0, z, 0, 0, 0, 0)
     if grad is not None:
         grad[...] = gd.copy_to_host()
     return float(status.copy_to_host()[batch_slot(0)])
 
 
-def loss_forward_backward(logits, y, grad, loss):
-    return _loss(logits, y, grad, loss)
+def loss_forward_backward(logits, y, grad, loss, param=None):
+    return _loss(logits, y, grad, loss, param)
 
 
-def loss_value(logits, y, loss):
-    return _loss(logits, y, None, loss)
+def loss_value(logits, y, loss, param=None):
+    return _loss(logits, y, None, loss, param)
 
 
 def penalized_update(w, g, m, v, hp, opt, t):

@@ -44,11 +44,36 @@ def build(ns):
 
 
 def build_activations(ns):
-    dev, ZERO, ONE = ns.dev, ns.ZERO, ns.ONE
+    dev, ZERO, ONE, FT = ns.dev, ns.ZERO, ns.ONE, ns.FT
+    HALF, THREE, SIX = FT(0.5), FT(3), FT(6)
+    SQRT_HALF, INV_SQRT_2PI = FT(C.SQRT_HALF), FT(C.INV_SQRT_2PI)
+    GELU_K, GELU_C, GELU_3C = FT(C.GELU_K), FT(C.GELU_C), FT(3 * C.GELU_C)
+    SELU_LAMBDA, SELU_NEG = FT(C.SELU_LAMBDA), FT(C.SELU_NEG)
+
+    @cuda.jit(**dev)
+    def sigmoid(z):
+        if z >= ZERO:
+            return ONE / (ONE + math.exp(-z))
+        e = math.exp(z)
+        return e / (ONE + e)
+
+    @cuda.jit(**dev)
+    def softplus(z):
+        """max(z, 0) + log1p(exp(-|z|)): no overflow; NaN stays NaN (through the log1p)."""
+        return (z if z > ZERO else ZERO) + math.log1p(math.exp(-abs(z)))
+
+    @cuda.jit(**dev)
+    def gelu_cdf(z):
+        return HALF * math.erfc(-z * SQRT_HALF)
+
+    @cuda.jit(**dev)
+    def gelu_tanh_inner(z):
+        return GELU_K * (z + GELU_C * (z * z * z))
 
     @cuda.jit(**dev)
     def activate(z, act, slope):
-        """f(z); NaN stays NaN (the reference's np.maximum), negatives give +0."""
+        """f(z) (kernels/reference/epilogue.py is the spec); NaN stays NaN (the reference's
+        np.maximum), negatives give +0."""
         if act == C.ACT_RELU:
             return z if z > ZERO or z != z else ZERO
         if act == C.ACT_LEAKY_RELU:
@@ -56,16 +81,34 @@ def build_activations(ns):
         if act == C.ACT_TANH:
             return math.tanh(z)
         if act == C.ACT_SIGMOID:
-            if z >= ZERO:
-                return ONE / (ONE + math.exp(-z))
-            e = math.exp(z)
-            return e / (ONE + e)
+            return sigmoid(z)
+        if act == C.ACT_GELU:
+            return z * gelu_cdf(z)
+        if act == C.ACT_GELU_TANH:
+            return (HALF * z) * (ONE + math.tanh(gelu_tanh_inner(z)))
+        if act == C.ACT_ELU:
+            return z if z > ZERO else math.expm1(z) * slope
+        if act == C.ACT_SELU:
+            return z * SELU_LAMBDA if z > ZERO else math.expm1(z) * SELU_NEG
+        if act == C.ACT_SILU:
+            return z * sigmoid(z)
+        if act == C.ACT_SOFTPLUS:
+            return softplus(z)
+        if act == C.ACT_MISH:
+            return z * math.tanh(softplus(z))
+        if act == C.ACT_HARD_SIGMOID:
+            v = z + THREE
+            if v < ZERO:
+                v = ZERO
+            if v > SIX:
+                v = SIX
+            return v / SIX
         return z
 
     @cuda.jit(**dev)
     def activation_grad(a, act, slope):
-        """f' from what the table's grad_from names (the output a = f(z) for every
-        activation here; z for an "input" one)."""
+        """f' from what the table's grad_from names: the output a = f(z) ("output"), or z
+        itself ("input": the GELUs, silu, softplus, mish)."""
         if act == C.ACT_RELU:
             return ONE if a > ZERO else ZERO
         if act == C.ACT_LEAKY_RELU:
@@ -74,6 +117,29 @@ def build_activations(ns):
             return ONE - a * a
         if act == C.ACT_SIGMOID:
             return a * (ONE - a)
+        if act == C.ACT_GELU:
+            return gelu_cdf(a) + a * (math.exp(-HALF * (a * a)) * INV_SQRT_2PI)
+        if act == C.ACT_GELU_TANH:
+            t = math.tanh(gelu_tanh_inner(a))
+            dtanh = ONE - t * t
+            right = ZERO
+            if dtanh != ZERO:   # saturated: 0, also where z^2 overflows (0 * inf)
+                right = ((HALF * a) * dtanh) * (GELU_K * (ONE + GELU_3C * (a * a)))
+            return HALF * (ONE + t) + right
+        if act == C.ACT_ELU:
+            return ONE if a > ZERO else a + slope
+        if act == C.ACT_SELU:
+            return SELU_LAMBDA if a > ZERO else a + SELU_NEG
+        if act == C.ACT_SILU:
+            s = sigmoid(a)
+            return s * (ONE + a * (ONE - s))
+        if act == C.ACT_SOFTPLUS:
+            return sigmoid(a)
+        if act == C.ACT_MISH:
+            t = math.tanh(softplus(a))
+            return t + a * sigmoid(a) * (ONE - t * t)
+        if act == C.ACT_HARD_SIGMOID:
+            return ONE / SIX if a > ZERO and a < ONE else ZERO
         return ONE
 
     @cuda.jit(**dev)
@@ -92,10 +158,12 @@ def build_activations(ns):
 
 def build_elements(ns):
     dev, ZERO, ONE, FT = ns.dev, ns.ZERO, ns.ONE, ns.FT
+    ALPHA_DROPPED = FT(C.ALPHA_DROPPED)
     U0 = np.uint64(0)
     activate, activation_grad = ns.activate, ns.activation_grad
     unscales, from_input = ns.unscales, ns.from_input
     group_words, pick, normal_of = ns.group_words, ns.pick, ns.normal_of
+    philox_word, normal_at = ns.philox_word, ns.normal_at
 
     @cuda.jit(**dev)
     def forward_value(z, act, slope, thr, scale, word):
@@ -126,9 +194,21 @@ def build_elements(ns):
         return v * (ONE + nstd * nrm)
 
     @cuda.jit(**dev)
+    def alpha_value(v, thr, scale, shift, word):
+        """AlphaDropout (contract NOISE_ALPHA): scale * (v if kept else ALPHA_DROPPED) +
+        shift."""
+        if thr > 0:
+            if word < np.uint64(thr):
+                v = ALPHA_DROPPED
+        return v * scale + shift
+
+    @cuda.jit(**dev)
     def noise_forward_value(z, act, slope, thr, scale, word, noise, nstd, nrm):
-        """(out, f(z)) of one element of a layer with noise: out = dropout(noise(f(z)))."""
+        """(out, f(z)) of one element of a layer with noise: out = dropout(noise(f(z))), or
+        AlphaDropout's out (its shift in nstd)."""
         a = activate(z, act, slope)
+        if noise == C.NOISE_ALPHA:
+            return alpha_value(a, thr, scale, nstd, word), a
         v = noisy(a, noise, nstd, nrm)
         if thr > 0:
             if word >= np.uint64(thr):
@@ -165,7 +245,7 @@ def build_elements(ns):
             w0, w1, w2, w3 = group_words(wc, e, k0, k1, step, layer, STREAM_DROPOUT)
             word = pick(w0, w1, w2, w3, e & 3)
         nrm = ZERO
-        if noise != C.NOISE_NONE and (epi != EPI_BACKWARD or noise == C.NOISE_MUL):
+        if noise == C.NOISE_MUL or (noise == C.NOISE_ADD and epi != EPI_BACKWARD):
             n0, n1, n2, n3 = group_words(nc, e, k0, k1, step, layer, STREAM_NOISE)
             nrm = FT(normal_of(n0, n1, n2, n3, e & 3))
         if epi != EPI_BACKWARD:
@@ -183,7 +263,24 @@ def build_elements(ns):
                                         nrm), ZERO
         return backward_value(v, stored, act, slope, thr, scale, word), ZERO
 
+    @cuda.jit(**dev)
+    def input_value(v, e, thr, scale, noise, nstd, k0, k1, step, layer):
+        """Element e of a part's input transform: dropout(noise(v)) (streams
+        STREAM_INPUT_NOISE, STREAM_INPUT_DROPOUT), or AlphaDropout (its shift in nstd).
+        Shared by input_dropout, the epoch's gather and the fused rows' gather."""
+        word = U0
+        if thr > 0:
+            word = philox_word(e, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
+        if noise == C.NOISE_ALPHA:
+            return alpha_value(v, thr, scale, nstd, word)
+        if noise != C.NOISE_NONE:
+            v = noisy(v, noise, nstd, FT(normal_at(e, k0, k1, step, layer, STREAM_INPUT_NOISE)))
+        if thr > 0:
+            v = v * scale if word >= np.uint64(thr) else ZERO
+        return v
+
     ns.__dict__.update(forward_value=forward_value, backward_value=backward_value, noisy=noisy,
+                       alpha_value=alpha_value, input_value=input_value,
                        noise_forward_value=noise_forward_value,
                        noise_backward_value=noise_backward_value, dense_epilogue=dense_epilogue)
 
@@ -195,6 +292,7 @@ def build_kernels(ns):
     from_input, forward_value = ns.from_input, ns.forward_value
     backward_value, noise_forward_value = ns.backward_value, ns.noise_forward_value
     noise_backward_value = ns.noise_backward_value
+    input_value = ns.input_value
 
     @cuda.jit
     def forward_epilogue(out, bias, has_bias, act, slope, thr, scale, k0, k1, step, layer,
@@ -212,7 +310,9 @@ def build_kernels(ns):
                 pre[i, j] = v
             word = philox_word(e, k0, k1, step, layer, STREAM_DROPOUT) if thr > 0 else U0
             if noise != C.NOISE_NONE:
-                nrm = FT(normal_at(e, k0, k1, step, layer, STREAM_NOISE))
+                nrm = ZERO
+                if noise != C.NOISE_ALPHA:
+                    nrm = FT(normal_at(e, k0, k1, step, layer, STREAM_NOISE))
                 v, a = noise_forward_value(v, act, slope, thr, scale, word, noise, nstd, nrm)
                 if keep_pre and not from_input(act):
                     pre[i, j] = a
@@ -243,20 +343,13 @@ def build_kernels(ns):
 
     @cuda.jit
     def input_dropout(x, out, thr, scale, k0, k1, step, layer, noise, nstd):
-        """out = dropout(noise(x)) (streams STREAM_INPUT_NOISE, STREAM_INPUT_DROPOUT); out
-        may be x (a gradient sent back through a head's input transform)."""
+        """out = dropout(noise(x)) (input_value); out may be x (a gradient sent back through
+        a head's input transform)."""
         B, I = x.shape
         for e in range(cuda.grid(1), B * I, cuda.gridsize(1)):
             i = e // I
             j = e - i * I
-            v = x[i, j]
-            if noise != C.NOISE_NONE:
-                v = noisy(v, noise, nstd, FT(normal_at(e, k0, k1, step, layer,
-                                                       STREAM_INPUT_NOISE)))
-            if thr > 0:
-                word = philox_word(e, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
-                v = v * scale if word >= np.uint64(thr) else ZERO
-            out[i, j] = v
+            out[i, j] = input_value(x[i, j], e, thr, scale, noise, nstd, k0, k1, step, layer)
 
     ns.__dict__.update(forward_epilogue=forward_epilogue, output_grad=output_grad,
                        input_dropout=input_dropout)

@@ -46,8 +46,7 @@ Views = namedtuple("Views", "x y acts grads pres xhats xdrops scratch epis")
 
 def build(ns):
     """The epoch's own kernels: the batch gather, and the sums of the heads' gradients."""
-    FT, ZERO = ns.FT, ns.ZERO
-    philox_word, normal_at, noisy = ns.philox_word, ns.normal_at, ns.noisy
+    input_value = ns.input_value
 
     @cuda.jit
     def gather(X, Y, perm, start, n, xout, yout, thr, scale, k0, k1, step, noise, nstd):
@@ -61,14 +60,8 @@ def build(ns):
             j = e - r * width
             src = perm[start + r]
             if j < I0:
-                v = X[src, j]
-                if noise != C.NOISE_NONE:
-                    v = noisy(v, noise, nstd, FT(normal_at(r * I0 + j, k0, k1, step, 0,
-                                                           C.STREAM_INPUT_NOISE)))
-                if thr > 0:
-                    word = philox_word(r * I0 + j, k0, k1, step, 0, C.STREAM_INPUT_DROPOUT)
-                    v = v * scale if word >= np.uint64(thr) else ZERO
-                xout[r, j] = v
+                xout[r, j] = input_value(X[src, j], r * I0 + j, thr, scale, noise, nstd, k0,
+                                         k1, step, 0)
             else:
                 yout[r, j - I0] = Y[src, j - I0]
 
@@ -200,6 +193,7 @@ class DevicePlan:
         self.ybuf = cuda.device_array((B, ky), dt)
         self.loss_parts = [p for p in range(self.P_count) if self.parts[p][C.PT_LOSS] >= 0]
         self.weights = [dt.type(w) for w in plan.partf[:, C.PF_WEIGHT]]
+        self.loss_params = [float(v) for v in plan.partf[:, C.PF_LOSS_PARAM]]
         self.cfg = [self._layer_config(plan, l) for l in range(L)]
         self.fused = (hasattr(ns, "fused_step") and self.P_count == 1 and not any(self.bn)
                       and max(cols) <= ns.FW)
@@ -358,9 +352,10 @@ def _part_forward(st, v, p, n, k0, k1, step):
     z0 = ns.ZERO
     act, slope, thr, scale = ((epi.act, epi.slope, epi.thr, epi.scale) if fuse
                               else (C.ACT_LINEAR, z0, 0, z0))
-    ns.loss_kernel[1, ns.NB](x, v.y, y0, y1 - y0, v.grads[last], loss, True, st.weights[p],
-                             st.status, p, st.P_count, p == st.loss_parts[-1], True, float(n),
-                             act, slope, thr, scale, k0, k1, step, last)
+    ns.loss_kernel[1, ns.NB](x, v.y, y0, y1 - y0, v.grads[last], loss, st.loss_params[p],
+                             True, st.weights[p], st.status, p, st.P_count,
+                             p == st.loss_parts[-1], True, float(n), act, slope, thr, scale, k0,
+                             k1, step, last)
     if not fuse:    # the last layer's backward epilogue reads its pre buffer (or noise)
         dense.output_grad(ns, v.grads[last], epi, k0, k1, step)
 
@@ -413,7 +408,8 @@ def _fused_epoch(st, plan, Xd, Yd, perm_d, n_total, batch_size, step0, t0, k0, k
     if st.one_block_epoch:
         ns.fused_epoch[1, ns.FNT](
             Xd, Yd, perm_d, n_total, batch_size, int(step0), int(t0), st.P, st.G, st.M, st.V,
-            st.lay_i, st.lay_f, st.ACTS, st.DZS, st.PRE, loss, k0, k1, *ins, int(plan.opt),
+            st.lay_i, st.lay_f, st.ACTS, st.DZS, st.PRE, loss, st.loss_params[0], k0, k1, *ins,
+            int(plan.opt),
             st.status, tab["blk_seg"], tab["blk_lo"], tab["blk_hi"], tab["hp"], tab["has_m"],
             tab["nblk"], tab["col_seg"], tab["col_lo"], tab["off_d"], tab["rows"], tab["cols"],
             tab["n_colblk"], lrs_d)
@@ -426,8 +422,8 @@ def _fused_epoch(st, plan, Xd, Yd, perm_d, n_total, batch_size, step0, t0, k0, k
         n = min(batch_size, n_total - start)
         nblk = -(-n // ns.FR)
         ns.fused_step[nblk, ns.FNT](Xd, Yd, perm_d, start, n, st.P, st.lay_i, st.lay_f, st.ACTS,
-                                    st.DZS, st.PRE, st.partials, loss, k0, k1,
-                                    int(step0 + steps), *ins)
+                                    st.DZS, st.PRE, st.partials, loss, st.loss_params[0], k0,
+                                    k1, int(step0 + steps), *ins)
         ns.weight_grads[(gx, gy, st.L + 1), ns.NT](st.G, st.lay_i, st.ACTS, st.DZS, n,
                                                    st.partials, nblk, loss, st.status,
                                                    float(n))

@@ -41,7 +41,6 @@ gradients in the flat P / G buffers (the plan's ParamStore layout).
 import numpy as np
 
 from .. import contract as C
-from ..contract import STREAM_INPUT_DROPOUT, STREAM_INPUT_NOISE
 from .epilogue import EPI_BACKWARD, EPI_FORWARD
 from .jit import cuda, numba
 
@@ -229,20 +228,21 @@ def build_layers(ns):
 
 def build_rows(ns):
     """rows_pass: a block's batch rows through the whole net (forward, loss, backward)."""
-    dev, FT, ZERO, ONE, U0 = ns.dev, ns.FT, ns.ZERO, ns.ONE, np.uint64(0)
+    dev, ZERO, ONE, U0 = ns.dev, ns.ZERO, ns.ONE, np.uint64(0)
     NT = ns.FNT
     stage_gemm, epilogue = ns.stage_gemm, ns.fused_epilogue
-    philox_word, normal_at, noisy = ns.philox_word, ns.normal_at, ns.noisy
+    input_value = ns.input_value
     dense_epilogue, sce_row, sce_grad = ns.dense_epilogue, ns.sce_row, ns.sce_grad
+    cce_row, cce_grad = ns.cce_row, ns.cce_grad
     pointwise_loss, loss_scale = ns.pointwise_loss, ns.loss_scale
 
     @cuda.jit(**dev)
-    def loss_rows(H, cur, Y, perm, start, nr, row0, n, loss, lay_i, lay_f, ACTS, DZS, PRE,
-                  rowloss, k0, k1, step):
+    def loss_rows(H, cur, Y, perm, start, nr, row0, n, loss, param, lay_i, lay_f, ACTS, DZS,
+                  PRE, rowloss, k0, k1, step):
         """A thread per row: the row's loss (float64) into rowloss, dL/dz of the last layer
         into H[cur] (in place of its output) and DZS: loss.loss_kernel's loss math (the
-        gradient of the batch mean, times the loss weight), then the last layer's backward
-        epilogue."""
+        gradient of the batch mean, times the loss weight; param the loss's parameter), then
+        the last layer's backward epilogue."""
         tid = cuda.threadIdx.x
         last = lay_i.shape[0] - 1
         K = lay_i[last, FI_OUT]
@@ -272,14 +272,19 @@ def build_rows(ns):
             la = 0
             lb = 0
             lam = ONE
+            S = ONE
             if loss == C.LOSS_SCE:
-                total, zmax, s, la, lb, lam = sce_row(z, r, K, Y, src, y0, mixed)
+                total, zmax, s, la, lb, lam = sce_row(z, r, K, Y, src, y0, mixed, param)
+            elif loss == C.LOSS_CCE:
+                total, zmax, s, S = cce_row(z, r, K, Y, src, y0, param)
             for k in range(K):
                 zz = z[r, k]
                 if loss == C.LOSS_SCE:
-                    g = sce_grad(zz, k, zmax, s, la, lb, lam, mixed, c)
+                    g = sce_grad(zz, k, zmax, s, la, lb, lam, mixed, c, param, K)
+                elif loss == C.LOSS_CCE:
+                    g = cce_grad(zz, Y[src, y0 + k], zmax, s, S, c, param, K)
                 else:
-                    l64, g = pointwise_loss(zz, Y[src, y0 + k], loss, c)
+                    l64, g = pointwise_loss(zz, Y[src, y0 + k], loss, c, param)
                     total += l64
                 if lw != ONE:
                     g = g * lw
@@ -297,7 +302,7 @@ def build_rows(ns):
 
     @cuda.jit(**dev)
     def rows_pass(H, Wsh, acc, areg, breg, rowloss, X, Y, perm, start, n, row0, nr, P, lay_i,
-                  lay_f, ACTS, DZS, PRE, loss, k0, k1, step, in_thr, in_scale, in_noise,
+                  lay_f, ACTS, DZS, PRE, loss, param, k0, k1, step, in_thr, in_scale, in_noise,
                   in_nstd):
         """Batch rows [row0, row0 + nr) of the batch perm[start:start + n] through the whole
         net: gather (input noise + dropout on layer word 0), forward, loss, backward deltas.
@@ -310,13 +315,8 @@ def build_rows(ns):
             r = idx // I0
             j = idx - r * I0
             e = (row0 + r) * I0 + j
-            v = X[perm[start + row0 + r], j]
-            if in_noise != C.NOISE_NONE:
-                v = noisy(v, in_noise, in_nstd, FT(normal_at(e, k0, k1, step, 0,
-                                                             STREAM_INPUT_NOISE)))
-            if in_thr > 0:
-                word = philox_word(e, k0, k1, step, 0, STREAM_INPUT_DROPOUT)
-                v = v * in_scale if word >= np.uint64(in_thr) else ZERO
+            v = input_value(X[perm[start + row0 + r], j], e, in_thr, in_scale, in_noise,
+                            in_nstd, k0, k1, step, 0)
             H[0, r, j] = v
             ACTS[xoff + e] = v
         cuda.syncthreads()
@@ -328,8 +328,8 @@ def build_rows(ns):
                      k0, k1, step)
             cuda.syncthreads()
             cur = 1 - cur
-        loss_rows(H, cur, Y, perm, start, nr, row0, n, loss, lay_i, lay_f, ACTS, DZS, PRE,
-                  rowloss, k0, k1, step)
+        loss_rows(H, cur, Y, perm, start, nr, row0, n, loss, param, lay_i, lay_f, ACTS, DZS,
+                  PRE, rowloss, k0, k1, step)
         cuda.syncthreads()
         for l in range(L - 1, 0, -1):
             stage_gemm(H, cur, Wsh, acc, areg, breg, P, lay_i[l, FI_W], lay_i[l, FI_OUT],
@@ -349,8 +349,8 @@ def build_step(ns):
                                               ns.fused_epilogue)
 
     @cuda.jit
-    def fused_step(X, Y, perm, start, n, P, lay_i, lay_f, ACTS, DZS, PRE, partials, loss, k0,
-                   k1, step, in_thr, in_scale, in_noise, in_nstd):
+    def fused_step(X, Y, perm, start, n, P, lay_i, lay_f, ACTS, DZS, PRE, partials, loss,
+                   param, k0, k1, step, in_thr, in_scale, in_noise, in_nstd):
         """rows_pass of batch rows [R*blockIdx.x, +R) of the batch perm[start:start + n]; the
         sum of their losses (in row order) into partials[blockIdx.x]."""
         H = cuda.shared.array((2, R, WP), T)
@@ -363,8 +363,8 @@ def build_step(ns):
         nr = min(R, n - row0)
         clear(H, Wsh)
         rows_pass(H, Wsh, acc, areg, breg, rowloss, X, Y, perm, start, n, row0, nr, P, lay_i,
-                  lay_f, ACTS, DZS, PRE, loss, k0, k1, step, in_thr, in_scale, in_noise,
-                  in_nstd)
+                  lay_f, ACTS, DZS, PRE, loss, param, k0, k1, step, in_thr, in_scale,
+                  in_noise, in_nstd)
         if cuda.threadIdx.x == 0:
             total = 0.0
             for r in range(nr):

@@ -160,7 +160,8 @@ def build_epoch(ns):
 
     @cuda.jit
     def fused_epoch(X, Y, perm, n_total, batch, step0, t0, P, G, Mm, Vv, lay_i, lay_f, ACTS,
-                    DZS, PRE, loss, k0, k1, in_thr, in_scale, in_noise, in_nstd, opt, status,
+                    DZS, PRE, loss, param, k0, k1, in_thr, in_scale, in_noise, in_nstd, opt,
+                    status,
                     blk_seg, blk_lo, blk_hi, seg_hp, seg_has_m, nblk, cp_seg, cp_col, seg_off,
                     seg_rows, seg_cols, ncol, lrs):
         """A whole epoch (every step of perm) in ONE block and one launch, for small nets and
@@ -188,8 +189,8 @@ def build_epoch(ns):
             for row0 in range(0, n, R):
                 nr = min(R, n - row0)
                 rows_pass(H, Wsh, acc, areg, breg, rowloss, X, Y, perm, start, n, row0, nr, P,
-                          lay_i, lay_f, ACTS, DZS, PRE, loss, k0, k1, step, in_thr, in_scale,
-                          in_noise, in_nstd)
+                          lay_i, lay_f, ACTS, DZS, PRE, loss, param, k0, k1, step, in_thr,
+                          in_scale, in_noise, in_nstd)
                 if tid == 0:
                     for r in range(nr):
                         total += rowloss[r]

@@ -67,8 +67,8 @@ def signatures(ns):
         "scale_by": (a2, z),
         "philox_counters": (np.zeros((2, 4), np.int64), i, i, np.zeros((2, 4), np.uint32)),
         "stream_words": (np.zeros(2, np.uint32), i, i, i, i, i),
-        "loss_kernel": (a2, a2, i, i, a2, i, True, z, f64, i, i, True, True, 1.0, i, z, i, z,
-                        i, i, i, i),
+        "loss_kernel": (a2, a2, i, i, a2, i, 1.0, True, z, f64, i, i, True, True, 1.0, i, z,
+                        i, z, i, i, i, i),
         "update": (a1, a1, a1, a1, i64, i64, i64, hp, i64, i, i, f64, 1.0),
         "group_penalty": (a1, i64, i64, i64, i64, i64, hp, f64, 1.0),
         "columns": (a1, a1, i64, i64, i64, i64, i64, hp, f64, i, i),
@@ -77,13 +77,13 @@ def signatures(ns):
     }
     if hasattr(ns, "fused_step"):   # the fused small-MLP path (fused.py, fused_epoch.py)
         sigs.update({
-            "fused_step": (a2, a2, i64, i, i, a1, lay_i, a2, a1, a1, a1, f64, i, i, i, i, i, z,
-                           i, z),
+            "fused_step": (a2, a2, i64, i, i, a1, lay_i, a2, a1, a1, a1, f64, i, 1.0, i, i, i,
+                           i, z, i, z),
             "fused_forward": (a2, a1, a1, lay_i, a2),
             "weight_grads": (a1, lay_i, a1, a1, i, f64, i, i, f64, 1.0),
             "fused_epoch": (a2, a2, i64, i, i, i, i, a1, a1, a1, a1, lay_i, a2, a1, a1, a1, i,
-                            i, i, i, z, i, z, i, f64, i64, i64, i64, hp, i64, i, i64, i64, i64,
-                            i64, i64, i),
+                            1.0, i, i, i, z, i, z, i, f64, i64, i64, i64, hp, i64, i, i64, i64,
+                            i64, i64, i64, i),
         })
     return sigs
 

@@ -28,6 +28,7 @@ from .. import contract as C
 from .. import threads
 from ..philox import split_seed
 from ..reference import output_transform, penalty_value  # noqa: F401  (NumPy; the spec's)
+from ..reference.loss import loss_param
 
 NAME = "cython"
 
@@ -53,10 +54,11 @@ def _check_build():
     """The extension must have been built from this contract.py (contract.pxi is generated
     from it at build time): a stale build is refused instead of computing nonsense."""
     built = getattr(_K, "CONTRACT", None)
+    floats = getattr(_K, "CONTRACT_FLOATS", None)
     flags = getattr(_K, "ACTIVATION_FLAGS", None)
     expected = {a.code: (int(a.unscale), int(a.grad_from == "input"))
                 for a in C.ACTIVATION_TABLE}
-    if built != C.integer_constants() or flags != expected:
+    if built != C.integer_constants() or floats != C.float_constants() or flags != expected:
         raise ImportError("the Cython kernels are out of date with kernels/contract.py: "
                           "rebuild them with `pip install -e .`")
 
@@ -148,14 +150,14 @@ def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NON
                      int(layer), int(noise), float(x.dtype.type(noise_std)))
 
 
-def loss_forward_backward(logits, y, grad, loss):
+def loss_forward_backward(logits, y, grad, loss, param=None):
     return _K.loss_forward_backward(logits, np.ascontiguousarray(y, logits.dtype), grad,
-                                    int(loss), True)
+                                    int(loss), loss_param(loss, param), True)
 
 
-def loss_value(logits, y, loss):
+def loss_value(logits, y, loss, param=None):
     return _K.loss_forward_backward(logits, np.ascontiguousarray(y, logits.dtype), logits[:0],
-                                    int(loss), False)
+                                    int(loss), loss_param(loss, param), False)
 
 
 def penalized_update(w, g, m, v, hp, opt, t):

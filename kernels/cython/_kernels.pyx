@@ -39,7 +39,7 @@ import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport exp, expf, tanh, tanhf, sqrt, sqrtf, fabs, fabsf, log, log1p, pow
-from libc.math cimport cos, sin
+from libc.math cimport cos, sin, erfc, erfcf, expm1, expm1f, log1pf
 from libc.math cimport isfinite
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
@@ -99,6 +99,27 @@ cdef inline real _tanh(real x) noexcept nogil:
         return tanhf(x)
     else:
         return tanh(x)
+
+
+cdef inline real _erfc(real x) noexcept nogil:
+    if real is float:
+        return erfcf(x)
+    else:
+        return erfc(x)
+
+
+cdef inline real _expm1(real x) noexcept nogil:
+    if real is float:
+        return expm1f(x)
+    else:
+        return expm1(x)
+
+
+cdef inline real _log1p(real x) noexcept nogil:
+    if real is float:
+        return log1pf(x)
+    else:
+        return log1p(x)
 
 
 cdef inline real _sqrt(real x) noexcept nogil:

@@ -61,6 +61,99 @@ cdef inline real _df_sigmoid(real a, real slope) noexcept nogil:
     return a * (<real>1 - a)
 
 
+# The rows below (kernels/reference/epilogue.py is their spec) read z where grad_from is
+# "input" (the GELUs, silu, softplus, mish) and the output a elsewhere (elu, selu,
+# hard_sigmoid); slope is elu's alpha.
+cdef inline real _softplus(real z) noexcept nogil:
+    """max(z, 0) + log1p(exp(-|z|)): no overflow; NaN stays NaN (through the log1p)."""
+    return (z if z > 0 else <real>0) + _log1p(_exp(-_abs(z)))
+
+
+cdef inline real _gelu_cdf(real z) noexcept nogil:
+    return <real>0.5 * _erfc(-z * <real>SQRT_HALF)
+
+
+cdef inline real _gelu_tanh_inner(real z) noexcept nogil:
+    return <real>GELU_K * (z + <real>GELU_C * (z * z * z))
+
+
+cdef inline real _f_gelu(real z, real slope) noexcept nogil:
+    return z * _gelu_cdf(z)
+
+
+cdef inline real _df_gelu(real z, real slope) noexcept nogil:
+    return _gelu_cdf(z) + z * (_exp(<real>-0.5 * (z * z)) * <real>INV_SQRT_2PI)
+
+
+cdef inline real _f_gelu_tanh(real z, real slope) noexcept nogil:
+    return (<real>0.5 * z) * (<real>1 + _tanh(_gelu_tanh_inner(z)))
+
+
+cdef inline real _df_gelu_tanh(real z, real slope) noexcept nogil:
+    cdef real t = _tanh(_gelu_tanh_inner(z))
+    cdef real dtanh = <real>1 - t * t
+    cdef real right = 0
+    if dtanh != 0:      # saturated: 0, also where z^2 overflows (0 * inf)
+        right = ((<real>0.5 * z) * dtanh) * (<real>GELU_K * (<real>1 + <real>(3 * GELU_C)
+                                                            * (z * z)))
+    return <real>0.5 * (<real>1 + t) + right
+
+
+cdef inline real _f_elu(real z, real slope) noexcept nogil:
+    return z if z > 0 else _expm1(z) * slope
+
+
+cdef inline real _df_elu(real a, real slope) noexcept nogil:
+    return 1 if a > 0 else a + slope
+
+
+cdef inline real _f_selu(real z, real slope) noexcept nogil:
+    return z * <real>SELU_LAMBDA if z > 0 else _expm1(z) * <real>SELU_NEG
+
+
+cdef inline real _df_selu(real a, real slope) noexcept nogil:
+    return <real>SELU_LAMBDA if a > 0 else a + <real>SELU_NEG
+
+
+cdef inline real _f_silu(real z, real slope) noexcept nogil:
+    return z * _f_sigmoid(z, slope)
+
+
+cdef inline real _df_silu(real z, real slope) noexcept nogil:
+    cdef real s = _f_sigmoid(z, slope)
+    return s * (<real>1 + z * (<real>1 - s))
+
+
+cdef inline real _f_softplus(real z, real slope) noexcept nogil:
+    return _softplus(z)
+
+
+cdef inline real _df_softplus(real z, real slope) noexcept nogil:
+    return _f_sigmoid(z, slope)
+
+
+cdef inline real _f_mish(real z, real slope) noexcept nogil:
+    return z * _tanh(_softplus(z))
+
+
+cdef inline real _df_mish(real z, real slope) noexcept nogil:
+    cdef real t = _tanh(_softplus(z))
+    return t + z * _f_sigmoid(z, slope) * (<real>1 - t * t)
+
+
+cdef inline real _f_hard_sigmoid(real z, real slope) noexcept nogil:
+    cdef real v = z + <real>3       # NaN passes both tests: stays NaN
+    if v < 0:
+        v = 0
+    if v > 6:
+        v = 6
+    return v / <real>6
+
+
+cdef inline real _df_hard_sigmoid(real a, real slope) noexcept nogil:
+    return <real>1 / <real>6 if a > 0 and a < 1 else 0
+
+
 cdef inline real _noisy(real v, int noise, real nstd, real nrm) noexcept nogil:
     """NOISE_ADD: v + std * n; NOISE_MUL: v * (1 + std * n)."""
     if noise == NOISE_ADD:
@@ -71,11 +164,12 @@ cdef inline real _noisy(real v, int noise, real nstd, real nrm) noexcept nogil:
 cdef void _fill_output_words(uint32_t* words, uint32_t* nwords, Py_ssize_t n, uint32_t k0,
                              uint32_t k1, uint32_t step, uint32_t layer, uint32_t thr,
                              int noise, bint backward) noexcept nogil:
-    """The dropout words (with dropout) and the noise words (forward: with noise; backward:
-    with GaussianDropout only, additive noise leaves no trace in the gradient) of a layer."""
+    """The dropout words (with dropout, AlphaDropout's too) and the noise words (forward:
+    with Gaussian noise; backward: with GaussianDropout only, additive noise leaves no trace
+    in the gradient) of a layer."""
     if thr > 0:
         _philox_fill(words, n, k0, k1, step, layer, STREAM_DROPOUT)
-    if noise == NOISE_MUL or (noise != NOISE_NONE and not backward):
+    if noise == NOISE_MUL or (noise == NOISE_ADD and not backward):
         _philox_fill(nwords, n, k0, k1, step, layer, STREAM_NOISE)
 
 
@@ -130,6 +224,23 @@ cdef void _noise_span(real* row, real* pre, uint32_t* w, uint32_t* nwords, Py_ss
         _noise_one(row, pre, w, j, _normal(nwords, e0 + j), thr, scale, noise, nstd)
 
 
+cdef void _alpha_span(real* row, real* pre, uint32_t* w, Py_ssize_t n, uint32_t thr,
+                      real scale, real shift) noexcept nogil:
+    """AlphaDropout (contract NOISE_ALPHA): row[j] <- scale * (row[j] if kept else
+    ALPHA_DROPPED) + shift (pre[j] <- row[j] first unless NULL), j < n; w: the dropout
+    words of row[0]."""
+    cdef Py_ssize_t j
+    cdef real v
+    cdef real dropped = <real>ALPHA_DROPPED
+    for j in range(n):
+        v = row[j]
+        if pre != NULL:
+            pre[j] = v
+        if thr > 0 and w[j] < thr:
+            v = dropped
+        row[j] = v * scale + shift
+
+
 cdef inline void _output_row(real* out, real* pre, uint32_t* words, uint32_t* nwords,
                              Py_ssize_t e0, Py_ssize_t n, uint32_t thr, real scale, int noise,
                              real nstd) noexcept nogil:
@@ -139,7 +250,9 @@ cdef inline void _output_row(real* out, real* pre, uint32_t* words, uint32_t* nw
     cdef Py_ssize_t j
     cdef real* row = out + e0
     cdef uint32_t* w
-    if noise != NOISE_NONE:
+    if noise == NOISE_ALPHA:
+        _alpha_span(row, pre + e0 if pre != NULL else NULL, words + e0, n, thr, scale, nstd)
+    elif noise != NOISE_NONE:
         _noise_span(row, pre + e0 if pre != NULL else NULL, words + e0, nwords, e0, n, thr,
                     scale, noise, nstd)
     elif thr > 0:
@@ -307,7 +420,8 @@ cdef void _backward_epilogue(real* grad, real* out, Py_ssize_t B, Py_ssize_t O, 
 cdef void _input_dropout(real* x, real* out, Py_ssize_t B, Py_ssize_t I, uint32_t thr,
                          real scale, uint32_t k0, uint32_t k1, uint32_t step, uint32_t layer,
                          uint32_t* words, int noise, real nstd, uint32_t* nwords) noexcept nogil:
-    """out = dropout(noise(x)): streams STREAM_INPUT_NOISE and STREAM_INPUT_DROPOUT."""
+    """out = dropout(noise(x)): streams STREAM_INPUT_NOISE and STREAM_INPUT_DROPOUT
+    (AlphaDropout: the input-dropout mask, its scale and its shift nstd)."""
     cdef Py_ssize_t e, c, n_chunks
     cdef Py_ssize_t n = B * I
     if thr > 0:
@@ -315,6 +429,11 @@ cdef void _input_dropout(real* x, real* out, Py_ssize_t B, Py_ssize_t I, uint32_
     if noise == NOISE_NONE:
         for e in range(n):
             out[e] = x[e] * scale if words[e] >= thr else 0
+        return
+    if noise == NOISE_ALPHA:
+        if out != x:
+            memcpy(out, x, n * sizeof(real))
+        _alpha_span(out, NULL, words, n, thr, scale, nstd)
         return
     _philox_fill(nwords, n, k0, k1, step, layer, STREAM_INPUT_NOISE)
     if n >= PARALLEL_MIN_ELEMENTS:

@@ -53,6 +53,7 @@ cdef struct PartC:
     Py_ssize_t y0    # its target columns [y0, y0 + ky) of Y
     Py_ssize_t ky
     double weight    # its loss weight
+    double loss_param  # its loss's parameter (PF_LOSS_PARAM)
     uint32_t in_thr  # its input transform (read on its first layer's row)
     double in_scale
     int in_noise
@@ -225,6 +226,7 @@ cdef class EpochPlan:
         for q in range(self.p.P):
             pt = &self.p.parts[q]
             pt.weight = plan.partf[q, PF_WEIGHT]
+            pt.loss_param = plan.partf[q, PF_LOSS_PARAM]
             pt.in_thr = li[pt.first, LI_IN_DROP_THR]
             pt.in_scale = lf[pt.first, LF_IN_DROP_SCALE]
             pt.in_noise = li[pt.first, LI_IN_NOISE]
@@ -346,7 +348,8 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
                 memcpy(yb + r * pt.ky, Y + rows[r] * Ky + pt.y0, pt.ky * sizeof(real))
             ly = &p.layers[pt.end - 1]
             p.losses[q] = _loss_forward_backward(<real*>ly.act, yb, <real*>ly.grad, n,
-                                                 ly.n_out, pt.ky, pt.loss, True)
+                                                 ly.n_out, pt.ky, pt.loss, pt.loss_param,
+                                                 True)
             if not isfinite(p.losses[q]):
                 finite = 0
     if not finite:

@@ -17,6 +17,7 @@ from numba.typed import List
 
 from .. import compile_notice, contract as C, threads
 from ..philox import split_seed
+from ..reference.loss import loss_param
 from . import epoch as E
 from .batchnorm import bn_dense_backward as _bn_dense_backward
 from .batchnorm import bn_dense_forward as _bn_dense_forward
@@ -89,9 +90,9 @@ def _entry_points(stamp):
                        nwords)
 
     @njit(**ENTRY_FLAGS)
-    def loss(z, y, grad, code, want_grad):
+    def loss(z, y, grad, code, param, want_grad):
         _ = stamp
-        return _loss(z, y, grad, code, want_grad)
+        return _loss(z, y, grad, code, param, want_grad)
 
     @njit(**ENTRY_FLAGS)
     def update_matrix(uses, par, w, g, m, v, hp, opt, t, coef, scratch, columns):
@@ -199,12 +200,14 @@ def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NON
                         _words_for(x.size) if noise else None)
 
 
-def loss_forward_backward(logits, y, grad, loss):
-    return _K["loss"](logits, y.astype(logits.dtype, copy=False), grad, int(loss), True)
+def loss_forward_backward(logits, y, grad, loss, param=None):
+    return _K["loss"](logits, y.astype(logits.dtype, copy=False), grad, int(loss),
+                      loss_param(loss, param), True)
 
 
-def loss_value(logits, y, loss):
-    return _K["loss"](logits, y.astype(logits.dtype, copy=False), logits[:0], int(loss), False)
+def loss_value(logits, y, loss, param=None):
+    return _K["loss"](logits, y.astype(logits.dtype, copy=False), logits[:0], int(loss),
+                      loss_param(loss, param), False)
 
 
 def penalized_update(w, g, m, v, hp, opt, t):

@@ -16,12 +16,14 @@ Shape legend: B batch rows, O fan_out, G Philox groups (4 words each).
   mask are applied in one pass; `nwords` is None when no layer of the network has noise, and
   the noise code is then never compiled.
 """
+import math
+
 import numpy as np
 from numba import prange
 
 from .. import contract as C
 from ..contract import PARALLEL_MIN_ELEMENTS
-from .jit import kernel, kernel_inline, kernel_parallel, specialized
+from .jit import by_code, kernel, kernel_inline, kernel_parallel, specialized
 from .philox import normal, normal_pair, philox_fill
 
 ROW_CHUNK = 16       # rows per task in the forward epilogue
@@ -37,36 +39,174 @@ FROM_INPUT = tuple(bool(C.ACTIVATION_BY_CODE.get(c)
 
 
 # ---------------------------------------------------------------- activations
+# One f and one f' per row of contract.ACTIVATION_TABLE, named after it: _f_<name>(z, act,
+# slope) and _df_<name>(v, act, slope), v what the row's grad_from names (the output a = f(z),
+# or z); slope is the activation's parameter (leaky_relu's negative slope, elu's alpha), act
+# the (constant) code itself. kernels/reference/epilogue.py is their spec. NaN stays NaN in
+# every f (as the reference's np.maximum). `activate` / `activation_grad` pick the row's
+# function at typing time (jit.by_code), so a loop copy compiles its own activation only.
 @kernel_inline
-def activate(z, act, slope):
-    """f(z); NaN stays NaN (as the reference's np.maximum)."""
-    if act == C.ACT_RELU:
-        return z if z > 0 or z != z else type(z)(0)
-    if act == C.ACT_LEAKY_RELU:
-        return z if z > 0 else z * slope
-    if act == C.ACT_TANH:
-        return np.tanh(z)
-    if act == C.ACT_SIGMOID:
-        if z >= 0:
-            return 1 / (1 + np.exp(-z))
-        e = np.exp(z)
-        return e / (1 + e)
+def sigmoid(z):
+    if z >= 0:
+        return 1 / (1 + np.exp(-z))
+    e = np.exp(z)
+    return e / (1 + e)
+
+
+@kernel_inline
+def softplus(z):
+    """max(z, 0) + log1p(exp(-|z|)): no overflow; NaN stays NaN (through the log1p)."""
+    return (z if z > 0 else type(z)(0)) + np.log1p(np.exp(-abs(z)))
+
+
+@kernel_inline
+def gelu_cdf(z):
+    """Phi(z) = 0.5 * erfc(-z / sqrt(2)), in z's type."""
+    T = type(z)
+    return T(0.5) * T(math.erfc(-z * T(C.SQRT_HALF)))
+
+
+@kernel_inline
+def gelu_tanh_inner(z):
+    T = type(z)
+    return T(C.GELU_K) * (z + T(C.GELU_C) * (z * z * z))
+
+
+def _f_linear(z, act, slope):
     return z
 
 
-@kernel_inline
-def activation_grad(a, act, slope):
-    """f'(z) from what the table's grad_from names: a = f(z) here for every activation."""
-    one = type(a)(1)
-    if act == C.ACT_RELU:
-        return one if a > 0 else type(a)(0)
-    if act == C.ACT_LEAKY_RELU:
-        return one if a > 0 else slope
-    if act == C.ACT_TANH:
-        return one - a * a
-    if act == C.ACT_SIGMOID:
-        return a * (one - a)
-    return one
+def _df_linear(v, act, slope):
+    return type(v)(1)
+
+
+def _f_relu(z, act, slope):
+    return z if z > 0 or z != z else type(z)(0)
+
+
+def _df_relu(v, act, slope):
+    return type(v)(1) if v > 0 else type(v)(0)
+
+
+def _f_leaky_relu(z, act, slope):
+    return z if z > 0 else z * slope
+
+
+def _df_leaky_relu(v, act, slope):
+    return type(v)(1) if v > 0 else slope
+
+
+def _f_tanh(z, act, slope):
+    return np.tanh(z)
+
+
+def _df_tanh(v, act, slope):
+    return type(v)(1) - v * v
+
+
+def _f_sigmoid(z, act, slope):
+    return sigmoid(z)
+
+
+def _df_sigmoid(v, act, slope):
+    return v * (type(v)(1) - v)
+
+
+def _f_gelu(z, act, slope):
+    return z * gelu_cdf(z)
+
+
+def _df_gelu(v, act, slope):
+    T = type(v)
+    return gelu_cdf(v) + v * (np.exp(T(-0.5) * (v * v)) * T(C.INV_SQRT_2PI))
+
+
+def _f_gelu_tanh(z, act, slope):
+    T = type(z)
+    return (T(0.5) * z) * (T(1) + np.tanh(gelu_tanh_inner(z)))
+
+
+def _df_gelu_tanh(v, act, slope):
+    T = type(v)
+    one = T(1)
+    t = np.tanh(gelu_tanh_inner(v))
+    dtanh = one - t * t
+    right = T(0)
+    if dtanh != 0:      # saturated: 0, also where v^2 overflows (0 * inf)
+        right = ((T(0.5) * v) * dtanh) * (T(C.GELU_K) * (one + T(3 * C.GELU_C) * (v * v)))
+    return T(0.5) * (one + t) + right
+
+
+def _f_elu(z, act, slope):
+    return z if z > 0 else np.expm1(z) * slope
+
+
+def _df_elu(v, act, slope):
+    return type(v)(1) if v > 0 else v + slope
+
+
+def _f_selu(z, act, slope):
+    T = type(z)
+    return z * T(C.SELU_LAMBDA) if z > 0 else np.expm1(z) * T(C.SELU_NEG)
+
+
+def _df_selu(v, act, slope):
+    T = type(v)
+    return T(C.SELU_LAMBDA) if v > 0 else v + T(C.SELU_NEG)
+
+
+def _f_silu(z, act, slope):
+    return z * sigmoid(z)
+
+
+def _df_silu(v, act, slope):
+    one = type(v)(1)
+    s = sigmoid(v)
+    return s * (one + v * (one - s))
+
+
+def _f_softplus(z, act, slope):
+    return softplus(z)
+
+
+def _df_softplus(v, act, slope):
+    return sigmoid(v)
+
+
+def _f_mish(z, act, slope):
+    return z * np.tanh(softplus(z))
+
+
+def _df_mish(v, act, slope):
+    t = np.tanh(softplus(v))
+    return t + v * sigmoid(v) * (type(v)(1) - t * t)
+
+
+def _f_hard_sigmoid(z, act, slope):
+    T = type(z)
+    v = z + T(3)        # NaN passes both tests: stays NaN
+    v = T(0) if v < 0 else v
+    v = T(6) if v > 6 else v
+    return v / T(6)
+
+
+def _df_hard_sigmoid(v, act, slope):
+    T = type(v)
+    return T(1) / T(6) if v > 0 and v < 1 else T(0)
+
+
+def activate(z, act, slope):
+    """f(z) for a compile-time constant activation code: the row's _f_<name>."""
+    raise NotImplementedError("activate runs in compiled code only")
+
+
+def activation_grad(v, act, slope):
+    """f'(z) from v (what the row's grad_from names) for a constant code: _df_<name>."""
+    raise NotImplementedError("activation_grad runs in compiled code only")
+
+
+by_code(activate, {a.code: globals()[f"_f_{a.name}"] for a in C.ACTIVATION_TABLE})
+by_code(activation_grad, {a.code: globals()[f"_df_{a.name}"] for a in C.ACTIVATION_TABLE})
 
 
 def activations_used(li):
@@ -164,10 +304,32 @@ def noise_range(flat, pre, keep_f, nwords, noise, std, words, thr, scale, e_lo, 
 
 
 @kernel
+def alpha_range(flat, pf, keep_f, words, thr, scale, shift, e_lo, e_hi):
+    """AlphaDropout (contract NOISE_ALPHA) on the elements [e_lo, e_hi): flat[e] <-
+    scale * (flat[e] if kept else ALPHA_DROPPED) + shift (pf[e] <- flat[e] first when
+    keep_f); words: the dropout words, indexed by absolute group."""
+    dropped = flat.dtype.type(C.ALPHA_DROPPED)
+    t = np.uint32(thr)
+    for e in range(e_lo, e_hi):
+        v = flat[e]
+        if keep_f:
+            pf[e] = v
+        if thr > 0:
+            if words[e & 3, e >> 2] < t:
+                v = dropped
+        flat[e] = v * scale + shift
+
+
+@kernel
 def output_range(flat, pf, keep_f, nwords, noise, nstd, words, thr, scale, lo, hi):
     """The part of the forward epilogue after the activation (plain and BatchNorm layers):
-    flat <- dropout(noise(flat)) on the elements [lo, hi) (pf <- f(z) first when keep_f)."""
+    flat <- dropout(noise(flat)) on the elements [lo, hi) (pf <- f(z) first when keep_f).
+    A network with noise or AlphaDropout has noise words (nwords), else none of this is
+    compiled."""
     if nwords is not None:
+        if noise == C.NOISE_ALPHA:
+            alpha_range(flat, pf, keep_f, words, thr, scale, nstd, lo, hi)
+            return
         if noise != C.NOISE_NONE:
             noise_range(flat, pf, keep_f, nwords, noise, nstd, words, thr, scale, lo, hi)
             return
@@ -177,12 +339,13 @@ def output_range(flat, pf, keep_f, nwords, noise, nstd, words, thr, scale, lo, h
 
 @kernel
 def fill_output_words(par, words, nwords, n, k0, k1, step, layer, thr, noise, backward):
-    """The dropout words (with dropout) and the noise words (forward: with noise; backward:
-    with GaussianDropout only, additive noise leaves no trace in the gradient) of a layer."""
+    """The dropout words (with dropout, AlphaDropout's too) and the noise words (forward:
+    with Gaussian noise; backward: with GaussianDropout only, additive noise leaves no trace
+    in the gradient) of a layer."""
     if thr > 0:
         philox_fill(par, words, n, k0, k1, step, layer, C.STREAM_DROPOUT)
-    if nwords is not None:
-        if noise == C.NOISE_MUL or (noise != C.NOISE_NONE and not backward):
+    if nwords is not None:      # the kinds that draw normals (AlphaDropout draws none)
+        if noise == C.NOISE_MUL or (noise == C.NOISE_ADD and not backward):
             philox_fill(par, nwords, n, k0, k1, step, layer, C.STREAM_NOISE)
 
 
@@ -386,17 +549,33 @@ def _noise_parallel(flat, nwords, noise, std, words, thr, scale):
                     c * ELEM_CHUNK, min(n, (c + 1) * ELEM_CHUNK))
 
 
+@kernel_parallel
+def _alpha_parallel(flat, words, thr, scale, shift):
+    n = flat.shape[0]
+    n_chunks = (n + ELEM_CHUNK - 1) // ELEM_CHUNK
+    for c in prange(n_chunks):
+        alpha_range(flat, flat[:0], False, words, thr, scale, shift, c * ELEM_CHUNK,
+                    min(n, (c + 1) * ELEM_CHUNK))
+
+
 @kernel
 def input_dropout(par, x, out, thr, scale, k0, k1, step, layer, words, noise, nstd, nwords):
-    """out = dropout(noise(x)): streams STREAM_INPUT_NOISE and STREAM_INPUT_DROPOUT. out may
-    be x (a gradient sent back through the transform: GaussianDropout's factor and the
-    mask)."""
+    """out = dropout(noise(x)): streams STREAM_INPUT_NOISE and STREAM_INPUT_DROPOUT
+    (AlphaDropout: its mask, scale and shift nstd). out may be x (a gradient sent back
+    through the transform: GaussianDropout's factor and the mask)."""
     n = x.size
     if thr > 0:
         philox_fill(par, words, n, k0, k1, step, layer, C.STREAM_INPUT_DROPOUT)
     flat = out.reshape(n)
     flat[:] = x.reshape(n)
     if nwords is not None:
+        if noise == C.NOISE_ALPHA:
+            if par is not None:
+                if n >= PARALLEL_MIN_ELEMENTS:
+                    _alpha_parallel(flat, words, thr, scale, nstd)
+                    return
+            alpha_range(flat, flat[:0], False, words, thr, scale, nstd, 0, n)
+            return
         if noise != C.NOISE_NONE:
             philox_fill(par, nwords, n, k0, k1, step, layer, C.STREAM_INPUT_NOISE)
             if par is not None:

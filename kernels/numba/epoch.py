@@ -173,7 +173,8 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
                         yb[r, j] = Y[src, y0 + j]
                 end = parts[p, C.PT_END]
                 losses[p] = loss_forward_backward(ws.acts[end - 1][:n], yb,
-                                                  ws.grads[end - 1][:n], loss, True)
+                                                  ws.grads[end - 1][:n], loss,
+                                                  partf[p, C.PF_LOSS_PARAM], True)
                 if not np.isfinite(losses[p]):
                     finite = False
         if not finite:

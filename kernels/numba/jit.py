@@ -9,9 +9,11 @@ cache stamp of its entry points.
   reuse a stale epoch.
 - `specialized(loop)` makes a ladder that calls an elementwise loop with a code
   (activation, update variant) as a compile-time constant, so each copy is branch-free and
-  vectorises. It is generated at compile time from the codes a network uses, passed as a
-  `uses` tuple (1 where a code is used, None elsewhere): a network compiles only its own
-  activations and update variants, not every entry of the contract's tables.
+  vectorises; inside, `by_code` tables (the activations' f and f') pick the code's entry at
+  typing time, so a copy types only its own activation. The ladder is generated at compile
+  time from the codes a network uses, passed as a `uses` tuple (1 where a code is used,
+  None elsewhere): a network compiles only its own activations and update variants, not
+  every entry of the contract's tables.
 - Optional features are None arguments (BatchNorm arrays, noise words, input transforms):
   Numba prunes a branch on `x is None` before typing, so a network without BatchNorm never
   compiles the BatchNorm kernels.
@@ -20,9 +22,12 @@ cache stamp of its entry points.
 determinism across thread counts and parity with the reference.
 """
 import hashlib
+import inspect
 import os
+import warnings
 
 from numba import njit, types
+from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
 
 FLAGS = dict(nogil=True, fastmath=False)
@@ -51,6 +56,34 @@ def uses_of(codes, size):
     """The `uses` tuple of a set of codes: 1 at each code in `codes`, None elsewhere."""
     codes = {int(c) for c in codes}
     return tuple(1 if c in codes else None for c in range(size))
+
+
+# Numba's SSA pass warns (NumbaIRAssumptionWarning "variable ... is not in scope") when it
+# inlines a typed overload whose body branches, as a by_code entry such as relu's does inside
+# a `specialized` ladder: a pedantic bookkeeping check (the variable is defined, the IR is
+# right; the backends' tests compare every entry with the reference). Silenced for the
+# entries' own variables only (the tables' functions are named _f_<name> / _df_<name>).
+warnings.filterwarnings("ignore", message=r"variable '_d?f_\w+",
+                        category=NumbaIRAssumptionWarning)
+
+
+def by_code(stub, table):
+    """Make `stub(x, code, p)` call table[code] for a compile-time constant code (the
+    literal a `specialized` ladder passes, or a contract constant): only that entry is typed
+    and compiled, so the size of the table costs nothing. The entries are plain Python
+    functions with the stub's parameter names (numba compiles the one it picks as the
+    stub's inlined implementation). A code that is not a constant does not compile: there
+    is no runtime dispatch."""
+    def pick(code):
+        if isinstance(code, types.IntegerLiteral):
+            return table.get(code.literal_value)
+        return None
+
+    params = ", ".join(inspect.signature(stub).parameters)   # numba wants the stub's names
+    scope = {"PICK": pick}
+    exec(f"def typer({params}):\n    return PICK({params.split(', ')[1]})", scope)
+    overload(stub, prefer_literal=True, inline="always")(scope["typer"])
+    return stub
 
 
 def specialized(loop):

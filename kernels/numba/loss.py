@@ -1,5 +1,6 @@
 """The Numba losses, from logits (twin of kernels/reference/loss.py): the batch mean in
-float64 and its gradient in the dtype, one pass over the logits.
+float64 and its gradient in the dtype, one pass over the logits. `param` is the part's
+PF_LOSS_PARAM (huber's delta, the categorical losses' label smoothing).
 
 Shape legend: B batch rows, K outputs.
 """
@@ -8,12 +9,150 @@ import math
 import numpy as np
 
 from .. import contract as C
-from .epilogue import activate
-from .jit import kernel
+from .epilogue import sigmoid
+from .jit import kernel, kernel_inline
+
+
+@kernel_inline
+def _sign(d):
+    """np.sign: -1, 0 or 1, NaN for NaN."""
+    if d > 0:
+        return type(d)(1)
+    if d < 0:
+        return type(d)(-1)
+    return d * type(d)(0)
 
 
 @kernel
-def loss_forward_backward(z, y, grad, loss, want_grad):
+def _elementwise(z, y, grad, loss, param, want_grad):
+    """mae, huber, log_cosh, poisson: the mean over B * K elements (reference _loss_and_grad)."""
+    B, K = z.shape
+    c = z.dtype.type(1.0 / (B * K))
+    delta = z.dtype.type(param)
+    delta64 = np.float64(delta)
+    total = 0.0
+    for i in range(B):
+        for k in range(K):
+            if loss == C.LOSS_POISSON:      # z the log-rate: exp(z) - y z
+                zz = np.float64(z[i, k])
+                total += math.exp(zz) - np.float64(y[i, k]) * zz
+                if want_grad:
+                    grad[i, k] = (np.exp(z[i, k]) - y[i, k]) * c
+                continue
+            d = z[i, k] - y[i, k]
+            a64 = abs(np.float64(d))
+            if loss == C.LOSS_MAE:
+                total += a64
+                if want_grad:
+                    grad[i, k] = _sign(d) * c
+            elif loss == C.LOSS_HUBER:
+                if abs(d) > delta:          # NaN is not: its gradient stays NaN
+                    total += delta64 * (a64 - 0.5 * delta64)
+                    if want_grad:
+                        grad[i, k] = (_sign(d) * delta) * c
+                else:
+                    total += 0.5 * np.float64(d) * np.float64(d)
+                    if want_grad:
+                        grad[i, k] = d * c
+            else:                           # log_cosh
+                total += a64 + math.log1p(math.exp(-2.0 * a64)) - math.log(2.0)
+                if want_grad:
+                    grad[i, k] = np.tanh(d) * c
+    return total / (B * K)
+
+
+@kernel
+def _categorical(z, y, grad, ls, want_grad):
+    """categorical_crossentropy from target rows t = (1 - ls) y + ls / K (y itself when ls
+    is 0): per row S lse - sum t z, gradient (p S - t) / B (reference _categorical)."""
+    B, K = z.shape
+    dt = z.dtype.type
+    c = dt(1.0 / B)
+    on = dt(1.0 - ls)
+    off = dt(ls / K)
+    smooth = ls != 0
+    total = 0.0
+    for i in range(B):
+        zmax = z[i, 0]
+        for k in range(1, K):
+            if z[i, k] > zmax:
+                zmax = z[i, k]
+        s = dt(0)
+        s64 = 0.0
+        S = dt(0)
+        S64 = 0.0
+        tz64 = 0.0
+        for k in range(K):
+            s += np.exp(z[i, k] - zmax)
+            s64 += math.exp(np.float64(z[i, k]) - np.float64(zmax))
+            t = y[i, k] * on + off if smooth else y[i, k]
+            S += t
+            S64 += np.float64(t)
+            tz64 += np.float64(t) * np.float64(z[i, k])
+        lse = math.log(s64) + np.float64(zmax)
+        total += S64 * lse - tz64
+        if want_grad:
+            for k in range(K):
+                t = y[i, k] * on + off if smooth else y[i, k]
+                p = np.exp(z[i, k] - zmax) / s
+                grad[i, k] = (p * S - t) * c
+    return total / B
+
+
+@kernel
+def _sparse_smoothed(z, y, grad, ls, want_grad):
+    """sparse_categorical_crossentropy with label smoothing ls > 0 (and Mixup's mixed
+    targets): reference _sparse_categorical's smoothed branch."""
+    B, K = z.shape
+    dt = z.dtype.type
+    c = dt(1.0 / B)
+    on64 = 1.0 - ls
+    off64 = ls / K
+    on = dt(on64)
+    off = dt(off64)
+    mixed = y.shape[1] == C.SCE_MIXED_WIDTH
+    total = 0.0
+    for i in range(B):
+        label = int(y[i, C.SCE_LABEL])
+        label_b = label
+        lam = dt(1)
+        if mixed:
+            label_b = int(y[i, C.SCE_LABEL_B])
+            lam = y[i, C.SCE_LAM]
+        zmax = z[i, 0]
+        for k in range(1, K):
+            if z[i, k] > zmax:
+                zmax = z[i, k]
+        s = dt(0)
+        s64 = 0.0
+        zsum = 0.0
+        for k in range(K):
+            s += np.exp(z[i, k] - zmax)
+            s64 += math.exp(np.float64(z[i, k]) - np.float64(zmax))
+            zsum += np.float64(z[i, k])
+        lse = math.log(s64) + np.float64(zmax)
+        if mixed:
+            lam64 = np.float64(lam)
+            total += lse - off64 * zsum - on64 * (lam64 * np.float64(z[i, label])
+                                                  + (1.0 - lam64) * np.float64(z[i, label_b]))
+        else:
+            total += lse - off64 * zsum - on64 * np.float64(z[i, label])
+        if want_grad:
+            for k in range(K):
+                p = np.exp(z[i, k] - zmax) / s - off
+                if mixed:
+                    if k == label:
+                        p = p - on * lam
+                    if k == label_b:
+                        p = p - on * (dt(1) - lam)
+                elif k == label:
+                    p = p - on
+                grad[i, k] = p * c
+    return total / B
+
+
+@kernel
+def loss_forward_backward(z, y, grad, loss, param, want_grad):
     """Mean batch loss (float64); grad = d(mean)/dz written when want_grad."""
     B, K = z.shape
     total = 0.0
@@ -33,8 +172,14 @@ def loss_forward_backward(z, y, grad, loss, want_grad):
                 zz = np.float64(z[i, k])
                 total += max(zz, 0.0) - zz * y[i, k] + math.log1p(math.exp(-abs(zz)))
                 if want_grad:
-                    grad[i, k] = (activate(z[i, k], C.ACT_SIGMOID, z[i, k]) - y[i, k]) * c
+                    grad[i, k] = (sigmoid(z[i, k]) - y[i, k]) * c
         return total / (B * K)
+    if loss == C.LOSS_CCE:
+        return _categorical(z, y, grad, param, want_grad)
+    if loss != C.LOSS_SCE:
+        return _elementwise(z, y, grad, loss, param, want_grad)
+    if param != 0:
+        return _sparse_smoothed(z, y, grad, param, want_grad)
     c = z.dtype.type(1.0 / B)
     mixed = y.shape[1] == C.SCE_MIXED_WIDTH    # Mixup: lam * CE(a) + (1 - lam) * CE(b)
     for i in range(B):

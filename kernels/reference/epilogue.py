@@ -12,37 +12,99 @@ from ..philox import keep_mask, standard_normals
 
 # ---------------------------------------------------------------- activations
 def activation(z, act, slope):
-    """f(z) for an activation code (contract.ACTIVATION_TABLE). NaN stays NaN (np.maximum
-    propagates it): every backend's activation must do the same."""
+    """f(z) for an activation code (contract.ACTIVATION_TABLE), in z's dtype; `slope` is the
+    activation's parameter (leaky_relu's negative slope, elu's alpha). NaN stays NaN
+    (np.maximum propagates it): every backend's activation must do the same. The forms are
+    the stable ones for large |z|: softplus as max(z, 0) + log1p(exp(-|z|)), the GELU CDF as
+    erfc (no cancellation for z << 0), expm1 for elu / selu."""
+    dt = z.dtype.type
     if act == C.ACT_RELU:
         return np.maximum(z, 0)
     if act == C.ACT_LEAKY_RELU:
-        return np.where(z > 0, z, z * z.dtype.type(slope))
+        return np.where(z > 0, z, z * dt(slope))
     if act == C.ACT_TANH:
         return np.tanh(z)
     if act == C.ACT_SIGMOID:
         return sigmoid(z)
+    if act == C.ACT_GELU:
+        return z * gelu_cdf(z)
+    if act == C.ACT_GELU_TANH:
+        return (dt(0.5) * z) * (dt(1) + np.tanh(gelu_tanh_inner(z)))
+    if act == C.ACT_ELU:
+        return np.where(z > 0, z, np.expm1(np.minimum(z, 0)) * dt(slope))
+    if act == C.ACT_SELU:
+        return np.where(z > 0, z * dt(C.SELU_LAMBDA), np.expm1(np.minimum(z, 0)) * dt(C.SELU_NEG))
+    if act == C.ACT_SILU:
+        return z * sigmoid(z)
+    if act == C.ACT_SOFTPLUS:
+        return softplus(z)
+    if act == C.ACT_MISH:
+        return z * np.tanh(softplus(z))
+    if act == C.ACT_HARD_SIGMOID:
+        return np.minimum(np.maximum(z + dt(3), 0), dt(6)) / dt(6)
     return z
 
 
-def activation_grad(a, act, slope):
-    """f'(z), written in terms of what the table's `grad_from` says backward keeps: the
-    output a = f(z) (every activation here)."""
-    one = a.dtype.type(1)
+def activation_grad(v, act, slope):
+    """f'(z), from what the table's `grad_from` names: v = the output a = f(z) ("output":
+    relu, tanh, elu, ...) or v = z itself ("input": the GELUs, silu, softplus, mish)."""
+    dt = v.dtype.type
+    one = dt(1)
     if act == C.ACT_RELU:
-        return (a > 0).astype(a.dtype)
+        return (v > 0).astype(v.dtype)
     if act == C.ACT_LEAKY_RELU:
-        return np.where(a > 0, one, a.dtype.type(slope))
+        return np.where(v > 0, one, dt(slope))
     if act == C.ACT_TANH:
-        return one - a * a
+        return one - v * v
     if act == C.ACT_SIGMOID:
-        return a * (one - a)
-    return np.ones_like(a)
+        return v * (one - v)
+    if act == C.ACT_GELU:            # Phi(z) + z * phi(z)
+        return gelu_cdf(v) + v * (np.exp(dt(-0.5) * (v * v)) * dt(C.INV_SQRT_2PI))
+    if act == C.ACT_GELU_TANH:       # torch's order of the terms
+        t = np.tanh(gelu_tanh_inner(v))
+        dtanh = one - t * t
+        inner = dt(C.GELU_K) * (one + dt(3 * C.GELU_C) * (v * v))
+        # where tanh is saturated the second term is 0, also when z^2 overflows (0 * inf)
+        right = np.where(dtanh != 0, ((dt(0.5) * v) * dtanh) * inner, dt(0))
+        return dt(0.5) * (one + t) + right
+    if act == C.ACT_ELU:             # f(z) + alpha = alpha * exp(z) for z <= 0
+        return np.where(v > 0, one, v + dt(slope))
+    if act == C.ACT_SELU:
+        return np.where(v > 0, dt(C.SELU_LAMBDA), v + dt(C.SELU_NEG))
+    if act == C.ACT_SILU:
+        s = sigmoid(v)
+        return s * (one + v * (one - s))
+    if act == C.ACT_SOFTPLUS:
+        return sigmoid(v)
+    if act == C.ACT_MISH:
+        t = np.tanh(softplus(v))
+        return t + v * sigmoid(v) * (one - t * t)
+    if act == C.ACT_HARD_SIGMOID:
+        return np.where((v > 0) & (v < 1), one / dt(6), dt(0))
+    return np.ones_like(v)
 
 
 def sigmoid(z):
     e = np.exp(-np.abs(z))
     return np.where(z >= 0, 1 / (1 + e), e / (1 + e)).astype(z.dtype)
+
+
+def softplus(z):
+    """log(1 + exp(z)) without overflow: max(z, 0) + log1p(exp(-|z|))."""
+    return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
+
+
+def gelu_cdf(z):
+    """Phi(z) = 0.5 * erfc(-z / sqrt(2)), in z's dtype."""
+    from scipy.special import erfc      # here: scipy.special costs 0.4 s to import
+    dt = z.dtype.type
+    return (dt(0.5) * erfc(-z * dt(C.SQRT_HALF))).astype(z.dtype)
+
+
+def gelu_tanh_inner(z):
+    """GELU_K * (z + GELU_C * z^3), the argument of the tanh approximation's tanh."""
+    dt = z.dtype.type
+    return dt(C.GELU_K) * (z + dt(C.GELU_C) * (z * z * z))
 
 
 # ---------------------------------------------------------------- Gaussian noise
@@ -58,13 +120,24 @@ def noise_factor(std, nrm, dtype):
 
 
 def apply_noise(a, noise, std, seed, step, layer, stream):
-    """NOISE_ADD: a + std * n; NOISE_MUL: a * (1 + std * n); in a's dtype, n rounded first."""
-    if noise == C.NOISE_NONE:
+    """NOISE_ADD: a + std * n; NOISE_MUL: a * (1 + std * n); in a's dtype, n rounded first.
+    (NOISE_ALPHA draws no normals: its mask is the dropout's, alpha_dropout.)"""
+    if noise in (C.NOISE_NONE, C.NOISE_ALPHA):
         return a
     nrm = noise_values(a.shape, a.dtype, seed, step, layer, stream)
     if noise == C.NOISE_ADD:
         return a + a.dtype.type(std) * nrm
     return a * noise_factor(std, nrm, a.dtype)
+
+
+def alpha_dropout(a, threshold, scale, shift, seed, step, layer, stream):
+    """AlphaDropout (contract NOISE_ALPHA): scale * (a if kept else ALPHA_DROPPED) + shift,
+    in a's dtype, the mask of the dropout stream `stream` (all kept when threshold is 0)."""
+    dt = a.dtype.type
+    if threshold > 0:
+        keep = keep_mask(a.shape, threshold, seed, step, layer, stream)
+        a = np.where(keep, a, dt(C.ALPHA_DROPPED))
+    return a * dt(scale) + dt(shift)
 
 
 # ---------------------------------------------------------------- the output epilogue
@@ -83,6 +156,10 @@ def output_epilogue(a, out, drop_threshold, drop_scale, seed, step, layer, noise
     if noise != C.NOISE_NONE:
         if pre is not None and pre.size and C.ACTIVATION_BY_CODE[int(act)].grad_from != "input":
             pre[...] = a
+        if noise == C.NOISE_ALPHA:
+            out[...] = alpha_dropout(a, drop_threshold, drop_scale, noise_std, seed, step,
+                                     layer, C.STREAM_DROPOUT)
+            return
         a = apply_noise(a, noise, noise_std, seed, step, layer, C.STREAM_NOISE)
     if drop_threshold > 0:
         keep = keep_mask(a.shape, drop_threshold, seed, step, layer, C.STREAM_DROPOUT)
@@ -98,7 +175,8 @@ def output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, 
     a = out / scale for kept units when the table says f' needs the value back (tanh,
     sigmoid; dropped units have zero gradient whatever f' is). With noise, f' comes from
     pre (the kept f(.); f' = 1 for a linear layer) and, for NOISE_MUL, the factor
-    1 + std * n is regenerated: ((g * scale) * (1 + std * n)) * f'.
+    1 + std * n is regenerated: ((g * scale) * (1 + std * n)) * f'. AlphaDropout
+    (NOISE_ALPHA) is additive past its mask: (g * scale) * f' where kept, else 0.
     """
     scale = out.dtype.type(drop_scale)
     if noise != C.NOISE_NONE:
@@ -130,8 +208,14 @@ def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NON
                   noise_std=0.0):
     """out = dropout(noise(x)) on a part's input (standalone Dropout / GaussianNoise /
     GaussianDropout layers before its first Dense); noise on stream STREAM_INPUT_NOISE.
-    Applied to a gradient (out = x allowed) it is its own backward for GaussianDropout's
-    factor and the mask (additive noise passes the gradient unchanged: pass NOISE_NONE)."""
+    AlphaDropout (NOISE_ALPHA) takes the input-dropout mask, threshold and scale, and its
+    shift in noise_std. Applied to a gradient (out = x allowed) it is its own backward for
+    GaussianDropout's factor and the mask (additive noise and AlphaDropout's shift pass the
+    gradient unchanged: pass NOISE_NONE)."""
+    if noise == C.NOISE_ALPHA:
+        out[...] = alpha_dropout(x, threshold, scale, noise_std, seed, step, layer,
+                                 C.STREAM_INPUT_DROPOUT)
+        return
     v = apply_noise(x, noise, noise_std, seed, step, layer, C.STREAM_INPUT_NOISE)
     if threshold > 0:
         keep = keep_mask(x.shape, threshold, seed, step, layer, C.STREAM_INPUT_DROPOUT)

@@ -8,8 +8,9 @@ part, a head, reads the trunk's output; a part with a loss ends in logits. A Seq
 one part. One training step on a batch:
     gather the batch's inputs; for each part in order: its input transform (dropout, noise
     on Philox layer word = its first layer), its layers' forward (layer word = the layer's
-    index), and for a part with a loss, the loss and its gradient (scaled by the loss
-    weight when it is not 1). A non-finite loss stops the epoch before any backward.
+    index), and for a part with a loss, the loss (its parameter PF_LOSS_PARAM) and its
+    gradient (scaled by the loss weight when it is not 1). A non-finite loss stops the
+    epoch before any backward.
     Backward: the heads in order, then the trunk; a head's input gradient goes into the
     trunk's output gradient (the first head writes it, later ones add theirs, after their
     input transform's backward), then the trunk's layers. Last, the fused penalized update
@@ -122,7 +123,8 @@ def forward_backward(ops, plan, X, Y, idx, step):
         if loss >= 0:
             yb = plan.ybufs[p][:n]
             yb[...] = Y[idx, y0:y1]
-            losses[p] = ops.loss_forward_backward(x, yb, plan.grads[end - 1][:n], loss)
+            losses[p] = ops.loss_forward_backward(x, yb, plan.grads[end - 1][:n], loss,
+                                                  plan.partf[p, C.PF_LOSS_PARAM])
     if not np.isfinite(losses).all():
         return losses, False
     empty = np.zeros((0, 0), plan.dtype)
