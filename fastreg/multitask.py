@@ -93,6 +93,7 @@ from . import augment as augmentation
 from . import backend as backends
 from . import interrupts
 from . import layers as L
+from . import metrics as M
 from . import optimizers as O
 from . import pruning, saving, training
 from .kernels import contract as C
@@ -168,6 +169,7 @@ class MultiTask:
         self.head_names = list(parsed)
         self.optimizer = None
         self.backend = None
+        self.metrics = {}       # compile(metrics=...): {head: [fastreg.metrics.Metric]}
         self.history = None
         self.stop_training = False
         if input_dim is not None:
@@ -252,11 +254,14 @@ class MultiTask:
         return self._summary_text()
 
     # ------------------------------------------------------------ compile
-    def compile(self, optimizer=None, backend=None, loss_weights=None):
+    def compile(self, optimizer=None, backend=None, loss_weights=None, metrics=None):
         """Choose the optimizer (fresh state) and the backend (cython when built, else numba).
 
         loss_weights: optionally {head: weight >= 0} replacing the weights given with the
-        heads (heads not named keep theirs), as Keras' compile(loss_weights=...)."""
+        heads (heads not named keep theirs), as Keras' compile(loss_weights=...).
+        metrics: as Sequential.compile's, {head: [names or callables]} (Keras' per-output
+        dict) or one list for every head; reported as "<head>_<metric>" (History:
+        "val_<head>_<metric>", evaluate's dict)."""
         optimizer = O.get(optimizer)
         optimizer.check_dtype(self.dtype)
         name = backends.name_of(backend)
@@ -269,12 +274,37 @@ class MultiTask:
             self._check_names(loss_weights, "loss_weights", require_all=False)
             for head, w in loss_weights.items():
                 weights[head] = _check_weight(head, w)
+        metrics = self._resolve_metrics(metrics)
         with interrupts.deferred():     # all of it or nothing, even under Ctrl-C
             for head, w in weights.items():
                 self._head(head).weight = w
             self.optimizer, self.backend = optimizer, name
+            self.metrics = metrics
             self._network.counters.t = 0
             self._network.reset_optimizer_state()
+
+    def _resolve_metrics(self, metrics):
+        """{head: [Metric]} from compile's metrics argument (checked against each head's
+        loss)."""
+        if metrics is None:
+            return {}
+        if isinstance(metrics, Mapping):
+            self._check_names(metrics, "metrics", require_all=False)
+            given = dict(metrics)
+        else:
+            given = {h: metrics for h in self.head_names}
+        return {h: M.resolve(given[h], self.losses[h]) for h in self.head_names if h in given
+                and given[h] is not None}
+
+    @property
+    def _metric_list(self):
+        """[(head index, log-key prefix, [Metric])] (training.evaluate)."""
+        return [(k, f"{h}_", self.metrics[h]) for k, h in enumerate(self.head_names)
+                if self.metrics.get(h)]
+
+    def _metric_keys(self, prefix):
+        return [f"{prefix}{h}_{m.name}" for h in self.head_names for m in
+                self.metrics.get(h, [])]
 
     def _require_compiled(self):
         if self.optimizer is None:
@@ -358,8 +388,8 @@ class MultiTask:
                                            self._targets, "(X_val, {head: y_val})")
         plans = self._augment_plans(augment, X.shape[1], image_shape)
         backends.resolve(self.backend)
-        available = set(self._keys("")) | {"penalty"} | (set(self._keys("val_")) if val
-                                                          else set())
+        available = set(self._keys("")) | {"penalty"} | (
+            set(self._keys("val_")) | set(self._metric_keys("val_")) if val else set())
         return training.fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
                             plans, available)
 
@@ -416,7 +446,8 @@ class MultiTask:
 
     # ------------------------------------------------------------ inference
     def evaluate(self, X, y, batch_size=None):
-        """{"loss": sum_h w_h * loss_h, "loss_<head>": loss_h, ...}: data losses, dropout off."""
+        """{"loss": sum_h w_h * loss_h, "loss_<head>": loss_h, "<head>_<metric>": ...}: data
+        losses, dropout off, and the compiled metrics on the same pass's predictions."""
         self._require_compiled()
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
@@ -491,7 +522,10 @@ class MultiTask:
                           for h in self.head_names],
                 "input_dim": self.input_dim, "seed": self.seed, "dtype": self.dtype.name,
                 "compile": None if self.optimizer is None else {
-                    "optimizer": self.optimizer.get_config(), "backend": self.backend},
+                    "optimizer": self.optimizer.get_config(), "backend": self.backend,
+                    **({"metrics": {h: M.names(ms) for h, ms in self.metrics.items()
+                                    if M.names(ms)}}
+                       if any(M.names(ms) for ms in self.metrics.values()) else {})},
                 **saving.input_columns_config(self._network),
                 **saving.counters_config(self._network)}
 
@@ -539,7 +573,8 @@ def _load(cfg, arc, backend=None):
     if cfg["compile"] is not None:
         comp = cfg["compile"]
         model.compile(optimizer=O.get(comp["optimizer"]),
-                      backend=saving.backend_for_loading(comp["backend"], backend))
+                      backend=saving.backend_for_loading(comp["backend"], backend),
+                      metrics=comp.get("metrics"))
     counters = saving.read_counters(cfg)
     columns = saving.read_input_columns(cfg)
     if cfg["input_dim"] is not None:

@@ -431,3 +431,28 @@ def test_l1_selects_features_and_prune_inputs_removes_the_dead_columns(kind, tmp
     for a, b in (zip(again.values(), mine.values()) if kind == "multitask"
                  else [(again, mine)]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_multitask_metrics_per_head(tmp_path):
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = fresh_rng()
+    X = randn(rng, (300, 4))
+    ys = {"kind": (X[:, 0] > 0).astype(np.int64), "size": X[:, 1] * 2}
+    m = fr.MultiTask(trunk=[fr.Dense(16, "relu")],
+                     heads={"kind": ([fr.Dense(2)], "sparse_categorical_crossentropy", 1.0),
+                            "size": ([fr.Dense(1)], "mse", 1.0)}, input_dim=4, seed=0)
+    m.compile(optimizer=fr.Adam(1e-2), metrics={"kind": ["accuracy"], "size": ["r2"]})
+    h = m.fit(X, ys, epochs=3, verbose=0, validation_split=0.25,
+              callbacks=[fr.EarlyStopping("val_kind_accuracy", patience=5)])
+    assert {"val_kind_accuracy", "val_size_r2"} <= set(h.history)
+    d = m.evaluate(X, ys)
+    p = m.predict(X)
+    assert d["kind_accuracy"] == pytest.approx(sk.accuracy_score(ys["kind"],
+                                                                 p["kind"].argmax(1)))
+    assert d["size_r2"] == pytest.approx(sk.r2_score(ys["size"], p["size"][:, 0]))
+    m.save(tmp_path / "mt.npz")
+    assert fr.load_model(tmp_path / "mt.npz").evaluate(X, ys) == d
+    with pytest.raises(ValueError, match="classification loss"):
+        m.compile(metrics=["accuracy"])             # "size" is a regression head
+    with pytest.raises(ValueError, match="unknown head"):
+        m.compile(metrics={"colour": ["accuracy"]})
