@@ -17,7 +17,8 @@ from . import optimizers as O
 from . import pruning, saving, training
 from .kernels import contract as C
 from .network import Network, Part, check_in_model_dtype, check_loss_and_last_layer, fold_blocks
-from .validation import (as_features, as_targets, check_batch_size, check_seed, check_width,
+from .validation import (as_features, as_sample_weight, as_targets, check_batch_size,
+                         class_sample_weight, check_seed, check_width,
                          feature_source)
 
 FORMAT = "fastreg-model"
@@ -208,8 +209,14 @@ class Sequential:
     # ------------------------------------------------------------ training
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
             callbacks=None, verbose=1, augment=None, image_shape=None,
-            validation_split=0.0):
+            validation_split=0.0, sample_weight=None, class_weight=None):
         """Train; returns a History.
+
+        sample_weight (one number >= 0 per row) and class_weight ({label: weight}, the
+        classification losses) weigh each row's loss, as Keras: a batch's loss is
+        sum_r w_r l_r / B (so is the reported "loss"; both given: their product).
+        validation_data may be (X_val, y_val, w_val): val_loss is then weighted the same
+        way (the metrics are not weighted).
 
         validation_split=f (0 <= f < 1), as Keras: the last fraction f of the rows of X and
         y, taken before any shuffling, is held out as validation_data (not trained on); not
@@ -236,17 +243,32 @@ class Sequential:
         Ys = self._targets(y, X.shape[0])
         epochs, batch_size, verbose, callbacks = training.check_fit_arguments(
             epochs, batch_size, verbose, callbacks)
-        X, Ys, val = training.split_validation(X, Ys, validation_split,
-                                               validation_data is not None)
+        weights = self._sample_weights(sample_weight, class_weight, Ys[0], X.shape[0])
+        X, Ys, val, weights = training.split_validation(X, Ys, validation_split,
+                                                        validation_data is not None, weights)
         if val is None:
-            val = training.validation_pair(validation_data, X.shape[1], self.dtype,
-                                           self._targets)
+            val = training.validation_pair(
+                validation_data, X.shape[1], self.dtype, self._targets,
+                sample_weights=lambda w, n, name: [as_sample_weight(w, n, name)])
         plan = augmentation.prepare(augment, X.shape[1], C.LOSSES[self.loss], image_shape)
         backends.resolve(self.backend)
         available = {"loss", "penalty"} | ({"val_loss"} | {f"val_{m.name}" for m in
                                                          self.metrics} if val else set())
         return training.fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
-                            [plan] if plan else None, available)
+                            [plan] if plan else None, available, weights)
+
+    def _sample_weights(self, sample_weight, class_weight, Y, n_rows):
+        """[per-row weights] from fit's sample_weight and class_weight (their product), or
+        None when neither is given."""
+        if sample_weight is None and class_weight is None:
+            return None
+        w = np.ones(n_rows)
+        if sample_weight is not None:
+            w = w * as_sample_weight(sample_weight, n_rows)
+        if class_weight is not None:
+            w = w * class_sample_weight(class_weight, Y, M.loss_family(self.loss),
+                                        self.n_outputs)
+        return [w]
 
     # ------------------------------------------------------------ inference
     def predict(self, X, batch_size=None, mc_samples=None, seed=None):
@@ -310,18 +332,21 @@ class Sequential:
         return diagnose_model(self, X_tr, y_tr, X_val, y_val, baseline=baseline, metric=metric,
                               **thresholds)
 
-    def evaluate(self, X, y, batch_size=None, return_dict=False):
+    def evaluate(self, X, y, batch_size=None, return_dict=False, sample_weight=None):
         """The data loss (no penalty) on (X, y), dropout off (X read a chunk of rows at a
         time, as predict reads it), as Keras: the loss, or [loss, metric, ...] when metrics
         were compiled; return_dict=True: {"loss": ..., "<metric>": ...}. The metrics come
-        from the same inference pass as the loss."""
+        from the same inference pass as the loss; sample_weight weighs the loss as fit's
+        does."""
         self._require_compiled()
         if not self.built:
             raise ValueError("the model has no weights yet: fit it or pass input_dim")
         batch_size = check_batch_size(batch_size)
         X = feature_source(X, "X", self.input_dim, self.dtype, self._network.inputs_hint())
         Ys = self._targets(y, X.shape[0])
-        logs = training.evaluate(self, X, Ys, batch_size)
+        weights = (None if sample_weight is None
+                   else [as_sample_weight(sample_weight, X.shape[0])])
+        logs = training.evaluate(self, X, Ys, batch_size, weights)
         if return_dict:
             return logs
         return [logs["loss"]] + [logs[m.name] for m in self.metrics] if self.metrics \

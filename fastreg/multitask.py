@@ -99,8 +99,8 @@ from . import pruning, saving, training
 from .kernels import contract as C
 from .network import Network, Part, check_loss_and_last_layer, check_part_layers
 from .pruning import MultiTaskPruneReport
-from .validation import (as_features, as_targets, check_batch_size, check_real, check_seed,
-                         check_width, feature_source)
+from .validation import (as_features, as_sample_weight, as_targets, check_batch_size,
+                         check_real, check_seed, check_width, feature_source)
 
 FORMAT = "fastreg-multitask"
 FORMAT_VERSION = 1
@@ -366,10 +366,13 @@ class MultiTask:
     # ------------------------------------------------------------ training
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
             callbacks=None, verbose=1, augment=None, image_shape=None,
-            validation_split=0.0):
+            validation_split=0.0, sample_weight=None):
         """Train on X and y = {head: targets}; returns a History, with Sequential.fit's
         guarantees (bad input, Ctrl-C, other failures, the checked state: fastreg/training.py).
         validation_split: as Sequential.fit (the last rows of X and of every head's targets).
+        sample_weight: one array for every head's loss, or {head: weights} (Keras'
+        per-output dict; heads not named weigh 1), as Sequential.fit; validation_data may
+        carry them third, in the same form.
 
         History keys: "loss" (the weighted total sum_h w_h * loss_h), "loss_<head>" (each
         task's data loss, unweighted), "penalty"; with validation_data=(X_val, {head: ...}):
@@ -381,17 +384,32 @@ class MultiTask:
         Ys = self._targets(y, X.shape[0])
         epochs, batch_size, verbose, callbacks = training.check_fit_arguments(
             epochs, batch_size, verbose, callbacks)
-        X, Ys, val = training.split_validation(X, Ys, validation_split,
-                                               validation_data is not None)
+        weights = self._sample_weights(sample_weight, X.shape[0])
+        X, Ys, val, weights = training.split_validation(X, Ys, validation_split,
+                                                        validation_data is not None, weights)
         if val is None:
             val = training.validation_pair(validation_data, X.shape[1], self.dtype,
-                                           self._targets, "(X_val, {head: y_val})")
+                                           self._targets, "(X_val, {head: y_val})",
+                                           self._sample_weights)
         plans = self._augment_plans(augment, X.shape[1], image_shape)
         backends.resolve(self.backend)
         available = set(self._keys("")) | {"penalty"} | (
             set(self._keys("val_")) | set(self._metric_keys("val_")) if val else set())
         return training.fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
-                            plans, available)
+                            plans, available, weights)
+
+    def _sample_weights(self, sample_weight, n_rows, name="sample_weight"):
+        """[weights or None per head] from one array (every head) or {head: array}; None
+        when not given."""
+        if sample_weight is None:
+            return None
+        if isinstance(sample_weight, Mapping):
+            self._check_names(sample_weight, name, require_all=False)
+            return [None if sample_weight.get(h) is None else
+                    as_sample_weight(sample_weight[h], n_rows, f"{name}[{h!r}]")
+                    for h in self.head_names]
+        w = as_sample_weight(sample_weight, n_rows, name)
+        return [w] * len(self.head_names)
 
     def _augment_plans(self, augment, width, image_shape):
         """One augment.prepare plan per head (for its loss), or None without augmentation.

@@ -50,23 +50,33 @@ def check_fit_arguments(epochs, batch_size, verbose, callbacks):
     return epochs, batch_size, check_verbose(verbose), as_callbacks(callbacks)
 
 
-def validation_pair(validation_data, width, dtype, targets, what="(X_val, y_val)"):
-    """(X_val, targets(y_val, n_rows)) from validation_data, or None."""
+def validation_pair(validation_data, width, dtype, targets, what="(X_val, y_val)",
+                    sample_weights=None):
+    """(X_val, targets(y_val, n_rows)) from validation_data, or (X_val, [Y_val], [w_val])
+    from (X_val, y_val, w_val) (sample_weights(w_val, n_rows) checks the weights), or
+    None."""
     if validation_data is None:
         return None
-    if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-        raise ValueError(f"validation_data must be a tuple {what}")
+    if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+        raise ValueError(f"validation_data must be a tuple {what} (or with the validation "
+                         f"sample weights third)")
     Xv = as_features(validation_data[0], "X_val", width, dtype)
-    return Xv, targets(validation_data[1], Xv.shape[0], "y_val")
+    Yv = targets(validation_data[1], Xv.shape[0], "y_val")
+    if len(validation_data) == 2:
+        return Xv, Yv
+    if sample_weights is None:
+        raise ValueError("validation sample weights are not supported here")
+    return Xv, Yv, sample_weights(validation_data[2], Xv.shape[0], "validation sample_weight")
 
 
-def split_validation(X, Ys, validation_split, has_validation_data):
-    """(X, Ys, val): with validation_split=f > 0 the last int(n * f) rows (Keras: taken before
-    any shuffling) become val = (X_val, [Y_val per head]) and are not trained on; else val
-    is None. Ys are the validated targets, one array per head."""
+def split_validation(X, Ys, validation_split, has_validation_data, weights=None):
+    """(X, Ys, val, weights): with validation_split=f > 0 the last int(n * f) rows (Keras:
+    taken before any shuffling) become val = (X_val, [Y_val per head], [w_val per head]) and
+    are not trained on (nor are their sample weights); else val is None. Ys are the
+    validated targets, one array per head; weights None or one array (or None) per head."""
     f = check_real("validation_split", validation_split, 0.0, 1.0, max_open=True)
     if f == 0.0:
-        return X, Ys, None
+        return X, Ys, None, weights
     if has_validation_data:
         raise ValueError("pass validation_split or validation_data, not both")
     n = X.shape[0]
@@ -75,7 +85,11 @@ def split_validation(X, Ys, validation_split, has_validation_data):
         raise ValueError(f"validation_split={f:g} of {n} rows leaves {n - n_val} to train "
                          f"on and {n_val} to validate: both need at least one")
     cut = n - n_val
-    return X[:cut], [Y[:cut] for Y in Ys], (X[cut:], [Y[cut:] for Y in Ys])
+    if weights is None:
+        return X[:cut], [Y[:cut] for Y in Ys], (X[cut:], [Y[cut:] for Y in Ys]), None
+    return (X[:cut], [Y[:cut] for Y in Ys],
+            (X[cut:], [Y[cut:] for Y in Ys], [None if w is None else w[cut:] for w in weights]),
+            [None if w is None else w[:cut] for w in weights])
 
 
 def check_mc_arguments(mc_samples, seed):
@@ -266,10 +280,12 @@ def side_by_side(Ys):
     return Ys[0] if len(Ys) == 1 else np.ascontiguousarray(np.hstack(Ys))
 
 
-def fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, plans, available):
+def fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, plans, available,
+        weights=None):
     """A fit of a front end (module docstring): X and Ys validated (arrays; one Y per head),
-    plans the augmentation plans (one per head) or None, val (X_val, [Y_val]) or None,
-    `available` the metrics the fit reports. Returns the History.
+    plans the augmentation plans (one per head) or None, val (X_val, [Y_val]) or (X_val,
+    [Y_val], [w_val or None]) or None, `available` the metrics the fit reports, weights
+    None or one (n,) sample-weight array (or None) per head. Returns the History.
 
     A Ctrl-C is held until a chunk of batches is done (fastreg/interrupts.py), then
     propagates as KeyboardInterrupt with the state of the last completed step (weights,
@@ -282,7 +298,7 @@ def fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, plan
             if not network.built:
                 model.build(X.shape[1])
             return run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
-                           plans, available, guard)
+                           plans, available, guard, weights)
         except KeyboardInterrupt:
             raise       # the state of the last completed step, kept (FitFrame)
         except BaseException:
@@ -290,8 +306,27 @@ def fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, plan
             raise
 
 
+def weight_columns(network, Ys, widths, weights):
+    """(W, weight_cols): the heads' sample weights as columns to append to the side-by-side
+    targets (W (n, k) or None) and each part's weight column in that Y (-1: none)."""
+    cols = [-1] * len(network.parts)
+    if weights is None or all(w is None for w in weights):
+        return None, None
+    base = sum(widths)
+    given = [(p, w) for p, w in zip(network.heads, weights) if w is not None]
+    for k, (p, _) in enumerate(given):
+        cols[p] = base + k
+    dtype = Ys[0].dtype
+    return np.stack([np.asarray(w, dtype) for _, w in given], axis=1), cols
+
+
+def with_weights(Y, W):
+    """The side-by-side targets with the weight columns appended (Y itself without)."""
+    return Y if W is None else np.ascontiguousarray(np.hstack([Y, W]))
+
+
 def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, plans,
-            available, guard):
+            available, guard, weights=None):
     """The epochs of a fit (fit's arguments; guard: the Ctrl-C guard, checked between
     chunks)."""
     network = model._network
@@ -304,8 +339,9 @@ def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, 
         from . import augment as augmentation
         for p, plan in zip(network.heads, plans):
             widths[p] = augmentation.target_width(plan, widths[p])
-    plan = network.training_plan(model.optimizer, batch_size, widths)
-    Y = side_by_side(Ys)
+    W, weight_cols = weight_columns(network, Ys, widths, weights)
+    plan = network.training_plan(model.optimizer, batch_size, widths, weight_cols)
+    Y = with_weights(side_by_side(Ys), W)
     heads = network.heads
     counters = network.counters
     n_batches = -(-n // batch_size)
@@ -323,7 +359,7 @@ def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, 
                     # arrays each epoch: the CUDA backend re-uploads a new array, not a reused
                     # one); the compiled loop then walks them in order.
                     Xe, Yes = model._augment_epoch(plans, X, Ys, perm, batch_size)
-                    Ye = side_by_side(Yes)
+                    Ye = with_weights(side_by_side(Yes), None if W is None else W[perm])
                     perm = np.arange(n, dtype=np.int64)
                 frame.begin_epoch(fit_progress.initial_epoch)
                 for cb in cbs:
@@ -368,7 +404,9 @@ def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, 
                 logs = model._loss_logs(sums[heads] / max(rows, 1))    # the rows trained
                 logs["penalty"] = pen_sum / max(rows, 1)
                 if val is not None:
-                    logs.update({f"val_{k}": v for k, v in evaluate(model, *val).items()})
+                    logs.update({f"val_{k}": v for k, v in
+                                 evaluate(model, val[0], val[1], None,
+                                          val[2] if len(val) > 2 else None).items()})
                 if end_epoch(model, progress, cbs, epoch, logs):
                     break
     finally:
@@ -439,15 +477,29 @@ def head_loss_means(model, X, Ys, batch_size=None):
                          head_loss_params(model))])
 
 
-def evaluate(model, X, Ys, batch_size=None):
+def weighted_loss_value(z, Y, loss, param, w):
+    """sum_r w_r l_r / n (fit's weighted batch loss, Keras' sum over the batch size) on the
+    host, row by row through the reference kernel (evaluation, not a hot path)."""
+    from .kernels.reference.loss import loss_value
+    total = 0.0
+    for r in range(z.shape[0]):
+        if w[r] != 0:
+            total += float(w[r]) * float(loss_value(z[r:r + 1], Y[r:r + 1], loss, param))
+    return total / z.shape[0]
+
+
+def evaluate(model, X, Ys, batch_size=None, weights=None):
     """The data losses on (X, Ys), dropout off (the front end's logs of the heads' losses),
-    and the compiled metrics (model._metric_list) on the same pass's predictions."""
+    and the compiled metrics (model._metric_list) on the same pass's predictions; weights:
+    None or one (n,) sample-weight array (or None) per head, for the losses."""
     backend = inference_backend(model)
     losses = head_losses(model)
     logits = head_logits(model, X, batch_size)
-    logs = model._loss_logs(np.array([float(backend.loss_value(z, Y, loss, param))
-                                      for z, Y, loss, param in
-                                      zip(logits, Ys, losses, head_loss_params(model))]))
+    weights = weights or [None] * len(Ys)
+    logs = model._loss_logs(np.array([
+        float(backend.loss_value(z, Y, loss, param)) if w is None
+        else weighted_loss_value(z, Y, loss, param, w)
+        for z, Y, loss, param, w in zip(logits, Ys, losses, head_loss_params(model), weights)]))
     for h, prefix, metrics in getattr(model, "_metric_list", []):
         y_pred = backend.output_transform(logits[h], losses[h])
         for metric in metrics:

@@ -135,6 +135,56 @@ def _numeric_array(X, name):
     return arr
 
 
+def as_sample_weight(w, n_rows, name="sample_weight"):
+    """fit's sample_weight: one finite number >= 0 per row ((n,) or (n, 1)), as float64."""
+    arr = _numeric_array(w, name)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one weight per row), got shape {arr.shape}")
+    if arr.shape[0] != n_rows:
+        raise ValueError(f"{name} has {arr.shape[0]} weights but X has {n_rows} rows")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    if (arr < 0).any():
+        raise ValueError(f"{name} must be >= 0 (a row's weight in the loss), found "
+                         f"{arr.min():g}")
+    return np.ascontiguousarray(arr)
+
+
+def class_sample_weight(class_weight, Y, family, n_outputs):
+    """The per-row weights of fit's class_weight={label: weight} (Keras): each row weighs
+    the weight of its class (missing labels weigh 1). Y: the validated targets (a label
+    column for sparse_categorical_crossentropy, one-hot or soft rows for the categorical one
+    (the class: argmax), 0/1 for a one-output binary_crossentropy)."""
+    from . import metrics as M
+    if not isinstance(class_weight, dict):
+        raise TypeError(f"class_weight must be a dict {{label: weight}}, got "
+                        f"{type(class_weight).__name__}")
+    if family == M.REGRESSION:
+        raise ValueError("class_weight needs a classification loss; for a regression loss "
+                         "pass sample_weight")
+    if family == M.BINARY and n_outputs != 1:
+        raise ValueError("class_weight is defined for one output; a multi-label "
+                         "binary_crossentropy model takes sample_weight")
+    n_classes = 2 if family == M.BINARY else n_outputs
+    table = np.ones(n_classes)
+    for label, weight in class_weight.items():
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) \
+                or not 0 <= label < n_classes:
+            raise ValueError(f"class_weight has the label {label!r}; the labels are "
+                             f"0..{n_classes - 1}")
+        table[int(label)] = check_real(f"class_weight[{label!r}]", weight, 0.0)
+    if family == M.CATEGORICAL:
+        labels = np.argmax(Y, axis=1)
+    else:
+        labels = np.rint(Y[:, 0]).astype(np.int64)
+        if family == M.BINARY and not np.isin(labels, (0, 1)).all():
+            raise ValueError("class_weight with binary_crossentropy needs 0/1 targets")
+    return table[labels]
+
+
 def chunk_rows(width, dtype):
     """Rows of a (rows, width) chunk of about CHUNK_BYTES in dtype."""
     return max(1, CHUNK_BYTES // max(1, int(width) * np.dtype(dtype).itemsize))

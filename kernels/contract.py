@@ -342,7 +342,9 @@ PT_INPUT = 2        # -1: the inputs X; else the part whose output it reads (0, 
 PT_LOSS = 3         # LOSS_* code, or -1 (a trunk under heads)
 PT_Y0 = 4           # its target columns in Y
 PT_Y1 = 5
-PT_SIZE = 6
+PT_W = 6            # the column of Y holding its rows' sample weights, or -1 (all 1): the
+#                     batch loss is then sum_r w_r l_r / B (Keras), each row's gradient * w_r
+PT_SIZE = 7
 PF_WEIGHT = 0       # the loss weight
 PF_LOSS_PARAM = 1   # the loss's parameter (Loss.param: huber's delta, label smoothing)
 PF_SIZE = 2

@@ -335,7 +335,7 @@ def single_part(n_layers, loss, y_width, loss_param=None):
     """The parts table of a Sequential: one chain that is trunk and head at once; its loss
     weight 1, its loss parameter `loss_param` (None: the loss's default)."""
     parts = np.zeros((1, C.PT_SIZE), np.int64)
-    parts[0] = (0, n_layers, -1, loss, 0, y_width)
+    parts[0] = (0, n_layers, -1, loss, 0, y_width, -1)
     partf = np.zeros((1, C.PF_SIZE))
     partf[0, C.PF_WEIGHT] = 1.0
     partf[0, C.PF_LOSS_PARAM] = (C.LOSS_BY_CODE[int(loss)].default if loss_param is None

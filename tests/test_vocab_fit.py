@@ -456,3 +456,126 @@ def test_multitask_metrics_per_head(tmp_path):
         m.compile(metrics=["accuracy"])             # "size" is a regression head
     with pytest.raises(ValueError, match="unknown head"):
         m.compile(metrics={"colour": ["accuracy"]})
+
+
+# ---------------------------------------------------------------- sample and class weights
+def _classifier(backend="numba", seed=0):
+    m = fr.Sequential([fr.Dense(16, "tanh"), fr.Dense(3)], input_dim=5, seed=seed)
+    m.compile(loss="sparse_categorical_crossentropy", optimizer=fr.SGD(0.1), backend=backend)
+    return m
+
+
+def _labels(X):
+    return ((X[:, 0] > 0).astype(np.int64) + (X[:, 1] > 1)).astype(np.int64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_weights_follow_torch_on_every_backend(backend):
+    torch = pytest.importorskip("torch")
+    _backend_or_skip(backend)
+    rng = fresh_rng()
+    X = randn(rng, (96, 5))
+    y = _labels(X)
+    w = rng.uniform(0.0, 2.0, 96)
+    m = _classifier(backend)
+    W0, b0, W1, b1 = m.get_weights()
+    net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        for lin, W, b in ((net[0], W0, b0), (net[2], W1, b1)):
+            lin.weight.copy_(torch.from_numpy(W.T.copy()))
+            lin.bias.copy_(torch.from_numpy(b))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    per_row = torch.nn.CrossEntropyLoss(reduction="none")
+    Xt, yt, wt = torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(w.astype(np.float32))
+    losses = []
+    for s in range(6):
+        rows = slice(s * 16, (s + 1) * 16)
+        opt.zero_grad()
+        loss = (per_row(net(Xt[rows]), yt[rows]) * wt[rows]).sum() / 16     # Keras' reduction
+        loss.backward()
+        opt.step()
+        losses.append(float(loss) * 16)
+    h = m.fit(X, y, epochs=1, batch_size=16, shuffle=False, verbose=0, sample_weight=w)
+    theirs = [net[0].weight.detach().numpy().T, net[0].bias.detach().numpy(),
+              net[2].weight.detach().numpy().T, net[2].bias.detach().numpy()]
+    for a, b in zip(m.get_weights(), theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert h.history["loss"][0] == pytest.approx(sum(losses) / 96, rel=1e-5)
+
+
+def test_class_weight_is_the_sample_weight_of_each_rows_class():
+    rng = fresh_rng()
+    X = randn(rng, (120, 5))
+    y = _labels(X)
+    a, b = _classifier(), _classifier()
+    a.fit(X, y, epochs=2, verbose=0, class_weight={0: 3.0, 2: 0.5})
+    b.fit(X, y, epochs=2, verbose=0, sample_weight=np.array([3.0, 1.0, 0.5])[y])
+    assert _max_diff(a.get_weights(), b.get_weights()) == 0.0
+    onehot = np.eye(3, dtype=np.float32)[y]
+    c = fr.Sequential([fr.Dense(16, "tanh"), fr.Dense(3)], input_dim=5, seed=0)
+    c.compile(loss="categorical_crossentropy", optimizer=fr.SGD(0.1), backend="numba")
+    c.fit(X, onehot, epochs=2, verbose=0, class_weight={0: 3.0, 2: 0.5})
+    assert _max_diff(a.get_weights(), c.get_weights()) < 1e-5
+
+
+def test_weighted_validation_and_evaluate_agree_and_split_carries_the_weights():
+    rng = fresh_rng()
+    X = randn(rng, (100, 5))
+    y = _labels(X)
+    w = rng.uniform(0.0, 2.0, 100)
+    m = _classifier()
+    h = m.fit(X[:80], y[:80], epochs=1, verbose=0, sample_weight=w[:80],
+              validation_data=(X[80:], y[80:], w[80:]))
+    assert h.history["val_loss"][0] == pytest.approx(
+        m.evaluate(X[80:], y[80:], sample_weight=w[80:]), rel=1e-6)
+    p = m.predict(X[80:])
+    manual = float(np.sum(w[80:] * -np.log(p[np.arange(20), y[80:]])) / 20)
+    assert m.evaluate(X[80:], y[80:], sample_weight=w[80:]) == pytest.approx(manual, rel=1e-4)
+    a, b = _classifier(), _classifier()
+    ha = a.fit(X, y, epochs=2, verbose=0, sample_weight=w, validation_split=0.2)
+    hb = b.fit(X[:80], y[:80], epochs=2, verbose=0, sample_weight=w[:80],
+               validation_data=(X[80:], y[80:], w[80:]))
+    assert ha.history == hb.history
+
+
+def test_bad_weights_are_refused_and_the_model_is_untouched():
+    rng = fresh_rng()
+    X = randn(rng, (50, 5))
+    y = _labels(X)
+    m = _classifier()
+    before = m.get_weights()
+    for kwargs, match in ((dict(sample_weight=-np.ones(50)), ">= 0"),
+                          (dict(sample_weight=np.ones(49)), "49 weights"),
+                          (dict(sample_weight=np.full(50, np.nan)), "NaN"),
+                          (dict(class_weight={3: 1.0}), "labels are 0..2"),
+                          (dict(class_weight=[1.0, 2.0]), "dict")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            m.fit(X, y, epochs=1, verbose=0, **kwargs)
+    assert _max_diff(before, m.get_weights()) == 0.0
+    with pytest.raises(ValueError, match="classification loss"):
+        _model(fr.Adam()).fit(X, y.astype(np.float32), verbose=0, class_weight={0: 1.0})
+
+
+def test_multitask_sample_weights_per_head():
+    rng = fresh_rng()
+    X = randn(rng, (96, 4))
+    ys = {"a": X[:, 0] * 2, "b": X[:, 1] - X[:, 2]}
+    w = rng.uniform(0.0, 2.0, 96)
+
+    def make():
+        m = fr.MultiTask(trunk=[fr.Dense(8, "tanh")], heads={"a": ([fr.Dense(1)], "mse", 1.0),
+                                                             "b": ([fr.Dense(1)], "mse", 1.0)},
+                         input_dim=4, seed=0)
+        m.compile(optimizer=fr.SGD(0.05))
+        return m
+
+    weighted, zero_b = make(), make()
+    h = weighted.fit(X, ys, epochs=1, batch_size=96, verbose=0, sample_weight={"a": w})
+    assert h.history["loss_b"][0] > 0
+    # head b weighing 0 everywhere: its head's weights never move
+    zero_b.fit(X, ys, epochs=2, verbose=0, sample_weight={"b": np.zeros(96)})
+    fresh = make()
+    b_weights = [i for i, name in enumerate(fresh.weight_names()) if name.startswith("b")]
+    assert all((zero_b.get_weights()[i] == fresh.get_weights()[i]).all() for i in b_weights)
+    with pytest.raises(ValueError, match="unknown head"):
+        make().fit(X, ys, verbose=0, sample_weight={"c": w})

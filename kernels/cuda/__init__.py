@@ -220,7 +220,7 @@ def _loss(logits, y, grad, loss, param):
     status = cuda.to_device(np.zeros(status_size(1)))
     gd = cuda.device_array(logits.shape, logits.dtype) if grad is not None else ns.dummy
     ns.loss_kernel[1, ns.NB](to_dev(logits), to_dev(y.astype(logits.dtype, copy=False)), 0,
-                             y.shape[1], gd, int(loss), loss_param(loss, param),
+                             y.shape[1], -1, gd, int(loss), loss_param(loss, param),
                              grad is not None, ns.ONE, status, 0, 1, True, False, 1.0,
                              C.ACT_LINEAR, z, 0, z, 0, 0, 0, 0)
     if grad is not None:

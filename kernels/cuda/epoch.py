@@ -189,14 +189,17 @@ class DevicePlan:
         self.xdrops = [cuda.device_array((B, trunk_w), dt) if p > 0 and self.has_in[p]
                        else None for p in range(self.P_count)]
         self.scratch = (cuda.device_array((B, trunk_w), dt) if self.P_count > 2 else None)
-        ky = max([1] + [pt[C.PT_Y1] for pt in self.parts if pt[C.PT_LOSS] >= 0])
+        # the gathered targets: every part's columns and sample-weight column (PT_W)
+        ky = max([1] + [max(pt[C.PT_Y1], pt[C.PT_W] + 1) for pt in self.parts
+                        if pt[C.PT_LOSS] >= 0])
         self.ybuf = cuda.device_array((B, ky), dt)
         self.loss_parts = [p for p in range(self.P_count) if self.parts[p][C.PT_LOSS] >= 0]
         self.weights = [dt.type(w) for w in plan.partf[:, C.PF_WEIGHT]]
         self.loss_params = [float(v) for v in plan.partf[:, C.PF_LOSS_PARAM]]
         self.cfg = [self._layer_config(plan, l) for l in range(L)]
+        # the fused small-MLP path has no sample weights: a weighted fit takes the general one
         self.fused = (hasattr(ns, "fused_step") and self.P_count == 1 and not any(self.bn)
-                      and max(cols) <= ns.FW)
+                      and max(cols) <= ns.FW and self.parts[0][C.PT_W] < 0)
         if self.fused:
             P_off = [self._P_offsets(l) for l in range(L)]
             lay_i, lay_f = fused.tables(plan, list(range(L)), P_off, seg, pre_off)
@@ -332,7 +335,7 @@ def _layer_forward(st, v, l, x, k0, k1, step):
 def _part_forward(st, v, p, n, k0, k1, step):
     """Part p's input transform (a head's), its layers, and its loss (reference train_step)."""
     ns = st.ns
-    first, end, _, loss, y0, y1 = st.parts[p]
+    first, end, _, loss, y0, y1, wcol = st.parts[p]
     if p > 0 and st.has_in[p]:
         thr, scale, noise, nstd = st.in_cfg[p]
         src = v.acts[st.trunk_last]
@@ -352,7 +355,7 @@ def _part_forward(st, v, p, n, k0, k1, step):
     z0 = ns.ZERO
     act, slope, thr, scale = ((epi.act, epi.slope, epi.thr, epi.scale) if fuse
                               else (C.ACT_LINEAR, z0, 0, z0))
-    ns.loss_kernel[1, ns.NB](x, v.y, y0, y1 - y0, v.grads[last], loss, st.loss_params[p],
+    ns.loss_kernel[1, ns.NB](x, v.y, y0, y1 - y0, wcol, v.grads[last], loss, st.loss_params[p],
                              True, st.weights[p], st.status, p, st.P_count,
                              p == st.loss_parts[-1], True, float(n), act, slope, thr, scale, k0,
                              k1, step, last)
@@ -365,7 +368,7 @@ def _part_backward(st, v, p, k0, k1, step):
     gradient goes into the trunk's output gradient; the trunk starts with its last layer's
     backward epilogue once every head has added its share."""
     ns = st.ns
-    first, end, _, loss, _, _ = st.parts[p]
+    first, end, _, loss, _, _, _ = st.parts[p]
     trunk_out = v.grads[st.trunk_last]
     if loss < 0:    # the trunk under heads: no loss kernel applied its weight and epilogue
         g = v.grads[end - 1]

@@ -228,13 +228,15 @@ def build_kernel(ns):
     philox_word, backward_value = ns.philox_word, ns.backward_value
 
     @cuda.jit
-    def loss_kernel(z, y, y0, ky, grad, loss, param, want_grad, lw, status, part, n_parts,
-                    commit, accumulate, weight, act, slope, thr, scale, k0, k1, step, layer):
+    def loss_kernel(z, y, y0, ky, wcol, grad, loss, param, want_grad, lw, status, part,
+                    n_parts, commit, accumulate, weight, act, slope, thr, scale, k0, k1, step,
+                    layer):
         """Part `part`'s mean loss of the batch (targets y[:, y0:y0 + ky], the loss's
         parameter `param`) into its status slot; grad = lw * d(mean)/dz (lw the part's loss
         weight), then the last layer's backward epilogue (identity for a linear layer
-        without dropout). With `accumulate` and `commit`: the step's commit
-        (record_batch_loss). One block of NB threads."""
+        without dropout). wcol >= 0: row i's sample weight y[i, wcol] multiplies its loss
+        and gradient (reference weighted_loss_forward_backward). With `accumulate` and
+        `commit`: the step's commit (record_batch_loss). One block of NB threads."""
         red = cuda.shared.array(NB, numba.float64)
         tid = cuda.threadIdx.x
         B, K = z.shape
@@ -251,7 +253,8 @@ def build_kernel(ns):
                     row, zmax, s, label, label_b, lam = sce_row(z, i, K, y, i, y0, mixed, param)
                 else:
                     row, zmax, s, S = cce_row(z, i, K, y, i, y0, param)
-                total += row
+                wi = ONE if wcol < 0 else y[i, wcol]
+                total += row * wi
                 if want_grad:
                     for k in range(K):
                         if loss == C.LOSS_SCE:
@@ -259,6 +262,8 @@ def build_kernel(ns):
                                          param, K)
                         else:
                             g = cce_grad(z[i, k], y[i, y0 + k], zmax, s, S, c, param, K)
+                        if wcol >= 0:
+                            g = g * wi
                         if lw != ONE:
                             g = g * lw
                         word = (philox_word(i * K + k, k0, k1, step, layer, C.STREAM_DROPOUT)
@@ -270,6 +275,10 @@ def build_kernel(ns):
                 k = e - i * K
                 zz = z[i, k]
                 l64, g = pointwise_loss(zz, y[i, y0 + k], loss, c, param)
+                if wcol >= 0:
+                    wi = y[i, wcol]
+                    l64 = l64 * wi
+                    g = g * wi
                 total += l64
                 if want_grad:
                     if lw != ONE:

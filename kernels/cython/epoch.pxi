@@ -52,6 +52,7 @@ cdef struct PartC:
     Py_ssize_t width # its input width
     Py_ssize_t y0    # its target columns [y0, y0 + ky) of Y
     Py_ssize_t ky
+    Py_ssize_t wcol  # the column of Y with its rows' sample weights, or -1 (PT_W)
     double weight    # its loss weight
     double loss_param  # its loss's parameter (PF_LOSS_PARAM)
     uint32_t in_thr  # its input transform (read on its first layer's row)
@@ -157,7 +158,8 @@ cdef class EpochPlan:
                 raise ValueError(f"EpochPlan: layer {l} has no Adam moments")
         for q in range(P):
             pt = &self.p.parts[q]
-            pt.first, pt.end, pt.src, pt.loss, pt.y0, y1 = (int(v) for v in plan.parts[q])
+            pt.first, pt.end, pt.src, pt.loss, pt.y0, y1, pt.wcol = (int(v) for v in
+                                                                     plan.parts[q])
             pt.ky = y1 - pt.y0
             pt.width = plan.part_input_width(q)
             if not 0 <= pt.first < pt.end <= L or pt.src != (-1 if q == 0 else 0):
@@ -347,9 +349,14 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
             for r in range(n):
                 memcpy(yb + r * pt.ky, Y + rows[r] * Ky + pt.y0, pt.ky * sizeof(real))
             ly = &p.layers[pt.end - 1]
-            p.losses[q] = _loss_forward_backward(<real*>ly.act, yb, <real*>ly.grad, n,
-                                                 ly.n_out, pt.ky, pt.loss, pt.loss_param,
-                                                 True)
+            if pt.wcol < 0:
+                p.losses[q] = _loss_forward_backward(<real*>ly.act, yb, <real*>ly.grad, n,
+                                                     ly.n_out, pt.ky, pt.loss, pt.loss_param,
+                                                     True)
+            else:
+                p.losses[q] = _weighted_loss_forward_backward(
+                    <real*>ly.act, yb, <real*>ly.grad, n, ly.n_out, pt.ky, pt.loss,
+                    pt.loss_param, Y, Ky, rows, pt.wcol)
             if not isfinite(p.losses[q]):
                 finite = 0
     if not finite:
@@ -449,8 +456,8 @@ def train_epoch(EpochPlan plan, X, Y, perm, Py_ssize_t batch_size, int64_t step0
     X = np.ascontiguousarray(X, plan.dtype)
     Y = np.ascontiguousarray(Y, plan.dtype)
     perm = np.ascontiguousarray(perm, np.int64)
-    y_end = max([p.parts[q].y0 + p.parts[q].ky for q in range(p.P) if p.parts[q].loss >= 0],
-                default=0)
+    y_end = max([max(p.parts[q].y0 + p.parts[q].ky, p.parts[q].wcol + 1)
+                 for q in range(p.P) if p.parts[q].loss >= 0], default=0)
     if X.ndim != 2 or X.shape[1] != p.I0 or Y.ndim != 2 or Y.shape[1] < y_end \
             or Y.shape[0] != X.shape[0]:
         raise ValueError("train_epoch: X, Y do not match the plan's layer sizes and targets")

@@ -215,6 +215,27 @@ cdef double _loss_forward_backward(real* z, real* y, real* grad, Py_ssize_t B, P
     return total / <double>B
 
 
+cdef double _weighted_loss_forward_backward(real* z, real* y, real* grad, Py_ssize_t B,
+                                            Py_ssize_t K, Py_ssize_t Ky, int loss,
+                                            double param, real* Y, Py_ssize_t Kall,
+                                            int64_t* rows, Py_ssize_t wcol) noexcept nogil:
+    """The batch loss with the sample weights in column wcol of Y (rows `rows`):
+    sum_r w_r l_r / B, each row's gradient times w_r / B (reference
+    weighted_loss_forward_backward: every loss is a mean over rows)."""
+    cdef double total = 0.0
+    cdef double w
+    cdef real scale
+    cdef Py_ssize_t r, k
+    for r in range(B):
+        w = <double>Y[rows[r] * Kall + wcol]
+        total += w * _loss_forward_backward(z + r * K, y + r * Ky, grad + r * K, 1, K, Ky,
+                                            loss, param, True)
+        scale = <real>(w / B)
+        for k in range(K):
+            grad[r * K + k] = grad[r * K + k] * scale
+    return total / B
+
+
 def loss_forward_backward(real[:, ::1] z, real[:, ::1] y, real[:, ::1] grad, int loss,
                           double param, bint want_grad):
     """Mean loss of the batch; grad = d(mean loss)/dz written when want_grad."""

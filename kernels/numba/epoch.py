@@ -19,7 +19,7 @@ from .batchnorm import bn_dense_backward, bn_dense_forward
 from .dense import dense_backward, dense_forward
 from .epilogue import input_dropout
 from .jit import kernel
-from .loss import loss_forward_backward
+from .loss import loss_forward_backward, weighted_loss_forward_backward
 from .update import penalized_update_1d, penalized_update_2d
 
 # per layer: the parameters, their gradients and moments (views of the plan's flat buffers)
@@ -172,9 +172,15 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
                     for j in range(yb.shape[1]):
                         yb[r, j] = Y[src, y0 + j]
                 end = parts[p, C.PT_END]
-                losses[p] = loss_forward_backward(ws.acts[end - 1][:n], yb,
-                                                  ws.grads[end - 1][:n], loss,
-                                                  partf[p, C.PF_LOSS_PARAM], True)
+                wcol = parts[p, C.PT_W]
+                if wcol < 0:
+                    losses[p] = loss_forward_backward(ws.acts[end - 1][:n], yb,
+                                                      ws.grads[end - 1][:n], loss,
+                                                      partf[p, C.PF_LOSS_PARAM], True)
+                else:
+                    losses[p] = weighted_loss_forward_backward(
+                        ws.acts[end - 1][:n], yb, ws.grads[end - 1][:n], loss,
+                        partf[p, C.PF_LOSS_PARAM], Y, perm, start, wcol)
                 if not np.isfinite(losses[p]):
                     finite = False
         if not finite:

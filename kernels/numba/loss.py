@@ -219,3 +219,20 @@ def loss_forward_backward(z, y, grad, loss, param, want_grad):
                     p = p - 1
                 grad[i, k] = p * c
     return total / B
+
+
+@kernel
+def weighted_loss_forward_backward(z, y, grad, loss, param, Y, perm, start, wcol):
+    """The batch loss with the sample weights in column wcol of Y (rows perm[start:start+B]):
+    sum_r w_r l_r / B, each row's gradient times w_r / B (reference
+    weighted_loss_forward_backward: every loss is a mean over rows)."""
+    B = z.shape[0]
+    total = 0.0
+    for r in range(B):
+        w = np.float64(Y[perm[start + r], wcol])
+        total += w * loss_forward_backward(z[r:r + 1], y[r:r + 1], grad[r:r + 1], loss, param,
+                                           True)
+        scale = grad.dtype.type(w / B)
+        for k in range(grad.shape[1]):
+            grad[r, k] *= scale
+    return total / B

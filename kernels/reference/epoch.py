@@ -113,7 +113,7 @@ def forward_backward(ops, plan, X, Y, idx, step):
     inputs = [None] * L
     losses = np.zeros(P)
     for p in range(P):
-        first, end, src, loss, y0, y1 = (int(v) for v in plan.parts[p])
+        first, end, src, loss, y0, y1, wcol = (int(v) for v in plan.parts[p])
         x = xb if src < 0 else plan.acts[int(plan.parts[src, C.PT_END]) - 1][:n]
         x = input_transform(ops, plan, p, x, n, step)
         for l in range(first, end):
@@ -123,8 +123,13 @@ def forward_backward(ops, plan, X, Y, idx, step):
         if loss >= 0:
             yb = plan.ybufs[p][:n]
             yb[...] = Y[idx, y0:y1]
-            losses[p] = ops.loss_forward_backward(x, yb, plan.grads[end - 1][:n], loss,
-                                                  plan.partf[p, C.PF_LOSS_PARAM])
+            param = plan.partf[p, C.PF_LOSS_PARAM]
+            if wcol < 0:
+                losses[p] = ops.loss_forward_backward(x, yb, plan.grads[end - 1][:n], loss,
+                                                      param)
+            else:
+                losses[p] = weighted_loss_forward_backward(ops, x, yb, plan.grads[end - 1][:n],
+                                                           loss, param, Y[idx, wcol])
     if not np.isfinite(losses).all():
         return losses, False
     empty = np.zeros((0, 0), plan.dtype)
@@ -147,6 +152,19 @@ def forward_backward(ops, plan, X, Y, idx, step):
             if p > 1:
                 trunk_out += into
     return losses, True
+
+
+def weighted_loss_forward_backward(ops, z, y, grad, loss, param, w):
+    """The batch loss with sample weights w (one per row): sum_r w_r l_r / B (Keras' sum over
+    the batch size), each row's gradient that of its own loss times w_r / B. Every loss is a
+    mean over rows, so row r's (l_r, dl_r/dz_r) is the loss kernel on that row alone."""
+    n = z.shape[0]
+    total = 0.0
+    for r in range(n):
+        lr = ops.loss_forward_backward(z[r:r + 1], y[r:r + 1], grad[r:r + 1], loss, param)
+        total += float(w[r]) * lr
+        grad[r] *= grad.dtype.type(float(w[r]) / n)
+    return total / n
 
 
 def train_step(ops, plan, X, Y, idx, step, t):
