@@ -467,7 +467,7 @@ class Network:
         li, lf, hpW, hpb, hpgb = self.config_rows(optimizer, training=True)
         parts, partf = self.parts_rows(y_widths, weight_cols)
         plan = PL.make_plan(self.store, li, lf, hpW, hpb, hpgb, parts, partf, optimizer.code,
-                            self.seed, training=True)
+                            self.seed, training=True, clip=optimizer.clip)
         return plan.allocate(batch, y_widths)
 
     def inference_plan(self, optimizer=None):

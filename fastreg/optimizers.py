@@ -41,6 +41,24 @@ def _check_learning_rate(value, name="learning_rate"):
     return _positive(name, value)
 
 
+def _clipping(clipnorm, clipvalue, global_clipnorm):
+    """(contract CLIP_* mode, value) of Keras' three options: at most one, each > 0."""
+    given = [(mode, name, v) for mode, name, v in (
+        (C.CLIP_NORM, "clipnorm", clipnorm), (C.CLIP_VALUE, "clipvalue", clipvalue),
+        (C.CLIP_GLOBAL_NORM, "global_clipnorm", global_clipnorm)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass one of clipnorm, clipvalue and global_clipnorm, got "
+                         f"{', '.join(name for _, name, _ in given)}")
+    if not given:
+        return C.CLIP_NONE, 0.0
+    mode, name, v = given[0]
+    return mode, _positive(name, v)
+
+
+_CLIP_NAMES = {C.CLIP_NORM: "clipnorm", C.CLIP_VALUE: "clipvalue",
+               C.CLIP_GLOBAL_NORM: "global_clipnorm"}
+
+
 class Optimizer:
     """A piece: its code (contract.OPTIMIZER_TABLE), the hyperparameter slots it fills
     (`slots`, owner "optimizer"), and the moments it keeps (`moments`). The update formulas
@@ -80,6 +98,28 @@ class Optimizer:
             return np.full(int(n), float(self._learning_rate))
         rates = self.schedule.rates(np.arange(iterations, iterations + int(n), dtype=np.float64))
         return np.ascontiguousarray(rates, np.float64)
+
+    clip = (C.CLIP_NONE, 0.0)   # (contract CLIP_* mode, value): Keras' clipping options
+
+    def _set_clipping(self, clipnorm, clipvalue, global_clipnorm):
+        self.clip = _clipping(clipnorm, clipvalue, global_clipnorm)
+
+    @property
+    def clipnorm(self):
+        return self.clip[1] if self.clip[0] == C.CLIP_NORM else None
+
+    @property
+    def clipvalue(self):
+        return self.clip[1] if self.clip[0] == C.CLIP_VALUE else None
+
+    @property
+    def global_clipnorm(self):
+        return self.clip[1] if self.clip[0] == C.CLIP_GLOBAL_NORM else None
+
+    def _clip_config(self):
+        """{"clipnorm": c} (or clipvalue / global_clipnorm) when set, else {}: files of
+        optimizers without clipping stay as they were."""
+        return {_CLIP_NAMES[self.clip[0]]: self.clip[1]} if self.clip[0] else {}
 
     def _rate_config(self):
         """{"lr": number} (the format's key since round 1) or {"learning_rate": schedule}."""
@@ -123,8 +163,10 @@ class Optimizer:
 class SGD(Optimizer):
     code = C.OPT_SGD
 
-    def __init__(self, learning_rate=None, momentum=0.0, nesterov=False, lr=None):
+    def __init__(self, learning_rate=None, momentum=0.0, nesterov=False, lr=None, clipnorm=None,
+                 clipvalue=None, global_clipnorm=None):
         _given_rate(self, learning_rate, lr, 0.01)
+        self._set_clipping(clipnorm, clipvalue, global_clipnorm)
         self.momentum = _unit("momentum", momentum)
         self.nesterov = bool(nesterov)
         if self.nesterov and self.momentum == 0:
@@ -140,14 +182,16 @@ class SGD(Optimizer):
 
     def get_config(self):
         return {"class": "SGD", **self._rate_config(), "momentum": self.momentum,
-                "nesterov": self.nesterov}
+                "nesterov": self.nesterov, **self._clip_config()}
 
 
 class Adam(Optimizer):
     code = C.OPT_ADAM
 
-    def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, lr=None):
+    def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, lr=None,
+                 clipnorm=None, clipvalue=None, global_clipnorm=None):
         _given_rate(self, learning_rate, lr, 0.001)
+        self._set_clipping(clipnorm, clipvalue, global_clipnorm)
         self.beta1 = _unit("beta1", beta1)
         self.beta2 = _unit("beta2", beta2)
         self.eps = _positive("eps", eps)
@@ -158,7 +202,7 @@ class Adam(Optimizer):
 
     def get_config(self):
         return {"class": "Adam", **self._rate_config(), "beta1": self.beta1, "beta2": self.beta2,
-                "eps": self.eps}
+                "eps": self.eps, **self._clip_config()}
 
 
 class AdamW(Adam):
@@ -166,8 +210,9 @@ class AdamW(Adam):
     code = C.OPT_ADAMW
 
     def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
-                 lr=None):
-        super().__init__(learning_rate, beta1, beta2, eps, lr=lr)
+                 lr=None, clipnorm=None, clipvalue=None, global_clipnorm=None):
+        super().__init__(learning_rate, beta1, beta2, eps, lr=lr, clipnorm=clipnorm,
+                         clipvalue=clipvalue, global_clipnorm=global_clipnorm)
         self.weight_decay = check_real("weight_decay", weight_decay, 0.0)
 
     def slots(self):

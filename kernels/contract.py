@@ -349,6 +349,18 @@ PF_WEIGHT = 0       # the loss weight
 PF_LOSS_PARAM = 1   # the loss's parameter (Loss.param: huber's delta, label smoothing)
 PF_SIZE = 2
 
+# ---------------------------------------------------------------- gradient clipping
+# One of Keras' optimizer options, applied to the data gradient of every tensor after the
+# backward and before the fused penalized update (as PyTorch clips .grad before step()):
+# CLIP_VALUE clamps each element to [-c, c]; CLIP_NORM scales each tensor whose L2 norm
+# exceeds c, CLIP_GLOBAL_NORM every tensor when their joint norm does, by
+# c / (norm + CLIP_EPS) (torch.nn.utils.clip_grad_norm_'s coefficient; norms in float64).
+CLIP_NONE = 0
+CLIP_VALUE = 1
+CLIP_NORM = 2
+CLIP_GLOBAL_NORM = 3
+CLIP_EPS = 1e-6
+
 # ---------------------------------------------------------------- BatchNorm layouts
 # A dense layer with LI_BN = 1 normalizes its pre-activation z = x @ W + b over the batch
 # rows, then gamma * zhat + beta, activation, noise, dropout. gb (2, O) holds gamma (row

@@ -170,6 +170,8 @@ class Plan:
     seed: int
     training: bool
     grad: np.ndarray = None     # flat gradients, the store's layout (training plans)
+    clip_mode: int = 0          # contract CLIP_*: the optimizer's gradient clipping
+    clip_value: float = 0.0
     dWs: list = field(default_factory=list)
     dbs: list = field(default_factory=list)
     dgbs: list = field(default_factory=list)
@@ -259,6 +261,12 @@ class Plan:
         pre = sum(W.shape[1] for l, W in enumerate(self.Ws) if self.keeps_pre(l))
         return self.dtype.itemsize * (units + bn + pre) / units
 
+    def grad_segments(self):
+        """(n_tensors, 2) int64 [offset, end) of every tensor in the flat gradient buffer
+        (what CLIP_NORM clips one by one)."""
+        return np.array([(r.offset, r.end) for r in self.store.records],
+                        np.int64).reshape(-1, 2)
+
     # ------------------------------------------------------------ learning rates
     def step_rates(self, n_rows, batch_size, lrs=None):
         """The learning rate of each training step of a call over n_rows rows in batches of
@@ -307,7 +315,7 @@ class Plan:
 
 
 def make_plan(store, li, lf, hpW, hpb, hpgb, parts, partf, opt, seed, training=True,
-              folded=None):
+              folded=None, clip=(0, 0.0)):
     """The plan of `store` with these configuration rows. training=True adds a gradient
     buffer and the moment views (the store's moments must match the optimizer already);
     training=False is an inference plan: `folded` optionally replaces (W, b) of layers
@@ -322,7 +330,7 @@ def make_plan(store, li, lf, hpW, hpb, hpgb, parts, partf, opt, seed, training=T
                 hpW=np.asarray(hpW, np.float64), hpb=np.asarray(hpb, np.float64),
                 hpgb=np.asarray(hpgb, np.float64), parts=np.asarray(parts, np.int64),
                 partf=np.asarray(partf, np.float64), opt=int(opt), seed=int(seed),
-                training=bool(training))
+                training=bool(training), clip_mode=int(clip[0]), clip_value=float(clip[1]))
     if training:
         plan.grad = np.zeros(store.size, store.dtype)
         plan.dWs, plan.dbs, plan.dgbs = (store.per_layer(k, plan.grad) for k in KINDS)

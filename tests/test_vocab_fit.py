@@ -579,3 +579,68 @@ def test_multitask_sample_weights_per_head():
     assert all((zero_b.get_weights()[i] == fresh.get_weights()[i]).all() for i in b_weights)
     with pytest.raises(ValueError, match="unknown head"):
         make().fit(X, ys, verbose=0, sample_weight={"c": w})
+
+
+# ---------------------------------------------------------------- gradient clipping
+CLIPS = {"clipnorm": 0.05, "clipvalue": 0.01, "global_clipnorm": 0.05}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", sorted(CLIPS))
+def test_clipping_follows_torch_on_every_backend(kind, backend):
+    """Keras' option, torch's formulas: clip_grad_norm_ per tensor (clipnorm) or over all
+    (global_clipnorm), clip_grad_value_ (clipvalue), on the data gradient before the L2
+    penalty (torch's weight_decay is added in step(), after the clipping)."""
+    torch = pytest.importorskip("torch")
+    _backend_or_skip(backend)
+    rng = fresh_rng()
+    X = randn(rng, (64, 5))
+    y = (X @ randn(rng, (5, 2)) * 3).astype(np.float32)
+    m = fr.Sequential([fr.Dense(12, "tanh", regularizer=fr.L2(1e-2)),
+                       fr.Dense(2, regularizer=fr.L2(1e-2))], input_dim=5, seed=0)
+    m.compile(loss="mse", optimizer=fr.SGD(0.1, momentum=0.9, **{kind: CLIPS[kind]}),
+              backend=backend)
+    W0, b0, W1, b1 = m.get_weights()
+    net = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2))
+    with torch.no_grad():
+        for lin, W, b in ((net[0], W0, b0), (net[2], W1, b1)):
+            lin.weight.copy_(torch.from_numpy(W.T.copy()))
+            lin.bias.copy_(torch.from_numpy(b))
+    ws, bs = [net[0].weight, net[2].weight], [net[0].bias, net[2].bias]
+    opt = torch.optim.SGD([{"params": ws, "weight_decay": 1e-2}, {"params": bs}], lr=0.1,
+                          momentum=0.9)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    clipped = 0
+    for s in range(8):
+        rows = slice((s % 4) * 16, (s % 4 + 1) * 16)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(Xt[rows]), yt[rows]).backward()
+        if kind == "clipvalue":
+            clipped += sum(int((p.grad.abs() > CLIPS[kind]).any()) for p in net.parameters())
+            torch.nn.utils.clip_grad_value_(net.parameters(), CLIPS[kind])
+        elif kind == "global_clipnorm":
+            clipped += int(torch.nn.utils.clip_grad_norm_(net.parameters(), CLIPS[kind])
+                           > CLIPS[kind])
+        else:
+            for p in net.parameters():
+                clipped += int(torch.nn.utils.clip_grad_norm_([p], CLIPS[kind]) > CLIPS[kind])
+        opt.step()
+    assert clipped > 0          # the clipping acted
+    m.fit(X, y, epochs=2, batch_size=16, shuffle=False, verbose=0)
+    theirs = [net[0].weight.detach().numpy().T, net[0].bias.detach().numpy(),
+              net[2].weight.detach().numpy().T, net[2].bias.detach().numpy()]
+    for a, b in zip(m.get_weights(), theirs):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_clipping_options_are_checked_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="one of clipnorm"):
+        fr.Adam(clipnorm=1.0, clipvalue=1.0)
+    with pytest.raises(ValueError, match="global_clipnorm"):
+        fr.SGD(global_clipnorm=0.0)
+    X, y = _data()
+    m = _model(fr.AdamW(1e-2, global_clipnorm=0.5))
+    m.fit(X, y, epochs=1, verbose=0)
+    m.save(tmp_path / "c.npz")
+    loaded = fr.load_model(tmp_path / "c.npz")
+    assert loaded.optimizer.global_clipnorm == 0.5 and loaded.optimizer.clipnorm is None

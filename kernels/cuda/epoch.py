@@ -197,9 +197,14 @@ class DevicePlan:
         self.weights = [dt.type(w) for w in plan.partf[:, C.PF_WEIGHT]]
         self.loss_params = [float(v) for v in plan.partf[:, C.PF_LOSS_PARAM]]
         self.cfg = [self._layer_config(plan, l) for l in range(L)]
-        # the fused small-MLP path has no sample weights: a weighted fit takes the general one
+        # the fused small-MLP path has no sample weights nor clipping: such a fit takes the
+        # general path
         self.fused = (hasattr(ns, "fused_step") and self.P_count == 1 and not any(self.bn)
-                      and max(cols) <= ns.FW and self.parts[0][C.PT_W] < 0)
+                      and max(cols) <= ns.FW and self.parts[0][C.PT_W] < 0
+                      and plan.clip_mode == C.CLIP_NONE)
+        self.clip = (int(plan.clip_mode), float(plan.clip_value))
+        segs = plan.grad_segments()
+        self.seg_lo, self.seg_hi = to_dev(segs[:, 0].copy()), to_dev(segs[:, 1].copy())
         if self.fused:
             P_off = [self._P_offsets(l) for l in range(L)]
             lay_i, lay_f = fused.tables(plan, list(range(L)), P_off, seg, pre_off)
@@ -305,6 +310,7 @@ def train_epoch(st, plan, X, Y, perm, batch_size, step0, t0, k0, k1, lrs):
             _part_forward(st, v, p, n, k0, k1, step)
         for p in list(range(1, st.P_count)) + [0]:     # the heads in order, then the trunk
             _part_backward(st, v, p, k0, k1, step)
+        update.clip_launch(ns, st.G, st.seg_lo, st.seg_hi, *st.clip, st.status)
         _set_learning_rate(st, lrs, lrs_d, steps)
         update.launch(ns, st.tab, st.P, st.G, st.M, st.V, int(plan.opt), int(t0 + steps),
                       st.status, float(n))

@@ -24,6 +24,60 @@ from .loss import ST_PEN, ST_STOP
 def build(ns):
     build_chunks(ns)
     build_columns(ns)
+    build_clip(ns)
+
+
+def build_clip(ns):
+    T, NB = ns.T, ns.NB
+
+    @cuda.jit
+    def clip_grads(G, seg_lo, seg_hi, mode, value, status):
+        """contract CLIP_* on the flat gradients G (reference clip_gradients): CLIP_VALUE a
+        grid over G; CLIP_NORM block b the segment [seg_lo[b], seg_hi[b]); CLIP_GLOBAL_NORM
+        one block over all of G. Norms in float64 over NB threads, then one coefficient."""
+        if status[ST_STOP] != 0.0:
+            return
+        if mode == C.CLIP_VALUE:
+            hi = T(value)
+            for i in range(cuda.grid(1), G.shape[0], cuda.gridsize(1)):
+                g = G[i]
+                if g > hi:
+                    G[i] = hi
+                elif g < -hi:
+                    G[i] = -hi
+            return
+        red = cuda.shared.array(NB, numba.float64)
+        tid = cuda.threadIdx.x
+        b = cuda.blockIdx.x
+        lo = 0 if mode == C.CLIP_GLOBAL_NORM else seg_lo[b]
+        hi_i = G.shape[0] if mode == C.CLIP_GLOBAL_NORM else seg_hi[b]
+        acc = 0.0
+        for i in range(lo + tid, hi_i, NB):
+            acc += numba.float64(G[i]) * numba.float64(G[i])
+        red[tid] = acc
+        cuda.syncthreads()
+        half = NB // 2
+        while half > 0:
+            if tid < half:
+                red[tid] += red[tid + half]
+            cuda.syncthreads()
+            half //= 2
+        coef = value / (math.sqrt(red[0]) + C.CLIP_EPS)
+        if coef < 1.0:
+            c = T(coef)
+            for i in range(lo + tid, hi_i, NB):
+                G[i] = G[i] * c
+
+    ns.clip_grads = clip_grads
+
+
+def clip_launch(ns, G, seg_lo, seg_hi, mode, value, status):
+    """The optimizer's clipping of the data gradients (before update.launch)."""
+    if mode == C.CLIP_NONE:
+        return
+    blocks = (max(1, min(1024, -(-G.shape[0] // ns.NB))) if mode == C.CLIP_VALUE
+              else seg_lo.shape[0] if mode == C.CLIP_NORM else 1)
+    ns.clip_grads[blocks, ns.NB](G, seg_lo, seg_hi, int(mode), float(value), status)
 
 
 def build_chunks(ns):

@@ -81,6 +81,12 @@ cdef struct PlanC:
     uint32_t* nwords # the same for the noise stream (GaussianNoise / GaussianDropout)
     double* scratch  # the update's (penalty row sums, column norms)
     int is_double
+    void* gflat      # the flat gradient buffer (plan.grad) and its tensors' [offset, end)
+    Py_ssize_t n_grad
+    int64_t* segs    # (n_seg, 2)
+    Py_ssize_t n_seg
+    int clip_mode    # contract CLIP_*: the optimizer's clipping, before the updates
+    double clip_value
 
 
 cdef class EpochPlan:
@@ -89,6 +95,7 @@ cdef class EpochPlan:
     cdef PlanC p
     cdef list keep
     cdef readonly object dtype
+    cdef object _segments    # the gradient segments p.segs points into
 
     def __cinit__(self):
         self.p.layers = NULL
@@ -187,6 +194,13 @@ cdef class EpochPlan:
             self.p.head_grad = self._ptr(plan.scratch,
                                          (B, self.p.layers[self.p.parts[0].end - 1].n_out))
         self.p.opt = plan.opt
+        self.p.clip_mode = plan.clip_mode
+        self.p.clip_value = plan.clip_value
+        self.p.n_grad = plan.grad.shape[0]
+        self.p.gflat = self._ptr(plan.grad, (self.p.n_grad,))
+        self._segments = np.ascontiguousarray(plan.grad_segments(), np.int64)
+        self.p.n_seg = self._segments.shape[0]
+        self.p.segs = <int64_t*>_data(self._segments)
         self.p.k0, self.p.k1 = seed_words
         self.p.is_double = dt == np.float64
         self.refresh(plan)
@@ -382,7 +396,8 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
             else:
                 _layer_backward(p, l, <real*>(pt.xdrop if pt.xdrop != NULL
                                               else _part_source(p, pt)), into, n, step)
-            _layer_update(p, l, <real*>p.layers[l].W, t)
+            if p.clip_mode == CLIP_NONE:     # clipping needs every gradient first
+                _layer_update(p, l, <real*>p.layers[l].W, t)
         if q > 0:
             if pt.in_thr > 0 or pt.in_noise == NOISE_MUL:   # additive noise: the identity
                 _input_dropout(into, into, n, pt.width, pt.in_thr, <real>pt.in_scale, p.k0,
@@ -392,6 +407,10 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
             if q > 1:
                 for i in range(n * tw):
                     trunk_out[i] = trunk_out[i] + into[i]
+    if p.clip_mode != CLIP_NONE:     # clip the data gradients, then every update
+        _clip_gradients(<real*>p.gflat, p.n_grad, p.segs, p.n_seg, p.clip_mode, p.clip_value)
+        for l in range(p.L - 1, -1, -1):
+            _layer_update(p, l, <real*>p.layers[l].W, t)
     for l in range(p.L - 1, -1, -1):  # the penalties, last layer first
         pen[0] += p.pens[3 * l]
         if p.layers[l].b != NULL:

@@ -266,3 +266,31 @@ def penalized_update(w, g, m, v, hp, int opt, int64_t t):
     if not np.shares_memory(w2, w):
         raise ValueError("penalized_update: w must be contiguous")
     return _update(w2, g.reshape(shape), as2d(m), as2d(v), hp, opt, t, matrix)
+
+
+cdef void _clip_gradients(real* g, Py_ssize_t n, int64_t* segs, Py_ssize_t n_seg, int mode,
+                          double value) noexcept nogil:
+    """contract CLIP_* on the flat gradient buffer, in place (reference clip_gradients)."""
+    cdef Py_ssize_t s, i, a, b
+    cdef double acc, coef
+    cdef real c
+    cdef real hi = <real>value
+    cdef real lo = <real>(-value)
+    if mode == CLIP_VALUE:
+        for i in range(n):
+            if g[i] > hi:
+                g[i] = hi
+            elif g[i] < lo:
+                g[i] = lo
+        return
+    for s in range(1 if mode == CLIP_GLOBAL_NORM else n_seg):
+        a = 0 if mode == CLIP_GLOBAL_NORM else segs[2 * s]
+        b = n if mode == CLIP_GLOBAL_NORM else segs[2 * s + 1]
+        acc = 0.0
+        for i in range(a, b):
+            acc += <double>g[i] * <double>g[i]
+        coef = value / (sqrt(acc) + CLIP_EPS)
+        if coef < 1.0:
+            c = <real>coef
+            for i in range(a, b):
+                g[i] = g[i] * c

@@ -41,11 +41,12 @@ def _entry_points(stamp):
     backend's sources (kernels/numba/jit.py)."""
     @njit(**ENTRY_FLAGS)
     def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, columns, li,
-                    lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums):
+                    lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums,
+                    grad, segments, clip_mode, clip_value):
         _ = stamp
         return E.train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords,
                              columns, li, lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1,
-                             step0, t0, lrs, loss_sums)
+                             step0, t0, lrs, loss_sums, grad, segments, clip_mode, clip_value)
 
     @njit(**ENTRY_FLAGS)
     def forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first):
@@ -317,7 +318,8 @@ def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None):
     pen, steps, finite = _K["train_epoch"](
         X, Y, perm, int(batch_size), spec, par, T, ws, bn, xdrops, nwords, columns, plan.li,
         plan.lf, plan.hpW, plan.hpb, plan.hpgb, plan.parts, plan.partf, int(plan.opt), k0, k1,
-        int(step0), int(t0), lrs, loss_sums)
+        int(step0), int(t0), lrs, loss_sums, plan.grad, plan.grad_segments(),
+        int(plan.clip_mode), float(plan.clip_value))
     return loss_sums, pen, steps, finite
 
 

@@ -20,7 +20,7 @@ from .dense import dense_backward, dense_forward
 from .epilogue import input_dropout
 from .jit import kernel
 from .loss import loss_forward_backward, weighted_loss_forward_backward
-from .update import penalized_update_1d, penalized_update_2d
+from .update import clip_gradients, penalized_update_1d, penalized_update_2d
 
 # per layer: the parameters, their gradients and moments (views of the plan's flat buffers)
 Tensors = namedtuple("Tensors", "W b dW db mW vW mb vb")
@@ -130,7 +130,8 @@ def _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step,
 
 @kernel
 def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, columns, li, lf, hpW,
-                hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums):
+                hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums, grad, segments,
+                clip_mode, clip_value):
     """The batches of `perm`; loss_sums (P,) receives the per-part loss sums (weighted by
     batch rows); returns (penalty sum, steps, finite). Stops at the first batch with a
     non-finite loss, before its backward. lrs[k]: step k's learning rate, written into
@@ -211,6 +212,8 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
                                  into)
                 if p > 1:
                     trunk_out += into
+        if clip_mode != C.CLIP_NONE:     # on the data gradient, before the penalties
+            clip_gradients(grad, segments, clip_mode, clip_value)
         pen = 0.0
         for l in range(L):
             hpW[l, C.HP_LR] = lrs[steps]

@@ -281,3 +281,33 @@ def penalized_update_1d(uses, par, w, g, m, v, hp, opt, t, coef, scratch):
 def scratch_size(n_params, widest):
     """float64 scratch for the penalty partial sums and the column passes."""
     return max(2 * (n_params // UPDATE_CHUNK + 1), 2 * widest, 2)
+
+
+@kernel
+def clip_gradients(grad, segments, mode, value):
+    """contract CLIP_* on the flat gradient buffer, in place (reference clip_gradients)."""
+    if mode == C.CLIP_NONE:
+        return
+    dt = grad.dtype.type
+    if mode == C.CLIP_VALUE:
+        hi = dt(value)
+        lo = dt(-value)
+        for i in range(grad.shape[0]):
+            g = grad[i]
+            if g > hi:
+                grad[i] = hi
+            elif g < lo:
+                grad[i] = lo
+        return
+    n_seg = 1 if mode == C.CLIP_GLOBAL_NORM else segments.shape[0]
+    for s in range(n_seg):
+        a = 0 if mode == C.CLIP_GLOBAL_NORM else segments[s, 0]
+        b = grad.shape[0] if mode == C.CLIP_GLOBAL_NORM else segments[s, 1]
+        acc = 0.0
+        for i in range(a, b):
+            acc += np.float64(grad[i]) * np.float64(grad[i])
+        coef = value / (math.sqrt(acc) + C.CLIP_EPS)
+        if coef < 1.0:
+            c = dt(coef)
+            for i in range(a, b):
+                grad[i] *= c

@@ -22,6 +22,7 @@ Shape legend: B batch rows, I fan_in, O fan_out, L layers, P parts.
 import numpy as np
 
 from .. import contract as C
+from .update import clip_gradients
 
 
 def layer_forward(ops, plan, l, x, n, step):
@@ -176,6 +177,8 @@ def train_step(ops, plan, X, Y, idx, step, t):
     losses, finite = forward_backward(ops, plan, X, Y, idx, step)
     if not finite:
         return losses, 0.0, False
+    if plan.clip_mode:
+        clip_gradients(plan.grad, plan.grad_segments(), plan.clip_mode, plan.clip_value)
     pen = 0.0
     for l in range(plan.n_layers - 1, -1, -1):
         pen += layer_update(ops, plan, l, t)

@@ -124,3 +124,24 @@ def penalized_update(w, g, m, v, hp, opt, t):
         over = norms > c
         w[:, over] *= (c / norms[over]).astype(w.dtype)
     return penalty
+
+
+def clip_gradients(grad, segments, mode, value):
+    """contract CLIP_* on the flat gradient buffer, in place: clamp each element (CLIP_VALUE),
+    or scale each tensor [offset, end) of `segments` (CLIP_NORM) or all of them
+    (CLIP_GLOBAL_NORM) by value / (norm + CLIP_EPS) where that is below 1 (the norms in
+    float64, the coefficient rounded once to the dtype)."""
+    if mode == C.CLIP_NONE:
+        return
+    dt = grad.dtype.type
+    if mode == C.CLIP_VALUE:
+        np.clip(grad, dt(-value), dt(value), out=grad)
+        return
+    if mode == C.CLIP_GLOBAL_NORM:
+        segments = [(0, grad.shape[0])]
+    for lo, hi in segments:
+        g = grad[lo:hi]
+        norm = math.sqrt(float(np.sum(g.astype(np.float64) ** 2)))
+        coef = value / (norm + C.CLIP_EPS)
+        if coef < 1.0:
+            g *= dt(coef)
