@@ -38,9 +38,11 @@ Conventions, following MLPRegressor / MLPClassifier where fastreg has the same t
 - Pickling stores ``model_`` with fastreg's own ``save`` format (no pickle of its
   internals), so a pickled estimator reloads in a fastreg whose internals changed.
 
-sample_weight is not accepted yet: ``fr.Sequential.fit`` has no sample weights. ``_fit``
-already forwards per-row keyword arguments (split with the early-stopping hold-out) to
-``model.fit``; see the README section for what remains.
+``fit`` and ``partial_fit`` take ``sample_weight`` (one number >= 0 per row, scikit-learn's
+checks), scaled to mean 1 and forwarded to ``fr.Sequential.fit`` (a batch's loss
+sum_r w_r l_r / B): over a whole batch that is scikit-learn's weighted average, so integer
+weights equal repeated rows. It is split with the rows of the early-stopping hold-out,
+whose validation loss it weighs too.
 """
 import numbers
 import os
@@ -54,7 +56,7 @@ try:
     from sklearn.preprocessing import LabelEncoder
     from sklearn.utils import check_random_state
     from sklearn.utils.multiclass import check_classification_targets
-    from sklearn.utils.validation import check_is_fitted, validate_data
+    from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 except ImportError as exc:  # pragma: no cover - exercised only without scikit-learn
     raise ImportError("fastreg.sklearn needs scikit-learn >= 1.6: pip install "
                       "\"fastreg[sklearn]\"") from exc
@@ -208,9 +210,9 @@ class _FastregEstimator(BaseEstimator):
 
     def _fit(self, X, y, incremental, classes=None, **row_params):
         """fit (incremental=False) and partial_fit (True). row_params: per-row arrays for
-        model.fit (split with the early-stopping hold-out); none exist yet (sample_weight
-        waits for Sequential.fit to take it). The parameters are checked before the data;
-        the fitted attributes are set only once the fit succeeded."""
+        model.fit (sample_weight), split with the early-stopping hold-out. The parameters
+        are checked before the data; the fitted attributes are set only once the fit
+        succeeded."""
         self._check_training_params()
         self._layers(1)
         optimizer = self._make_optimizer()
@@ -230,6 +232,9 @@ class _FastregEstimator(BaseEstimator):
         cold = not hasattr(self, "model_") or not (incremental or self.warm_start)
         X, y = validate_data(self, X, y, reset=cold, dtype=[np.float64, np.float32],
                              **self._target_check())
+        if row_params.get("sample_weight") is not None:
+            row_params["sample_weight"] = _check_sample_weight(row_params["sample_weight"], X,
+                                                               ensure_non_negative=True)
         targets, fitted = self._encode_targets(y, cold, classes)
         n_outputs, loss = self._output_spec(fitted)
         dtype = self._work_dtype(X)
@@ -258,6 +263,11 @@ class _FastregEstimator(BaseEstimator):
             fit_kwargs["callbacks"] = [EarlyStopping("val_loss", patience=int(self.patience),
                                                      min_delta=float(self.min_delta),
                                                      restore_best_weights=True)]
+        if "sample_weight" in row_params:
+            row_params["sample_weight"] = _mean_one(row_params["sample_weight"])
+            val = fit_kwargs.get("validation_data")
+            if val is not None and len(val) == 3:
+                fit_kwargs["validation_data"] = val[:2] + (_mean_one(val[2]),)
         run = model.fit(X, targets, **fit_kwargs, **row_params)
         for key, values in run.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
@@ -294,7 +304,10 @@ class _FastregEstimator(BaseEstimator):
                 from None
         X_tr, X_val, t_tr, t_val = parts[:4]
         rows = {k: parts[4 + 2 * i] for i, k in enumerate(names)}
-        return X_tr, t_tr, (X_val, t_val), rows
+        held = {k: parts[5 + 2 * i] for i, k in enumerate(names)}
+        val = ((X_val, t_val, held["sample_weight"]) if "sample_weight" in held
+               else (X_val, t_val))     # the held-out rows' loss weighted as the training one
+        return X_tr, t_tr, val, rows
 
     def _predict_raw(self, X):
         check_is_fitted(self)
@@ -340,13 +353,14 @@ class FastregRegressor(RegressorMixin, _FastregEstimator):
     def _output_spec(self, fitted):
         return fitted["n_outputs_"], "mse"
 
-    def fit(self, X, y):
-        """Train on X (n, features) and y (n,) or (n, outputs); returns self."""
-        return self._fit(X, y, incremental=False)
+    def fit(self, X, y, sample_weight=None):
+        """Train on X (n, features) and y (n,) or (n, outputs), rows weighted by
+        sample_weight; returns self."""
+        return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
-    def partial_fit(self, X, y):
+    def partial_fit(self, X, y, sample_weight=None):
         """One epoch on (X, y), continuing the fitted model and its optimizer state."""
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def predict(self, X):
         out = self._predict_raw(X)
@@ -356,6 +370,16 @@ class FastregRegressor(RegressorMixin, _FastregEstimator):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
+
+
+def _mean_one(w):
+    """Sample weights scaled to mean 1: fastreg's batch loss sum_r w_r l_r / B (Keras) then
+    is scikit-learn's weighted average sum_r w_r l_r / sum_r w_r over a whole batch, so
+    integer weights equal repeated rows (check_sample_weight_equivalence)."""
+    total = float(np.sum(w))
+    if not total > 0:
+        raise ValueError("sample_weight sums to 0: no row would be trained on")
+    return np.asarray(w, np.float64) * (len(w) / total)
 
 
 class FastregClassifier(ClassifierMixin, _FastregEstimator):
@@ -405,17 +429,18 @@ class FastregClassifier(ClassifierMixin, _FastregEstimator):
             return 1, "binary_crossentropy"
         return k, "sparse_categorical_crossentropy"
 
-    def fit(self, X, y):
-        """Train on X (n, features) and labels y (n,); returns self."""
-        return self._fit(X, y, incremental=False)
+    def fit(self, X, y, sample_weight=None):
+        """Train on X (n, features) and labels y (n,), rows weighted by sample_weight;
+        returns self."""
+        return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
         """One epoch on (X, y), continuing the fitted model and its optimizer state.
         classes: every label that will ever appear, required on the first call."""
         if not hasattr(self, "model_") and classes is None:
             raise ValueError("classes must be passed on the first call to partial_fit (every "
                              "label the classifier will see)")
-        return self._fit(X, y, incremental=True, classes=classes)
+        return self._fit(X, y, incremental=True, classes=classes, sample_weight=sample_weight)
 
     def predict_proba(self, X):
         """(n, n_classes) class probabilities, columns in the order of classes_."""

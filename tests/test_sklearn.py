@@ -253,7 +253,7 @@ def test_early_stopping_restores_the_best_weights_of_a_seeded_hold_out():
     ({"hidden_layer_sizes": "big"}, "hidden_layer_sizes"),
     ({"activation": "gelu"}, "activation"),
     ({"optimizer": "rmsprop"}, "optimizer"),
-    ({"learning_rate": -1.0}, "lr"),
+    ({"learning_rate": -1.0}, "learning_rate"),
     ({"batch_size": 0}, "batch_size"),
     ({"epochs": 0}, "epochs"),
     ({"early_stopping": True, "validation_fraction": 1.5}, "validation_fraction"),
@@ -290,3 +290,21 @@ def test_one_class_is_refused_with_a_clear_message():
     X, _ = _classification(20)
     with pytest.raises(ValueError, match="at least 2 classes"):
         FastregClassifier().fit(X, np.array(["a"] * 20))
+
+
+def test_sample_weight_is_a_weighted_average_and_follows_the_hold_out():
+    X, y = _regression(n=120)
+    w = np.random.default_rng(1).integers(0, 3, 120).astype(float)
+    weighted = FastregRegressor(hidden_layer_sizes=(8,), epochs=5, batch_size=500,
+                                random_state=0).fit(X, y, sample_weight=w)
+    repeated = FastregRegressor(hidden_layer_sizes=(8,), epochs=5, batch_size=500,
+                                random_state=0).fit(np.repeat(X, w.astype(int), axis=0),
+                                                    np.repeat(y, w.astype(int)))
+    np.testing.assert_allclose(weighted.predict(X), repeated.predict(X), rtol=1e-5, atol=1e-6)
+    stopped = FastregClassifier(hidden_layer_sizes=(8,), epochs=3, early_stopping=True,
+                                random_state=0)
+    Xc, yc = _classification(n=120)
+    stopped.fit(Xc, yc, sample_weight=np.linspace(0.5, 1.5, 120))
+    assert len(stopped.history_["val_loss"]) == stopped.n_iter_
+    with pytest.raises(ValueError, match="non-zero"):
+        FastregRegressor(epochs=1).fit(X, y, sample_weight=np.zeros(120))
