@@ -92,12 +92,12 @@ class Sequential:
             raise ValueError("input_shape / input_dim belong on the model's first layer (or "
                              "pass Sequential(input_dim=...))")
         layers = self.layers + [layer]
-        blocks = fold_blocks(layers, partial=True)  # placement errors now, the model untouched
         if isinstance(layer, L.BatchNorm) and not (self.layers
                                                    and isinstance(self.layers[-1], L.Dense)):
             after = type(self.layers[-1]).__name__ if self.layers else "nothing (first layer)"
             raise ValueError(f"BatchNorm must come right after a Dense: it normalizes that "
                              f"Dense's pre-activation x @ W + b; here it follows {after}")
+        blocks = fold_blocks(layers, partial=True)  # placement errors now, the model untouched
         check_in_model_dtype(layer, self.dtype)
         part = self._network.parts[0]
         part.layers = layers
@@ -150,6 +150,9 @@ class Sequential:
         names ("accuracy", "precision", "recall", "f1", "auc", "mae", "mse", "r2") or
         callables f(y_true, y_pred) -> float (fastreg/metrics.py), reported for
         validation_data as val_<name> in History and by evaluate."""
+        if isinstance(loss, (list, tuple, dict)):
+            raise TypeError(f"loss must be the name of a loss ({sorted(C.LOSSES)}; one name: "
+                            f"a Sequential has one output), got {loss!r}")
         optimizer = O.get(optimizer)
         optimizer.check_dtype(self.dtype)
         name = backends.name_of(backend)
