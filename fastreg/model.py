@@ -255,8 +255,9 @@ class Sequential:
                 sample_weights=lambda w, n, name: [as_sample_weight(w, n, name)])
         plan = augmentation.prepare(augment, X.shape[1], C.LOSSES[self.loss], image_shape)
         backends.resolve(self.backend)
-        available = {"loss", "penalty"} | ({"val_loss"} | {f"val_{m.name}" for m in
-                                                         self.metrics} if val else set())
+        available = ({"loss", "penalty"} | {m.name for m in self.metrics}
+                     | ({"val_loss"} | {f"val_{m.name}" for m in self.metrics} if val
+                        else set()))
         return training.fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
                             [plan] if plan else None, available, weights)
 

@@ -393,7 +393,7 @@ class MultiTask:
                                            self._sample_weights)
         plans = self._augment_plans(augment, X.shape[1], image_shape)
         backends.resolve(self.backend)
-        available = set(self._keys("")) | {"penalty"} | (
+        available = set(self._keys("")) | {"penalty"} | set(self._metric_keys("")) | (
             set(self._keys("val_")) | set(self._metric_keys("val_")) if val else set())
         return training.fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
                             plans, available, weights)

@@ -441,31 +441,34 @@ class Network:
             return dropout_threshold(noise.rate), self.dtype.type(noise.scale)
         return dropout_threshold(rate), dropout_scale(rate, self.dtype.type)
 
-    def parts_rows(self, y_widths, weight_cols=None):
+    def parts_rows(self, y_widths, weight_cols=None, z_cols=None):
         """The parts table (PT_* / PF_*) with each head's target columns; weight_cols[p]:
-        the column of Y with part p's sample weights, or -1 (None: no weights)."""
+        the column of Y with part p's sample weights, z_cols[p] the first column of zout
+        for its logits, -1 for none (None: none at all)."""
         P = len(self.parts)
         parts = np.zeros((P, C.PT_SIZE), np.int64)
         partf = np.zeros((P, C.PF_SIZE))
         weight_cols = [-1] * P if weight_cols is None else weight_cols
+        z_cols = [-1] * P if z_cols is None else z_cols
         y0 = 0
         for p, ((first, end), part, w) in enumerate(zip(self.part_ranges(), self.parts,
                                                           y_widths)):
             loss = -1 if part.loss is None else C.LOSSES[part.loss]
-            parts[p] = (first, end, -1 if p == 0 else 0, loss, y0, y0 + w, weight_cols[p])
+            parts[p] = (first, end, -1 if p == 0 else 0, loss, y0, y0 + w, weight_cols[p],
+                        z_cols[p])
             partf[p, C.PF_WEIGHT] = part.weight
             partf[p, C.PF_LOSS_PARAM] = part.loss_param
             y0 += w
         return parts, partf
 
     # ------------------------------------------------------------ plans
-    def training_plan(self, optimizer, batch, y_widths, weight_cols=None):
+    def training_plan(self, optimizer, batch, y_widths, weight_cols=None, z_cols=None):
         """The plan a fit trains (views of the store), its workspace for `batch` rows;
-        y_widths[p]: the target width of part p (0 for the trunk under heads); weight_cols:
-        as parts_rows."""
+        y_widths[p]: the target width of part p (0 for the trunk under heads); weight_cols,
+        z_cols: as parts_rows."""
         self.ensure_optimizer_state(optimizer)
         li, lf, hpW, hpb, hpgb = self.config_rows(optimizer, training=True)
-        parts, partf = self.parts_rows(y_widths, weight_cols)
+        parts, partf = self.parts_rows(y_widths, weight_cols, z_cols)
         plan = PL.make_plan(self.store, li, lf, hpW, hpb, hpgb, parts, partf, optimizer.code,
                             self.seed, training=True, clip=optimizer.clip)
         return plan.allocate(batch, y_widths)

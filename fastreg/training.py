@@ -29,6 +29,7 @@ import numpy as np
 from . import backend as backends
 from . import interrupts
 from .callbacks import FitProgress, History, as_callbacks
+from .kernels import contract as C
 from .kernels import mc
 from .progress import EpochProgress
 from .validation import (as_chunk, as_features, check_int, check_positive_int, check_real,
@@ -320,6 +321,51 @@ def weight_columns(network, Ys, widths, weights):
     return np.stack([np.asarray(w, dtype) for _, w in given], axis=1), cols
 
 
+class RunningMetrics:
+    """The training-set metrics of an epoch, as Keras reports them: computed at the epoch's
+    end on the logits every row had in its own training step (dropout on, before that
+    step's update), which the compiled epoch hands back (train_epoch's zout, PT_Z0): no
+    second pass over the training data."""
+
+    def __init__(self, model, network, n):
+        self.metrics = list(getattr(model, "_metric_list", []))
+        self.z_cols = None
+        if not self.metrics:
+            return
+        self.z_cols = [-1] * len(network.parts)
+        self.cols = {}
+        width = 0
+        for h, _, _ in self.metrics:
+            p = network.heads[h]
+            self.z_cols[p] = width
+            self.cols[h] = (width, width + network.n_outputs(p))
+            width += network.n_outputs(p)
+        self.Z = np.zeros((n, width), network.dtype)
+        self.losses = head_losses(model)
+        self.model = model
+
+    def chunk(self, first_row, rows):
+        """The zout of a chunk of `rows` rows starting at row first_row of the epoch."""
+        return None if self.z_cols is None else self.Z[first_row:first_row + rows]
+
+    def logs(self, Ys, perm, rows):
+        """{prefix + name: value} over the epoch's first `rows` trained rows (perm order)."""
+        if self.z_cols is None:
+            return {}
+        backend = inference_backend(self.model)
+        order = perm[:rows]
+        out = {}
+        for h, prefix, metrics in self.metrics:
+            a, b = self.cols[h]
+            y_pred = backend.output_transform(self.Z[:rows, a:b], self.losses[h])
+            y_true = Ys[h][order]
+            if self.losses[h] == C.LOSS_SCE and y_true.shape[1] == C.SCE_MIXED_WIDTH:
+                y_true = y_true[:, :1]      # Mixup's (label, partner, lam): the row's label
+            for metric in metrics:
+                out[prefix + metric.name] = metric(y_true, y_pred)
+        return out
+
+
 def with_weights(Y, W):
     """The side-by-side targets with the weight columns appended (Y itself without)."""
     return Y if W is None else np.ascontiguousarray(np.hstack([Y, W]))
@@ -340,7 +386,9 @@ def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, 
         for p, plan in zip(network.heads, plans):
             widths[p] = augmentation.target_width(plan, widths[p])
     W, weight_cols = weight_columns(network, Ys, widths, weights)
-    plan = network.training_plan(model.optimizer, batch_size, widths, weight_cols)
+    train_metrics = RunningMetrics(model, network, n)
+    plan = network.training_plan(model.optimizer, batch_size, widths, weight_cols,
+                                 train_metrics.z_cols)
     Y = with_weights(side_by_side(Ys), W)
     heads = network.heads
     counters = network.counters
@@ -375,9 +423,10 @@ def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, 
                     # the optimizer's rate for every step of the chunk, read now: a schedule,
                     # or a rate a callback assigned, applies from the next step
                     lrs = model.optimizer.step_rates(counters.t, last - first)
+                    chunk = perm[first * batch_size:last * batch_size]
                     ls, ps, steps, finite = backend.train_epoch(
-                        plan, Xe, Ye, perm[first * batch_size:last * batch_size], batch_size,
-                        counters.step, counters.t + 1, lrs)
+                        plan, Xe, Ye, chunk, batch_size, counters.step, counters.t + 1, lrs,
+                        train_metrics.chunk(first * batch_size, len(chunk)))
                     sums += ls
                     pen_sum += ps
                     steps_done += steps
@@ -403,6 +452,7 @@ def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, 
                     break
                 logs = model._loss_logs(sums[heads] / max(rows, 1))    # the rows trained
                 logs["penalty"] = pen_sum / max(rows, 1)
+                logs.update(train_metrics.logs(Yes, perm, rows))
                 if val is not None:
                     logs.update({f"val_{k}": v for k, v in
                                  evaluate(model, val[0], val[1], None,

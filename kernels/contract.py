@@ -344,7 +344,9 @@ PT_Y0 = 4           # its target columns in Y
 PT_Y1 = 5
 PT_W = 6            # the column of Y holding its rows' sample weights, or -1 (all 1): the
 #                     batch loss is then sum_r w_r l_r / B (Keras), each row's gradient * w_r
-PT_SIZE = 7
+PT_Z0 = 7           # the first column of train_epoch's zout receiving its logits of every
+#                     trained row (in perm's order: the running metrics), or -1: not kept
+PT_SIZE = 8
 PF_WEIGHT = 0       # the loss weight
 PF_LOSS_PARAM = 1   # the loss's parameter (Loss.param: huber's delta, label smoothing)
 PF_SIZE = 2

@@ -274,7 +274,7 @@ class Plan:
         per step, >= 0: a schedule may end at 0), or the optimizer's rate in the hp rows for every step. The compiled
         epochs write step k's rate into the HP_LR slot of every hp row before its update
         (one optimizer: the slot is the same in every row)."""
-        n_steps = -(-int(n_rows) // max(1, int(batch_size)))
+        n_steps = self.n_steps(n_rows, batch_size)
         if lrs is None:
             return np.full(n_steps, self.hpW[0, C.HP_LR] if self.n_layers else 0.0)
         lrs = np.ascontiguousarray(lrs, np.float64).reshape(-1)
@@ -283,6 +283,24 @@ class Plan:
         if not (np.isfinite(lrs[:n_steps]).all() and (lrs[:n_steps] >= 0).all()):
             raise ValueError("train_epoch: every step's learning rate must be finite and >= 0")
         return lrs
+
+    @staticmethod
+    def n_steps(n_rows, batch_size):
+        return -(-int(n_rows) // max(1, int(batch_size)))
+
+    def logits_out(self, n_rows, zout):
+        """train_epoch's zout, checked: None (or an empty array) when no part keeps its
+        logits, else (n_rows, width) in the dtype with every PT_Z0 part's columns."""
+        keep = [p for p in range(self.n_parts) if int(self.parts[p, C.PT_Z0]) >= 0]
+        if zout is None or not keep:
+            return np.zeros((0, 1), self.dtype)
+        width = max(int(self.parts[p, C.PT_Z0]) + self.n_outputs[p] for p in keep)
+        if (not isinstance(zout, np.ndarray) or zout.dtype != self.dtype
+                or zout.shape[0] < n_rows or zout.shape[1] < width
+                or not zout.flags.c_contiguous):
+            raise ValueError(f"train_epoch: zout must be C-contiguous {self.dtype} of at "
+                             f"least ({n_rows}, {width})")
+        return zout
 
     def set_learning_rate(self, lr):
         """Write lr into the HP_LR slot of every hp row (the host copy)."""
@@ -343,7 +361,7 @@ def single_part(n_layers, loss, y_width, loss_param=None):
     """The parts table of a Sequential: one chain that is trunk and head at once; its loss
     weight 1, its loss parameter `loss_param` (None: the loss's default)."""
     parts = np.zeros((1, C.PT_SIZE), np.int64)
-    parts[0] = (0, n_layers, -1, loss, 0, y_width, -1)
+    parts[0] = (0, n_layers, -1, loss, 0, y_width, -1, -1)
     partf = np.zeros((1, C.PF_SIZE))
     partf[0, C.PF_WEIGHT] = 1.0
     partf[0, C.PF_LOSS_PARAM] = (C.LOSS_BY_CODE[int(loss)].default if loss_param is None

@@ -76,11 +76,11 @@ def random_plan(rng, dtype=np.float32, sizes=(3, 8, 6, 2), acts=None, drop=None,
         parts = np.zeros((len(widths), C.PT_SIZE), np.int64)
         partf = np.zeros((len(widths), C.PF_SIZE))
         partf[0, C.PF_WEIGHT] = 1.0
-        parts[0] = (0, trunk_L, -1, -1, 0, 0, -1)
+        parts[0] = (0, trunk_L, -1, -1, 0, 0, -1, -1)
         y_widths, y0 = [0], 0
         for p, (h, first) in enumerate(zip(heads, firsts[1:]), start=1):
             k = y_width(h[1], h[0][-1])
-            parts[p] = (first, first + len(h[0]), 0, h[1], y0, y0 + k, -1)
+            parts[p] = (first, first + len(h[0]), 0, h[1], y0, y0 + k, -1, -1)
             partf[p, C.PF_WEIGHT] = h[2]
             partf[p, C.PF_LOSS_PARAM] = h[4] if len(h) > 4 else C.LOSS_BY_CODE[h[1]].default
             y_widths.append(k)

@@ -644,3 +644,31 @@ def test_clipping_options_are_checked_and_saved(tmp_path):
     m.save(tmp_path / "c.npz")
     loaded = fr.load_model(tmp_path / "c.npz")
     assert loaded.optimizer.global_clipnorm == 0.5 and loaded.optimizer.clipnorm is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_metrics_are_the_running_values_of_the_epochs_steps(backend):
+    """As Keras: on the logits each row had in its own training step, handed back by the
+    compiled epoch (no second pass). One full batch without dropout: those are the logits of
+    the model before the epoch's step."""
+    sk = pytest.importorskip("sklearn.metrics")
+    _backend_or_skip(backend)
+    rng = fresh_rng()
+    X = randn(rng, (120, 5))
+    y = _labels(X)
+    m = fr.Sequential([fr.Dense(16, "tanh"), fr.Dense(3)], input_dim=5, seed=0)
+    m.compile(loss="sparse_categorical_crossentropy", optimizer=fr.Adam(1e-2), backend=backend,
+              metrics=["accuracy", "auc"])
+    for _ in range(2):
+        before = m.predict(X)
+        h = m.fit(X, y, epochs=1, batch_size=120, verbose=0)
+        assert h.history["accuracy"][0] == pytest.approx(sk.accuracy_score(y, before.argmax(1)))
+        assert h.history["auc"][0] == pytest.approx(
+            sk.roc_auc_score(y, before, multi_class="ovr"), rel=1e-5)
+    dropped = fr.Sequential([fr.Dense(16, "tanh", dropout=0.3), fr.Dense(3)], input_dim=5,
+                            seed=0)
+    dropped.compile(loss="sparse_categorical_crossentropy", optimizer=fr.Adam(1e-2),
+                    backend=backend, metrics=["accuracy"])
+    es = fr.EarlyStopping("accuracy", patience=1)       # monitorable without validation
+    h = dropped.fit(X, y, epochs=3, batch_size=16, verbose=0, callbacks=[es])
+    assert len(h.history["accuracy"]) >= 2

@@ -294,14 +294,15 @@ def invalidate(plan):
     plan.cache.pop("cuda", None)
 
 
-def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None):
+def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None):
     """kernels/reference/epoch.py on the device: same steps, same order, same masks, step k
     with learning rate lrs[k] (Plan.step_rates). Returns (loss sums per part, penalty sum,
     steps, finite); the parameters stay on the device until sync_to_host(plan)."""
     k0, k1 = split_seed(plan.seed)
     lrs = plan.step_rates(len(perm), batch_size, lrs)
+    zout = plan.logits_out(len(perm), zout)
     return epoch.train_epoch(_state(plan), plan, X, Y, perm, int(batch_size), int(step0),
-                             int(t0), k0, k1, lrs)
+                             int(t0), k0, k1, lrs, zout)
 
 
 def forward_inference(plan, X, batch_size, part=0):

@@ -84,6 +84,15 @@ def build(ns):
             a[i, j] = a[i, j] * w
 
     @cuda.jit
+    def copy_block(dst, r0, c0, src):
+        """dst[r0 + i, c0 + k] = src[i, k] (a part's logits into the running-metrics zout)."""
+        B, K = src.shape
+        for e in range(cuda.grid(1), B * K, cuda.gridsize(1)):
+            i = e // K
+            k = e - i * K
+            dst[r0 + i, c0 + k] = src[i, k]
+
+    @cuda.jit
     def set_learning_rate(seg_hp, lrs, k):
         """Step k's learning rate into the HP_LR slot of every segment's hp row (one
         optimizer: the same in every row; reference Plan.set_learning_rate)."""
@@ -91,7 +100,7 @@ def build(ns):
             seg_hp[s, C.HP_LR] = lrs[k]
 
     ns.__dict__.update(gather=gather, add_into=add_into, scale_by=scale_by,
-                       set_learning_rate=set_learning_rate)
+                       set_learning_rate=set_learning_rate, copy_block=copy_block)
 
 
 class DevicePlan:
@@ -108,6 +117,8 @@ class DevicePlan:
         self.widths = [W.shape for W in plan.Ws]
         self._views = {}
         self.data = None
+        self.zout_d = None      # train_epoch's running-metrics logits on the device
+        self.z_start = 0        # the row of zout the current batch starts at
         if not self.training:       # BatchNorm folded: Ws, bs are not all the store's
             self._upload_inference(plan)
             return
@@ -197,11 +208,11 @@ class DevicePlan:
         self.weights = [dt.type(w) for w in plan.partf[:, C.PF_WEIGHT]]
         self.loss_params = [float(v) for v in plan.partf[:, C.PF_LOSS_PARAM]]
         self.cfg = [self._layer_config(plan, l) for l in range(L)]
-        # the fused small-MLP path has no sample weights nor clipping: such a fit takes the
-        # general path
+        # the fused small-MLP path has no sample weights, clipping nor running logits: such
+        # a fit takes the general path
         self.fused = (hasattr(ns, "fused_step") and self.P_count == 1 and not any(self.bn)
                       and max(cols) <= ns.FW and self.parts[0][C.PT_W] < 0
-                      and plan.clip_mode == C.CLIP_NONE)
+                      and self.parts[0][C.PT_Z0] < 0 and plan.clip_mode == C.CLIP_NONE)
         self.clip = (int(plan.clip_mode), float(plan.clip_value))
         segs = plan.grad_segments()
         self.seg_lo, self.seg_hi = to_dev(segs[:, 0].copy()), to_dev(segs[:, 1].copy())
@@ -282,18 +293,20 @@ def _set_learning_rate(st, lrs, lrs_d, k):
         st.lr_now = lrs[k]
 
 
-def train_epoch(st, plan, X, Y, perm, batch_size, step0, t0, k0, k1, lrs):
-    """The batches of `perm` on the device with step k's learning rate lrs[k]; returns
-    DevicePlan.results()."""
+def train_epoch(st, plan, X, Y, perm, batch_size, step0, t0, k0, k1, lrs, zout):
+    """The batches of `perm` on the device with step k's learning rate lrs[k], the parts'
+    logits into zout (Plan.logits_out; empty: not kept); returns DevicePlan.results()."""
     ns = st.ns
     Xd, Yd = st.dataset(X, Y)
     perm_d = to_dev(np.asarray(perm, np.int64))
     lrs_d = to_dev(lrs)
+    st.zout_d = cuda.device_array(zout.shape, zout.dtype) if zout.shape[0] else None
     st.status.copy_to_device(np.zeros(status_size(st.P_count)))
     if st.fused:
         _fused_epoch(st, plan, Xd, Yd, perm_d, perm.shape[0], batch_size, step0, t0, k0, k1,
                      lrs, lrs_d)
         return st.results()
+    st.z_start = 0
     thr, scale, noise, nstd = st.in_cfg[0]
     dt = plan.dtype.type
     in0 = (int(thr), dt(scale), int(noise), dt(nstd))
@@ -304,6 +317,7 @@ def train_epoch(st, plan, X, Y, perm, batch_size, step0, t0, k0, k1, lrs):
         n = min(batch_size, n_total - start)
         step = int(step0 + steps)
         v = st.views(n)
+        st.z_start = start
         ns.gather[grid1(n * width, ns.NB), ns.NB](Xd, Yd, perm_d, start, n, v.x, v.y, in0[0],
                                                   in0[1], k0, k1, step, in0[2], in0[3])
         for p in range(st.P_count):
@@ -315,6 +329,9 @@ def train_epoch(st, plan, X, Y, perm, batch_size, step0, t0, k0, k1, lrs):
         update.launch(ns, st.tab, st.P, st.G, st.M, st.V, int(plan.opt), int(t0 + steps),
                       st.status, float(n))
         steps += 1
+    if st.zout_d is not None:
+        st.zout_d.copy_to_host(zout)
+        st.zout_d = None
     return st.results()
 
 
@@ -341,7 +358,7 @@ def _layer_forward(st, v, l, x, k0, k1, step):
 def _part_forward(st, v, p, n, k0, k1, step):
     """Part p's input transform (a head's), its layers, and its loss (reference train_step)."""
     ns = st.ns
-    first, end, _, loss, y0, y1, wcol = st.parts[p]
+    first, end, _, loss, y0, y1, wcol, z0 = st.parts[p]
     if p > 0 and st.has_in[p]:
         thr, scale, noise, nstd = st.in_cfg[p]
         src = v.acts[st.trunk_last]
@@ -355,6 +372,8 @@ def _part_forward(st, v, p, n, k0, k1, step):
         x = v.acts[l]
     if loss < 0:
         return
+    if st.zout_d is not None and z0 >= 0:      # the running metrics' logits
+        ns.copy_block[grid1(x.size, ns.NB), ns.NB](st.zout_d, st.z_start, z0, x)
     last = end - 1
     epi = v.epis[last]
     fuse = epi.noise == C.NOISE_NONE and not st.keeps_pre[last]
@@ -374,7 +393,7 @@ def _part_backward(st, v, p, k0, k1, step):
     gradient goes into the trunk's output gradient; the trunk starts with its last layer's
     backward epilogue once every head has added its share."""
     ns = st.ns
-    first, end, _, loss, _, _, _ = st.parts[p]
+    first, end, _, loss, _, _, _, _ = st.parts[p]
     trunk_out = v.grads[st.trunk_last]
     if loss < 0:    # the trunk under heads: no loss kernel applied its weight and epilogue
         g = v.grads[end - 1]

@@ -194,13 +194,14 @@ def epoch_context(plan):
     return threads.openmp_epoch(plan, _K.openmp_threads)
 
 
-def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None):
+def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None):
     """The batches of `perm` (an epoch or a chunk of whole batches) in one C call; returns
     (loss sums per part, penalty sum, steps, finite) as kernels/reference/epoch.py; lrs: one
     learning rate per step (Plan.step_rates)."""
     lrs = plan.step_rates(len(perm), batch_size, lrs)
+    zout = plan.logits_out(len(perm), zout)
     return _K.train_epoch(_epoch_plan(plan), X, Y, perm, int(batch_size), int(step0),
-                          int(t0), lrs)
+                          int(t0), lrs, zout)
 
 
 def forward_inference(plan, X, batch_size, part=0):

@@ -53,6 +53,7 @@ cdef struct PartC:
     Py_ssize_t y0    # its target columns [y0, y0 + ky) of Y
     Py_ssize_t ky
     Py_ssize_t wcol  # the column of Y with its rows' sample weights, or -1 (PT_W)
+    Py_ssize_t z0    # its first column of train_epoch's zout (PT_Z0), or -1
     double weight    # its loss weight
     double loss_param  # its loss's parameter (PF_LOSS_PARAM)
     uint32_t in_thr  # its input transform (read on its first layer's row)
@@ -165,8 +166,8 @@ cdef class EpochPlan:
                 raise ValueError(f"EpochPlan: layer {l} has no Adam moments")
         for q in range(P):
             pt = &self.p.parts[q]
-            pt.first, pt.end, pt.src, pt.loss, pt.y0, y1, pt.wcol = (int(v) for v in
-                                                                     plan.parts[q])
+            pt.first, pt.end, pt.src, pt.loss, pt.y0, y1, pt.wcol, pt.z0 = (
+                int(v) for v in plan.parts[q])
             pt.ky = y1 - pt.y0
             pt.width = plan.part_input_width(q)
             if not 0 <= pt.first < pt.end <= L or pt.src != (-1 if q == 0 else 0):
@@ -324,7 +325,8 @@ cdef void _layer_update(PlanC* p, int l, real* W, int64_t t) noexcept nogil:
 
 
 cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t n,
-                     uint32_t step, int64_t t, double* pen) noexcept nogil:
+                     uint32_t step, int64_t t, double* pen, real* zrows,
+                     Py_ssize_t zw) noexcept nogil:
     """One step on the gathered batch (p.xbuf) of the rows `rows` (reference train_step):
     p.losses gets the parts' batch losses; returns 0, before any backward, when one is not
     finite; else the backward and the updates, their penalty into pen.
@@ -363,6 +365,10 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
             for r in range(n):
                 memcpy(yb + r * pt.ky, Y + rows[r] * Ky + pt.y0, pt.ky * sizeof(real))
             ly = &p.layers[pt.end - 1]
+            if zrows != NULL and pt.z0 >= 0:   # the running metrics' logits
+                for r in range(n):
+                    memcpy(zrows + r * zw + pt.z0, <real*>ly.act + r * ly.n_out,
+                           ly.n_out * sizeof(real))
             if pt.wcol < 0:
                 p.losses[q] = _loss_forward_backward(<real*>ly.act, yb, <real*>ly.grad, n,
                                                      ly.n_out, pt.ky, pt.loss, pt.loss_param,
@@ -431,7 +437,8 @@ cdef void _set_learning_rate(PlanC* p, double lr) noexcept nogil:
 
 cdef int _train_epoch(PlanC* p, real* X, real* Y, Py_ssize_t Ky, int64_t* perm,
                       Py_ssize_t n_total, Py_ssize_t batch_size, int64_t step0, int64_t t0,
-                      double* lrs, double* loss_sums, double* out2) noexcept nogil:
+                      double* lrs, double* loss_sums, double* out2, real* zout,
+                      Py_ssize_t zw) noexcept nogil:
     """The batches of perm (reference train_epoch): loss_sums (P,) += the parts' batch losses
     times the batch rows; out2 = (penalty sum, steps). lrs[k] is step k's learning rate.
     Returns 1 if every batch loss was finite, else 0 (stopped before that batch's
@@ -451,7 +458,7 @@ cdef int _train_epoch(PlanC* p, real* X, real* Y, Py_ssize_t Ky, int64_t* perm,
         pen = 0.0
         _set_learning_rate(p, lrs[steps])
         if not _train_step(p, Y, Ky, perm + start, n, <uint32_t>(step0 + steps), t0 + steps,
-                           &pen):
+                           &pen, zout + start * zw if zout != NULL else NULL, zw):
             finite = 0
             break
         for q in range(p.P):
@@ -465,7 +472,7 @@ cdef int _train_epoch(PlanC* p, real* X, real* Y, Py_ssize_t Ky, int64_t* perm,
 
 
 def train_epoch(EpochPlan plan, X, Y, perm, Py_ssize_t batch_size, int64_t step0, int64_t t0,
-                lrs):
+                lrs, zout):
     """The batches of `perm` (an epoch, or a chunk of whole batches) over X, Y with step k's
     learning rate lrs[k] (float64, one per step: Plan.step_rates); returns (loss sums per
     part, penalty sum, steps, finite) as kernels/reference/epoch.py."""
@@ -490,6 +497,9 @@ def train_epoch(EpochPlan plan, X, Y, perm, Py_ssize_t batch_size, int64_t step0
     if lrs.ndim != 1 or lrs.shape[0] < (n_total + batch_size - 1) // batch_size:
         raise ValueError("train_epoch: lrs must hold one learning rate per step")
     cdef double* lrp = <double*>_data(lrs)
+    # zout: (rows, width) in the plan dtype (Plan.logits_out checked it), or empty: not kept
+    cdef void* zp = _data(zout) if zout.shape[0] > 0 else NULL
+    cdef Py_ssize_t zw = zout.shape[1]
     loss_sums = np.zeros(p.P)
     cdef double* ls = <double*>_data(loss_sums)
     cdef int64_t* pp = <int64_t*>_data(perm)
@@ -499,10 +509,10 @@ def train_epoch(EpochPlan plan, X, Y, perm, Py_ssize_t batch_size, int64_t step0
     with nogil:
         if p.is_double:
             finite = _train_epoch(p, <double*>xp, <double*>yp, Ky, pp, n_total, batch_size,
-                                  step0, t0, lrp, ls, out2)
+                                  step0, t0, lrp, ls, out2, <double*>zp, zw)
         else:
             finite = _train_epoch(p, <float*>xp, <float*>yp, Ky, pp, n_total, batch_size,
-                                  step0, t0, lrp, ls, out2)
+                                  step0, t0, lrp, ls, out2, <float*>zp, zw)
     return loss_sums, out2[0], int(out2[1]), bool(finite)
 
 

@@ -42,11 +42,12 @@ def _entry_points(stamp):
     @njit(**ENTRY_FLAGS)
     def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, columns, li,
                     lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums,
-                    grad, segments, clip_mode, clip_value):
+                    grad, segments, clip_mode, clip_value, zout):
         _ = stamp
         return E.train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords,
                              columns, li, lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1,
-                             step0, t0, lrs, loss_sums, grad, segments, clip_mode, clip_value)
+                             step0, t0, lrs, loss_sums, grad, segments, clip_mode, clip_value,
+                             zout)
 
     @njit(**ENTRY_FLAGS)
     def forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first):
@@ -307,11 +308,13 @@ def epoch_context(plan):
     return threads.numba_epoch(plan)
 
 
-def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None):
+def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None):
     """The batches of `perm` (an epoch or a chunk of whole batches) in one compiled call;
     returns (loss sums per part, penalty sum, steps, finite) as kernels/reference/epoch.py;
-    lrs: one learning rate per step (Plan.step_rates)."""
+    lrs: one learning rate per step (Plan.step_rates); zout: the running logits
+    (Plan.logits_out)."""
     lrs = plan.step_rates(perm.shape[0], batch_size, lrs)
+    zout = plan.logits_out(perm.shape[0], zout)
     spec, par, T, ws, bn, xdrops, nwords, columns = _compiled_args(plan)
     k0, k1 = split_seed(plan.seed)
     loss_sums = np.zeros(plan.n_parts)
@@ -319,7 +322,7 @@ def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None):
         X, Y, perm, int(batch_size), spec, par, T, ws, bn, xdrops, nwords, columns, plan.li,
         plan.lf, plan.hpW, plan.hpb, plan.hpgb, plan.parts, plan.partf, int(plan.opt), k0, k1,
         int(step0), int(t0), lrs, loss_sums, plan.grad, plan.grad_segments(),
-        int(plan.clip_mode), float(plan.clip_value))
+        int(plan.clip_mode), float(plan.clip_value), zout)
     return loss_sums, pen, steps, finite
 
 

@@ -131,7 +131,7 @@ def _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step,
 @kernel
 def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, columns, li, lf, hpW,
                 hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums, grad, segments,
-                clip_mode, clip_value):
+                clip_mode, clip_value, zout):
     """The batches of `perm`; loss_sums (P,) receives the per-part loss sums (weighted by
     batch rows); returns (penalty sum, steps, finite). Stops at the first batch with a
     non-finite loss, before its backward. lrs[k]: step k's learning rate, written into
@@ -173,6 +173,12 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
                     for j in range(yb.shape[1]):
                         yb[r, j] = Y[src, y0 + j]
                 end = parts[p, C.PT_END]
+                z0 = parts[p, C.PT_Z0]
+                if zout.shape[0] > 0 and z0 >= 0:       # the running metrics' logits
+                    z = ws.acts[end - 1]
+                    for r in range(n):
+                        for k in range(z.shape[1]):
+                            zout[start + r, z0 + k] = z[r, k]
                 wcol = parts[p, C.PT_W]
                 if wcol < 0:
                     losses[p] = loss_forward_backward(ws.acts[end - 1][:n], yb,

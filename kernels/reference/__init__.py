@@ -20,7 +20,7 @@ caller and written in place; an empty array (size 0) means "not present" (no bia
     output_transform(logits, loss) -> what predict returns
     penalized_update(w, g, m, v, hp, opt, t) -> penalty of w before the step
     penalty_value(w, hp) -> penalty of w
-    train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None)
+    train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None)
         -> (loss sums per part, penalty sum, steps, finite)     (epoch.py)
     forward_inference(plan, X, batch_size, part=0) -> logits of one part
 """
@@ -38,10 +38,10 @@ NAME = "numpy"
 _SELF = sys.modules[__name__]
 
 
-def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None):
+def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None):
     """One epoch through the spec (epoch.train_epoch) over these kernels; lrs: one learning
-    rate per step (None: the optimizer's, every step)."""
-    return epoch.train_epoch(_SELF, plan, X, Y, perm, batch_size, step0, t0, lrs)
+    rate per step (None: the optimizer's, every step); zout: the running logits."""
+    return epoch.train_epoch(_SELF, plan, X, Y, perm, batch_size, step0, t0, lrs, zout)
 
 
 def forward_inference(plan, X, batch_size, part=0):

@@ -102,7 +102,7 @@ def input_transform_backward(ops, plan, p, dh, step):
                           noise, std)
 
 
-def forward_backward(ops, plan, X, Y, idx, step):
+def forward_backward(ops, plan, X, Y, idx, step, zrows=None):
     """The forward and backward of one training step on the rows idx of X and Y (module
     docstring), no update: the gradients of every tensor are in plan.dWs / dbs / dgbs (and a
     BatchNorm's running statistics updated). Returns (losses per part, finite); when a loss
@@ -114,7 +114,7 @@ def forward_backward(ops, plan, X, Y, idx, step):
     inputs = [None] * L
     losses = np.zeros(P)
     for p in range(P):
-        first, end, src, loss, y0, y1, wcol = (int(v) for v in plan.parts[p])
+        first, end, src, loss, y0, y1, wcol, z0 = (int(v) for v in plan.parts[p])
         x = xb if src < 0 else plan.acts[int(plan.parts[src, C.PT_END]) - 1][:n]
         x = input_transform(ops, plan, p, x, n, step)
         for l in range(first, end):
@@ -124,6 +124,8 @@ def forward_backward(ops, plan, X, Y, idx, step):
         if loss >= 0:
             yb = plan.ybufs[p][:n]
             yb[...] = Y[idx, y0:y1]
+            if zrows is not None and z0 >= 0:     # the running metrics' logits
+                zrows[:, z0:z0 + x.shape[1]] = x
             param = plan.partf[p, C.PF_LOSS_PARAM]
             if wcol < 0:
                 losses[p] = ops.loss_forward_backward(x, yb, plan.grads[end - 1][:n], loss,
@@ -168,13 +170,13 @@ def weighted_loss_forward_backward(ops, z, y, grad, loss, param, w):
     return total / n
 
 
-def train_step(ops, plan, X, Y, idx, step, t):
+def train_step(ops, plan, X, Y, idx, step, t, zrows=None):
     """One training step on the rows idx of X and Y: forward_backward, then the fused
     penalized update of every layer's tensors, last layer first. Returns (losses per part
     (0 where a part has none), penalty, finite): the batch means, and the penalty of the
     tensors before their update; when a loss is not finite, nothing is updated and the
     penalty is 0."""
-    losses, finite = forward_backward(ops, plan, X, Y, idx, step)
+    losses, finite = forward_backward(ops, plan, X, Y, idx, step, zrows)
     if not finite:
         return losses, 0.0, False
     if plan.clip_mode:
@@ -185,20 +187,25 @@ def train_step(ops, plan, X, Y, idx, step, t):
     return losses, pen, True
 
 
-def train_epoch(ops, plan, X, Y, perm, batch_size, step0, t0, lrs=None):
+def train_epoch(ops, plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None):
     """The batches of `perm` (an epoch, or a chunk of whole batches); returns
     (loss sums per part, penalty sum, steps, finite), the sums weighted by batch rows
     (divide by the rows seen for the means). Stops at the first batch with a non-finite
     loss, before updating. lrs: the learning rate of each step (Plan.step_rates), written
-    into the hp rows before the step's update."""
+    into the hp rows before the step's update. zout (Plan.logits_out): row i receives, at
+    columns [PT_Z0, PT_Z0 + outputs) of each part that keeps them, the logits of row perm[i]
+    in its training step (dropout on, before the update): the running metrics."""
     lrs = plan.step_rates(perm.shape[0], batch_size, lrs)
+    zout = plan.logits_out(perm.shape[0], zout)
     loss_sums = np.zeros(plan.n_parts)
     pen_sum = 0.0
     steps = 0
     for start in range(0, perm.shape[0], batch_size):
         idx = perm[start:start + batch_size]
         plan.set_learning_rate(lrs[steps])
-        losses, pen, finite = train_step(ops, plan, X, Y, idx, step0 + steps, t0 + steps)
+        losses, pen, finite = train_step(ops, plan, X, Y, idx, step0 + steps, t0 + steps,
+                                         zout[start:start + batch_size] if zout.shape[0]
+                                         else None)
         if not finite:
             return loss_sums, pen_sum, steps, False
         n = idx.shape[0]
