@@ -70,12 +70,12 @@ class Sequential:
         if self.built:
             raise ValueError("layers must be added before the model is built")
         layers = self.layers + [layer]
-        blocks = fold_blocks(layers, partial=True)  # placement errors now, the model untouched
         if isinstance(layer, L.BatchNorm) and not (self.layers
                                                    and isinstance(self.layers[-1], L.Dense)):
             after = type(self.layers[-1]).__name__ if self.layers else "nothing (first layer)"
             raise ValueError(f"BatchNorm must come right after a Dense: it normalizes that "
                              f"Dense's pre-activation x @ W + b; here it follows {after}")
+        blocks = fold_blocks(layers, partial=True)  # placement errors now, the model untouched
         part = self._network.parts[0]
         part.layers = layers
         part.blocks = blocks

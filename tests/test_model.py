@@ -242,7 +242,7 @@ def test_bce_targets_outside_unit_interval():
     (lambda: fr.Adam(lr=0), "> 0"),
     (lambda: fr.SGD(lr=-1), "> 0"),
     (lambda: fr.Adam(beta1=1.0), r"\[0, 1\)"),
-    (lambda: fr.Dense(4, activation="swish"), "unknown activation"),
+    (lambda: fr.Dense(4, activation="swish2"), "unknown activation"),
     (lambda: fr.Dense(0), "positive integer"),
     (lambda: fr.SGD(0.1, nesterov=True), "momentum"),
 ])
