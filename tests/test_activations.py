@@ -462,3 +462,19 @@ def test_keras_peer_equals_predict():
     kinds = [type(layer).__name__ for layer in peer.layers]
     assert kinds.count("Softmax") == 1
     assert any(isinstance(la, keras.layers.AlphaDropout) for la in models[-2].to_keras().layers)
+
+
+def test_mc_dropout_samples_alpha_dropout_alike_on_the_cpu_backends():
+    """predict(mc_samples=...) draws AlphaDropout's masks as it draws Dropout's: a spread
+    around the deterministic output, the same (mean, std) on every backend for a seed."""
+    X = randn(fresh_rng(), (20, 4))
+    results = {}
+    for name in ["numpy"] + [n for n, _ in available_backends(["numba", "cython"])]:
+        model = _selu_net(fr.AlphaDropout(0.3), seed=0)
+        model.compile(backend=name)
+        results[name] = model.predict(X, mc_samples=30, seed=1)
+    mean, std = results["numpy"]
+    assert (std > 0).all()
+    for name, (m, s) in results.items():
+        np.testing.assert_allclose(m, mean, rtol=2e-5, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(s, std, rtol=2e-5, atol=2e-6, err_msg=name)
