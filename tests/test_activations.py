@@ -439,3 +439,42 @@ def test_alpha_dropout_misuse_is_a_clear_error_and_the_model_is_untouched():
         fr.Sequential([fr.Dense(4, "selu", dropout=0.1), fr.AlphaDropout(0.2)], input_dim=3)
     with pytest.raises(ValueError, match="AlphaDropout is that output's dropout"):
         fr.Sequential([fr.Dropout(0.1), fr.AlphaDropout(0.2), fr.Dense(2)], input_dim=3)
+
+
+def test_keras_peer_equals_predict():
+    """to_keras for every new activation, AlphaDropout (Keras' own layer) and a softmax last
+    Dense (one Softmax, not two)."""
+    from test_export import _keras
+    keras = _keras()
+    X = randn(fresh_rng(), (40, 4)) * 2
+    models = [fr.Sequential([fr.Dense(8, name, alpha=ELU_ALPHA), fr.Dense(2)], input_dim=4,
+                            seed=1) for name in NEW]
+    models.append(fr.Sequential([fr.Dense(8, "selu"), fr.AlphaDropout(0.2), fr.Dense(2)],
+                                input_dim=4, seed=1))
+    models.append(fr.Sequential([fr.Dense(8, "tanh"), fr.Dense(3, "softmax")], input_dim=4,
+                                seed=1))
+    for model in models:
+        model.compile(loss="categorical_crossentropy" if model.layers[-1].units == 3
+                      else "mse")
+        peer = model.to_keras()
+        np.testing.assert_allclose(peer.predict(X, verbose=0), model.predict(X), rtol=2e-5,
+                                   atol=2e-6)
+    kinds = [type(layer).__name__ for layer in peer.layers]
+    assert kinds.count("Softmax") == 1
+    assert any(isinstance(la, keras.layers.AlphaDropout) for la in models[-2].to_keras().layers)
+
+
+def test_mc_dropout_samples_alpha_dropout_alike_on_the_cpu_backends():
+    """predict(mc_samples=...) draws AlphaDropout's masks as it draws Dropout's: a spread
+    around the deterministic output, the same (mean, std) on every backend for a seed."""
+    X = randn(fresh_rng(), (20, 4))
+    results = {}
+    for name in ["numpy"] + [n for n, _ in available_backends(["numba", "cython"])]:
+        model = _selu_net(fr.AlphaDropout(0.3), seed=0)
+        model.compile(backend=name)
+        results[name] = model.predict(X, mc_samples=30, seed=1)
+    mean, std = results["numpy"]
+    assert (std > 0).all()
+    for name, (m, s) in results.items():
+        np.testing.assert_allclose(m, mean, rtol=2e-5, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(s, std, rtol=2e-5, atol=2e-6, err_msg=name)

@@ -239,8 +239,11 @@ def test_input_dropout_against_reference(dtype, noise, shape):
     if noise == C.NOISE_NONE:
         np.testing.assert_array_equal(a, b)
     assert_close(b, a, dtype)
-    np.testing.assert_array_equal(b != 0, keep_mask(x.shape, thr, seed, step, 3,
-                                                    STREAM_INPUT_DROPOUT))
+    # a dropped input is 0, or AlphaDropout's value a * alpha' + b (the std slot is its b)
+    dt = np.dtype(dtype).type
+    dropped = dt(0) if noise != C.NOISE_ALPHA else dt(C.ALPHA_DROPPED) * sc + dt(0.25)
+    np.testing.assert_array_equal(b != dropped, keep_mask(x.shape, thr, seed, step, 3,
+                                                          STREAM_INPUT_DROPOUT))
 
 
 # ---------------------------------------------------------------- BatchNorm
