@@ -16,7 +16,6 @@ import csv
 import inspect
 import math
 import os
-import warnings
 
 import numpy as np
 
