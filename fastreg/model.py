@@ -15,6 +15,7 @@ from . import layers as L
 from . import metrics as M
 from . import optimizers as O
 from . import pruning, saving, training
+from .frontend import FrontEnd
 from .kernels import contract as C
 from .network import Network, Part, check_in_model_dtype, check_loss_and_last_layer, fold_blocks
 from .validation import (as_features, as_sample_weight, as_targets, check_batch_size,
@@ -26,7 +27,7 @@ FORMAT_VERSION = 1
 PREDICT_BATCH = training.PREDICT_BATCH
 
 
-class Sequential:
+class Sequential(FrontEnd):
     """A stack of Dense layers (with dropout, BatchNorm and noise folded in), trained by
     fused kernels.
 
@@ -75,10 +76,6 @@ class Sequential:
         self._network.seed = check_seed("seed", value)
 
     @property
-    def dtype(self):
-        return self._network.dtype
-
-    @property
     def input_dim(self):
         return self._network.input_dim if self.built else self._declared_input_dim()
 
@@ -103,10 +100,6 @@ class Sequential:
         part.layers = layers
         part.blocks = blocks
 
-    @property
-    def built(self):
-        return self._network.built
-
     def _blocks(self):
         return fold_blocks(self.layers)
 
@@ -120,17 +113,6 @@ class Sequential:
         self._blocks()      # a Sequential needs a Dense
         self._network.build(input_dim)
 
-    def count_params(self):
-        """Parameters of all layers, BatchNorm's running statistics included (as Keras)."""
-        return self._network.count_params()
-
-    def summary(self):
-        """Print the layers, their shapes and parameter counts (as Keras does); returns the
-        same text."""
-        text = self._summary_text()
-        print(text)
-        return text
-
     def _summary_text(self):
         lines = [f"Sequential(input_dim={self.input_dim}, seed={self.seed}, dtype={self.dtype})"]
         if self._network.inputs_line():
@@ -139,9 +121,6 @@ class Sequential:
             lines += ["  " + line for line in self._network.summary_lines(0)]
         lines.append(f"  total params: {self.count_params() if self.built else '?'}")
         return "\n".join(lines)
-
-    def __repr__(self):
-        return self._summary_text()
 
     # ------------------------------------------------------------ compile
     def compile(self, loss="mse", optimizer=None, backend=None, metrics=None):
@@ -185,10 +164,6 @@ class Sequential:
         self._network.assign_weights(weights, [""] * n,
                                      "[W0, b0, ...], and gamma, beta, moving_mean, "
                                      "moving_variance after the W, b of a Dense with BatchNorm")
-
-    def penalty(self):
-        """The current regularization term sum over layers (what history['penalty'] tracks)."""
-        return self._network.penalty()
 
     # ------------------------------------------------------------ what the fit frame asks
     def _targets(self, y, n_rows, what="y"):
@@ -372,20 +347,6 @@ class Sequential:
                                    before, self.count_params(), report.kept,
                                    report.inputs_removed)
 
-    def selected_features(self):
-        """L1 as feature selection: a FeatureSelection with the input columns whose
-        first-layer weights are all exactly zero (dropped) and the others (kept)."""
-        if not self.built:
-            raise ValueError("the model has no weights yet: fit it or pass input_dim")
-        return pruning.selected_features(self._network)
-
-    @property
-    def input_columns(self):
-        """After prune(inputs=True): the columns of the original X the model reads (pass
-        X[:, model.input_columns]); None when it reads all of them."""
-        cols = self._network.input_columns
-        return None if cols is None else cols.copy()
-
     # ------------------------------------------------------------ persistence
     def get_config(self):
         return {"format": FORMAT, "version": FORMAT_VERSION,
@@ -405,30 +366,6 @@ class Sequential:
         (a new file gets 0o666 less the umask, an existing one keeps its mode, a symlink is
         written through: fastreg/modelfile.py)."""
         saving.save_network(path, self.get_config(), self._network)
-
-    def save_weights(self, path):
-        """Write get_weights() alone to `path` (atomically); model.load_weights reads it."""
-        saving.save_weights(self, path)
-
-    def load_weights(self, path):
-        """set_weights from a file written by save_weights (shapes checked before reading)."""
-        saving.load_weights(self, path)
-
-    def export(self, path, format="onnx", opset=None):
-        """Write the ONNX inference graph (BatchNorm folded, no dropout or noise, the loss's
-        sigmoid/softmax on the output) to `path`; `pip install "fastreg[onnx]"`."""
-        from . import export as _export
-        return _export.export(self, path, format=format, opset=opset)
-
-    def to_keras(self):
-        """The equivalent keras.Sequential (Keras 3; same weights and predictions)."""
-        from . import export as _export
-        return _export.to_keras(self)
-
-    def to_torch(self):
-        """The equivalent torch.nn.Sequential, in eval mode (same weights and predictions)."""
-        from . import export as _export
-        return _export.to_torch(self)
 
 
 def _load(cfg, arc, backend=None):

@@ -96,6 +96,7 @@ from . import layers as L
 from . import metrics as M
 from . import optimizers as O
 from . import pruning, saving, training
+from .frontend import FrontEnd
 from .kernels import contract as C
 from .network import Network, Part, check_loss_and_last_layer, check_part_layers
 from .pruning import MultiTaskPruneReport
@@ -152,7 +153,7 @@ def _parse_head(name, spec):
     return layers, loss, _check_weight(name, weight)
 
 
-class MultiTask:
+class MultiTask(FrontEnd):
     """A shared trunk and named heads: MultiTask(trunk, heads, input_dim=None, seed=0,
     dtype="float32"). See the module docstring for the head format, the training step, the
     Philox layer numbering and the parameter order."""
@@ -181,10 +182,6 @@ class MultiTask:
         return self._network.seed
 
     @property
-    def dtype(self):
-        return self._network.dtype
-
-    @property
     def input_dim(self):
         return self._network.input_dim
 
@@ -207,10 +204,6 @@ class MultiTask:
         return self._network.parts[1 + self.head_names.index(name)]
 
     @property
-    def built(self):
-        return self._network.built
-
-    @property
     def trunk_width(self):
         return self._network.n_outputs(0)
 
@@ -219,22 +212,11 @@ class MultiTask:
         order (so a one-head model starts as the Sequential of trunk + head layers does)."""
         self._network.build(check_width("input_dim", input_dim))
 
-    def count_params(self):
-        """Parameters of every part, BatchNorm's running statistics included (as Keras)."""
-        return self._network.count_params()
-
     def weight_names(self):
         """Names of get_weights()'s arrays, e.g. "trunk/dense_0/W", "price/dense_0/b", and
         for a Dense i with BatchNorm "trunk/batchnorm_i/gamma", ".../beta",
         ".../moving_mean", ".../moving_variance"."""
         return self._network.weight_names()
-
-    def summary(self):
-        """Print every part's layers (the heads' inputs: the trunk's output); returns the
-        same text."""
-        text = self._summary_text()
-        print(text)
-        return text
 
     def _summary_text(self):
         lines = [f"MultiTask(input_dim={self.input_dim}, seed={self.seed}, dtype={self.dtype})"]
@@ -249,9 +231,6 @@ class MultiTask:
             lines += ["    " + line for line in self._network.summary_lines(p)]
         lines.append(f"  total params: {self.count_params() if self.built else '?'}")
         return "\n".join(lines)
-
-    def __repr__(self):
-        return self._summary_text()
 
     # ------------------------------------------------------------ compile
     def compile(self, optimizer=None, backend=None, loss_weights=None, metrics=None):
@@ -344,10 +323,6 @@ class MultiTask:
                              "fit/build first")
         self._network.assign_weights(weights, [f" ({n})" for n in self.weight_names()],
                                      "see weight_names()")
-
-    def penalty(self):
-        """The current regularization term, summed over every layer of trunk and heads."""
-        return self._network.penalty()
 
     # ------------------------------------------------------------ what the fit frame asks
     def _loss_logs(self, means):
@@ -517,18 +492,6 @@ class MultiTask:
             inputs_removed=reports[0].inputs_removed,
             parts=dict(zip(["trunk"] + self.head_names, reports)))
 
-    def selected_features(self):
-        """As Sequential.selected_features (the trunk's first layer reads the inputs)."""
-        if not self.built:
-            raise ValueError("the model has no weights yet: fit it or pass input_dim")
-        return pruning.selected_features(self._network)
-
-    @property
-    def input_columns(self):
-        """As Sequential.input_columns."""
-        cols = self._network.input_columns
-        return None if cols is None else cols.copy()
-
     # ------------------------------------------------------------ persistence
     def get_config(self):
         return {"format": FORMAT, "version": FORMAT_VERSION,
@@ -553,30 +516,6 @@ class MultiTask:
         a model (BatchNorm arrays and optimizer moments included), its members prefixed
         "p<k>_". fr.load_model reads it back."""
         saving.save_network(path, self.get_config(), self._network)
-
-    def save_weights(self, path):
-        """Write get_weights() alone to `path` (atomically); model.load_weights reads it."""
-        saving.save_weights(self, path)
-
-    def load_weights(self, path):
-        """set_weights from a file written by save_weights (shapes checked before reading)."""
-        saving.load_weights(self, path)
-
-    def export(self, path, format="onnx", opset=None):
-        """Write the ONNX inference graph, one output per head (named by the head), to
-        `path`; `pip install "fastreg[onnx]"`."""
-        from . import export as _export
-        return _export.export(self, path, format=format, opset=opset)
-
-    def to_keras(self):
-        """The equivalent functional keras.Model whose outputs are {head: tensor}."""
-        from . import export as _export
-        return _export.to_keras(self)
-
-    def to_torch(self):
-        """The equivalent torch module (eval mode) whose forward returns {head: tensor}."""
-        from . import export as _export
-        return _export.to_torch(self)
 
 
 def _load(cfg, arc, backend=None):
