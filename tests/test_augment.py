@@ -189,9 +189,9 @@ def test_fit_trains_on_the_augmented_shuffled_batches_at_the_model_step(monkeypa
     seen = []
     real = reference.train_epoch
 
-    def spy(net, Xe, Ye, perm, batch_size, step0, t0):
+    def spy(net, Xe, Ye, perm, batch_size, step0, t0, *rest):
         seen.append((Xe[perm].copy(), Ye[perm].copy(), step0))
-        return real(net, Xe, Ye, perm, batch_size, step0, t0)
+        return real(net, Xe, Ye, perm, batch_size, step0, t0, *rest)
 
     monkeypatch.setattr(reference, "train_epoch", spy)
     model = _model("numpy")
