@@ -383,7 +383,7 @@ def _mixup(plan):
     """Every sparse-CE part takes Mixup targets (label a, label b, lam): width 3."""
     y0 = 0
     for p in range(plan.n_parts):
-        first, end, src, loss, a, b = (int(v) for v in plan.parts[p])
+        first, end, src, loss, a, b = (int(v) for v in plan.parts[p, :C.PT_Y1 + 1])
         if loss < 0:
             continue
         width = C.SCE_MIXED_WIDTH if loss == C.LOSS_SCE else b - a

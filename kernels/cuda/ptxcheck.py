@@ -7,7 +7,7 @@ Needs numba-cuda and NVVM (the CUDA toolkit's libnvvm), no driver and no GPU: it
 numba-cuda the device is `cc` and skips the NVRTC architecture query. Run it WITHOUT
 NUMBA_ENABLE_CUDASIM. The argument types below mirror the launch sites (dense.py, loss.py,
 update.py, batchnorm.py, epoch.py, fused.py, fused_epoch.py and __init__.py): keep them in
-step. --ptxas also assembles each kernel with ptxas (when on PATH) and prints its registers
+step (a kernel missing here is not checked). --ptxas also assembles each kernel with ptxas (when on PATH) and prints its registers
 and shared memory per thread block. Exit status: 0 all compiled, 1 a kernel failed to
 compile, 77 no toolchain here (skip).
 """
@@ -67,8 +67,11 @@ def signatures(ns):
         "scale_by": (a2, z),
         "philox_counters": (np.zeros((2, 4), np.int64), i, i, np.zeros((2, 4), np.uint32)),
         "stream_words": (np.zeros(2, np.uint32), i, i, i, i, i),
-        "loss_kernel": (a2, a2, i, i, a2, i, 1.0, True, z, f64, i, i, True, True, 1.0, i, z,
-                        i, z, i, i, i, i),
+        "loss_kernel": (a2, a2, i, i, i, a2, i, 1.0, True, z, f64, i, i, True, True, 1.0, i,
+                        z, i, z, i, i, i, i),
+        "set_learning_rate": (hp, f64, i),
+        "copy_block": (a2, i, i, a2),
+        "clip_grads": (a1, i64, i64, i, 1.0, f64),
         "update": (a1, a1, a1, a1, i64, i64, i64, hp, i64, i, i, f64, 1.0),
         "group_penalty": (a1, i64, i64, i64, i64, i64, hp, f64, 1.0),
         "columns": (a1, a1, i64, i64, i64, i64, i64, hp, f64, i, i),
@@ -83,7 +86,7 @@ def signatures(ns):
             "weight_grads": (a1, lay_i, a1, a1, i, f64, i, i, f64, 1.0),
             "fused_epoch": (a2, a2, i64, i, i, i, i, a1, a1, a1, a1, lay_i, a2, a1, a1, a1, i,
                             1.0, i, i, i, z, i, z, i, f64, i64, i64, i64, hp, i64, i, i64, i64,
-                            i64, i64, i64, i),
+                            i64, i64, i64, i, f64),
         })
     return sigs
 
