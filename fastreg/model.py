@@ -129,7 +129,7 @@ class Sequential(FrontEnd):
         names ("accuracy", "precision", "recall", "f1", "auc", "mae", "mse", "r2") or
         callables f(y_true, y_pred) -> float (fastreg/metrics.py), reported for
         validation_data as val_<name> in History and by evaluate."""
-        if isinstance(loss, (list, tuple, dict)):
+        if isinstance(loss, (list, tuple)):     # (a dict is a saved loss config)
             raise TypeError(f"loss must be the name of a loss ({sorted(C.LOSSES)}; one name: "
                             f"a Sequential has one output), got {loss!r}")
         optimizer = O.get(optimizer)
