@@ -43,6 +43,24 @@ def _max_diff(a, b):
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 
 
+def _torch_twin(torch, model):
+    """torch's Linear-Tanh-Linear with a two-Dense fastreg model's weights (fan_in, fan_out)."""
+    W0, b0, W1, b1 = model.get_weights()
+    net = torch.nn.Sequential(torch.nn.Linear(*W0.shape), torch.nn.Tanh(),
+                              torch.nn.Linear(*W1.shape))
+    with torch.no_grad():
+        for lin, W, b in ((net[0], W0, b0), (net[2], W1, b1)):
+            lin.weight.copy_(torch.from_numpy(W.T.copy()))
+            lin.bias.copy_(torch.from_numpy(b))
+    return net
+
+
+def _torch_weights(net):
+    """A _torch_twin's weights in fastreg's layout, to compare with get_weights()."""
+    return [net[0].weight.detach().numpy().T, net[0].bias.detach().numpy(),
+            net[2].weight.detach().numpy().T, net[2].bias.detach().numpy()]
+
+
 # ---------------------------------------------------------------- schedules, per step
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_schedule_changes_the_rate_every_step_on_every_backend(backend):
@@ -81,12 +99,7 @@ def test_schedules_follow_torch_schedulers_from_copied_weights(name):
         make = lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     model = fr.Sequential([fr.Dense(12, "tanh"), fr.Dense(1)], input_dim=5, seed=3)
     model.compile(loss="mse", optimizer=fr.Adam(learning_rate=sched), backend="numba")
-    W0, b0, W1, b1 = model.get_weights()
-    net = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
-    with torch.no_grad():
-        for lin, W, b in ((net[0], W0, b0), (net[2], W1, b1)):
-            lin.weight.copy_(torch.from_numpy(W.T.copy()))
-            lin.bias.copy_(torch.from_numpy(b))
+    net = _torch_twin(torch, model)
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
     scheduler = make(opt)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y.reshape(-1, 1))
@@ -98,8 +111,7 @@ def test_schedules_follow_torch_schedulers_from_copied_weights(name):
         scheduler.step()        # per step, as fastreg's schedule
     model.fit(X, y, epochs=steps // 4, batch_size=16, shuffle=False, verbose=0)
     ours = model.get_weights()
-    theirs = [net[0].weight.detach().numpy().T, net[0].bias.detach().numpy(),
-              net[2].weight.detach().numpy().T, net[2].bias.detach().numpy()]
+    theirs = _torch_weights(net)
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
@@ -478,12 +490,7 @@ def test_sample_weights_follow_torch_on_every_backend(backend):
     y = _labels(X)
     w = rng.uniform(0.0, 2.0, 96)
     m = _classifier(backend)
-    W0, b0, W1, b1 = m.get_weights()
-    net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-    with torch.no_grad():
-        for lin, W, b in ((net[0], W0, b0), (net[2], W1, b1)):
-            lin.weight.copy_(torch.from_numpy(W.T.copy()))
-            lin.bias.copy_(torch.from_numpy(b))
+    net = _torch_twin(torch, m)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     per_row = torch.nn.CrossEntropyLoss(reduction="none")
     Xt, yt, wt = torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(w.astype(np.float32))
@@ -496,8 +503,7 @@ def test_sample_weights_follow_torch_on_every_backend(backend):
         opt.step()
         losses.append(float(loss) * 16)
     h = m.fit(X, y, epochs=1, batch_size=16, shuffle=False, verbose=0, sample_weight=w)
-    theirs = [net[0].weight.detach().numpy().T, net[0].bias.detach().numpy(),
-              net[2].weight.detach().numpy().T, net[2].bias.detach().numpy()]
+    theirs = _torch_weights(net)
     for a, b in zip(m.get_weights(), theirs):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert h.history["loss"][0] == pytest.approx(sum(losses) / 96, rel=1e-5)
@@ -600,12 +606,7 @@ def test_clipping_follows_torch_on_every_backend(kind, backend):
                        fr.Dense(2, regularizer=fr.L2(1e-2))], input_dim=5, seed=0)
     m.compile(loss="mse", optimizer=fr.SGD(0.1, momentum=0.9, **{kind: CLIPS[kind]}),
               backend=backend)
-    W0, b0, W1, b1 = m.get_weights()
-    net = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2))
-    with torch.no_grad():
-        for lin, W, b in ((net[0], W0, b0), (net[2], W1, b1)):
-            lin.weight.copy_(torch.from_numpy(W.T.copy()))
-            lin.bias.copy_(torch.from_numpy(b))
+    net = _torch_twin(torch, m)
     ws, bs = [net[0].weight, net[2].weight], [net[0].bias, net[2].bias]
     opt = torch.optim.SGD([{"params": ws, "weight_decay": 1e-2}, {"params": bs}], lr=0.1,
                           momentum=0.9)
@@ -627,8 +628,7 @@ def test_clipping_follows_torch_on_every_backend(kind, backend):
         opt.step()
     assert clipped > 0          # the clipping acted
     m.fit(X, y, epochs=2, batch_size=16, shuffle=False, verbose=0)
-    theirs = [net[0].weight.detach().numpy().T, net[0].bias.detach().numpy(),
-              net[2].weight.detach().numpy().T, net[2].bias.detach().numpy()]
+    theirs = _torch_weights(net)
     for a, b in zip(m.get_weights(), theirs):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
