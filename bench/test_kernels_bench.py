@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fastreg import backend as backends
-from fastreg.kernels import contract as C
+from fastreg.kernels import contract
 from fastreg.kernels.philox import dropout_scale, dropout_threshold
 
 
@@ -23,9 +23,9 @@ def _available(names):
 
 BACKENDS = _available(["numpy", "numba", "cython"])
 # (batch, fan_in, fan_out, activation, dropout) of the hidden layers of curve and wide
-SHAPES = {"curve-64x64": (128, 64, 64, C.ACT_LEAKY_RELU, 0.1),
-          "wide-784x1024": (256, 784, 1024, C.ACT_RELU, 0.2),
-          "wide-1024x1024": (256, 1024, 1024, C.ACT_RELU, 0.2)}
+SHAPES = {"curve-64x64": (128, 64, 64, contract.ACT_LEAKY_RELU, 0.1),
+          "wide-784x1024": (256, 784, 1024, contract.ACT_RELU, 0.2),
+          "wide-1024x1024": (256, 1024, 1024, contract.ACT_RELU, 0.2)}
 
 
 def _layer(shape):
@@ -62,11 +62,12 @@ def test_dense_backward(benchmark, backend, shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fused_adam_update(benchmark, backend, shape):
     k, L = BACKENDS[backend], _layer(SHAPES[shape])
-    hp = np.zeros(C.HP_SIZE)
-    hp[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_L2]] = (1e-3, 0.9, 0.999, 1e-8, 1e-4)
+    hp = np.zeros(contract.HP_SIZE)
+    hp[[contract.HP_LR, contract.HP_BETA1, contract.HP_BETA2,
+        contract.HP_EPS, contract.HP_L2]] = (1e-3, 0.9, 0.999, 1e-8, 1e-4)
     g = np.ones_like(L["W"])
     m, v = np.zeros_like(L["W"]), np.zeros_like(L["W"])
-    benchmark(k.penalized_update, L["W"], g, m, v, hp, C.OPT_ADAM, 10)
+    benchmark(k.penalized_update, L["W"], g, m, v, hp, contract.OPT_ADAM, 10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -74,4 +75,4 @@ def test_fused_adam_update(benchmark, backend, shape):
 def test_dropout_mask(benchmark, backend, shape):
     """Philox words + mask for one layer's output (what backward regenerates)."""
     B, _, O, _, rate = SHAPES[shape]
-    benchmark(BACKENDS[backend].philox_words, B * O, 1, 0, 0, C.STREAM_DROPOUT)
+    benchmark(BACKENDS[backend].philox_words, B * O, 1, 0, 0, contract.STREAM_DROPOUT)

@@ -38,7 +38,7 @@ import math
 
 import numpy as np
 
-from .kernels import contract as C
+from .kernels import contract
 from .kernels.philox import (MASK32, STREAM_AUGMENT_FLIP, STREAM_AUGMENT_JITTER,
                              STREAM_AUGMENT_MIXUP, STREAM_AUGMENT_PARTNER, STREAM_AUGMENT_SHIFT,
                              philox4x32_block, split_seed)
@@ -87,7 +87,7 @@ class Mixup(Augmenter):
 
     def _bind(self, width, loss, image_shape):
         """True for sparse labels: the targets become (label, partner's label, lam)."""
-        return loss == C.LOSS_SCE
+        return loss == contract.LOSS_SCE
 
     def lambdas(self, draws):
         """lam per row: the inverse Beta(alpha, alpha) CDF at one Philox uniform per row."""
@@ -100,10 +100,10 @@ class Mixup(Augmenter):
         partner = draws.batch_permutation(STREAM_AUGMENT_PARTNER)
         x = (lam * x + (1.0 - lam) * x[partner]).astype(x.dtype)
         if y is not None and bound:     # sparse labels: (label a, label b, lam), contract SCE_*
-            mixed = np.empty((y.shape[0], C.SCE_MIXED_WIDTH), y.dtype)
-            mixed[:, C.SCE_LABEL] = y[:, 0]
-            mixed[:, C.SCE_LABEL_B] = y[partner, 0]
-            mixed[:, C.SCE_LAM] = lam[:, 0]
+            mixed = np.empty((y.shape[0], contract.SCE_MIXED_WIDTH), y.dtype)
+            mixed[:, contract.SCE_LABEL] = y[:, 0]
+            mixed[:, contract.SCE_LABEL_B] = y[partner, 0]
+            mixed[:, contract.SCE_LAM] = lam[:, 0]
             y = mixed
         elif y is not None:
             y = (lam * y + (1.0 - lam) * y[partner]).astype(y.dtype)
@@ -224,7 +224,7 @@ def prepare(augment, width, loss, image_shape=None):
                             f"RandomFlip, RandomShift), got {aug!r}")
         plan.append((aug, aug._bind(width, loss, image_shape)))
     mixups = [aug for aug, _ in plan if isinstance(aug, Mixup)]
-    if loss == C.LOSS_SCE and len(mixups) > 1:
+    if loss == contract.LOSS_SCE and len(mixups) > 1:
         raise ValueError(f"at most one Mixup with sparse_categorical_crossentropy (its mixed "
                          f"target is one pair of labels and a weight; mixing twice would need "
                          f"four labels per row), got {len(mixups)}: {mixups!r}")
@@ -235,7 +235,7 @@ def target_width(plan, width):
     """Columns of the targets the plan trains on, for targets of `width` columns:
     contract.SCE_MIXED_WIDTH after a Mixup of sparse labels, else `width` unchanged."""
     sparse_mix = any(isinstance(aug, Mixup) and bound for aug, bound in plan)
-    return C.SCE_MIXED_WIDTH if sparse_mix else width
+    return contract.SCE_MIXED_WIDTH if sparse_mix else width
 
 
 # ---------------------------------------------------------------- applying a plan
@@ -259,8 +259,8 @@ def apply(augmenters, X, y=None, *, batch_size=None, seed=0, step=0, image_shape
     model with this `seed`. Returns x (and y when given); the inputs are not modified. With
     Mixup and loss="sparse_categorical_crossentropy", y comes back as (n, 3) rows (label,
     partner's label, lam)."""
-    if loss not in C.LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(C.LOSSES)}")
+    if loss not in contract.LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(contract.LOSSES)}")
     dtype = np.float64 if np.asarray(X).dtype == np.float64 else np.float32
     X = as_features(X, "X", dtype=dtype)
     Y = None
@@ -273,7 +273,7 @@ def apply(augmenters, X, y=None, *, batch_size=None, seed=0, step=0, image_shape
     batch_size = n if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    plan = prepare(augmenters, X.shape[1], C.LOSSES[loss], image_shape)
+    plan = prepare(augmenters, X.shape[1], contract.LOSSES[loss], image_shape)
     x, yy = augment_epoch(plan, X, Y, np.arange(n), batch_size, seed, step)
     if y is None:
         return x

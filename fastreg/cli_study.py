@@ -284,7 +284,8 @@ def _floats(text, name, low=None, high=None, low_open=False, high_open=False):
         above = high is not None and (v > high or (high_open and v == high))
         if not math.isfinite(v) or below or above:
             rng = (f"{'(' if low_open else '['}{low:g}, "
-                   f"{'inf' if high is None else format(high, 'g')}{')' if high_open or high is None else ']'}")
+                   f"{'inf' if high is None else format(high, 'g')}"
+                   f"{')' if high_open or high is None else ']'}")
             raise click.BadParameter(f"{v:g} is outside {rng}", param_hint=f"--{name}")
     return vals
 
@@ -508,26 +509,26 @@ def _point_label(row, keys):
 
 
 def _sweep_figures(plot_dir, grid, rows, models, X, y, Xv, yv):
-    from . import plots as P
+    from . import plots
     os.makedirs(plot_dir, exist_ok=True)
     keys = list(grid)
     varying = [k for k in keys if len(grid[k]) > 1] or keys[:1]
     out = []
     if len(varying) >= 2:
-        P.sweep_plot(rows, varying[0], "best_val_loss", hue=varying[1], kind="heatmap",
-                     path=os.path.join(plot_dir, "sweep_heatmap.png"))
+        plots.sweep_plot(rows, varying[0], "best_val_loss", hue=varying[1], kind="heatmap",
+                         path=os.path.join(plot_dir, "sweep_heatmap.png"))
         out.append("sweep_heatmap.png")
     else:
-        P.sweep_plot(rows, varying[0], ["final_loss", "best_val_loss"],
-                     path=os.path.join(plot_dir, "sweep.png"))
+        plots.sweep_plot(rows, varying[0], ["final_loss", "best_val_loss"],
+                         path=os.path.join(plot_dir, "sweep.png"))
         out.append("sweep.png")
     labels = [_point_label(r, keys) for r in rows]
-    P.loss_curves(models, labels=labels, path=os.path.join(plot_dir, "loss_curves.png"))
-    P.param_kde(models, labels=labels, path=os.path.join(plot_dir, "param_kde.png"))
+    plots.loss_curves(models, labels=labels, path=os.path.join(plot_dir, "loss_curves.png"))
+    plots.param_kde(models, labels=labels, path=os.path.join(plot_dir, "param_kde.png"))
     out += ["loss_curves.png", "param_kde.png"]
     if X.shape[1] == 1 and y.shape[1] == 1:
-        P.predictions(models, Xv, yv, labels=labels,
-                      path=os.path.join(plot_dir, "predictions.png"))
+        plots.predictions(models, Xv, yv, labels=labels,
+                          path=os.path.join(plot_dir, "predictions.png"))
         out.append("predictions.png")
     return out
 
@@ -557,9 +558,9 @@ def _study_sweep(name, param, values, build, data, epochs, batch_size, n_jobs, s
     X, y, Xv, yv = data
     grid = {param: list(values), "seed": [seed]}  # one init for every point: only `param` varies
     table, models = sweep(build, grid, X, y, validation_data=(Xv, yv), epochs=epochs,
-                            batch_size=batch_size, n_jobs=n_jobs, seed=seed,
-                            return_models=True, as_frame=False,
-                            progress=prog.task(f"{name} sweep", len(values)))
+                          batch_size=batch_size, n_jobs=n_jobs, seed=seed,
+                          return_models=True, as_frame=False,
+                          progress=prog.task(f"{name} sweep", len(values)))
     rows = []
     for r, m in zip(_rows(table), models):
         r = dict(r)
@@ -641,7 +642,8 @@ def _markdown(config, l2_rows, dropout_rows, checks):
         out += [QUICK_NOTE + ".", ""]
     for name, c in checks.items():
         nums = {k: v for k, v in c.items() if k not in ("claim", "ok")}
-        text = "; ".join(f"{k} {_fmt(v) if not isinstance(v, dict) else ', '.join(f'{kk}: {_fmt(vv)}' for kk, vv in v.items())}"
+        text = "; ".join(f"{k} " + (_fmt(v) if not isinstance(v, dict) else
+                                    ", ".join(f"{kk}: {_fmt(vv)}" for kk, vv in v.items()))
                          for k, v in nums.items())
         verdict = {True: "holds", False: "does not hold", None: "not assessed"}[c["ok"]]
         out.append(f"- **{verdict}** — {c['claim']}: {text}")
@@ -657,7 +659,7 @@ def run_study(out, epochs=STUDY_EPOCHS, batch_size=STUDY_BATCH, n_jobs=2, seed=0
               console=None, dpi=100, progress=True, status=None):
     """Run both sweeps and write the figures, summary.md and summary.json into `out`.
     Tables go to `console` (stdout), status and progress to `status` (stderr)."""
-    from . import plots as P
+    from . import plots
     console = console or stdout_console()
     status = status or stderr_console()
     os.makedirs(out, exist_ok=True)
@@ -685,17 +687,17 @@ def run_study(out, epochs=STUDY_EPOCHS, batch_size=STUDY_BATCH, n_jobs=2, seed=0
         figures.append(name)
     l2_labels = [f"λ={r['l2']:g}" for r in l2_rows]
     dr_labels = [f"p={r['dropout']:g}" for r in dr_rows]
-    fig("l2_loss_curves.png", P.loss_curves, l2_models, labels=l2_labels, cmap="Reds",
+    fig("l2_loss_curves.png", plots.loss_curves, l2_models, labels=l2_labels, cmap="Reds",
         title="L2: training (solid) and validation (dashed) MSE")
-    fig("l2_predictions.png", P.predictions, l2_models, Xv, yv, labels=l2_labels, cmap="Reds",
+    fig("l2_predictions.png", plots.predictions, l2_models, Xv, yv, labels=l2_labels, cmap="Reds",
         title="L2: predictions against the validation data")
-    fig("l2_param_kde.png", P.param_kde, l2_models, labels=l2_labels, init=init, cmap="Reds",
+    fig("l2_param_kde.png", plots.param_kde, l2_models, labels=l2_labels, init=init, cmap="Reds",
         title="L2: kernel weights θ", magnitude=True)
-    fig("dropout_loss_curves.png", P.loss_curves, dr_models, labels=dr_labels, cmap="Blues",
+    fig("dropout_loss_curves.png", plots.loss_curves, dr_models, labels=dr_labels, cmap="Blues",
         title="dropout: training (solid) and validation (dashed) MSE")
-    fig("dropout_predictions.png", P.predictions, dr_models, Xv, yv, labels=dr_labels,
+    fig("dropout_predictions.png", plots.predictions, dr_models, Xv, yv, labels=dr_labels,
         cmap="Blues", title="dropout: predictions against the validation data")
-    fig("dropout_param_kde.png", P.param_kde, dr_models, labels=dr_labels, init=init,
+    fig("dropout_param_kde.png", plots.param_kde, dr_models, labels=dr_labels, init=init,
         cmap="Blues", title="dropout: kernel weights θ", magnitude=True)
     checks = study_checks(l2_rows, dr_rows)
     if quick:       # two epochs cannot show what 200 do: no verdict either way

@@ -205,8 +205,8 @@ def output_transform(loss):
     """The Activation predict applies after the last layer for a loss name (None: none)."""
     if loss is None:
         return None
-    from .kernels import contract as C
-    return OUTPUT_TRANSFORMS[C.LOSS_BY_CODE[C.LOSSES[loss]].output]
+    from .kernels import contract
+    return OUTPUT_TRANSFORMS[contract.LOSS_BY_CODE[contract.LOSSES[loss]].output]
 
 
 # ---------------------------------------------------------------- reading a model
@@ -475,7 +475,7 @@ def to_torch(model):
     """The equivalent torch.nn.Module in eval mode, in the model's dtype: a torch.nn.Sequential
     for a Sequential; for a MultiTask a module whose forward returns {head: tensor}."""
     torch = _need("torch", "torch")
-    from . import _torch_peer as P
+    from . import _torch_peer as torch_peer
     nn = torch.nn
     _, parts, multitask = read_model(model)
     dtype = {np.dtype(np.float32): torch.float32,
@@ -485,7 +485,7 @@ def to_torch(model):
         return torch.from_numpy(np.array(a, copy=True)).to(dtype)
 
     def sequential(part):
-        mods = [_torch_train_only(P, nn, c) for c in part.input_train_only]
+        mods = [_torch_train_only(torch_peer, nn, c) for c in part.input_train_only]
         for blk in part.blocks:
             d = blk.dense
             lin = nn.Linear(blk.W.shape[0], blk.W.shape[1], bias=d["use_bias"], dtype=dtype)
@@ -507,29 +507,29 @@ def to_torch(model):
             act = ACTIVATIONS[d["activation"]]
             if act is not None:
                 mods.append(act.torch(nn, d))
-            mods += [_torch_train_only(P, nn, c) for c in blk.train_only]
+            mods += [_torch_train_only(torch_peer, nn, c) for c in blk.train_only]
         transform = part.transform
         if transform is not None:
             mods.append(transform.torch(nn, {}))
         return nn.Sequential(*mods)
 
     if multitask:
-        peer = P.MultiHead(sequential(parts[0]),
-                           {p.name: sequential(p) for p in parts[1:]})
+        peer = torch_peer.MultiHead(sequential(parts[0]),
+                                    {p.name: sequential(p) for p in parts[1:]})
     else:
         peer = sequential(parts[0])
     return peer.eval()
 
 
-def _torch_train_only(P, nn, cfg):
+def _torch_train_only(torch_peer, nn, cfg):
     kind = cfg["class"]
     if kind == "Dropout":
         return nn.Dropout(cfg["rate"])
     if kind == "GaussianNoise":
-        return P.GaussianNoise(cfg["stddev"])
+        return torch_peer.GaussianNoise(cfg["stddev"])
     if kind == "AlphaDropout":
         return nn.AlphaDropout(cfg["rate"])
-    return P.GaussianDropout(cfg["rate"])
+    return torch_peer.GaussianDropout(cfg["rate"])
 
 
 __all__ = ["to_onnx", "export", "to_keras", "to_torch", "ACTIVATIONS", "OUTPUT_TRANSFORMS"]

@@ -6,8 +6,8 @@ model (fastreg.network.check_in_model_dtype).
 """
 import math
 
-from .kernels import contract as C
-from . import regularizers as R
+from .kernels import contract
+from . import regularizers
 from .validation import check_real, check_width
 
 # Keras 3's names and formulas (fastreg.network.init_kernel); drawn from the model's seed
@@ -29,7 +29,7 @@ class Layer:
 # and predict returns the softmax probabilities, so the kernels see a linear layer there
 # (network.check_loss_and_last_layer keeps it to that place).
 SOFTMAX = "softmax"
-ACTIVATION_NAMES = sorted(k for k in C.ACTIVATIONS if k) + [SOFTMAX]
+ACTIVATION_NAMES = sorted(k for k in contract.ACTIVATIONS if k) + [SOFTMAX]
 
 
 class Dense(Layer):
@@ -62,7 +62,7 @@ class Dense(Layer):
         constraint = _alias("constraint", constraint, "kernel_constraint", kernel_constraint)
         self.input_shape = _input_shape(input_shape, input_dim)
         units = check_width("Dense units", units)
-        if activation not in C.ACTIVATIONS and activation != SOFTMAX:
+        if activation not in contract.ACTIVATIONS and activation != SOFTMAX:
             raise ValueError(f"unknown activation {activation!r}; choose one of "
                              f"{ACTIVATION_NAMES} or None")
         negative_slope = check_real("negative_slope", negative_slope, 0.0)
@@ -73,15 +73,17 @@ class Dense(Layer):
         self.units = units
         self.activation = None if activation == "linear" else activation
         self.dropout = check_rate("dropout rate", dropout)
-        self.regularizer = R.as_list(regularizer) + R.as_list(constraint, "constraint")
-        self.bias_regularizer = R.as_list(bias_regularizer, "bias_regularizer")
+        self.regularizer = (regularizers.as_list(regularizer)
+                            + regularizers.as_list(constraint, "constraint"))
+        self.bias_regularizer = regularizers.as_list(bias_regularizer, "bias_regularizer")
         if any(r.maxnorm > 0 for r in self.bias_regularizer):
             raise ValueError("MaxNorm applies to a kernel's columns, not to a bias vector")
         if any(r.group > 0 for r in self.bias_regularizer):
             raise ValueError("GroupLasso groups a kernel's columns (units); it does not apply "
                              "to a bias vector")
-        R.combine(self.regularizer)  # validates a consistent combination now, not at fit time
-        R.combine(self.bias_regularizer)
+        # validates a consistent combination now, not at fit time
+        regularizers.combine(self.regularizer)
+        regularizers.combine(self.bias_regularizer)
         if bias_initializer not in BIAS_INITIALIZERS:
             raise ValueError(f"unknown bias_initializer {bias_initializer!r}; choose one of "
                              f"{BIAS_INITIALIZERS}")
@@ -96,8 +98,8 @@ class Dense(Layer):
         """(contract activation code, its parameter) the kernels compute: "softmax" is the
         linear logits path; the parameter is elu's alpha or leaky_relu's negative slope."""
         if self.activation == SOFTMAX:
-            return C.ACT_LINEAR, 0.0
-        return (C.ACTIVATIONS[self.activation],
+            return contract.ACT_LINEAR, 0.0
+        return (contract.ACTIVATIONS[self.activation],
                 self.alpha if self.activation == "elu" else self.negative_slope)
 
     def get_config(self):
@@ -247,12 +249,12 @@ class AlphaDropout(Layer):
     @property
     def scale(self):
         """a = ((1 - rate) * (1 + rate * alpha'^2)) ** -0.5, in float64."""
-        return ((1.0 - self.rate) * (1.0 + self.rate * C.ALPHA_DROPPED ** 2)) ** -0.5
+        return ((1.0 - self.rate) * (1.0 + self.rate * contract.ALPHA_DROPPED ** 2)) ** -0.5
 
     @property
     def shift(self):
         """b = -a * alpha' * rate, in float64."""
-        return -self.scale * C.ALPHA_DROPPED * self.rate
+        return -self.scale * contract.ALPHA_DROPPED * self.rate
 
     def get_config(self):
         return {"class": "AlphaDropout", "rate": self.rate}
@@ -270,18 +272,20 @@ def noise_code(layer):
     GaussianNoise / GaussianDropout, AlphaDropout's shift b; (NOISE_NONE, 0) when it is a
     no-op (stddev 0, rate 0)."""
     if isinstance(layer, AlphaDropout):
-        return (C.NOISE_ALPHA, layer.shift) if layer.rate else (C.NOISE_NONE, 0.0)
+        return (contract.NOISE_ALPHA, layer.shift) if layer.rate else (contract.NOISE_NONE, 0.0)
     if layer is None or layer.stddev == 0:
-        return C.NOISE_NONE, 0.0
-    return (C.NOISE_ADD if isinstance(layer, GaussianNoise) else C.NOISE_MUL), layer.stddev
+        return contract.NOISE_NONE, 0.0
+    return ((contract.NOISE_ADD if isinstance(layer, GaussianNoise) else contract.NOISE_MUL),
+            layer.stddev)
 
 
 def from_config(cfg):
     cfg = dict(cfg)
     kind = cfg.pop("class", None)
     if kind == "Dense":
-        cfg["regularizer"] = [R.from_config(r) for r in cfg.get("regularizer", [])]
-        cfg["bias_regularizer"] = [R.from_config(r) for r in cfg.get("bias_regularizer", [])]
+        cfg["regularizer"] = [regularizers.from_config(r) for r in cfg.get("regularizer", [])]
+        cfg["bias_regularizer"] = [regularizers.from_config(r)
+                                   for r in cfg.get("bias_regularizer", [])]
         return Dense(**cfg)
     if kind == "Dropout":
         return Dropout(**cfg)

@@ -13,11 +13,11 @@ table it is, the parameter travels in the plan (contract.PF_LOSS_PARAM) and in s
 """
 import math
 
-from .kernels import contract as C
+from .kernels import contract
 
 
 def _default(code):
-    return C.LOSS_BY_CODE[code].default
+    return contract.LOSS_BY_CODE[code].default
 
 
 class Loss:
@@ -27,7 +27,7 @@ class Loss:
 
     @property
     def row(self):
-        return C.LOSS_BY_CODE[C.LOSSES[self.name]]
+        return contract.LOSS_BY_CODE[contract.LOSSES[self.name]]
 
     @property
     def code(self):
@@ -88,7 +88,7 @@ class Huber(Loss):
     all elements ("huber"; Keras' Huber, torch's HuberLoss)."""
     name = "huber"
 
-    def __init__(self, delta=_default(C.LOSS_HUBER)):
+    def __init__(self, delta=_default(contract.LOSS_HUBER)):
         self.delta = _check_delta(delta)
 
 
@@ -109,7 +109,7 @@ class CategoricalCrossentropy(Loss):
     (1 - ls) * y + ls / K."""
     name = "categorical_crossentropy"
 
-    def __init__(self, label_smoothing=_default(C.LOSS_CCE)):
+    def __init__(self, label_smoothing=_default(contract.LOSS_CCE)):
         self.label_smoothing = _check_smoothing(label_smoothing)
 
 
@@ -119,7 +119,7 @@ class SparseCategoricalCrossentropy(Loss):
     smoothed to (1 - ls) * onehot + ls / K (torch's CrossEntropyLoss(label_smoothing))."""
     name = "sparse_categorical_crossentropy"
 
-    def __init__(self, label_smoothing=_default(C.LOSS_SCE)):
+    def __init__(self, label_smoothing=_default(contract.LOSS_SCE)):
         self.label_smoothing = _check_smoothing(label_smoothing)
 
 
@@ -141,14 +141,14 @@ def get(spec):
     if isinstance(spec, Loss):
         return spec
     if isinstance(spec, str):
-        code = C.LOSSES.get(spec)
+        code = contract.LOSSES.get(spec)
         if code is None:
-            raise ValueError(f"unknown loss {spec!r}; choose one of {sorted(C.LOSSES)} or a "
+            raise ValueError(f"unknown loss {spec!r}; choose one of {sorted(contract.LOSSES)} or a "
                              f"fastreg.losses object")
-        return CLASSES[C.LOSS_BY_CODE[code].name]()
+        return CLASSES[contract.LOSS_BY_CODE[code].name]()
     if isinstance(spec, dict) and isinstance(spec.get("name"), str):
-        cls = CLASSES.get(C.LOSS_BY_CODE[C.LOSSES[spec["name"]]].name
-                          if spec["name"] in C.LOSSES else None)
+        cls = CLASSES.get(contract.LOSS_BY_CODE[contract.LOSSES[spec["name"]]].name
+                          if spec["name"] in contract.LOSSES else None)
         if cls is None:
             raise ValueError(f"unknown loss {spec['name']!r} in a loss config")
         params = {k: v for k, v in spec.items() if k != "name"}
@@ -157,7 +157,7 @@ def get(spec):
         except TypeError as exc:
             raise ValueError(f"bad parameters {params} for loss {spec['name']!r}: {exc}") \
                 from None
-    raise TypeError(f"loss must be the name of a loss ({sorted(C.LOSSES)}) or a "
+    raise TypeError(f"loss must be the name of a loss ({sorted(contract.LOSSES)}) or a "
                     f"fastreg.losses object, got {spec!r}")
 
 

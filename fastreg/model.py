@@ -11,12 +11,12 @@ import numpy as np
 from . import augment as augmentation
 from . import backend as backends
 from . import interrupts
-from . import layers as L
-from . import metrics as M
-from . import optimizers as O
+from .layers import BatchNorm, Dense, Layer, from_config as layer_from_config
+from .metrics import REGRESSION, loss_family, names as metric_names, resolve as resolve_metrics
+from . import optimizers
 from . import pruning, saving, training
 from .frontend import FrontEnd
-from .kernels import contract as C
+from .kernels import contract
 from .network import Network, Part, check_in_model_dtype, check_loss_and_last_layer, fold_blocks
 from .validation import (as_features, as_sample_weight, as_targets, check_batch_size,
                          class_sample_weight, check_seed, check_width,
@@ -80,7 +80,7 @@ class Sequential(FrontEnd):
         return self._network.input_dim if self.built else self._declared_input_dim()
 
     def add(self, layer):
-        if not isinstance(layer, L.Layer):
+        if not isinstance(layer, Layer):
             raise TypeError(f"Sequential takes fastreg layers (Dense, Dropout, BatchNorm, "
                             f"GaussianNoise, GaussianDropout, AlphaDropout), got {layer!r}")
         if self.built:
@@ -89,8 +89,8 @@ class Sequential(FrontEnd):
             raise ValueError("input_shape / input_dim belong on the model's first layer (or "
                              "pass Sequential(input_dim=...))")
         layers = self.layers + [layer]
-        if isinstance(layer, L.BatchNorm) and not (self.layers
-                                                   and isinstance(self.layers[-1], L.Dense)):
+        if isinstance(layer, BatchNorm) and not (self.layers
+                                                 and isinstance(self.layers[-1], Dense)):
             after = type(self.layers[-1]).__name__ if self.layers else "nothing (first layer)"
             raise ValueError(f"BatchNorm must come right after a Dense: it normalizes that "
                              f"Dense's pre-activation x @ W + b; here it follows {after}")
@@ -130,14 +130,14 @@ class Sequential(FrontEnd):
         callables f(y_true, y_pred) -> float (fastreg/metrics.py), reported for
         validation_data as val_<name> in History and by evaluate."""
         if isinstance(loss, (list, tuple)):     # (a dict is a saved loss config)
-            raise TypeError(f"loss must be the name of a loss ({sorted(C.LOSSES)}; one name: "
-                            f"a Sequential has one output), got {loss!r}")
-        optimizer = O.get(optimizer)
+            raise TypeError(f"loss must be the name of a loss ({sorted(contract.LOSSES)}; "
+                            f"one name: a Sequential has one output), got {loss!r}")
+        optimizer = optimizers.get(optimizer)
         optimizer.check_dtype(self.dtype)
         name = backends.name_of(backend)
         backends.resolve(name)  # fail now, with how to get it, not at fit time
         loss = check_loss_and_last_layer(loss, self._blocks()[-1].dense)
-        metrics = M.resolve(metrics, loss.name)
+        metrics = resolve_metrics(metrics, loss.name)
         with interrupts.deferred():     # all of it or nothing, even under Ctrl-C
             self.loss, self.optimizer, self.backend = loss.name, optimizer, name
             self.metrics = metrics
@@ -167,7 +167,7 @@ class Sequential(FrontEnd):
 
     # ------------------------------------------------------------ what the fit frame asks
     def _targets(self, y, n_rows, what="y"):
-        return [as_targets(y, n_rows, C.LOSSES[self.loss], self.n_outputs, what, self.dtype)]
+        return [as_targets(y, n_rows, contract.LOSSES[self.loss], self.n_outputs, what, self.dtype)]
 
     def _loss_logs(self, means):
         return {"loss": float(means[0])}
@@ -228,7 +228,7 @@ class Sequential(FrontEnd):
             val = training.validation_pair(
                 validation_data, X.shape[1], self.dtype, self._targets,
                 sample_weights=lambda w, n, name: [as_sample_weight(w, n, name)])
-        plan = augmentation.prepare(augment, X.shape[1], C.LOSSES[self.loss], image_shape)
+        plan = augmentation.prepare(augment, X.shape[1], contract.LOSSES[self.loss], image_shape)
         backends.resolve(self.backend)
         available = ({"loss", "penalty"} | {m.name for m in self.metrics}
                      | ({"val_loss"} | {f"val_{m.name}" for m in self.metrics} if val
@@ -245,7 +245,7 @@ class Sequential(FrontEnd):
         if sample_weight is not None:
             w = w * as_sample_weight(sample_weight, n_rows)
         if class_weight is not None:
-            w = w * class_sample_weight(class_weight, Y, M.loss_family(self.loss),
+            w = w * class_sample_weight(class_weight, Y, loss_family(self.loss),
                                         self.n_outputs)
         return [w]
 
@@ -299,7 +299,7 @@ class Sequential(FrontEnd):
 
     def _require_classifier(self, what):
         self._require_compiled()
-        if M.loss_family(self.loss) == M.REGRESSION:
+        if loss_family(self.loss) == REGRESSION:
             raise ValueError(f"{what} needs a classification loss; the loss is {self.loss!r} "
                              f"(use predict)")
 
@@ -357,7 +357,8 @@ class Sequential(FrontEnd):
                     "loss": self._network.parts[0].loss_config(),
                     "optimizer": self.optimizer.get_config(),
                     "backend": self.backend,
-                    **({"metrics": M.names(self.metrics)} if M.names(self.metrics) else {})},
+                    **({"metrics": metric_names(self.metrics)}
+                       if metric_names(self.metrics) else {})},
                 **saving.input_columns_config(self._network),
                 **saving.counters_config(self._network)}
 
@@ -372,11 +373,11 @@ def _load(cfg, arc, backend=None):
     """The Sequential of a saved file (saving.load_model opens the archive and calls this):
     every member checked against the config before the model is built."""
     saving.check_version(cfg, FORMAT_VERSION, "model format")
-    model = Sequential([L.from_config(c) for c in saving.config_list(cfg["layers"], "layers")],
+    model = Sequential([layer_from_config(c) for c in saving.config_list(cfg["layers"], "layers")],
                        seed=cfg["seed"], dtype=cfg["dtype"])
     if cfg["compile"] is not None:
         comp = cfg["compile"]
-        model.compile(loss=comp["loss"], optimizer=O.get(comp["optimizer"]),
+        model.compile(loss=comp["loss"], optimizer=optimizers.get(comp["optimizer"]),
                       backend=saving.backend_for_loading(comp["backend"], backend),
                       metrics=comp.get("metrics"))
     counters = saving.read_counters(cfg)

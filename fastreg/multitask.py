@@ -92,12 +92,12 @@ import numpy as np
 from . import augment as augmentation
 from . import backend as backends
 from . import interrupts
-from . import layers as L
-from . import metrics as M
-from . import optimizers as O
+from .layers import Dense, Layer, from_config as layer_from_config
+from .metrics import names as metric_names, resolve as resolve_metrics
+from . import optimizers
 from . import pruning, saving, training
 from .frontend import FrontEnd
-from .kernels import contract as C
+from .kernels import contract
 from .network import Network, Part, check_loss_and_last_layer, check_part_layers
 from .pruning import MultiTaskPruneReport
 from .validation import (as_features, as_sample_weight, as_targets, check_batch_size,
@@ -114,16 +114,16 @@ def _check_weight(name, weight):
 
 
 def _check_layers(where, layers):
-    if isinstance(layers, L.Layer):
+    if isinstance(layers, Layer):
         layers = [layers]
     if not isinstance(layers, (list, tuple)):
         raise TypeError(f"{where} must be a list of fastreg layers ({_LAYER_KINDS}), got "
                         f"{layers!r}")
     for layer in layers:
-        if not isinstance(layer, L.Layer):
+        if not isinstance(layer, Layer):
             raise TypeError(f"{where}: MultiTask takes fastreg layers ({_LAYER_KINDS}), got "
                             f"{layer!r}")
-    if not any(isinstance(layer, L.Dense) for layer in layers):
+    if not any(isinstance(layer, Dense) for layer in layers):
         raise ValueError(f"{where} needs at least one Dense layer")
     check_part_layers(list(layers), f"{where}: ")
     return list(layers)
@@ -148,7 +148,7 @@ def _parse_head(name, spec):
         raise TypeError(f"head {name!r} must be (layers, loss) or (layers, loss, weight), or a "
                         f"dict with those keys; got {spec!r}")
     layers = _check_layers(f"head {name!r}", layers)
-    last = [la for la in layers if isinstance(la, L.Dense)][-1]
+    last = [la for la in layers if isinstance(la, Dense)][-1]
     loss = check_loss_and_last_layer(loss, last, where=f"head {name!r}: ")
     return layers, loss, _check_weight(name, weight)
 
@@ -241,7 +241,7 @@ class MultiTask(FrontEnd):
         metrics: as Sequential.compile's, {head: [names or callables]} (Keras' per-output
         dict) or one list for every head; reported as "<head>_<metric>" (History:
         "val_<head>_<metric>", evaluate's dict)."""
-        optimizer = O.get(optimizer)
+        optimizer = optimizers.get(optimizer)
         optimizer.check_dtype(self.dtype)
         name = backends.name_of(backend)
         backends.resolve(name)  # fail now, with how to get it, not at fit time
@@ -272,7 +272,7 @@ class MultiTask(FrontEnd):
             given = dict(metrics)
         else:
             given = {h: metrics for h in self.head_names}
-        return {h: M.resolve(given[h], self.losses[h]) for h in self.head_names if h in given
+        return {h: resolve_metrics(given[h], self.losses[h]) for h in self.head_names if h in given
                 and given[h] is not None}
 
     @property
@@ -306,7 +306,7 @@ class MultiTask(FrontEnd):
             raise TypeError(f"{what} must be a dict {{head name: targets}} with the keys "
                             f"{self.head_names}, got {type(y).__name__}")
         self._check_names(y, what)
-        return [as_targets(y[h], n_rows, C.LOSSES[self.losses[h]],
+        return [as_targets(y[h], n_rows, contract.LOSSES[self.losses[h]],
                            self._head(h).blocks[-1].dense.units, f"{what}[{h!r}]", self.dtype)
                 for h in self.head_names]
 
@@ -390,13 +390,13 @@ class MultiTask(FrontEnd):
         """One augment.prepare plan per head (for its loss), or None without augmentation.
         Checks that do not depend on a loss come first, unprefixed; a head whose loss an
         augmenter refuses (e.g. two Mixups with sparse labels) is named."""
-        plan = augmentation.prepare(augment, width, C.LOSS_MSE, image_shape)
+        plan = augmentation.prepare(augment, width, contract.LOSS_MSE, image_shape)
         if not plan:
             return None
         plans = []
         for h in self.head_names:
             try:
-                plans.append(augmentation.prepare(augment, width, C.LOSSES[self.losses[h]],
+                plans.append(augmentation.prepare(augment, width, contract.LOSSES[self.losses[h]],
                                                   image_shape))
             except ValueError as exc:    # every augmenter applies to every head's targets
                 raise ValueError(f"head {h!r} ({self.losses[h]}): {exc}") from None
@@ -504,9 +504,9 @@ class MultiTask(FrontEnd):
                 "input_dim": self.input_dim, "seed": self.seed, "dtype": self.dtype.name,
                 "compile": None if self.optimizer is None else {
                     "optimizer": self.optimizer.get_config(), "backend": self.backend,
-                    **({"metrics": {h: M.names(ms) for h, ms in self.metrics.items()
-                                    if M.names(ms)}}
-                       if any(M.names(ms) for ms in self.metrics.values()) else {})},
+                    **({"metrics": {h: metric_names(ms) for h, ms in self.metrics.items()
+                                    if metric_names(ms)}}
+                       if any(metric_names(ms) for ms in self.metrics.values()) else {})},
                 **saving.input_columns_config(self._network),
                 **saving.counters_config(self._network)}
 
@@ -522,14 +522,14 @@ def _load(cfg, arc, backend=None):
     """The MultiTask of a saved file (saving.load_model opens the archive and calls this):
     every member checked against the config before the model is built."""
     saving.check_version(cfg, FORMAT_VERSION, "multitask format")
-    heads = {h["name"]: ([L.from_config(c) for c in saving.config_list(h["layers"], "layers")],
+    heads = {h["name"]: ([layer_from_config(c) for c in saving.config_list(h["layers"], "layers")],
                          h["loss"], h["weight"])
              for h in saving.config_list(cfg["heads"], "heads")}
-    model = MultiTask([L.from_config(c) for c in saving.config_list(cfg["trunk"], "trunk")],
+    model = MultiTask([layer_from_config(c) for c in saving.config_list(cfg["trunk"], "trunk")],
                       heads, seed=cfg["seed"], dtype=cfg["dtype"])
     if cfg["compile"] is not None:
         comp = cfg["compile"]
-        model.compile(optimizer=O.get(comp["optimizer"]),
+        model.compile(optimizer=optimizers.get(comp["optimizer"]),
                       backend=saving.backend_for_loading(comp["backend"], backend),
                       metrics=comp.get("metrics"))
     counters = saving.read_counters(cfg)

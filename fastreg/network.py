@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import interrupts
-from . import layers as L
-from . import regularizers as R
-from .kernels import contract as C
-from .kernels import plan as PL
+from .layers import (NOISE_LAYERS, SOFTMAX, AlphaDropout, BatchNorm, Dense, Dropout, GaussianNoise,
+                     Layer, noise_code)
+from . import regularizers
+from .kernels import contract
+from .kernels.plan import LayerShape, ParamStore, make_plan
 from .kernels.philox import dropout_scale, dropout_threshold
 from .kernels.reference import penalty_value
 from .validation import check_in_dtype, check_seed
@@ -34,18 +35,18 @@ from .validation import check_in_dtype, check_seed
 class Block:
     """A Dense with what is fused into it: the dropout on its input (first block of a part
     only) and on its output, its BatchNorm, and the noise on its input / output."""
-    dense: L.Dense
+    dense: Dense
     in_drop: float = 0.0
     out_drop: float = 0.0
-    bn: L.BatchNorm = None
-    in_noise: L.Layer = None
-    noise: L.Layer = None
+    bn: BatchNorm = None
+    in_noise: Layer = None
+    noise: Layer = None
 
 
 def _check_alpha_dropout(noise, rate, where):
     """AlphaDropout is the only dropout of the output it acts on (it uses that output's
     dropout mask and scale)."""
-    if isinstance(noise, L.AlphaDropout) and rate:
+    if isinstance(noise, AlphaDropout) and rate:
         raise ValueError(f"{noise!r} on {where} has a Dropout (or a Dense dropout=) there "
                          f"too: AlphaDropout is that output's dropout; keep one of them")
 
@@ -59,35 +60,35 @@ def fold_blocks(layers, partial=False):
     def where():
         return "the inputs" if not blocks else f"the output of Dense {len(blocks) - 1}"
     for i, layer in enumerate(layers):
-        if blocks and blocks[-1].dense.activation == L.SOFTMAX \
-                and isinstance(layer, (L.Dense, L.Dropout) + L.NOISE_LAYERS):
+        if blocks and blocks[-1].dense.activation == SOFTMAX \
+                and isinstance(layer, (Dense, Dropout) + NOISE_LAYERS):
             raise ValueError(f"{layer!r} after a softmax Dense: softmax is only accepted on "
                              f"the last Dense, as its output (the categorical losses' logits "
                              f"path)")
-        if isinstance(layer, L.NOISE_LAYERS):
+        if isinstance(layer, NOISE_LAYERS):
             if noise is not None:
                 raise ValueError(f"at most one GaussianNoise / GaussianDropout / AlphaDropout "
                                  f"per dense output (or on the inputs): {noise!r} and "
                                  f"{layer!r} both act on {where()}")
-            if pending and isinstance(layer, L.GaussianNoise):
+            if pending and isinstance(layer, GaussianNoise):
                 raise ValueError(f"{layer!r} after a Dropout on {where()}: the fused order is "
                                  f"activation, noise, dropout; put the Dropout after the "
                                  f"GaussianNoise")
             _check_alpha_dropout(layer, pending or (blocks and blocks[-1].out_drop), where())
             noise = layer
             continue
-        if isinstance(layer, L.BatchNorm):
-            if i == 0 or not isinstance(layers[i - 1], L.Dense):
+        if isinstance(layer, BatchNorm):
+            if i == 0 or not isinstance(layers[i - 1], Dense):
                 raise ValueError("BatchNorm must come right after a Dense: it normalizes "
                                  "that Dense's pre-activation x @ W + b")
             blocks[-1].bn = layer
             continue
-        if isinstance(layer, L.Dropout):
+        if isinstance(layer, Dropout):
             _check_alpha_dropout(noise, layer.rate, where())
             pending = 1.0 - (1.0 - pending) * (1.0 - layer.rate)
             continue
-        if isinstance(layer, L.Dense):
-            if layer.activation == L.SOFTMAX and layer.dropout:
+        if isinstance(layer, Dense):
+            if layer.activation == SOFTMAX and layer.dropout:
                 raise ValueError(f"{layer!r}: a softmax Dense is the model's output, it takes "
                                  f"no dropout")
             if pending and blocks:
@@ -126,11 +127,11 @@ def check_loss_and_last_layer(loss, last, where=""):
         raise type(exc)(f"{where}{exc}") from None
     row = loss.row
     categorical = row.output == "softmax"
-    if last.activation == L.SOFTMAX and not categorical:
+    if last.activation == SOFTMAX and not categorical:
         raise ValueError(f"{where}softmax on the last Dense needs a categorical cross-entropy "
                          f"loss (categorical_crossentropy or sparse_categorical_crossentropy), "
                          f"not {loss.name}; use a linear last Dense")
-    if row.output != "identity" and last.activation not in (None, L.SOFTMAX):
+    if row.output != "identity" and last.activation not in (None, SOFTMAX):
         takes = "the log-rate" if row.output == "exp" else "logits"
         raise ValueError(f"{where}{loss.name} takes {takes}: make the last Dense linear "
                          f"(activation=None); predict() returns the "
@@ -145,10 +146,10 @@ def check_part_layers(layers, where=""):
     """Sequential.add's rules for a whole layer list: fastreg layers, noise and BatchNorm
     placement (ValueError / TypeError prefixed with `where`)."""
     for i, layer in enumerate(layers):
-        if not isinstance(layer, L.Layer):
+        if not isinstance(layer, Layer):
             raise TypeError(f"{where}fastreg layers (Dense, Dropout, BatchNorm, "
                             f"GaussianNoise, GaussianDropout, AlphaDropout) only, got {layer!r}")
-        if isinstance(layer, L.BatchNorm) and not (i and isinstance(layers[i - 1], L.Dense)):
+        if isinstance(layer, BatchNorm) and not (i and isinstance(layers[i - 1], Dense)):
             after = type(layers[i - 1]).__name__ if i else "nothing (first layer)"
             raise ValueError(f"{where}BatchNorm must come right after a Dense: it normalizes "
                              f"that Dense's pre-activation x @ W + b; here it follows {after}")
@@ -164,7 +165,7 @@ def check_in_model_dtype(layer, dtype):
     (an eps that rounds to 0 divides by a zero variance; a momentum that rounds to 1 never
     moves the statistics; one that rounds to 0 only keeps the last batch's, which is
     allowed)."""
-    if isinstance(layer, L.BatchNorm):
+    if isinstance(layer, BatchNorm):
         check_in_dtype("BatchNorm eps", layer.eps, dtype)
         check_in_dtype("BatchNorm momentum", layer.momentum, dtype, positive=False,
                        below_one=True)
@@ -265,11 +266,11 @@ class Network:
         for part in self.parts:
             part.blocks = fold_blocks(part.layers, partial=True)
         if len(self.parts) > 1 and self.parts[0].blocks \
-                and self.parts[0].blocks[-1].dense.activation == L.SOFTMAX:
+                and self.parts[0].blocks[-1].dense.activation == SOFTMAX:
             raise ValueError("softmax is only accepted on the last Dense of a categorical "
                              "head (its logits path), not on the trunk")
-        if self.n_blocks >= C.MAX_LAYER_WORDS:
-            raise ValueError(f"a network takes fewer than {C.MAX_LAYER_WORDS} Dense layers")
+        if self.n_blocks >= contract.MAX_LAYER_WORDS:
+            raise ValueError(f"a network takes fewer than {contract.MAX_LAYER_WORDS} Dense layers")
 
     # ------------------------------------------------------------ structure
     @property
@@ -306,9 +307,10 @@ class Network:
         says "softmax"."""
         part = self.parts[p]
         if part.loss is not None:
-            return C.LOSSES[part.loss]
+            return contract.LOSSES[part.loss]
         last = part.blocks[-1].dense if part.blocks else None
-        return C.LOSS_SCE if last is not None and last.activation == L.SOFTMAX else C.LOSS_MSE
+        return (contract.LOSS_SCE if last is not None and last.activation == SOFTMAX
+                else contract.LOSS_MSE)
 
     @property
     def built(self):
@@ -327,13 +329,14 @@ class Network:
         return out
 
     def layer_shapes(self, input_dim):
-        return [PL.LayerShape(fan_in, b.dense.units, b.dense.use_bias, b.bn is not None)
+        return [LayerShape(fan_in, b.dense.units, b.dense.use_bias, b.bn is not None)
                 for fan_in, b in zip(self.fan_ins(input_dim), self.blocks)]
 
     def build(self, input_dim):
         """Create the weights from the seed: one generator, blocks in the global order;
-        biases 0 (or 1: bias_initializer="ones"); BatchNorm gamma 1, beta 0, running mean 0, variance 1."""
-        store = PL.ParamStore(self.layer_shapes(input_dim), self.dtype)
+        biases 0 (or 1: bias_initializer="ones"); BatchNorm gamma 1, beta 0, running mean 0,
+        variance 1."""
+        store = ParamStore(self.layer_shapes(input_dim), self.dtype)
         rng = np.random.default_rng(self.seed)
         for l, blk in enumerate(self.blocks):
             W = store.tensor("W", l)
@@ -402,42 +405,42 @@ class Network:
     def config_rows(self, optimizer, training):
         """li, lf, hpW, hpb, hpgb of every block (kernels/contract.py layouts)."""
         n = self.n_blocks
-        li = np.zeros((n, C.LI_SIZE), np.int64)
-        lf = np.zeros((n, C.LF_SIZE), self.dtype)
-        hps = [np.zeros((n, C.HP_SIZE)) for _ in range(3)]
+        li = np.zeros((n, contract.LI_SIZE), np.int64)
+        lf = np.zeros((n, contract.LF_SIZE), self.dtype)
+        hps = [np.zeros((n, contract.HP_SIZE)) for _ in range(3)]
         opt_slots = optimizer.slots()
         for i, blk in enumerate(self.blocks):
             d = blk.dense
-            li[i, C.LI_ACT], lf[i, C.LF_SLOPE] = d.kernel_activation
-            li[i, C.LI_HAS_BIAS] = int(d.use_bias)
-            li[i, C.LI_DROP_THR], lf[i, C.LF_DROP_SCALE] = self.dropout_slots(blk.out_drop,
-                                                                             blk.noise)
-            li[i, C.LI_IN_DROP_THR], lf[i, C.LF_IN_DROP_SCALE] = self.dropout_slots(
+            li[i, contract.LI_ACT], lf[i, contract.LF_SLOPE] = d.kernel_activation
+            li[i, contract.LI_HAS_BIAS] = int(d.use_bias)
+            li[i, contract.LI_DROP_THR], lf[i, contract.LF_DROP_SCALE] = self.dropout_slots(
+                blk.out_drop, blk.noise)
+            li[i, contract.LI_IN_DROP_THR], lf[i, contract.LF_IN_DROP_SCALE] = self.dropout_slots(
                 blk.in_drop, blk.in_noise)
-            li[i, C.LI_NOISE], lf[i, C.LF_NOISE_STD] = L.noise_code(blk.noise)
-            li[i, C.LI_IN_NOISE], lf[i, C.LF_IN_NOISE_STD] = L.noise_code(blk.in_noise)
+            li[i, contract.LI_NOISE], lf[i, contract.LF_NOISE_STD] = noise_code(blk.noise)
+            li[i, contract.LI_IN_NOISE], lf[i, contract.LF_IN_NOISE_STD] = noise_code(blk.in_noise)
             if blk.bn is not None:
-                li[i, C.LI_BN] = int(training)   # inference: folded into W, b
-                lf[i, C.LF_BN_EPS] = blk.bn.eps
-                lf[i, C.LF_BN_MOMENTUM] = blk.bn.momentum
+                li[i, contract.LI_BN] = int(training)   # inference: folded into W, b
+                lf[i, contract.LF_BN_EPS] = blk.bn.eps
+                lf[i, contract.LF_BN_MOMENTUM] = blk.bn.momentum
             # W: its regularizers and the optimizer's decoupled decay; b: its own
             # regularizers, never decayed; gamma/beta: never penalized nor decayed
             for row, regs, decayed in ((hps[0][i], d.regularizer, True),
                                        (hps[1][i], d.bias_regularizer, False),
                                        (hps[2][i], [], False)):
                 for name, value in opt_slots.items():
-                    row[C.SLOTS[name].index] = value
+                    row[contract.SLOTS[name].index] = value
                 if not decayed:
-                    row[C.HP_DECOUPLED] = 0.0
-                for name, value in R.combine(regs).items():
-                    row[C.SLOTS[name].index] = value
+                    row[contract.HP_DECOUPLED] = 0.0
+                for name, value in regularizers.combine(regs).items():
+                    row[contract.SLOTS[name].index] = value
         return (li, lf) + tuple(hps)
 
     def dropout_slots(self, rate, noise):
         """(threshold, scale) of a dropout slot: an inverted Dropout(rate)'s, or the
         AlphaDropout's that takes the slot (its mask threshold, its scale a; fold_blocks
         leaves no other dropout beside it)."""
-        if isinstance(noise, L.AlphaDropout) and noise.rate:
+        if isinstance(noise, AlphaDropout) and noise.rate:
             return dropout_threshold(noise.rate), self.dtype.type(noise.scale)
         return dropout_threshold(rate), dropout_scale(rate, self.dtype.type)
 
@@ -446,18 +449,18 @@ class Network:
         the column of Y with part p's sample weights, z_cols[p] the first column of zout
         for its logits, -1 for none (None: none at all)."""
         P = len(self.parts)
-        parts = np.zeros((P, C.PT_SIZE), np.int64)
-        partf = np.zeros((P, C.PF_SIZE))
+        parts = np.zeros((P, contract.PT_SIZE), np.int64)
+        partf = np.zeros((P, contract.PF_SIZE))
         weight_cols = [-1] * P if weight_cols is None else weight_cols
         z_cols = [-1] * P if z_cols is None else z_cols
         y0 = 0
         for p, ((first, end), part, w) in enumerate(zip(self.part_ranges(), self.parts,
-                                                          y_widths)):
-            loss = -1 if part.loss is None else C.LOSSES[part.loss]
+                                                        y_widths)):
+            loss = -1 if part.loss is None else contract.LOSSES[part.loss]
             parts[p] = (first, end, -1 if p == 0 else 0, loss, y0, y0 + w, weight_cols[p],
                         z_cols[p])
-            partf[p, C.PF_WEIGHT] = part.weight
-            partf[p, C.PF_LOSS_PARAM] = part.loss_param
+            partf[p, contract.PF_WEIGHT] = part.weight
+            partf[p, contract.PF_LOSS_PARAM] = part.loss_param
             y0 += w
         return parts, partf
 
@@ -469,8 +472,8 @@ class Network:
         self.ensure_optimizer_state(optimizer)
         li, lf, hpW, hpb, hpgb = self.config_rows(optimizer, training=True)
         parts, partf = self.parts_rows(y_widths, weight_cols, z_cols)
-        plan = PL.make_plan(self.store, li, lf, hpW, hpb, hpgb, parts, partf, optimizer.code,
-                            self.seed, training=True, clip=optimizer.clip)
+        plan = make_plan(self.store, li, lf, hpW, hpb, hpgb, parts, partf, optimizer.code,
+                         self.seed, training=True, clip=optimizer.clip)
         return plan.allocate(batch, y_widths)
 
     def inference_plan(self, optimizer=None):
@@ -479,23 +482,23 @@ class Network:
         li, lf, hpW, hpb, hpgb = self.config_rows(optimizer or Adam(), training=False)
         parts, partf = self.parts_rows([0] * len(self.parts))
         folded = {l: self.folded(l) for l, blk in enumerate(self.blocks) if blk.bn is not None}
-        return PL.make_plan(self.store, li, lf, hpW, hpb, hpgb, parts, partf,
-                            (optimizer or Adam()).code, self.seed, training=False,
-                            folded=folded)
+        return make_plan(self.store, li, lf, hpW, hpb, hpgb, parts, partf,
+                         (optimizer or Adam()).code, self.seed, training=False,
+                         folded=folded)
 
     def folded_scale(self, gb, st, eps):
         """s = gamma / sqrt(running_var + eps) in float64; eps rounded to the dtype first,
         as training adds it."""
         eps = float(self.dtype.type(eps))
-        return gb[C.BN_GAMMA].astype(np.float64) / np.sqrt(st[C.BN_VAR].astype(np.float64)
-                                                           + eps)
+        return (gb[contract.BN_GAMMA].astype(np.float64)
+                / np.sqrt(st[contract.BN_VAR].astype(np.float64) + eps))
 
     def folded_bias(self, gb, st, b, eps):
         """The folded bias b' = (b - running_mean) * s + beta (in the dtype)."""
         s = self.folded_scale(gb, st, eps)
         b64 = b.astype(np.float64) if b.size else 0.0
-        return ((b64 - st[C.BN_MEAN].astype(np.float64)) * s
-                + gb[C.BN_BETA].astype(np.float64)).astype(self.dtype)
+        return ((b64 - st[contract.BN_MEAN].astype(np.float64)) * s
+                + gb[contract.BN_BETA].astype(np.float64)).astype(self.dtype)
 
     def folded(self, l):
         """Block l with its BatchNorm folded in for inference (running statistics):
@@ -540,7 +543,8 @@ class Network:
                 out += [self.store.tensor("W", l), self.store.tensor("b", l)]
                 if self.blocks[l].bn is not None:
                     gb, st = self.store.tensor("gb", l), self.store.running_stats(l)
-                    out += [gb[C.BN_GAMMA], gb[C.BN_BETA], st[C.BN_MEAN], st[C.BN_VAR]]
+                    out += [gb[contract.BN_GAMMA], gb[contract.BN_BETA],
+                            st[contract.BN_MEAN], st[contract.BN_VAR]]
         return out
 
     def weight_names(self):
@@ -614,11 +618,11 @@ class Network:
                 fan_in = None
             n = (fan_in * d.units + (d.units if d.use_bias else 0)) if fan_in else "?"
             extra = f", input dropout {blk.in_drop:.3g}" if blk.in_drop else ""
-            if isinstance(blk.in_noise, L.AlphaDropout):
+            if isinstance(blk.in_noise, AlphaDropout):
                 extra += f", input {blk.in_noise!r}"
             elif blk.in_noise is not None:
                 extra += f", input noise {blk.in_noise!r}"
-            if isinstance(blk.noise, L.AlphaDropout):
+            if isinstance(blk.noise, AlphaDropout):
                 extra += f", output {blk.noise!r}"
             elif blk.noise is not None:
                 extra += f", output noise {blk.noise!r} (before the dropout)"

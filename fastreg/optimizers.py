@@ -6,7 +6,7 @@ decay w <- w - lr*wd*w); the fused kernels implement them (kernels/reference.py 
 import numpy as np
 
 from . import schedules
-from .kernels import contract as C
+from .kernels import contract
 from .validation import check_in_dtype, check_real
 
 
@@ -44,19 +44,19 @@ def _check_learning_rate(value, name="learning_rate"):
 def _clipping(clipnorm, clipvalue, global_clipnorm):
     """(contract CLIP_* mode, value) of Keras' three options: at most one, each > 0."""
     given = [(mode, name, v) for mode, name, v in (
-        (C.CLIP_NORM, "clipnorm", clipnorm), (C.CLIP_VALUE, "clipvalue", clipvalue),
-        (C.CLIP_GLOBAL_NORM, "global_clipnorm", global_clipnorm)) if v is not None]
+        (contract.CLIP_NORM, "clipnorm", clipnorm), (contract.CLIP_VALUE, "clipvalue", clipvalue),
+        (contract.CLIP_GLOBAL_NORM, "global_clipnorm", global_clipnorm)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"pass one of clipnorm, clipvalue and global_clipnorm, got "
                          f"{', '.join(name for _, name, _ in given)}")
     if not given:
-        return C.CLIP_NONE, 0.0
+        return contract.CLIP_NONE, 0.0
     mode, name, v = given[0]
     return mode, _positive(name, v)
 
 
-_CLIP_NAMES = {C.CLIP_NORM: "clipnorm", C.CLIP_VALUE: "clipvalue",
-               C.CLIP_GLOBAL_NORM: "global_clipnorm"}
+_CLIP_NAMES = {contract.CLIP_NORM: "clipnorm", contract.CLIP_VALUE: "clipvalue",
+               contract.CLIP_GLOBAL_NORM: "global_clipnorm"}
 
 
 class Optimizer:
@@ -99,22 +99,22 @@ class Optimizer:
         rates = self.schedule.rates(np.arange(iterations, iterations + int(n), dtype=np.float64))
         return np.ascontiguousarray(rates, np.float64)
 
-    clip = (C.CLIP_NONE, 0.0)   # (contract CLIP_* mode, value): Keras' clipping options
+    clip = (contract.CLIP_NONE, 0.0)   # (contract CLIP_* mode, value): Keras' clipping options
 
     def _set_clipping(self, clipnorm, clipvalue, global_clipnorm):
         self.clip = _clipping(clipnorm, clipvalue, global_clipnorm)
 
     @property
     def clipnorm(self):
-        return self.clip[1] if self.clip[0] == C.CLIP_NORM else None
+        return self.clip[1] if self.clip[0] == contract.CLIP_NORM else None
 
     @property
     def clipvalue(self):
-        return self.clip[1] if self.clip[0] == C.CLIP_VALUE else None
+        return self.clip[1] if self.clip[0] == contract.CLIP_VALUE else None
 
     @property
     def global_clipnorm(self):
-        return self.clip[1] if self.clip[0] == C.CLIP_GLOBAL_NORM else None
+        return self.clip[1] if self.clip[0] == contract.CLIP_GLOBAL_NORM else None
 
     def _clip_config(self):
         """{"clipnorm": c} (or clipvalue / global_clipnorm) when set, else {}: files of
@@ -130,7 +130,7 @@ class Optimizer:
     @property
     def moments(self):
         """The moment buffers the update needs: a subset of ("m", "v")."""
-        return C.OPTIMIZER_BY_CODE[self.code].moments
+        return contract.OPTIMIZER_BY_CODE[self.code].moments
 
     @property
     def needs_m(self):
@@ -161,7 +161,7 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    code = C.OPT_SGD
+    code = contract.OPT_SGD
 
     def __init__(self, learning_rate=None, momentum=0.0, nesterov=False, lr=None, clipnorm=None,
                  clipvalue=None, global_clipnorm=None):
@@ -186,7 +186,7 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    code = C.OPT_ADAM
+    code = contract.OPT_ADAM
 
     def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, lr=None,
                  clipnorm=None, clipvalue=None, global_clipnorm=None):
@@ -207,7 +207,7 @@ class Adam(Optimizer):
 
 class AdamW(Adam):
     """Adam with decoupled weight decay on the kernels (biases are not decayed)."""
-    code = C.OPT_ADAMW
+    code = contract.OPT_ADAMW
 
     def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
                  lr=None, clipnorm=None, clipvalue=None, global_clipnorm=None):

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import layers as L
-from .kernels import contract as C
-from .kernels import plan as PL
+from .layers import Dense
+from .kernels import contract
+from .kernels.plan import ParamStore
 from .kernels.reference import activation
 
 
@@ -120,7 +120,7 @@ class _Pruning:
         dtype = self.network.dtype
         if self.blocks[j].bn is not None:
             st = self.stats[j].astype(np.float64)
-            st[C.BN_MEAN] -= delta
+            st[contract.BN_MEAN] -= delta
             self.stats[j] = st.astype(dtype)
         elif self.arrays["b"][j].size:
             self.arrays["b"][j] = (self.arrays["b"][j].astype(np.float64) + delta).astype(dtype)
@@ -200,7 +200,7 @@ class _Pruning:
         for part in network.parts:
             layers = []
             for layer in part.layers:
-                if isinstance(layer, L.Dense):
+                if isinstance(layer, Dense):
                     if layer.units != units_after[l]:
                         layer = copy.copy(layer)
                         layer.units = units_after[l]
@@ -213,7 +213,7 @@ class _Pruning:
                       else network.input_columns)
             network.input_columns = before[self.input_keep]
             network.input_dim = len(self.input_keep)
-        store = PL.ParamStore(network.layer_shapes(network.input_dim), network.dtype)
+        store = ParamStore(network.layer_shapes(network.input_dim), network.dtype)
         for l in range(len(units_after)):
             for kind, _ in self.KINDS:
                 if self.arrays[kind][l].size:
@@ -258,7 +258,7 @@ def prune(network, inputs=False):
             state.prune_block(end - 1, heads_first)
     units_after = state.commit()
     return [PruneReport(removed=[a - b for a, b in zip(state.units_before[first:end],
-                                                        units_after[first:end])],
+                                                       units_after[first:end])],
                         units_before=state.units_before[first:end],
                         units_after=units_after[first:end],
                         params_before=_part_params(before, first, end),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import contract as C
+from .kernels import contract
 from .validation import check_real
 
 
@@ -184,7 +184,7 @@ def as_list(reg, what="regularizer"):
     return items
 
 
-REGULARIZER_SLOTS = [s for s in C.SLOT_TABLE if s.owner == "regularizer"]
+REGULARIZER_SLOTS = [s for s in contract.SLOT_TABLE if s.owner == "regularizer"]
 
 
 def combine(regs):
@@ -195,7 +195,7 @@ def combine(regs):
     seen = {}
     for reg in regs:
         for name, value in reg.slots().items():
-            slot = C.SLOTS[name]
+            slot = contract.SLOTS[name]
             if slot.combine == "sum":
                 out[name] += value
             elif slot.combine == "min":

@@ -26,7 +26,7 @@ import numpy as np
 from . import backend as backends
 from . import interrupts
 from . import modelfile
-from .kernels import contract as C
+from .kernels import contract
 from .modelfile import InvalidModelFile
 from .validation import check_width
 
@@ -119,7 +119,7 @@ def read_input_columns(cfg):
         return None
     dim = cfg.get("input_dim")
     if not isinstance(cols, list) or not all(isinstance(c, int) and not isinstance(c, bool)
-                                              for c in cols) \
+                                             for c in cols) \
             or any(c < 0 for c in cols) or any(a >= b for a, b in zip(cols, cols[1:])) \
             or len(cols) != dim:
         raise modelfile.InvalidModelFile(
@@ -242,7 +242,7 @@ def stage_state(network, arc, input_dim, optimizer):
             arr = np.ascontiguousarray(raw, dtype=network.dtype)
         if check == "stats":
             modelfile.check_values(name, arr)
-            modelfile.check_values(name + " (running variance)", arr[C.BN_VAR],
+            modelfile.check_values(name + " (running variance)", arr[contract.BN_VAR],
                                    nonnegative=True)
         else:
             modelfile.check_values(name, arr, nonnegative=check == "nonneg")

@@ -62,9 +62,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without scikit-l
                       "\"fastreg[sklearn]\"") from exc
 
 from . import backend as backends
-from . import layers as L
-from . import optimizers as O
-from . import regularizers as R
+from .layers import BatchNorm, Dense
+from . import optimizers
+from . import regularizers
 from .callbacks import EarlyStopping
 from .model import Sequential
 from .saving import load_model
@@ -72,7 +72,7 @@ from .saving import load_model
 ACTIVATION_ALIASES = {"identity": None, "linear": None, "logistic": "sigmoid",
                       "relu": "relu", "leaky_relu": "leaky_relu", "tanh": "tanh",
                       "sigmoid": "sigmoid"}
-OPTIMIZERS = {"adam": O.Adam, "adamw": O.AdamW, "sgd": O.SGD}
+OPTIMIZERS = {"adam": optimizers.Adam, "adamw": optimizers.AdamW, "sgd": optimizers.SGD}
 # Parameters that define the layers: a warm start with any of them changed rebuilds the
 # model from the fitted weights; otherwise it keeps the model (and its Philox step counter).
 LAYER_PARAMS = ("hidden_layer_sizes", "activation", "dropout", "l1", "l2", "batch_norm",
@@ -140,11 +140,11 @@ class _FastregEstimator(BaseEstimator):
             strengths.append(float(value))
         l1, l2 = strengths
         if l1 and l2:
-            return R.ElasticNet(l1=l1, l2=l2)
+            return regularizers.ElasticNet(l1=l1, l2=l2)
         if l1:
-            return R.L1(l1)
+            return regularizers.L1(l1)
         if l2:
-            return R.L2(l2)
+            return regularizers.L2(l2)
         return None      # (a negative strength is nonzero: fastreg's constructors refuse it)
 
     def _make_optimizer(self):
@@ -192,10 +192,10 @@ class _FastregEstimator(BaseEstimator):
         activation, reg = self._activation(), self._regularizer()
         layers = []
         for units in self._hidden_sizes():
-            layers.append(L.Dense(units, activation, dropout=self.dropout, regularizer=reg))
+            layers.append(Dense(units, activation, dropout=self.dropout, regularizer=reg))
             if self.batch_norm:
-                layers.append(L.BatchNorm())
-        layers.append(L.Dense(n_outputs, regularizer=reg))
+                layers.append(BatchNorm())
+        layers.append(Dense(n_outputs, regularizer=reg))
         return layers
 
     def _new_model(self, n_features, n_outputs, dtype, seed):

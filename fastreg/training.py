@@ -29,7 +29,7 @@ import numpy as np
 from . import backend as backends
 from . import interrupts
 from .callbacks import FitProgress, History, as_callbacks
-from .kernels import contract as C
+from .kernels import contract
 from .kernels import mc
 from .progress import EpochProgress
 from .validation import (as_chunk, as_features, check_int, check_positive_int, check_real,
@@ -359,7 +359,7 @@ class RunningMetrics:
             a, b = self.cols[h]
             y_pred = backend.output_transform(self.Z[:rows, a:b], self.losses[h])
             y_true = Ys[h][order]
-            if self.losses[h] == C.LOSS_SCE and y_true.shape[1] == C.SCE_MIXED_WIDTH:
+            if self.losses[h] == contract.LOSS_SCE and y_true.shape[1] == contract.SCE_MIXED_WIDTH:
                 y_true = y_true[:, :1]      # Mixup's (label, partner, lam): the row's label
             for metric in metrics:
                 out[prefix + metric.name] = metric(y_true, y_pred)

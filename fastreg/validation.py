@@ -12,7 +12,7 @@ import operator
 
 import numpy as np
 
-from .kernels import contract as C
+from .kernels import contract
 
 # Rows per chunk of a check or a conversion: about CHUNK_BYTES of the converted rows.
 CHUNK_BYTES = 1 << 20
@@ -158,17 +158,17 @@ def class_sample_weight(class_weight, Y, family, n_outputs):
     the weight of its class (missing labels weigh 1). Y: the validated targets (a label
     column for sparse_categorical_crossentropy, one-hot or soft rows for the categorical one
     (the class: argmax), 0/1 for a one-output binary_crossentropy)."""
-    from . import metrics as M
+    from . import metrics
     if not isinstance(class_weight, dict):
         raise TypeError(f"class_weight must be a dict {{label: weight}}, got "
                         f"{type(class_weight).__name__}")
-    if family == M.REGRESSION:
+    if family == metrics.REGRESSION:
         raise ValueError("class_weight needs a classification loss; for a regression loss "
                          "pass sample_weight")
-    if family == M.BINARY and n_outputs != 1:
+    if family == metrics.BINARY and n_outputs != 1:
         raise ValueError("class_weight is defined for one output; a multi-label "
                          "binary_crossentropy model takes sample_weight")
-    n_classes = 2 if family == M.BINARY else n_outputs
+    n_classes = 2 if family == metrics.BINARY else n_outputs
     table = np.ones(n_classes)
     for label, weight in class_weight.items():
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)) \
@@ -176,11 +176,11 @@ def class_sample_weight(class_weight, Y, family, n_outputs):
             raise ValueError(f"class_weight has the label {label!r}; the labels are "
                              f"0..{n_classes - 1}")
         table[int(label)] = check_real(f"class_weight[{label!r}]", weight, 0.0)
-    if family == M.CATEGORICAL:
+    if family == metrics.CATEGORICAL:
         labels = np.argmax(Y, axis=1)
     else:
         labels = np.rint(Y[:, 0]).astype(np.int64)
-        if family == M.BINARY and not np.isin(labels, (0, 1)).all():
+        if family == metrics.BINARY and not np.isin(labels, (0, 1)).all():
             raise ValueError("class_weight with binary_crossentropy needs 0/1 targets")
     return table[labels]
 
@@ -262,7 +262,7 @@ def as_targets(y, n_rows, loss, n_outputs, name="y", dtype=np.float32):
         raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
     if arr.shape[0:1] != (n_rows,):
         raise ValueError(f"{name} has {arr.shape[0] if arr.ndim else 0} rows but X has {n_rows}")
-    if loss == C.LOSS_SCE:
+    if loss == contract.LOSS_SCE:
         if arr.ndim == 2 and arr.shape[1] == 1:
             arr = arr[:, 0]
         if arr.ndim != 1:
@@ -277,7 +277,7 @@ def as_targets(y, n_rows, loss, n_outputs, name="y", dtype=np.float32):
             raise ValueError(f"{name} has labels outside 0..{n_outputs - 1} (found {lo} to "
                              f"{hi}); the last Dense has {n_outputs} units")
         return np.ascontiguousarray(arr.reshape(-1, 1), dtype=dtype)
-    kind = C.LOSS_BY_CODE[loss].targets
+    kind = contract.LOSS_BY_CODE[loss].targets
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1)
     if arr.ndim != 2:
@@ -295,7 +295,7 @@ def as_targets(y, n_rows, loss, n_outputs, name="y", dtype=np.float32):
     if not np.isfinite(out).all():
         raise ValueError(f"{name} contains NaN or inf")
     if kind in ("probabilities", "distributions") and (out.min() < 0 or out.max() > 1):
-        raise ValueError(f"{name} for {C.LOSS_BY_CODE[loss].name} must lie in [0, 1], found "
+        raise ValueError(f"{name} for {contract.LOSS_BY_CODE[loss].name} must lie in [0, 1], found "
                          f"values from {out.min()} to {out.max()}")
     if kind == "distributions":
         sums = out.sum(axis=1, dtype=np.float64)

@@ -16,7 +16,7 @@ to float32 rounding. X may be any real 2-D array: each pass converts only its ow
 """
 import numpy as np
 
-from . import contract as C
+from . import contract
 from .philox import MASK32, mc_layer_word
 
 MC_STACK_ROWS = 8192   # stacked rows (rows x samples) of one MC pass: bounds its memory
@@ -94,16 +94,16 @@ def forward_pass(ops, plan, p, x, acts, xdrop, seed, step):
     transform into xdrop (None: it has none), then its layers into acts[l] with their
     training dropout and noise, Philox layer words mc_layer_word(l). Returns the output."""
     m = x.shape[0]
-    first = int(plan.parts[p, C.PT_FIRST])
+    first = int(plan.parts[p, contract.PT_FIRST])
     if xdrop is not None:
         thr, scale, noise, std = plan.input_transform_of(p)
         ops.input_dropout(x, xdrop[:m], thr, scale, seed, step, mc_layer_word(first), noise,
                           std)
         x = xdrop[:m]
     for l in plan.part_layers(p):
-        ops.dense_forward(x, plan.Ws[l], plan.bs[l], acts[l][:m], plan.li[l, C.LI_ACT],
-                          plan.lf[l, C.LF_SLOPE], plan.li[l, C.LI_DROP_THR],
-                          plan.lf[l, C.LF_DROP_SCALE], seed, step, mc_layer_word(l),
+        ops.dense_forward(x, plan.Ws[l], plan.bs[l], acts[l][:m], plan.li[l, contract.LI_ACT],
+                          plan.lf[l, contract.LF_SLOPE], plan.li[l, contract.LI_DROP_THR],
+                          plan.lf[l, contract.LF_DROP_SCALE], seed, step, mc_layer_word(l),
                           *plan.noise_of(l))
         x = acts[l][:m]
     return x
@@ -129,7 +129,7 @@ def mc_dropout(ops, plan, X, n_samples, seed, step0, losses):
         step = (int(step0) + passes) & MASK32
         outputs = {}
         for p in range(plan.n_parts):
-            src = int(plan.parts[p, C.PT_INPUT])
+            src = int(plan.parts[p, contract.PT_INPUT])
             x = xs if src < 0 else outputs[src]
             outputs[p] = forward_pass(ops, plan, p, x, acts, xdrops[p], seed, step)
         for acc, p, loss in zip(accs, heads, losses):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import contract as C
+from . import contract
 
 KINDS = ("W", "b", "gb")     # the trainable tensors of a dense layer, in buffer order
 
@@ -81,8 +81,8 @@ class ParamStore:
         if params is None:      # BatchNorm starts as the identity: gamma 1, running var 1
             for l, s in enumerate(self.layers):
                 if s.batchnorm:
-                    self.tensor("gb", l)[C.BN_GAMMA] = 1
-                    self.running_stats(l)[C.BN_VAR] = 1
+                    self.tensor("gb", l)[contract.BN_GAMMA] = 1
+                    self.running_stats(l)[contract.BN_VAR] = 1
 
     # ------------------------------------------------------------ views
     def record(self, kind, layer):
@@ -210,7 +210,7 @@ class Plan:
     @property
     def n_outputs(self):
         """Widths of the parts' outputs, in part order."""
-        return [self.Ws[int(p[C.PT_END]) - 1].shape[1] for p in self.parts]
+        return [self.Ws[int(p[contract.PT_END]) - 1].shape[1] for p in self.parts]
 
     @property
     def heads(self):
@@ -218,37 +218,37 @@ class Plan:
         uncompiled Sequential's), else the parts with a loss (a MultiTask's heads)."""
         if self.n_parts == 1:
             return [0]
-        return [p for p in range(self.n_parts) if int(self.parts[p, C.PT_LOSS]) >= 0]
+        return [p for p in range(self.n_parts) if int(self.parts[p, contract.PT_LOSS]) >= 0]
 
     def part_layers(self, p):
-        return range(int(self.parts[p, C.PT_FIRST]), int(self.parts[p, C.PT_END]))
+        return range(int(self.parts[p, contract.PT_FIRST]), int(self.parts[p, contract.PT_END]))
 
     def part_input_width(self, p):
-        return self.Ws[int(self.parts[p, C.PT_FIRST])].shape[0]
+        return self.Ws[int(self.parts[p, contract.PT_FIRST])].shape[0]
 
     def bn_on(self, l):
-        return bool(self.li[l, C.LI_BN])
+        return bool(self.li[l, contract.LI_BN])
 
     def noise_of(self, l):
         """(NOISE_* code, std) of the noise on layer l's output."""
-        return int(self.li[l, C.LI_NOISE]), self.lf[l, C.LF_NOISE_STD]
+        return int(self.li[l, contract.LI_NOISE]), self.lf[l, contract.LF_NOISE_STD]
 
     def input_transform_of(self, p):
         """(threshold, scale, noise code, noise std) of part p's input transform."""
-        l = int(self.parts[p, C.PT_FIRST])
-        return (int(self.li[l, C.LI_IN_DROP_THR]), self.lf[l, C.LF_IN_DROP_SCALE],
-                int(self.li[l, C.LI_IN_NOISE]), self.lf[l, C.LF_IN_NOISE_STD])
+        l = int(self.parts[p, contract.PT_FIRST])
+        return (int(self.li[l, contract.LI_IN_DROP_THR]), self.lf[l, contract.LF_IN_DROP_SCALE],
+                int(self.li[l, contract.LI_IN_NOISE]), self.lf[l, contract.LF_IN_NOISE_STD])
 
     def has_input_transform(self, p):
         thr, _, noise, _ = self.input_transform_of(p)
-        return thr > 0 or noise != C.NOISE_NONE
+        return thr > 0 or noise != contract.NOISE_NONE
 
     def keeps_pre(self, l):
-        return C.keeps_pre(self.li[l, C.LI_ACT], self.li[l, C.LI_NOISE])
+        return contract.keeps_pre(self.li[l, contract.LI_ACT], self.li[l, contract.LI_NOISE])
 
     def has_dropout(self):
         """Whether any dropout or noise is active in training (what MC sampling draws)."""
-        return bool((self.li[:, C.LI_DROP_THR] > 0).any()
+        return bool((self.li[:, contract.LI_DROP_THR] > 0).any()
                     or any(self.noise_of(l)[0] for l in range(self.n_layers))
                     or any(self.has_input_transform(p) for p in range(self.n_parts)))
 
@@ -271,12 +271,12 @@ class Plan:
     def step_rates(self, n_rows, batch_size, lrs=None):
         """The learning rate of each training step of a call over n_rows rows in batches of
         batch_size (one per batch), float64: `lrs` as given (checked: one finite rate > 0
-        per step, >= 0: a schedule may end at 0), or the optimizer's rate in the hp rows for every step. The compiled
-        epochs write step k's rate into the HP_LR slot of every hp row before its update
-        (one optimizer: the slot is the same in every row)."""
+        per step, >= 0: a schedule may end at 0), or the optimizer's rate in the hp rows for
+        every step. The compiled epochs write step k's rate into the HP_LR slot of every hp
+        row before its update (one optimizer: the slot is the same in every row)."""
         n_steps = self.n_steps(n_rows, batch_size)
         if lrs is None:
-            return np.full(n_steps, self.hpW[0, C.HP_LR] if self.n_layers else 0.0)
+            return np.full(n_steps, self.hpW[0, contract.HP_LR] if self.n_layers else 0.0)
         lrs = np.ascontiguousarray(lrs, np.float64).reshape(-1)
         if lrs.shape[0] < n_steps:
             raise ValueError(f"train_epoch: {lrs.shape[0]} learning rates for {n_steps} steps")
@@ -291,10 +291,10 @@ class Plan:
     def logits_out(self, n_rows, zout):
         """train_epoch's zout, checked: None (or an empty array) when no part keeps its
         logits, else (n_rows, width) in the dtype with every PT_Z0 part's columns."""
-        keep = [p for p in range(self.n_parts) if int(self.parts[p, C.PT_Z0]) >= 0]
+        keep = [p for p in range(self.n_parts) if int(self.parts[p, contract.PT_Z0]) >= 0]
         if zout is None or not keep:
             return np.zeros((0, 1), self.dtype)
-        width = max(int(self.parts[p, C.PT_Z0]) + self.n_outputs[p] for p in keep)
+        width = max(int(self.parts[p, contract.PT_Z0]) + self.n_outputs[p] for p in keep)
         if (not isinstance(zout, np.ndarray) or zout.dtype != self.dtype
                 or zout.shape[0] < n_rows or zout.shape[1] < width
                 or not zout.flags.c_contiguous):
@@ -305,7 +305,7 @@ class Plan:
     def set_learning_rate(self, lr):
         """Write lr into the HP_LR slot of every hp row (the host copy)."""
         for hp in (self.hpW, self.hpb, self.hpgb):
-            hp[:, C.HP_LR] = lr
+            hp[:, contract.HP_LR] = lr
 
     # ------------------------------------------------------------ workspace
     def allocate(self, batch, y_widths):
@@ -319,14 +319,14 @@ class Plan:
                      for l, W in enumerate(self.Ws)]
         self.xhats = [np.zeros((B, W.shape[1]) if self.bn_on(l) else (0, 0), dt)
                       for l, W in enumerate(self.Ws)]
-        self.saves = [np.zeros((C.BN_SAVE_ROWS, W.shape[1]) if self.bn_on(l) else (0, 0))
+        self.saves = [np.zeros((contract.BN_SAVE_ROWS, W.shape[1]) if self.bn_on(l) else (0, 0))
                       for l, W in enumerate(self.Ws)]
         self.xbuf = np.zeros((B, self.Ws[0].shape[0]), dt)
         self.xdrops = [np.zeros((B if self.has_input_transform(p) else 0,
                                  self.part_input_width(p)), dt) for p in range(self.n_parts)]
-        self.ybufs = [np.zeros((B, int(w)) if int(self.parts[p, C.PT_LOSS]) >= 0 else (0, 0),
+        self.ybufs = [np.zeros((B, int(w)) if int(self.parts[p, contract.PT_LOSS]) >= 0 else (0, 0),
                                dt) for p, w in enumerate(y_widths)]
-        trunk_width = self.Ws[int(self.parts[0, C.PT_END]) - 1].shape[1]
+        trunk_width = self.Ws[int(self.parts[0, contract.PT_END]) - 1].shape[1]
         self.scratch = np.zeros((B if self.n_parts > 2 else 0, trunk_width), dt)
         self.cache.clear()
         return self
@@ -360,10 +360,10 @@ def make_plan(store, li, lf, hpW, hpb, hpgb, parts, partf, opt, seed, training=T
 def single_part(n_layers, loss, y_width, loss_param=None):
     """The parts table of a Sequential: one chain that is trunk and head at once; its loss
     weight 1, its loss parameter `loss_param` (None: the loss's default)."""
-    parts = np.zeros((1, C.PT_SIZE), np.int64)
+    parts = np.zeros((1, contract.PT_SIZE), np.int64)
     parts[0] = (0, n_layers, -1, loss, 0, y_width, -1, -1)
-    partf = np.zeros((1, C.PF_SIZE))
-    partf[0, C.PF_WEIGHT] = 1.0
-    partf[0, C.PF_LOSS_PARAM] = (C.LOSS_BY_CODE[int(loss)].default if loss_param is None
-                                 else loss_param)
+    partf = np.zeros((1, contract.PF_SIZE))
+    partf[0, contract.PF_WEIGHT] = 1.0
+    partf[0, contract.PF_LOSS_PARAM] = (contract.LOSS_BY_CODE[int(loss)].default
+                                        if loss_param is None else loss_param)
     return parts, partf

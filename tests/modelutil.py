@@ -2,7 +2,7 @@
 import numpy as np
 
 from fastreg import backend as backends
-from fastreg.kernels import contract as C
+from fastreg.kernels import contract
 from fastreg.kernels.reference import epoch as spec
 from fastreg.training import side_by_side, target_widths
 from fastreg.validation import as_features
@@ -23,7 +23,7 @@ def trainable(model):
             if blk.bn is not None:
                 gb = net.store.tensor("gb", l)
                 names += [f"{label}/batchnorm_{i}/gamma", f"{label}/batchnorm_{i}/beta"]
-                arrays += [gb[C.BN_GAMMA], gb[C.BN_BETA]]
+                arrays += [gb[contract.BN_GAMMA], gb[contract.BN_BETA]]
         first += len(part.blocks)
     return names, arrays
 
@@ -46,5 +46,5 @@ def objective_and_gradients(model, X, y, step=0):
     for l, blk in enumerate(net.blocks):
         grads += [plan.dWs[l].copy(), plan.dbs[l].copy()]
         if blk.bn is not None:
-            grads += [plan.dgbs[l][C.BN_GAMMA].copy(), plan.dgbs[l][C.BN_BETA].copy()]
+            grads += [plan.dgbs[l][contract.BN_GAMMA].copy(), plan.dgbs[l][contract.BN_BETA].copy()]
     return total, grads

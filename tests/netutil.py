@@ -1,4 +1,5 @@
-"""Shared helpers for tests: random data that is never zeros, and Nets built like fit builds them."""
+"""Shared helpers for tests: random data that is never zeros, and Nets built like fit builds
+them."""
 import os
 import sys
 from contextlib import contextmanager
@@ -6,8 +7,8 @@ from contextlib import contextmanager
 import numpy as np
 
 import fastreg as fr
-from fastreg.kernels import contract as C
-from fastreg.kernels import reference as R
+from fastreg.kernels import contract
+from fastreg.kernels import reference
 
 
 def backend_module(name):
@@ -66,8 +67,8 @@ def make_data(rng, n, sizes, loss, dtype=np.float32):
     return X, y
 
 
-OPTIMIZERS = [(C.OPT_SGD, 0.0, 0), (C.OPT_SGD, 0.9, 0), (C.OPT_SGD, 0.9, 1),
-              (C.OPT_ADAM, 0.9, 0), (C.OPT_ADAMW, 0.9, 0)]
+OPTIMIZERS = [(contract.OPT_SGD, 0.0, 0), (contract.OPT_SGD, 0.9, 0), (contract.OPT_SGD, 0.9, 1),
+              (contract.OPT_ADAM, 0.9, 0), (contract.OPT_ADAMW, 0.9, 0)]
 """(opt, beta1/momentum, nesterov): SGD, momentum, Nesterov, Adam, AdamW."""
 PENALTIES = [(0, 0, 1, 0, 0), (0, 1e-2, 1, 0, 0), (0.05, 0, 1, 0, 0), (0.05, 1e-2, 0, 0, 0),
              (0, 1e-3, 1, 0.8, 0), (0, 0, 1, 0, 50.0), (0.05, 1e-3, 1, 0.8, 50.0)]
@@ -97,22 +98,23 @@ def check_penalized_update(ops, assert_close, dtype, opt, b1, nesterov, l1, l2, 
     the exact zeros of L1 and of the group prox, the max-norm bound."""
     rng = fresh_rng()
     matrix = len(shape) == 2
-    hp = np.zeros(C.HP_SIZE)
-    hp[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_NESTEROV, C.HP_DECOUPLED, C.HP_L1,
-        C.HP_L2, C.HP_PROXIMAL, C.HP_MAXNORM, C.HP_GROUP]] = (
+    hp = np.zeros(contract.HP_SIZE)
+    hp[[contract.HP_LR, contract.HP_BETA1, contract.HP_BETA2, contract.HP_EPS, contract.HP_NESTEROV,
+        contract.HP_DECOUPLED, contract.HP_L1, contract.HP_L2, contract.HP_PROXIMAL,
+        contract.HP_MAXNORM, contract.HP_GROUP]] = (
         0.01, b1, 0.999, 1e-8, nesterov, 0.05, l1, l2, proximal,
         maxnorm if matrix else 0, group if matrix else 0)
     w = randn(rng, shape, dtype, 0.5)
     if group and matrix:
         w[:, :2] *= 1e-3        # two units the group threshold must zero exactly
     g = randn(rng, shape, dtype)
-    needs_m = opt != C.OPT_SGD or b1 > 0
+    needs_m = opt != contract.OPT_SGD or b1 > 0
     m = randn(rng, shape, dtype, 0.1) if needs_m else np.zeros((0,) * len(shape), dtype)
-    v = (rng.random(shape).astype(dtype) * 0.1 + 0.01) if opt != C.OPT_SGD \
+    v = (rng.random(shape).astype(dtype) * 0.1 + 0.01) if opt != contract.OPT_SGD \
         else np.zeros((0,) * len(shape), dtype)
     t = int(rng.integers(1, 50))
     states = [(w.copy(), m.copy(), v.copy()) for _ in range(2)]
-    pr = R.penalized_update(states[0][0], g, states[0][1], states[0][2], hp, opt, t)
+    pr = reference.penalized_update(states[0][0], g, states[0][1], states[0][2], hp, opt, t)
     po = ops.penalized_update(states[1][0], g, states[1][1], states[1][2], hp, opt, t)
     assert abs(po - pr) <= 1e-9 * abs(pr) + 1e-12
     for a, b in zip(states[0], states[1]):

@@ -2,14 +2,14 @@
 every feature of the contract switchable, single-part (a Sequential) or trunk + heads."""
 import numpy as np
 
-from fastreg.kernels import contract as C
-from fastreg.kernels import plan as PL
+from fastreg.kernels import contract
+from fastreg.kernels.plan import LayerShape, ParamStore, make_plan, single_part
 from fastreg.kernels.philox import dropout_scale, dropout_threshold
 
 
 def random_plan(rng, dtype=np.float32, sizes=(3, 8, 6, 2), acts=None, drop=None, bn=None,
-                noise=None, in_drop=0.0, in_noise=(C.NOISE_NONE, 0.0), opt=C.OPT_ADAM,
-                momentum=0.9, nesterov=False, loss=C.LOSS_MSE, l1=0.0, l2=0.0, proximal=True,
+                noise=None, in_drop=0.0, in_noise=(contract.NOISE_NONE, 0.0), opt=contract.OPT_ADAM,
+                momentum=0.9, nesterov=False, loss=contract.LOSS_MSE, l1=0.0, l2=0.0, proximal=True,
                 group=0.0, maxnorm=0.0, bias=True, seed=5, heads=None, training=True,
                 loss_param=None):
     """A plan of dense layers fan-in sizes[0] -> ... -> sizes[-1]. Per-layer lists (acts,
@@ -22,71 +22,74 @@ def random_plan(rng, dtype=np.float32, sizes=(3, 8, 6, 2), acts=None, drop=None,
         widths += [[sizes[-1]] + list(h[0]) for h in heads]
     layer_dims = [(w[i], w[i + 1]) for w in widths for i in range(len(w) - 1)]
     L = len(layer_dims)
-    acts = list(acts) if acts is not None else [C.ACT_TANH] * L
+    acts = list(acts) if acts is not None else [contract.ACT_TANH] * L
     drop = list(drop) if drop is not None else [0.0] * L
     bn = list(bn) if bn is not None else [False] * L
-    noise = list(noise) if noise is not None else [(C.NOISE_NONE, 0.0)] * L
-    shapes = [PL.LayerShape(i, o, bias, bn[l]) for l, (i, o) in enumerate(layer_dims)]
-    store = PL.ParamStore(shapes, dtype)
+    noise = list(noise) if noise is not None else [(contract.NOISE_NONE, 0.0)] * L
+    shapes = [LayerShape(i, o, bias, bn[l]) for l, (i, o) in enumerate(layer_dims)]
+    store = ParamStore(shapes, dtype)
     store.params[...] = (rng.standard_normal(store.size) * 0.5).astype(dtype)
     for l in range(L):
         if bn[l]:
             o = layer_dims[l][1]
-            store.tensor("gb", l)[C.BN_GAMMA] = (1 + 0.1 * rng.standard_normal(o)).astype(dtype)
-            store.running_stats(l)[C.BN_VAR] = (1 + rng.random(o)).astype(dtype)
-    moments = ("m", "v") if opt != C.OPT_SGD else (("m",) if momentum > 0 else ())
+            store.tensor("gb", l)[contract.BN_GAMMA] = (
+                1 + 0.1 * rng.standard_normal(o)).astype(dtype)
+            store.running_stats(l)[contract.BN_VAR] = (1 + rng.random(o)).astype(dtype)
+    moments = ("m", "v") if opt != contract.OPT_SGD else (("m",) if momentum > 0 else ())
     store.reset_moments(moments)
     if store.m.size:
         store.m[...] = (0.01 * rng.standard_normal(store.size)).astype(dtype)
     if store.v.size:
         store.v[...] = (0.01 * rng.random(store.size)).astype(dtype)
-    li = np.zeros((L, C.LI_SIZE), np.int64)
-    lf = np.zeros((L, C.LF_SIZE), dtype)
-    hp = [np.zeros((L, C.HP_SIZE)) for _ in range(3)]
+    li = np.zeros((L, contract.LI_SIZE), np.int64)
+    lf = np.zeros((L, contract.LF_SIZE), dtype)
+    hp = [np.zeros((L, contract.HP_SIZE)) for _ in range(3)]
     for l in range(L):
-        li[l, C.LI_ACT] = acts[l]
-        li[l, C.LI_DROP_THR] = dropout_threshold(drop[l])
-        li[l, C.LI_HAS_BIAS] = int(bias)
-        li[l, C.LI_BN] = int(bn[l] and training)
-        li[l, C.LI_NOISE], lf[l, C.LF_NOISE_STD] = noise[l]
-        lf[l, C.LF_SLOPE] = 0.05
-        lf[l, C.LF_DROP_SCALE] = dropout_scale(drop[l], np.dtype(dtype).type)
-        lf[l, C.LF_BN_EPS] = 1e-3
-        lf[l, C.LF_BN_MOMENTUM] = 0.9
+        li[l, contract.LI_ACT] = acts[l]
+        li[l, contract.LI_DROP_THR] = dropout_threshold(drop[l])
+        li[l, contract.LI_HAS_BIAS] = int(bias)
+        li[l, contract.LI_BN] = int(bn[l] and training)
+        li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD] = noise[l]
+        lf[l, contract.LF_SLOPE] = 0.05
+        lf[l, contract.LF_DROP_SCALE] = dropout_scale(drop[l], np.dtype(dtype).type)
+        lf[l, contract.LF_BN_EPS] = 1e-3
+        lf[l, contract.LF_BN_MOMENTUM] = 0.9
         for row in hp:
-            row[l, [C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_NESTEROV,
-                    C.HP_PROXIMAL]] = (1e-2, momentum if opt == C.OPT_SGD else 0.9, 0.999,
-                                       1e-8, float(nesterov), 1.0)
-        hp[0][l, C.HP_DECOUPLED] = 1e-2 if opt == C.OPT_ADAMW else 0.0
-        hp[0][l, [C.HP_L1, C.HP_L2, C.HP_PROXIMAL, C.HP_GROUP, C.HP_MAXNORM]] = (
-            l1, l2, float(proximal), group, maxnorm)
+            row[l, [contract.HP_LR, contract.HP_BETA1, contract.HP_BETA2, contract.HP_EPS,
+                    contract.HP_NESTEROV, contract.HP_PROXIMAL]] = (
+                1e-2, momentum if opt == contract.OPT_SGD else 0.9, 0.999, 1e-8, float(nesterov),
+                1.0)
+        hp[0][l, contract.HP_DECOUPLED] = 1e-2 if opt == contract.OPT_ADAMW else 0.0
+        hp[0][l, [contract.HP_L1, contract.HP_L2, contract.HP_PROXIMAL, contract.HP_GROUP,
+                  contract.HP_MAXNORM]] = (l1, l2, float(proximal), group, maxnorm)
     firsts = [0]
     for w in widths[:-1]:
         firsts.append(firsts[-1] + len(w) - 1)
     for p, first in enumerate(firsts):
         rate = in_drop if p == 0 else heads[p - 1][3]
-        li[first, C.LI_IN_DROP_THR] = dropout_threshold(rate)
-        lf[first, C.LF_IN_DROP_SCALE] = dropout_scale(rate, np.dtype(dtype).type)
-    li[0, C.LI_IN_NOISE], lf[0, C.LF_IN_NOISE_STD] = in_noise
-    y_width = lambda code, k: 1 if code == C.LOSS_SCE else k  # noqa: E731
+        li[first, contract.LI_IN_DROP_THR] = dropout_threshold(rate)
+        lf[first, contract.LF_IN_DROP_SCALE] = dropout_scale(rate, np.dtype(dtype).type)
+    li[0, contract.LI_IN_NOISE], lf[0, contract.LF_IN_NOISE_STD] = in_noise
+    y_width = lambda code, k: 1 if code == contract.LOSS_SCE else k  # noqa: E731
     if not heads:
-        parts, partf = PL.single_part(L, loss, y_width(loss, sizes[-1]), loss_param)
+        parts, partf = single_part(L, loss, y_width(loss, sizes[-1]), loss_param)
         y_widths = [y_width(loss, sizes[-1])]
     else:
-        parts = np.zeros((len(widths), C.PT_SIZE), np.int64)
-        partf = np.zeros((len(widths), C.PF_SIZE))
-        partf[0, C.PF_WEIGHT] = 1.0
+        parts = np.zeros((len(widths), contract.PT_SIZE), np.int64)
+        partf = np.zeros((len(widths), contract.PF_SIZE))
+        partf[0, contract.PF_WEIGHT] = 1.0
         parts[0] = (0, trunk_L, -1, -1, 0, 0, -1, -1)
         y_widths, y0 = [0], 0
         for p, (h, first) in enumerate(zip(heads, firsts[1:]), start=1):
             k = y_width(h[1], h[0][-1])
             parts[p] = (first, first + len(h[0]), 0, h[1], y0, y0 + k, -1, -1)
-            partf[p, C.PF_WEIGHT] = h[2]
-            partf[p, C.PF_LOSS_PARAM] = h[4] if len(h) > 4 else C.LOSS_BY_CODE[h[1]].default
+            partf[p, contract.PF_WEIGHT] = h[2]
+            partf[p, contract.PF_LOSS_PARAM] = (h[4] if len(h) > 4
+                                                else contract.LOSS_BY_CODE[h[1]].default)
             y_widths.append(k)
             y0 += k
-    plan = PL.make_plan(store, li, lf, hp[0], hp[1], hp[2], parts, partf, opt, seed,
-                        training=training)
+    plan = make_plan(store, li, lf, hp[0], hp[1], hp[2], parts, partf, opt, seed,
+                     training=training)
     plan.y_widths = y_widths
     return plan
 
@@ -96,7 +99,7 @@ def random_targets(rng, plan, n, dtype=None):
     dtype = dtype or plan.dtype
     cols = []
     for p in range(plan.n_parts):
-        loss = int(plan.parts[p, C.PT_LOSS])
+        loss = int(plan.parts[p, contract.PT_LOSS])
         if loss < 0:
             continue
         k = plan.n_outputs[p]
@@ -106,7 +109,7 @@ def random_targets(rng, plan, n, dtype=None):
 
 def targets_for(rng, loss, n, k, dtype):
     """(n, width) random targets of the kind the loss takes (contract Loss.targets)."""
-    kind = C.LOSS_BY_CODE[int(loss)].targets
+    kind = contract.LOSS_BY_CODE[int(loss)].targets
     if kind == "labels":
         return rng.integers(0, k, (n, 1)).astype(dtype)
     if kind == "probabilities":
@@ -123,9 +126,9 @@ def targets_for(rng, loss, n, k, dtype):
 def clone_plan(plan):
     """The same plan with copies of its store (for running two backends side by side)."""
     store = plan.store.copy()
-    other = PL.make_plan(store, plan.li.copy(), plan.lf.copy(), plan.hpW.copy(),
-                         plan.hpb.copy(), plan.hpgb.copy(), plan.parts.copy(),
-                         plan.partf.copy(), plan.opt, plan.seed, training=plan.training)
+    other = make_plan(store, plan.li.copy(), plan.lf.copy(), plan.hpW.copy(),
+                      plan.hpb.copy(), plan.hpgb.copy(), plan.parts.copy(),
+                      plan.partf.copy(), plan.opt, plan.seed, training=plan.training)
     other.y_widths = list(getattr(plan, "y_widths", []))
     return other
 

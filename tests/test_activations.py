@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import fastreg as fr
-from fastreg.kernels import contract as C
-from fastreg.kernels import reference as R
+from fastreg.kernels import contract
+from fastreg.kernels import reference
 from fastreg.kernels.philox import dropout_scale, dropout_threshold
 
 from netutil import available_backends, central_difference, fresh_rng, randn
@@ -23,7 +23,7 @@ ELU_ALPHA = 0.7          # not 1: the parameter must reach the kernels
 
 
 def _code(name):
-    return C.ACTIVATIONS[name]
+    return contract.ACTIVATIONS[name]
 
 
 def _param(name):
@@ -32,7 +32,7 @@ def _param(name):
 
 def _grad_arg(name, z, a):
     """What backward keeps for f' (the table's grad_from): z itself or the output f(z)."""
-    return z if C.ACTIVATION_BY_CODE[_code(name)].grad_from == "input" else a
+    return z if contract.ACTIVATION_BY_CODE[_code(name)].grad_from == "input" else a
 
 
 def _torch_f(name, alpha=ELU_ALPHA):
@@ -57,8 +57,8 @@ def test_reference_derivative_is_the_central_difference_in_float64(name):
     z = rng.standard_normal(300) * 3
     z = z[(np.abs(z) > 1e-3) & (np.abs(z + 3) > 1e-3) & (np.abs(z - 3) > 1e-3)]  # off kinks
     code, p = _code(name), _param(name)
-    got = R.activation_grad(_grad_arg(name, z, R.activation(z, code, p)), code, p)
-    num = (R.activation(z + 1e-6, code, p) - R.activation(z - 1e-6, code, p)) / 2e-6
+    got = reference.activation_grad(_grad_arg(name, z, reference.activation(z, code, p)), code, p)
+    num = (reference.activation(z + 1e-6, code, p) - reference.activation(z - 1e-6, code, p)) / 2e-6
     np.testing.assert_allclose(got, num, rtol=1e-6, atol=1e-9)
 
 
@@ -70,8 +70,8 @@ def test_reference_is_finite_in_the_tails_and_keeps_nan(name):
         z = _tails(dtype)
         code, p = _code(name), _param(name)
         with np.errstate(invalid="ignore", over="ignore"):    # -inf * Phi(-inf) = NaN, as torch
-            a = R.activation(z, code, p)
-            d = R.activation_grad(_grad_arg(name, z, a), code, p)
+            a = reference.activation(z, code, p)
+            d = reference.activation_grad(_grad_arg(name, z, a), code, p)
         assert a.dtype == dtype and d.dtype == dtype
         finite = np.isfinite(z)
         assert np.isfinite(a[finite]).all() and np.isfinite(d[finite]).all()
@@ -101,8 +101,8 @@ def test_reference_equals_torch_functional_and_autograd(name):
         t = torch.from_numpy(zd.copy()).requires_grad_(True)
         out = f(t)
         out.sum().backward()
-        a = R.activation(zd, code, p)
-        d = R.activation_grad(_grad_arg(name, zd, a), code, p)
+        a = reference.activation(zd, code, p)
+        d = reference.activation_grad(_grad_arg(name, zd, a), code, p)
         for ours, theirs in ((a, out.detach().numpy()), (d, t.grad.numpy())):
             err = np.abs(ours.astype(np.float64) - theirs) / np.maximum(np.abs(theirs), 1.0)
             assert err.max() <= tol, (dtype.__name__, float(err.max()))
@@ -116,11 +116,12 @@ def _elementwise(ops, z, code, p, dtype):
     W = np.ones((1, 1), dtype)
     b = np.zeros(1, dtype)
     out = np.zeros_like(x)
-    pre = np.zeros_like(x) if C.keeps_pre(code, C.NOISE_NONE) else np.zeros((0, 1), dtype)
-    ops.dense_forward(x, W, b, out, code, p, 0, 1.0, 0, 0, 0, C.NOISE_NONE, 0.0, pre)
+    pre = (np.zeros_like(x) if contract.keeps_pre(code, contract.NOISE_NONE)
+           else np.zeros((0, 1), dtype))
+    ops.dense_forward(x, W, b, out, code, p, 0, 1.0, 0, 0, 0, contract.NOISE_NONE, 0.0, pre)
     g = np.full_like(x, 0.75)
     dW, db, dx = np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
-    ops.dense_backward(g, out, x, W, dW, db, dx, code, p, 0, 1.0, 0, 0, 0, C.NOISE_NONE, 0.0,
+    ops.dense_backward(g, out, x, W, dW, db, dx, code, p, 0, 1.0, 0, 0, 0, contract.NOISE_NONE, 0.0,
                        pre)
     return out[:, 0], dx[:, 0]
 
@@ -136,12 +137,12 @@ def test_every_backend_equals_the_reference_elementwise(name):
     assert backends, "no compiled backend can run here"
     for bname, K in backends:
         for dtype in (np.float32,) if bname == "cuda" else (np.float32, np.float64):
-            want = _elementwise(R, z, code, p, dtype)
+            want = _elementwise(reference, z, code, p, dtype)
             got = _elementwise(K, z, code, p, dtype)
             # atol: a few ulps of 1, f' is O(1) and its tails are differences near 1
             # (gelu_tanh's 1 + tanh near -1), which libm / NumPy / libdevice round apart
             tol = dict(rtol=2e-6, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-13,
-                                                                               atol=2e-14)
+                                                                              atol=2e-14)
             for g, w in zip(got, want):
                 np.testing.assert_array_equal(np.isnan(g), np.isnan(w), err_msg=bname)
                 np.testing.assert_allclose(g, w, err_msg=f"{bname} {dtype.__name__}", **tol)
@@ -153,7 +154,7 @@ def test_pre_activation_is_kept_and_counted_where_f_prime_needs_it(name):
     model = fr.Sequential([fr.Dense(8, name), fr.Dense(2)], input_dim=3, seed=0)
     model.compile(backend="numpy")
     net = model._network.training_plan(model.optimizer, 16, [2])
-    needs_z = C.ACTIVATION_BY_CODE[_code(name)].grad_from == "input"
+    needs_z = contract.ACTIVATION_BY_CODE[_code(name)].grad_from == "input"
     assert [p.shape[0] for p in net.pres] == [16 if needs_z else 0, 0]
     assert net.kept_bytes_per_element() == pytest.approx(4 * (10 + (8 if needs_z else 0)) / 10)
 
@@ -218,8 +219,8 @@ def test_export_peers_equal_predict(name):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    from fastreg import export as E
-    session = ort.InferenceSession(E.to_onnx(model).SerializeToString())
+    from fastreg import export
+    session = ort.InferenceSession(export.to_onnx(model).SerializeToString())
     np.testing.assert_allclose(session.run(None, {"input": X})[0], want, rtol=2e-5, atol=2e-6)
 
 
@@ -303,16 +304,17 @@ def test_softmax_anywhere_else_is_a_clear_error_and_the_model_is_untouched():
 
 
 # ---------------------------------------------------------------- AlphaDropout
-def _alpha_kernel(ops, x, rate, dtype, seed=9, step=2, act=C.ACT_LINEAR):
+def _alpha_kernel(ops, x, rate, dtype, seed=9, step=2, act=contract.ACT_LINEAR):
     """x through a backend's dense kernel (W = identity, b = 0) with AlphaDropout(rate) on
     its output, and the gradient of sum(g * out) with respect to x."""
     n = x.shape[1]
     layer = fr.AlphaDropout(rate)
     W, b = np.eye(n, dtype=dtype), np.zeros(n, dtype)
     out = np.zeros_like(x)
-    pre = np.zeros_like(x) if C.keeps_pre(act, C.NOISE_ALPHA) else np.zeros((0, n), dtype)
+    pre = (np.zeros_like(x) if contract.keeps_pre(act, contract.NOISE_ALPHA)
+           else np.zeros((0, n), dtype))
     args = (act, 0.01, dropout_threshold(rate), dtype(layer.scale), seed, step, 1,
-            C.NOISE_ALPHA, dtype(layer.shift))
+            contract.NOISE_ALPHA, dtype(layer.shift))
     ops.dense_forward(x, W, b, out, *args, pre)
     g = np.full_like(x, 1.0)
     dW, db, dx = np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
@@ -325,9 +327,9 @@ def test_alpha_dropout_keeps_zero_mean_and_unit_variance():
     AlphaDropout), where plain dropout values would not; the seed fixes the masks."""
     x = np.random.default_rng(0).standard_normal((2000, 100))
     for rate in (0.1, 0.3, 0.5):
-        out, _ = _alpha_kernel(R, x, rate, np.float64)
+        out, _ = _alpha_kernel(reference, x, rate, np.float64)
         assert abs(out.mean()) < 0.01 and abs(out.var() - 1) < 0.01
-        dropped = np.isclose(out, fr.AlphaDropout(rate).scale * C.ALPHA_DROPPED
+        dropped = np.isclose(out, fr.AlphaDropout(rate).scale * contract.ALPHA_DROPPED
                              + fr.AlphaDropout(rate).shift, rtol=0, atol=1e-12)
         assert abs(dropped.mean() - rate) < 0.01
 
@@ -342,7 +344,7 @@ def test_alpha_dropout_values_are_torchs_for_torchs_mask():
         t = torch.nn.functional.alpha_dropout(torch.from_numpy(x), rate, training=True).numpy()
         kept = np.isclose(t, layer.scale * x + layer.shift, rtol=0, atol=1e-12)
         assert 0.4 < kept.mean() < 0.9
-        np.testing.assert_allclose(t[~kept], layer.scale * C.ALPHA_DROPPED + layer.shift,
+        np.testing.assert_allclose(t[~kept], layer.scale * contract.ALPHA_DROPPED + layer.shift,
                                    rtol=1e-14)
 
 
@@ -355,9 +357,9 @@ def test_alpha_dropout_uses_the_dropout_mask_on_every_backend():
     x = randn(rng, (37, 23), np.float32)
     W, b = np.eye(23, dtype=np.float32), np.zeros(23, np.float32)
     drop = np.zeros_like(x)
-    R.dense_forward(x, W, b, drop, C.ACT_LINEAR, 0.0, dropout_threshold(rate),
-                    dropout_scale(rate, np.float32), 9, 2, 1, C.NOISE_NONE, 0.0)
-    want, want_dx = _alpha_kernel(R, x, rate, np.float32)
+    reference.dense_forward(x, W, b, drop, contract.ACT_LINEAR, 0.0, dropout_threshold(rate),
+                            dropout_scale(rate, np.float32), 9, 2, 1, contract.NOISE_NONE, 0.0)
+    want, want_dx = _alpha_kernel(reference, x, rate, np.float32)
     layer = fr.AlphaDropout(rate)
     np.testing.assert_array_equal(want_dx == 0, drop == 0)
     np.testing.assert_allclose(want_dx[drop != 0], layer.scale, rtol=1e-6)
@@ -374,17 +376,17 @@ def test_alpha_dropout_gradient_is_the_central_difference():
     W, b = randn(rng, (4, 5), np.float64), randn(rng, 5, np.float64, 0.1)
     g = randn(rng, (6, 5), np.float64)
     layer = fr.AlphaDropout(0.4)
-    args = (C.ACT_SELU, 0.0, dropout_threshold(0.4), layer.scale, 3, 1, 0, C.NOISE_ALPHA,
-            layer.shift)
+    args = (contract.ACT_SELU, 0.0, dropout_threshold(0.4), layer.scale, 3, 1, 0,
+            contract.NOISE_ALPHA, layer.shift)
 
     def value():
         out, pre = np.zeros((6, 5)), np.zeros((6, 5))
-        R.dense_forward(x, W, b, out, *args, pre)
+        reference.dense_forward(x, W, b, out, *args, pre)
         return float((g * out).sum())
     out, pre = np.zeros((6, 5)), np.zeros((6, 5))
-    R.dense_forward(x, W, b, out, *args, pre)
+    reference.dense_forward(x, W, b, out, *args, pre)
     dW, db, dx = np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
-    R.dense_backward(g.copy(), out, x, W, dW, db, dx, *args, pre)
+    reference.dense_backward(g.copy(), out, x, W, dW, db, dx, *args, pre)
     for p, d in ((W, dW), (b, db), (x, dx)):
         np.testing.assert_allclose(d, central_difference(value, p), rtol=1e-6, atol=1e-8)
 

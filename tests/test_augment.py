@@ -5,8 +5,8 @@ import pytest
 from scipy import stats
 
 import fastreg as fr
-from fastreg import augment as A
-from fastreg.kernels import contract as C
+from fastreg import augment
+from fastreg.kernels import contract
 from fastreg.kernels import philox, reference
 
 from netutil import available_backends, central_difference, fresh_rng, randn, small_cuda_tiles
@@ -19,9 +19,9 @@ def _model(backend="numba", loss="mse", sizes=(6, 8, 1), dropout=0.1, seed=5):
     return model
 
 
-def _image(H=3, W=4, C=2):
-    """One hand-made (H, W, C) image with distinct values, and its flattened row."""
-    img = (np.arange(H * W * C, dtype=np.float32) + 1).reshape(H, W, C)
+def _image(H=3, W=4, channels=2):
+    """One hand-made (H, W, channels) image with distinct values, and its flattened row."""
+    img = (np.arange(H * W * channels, dtype=np.float32) + 1).reshape(H, W, channels)
     return img, img.reshape(1, -1)
 
 
@@ -42,7 +42,7 @@ def test_jitter_noise_has_mean_zero_and_std_stddev():
     rng = fresh_rng()
     X = randn(rng, (2000, 50))
     sigma = 0.3
-    noise = (A.apply([fr.GaussianJitter(sigma)], X, batch_size=64, seed=11, step=7)
+    noise = (augment.apply([fr.GaussianJitter(sigma)], X, batch_size=64, seed=11, step=7)
              - X).astype(np.float64).ravel()
     n = noise.size
     assert abs(noise.mean()) < 5 * sigma / np.sqrt(n)
@@ -57,14 +57,14 @@ def test_jitter_noise_has_mean_zero_and_std_stddev():
 def test_jitter_of_zero_changes_nothing_and_float64_stays_float64():
     rng = fresh_rng()
     X = randn(rng, (40, 3), np.float64)
-    x = A.apply([fr.GaussianJitter(0.0)], X, batch_size=8)
+    x = augment.apply([fr.GaussianJitter(0.0)], X, batch_size=8)
     assert x.dtype == np.float64 and np.array_equal(x, X)
 
 
 # ---------------------------------------------------------------- Mixup
 @pytest.mark.parametrize("alpha", [0.2, 1.0, 4.0])
 def test_mixup_lambda_follows_beta_alpha_alpha(alpha):
-    draws = A._Draws(seed=3, step0=0, batch_size=128, n_rows=20000, position=0)
+    draws = augment._Draws(seed=3, step0=0, batch_size=128, n_rows=20000, position=0)
     lam = fr.Mixup(alpha).lambdas(draws)
     assert ((lam >= 0) & (lam <= 1)).all()
     assert lam.mean() == pytest.approx(0.5, abs=0.01)
@@ -76,8 +76,8 @@ def test_mixup_outputs_are_convex_combinations_of_batch_partners():
     n, bs = 50, 8                      # 6 full batches and a last batch of 2
     X = np.eye(n, dtype=np.float64) * 1.0   # row i is e_i: the mix shows its sources exactly
     y = np.arange(n, dtype=np.float64) * 3.0 + 1.0
-    x, ym = A.apply([fr.Mixup(0.4)], X, y, batch_size=bs, seed=9, step=4)
-    lam = fr.Mixup(0.4).lambdas(A._Draws(9, 4, bs, n, 0))
+    x, ym = augment.apply([fr.Mixup(0.4)], X, y, batch_size=bs, seed=9, step=4)
+    lam = fr.Mixup(0.4).lambdas(augment._Draws(9, 4, bs, n, 0))
     seen_partner_elsewhere = False
     for r in range(n):
         w = x[r]
@@ -91,7 +91,7 @@ def test_mixup_outputs_are_convex_combinations_of_batch_partners():
         assert ym[r] == pytest.approx(w @ y)                # y mixed with the same lambda, partner
     assert seen_partner_elsewhere
     # the partners of a batch are a permutation of it
-    perm = A._Draws(9, 4, bs, n, 0).batch_permutation(philox.STREAM_AUGMENT_PARTNER)
+    perm = augment._Draws(9, 4, bs, n, 0).batch_permutation(philox.STREAM_AUGMENT_PARTNER)
     for b0 in range(0, n, bs):
         assert sorted(perm[b0:b0 + bs]) == list(range(b0, min(n, b0 + bs)))
 
@@ -100,7 +100,7 @@ def test_mixup_keeps_binary_targets_in_range_and_trains():
     rng = fresh_rng()
     X = randn(rng, (64, 6))
     y = (rng.random((64, 1)) > 0.5).astype(np.float32)
-    _, ym = A.apply([fr.Mixup(0.2)], X, y, batch_size=16, loss="binary_crossentropy")
+    _, ym = augment.apply([fr.Mixup(0.2)], X, y, batch_size=16, loss="binary_crossentropy")
     assert ((ym >= 0) & (ym <= 1)).all() and ((ym > 0) & (ym < 1)).any()
     model = _model(loss="binary_crossentropy")
     h = model.fit(X, y, epochs=2, batch_size=16, augment=[fr.Mixup(0.2)], verbose=0)
@@ -111,7 +111,7 @@ def test_mixup_keeps_binary_targets_in_range_and_trains():
 def test_flip_is_exact_and_happens_half_the_time():
     img, row = _image()
     X = np.repeat(row, 400, axis=0)
-    out = A.apply([fr.RandomFlip(image_shape=(3, 4, 2))], X, batch_size=32, seed=1).reshape(
+    out = augment.apply([fr.RandomFlip(image_shape=(3, 4, 2))], X, batch_size=32, seed=1).reshape(
         -1, 3, 4, 2)
     flipped = img[:, ::-1, :]
     # hand-made: pixel (r, c) of the flip is pixel (r, W-1-c), channels kept in order
@@ -125,7 +125,7 @@ def test_flip_is_exact_and_happens_half_the_time():
 def test_flip_takes_image_shape_from_fit_style_argument_hw():
     img = np.arange(6, dtype=np.float32).reshape(2, 3)
     X = np.repeat(img.reshape(1, -1), 64, axis=0)
-    out = A.apply([fr.RandomFlip()], X, image_shape=(2, 3)).reshape(-1, 2, 3)
+    out = augment.apply([fr.RandomFlip()], X, image_shape=(2, 3)).reshape(-1, 2, 3)
     assert any(np.array_equal(o, [[2, 1, 0], [5, 4, 3]]) for o in out)
 
 
@@ -134,8 +134,8 @@ def test_shift_is_exact_with_zero_fill_and_covers_every_offset():
     img, row = _image(3, 4, 2)
     X = np.repeat(row, 300, axis=0)
     aug = fr.RandomShift(k, image_shape=(3, 4, 2))
-    out = A.apply([aug], X, batch_size=50, seed=2, step=10).reshape(-1, 3, 4, 2)
-    dy, dx = aug.offsets(A._Draws(2, 10, 50, 300, 0))
+    out = augment.apply([aug], X, batch_size=50, seed=2, step=10).reshape(-1, 3, 4, 2)
+    dy, dx = aug.offsets(augment._Draws(2, 10, 50, 300, 0))
     assert set(zip(dy.tolist(), dx.tolist())) == {(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)}
     for o, a, b in zip(out, dy, dx):
         expected = np.zeros_like(img)       # by hand: out[r, c] = img[r - a, c - b] or 0
@@ -152,7 +152,7 @@ def test_shift_is_exact_with_zero_fill_and_covers_every_offset():
 
 def test_shift_of_zero_is_the_identity():
     _, row = _image()
-    assert np.array_equal(A.apply([fr.RandomShift(0, image_shape=(3, 4, 2))], row), row)
+    assert np.array_equal(augment.apply([fr.RandomShift(0, image_shape=(3, 4, 2))], row), row)
 
 
 # ---------------------------------------------------------------- seeding
@@ -162,22 +162,22 @@ def test_augmentation_is_a_function_of_seed_step_and_batch_row():
     y = randn(rng, (70, 1))
     augs = [fr.RandomShift(1, image_shape=(3, 4)), fr.RandomFlip(image_shape=(3, 4)),
             fr.GaussianJitter(0.1), fr.Mixup(0.3)]
-    a = A.apply(augs, X, y, batch_size=16, seed=4, step=2)
-    b = A.apply(augs, X, y, batch_size=16, seed=4, step=2)
+    a = augment.apply(augs, X, y, batch_size=16, seed=4, step=2)
+    b = augment.apply(augs, X, y, batch_size=16, seed=4, step=2)
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
-    assert not np.array_equal(a[0], A.apply(augs, X, y, batch_size=16, seed=5, step=2)[0])
-    assert not np.array_equal(a[0], A.apply(augs, X, y, batch_size=16, seed=4, step=3)[0])
+    assert not np.array_equal(a[0], augment.apply(augs, X, y, batch_size=16, seed=5, step=2)[0])
+    assert not np.array_equal(a[0], augment.apply(augs, X, y, batch_size=16, seed=4, step=3)[0])
     # the epoch at once equals batch by batch, batch b at step 2 + b
     for b, start in enumerate(range(0, 70, 16)):
-        xb, yb = A.apply(augs, X[start:start + 16], y[start:start + 16], seed=4, step=2 + b)
+        xb, yb = augment.apply(augs, X[start:start + 16], y[start:start + 16], seed=4, step=2 + b)
         assert np.array_equal(a[0][start:start + 16], xb)
         assert np.array_equal(a[1][start:start + 16], yb)
 
 
 def test_two_jitters_in_a_list_draw_different_noise():
     X = np.zeros((10, 4), np.float32)
-    once = A.apply([fr.GaussianJitter(1.0)], X)
-    twice = A.apply([fr.GaussianJitter(1.0), fr.GaussianJitter(1.0)], X)
+    once = augment.apply([fr.GaussianJitter(1.0)], X)
+    twice = augment.apply([fr.GaussianJitter(1.0), fr.GaussianJitter(1.0)], X)
     assert not np.allclose(twice - once, once)
 
 
@@ -201,7 +201,7 @@ def test_fit_trains_on_the_augmented_shuffled_batches_at_the_model_step(monkeypa
     for epoch, (xe, ye, step0) in enumerate(seen[1:]):
         assert step0 == 4 * (epoch + 1)
         perm = np.random.default_rng([model.seed, epoch + 1]).permutation(37)
-        xa, ya = A.apply(augs, X[perm], y[perm], batch_size=10, seed=model.seed, step=step0)
+        xa, ya = augment.apply(augs, X[perm], y[perm], batch_size=10, seed=model.seed, step=step0)
         assert np.array_equal(xe, xa) and np.array_equal(ye, ya)
 
 
@@ -251,7 +251,7 @@ def test_user_arrays_are_never_modified_and_validation_is_not_augmented():
         assert np.array_equal(a, c)
     assert h.history["val_loss"][-1] == pytest.approx(model.evaluate(Xv, yv), rel=1e-6)
     assert np.array_equal(model.predict(Xv), model.predict(Xv))
-    x = A.apply([fr.GaussianJitter(0.5), fr.Mixup(0.2)], X, y)
+    x = augment.apply([fr.GaussianJitter(0.5), fr.Mixup(0.2)], X, y)
     for a, c in zip((X, y), copies):
         assert np.array_equal(a, c)
     assert not np.array_equal(x[0], X)
@@ -307,7 +307,7 @@ def _sparse_backends():
 
 
 SPARSE_BACKENDS = _sparse_backends()
-SCE = C.LOSS_SCE
+SCE = contract.LOSS_SCE
 
 
 def _mixed_targets(rng, B, K, dtype, lam=None):
@@ -397,23 +397,24 @@ def test_mixup_sparse_targets_are_label_pairs_with_the_inputs_lambda_and_partner
     n, bs = 50, 8
     X = np.eye(n, dtype=np.float64)         # row i is e_i: the mix shows its sources
     y = np.arange(n) % 4
-    x, ym = A.apply([fr.Mixup(0.4)], X, y, batch_size=bs, seed=9, step=4,
-                    loss="sparse_categorical_crossentropy")
-    x_mse, _ = A.apply([fr.Mixup(0.4)], X, y.astype(np.float64), batch_size=bs, seed=9, step=4)
+    x, ym = augment.apply([fr.Mixup(0.4)], X, y, batch_size=bs, seed=9, step=4,
+                          loss="sparse_categorical_crossentropy")
+    x_mse, _ = augment.apply([fr.Mixup(0.4)], X, y.astype(np.float64), batch_size=bs, seed=9,
+                             step=4)
     assert np.array_equal(x, x_mse)         # the inputs are mixed exactly as before
-    assert ym.shape == (n, C.SCE_MIXED_WIDTH) and ym.dtype == np.float64
-    lam = fr.Mixup(0.4).lambdas(A._Draws(9, 4, bs, n, 0))
-    partner = A._Draws(9, 4, bs, n, 0).batch_permutation(philox.STREAM_AUGMENT_PARTNER)
-    np.testing.assert_array_equal(ym[:, C.SCE_LABEL], y)
-    np.testing.assert_array_equal(ym[:, C.SCE_LABEL_B], y[partner])
-    np.testing.assert_array_equal(ym[:, C.SCE_LAM], lam)
+    assert ym.shape == (n, contract.SCE_MIXED_WIDTH) and ym.dtype == np.float64
+    lam = fr.Mixup(0.4).lambdas(augment._Draws(9, 4, bs, n, 0))
+    partner = augment._Draws(9, 4, bs, n, 0).batch_permutation(philox.STREAM_AUGMENT_PARTNER)
+    np.testing.assert_array_equal(ym[:, contract.SCE_LABEL], y)
+    np.testing.assert_array_equal(ym[:, contract.SCE_LABEL_B], y[partner])
+    np.testing.assert_array_equal(ym[:, contract.SCE_LAM], lam)
     for r in range(n):
         expect = lam[r] * X[r] + (1 - lam[r]) * X[partner[r]]
         np.testing.assert_allclose(x[r], expect, rtol=1e-15, atol=1e-15)
-    x32, y32 = A.apply([fr.Mixup(0.4)], X.astype(np.float32), y, batch_size=bs, seed=9, step=4,
-                       loss="sparse_categorical_crossentropy")
+    x32, y32 = augment.apply([fr.Mixup(0.4)], X.astype(np.float32), y, batch_size=bs, seed=9,
+                             step=4, loss="sparse_categorical_crossentropy")
     assert y32.dtype == np.float32
-    np.testing.assert_array_equal(y32[:, C.SCE_LAM], lam.astype(np.float32))
+    np.testing.assert_array_equal(y32[:, contract.SCE_LAM], lam.astype(np.float32))
 
 
 def _blobs(rng, n=90, classes=3, dim=4):
@@ -459,14 +460,14 @@ def test_mixup_with_sparse_labels_trains_the_same_on_every_backend(backend, fuse
     """Two epochs (a partial last batch) with Mixup and jitter: the weights and losses of each
     backend agree with the reference's (cuda: small tiles on the simulator; its default path
     and, with FUSED_MAX_WIDTH = 0, the tiled one)."""
-    from fastreg.kernels import cuda as G
+    from fastreg.kernels import cuda
     rng = fresh_rng()
     X, y = _blobs(rng, 30 if backend == "cuda" else 70)
     augs = [fr.GaussianJitter(0.05), fr.Mixup(0.3)]
     if fused is not None:
-        monkeypatch.setattr(G, "FUSED_MAX_WIDTH", fused, raising=False)
+        monkeypatch.setattr(cuda, "FUSED_MAX_WIDTH", fused, raising=False)
     runs = []
-    with small_cuda_tiles(monkeypatch, G if G.cuda is not None else None):
+    with small_cuda_tiles(monkeypatch, cuda if cuda.cuda is not None else None):
         for name in ("numpy", backend):
             m = _sparse_model(name)
             h = m.fit(X, y, epochs=2, batch_size=12, augment=augs, verbose=0)
@@ -503,5 +504,5 @@ def test_one_mixup_per_fit_with_sparse_labels():
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     assert model._network.counters.step == 0
     # two Mixups still mix soft targets (mse), and the other augmenters work with labels
-    A.apply([fr.Mixup(0.2), fr.Mixup(0.3)], X, y.astype(np.float32), loss="mse")
+    augment.apply([fr.Mixup(0.2), fr.Mixup(0.3)], X, y.astype(np.float32), loss="mse")
     model.fit(X, y, epochs=1, augment=[fr.GaussianJitter(0.1)], verbose=0)

@@ -1,6 +1,6 @@
 """BatchNorm (fr.BatchNorm after a Dense): the reference checked by central differences (the
-kernels of every backend against it: tests/test_kernels.py), training steps of every backend, training vs inference, no penalty on gamma/beta, weights
-order, save/load, prune, errors.
+kernels of every backend against it: tests/test_kernels.py), training steps of every backend,
+training vs inference, no penalty on gamma/beta, weights order, save/load, prune, errors.
 
 The CUDA tests run on the numba-cuda simulator (conftest.py) with small GEMM tiles.
 """
@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 import fastreg as fr
-from fastreg.kernels import contract as C
-from fastreg.kernels import reference as R
+from fastreg.kernels import contract
+from fastreg.kernels import reference
 from fastreg.kernels.philox import dropout_scale, dropout_threshold
 
 from netutil import backend_module, central_difference, fresh_rng, randn, small_cuda_tiles
 
-ACTS = [C.ACT_LINEAR, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_TANH, C.ACT_SIGMOID]
+ACTS = [contract.ACT_LINEAR, contract.ACT_RELU,
+        contract.ACT_LEAKY_RELU, contract.ACT_TANH, contract.ACT_SIGMOID]
 
 
 def _backend(name):
@@ -26,12 +27,12 @@ def _backend(name):
 def small_tiles(monkeypatch):
     """Small CUDA tiles on the simulator (netutil.small_cuda_tiles), so tile edges are hit."""
     try:
-        from fastreg.kernels import cuda as G
+        from fastreg.kernels import cuda
     except ImportError:
-        G = None
-    if G is not None and G.cuda is None:
-        G = None
-    with small_cuda_tiles(monkeypatch, G):
+        cuda = None
+    if cuda is not None and cuda.cuda is None:
+        cuda = None
+    with small_cuda_tiles(monkeypatch, cuda):
         yield
 
 
@@ -47,7 +48,7 @@ def _forward(ops, x, W, b, gb, act, thr, scale, seed=5, step=3, layer=1, eps=1e-
     B, O = x.shape[0], W.shape[1]
     dt = x.dtype
     out, xhat = np.zeros((B, O), dt), np.zeros((B, O), dt)
-    save = np.zeros((C.BN_SAVE_ROWS, O))
+    save = np.zeros((contract.BN_SAVE_ROWS, O))
     ops.bn_dense_forward(x, W, b, out, xhat, gb, save, act, 0.1, thr, scale, eps, seed, step,
                          layer)
     return out, xhat, save
@@ -65,7 +66,8 @@ def _backward(ops, grad, out, xhat, save, x, W, b, gb, stats, act, thr, scale, w
 
 
 # ---------------------------------------------------------------- the reference, float64
-@pytest.mark.parametrize("act", [C.ACT_TANH, C.ACT_RELU, C.ACT_SIGMOID, C.ACT_LEAKY_RELU])
+@pytest.mark.parametrize("act", [contract.ACT_TANH, contract.ACT_RELU, contract.ACT_SIGMOID,
+                                 contract.ACT_LEAKY_RELU])
 @pytest.mark.parametrize("rate", [0.0, 0.3])
 def test_reference_gradients_by_central_differences(act, rate):
     """dL/dW, dL/db (exactly 0), dL/dgamma, dL/dbeta, dL/dx of L = sum(R * out), float64,
@@ -77,10 +79,10 @@ def test_reference_gradients_by_central_differences(act, rate):
     thr, scale = dropout_threshold(rate), dropout_scale(rate, np.float64)
 
     def loss(x_, W_, b_, gb_):
-        return float((_forward(R, x_, W_, b_, gb_, act, thr, scale)[0] * Rw).sum())
+        return float((_forward(reference, x_, W_, b_, gb_, act, thr, scale)[0] * Rw).sum())
 
-    out, xhat, save = _forward(R, x, W, b, gb, act, thr, scale)
-    g, dW, db, dgb, dx, _ = _backward(R, Rw, out, xhat, save, x, W, b, gb, np.zeros((2, O)),
+    out, xhat, save = _forward(reference, x, W, b, gb, act, thr, scale)
+    g, dW, db, dgb, dx, _ = _backward(reference, Rw, out, xhat, save, x, W, b, gb, np.zeros((2, O)),
                                       act, thr, scale)
     args = [x.copy(), W.copy(), b.copy(), gb.copy()]
     for k, analytic in ((0, dx), (1, dW), (2, db), (3, dgb)):
@@ -92,13 +94,13 @@ def test_reference_gradients_by_central_differences(act, rate):
 def test_reference_forward_is_the_paper_formula():
     rng = fresh_rng()
     x, W, b, gb = _layer(rng, 9, 4, 5, np.float64)
-    out, xhat, save = _forward(R, x, W, b, gb, C.ACT_TANH, 0, 1.0, eps=1e-3)
+    out, xhat, save = _forward(reference, x, W, b, gb, contract.ACT_TANH, 0, 1.0, eps=1e-3)
     z = x @ W + b
     zhat = (z - z.mean(axis=0)) / np.sqrt(z.var(axis=0) + 1e-3)   # biased variance
     np.testing.assert_allclose(xhat, zhat, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(out, np.tanh(gb[0] * zhat + gb[1]), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(save[C.BN_SAVE_MEAN], z.mean(axis=0), rtol=1e-13)
-    np.testing.assert_allclose(save[C.BN_SAVE_VAR], z.var(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(save[contract.BN_SAVE_MEAN], z.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(save[contract.BN_SAVE_VAR], z.var(axis=0), rtol=1e-12)
 
 
 # ---------------------------------------------------------------- backends against it
@@ -225,7 +227,8 @@ def test_gamma_beta_never_penalized_and_bias_never_moves(backend):
         m.compile(optimizer=fr.AdamW(1e-2, weight_decay=0.5 if heavy else 0.0), backend=backend)
         m.set_weights([w + (0.3 if i == 1 else 0) for i, w in enumerate(m.get_weights())])
         net = m._network.training_plan(m.optimizer, 16, [1])
-        for col in (C.HP_L1, C.HP_L2, C.HP_MAXNORM, C.HP_GROUP, C.HP_DECOUPLED):
+        for col in (contract.HP_L1, contract.HP_L2, contract.HP_MAXNORM, contract.HP_GROUP,
+                    contract.HP_DECOUPLED):
             assert net.hpgb[0, col] == 0
         m.fit(X, y, epochs=1, batch_size=16, verbose=0)
         models.append(m.get_weights())
@@ -305,7 +308,8 @@ def test_prune_with_batchnorm_keeps_predictions():
     assert report.removed == [2, 2, 1, 0]
     assert [g.shape for g in m._network.tensors("gb")] == [(2, 6), (2, 4), (2, 4), (0, 0)]
     assert [s.shape for s in m._network.running_stats()] == [(2, 6), (2, 4), (2, 4), (0, 0)]
-    assert m._network.moments("m", "gb")[0].shape == (2, 6) and m._network.moments("v", "gb")[1].shape == (2, 4)
+    assert (m._network.moments("m", "gb")[0].shape == (2, 6)
+            and m._network.moments("v", "gb")[1].shape == (2, 4))
     np.testing.assert_allclose(m.predict(X), before, rtol=1e-5, atol=1e-5)
     m.fit(X, y, epochs=1, batch_size=16, verbose=0)       # training continues
     assert np.isfinite(m.predict(X)).all()
@@ -345,7 +349,7 @@ def test_batchnorm_must_follow_a_dense(layers):
 
 
 # ---------------------------------------------------------------- BatchNorm with a noise layer
-NOISES = [C.NOISE_ADD, C.NOISE_MUL]
+NOISES = [contract.NOISE_ADD, contract.NOISE_MUL]
 
 
 def _noisy_forward(ops, x, W, b, gb, act, thr, scale, noise, std, seed=5, step=3, layer=1):
@@ -353,8 +357,8 @@ def _noisy_forward(ops, x, W, b, gb, act, thr, scale, noise, std, seed=5, step=3
     B, O = x.shape[0], W.shape[1]
     dt = x.dtype
     out, xhat = np.zeros((B, O), dt), np.zeros((B, O), dt)
-    save = np.zeros((C.BN_SAVE_ROWS, O))
-    pre = np.zeros((B, O) if C.keeps_pre(act, noise) else (0, O), dt)
+    save = np.zeros((contract.BN_SAVE_ROWS, O))
+    pre = np.zeros((B, O) if contract.keeps_pre(act, noise) else (0, O), dt)
     ops.bn_dense_forward(x, W, b, out, xhat, gb, save, act, 0.1, thr, scale, 1e-3, seed, step,
                          layer, noise, dt.type(std), pre)
     return out, xhat, save, pre
@@ -370,7 +374,8 @@ def _noisy_backward(ops, grad, out, xhat, save, pre, x, W, b, gb, stats, act, th
     return g, dW, db, dgb, dx, st
 
 
-@pytest.mark.parametrize("act", [C.ACT_LINEAR, C.ACT_TANH, C.ACT_RELU, C.ACT_SIGMOID])
+@pytest.mark.parametrize("act", [contract.ACT_LINEAR, contract.ACT_TANH, contract.ACT_RELU,
+                                 contract.ACT_SIGMOID])
 @pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("rate", [0.0, 0.3])
 def test_reference_with_noise_gradients_by_central_differences(act, noise, rate):
@@ -384,11 +389,11 @@ def test_reference_with_noise_gradients_by_central_differences(act, noise, rate)
     std = 0.6
 
     def loss(x_, W_, b_, gb_):
-        out = _noisy_forward(R, x_, W_, b_, gb_, act, thr, scale, noise, std)[0]
+        out = _noisy_forward(reference, x_, W_, b_, gb_, act, thr, scale, noise, std)[0]
         return float((out * Rw).sum())
 
-    out, xhat, save, pre = _noisy_forward(R, x, W, b, gb, act, thr, scale, noise, std)
-    g, dW, db, dgb, dx, _ = _noisy_backward(R, Rw, out, xhat, save, pre, x, W, b, gb,
+    out, xhat, save, pre = _noisy_forward(reference, x, W, b, gb, act, thr, scale, noise, std)
+    g, dW, db, dgb, dx, _ = _noisy_backward(reference, Rw, out, xhat, save, pre, x, W, b, gb,
                                             np.zeros((2, O)), act, thr, scale, noise, std)
     args = [x.copy(), W.copy(), b.copy(), gb.copy()]
     for k, analytic in ((0, dx), (1, dW), (2, db), (3, dgb)):
@@ -396,8 +401,9 @@ def test_reference_with_noise_gradients_by_central_differences(act, noise, rate)
         np.testing.assert_allclose(analytic, num, rtol=1e-6, atol=1e-7)
     assert not db.any()
     # the noise acted: the output differs from the noiseless layer's, pre is the noiseless one
-    plain = _forward(R, x, W, b, gb, act, 0, 1.0)[0]
-    assert np.abs(_noisy_forward(R, x, W, b, gb, act, 0, 1.0, noise, std)[0] - plain).max() > 1e-3
+    plain = _forward(reference, x, W, b, gb, act, 0, 1.0)[0]
+    assert np.abs(_noisy_forward(reference, x, W, b, gb, act,
+                  0, 1.0, noise, std)[0] - plain).max() > 1e-3
     if pre.size:    # f(gamma zhat + beta) before the noise and the mask
         np.testing.assert_allclose(pre, plain, rtol=1e-14)
 
@@ -410,12 +416,12 @@ def test_reference_with_noise_is_the_dense_noise_after_the_normalization():
     rng = fresh_rng()
     x, W, b, gb = _layer(rng, 7, 4, 5, np.float64)
     thr, scale = dropout_threshold(0.4), dropout_scale(0.4, np.float64)
-    a = _forward(R, x, W, b, gb, C.ACT_TANH, 0, 1.0, seed=11, step=2, layer=1)[0]
+    a = _forward(reference, x, W, b, gb, contract.ACT_TANH, 0, 1.0, seed=11, step=2, layer=1)[0]
     n = standard_normals(a.size, 11, 2, 1, STREAM_NOISE).reshape(a.shape)
     keep = (philox_words(a.size, 11, 2, 1, STREAM_DROPOUT) >= thr).reshape(a.shape)
-    for noise, want in ((C.NOISE_ADD, a + 0.5 * n), (C.NOISE_MUL, a * (1 + 0.5 * n))):
-        out, _, _, pre = _noisy_forward(R, x, W, b, gb, C.ACT_TANH, thr, scale, noise, 0.5,
-                                        seed=11, step=2, layer=1)
+    for noise, want in ((contract.NOISE_ADD, a + 0.5 * n), (contract.NOISE_MUL, a * (1 + 0.5 * n))):
+        out, _, _, pre = _noisy_forward(reference, x, W, b, gb, contract.ACT_TANH, thr, scale,
+                                        noise, 0.5, seed=11, step=2, layer=1)
         np.testing.assert_allclose(pre, a, rtol=1e-14)
         np.testing.assert_allclose(out, np.where(keep, want * scale, 0.0), rtol=1e-13)
 
@@ -437,15 +443,17 @@ def _bn_noise_model(backend, dtype="float32", seed=4, noise=True):
 def test_noise_after_batchnorm_is_accepted_and_planned():
     model = _bn_noise_model("numpy")
     net = model._network.training_plan(model.optimizer, 16, [2])
-    assert list(net.li[:, C.LI_BN]) == [1, 1, 1]
-    assert list(net.li[:, C.LI_NOISE]) == [C.NOISE_MUL, C.NOISE_ADD, C.NOISE_ADD]
+    assert list(net.li[:, contract.LI_BN]) == [1, 1, 1]
+    assert list(net.li[:, contract.LI_NOISE]) == [
+        contract.NOISE_MUL, contract.NOISE_ADD, contract.NOISE_ADD]
     # f(z) before the noise kept for the nonlinear layers, not for the linear output
     assert [p.shape[0] for p in net.pres] == [16, 16, 0]
     assert "output noise" in model.summary() and "batchnorm" in model.summary()
     # the inference plan folds BatchNorm and keeps the noise codes (MC sampling draws them)
     inf = model._network.inference_plan()
-    assert not inf.li[:, C.LI_BN].any()
-    assert list(inf.li[:, C.LI_NOISE]) == [C.NOISE_MUL, C.NOISE_ADD, C.NOISE_ADD]
+    assert not inf.li[:, contract.LI_BN].any()
+    assert list(inf.li[:, contract.LI_NOISE]) == [
+        contract.NOISE_MUL, contract.NOISE_ADD, contract.NOISE_ADD]
     # a noise layer between a Dense and its BatchNorm is still refused
     with pytest.raises(ValueError, match="right after a Dense"):
         fr.Sequential([fr.Dense(3), fr.GaussianNoise(0.1), fr.BatchNorm(), fr.Dense(1)])

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from fastreg.kernels import contract as C
-from fastreg.kernels import plan as PL
-from fastreg.kernels import reference as R
+from fastreg.kernels import contract
+from fastreg.kernels.plan import make_plan
+from fastreg.kernels import reference
 from fastreg.kernels.philox import (STREAM_DROPOUT, STREAM_INPUT_DROPOUT, dropout_scale,
                                     dropout_threshold, philox_words)
 
@@ -30,11 +30,11 @@ G = pytest.importorskip("fastreg.kernels.cuda")
 if not G.available()[0]:
     pytest.skip(G.available()[1], allow_module_level=True)
 
-from fastreg.kernels.cuda import epilogue as GE  # noqa: E402
-from fastreg.kernels.cuda import jit as GJ  # noqa: E402
+from fastreg.kernels.cuda import epilogue as cuda_epilogue  # noqa: E402
+from fastreg.kernels.cuda import jit as cuda_jit  # noqa: E402
 
 SIM = G.on_simulator()
-ACTS = [a.code for a in C.ACTIVATION_TABLE]
+ACTS = [a.code for a in contract.ACTIVATION_TABLE]
 
 
 @pytest.fixture(autouse=True)
@@ -141,30 +141,30 @@ def test_stream_words_match_numpy_and_numba(stream):
 
 
 # ---------------------------------------------------------------- dense layer
-def _dense_case(rng, shape, dtype, act, rate, noise=(C.NOISE_NONE, 0.0)):
+def _dense_case(rng, shape, dtype, act, rate, noise=(contract.NOISE_NONE, 0.0)):
     """dense_forward / dense_backward of the device against the reference: values to
     rounding, the dropout masks bit for bit."""
     B, I, O = shape
     x, W, b = randn(rng, (B, I), dtype), randn(rng, (I, O), dtype, 0.3), randn(rng, O, dtype)
     thr, sc = dropout_threshold(rate), dropout_scale(rate, np.dtype(dtype).type)
     seed, step, layer = int(rng.integers(2**63)), int(rng.integers(2**31)), 2
-    keeps = C.keeps_pre(act, noise[0])
+    keeps = contract.keeps_pre(act, noise[0])
     outs, pres = {}, {}
-    for K in (R, G):
+    for K in (reference, G):
         out = np.zeros((B, O), dtype)
         pre = np.zeros((B if keeps else 0, O), dtype)
         K.dense_forward(x, W, b, out, act, 0.02, thr, sc, seed, step, layer, *noise, pre)
         outs[K], pres[K] = out, pre
-    assert_close(outs[G], outs[R], dtype)
-    assert_close(pres[G], pres[R], dtype)
-    np.testing.assert_array_equal(outs[G] == 0, outs[R] == 0)
+    assert_close(outs[G], outs[reference], dtype)
+    assert_close(pres[G], pres[reference], dtype)
+    np.testing.assert_array_equal(outs[G] == 0, outs[reference] == 0)
     g = randn(rng, (B, O), dtype)
     res = []
-    for K in (R, G):
+    for K in (reference, G):
         gg = g.copy()
         dW, db, dx = np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
-        K.dense_backward(gg, outs[R], x, W, dW, db, dx, act, 0.02, thr, sc, seed, step, layer,
-                         *noise, pres[R])
+        K.dense_backward(gg, outs[reference], x, W, dW, db, dx, act, 0.02, thr, sc, seed, step,
+                         layer, *noise, pres[reference])
         res.append((gg, dW, db, dx))
     for a, bb in zip(*res):
         assert_close(bb, a, dtype)
@@ -172,49 +172,51 @@ def _dense_case(rng, shape, dtype, act, rate, noise=(C.NOISE_NONE, 0.0)):
 
 @pytest.mark.parametrize("act", ACTS)
 def test_dense_forward_backward_dropout(act):
-    shape = (37, 19, 23) if act in (C.ACT_RELU, C.ACT_TANH) else (11, 7, 13)
+    shape = (37, 19, 23) if act in (contract.ACT_RELU, contract.ACT_TANH) else (11, 7, 13)
     _dense_case(fresh_rng(), shape, np.float32, act, 0.35)
 
 
-@pytest.mark.parametrize("act,shape", [(C.ACT_RELU, (17, 9, 18)), (C.ACT_TANH, (5, 3, 1)),
-                                       (C.ACT_LINEAR, (1, 9, 8))])
+@pytest.mark.parametrize("act,shape", [(contract.ACT_RELU, (17, 9, 18)),
+                                       (contract.ACT_TANH, (5, 3, 1)),
+                                       (contract.ACT_LINEAR, (1, 9, 8))])
 def test_dense_forward_backward_no_dropout(act, shape):
     _dense_case(fresh_rng(), shape, np.float32, act, 0.0)
 
 
-@pytest.mark.parametrize("act,noise", [(C.ACT_TANH, (C.NOISE_MUL, 0.4)),
-                                       (C.ACT_LINEAR, (C.NOISE_ADD, 0.3))])
+@pytest.mark.parametrize("act,noise", [(contract.ACT_TANH, (contract.NOISE_MUL, 0.4)),
+                                       (contract.ACT_LINEAR, (contract.NOISE_ADD, 0.3))])
 def test_dense_with_noise(act, noise):
     _dense_case(fresh_rng(), (9, 6, 11), np.float32, act, 0.25, noise)
 
 
 def test_dense_float64():
-    _dense_case(fresh_rng(), (9, 5, 11), np.float64, C.ACT_SIGMOID, 0.25)
+    _dense_case(fresh_rng(), (9, 5, 11), np.float64, contract.ACT_SIGMOID, 0.25)
 
 
-@pytest.mark.parametrize("act", [C.ACT_LEAKY_RELU, C.ACT_SIGMOID])
+@pytest.mark.parametrize("act", [contract.ACT_LEAKY_RELU, contract.ACT_SIGMOID])
 def test_dense_split_path(monkeypatch, act):
     """GEMM without epilogue followed by the elementwise epilogue kernels (the cuBLAS path's
     structure; the GEMM is ours here, cuBLAS where CuPy is installed)."""
     monkeypatch.setattr(G, "FORCE_SPLIT", True)
-    _dense_case(fresh_rng(), (13, 10, 17), np.float32, act, 0.3, (C.NOISE_MUL, 0.2))
+    _dense_case(fresh_rng(), (13, 10, 17), np.float32, act, 0.3, (contract.NOISE_MUL, 0.2))
 
 
 def test_backward_without_bias_or_dx():
     rng = fresh_rng()
     x, W = randn(rng, (9, 4)), randn(rng, (4, 6))
     out = np.zeros((9, 6), np.float32)
-    R.dense_forward(x, W, np.zeros(0, np.float32), out, C.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
+    reference.dense_forward(x, W, np.zeros(0, np.float32), out,
+                            contract.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
     out_g = np.zeros_like(out)
-    G.dense_forward(x, W, np.zeros(0, np.float32), out_g, C.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
+    G.dense_forward(x, W, np.zeros(0, np.float32), out_g, contract.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
     assert_close(out_g, out)
     g0 = randn(rng, (9, 6))
     res = []
-    for K in (R, G):
+    for K in (reference, G):
         g = g0.copy()
         dW = np.zeros_like(W)
         K.dense_backward(g, out, x, W, dW, np.zeros(0, np.float32),
-                         np.zeros((0, 0), np.float32), C.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
+                         np.zeros((0, 0), np.float32), contract.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
         res.append((g, dW))
     for a, b in zip(*res):
         assert_close(b, a)
@@ -229,9 +231,9 @@ def test_relu_propagates_nan(monkeypatch, split):
     x, W = randn(rng, (6, 4)), randn(rng, (4, 5))
     x[2, 1] = np.nan
     outs = []
-    for K in (R, G):
+    for K in (reference, G):
         out = np.zeros((6, 5), np.float32)
-        K.dense_forward(x, W, np.zeros(5, np.float32), out, C.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
+        K.dense_forward(x, W, np.zeros(5, np.float32), out, contract.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
         outs.append(out)
     assert np.isnan(outs[0][2]).all()
     np.testing.assert_array_equal(np.isnan(outs[1]), np.isnan(outs[0]))
@@ -244,8 +246,8 @@ def test_input_dropout_bitwise():
     a, b = np.zeros_like(x), np.zeros_like(x)
     thr, sc = dropout_threshold(0.2), dropout_scale(0.2)
     seed, step = int(rng.integers(2**63)), int(rng.integers(2**31))
-    R.input_dropout(x, a, thr, sc, seed, step, 3, C.NOISE_MUL, 0.3)
-    G.input_dropout(x, b, thr, sc, seed, step, 3, C.NOISE_MUL, 0.3)
+    reference.input_dropout(x, a, thr, sc, seed, step, 3, contract.NOISE_MUL, 0.3)
+    G.input_dropout(x, b, thr, sc, seed, step, 3, contract.NOISE_MUL, 0.3)
     assert_close(b, a)
     np.testing.assert_array_equal(a == 0, b == 0)
 
@@ -257,11 +259,11 @@ def relu_read_from_z():
     whether read from z or from f(z), so the results must not change while every kernel now
     keeps z in the pre buffer and reads f' from it (the path a GELU or SiLU takes)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(C.ACTIVATION_BY_CODE, C.ACT_RELU,
-                   C.Activation("relu", C.ACT_RELU, grad_from="input"))
-        mp.setattr(GE, "FROM_INPUT_MASK", 1 << C.ACT_RELU)
-        mp.setattr(GJ, "_BUILT", {})         # kernels compiled with the new flag
-        assert C.keeps_pre(C.ACT_RELU, C.NOISE_NONE)
+        mp.setitem(contract.ACTIVATION_BY_CODE, contract.ACT_RELU,
+                   contract.Activation("relu", contract.ACT_RELU, grad_from="input"))
+        mp.setattr(cuda_epilogue, "FROM_INPUT_MASK", 1 << contract.ACT_RELU)
+        mp.setattr(cuda_jit, "_BUILT", {})         # kernels compiled with the new flag
+        assert contract.keeps_pre(contract.ACT_RELU, contract.NOISE_NONE)
         yield
 
 
@@ -271,23 +273,23 @@ def relu_from_input():
         yield
 
 
-@pytest.mark.parametrize("noise", [(C.NOISE_NONE, 0.0), (C.NOISE_MUL, 0.3)])
+@pytest.mark.parametrize("noise", [(contract.NOISE_NONE, 0.0), (contract.NOISE_MUL, 0.3)])
 def test_input_derivative_kernels(relu_from_input, noise):
     rng = fresh_rng()
     x, W, b = randn(rng, (7, 5)), randn(rng, (5, 9), scale=0.5), randn(rng, 9)
     thr, sc = dropout_threshold(0.3), dropout_scale(0.3)
     out, pre = np.zeros((7, 9), np.float32), np.zeros((7, 9), np.float32)
-    G.dense_forward(x, W, b, out, C.ACT_RELU, 0.0, thr, sc, 9, 4, 1, *noise, pre)
+    G.dense_forward(x, W, b, out, contract.ACT_RELU, 0.0, thr, sc, 9, 4, 1, *noise, pre)
     assert_close(pre, x @ W + b)                     # z, not f(z)
     ref_out = np.zeros_like(out)
-    R.dense_forward(x, W, b, ref_out, C.ACT_RELU, 0.0, thr, sc, 9, 4, 1, *noise,
-                    np.zeros_like(out))
+    reference.dense_forward(x, W, b, ref_out, contract.ACT_RELU, 0.0, thr, sc, 9, 4, 1, *noise,
+                            np.zeros_like(out))
     assert_close(out, ref_out)
     g0 = randn(rng, (7, 9))
     res = []
-    for K, p in ((R, np.maximum(pre, 0)), (G, pre)):  # the reference keeps f(z) with noise
+    for K, p in ((reference, np.maximum(pre, 0)), (G, pre)):  # the reference keeps f(z) with noise
         g, dW, db, dx = g0.copy(), np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
-        K.dense_backward(g, ref_out, x, W, dW, db, dx, C.ACT_RELU, 0.0, thr, sc, 9, 4, 1,
+        K.dense_backward(g, ref_out, x, W, dW, db, dx, contract.ACT_RELU, 0.0, thr, sc, 9, 4, 1,
                          *noise, p)
         res.append((g, dW, db, dx))
     for a, bb in zip(*res):
@@ -295,22 +297,22 @@ def test_input_derivative_kernels(relu_from_input, noise):
 
 
 # ---------------------------------------------------------------- losses
-@pytest.mark.parametrize("loss", [C.LOSS_MSE, C.LOSS_BCE, C.LOSS_SCE, "mixup"])
+@pytest.mark.parametrize("loss", [contract.LOSS_MSE, contract.LOSS_BCE, contract.LOSS_SCE, "mixup"])
 def test_losses(loss):
     rng = fresh_rng()
     z = randn(rng, (41, 7), np.float32, 3.0)
     if loss == "mixup":
         y = np.stack([rng.integers(0, 7, 41), rng.integers(0, 7, 41), rng.random(41)],
                      axis=1).astype(np.float32)
-        loss = C.LOSS_SCE
-    elif loss == C.LOSS_SCE:
+        loss = contract.LOSS_SCE
+    elif loss == contract.LOSS_SCE:
         y = rng.integers(0, 7, (41, 1)).astype(np.float32)
-    elif loss == C.LOSS_BCE:
+    elif loss == contract.LOSS_BCE:
         y = rng.random((41, 7)).astype(np.float32)
     else:
         y = randn(rng, (41, 7))
     gr, gg = np.zeros_like(z), np.zeros_like(z)
-    vr = R.loss_forward_backward(z, y, gr, loss)
+    vr = reference.loss_forward_backward(z, y, gr, loss)
     vg = G.loss_forward_backward(z, y, gg, loss)
     assert vg == pytest.approx(vr, rel=1e-6)
     assert G.loss_value(z, y, loss) == pytest.approx(vr, rel=1e-6)
@@ -340,18 +342,18 @@ def test_penalized_update_vector(opt, b1, nesterov):
 
 def test_penalized_update_many_blocks_and_maxnorm_columns():
     # 20 x 21 = 420 parameters: several update chunks; 21 columns: two max-norm blocks
-    _update_case(C.OPT_ADAM, 0.9, 0, 0.02, 1e-3, 1, 0.5, 50.0, (20, 21))
+    _update_case(contract.OPT_ADAM, 0.9, 0, 0.02, 1e-3, 1, 0.5, 50.0, (20, 21))
 
 
 # ---------------------------------------------------------------- whole epochs
-def make_plan(rng, eps=1e-3, **kw):
+def random_epoch_plan(rng, eps=1e-3, **kw):
     """random_plan with Adam's eps at 1e-3: with 1e-8 a gradient that is ~0 up to float32
     rounding makes the step any value in [-lr, lr], so two correct backends may differ by lr
     in such a coordinate (seen: one weight of 120, rarely)."""
     kw.setdefault("seed", int(rng.integers(2**63)))
     plan = random_plan(rng, **kw)
     for hp in (plan.hpW, plan.hpb, plan.hpgb):
-        hp[:, C.HP_EPS] = eps
+        hp[:, contract.HP_EPS] = eps
     return plan
 
 
@@ -360,10 +362,10 @@ def mixup_targets(rng, plan, n):
     part), the plain targets of the parts before it; the last part's target columns and
     width become Mixup's."""
     p = plan.n_parts - 1
-    assert int(plan.parts[p, C.PT_LOSS]) == C.LOSS_SCE
-    y0 = int(plan.parts[p, C.PT_Y0])
-    plan.parts[p, C.PT_Y1] = y0 + C.SCE_MIXED_WIDTH
-    plan.y_widths[p] = C.SCE_MIXED_WIDTH
+    assert int(plan.parts[p, contract.PT_LOSS]) == contract.LOSS_SCE
+    y0 = int(plan.parts[p, contract.PT_Y0])
+    plan.parts[p, contract.PT_Y1] = y0 + contract.SCE_MIXED_WIDTH
+    plan.y_widths[p] = contract.SCE_MIXED_WIDTH
     K = plan.n_outputs[p]
     mixed = np.stack([rng.integers(0, K, n), rng.integers(0, K, n), rng.random(n)], axis=1)
     plain = random_targets(rng, plan, n)[:, :y0]
@@ -373,7 +375,7 @@ def mixup_targets(rng, plan, n):
 STORE_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def compare_epochs(plan, X, Y, batch, oracle=R, epochs=2, tol=STORE_TOL):
+def compare_epochs(plan, X, Y, batch, oracle=reference, epochs=2, tol=STORE_TOL):
     """`epochs` epochs of the same plan on the device and through `oracle`: the per-part loss
     sums, the penalty, the steps and the stop flag; then every parameter, moment and running
     statistic. Returns the device's plan."""
@@ -410,22 +412,23 @@ def path_taken(plan):
     return "fused-epoch" if st.one_block_epoch else "fused-step"
 
 
-TH, RL, LR, SG, LN = C.ACT_TANH, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_SIGMOID, C.ACT_LINEAR
+TH, RL, LR, SG, LN = (contract.ACT_TANH, contract.ACT_RELU, contract.ACT_LEAKY_RELU,
+                      contract.ACT_SIGMOID, contract.ACT_LINEAR)
 EPOCH_CASES = {
     "tanh-mse-adam-elasticnet-indrop": dict(
         sizes=(3, 12, 10, 2), acts=[TH, TH, LN], drop=[0.25, 0.25, 0.0], in_drop=0.2,
-        loss=C.LOSS_MSE, opt=C.OPT_ADAM, l1=1e-3, l2=1e-3),
+        loss=contract.LOSS_MSE, opt=contract.OPT_ADAM, l1=1e-3, l2=1e-3),
     "relu-sce-sgd-nesterov-l2": dict(
-        sizes=(4, 20, 5), acts=[RL, LN], drop=[0.1, 0.0], loss=C.LOSS_SCE, opt=C.OPT_SGD,
-        momentum=0.9, nesterov=True, l2=1e-3),
+        sizes=(4, 20, 5), acts=[RL, LN], drop=[0.1, 0.0], loss=contract.LOSS_SCE,
+        opt=contract.OPT_SGD, momentum=0.9, nesterov=True, l2=1e-3),
     "sigmoid-bce-adamw-l1-maxnorm-noise": dict(
-        sizes=(6, 9, 9, 2), acts=[SG, SG, LN], drop=[0.3, 0.3, 0.0], loss=C.LOSS_BCE,
-        opt=C.OPT_ADAMW, l1=1e-3, maxnorm=1.0,
-        noise=[(C.NOISE_MUL, 0.3), (C.NOISE_ADD, 0.2), (C.NOISE_NONE, 0.0)],
-        in_noise=(C.NOISE_ADD, 0.1)),
+        sizes=(6, 9, 9, 2), acts=[SG, SG, LN], drop=[0.3, 0.3, 0.0], loss=contract.LOSS_BCE,
+        opt=contract.OPT_ADAMW, l1=1e-3, maxnorm=1.0,
+        noise=[(contract.NOISE_MUL, 0.3), (contract.NOISE_ADD, 0.2), (contract.NOISE_NONE, 0.0)],
+        in_noise=(contract.NOISE_ADD, 0.1)),
     "leaky-mse-sgd-nobias-group": dict(
-        sizes=(5, 11, 1), acts=[LR, LN], drop=[0.2, 0.0], loss=C.LOSS_MSE, opt=C.OPT_SGD,
-        momentum=0.0, l2=1e-4, proximal=False, group=1e-3, bias=False),
+        sizes=(5, 11, 1), acts=[LR, LN], drop=[0.2, 0.0], loss=contract.LOSS_MSE,
+        opt=contract.OPT_SGD, momentum=0.0, l2=1e-4, proximal=False, group=1e-3, bias=False),
 }
 
 
@@ -438,7 +441,7 @@ def _data(rng, plan, n):
 def test_train_epoch_equals_reference(monkeypatch, name, path):
     use_path(monkeypatch, path)
     rng = fresh_rng()
-    plan = make_plan(rng, **EPOCH_CASES[name])
+    plan = random_epoch_plan(rng, **EPOCH_CASES[name])
     X, Y = _data(rng, plan, 24)
     dev = compare_epochs(plan, X, Y, 16)
     assert path_taken(dev) == path
@@ -448,14 +451,15 @@ def test_train_epoch_equals_reference(monkeypatch, name, path):
 # dropout on the trunk and on a head, Adam with L1 + L2
 NUMBA_HEADS = dict(EPOCH_CASES["tanh-mse-adam-elasticnet-indrop"], sizes=(3, 12),
                    acts=[TH, TH, LN, LN], drop=[0.25, 0.25, 0.0, 0.0],
-                   heads=[((10, 2), C.LOSS_MSE, 0.7, 0.2), ((3,), C.LOSS_SCE, 1.0, 0.0)])
+                   heads=[((10, 2), contract.LOSS_MSE, 0.7, 0.2),
+                          ((3,), contract.LOSS_SCE, 1.0, 0.0)])
 
 
 @pytest.mark.parametrize("path", PATHS + ["heads"])
 def test_train_epoch_equals_numba(monkeypatch, path):
     use_path(monkeypatch, path)
     rng = fresh_rng()
-    plan = make_plan(rng, **(NUMBA_HEADS if path == "heads" else
+    plan = random_epoch_plan(rng, **(NUMBA_HEADS if path == "heads" else
                              EPOCH_CASES["tanh-mse-adam-elasticnet-indrop"]))
     X, Y = _data(rng, plan, 21)
     dev = compare_epochs(plan, X, Y, 8, oracle=numba_backend())
@@ -469,7 +473,7 @@ def test_train_epoch_split_path(monkeypatch, heads):
     use_path(monkeypatch, "tiled")
     rng = fresh_rng()
     plan = (_head_plan(rng, "three-heads-sgd-maxnorm-group") if heads else
-            make_plan(rng, **EPOCH_CASES["sigmoid-bce-adamw-l1-maxnorm-noise"]))
+            random_epoch_plan(rng, **EPOCH_CASES["sigmoid-bce-adamw-l1-maxnorm-noise"]))
     compare_epochs(plan, *_data(rng, plan, 19), 8, epochs=1)
 
 
@@ -482,7 +486,7 @@ def test_fused_ragged_blocks_and_full_width(monkeypatch, path):
     rng = fresh_rng()
     case = dict(EPOCH_CASES["relu-sce-sgd-nesterov-l2"], sizes=(5, G.FUSED_MAX_WIDTH, 7, 3),
                 acts=[RL, RL, LN], drop=[0.1, 0.1, 0.0], maxnorm=0.8, group=1e-3)
-    plan = make_plan(rng, **case)
+    plan = random_epoch_plan(rng, **case)
     dev = compare_epochs(plan, *_data(rng, plan, 37), 13)
     assert path_taken(dev) == path
 
@@ -492,16 +496,16 @@ def test_mixup_targets(monkeypatch, path):
     """sparse_categorical_crossentropy with Mixup's (label_a, label_b, lam) targets."""
     use_path(monkeypatch, path)
     rng = fresh_rng()
-    plan = make_plan(rng, **EPOCH_CASES["relu-sce-sgd-nesterov-l2"])
+    plan = random_epoch_plan(rng, **EPOCH_CASES["relu-sce-sgd-nesterov-l2"])
     X = randn(rng, (24, 4))
     Y = mixup_targets(rng, plan, 24)
     dev = compare_epochs(plan, X, Y, 16, epochs=1)
     assert path_taken(dev) == path
     plain = clone_plan(plan)        # label_a alone: another loss (the test can tell)
-    plain.parts[0, C.PT_Y1] = 1
+    plain.parts[0, contract.PT_Y1] = 1
     plain.y_widths = [1]
-    mixed_loss = run_epochs(R, clone_plan(plan), X, Y, 16, 1)[0][0][0]
-    assert abs(run_epochs(R, plain, X, Y, 16, 1)[0][0][0] - mixed_loss) > 1e-4 * mixed_loss
+    mixed_loss = run_epochs(reference, clone_plan(plan), X, Y, 16, 1)[0][0][0]
+    assert abs(run_epochs(reference, plain, X, Y, 16, 1)[0][0][0] - mixed_loss) > 1e-4 * mixed_loss
 
 
 def test_input_derivative_epochs():
@@ -509,20 +513,21 @@ def test_input_derivative_epochs():
     the tiled one with BatchNorm and noise: its z goes through the pre buffers of the fused,
     GEMM and BatchNorm epilogues."""
     rng = fresh_rng()
-    plans = {"fused-epoch": make_plan(rng, **EPOCH_CASES["relu-sce-sgd-nesterov-l2"]),
-             "tiled": make_plan(rng, sizes=(4, 8, 6, 3), acts=[RL, RL, LN],
-                                bn=[True, False, False], drop=[0.2, 0.2, 0.0],
-                                noise=[(C.NOISE_NONE, 0.0), (C.NOISE_MUL, 0.2),
-                                       (C.NOISE_NONE, 0.0)])}
+    plans = {"fused-epoch": random_epoch_plan(rng, **EPOCH_CASES["relu-sce-sgd-nesterov-l2"]),
+             "tiled": random_epoch_plan(rng, sizes=(4, 8, 6, 3), acts=[RL, RL, LN],
+                                        bn=[True, False, False], drop=[0.2, 0.2, 0.0],
+                                        noise=[(contract.NOISE_NONE, 0.0),
+                                               (contract.NOISE_MUL, 0.2),
+                                               (contract.NOISE_NONE, 0.0)])}
     for path, plan in plans.items():
         X, Y = _data(rng, plan, 19)
         flagged, plain = clone_plan(plan), clone_plan(plan)
         with relu_read_from_z():
             run_epochs(G, flagged, X, Y, 8, epochs=1)
         run_epochs(G, plain, X, Y, 8, epochs=1)
-        relu = plan.li[:, C.LI_ACT] == RL
+        relu = plan.li[:, contract.LI_ACT] == RL
         assert all(np.array(flagged.cache["cuda"].keeps_pre)[relu])
-        assert not any(np.array(plain.cache["cuda"].keeps_pre)[relu & (plan.li[:, C.LI_NOISE]
+        assert not any(np.array(plain.cache["cuda"].keeps_pre)[relu & (plan.li[:, contract.LI_NOISE]
                                                                        == 0)])
         assert path_taken(flagged) == path
         np.testing.assert_array_equal(flagged.store.params, plain.store.params)
@@ -535,33 +540,33 @@ HEAD_CASES = {
     "bn-noise-adam": dict(
         sizes=(4, 9, 6), acts=[TH, RL, LN, TH, LN], bn=[True, False, False, True, False],
         drop=[0.2, 0.0, 0.0, 0.1, 0.0], in_drop=0.1,
-        noise=[(C.NOISE_NONE, 0.0), (C.NOISE_MUL, 0.3), (C.NOISE_NONE, 0.0),
-               (C.NOISE_ADD, 0.2), (C.NOISE_NONE, 0.0)],
-        heads=[((2,), C.LOSS_MSE, 0.7, 0.25), ((5, 3), C.LOSS_SCE, 1.0, 0.0)],
-        opt=C.OPT_ADAM, l1=1e-3, l2=1e-3),
+        noise=[(contract.NOISE_NONE, 0.0), (contract.NOISE_MUL, 0.3), (contract.NOISE_NONE, 0.0),
+               (contract.NOISE_ADD, 0.2), (contract.NOISE_NONE, 0.0)],
+        heads=[((2,), contract.LOSS_MSE, 0.7, 0.25), ((5, 3), contract.LOSS_SCE, 1.0, 0.0)],
+        opt=contract.OPT_ADAM, l1=1e-3, l2=1e-3),
     # three heads (the third adds its input gradient into the trunk's), SGD with momentum,
     # max-norm and group lasso, a trunk whose weight is not 1, binary CE
     "three-heads-sgd-maxnorm-group": dict(
         sizes=(5, 8), acts=[SG, LR, LN, LN, LN], drop=[0.1, 0.2, 0.0, 0.0, 0.0],
-        heads=[((3, 2), C.LOSS_BCE, 0.5, 0.0), ((2,), C.LOSS_MSE, 1.0, 0.2),
-               ((3,), C.LOSS_SCE, 2.0, 0.1)],
-        opt=C.OPT_SGD, momentum=0.9, l2=1e-3, maxnorm=1.2, group=1e-3),
+        heads=[((3, 2), contract.LOSS_BCE, 0.5, 0.0), ((2,), contract.LOSS_MSE, 1.0, 0.2),
+               ((3,), contract.LOSS_SCE, 2.0, 0.1)],
+        opt=contract.OPT_SGD, momentum=0.9, l2=1e-3, maxnorm=1.2, group=1e-3),
     # AdamW, Mixup targets on the sparse CE head
     "adamw-mixup": dict(
         sizes=(3, 7), acts=[RL, TH, LN, LN], drop=[0.2, 0.2, 0.0, 0.0],
-        heads=[((4, 2), C.LOSS_MSE, 1.0, 0.0), ((3,), C.LOSS_SCE, 0.5, 0.3)],
-        opt=C.OPT_ADAMW, l2=1e-4),
+        heads=[((4, 2), contract.LOSS_MSE, 1.0, 0.0), ((3,), contract.LOSS_SCE, 0.5, 0.3)],
+        opt=contract.OPT_ADAMW, l2=1e-4),
 }
 
 
 def _head_plan(rng, name):
-    plan = make_plan(rng, **HEAD_CASES[name])
-    first = int(plan.parts[-1, C.PT_FIRST])
+    plan = random_epoch_plan(rng, **HEAD_CASES[name])
+    first = int(plan.parts[-1, contract.PT_FIRST])
     if name == "bn-noise-adam":          # GaussianDropout on the last head's input
-        plan.li[first, C.LI_IN_NOISE] = C.NOISE_MUL
-        plan.lf[first, C.LF_IN_NOISE_STD] = 0.3
+        plan.li[first, contract.LI_IN_NOISE] = contract.NOISE_MUL
+        plan.lf[first, contract.LF_IN_NOISE_STD] = 0.3
     if name == "three-heads-sgd-maxnorm-group":
-        plan.partf[0, C.PF_WEIGHT] = 0.5
+        plan.partf[0, contract.PF_WEIGHT] = 0.5
     return plan
 
 
@@ -586,17 +591,17 @@ def test_path_is_chosen_per_plan():
     width = G.FUSED_MAX_WIDTH
     for kw in (dict(sizes=(width + 1, 6, 2)), dict(sizes=(4, width + 1, 2)),
                dict(sizes=(4, 6, 2), bn=[True, False])):
-        plan = make_plan(rng, acts=[LR, LN], opt=C.OPT_SGD, momentum=0.0, **kw)
+        plan = random_epoch_plan(rng, acts=[LR, LN], opt=contract.OPT_SGD, momentum=0.0, **kw)
         dev = compare_epochs(plan, *_data(rng, plan, 10), 10, epochs=1)
         assert path_taken(dev) == "tiled"
-    infer = make_plan(rng, sizes=(4, 6, 2), bn=[True, False], training=False)
+    infer = random_epoch_plan(rng, sizes=(4, 6, 2), bn=[True, False], training=False)
     G.forward_inference(infer, randn(rng, (3, 4)), 3)
     assert infer.cache["cuda"].chains[0] is not None
 
 
 def test_device_state_is_reused_and_invalidated():
     rng = fresh_rng()
-    plan = make_plan(rng, **EPOCH_CASES["relu-sce-sgd-nesterov-l2"])
+    plan = random_epoch_plan(rng, **EPOCH_CASES["relu-sce-sgd-nesterov-l2"])
     X, Y = _data(rng, plan, 16)
     run_epochs(G, plan, X, Y, 16, epochs=1)
     st = plan.cache["cuda"]
@@ -626,13 +631,14 @@ def test_train_epoch_stops_on_nonfinite_loss(monkeypatch, path):
     if path == "heads":
         kw.update(sizes=(5, 11), acts=[LR, RL, LN, LN], drop=[0.2, 0.0, 0.0, 0.0],
                   bn=[True, False, False, False],
-                  heads=[((3, 1), C.LOSS_MSE, 1.0, 0.0), ((2,), C.LOSS_SCE, 1.0, 0.0)])
-    plan = make_plan(rng, **kw)
+                  heads=[((3, 1), contract.LOSS_MSE, 1.0, 0.0),
+                         ((2,), contract.LOSS_SCE, 1.0, 0.0)])
+    plan = random_epoch_plan(rng, **kw)
     X, Y = _data(rng, plan, 32)
     row = np.random.default_rng([1, 0]).permutation(32)[9]     # run_epochs' first order
     X[row] = np.nan if path == "heads" else np.inf
     ref, dev = clone_plan(plan), clone_plan(plan)
-    rr = run_epochs(R, ref, X, Y, 8, epochs=1)[0]
+    rr = run_epochs(reference, ref, X, Y, 8, epochs=1)[0]
     rd = run_epochs(G, dev, X, Y, 8, epochs=1)[0]
     assert rr[3] is False and rd[3] is False
     assert rd[2] == rr[2] == 1
@@ -650,16 +656,16 @@ def test_forward_inference_equals_reference(monkeypatch, path):
     fit it."""
     use_path(monkeypatch, path)
     rng = fresh_rng()
-    train = make_plan(rng, **HEAD_CASES["three-heads-sgd-maxnorm-group"])
+    train = random_epoch_plan(rng, **HEAD_CASES["three-heads-sgd-maxnorm-group"])
     folded = {1: (randn(rng, train.Ws[1].shape, scale=0.3), randn(rng, train.Ws[1].shape[1]))}
-    infer = PL.make_plan(train.store, train.li, train.lf, train.hpW, train.hpb, train.hpgb,
-                         train.parts, train.partf, train.opt, train.seed, training=False,
-                         folded=folded)
+    infer = make_plan(train.store, train.li, train.lf, train.hpW, train.hpb, train.hpgb,
+                      train.parts, train.partf, train.opt, train.seed, training=False,
+                      folded=folded)
     X = randn(rng, (45, train.Ws[0].shape[0]))
-    H = R.forward_inference(infer, X, 16, part=0)
+    H = reference.forward_inference(infer, X, 16, part=0)
     for part, x in ((0, X), (1, H), (3, H)):
-        assert_close(G.forward_inference(infer, x, 16, part), R.forward_inference(infer, x, 16,
-                                                                                  part))
+        assert_close(G.forward_inference(infer, x, 16, part),
+                     reference.forward_inference(infer, x, 16, part))
         assert (infer.cache["cuda"].chains[part] is not None) == (path != "tiled")
 
 
@@ -667,11 +673,11 @@ def test_forward_inference_equals_reference(monkeypatch, path):
 def test_nan_input_propagates_through_relu_inference(monkeypatch, path):
     use_path(monkeypatch, path)
     rng = fresh_rng()
-    plan = make_plan(rng, sizes=(3, 6, 2), acts=[RL, LN], training=False)
+    plan = random_epoch_plan(rng, sizes=(3, 6, 2), acts=[RL, LN], training=False)
     X = randn(rng, (5, 3))
     X[1, 0] = np.nan
     out = G.forward_inference(plan, X, 5)
-    np.testing.assert_array_equal(np.isnan(out), np.isnan(R.forward_inference(plan, X, 5)))
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(reference.forward_inference(plan, X, 5)))
     assert np.isnan(out[1]).all() and not np.isnan(out[[0, 2, 3, 4]]).any()
 
 

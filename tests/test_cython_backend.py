@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastreg.kernels import contract as C
-from fastreg.kernels import reference as R
+from fastreg.kernels import contract
+from fastreg.kernels import reference
 from fastreg.kernels.philox import (dropout_scale, dropout_threshold, keep_mask, philox_words,
                                     STREAM_DROPOUT, STREAM_INPUT_DROPOUT)
 from fastreg.kernels.protocol import Backend
@@ -35,11 +35,11 @@ except ImportError as exc:  # not built, or FASTREG_NO_CYTHON=1
 
 needs_ext = pytest.mark.skipif(Cy is None, reason=SKIP_REASON)
 
-KERNELS = Path(C.__file__).parent
-ACTS = [a.code for a in C.ACTIVATION_TABLE]
-ACT_IDS = [a.name for a in C.ACTIVATION_TABLE]
-NOISES = [n.code for n in C.NOISE_TABLE]
-NOISE_IDS = [n.name for n in C.NOISE_TABLE]
+KERNELS = Path(contract.__file__).parent
+ACTS = [a.code for a in contract.ACTIVATION_TABLE]
+ACT_IDS = [a.name for a in contract.ACTIVATION_TABLE]
+NOISES = [n.code for n in contract.NOISE_TABLE]
+NOISE_IDS = [n.name for n in contract.NOISE_TABLE]
 # B*O crosses the parallel threshold (65536) in the big case: the OpenMP passes run too
 SHAPES = [(37, 19, 23), (300, 40, 260)]
 KAT = [
@@ -63,7 +63,7 @@ def assert_close(actual, desired, dtype):
 
 
 def _pre(B, O, act, noise, dtype):
-    return np.zeros((B if C.keeps_pre(act, noise) else 0, O), dtype)
+    return np.zeros((B if contract.keeps_pre(act, noise) else 0, O), dtype)
 
 
 # ---------------------------------------------------------------- Philox
@@ -100,17 +100,17 @@ def test_philox_words_match_reference_on_every_code_path(n):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dropout_masks_bitwise_equal_to_numba_and_reference(dtype, shape):
-    from fastreg.kernels import numba as N
+    from fastreg.kernels import numba
     rng = fresh_rng()
     B, I, O = shape
     x, W, b = randn(rng, (B, I), dtype), randn(rng, (I, O), dtype, 0.3), randn(rng, O, dtype)
     thr, sc = dropout_threshold(0.3), dropout_scale(0.3, np.dtype(dtype).type)
     seed, step, layer = int(rng.integers(2**63)), int(rng.integers(2**31)), 1
     outs = []
-    for K in (N, Cy):
+    for K in (numba, Cy):
         out = np.zeros((B, O), dtype)
         # sigmoid output is never 0, so every zero is a dropped unit
-        K.dense_forward(x, W, b, out, C.ACT_SIGMOID, 0.0, thr, sc, seed, step, layer)
+        K.dense_forward(x, W, b, out, contract.ACT_SIGMOID, 0.0, thr, sc, seed, step, layer)
         outs.append(out)
     keep = keep_mask((B, O), thr, seed, step, layer, STREAM_DROPOUT)
     np.testing.assert_array_equal(outs[0] == 0, outs[1] == 0)
@@ -131,18 +131,19 @@ def test_dense_forward_backward_against_reference(dtype, act, rate, noise, shape
     thr, sc = dropout_threshold(rate), dropout_scale(rate, np.dtype(dtype).type)
     seed, step, layer = int(rng.integers(2**63)), int(rng.integers(2**31)), 2
     outs, pres = [], []
-    for K in (R, Cy):
+    for K in (reference, Cy):
         out, pre = np.zeros((B, O), dtype), _pre(B, O, act, noise, dtype)
         K.dense_forward(x, W, b, out, act, 0.02, thr, sc, seed, step, layer, noise, 0.3, pre)
         outs.append(out)
         pres.append(pre)
     assert_close(outs[1], outs[0], dtype)
     assert_close(pres[1], pres[0], dtype)
-    if act == C.ACT_SIGMOID and noise == C.NOISE_NONE:   # no output is 0 but dropped ones
+    # no output is 0 but dropped ones
+    if act == contract.ACT_SIGMOID and noise == contract.NOISE_NONE:
         np.testing.assert_array_equal(outs[1] == 0, outs[0] == 0)
     g = randn(rng, (B, O), dtype)
     res = []
-    for K in (R, Cy):
+    for K in (reference, Cy):
         gg = g.copy()
         dW, db, dx = np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
         K.dense_backward(gg, outs[0], x, W, dW, db, dx, act, 0.02, thr, sc, seed, step, layer,
@@ -161,10 +162,11 @@ def test_every_activation_propagates_nan_like_the_reference(dtype, act):
     z = np.array([np.nan, -2.0, -0.5, -0.0, 0.0, 0.5, 3.0, np.inf, -np.inf], dtype)
     x, W = np.zeros((1, 1), dtype), np.zeros((1, z.size), dtype)    # x @ W + b = b = z
     out_r, out_c = np.zeros((1, z.size), dtype), np.zeros((1, z.size), dtype)
-    R.dense_forward(x, W, z, out_r, act, 0.1, 0, 1.0, 0, 0, 0)
+    reference.dense_forward(x, W, z, out_r, act, 0.1, 0, 1.0, 0, 0, 0)
     Cy.dense_forward(x, W, z, out_c, act, 0.1, 0, 1.0, 0, 0, 0)
     assert np.isnan(out_c[0, 0])
-    if act in (C.ACT_LINEAR, C.ACT_RELU, C.ACT_LEAKY_RELU):   # exact: compare the bits
+    # exact: compare the bits
+    if act in (contract.ACT_LINEAR, contract.ACT_RELU, contract.ACT_LEAKY_RELU):
         np.testing.assert_array_equal(out_c.view(np.uint8), out_r.view(np.uint8))
     assert_close(out_c, out_r, dtype)
 
@@ -178,14 +180,14 @@ def test_vector_shaped_products(dtype, shape):
     B, I, O = shape
     x, W, b = randn(rng, (B, I), dtype), randn(rng, (I, O), dtype), randn(rng, O, dtype)
     out_r, out_c = np.zeros((B, O), dtype), np.zeros((B, O), dtype)
-    R.dense_forward(x, W, b, out_r, C.ACT_TANH, 0.0, 0, 1.0, 0, 0, 0)
-    Cy.dense_forward(x, W, b, out_c, C.ACT_TANH, 0.0, 0, 1.0, 0, 0, 0)
+    reference.dense_forward(x, W, b, out_r, contract.ACT_TANH, 0.0, 0, 1.0, 0, 0, 0)
+    Cy.dense_forward(x, W, b, out_c, contract.ACT_TANH, 0.0, 0, 1.0, 0, 0, 0)
     assert_close(out_c, out_r, dtype)
     res = []
-    for K in (R, Cy):
+    for K in (reference, Cy):
         g = randn(np.random.default_rng(7), (B, O), dtype)
         dW, db, dx = np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
-        K.dense_backward(g, out_r, x, W, dW, db, dx, C.ACT_TANH, 0.0, 0, 1.0, 0, 0, 0)
+        K.dense_backward(g, out_r, x, W, dW, db, dx, contract.ACT_TANH, 0.0, 0, 1.0, 0, 0, 0)
         res.append((g, dW, db, dx))
     for a, c in zip(*res):
         assert_close(c, a, dtype)
@@ -197,15 +199,15 @@ def test_backward_without_bias_or_dx():
     x, W = randn(rng, (9, 4)), randn(rng, (4, 6))
     none = np.zeros(0, np.float32)
     out, ref = np.zeros((9, 6), np.float32), np.zeros((9, 6), np.float32)
-    Cy.dense_forward(x, W, none, out, C.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
-    R.dense_forward(x, W, none, ref, C.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
+    Cy.dense_forward(x, W, none, out, contract.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
+    reference.dense_forward(x, W, none, ref, contract.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
     assert_close(out, ref, np.float32)
     g0 = randn(rng, (9, 6))
     res = []
-    for K in (R, Cy):
+    for K in (reference, Cy):
         g, dW = g0.copy(), np.zeros_like(W)
-        K.dense_backward(g, ref, x, W, dW, none, np.zeros((0, 0), np.float32), C.ACT_RELU, 0.0,
-                         0, 1.0, 0, 0, 0)
+        K.dense_backward(g, ref, x, W, dW, none, np.zeros((0, 0), np.float32), contract.ACT_RELU,
+                         0.0, 0, 1.0, 0, 0, 0)
         res.append((g, dW))
     for a, c in zip(*res):
         assert_close(c, a, np.float32)
@@ -218,8 +220,8 @@ def test_backward_that_needs_pre_refuses_to_run_without_it():
     out = np.zeros((5, 4), np.float32)
     with pytest.raises(ValueError, match="keeps_pre"):
         Cy.dense_backward(out.copy(), out, x, W, np.zeros_like(W), np.zeros_like(b),
-                          np.zeros_like(x), C.ACT_TANH, 0.0, 0, 1.0, 0, 0, 0, C.NOISE_MUL,
-                          0.2, None)
+                          np.zeros_like(x), contract.ACT_TANH, 0.0, 0, 1.0, 0, 0, 0,
+                          contract.NOISE_MUL, 0.2, None)
 
 
 @needs_ext
@@ -234,14 +236,14 @@ def test_input_dropout_against_reference(dtype, noise, shape):
     a, b = np.zeros_like(x), np.zeros_like(x)
     thr, sc = dropout_threshold(0.2), dropout_scale(0.2, np.dtype(dtype).type)
     seed, step = int(rng.integers(2**63)), int(rng.integers(2**31))
-    R.input_dropout(x, a, thr, sc, seed, step, 3, noise, 0.25)
+    reference.input_dropout(x, a, thr, sc, seed, step, 3, noise, 0.25)
     Cy.input_dropout(x, b, thr, sc, seed, step, 3, noise, 0.25)
-    if noise == C.NOISE_NONE:
+    if noise == contract.NOISE_NONE:
         np.testing.assert_array_equal(a, b)
     assert_close(b, a, dtype)
     # a dropped input is 0, or AlphaDropout's value a * alpha' + b (the std slot is its b)
     dt = np.dtype(dtype).type
-    dropped = dt(0) if noise != C.NOISE_ALPHA else dt(C.ALPHA_DROPPED) * sc + dt(0.25)
+    dropped = dt(0) if noise != contract.NOISE_ALPHA else dt(contract.ALPHA_DROPPED) * sc + dt(0.25)
     np.testing.assert_array_equal(b != dropped, keep_mask(x.shape, thr, seed, step, 3,
                                                           STREAM_INPUT_DROPOUT))
 
@@ -260,7 +262,7 @@ def test_bn_dense_against_reference(dtype, act, noise, shape):
     thr, sc = dropout_threshold(0.2), dropout_scale(0.2, np.dtype(dtype).type)
     seed, step, layer = int(rng.integers(2**63)), int(rng.integers(2**31)), 4
     fwd = []
-    for K in (R, Cy):
+    for K in (reference, Cy):
         out, xhat, save = np.zeros((B, O), dtype), np.zeros((B, O), dtype), np.zeros((6, O))
         pre = _pre(B, O, act, noise, dtype)
         K.bn_dense_forward(x, W, b, out, xhat, gb, save, act, 0.02, thr, sc, 1e-3, seed, step,
@@ -271,7 +273,7 @@ def test_bn_dense_against_reference(dtype, act, noise, shape):
     out, xhat, save, pre = fwd[0]
     g = randn(rng, (B, O), dtype)
     res = []
-    for K in (R, Cy):
+    for K in (reference, Cy):
         gg, stats = g.copy(), np.stack([np.zeros(O), np.ones(O)]).astype(dtype)
         dW, db, dgb, dx = (np.zeros_like(a) for a in (W, b, gb, x))
         K.bn_dense_backward(gg, out, xhat, x, W, gb, stats, save.copy(), dW, db, dgb, dx, act,
@@ -283,18 +285,18 @@ def test_bn_dense_against_reference(dtype, act, noise, shape):
 
 # ---------------------------------------------------------------- losses
 def _targets(rng, loss, B, K, dtype, mixed=False):
-    if loss == C.LOSS_SCE and mixed:
+    if loss == contract.LOSS_SCE and mixed:
         return np.stack([rng.integers(0, K, B), rng.integers(0, K, B), rng.random(B)],
                         axis=1).astype(dtype)
-    if loss == C.LOSS_SCE:
+    if loss == contract.LOSS_SCE:
         return rng.integers(0, K, (B, 1)).astype(dtype)
-    if loss == C.LOSS_BCE:
+    if loss == contract.LOSS_BCE:
         return rng.random((B, K)).astype(dtype)
     return randn(rng, (B, K), dtype)
 
 
-LOSS_CASES = [(loss.code, False) for loss in C.LOSS_TABLE] + [(C.LOSS_SCE, True)]
-LOSS_IDS = [loss.name for loss in C.LOSS_TABLE] + ["sce-mixup"]
+LOSS_CASES = [(loss.code, False) for loss in contract.LOSS_TABLE] + [(contract.LOSS_SCE, True)]
+LOSS_IDS = [loss.name for loss in contract.LOSS_TABLE] + ["sce-mixup"]
 
 
 @needs_ext
@@ -305,7 +307,7 @@ def test_losses_against_reference(dtype, loss, mixed):
     z = randn(rng, (41, 7), dtype, 3.0)
     y = _targets(rng, loss, 41, 7, dtype, mixed)
     gr, gc = np.zeros_like(z), np.zeros_like(z)
-    vr = R.loss_forward_backward(z, y, gr, loss)
+    vr = reference.loss_forward_backward(z, y, gr, loss)
     vc = Cy.loss_forward_backward(z, y, gc, loss)
     assert vc == pytest.approx(vr, rel=1e-6 if dtype == np.float32 else 1e-12)
     assert Cy.loss_value(z, y, loss) == vc
@@ -313,14 +315,14 @@ def test_losses_against_reference(dtype, loss, mixed):
 
 
 @needs_ext
-@pytest.mark.parametrize("loss", [loss.code for loss in C.LOSS_TABLE],
-                         ids=[loss.name for loss in C.LOSS_TABLE])
+@pytest.mark.parametrize("loss", [loss.code for loss in contract.LOSS_TABLE],
+                         ids=[loss.name for loss in contract.LOSS_TABLE])
 def test_output_transform_and_penalty_value_are_the_reference(loss):
     z = randn(fresh_rng(), (13, 4), np.float32, 3.0)
-    np.testing.assert_array_equal(Cy.output_transform(z, loss), R.output_transform(z, loss))
-    hp = np.zeros(C.HP_SIZE)
-    hp[[C.HP_L1, C.HP_L2, C.HP_GROUP]] = (0.1, 0.2, 0.3)
-    assert Cy.penalty_value(z, hp) == R.penalty_value(z, hp)
+    np.testing.assert_array_equal(Cy.output_transform(z, loss), reference.output_transform(z, loss))
+    hp = np.zeros(contract.HP_SIZE)
+    hp[[contract.HP_L1, contract.HP_L2, contract.HP_GROUP]] = (0.1, 0.2, 0.3)
+    assert Cy.penalty_value(z, hp) == reference.penalty_value(z, hp)
 
 
 # ---------------------------------------------------------------- penalized update
@@ -340,37 +342,42 @@ def test_penalized_update_against_reference(dtype, opt, b1, nesterov, l1, l2, pr
 # Adam's eps is raised in these comparisons: with eps=1e-8 a gradient that is ~0 up to float32
 # rounding (a cancelled sum) makes the step lr * g / (|g| + eps) any value in [-lr, lr], so two
 # correct backends may differ by lr in such a coordinate. Not what these tests are about.
-N_ADD, N_MUL, N_OFF = C.NOISE_ADD, C.NOISE_MUL, (C.NOISE_NONE, 0.0)
+N_ADD, N_MUL, N_OFF = contract.NOISE_ADD, contract.NOISE_MUL, (contract.NOISE_NONE, 0.0)
 EPOCH_CASES = {
-    "sgd-linear": dict(sizes=(5, 8, 1), acts=[C.ACT_LINEAR] * 2, opt=C.OPT_SGD, momentum=0.0),
+    "sgd-linear": dict(sizes=(5, 8, 1), acts=[contract.ACT_LINEAR] * 2, opt=contract.OPT_SGD,
+                       momentum=0.0),
     "momentum-relu-sce-indrop-l2": dict(
-        sizes=(4, 20, 5), acts=[C.ACT_RELU, C.ACT_LINEAR], drop=[0.1, 0], loss=C.LOSS_SCE,
-        opt=C.OPT_SGD, momentum=0.9, in_drop=0.2, l2=1e-3),
+        sizes=(4, 20, 5), acts=[contract.ACT_RELU, contract.ACT_LINEAR], drop=[0.1, 0],
+        loss=contract.LOSS_SCE, opt=contract.OPT_SGD, momentum=0.9, in_drop=0.2, l2=1e-3),
     "nesterov-leaky-bce-l1-subgradient": dict(
-        sizes=(6, 9, 9, 2), acts=[C.ACT_LEAKY_RELU] * 2 + [C.ACT_LINEAR], drop=[0.3, 0.3, 0],
-        loss=C.LOSS_BCE, opt=C.OPT_SGD, nesterov=True, l1=1e-3, proximal=False),
+        sizes=(6, 9, 9, 2), acts=[contract.ACT_LEAKY_RELU] * 2 + [contract.ACT_LINEAR],
+        drop=[0.3, 0.3, 0], loss=contract.LOSS_BCE, opt=contract.OPT_SGD, nesterov=True, l1=1e-3,
+        proximal=False),
     "adam-tanh-mse-l1-prox-group": dict(
-        sizes=(3, 16, 12, 2), drop=[0.25, 0.25, 0], opt=C.OPT_ADAM, l1=1e-3, l2=1e-3,
+        sizes=(3, 16, 12, 2), drop=[0.25, 0.25, 0], opt=contract.OPT_ADAM, l1=1e-3, l2=1e-3,
         group=1e-2),
     "adamw-sigmoid-bce-maxnorm-nobias": dict(
-        sizes=(6, 9, 9, 2), acts=[C.ACT_SIGMOID] * 2 + [C.ACT_LINEAR], drop=[0.3, 0.3, 0],
-        loss=C.LOSS_BCE, opt=C.OPT_ADAMW, l1=1e-3, maxnorm=1.0, bias=False),
+        sizes=(6, 9, 9, 2), acts=[contract.ACT_SIGMOID] * 2 + [contract.ACT_LINEAR],
+        drop=[0.3, 0.3, 0], loss=contract.LOSS_BCE, opt=contract.OPT_ADAMW, l1=1e-3, maxnorm=1.0,
+        bias=False),
     "adam-batchnorm-noise-input-noise": dict(
-        sizes=(5, 12, 10, 3), acts=[C.ACT_RELU, C.ACT_TANH, C.ACT_LINEAR],
+        sizes=(5, 12, 10, 3), acts=[contract.ACT_RELU, contract.ACT_TANH, contract.ACT_LINEAR],
         bn=[True, True, False], noise=[(N_ADD, 0.3), (N_MUL, 0.4), N_OFF], drop=[0.2, 0.1, 0],
         in_noise=(N_MUL, 0.2), in_drop=0.1, group=1e-2, l2=1e-3),
     "momentum-sce-mixup-noise": dict(
-        sizes=(4, 10, 3), acts=[C.ACT_TANH, C.ACT_LINEAR], loss=C.LOSS_SCE, opt=C.OPT_SGD,
-        momentum=0.9, noise=[(N_ADD, 0.5), N_OFF], in_noise=(N_ADD, 0.1), mixup=True),
+        sizes=(4, 10, 3), acts=[contract.ACT_TANH, contract.ACT_LINEAR], loss=contract.LOSS_SCE,
+        opt=contract.OPT_SGD, momentum=0.9, noise=[(N_ADD, 0.5), N_OFF], in_noise=(N_ADD, 0.1),
+        mixup=True),
     "one-head-adamw": dict(
-        sizes=(4, 6), heads=[((5, 2), C.LOSS_MSE, 0.5, 0.3)], opt=C.OPT_ADAMW,
-        acts=[C.ACT_RELU, C.ACT_TANH, C.ACT_LINEAR], noise=[(N_MUL, 0.3), N_OFF, N_OFF],
-        head_noise=(N_MUL, 0.2), l2=1e-3),
+        sizes=(4, 6), heads=[((5, 2), contract.LOSS_MSE, 0.5, 0.3)], opt=contract.OPT_ADAMW,
+        acts=[contract.ACT_RELU, contract.ACT_TANH, contract.ACT_LINEAR],
+        noise=[(N_MUL, 0.3), N_OFF, N_OFF], head_noise=(N_MUL, 0.2), l2=1e-3),
     "heads-every-feature": dict(
-        sizes=(5, 12, 9, 8), heads=[((7, 3), C.LOSS_SCE, 0.7, 0.2), ((5, 2), C.LOSS_MSE, 1.0, 0.0),
-                                    ((4,), C.LOSS_BCE, 2.0, 0.1)],
-        acts=[C.ACT_RELU, C.ACT_TANH, C.ACT_SIGMOID, C.ACT_LEAKY_RELU, C.ACT_LINEAR, C.ACT_RELU,
-              C.ACT_LINEAR, C.ACT_TANH],
+        sizes=(5, 12, 9, 8), heads=[((7, 3), contract.LOSS_SCE, 0.7, 0.2),
+                                    ((5, 2), contract.LOSS_MSE, 1.0, 0.0),
+                                    ((4,), contract.LOSS_BCE, 2.0, 0.1)],
+        acts=[contract.ACT_RELU, contract.ACT_TANH, contract.ACT_SIGMOID, contract.ACT_LEAKY_RELU,
+              contract.ACT_LINEAR, contract.ACT_RELU, contract.ACT_LINEAR, contract.ACT_TANH],
         bn=[True, False, True, False, True, False, False, True],
         noise=[(N_ADD, 0.2), (N_MUL, 0.3), N_OFF, (N_MUL, 0.2), N_OFF, (N_ADD, 0.1), N_OFF,
                N_OFF],
@@ -383,11 +390,11 @@ def _mixup(plan):
     """Every sparse-CE part takes Mixup targets (label a, label b, lam): width 3."""
     y0 = 0
     for p in range(plan.n_parts):
-        first, end, src, loss, a, b = (int(v) for v in plan.parts[p, :C.PT_Y1 + 1])
+        first, end, src, loss, a, b = (int(v) for v in plan.parts[p, :contract.PT_Y1 + 1])
         if loss < 0:
             continue
-        width = C.SCE_MIXED_WIDTH if loss == C.LOSS_SCE else b - a
-        plan.parts[p, C.PT_Y0], plan.parts[p, C.PT_Y1] = y0, y0 + width
+        width = contract.SCE_MIXED_WIDTH if loss == contract.LOSS_SCE else b - a
+        plan.parts[p, contract.PT_Y0], plan.parts[p, contract.PT_Y1] = y0, y0 + width
         plan.y_widths[p] = width
         y0 += width
 
@@ -396,11 +403,12 @@ def _plan_targets(rng, plan, n):
     """Targets of every part with a loss, side by side at their columns [PT_Y0, PT_Y1)."""
     cols = []
     for p in range(plan.n_parts):
-        loss = int(plan.parts[p, C.PT_LOSS])
+        loss = int(plan.parts[p, contract.PT_LOSS])
         if loss >= 0:
-            width = int(plan.parts[p, C.PT_Y1] - plan.parts[p, C.PT_Y0])
+            width = int(plan.parts[p, contract.PT_Y1] - plan.parts[p, contract.PT_Y0])
             cols.append(_targets(rng, loss, n, plan.n_outputs[p], plan.dtype.type,
-                                 mixed=loss == C.LOSS_SCE and width == C.SCE_MIXED_WIDTH))
+                                 mixed=(loss == contract.LOSS_SCE
+                                        and width == contract.SCE_MIXED_WIDTH)))
     return np.ascontiguousarray(np.hstack(cols))
 
 
@@ -411,11 +419,12 @@ def _epoch_case(name, dtype, rows=90, rng=None):
     rng = rng or fresh_rng()
     plan = random_plan(rng, dtype=dtype, seed=int(rng.integers(2**62)), **cfg)
     for hp in (plan.hpW, plan.hpb, plan.hpgb):
-        hp[:, C.HP_EPS] = 1e-3
+        hp[:, contract.HP_EPS] = 1e-3
     for p in range(1, plan.n_parts):
         if head_noise:
-            first = int(plan.parts[p, C.PT_FIRST])
-            plan.li[first, C.LI_IN_NOISE], plan.lf[first, C.LF_IN_NOISE_STD] = head_noise
+            first = int(plan.parts[p, contract.PT_FIRST])
+            (plan.li[first, contract.LI_IN_NOISE],
+             plan.lf[first, contract.LF_IN_NOISE_STD]) = head_noise
     if mixup:
         _mixup(plan)
     X = randn(rng, (rows, cfg["sizes"][0]), dtype)
@@ -455,7 +464,7 @@ EPOCH_TOL = {"float32": dict(rtol=1e-4, atol=1e-5), "float64": dict(rtol=1e-9, a
 def test_epochs_against_reference(case, dtype):
     plan, X, Y = _epoch_case(case, np.dtype(dtype))
     other = clone_plan(plan)
-    res_r = run_epochs(R, plan, X, Y, 16)
+    res_r = run_epochs(reference, plan, X, Y, 16)
     res_c = run_epochs(Cy, other, X, Y, 16)
     _assert_same_training(plan, other, res_r, res_c, EPOCH_TOL[dtype])
 
@@ -467,10 +476,10 @@ def test_float64_epochs_bitwise_equal_to_numba(case):
     """The two CPU backends make the same BLAS calls and the same passes in the same order:
     in float64 the weights, moments, running statistics and loss sums agree bit for bit (the
     penalty sums to rounding: the backends sum them in different blocks)."""
-    from fastreg.kernels import numba as N
+    from fastreg.kernels import numba
     plan, X, Y = _epoch_case(case, np.float64)
     other = clone_plan(plan)
-    res_n = run_epochs(N, plan, X, Y, 16)
+    res_n = run_epochs(numba, plan, X, Y, 16)
     res_c = run_epochs(Cy, other, X, Y, 16)
     _assert_same_training(plan, other, res_n, res_c, None)
 
@@ -480,7 +489,7 @@ def test_float64_epochs_bitwise_equal_to_numba(case):
 def test_batch_larger_than_the_rows(case):
     plan, X, Y = _epoch_case(case, np.float64, rows=23)
     other = clone_plan(plan)
-    res_r = run_epochs(R, plan, X, Y, 1000)
+    res_r = run_epochs(reference, plan, X, Y, 1000)
     res_c = run_epochs(Cy, other, X, Y, 1000)
     assert [r[2] for r in res_c] == [1, 1]
     _assert_same_training(plan, other, res_r, res_c, EPOCH_TOL["float64"])
@@ -490,11 +499,11 @@ def test_batch_larger_than_the_rows(case):
 @pytest.mark.parametrize("case", ["adam-tanh-mse-l1-prox-group", "heads-every-feature"])
 def test_epoch_stops_before_updating_on_nonfinite_loss(case):
     plan, X, Y = _epoch_case(case, np.float64, rows=64)
-    p = next(p for p in range(plan.n_parts) if plan.parts[p, C.PT_LOSS] == C.LOSS_MSE)
-    Y[40:, plan.parts[p, C.PT_Y0]] = np.inf     # the second batch of 32 has an infinite loss
+    p = next(p for p in range(plan.n_parts) if plan.parts[p, contract.PT_LOSS] == contract.LOSS_MSE)
+    Y[40:, plan.parts[p, contract.PT_Y0]] = np.inf     # the second batch of 32 has an infinite loss
     perm = np.arange(X.shape[0], dtype=np.int64)
     outs = []
-    for K in (R, Cy):
+    for K in (reference, Cy):
         p = clone_plan(plan)
         p.allocate(32, p.y_widths)
         outs.append((K.train_epoch(p, X, Y, perm, 32, 0, 1), p))
@@ -507,9 +516,10 @@ def test_epoch_stops_before_updating_on_nonfinite_loss(case):
 def _wide_plan(rng, dtype=np.float32):
     """Layers whose B*O crosses the parallel threshold: every OpenMP pass runs."""
     return random_plan(rng, dtype=dtype, sizes=(3, 280, 240, 2),
-                       acts=[C.ACT_SIGMOID, C.ACT_RELU, C.ACT_LINEAR], bn=[True, False, False],
+                       acts=[contract.ACT_SIGMOID, contract.ACT_RELU, contract.ACT_LINEAR],
+                       bn=[True, False, False],
                        drop=[0.2, 0.3, 0], noise=[(N_MUL, 0.3), (N_ADD, 0.2), N_OFF],
-                       in_noise=(N_MUL, 0.1), opt=C.OPT_ADAMW, l1=1e-4, maxnorm=2.0,
+                       in_noise=(N_MUL, 0.1), opt=contract.OPT_ADAMW, l1=1e-4, maxnorm=2.0,
                        group=1e-3, seed=int(rng.integers(2**62)))
 
 
@@ -537,7 +547,7 @@ def test_wide_epoch_against_reference():
     plan = _wide_plan(rng, np.float64)
     X, other = randn(rng, (300, 3), np.float64), clone_plan(plan)
     Y = random_targets(rng, plan, 300)
-    res_r = run_epochs(R, plan, X, Y, 300, epochs=1)
+    res_r = run_epochs(reference, plan, X, Y, 300, epochs=1)
     res_c = run_epochs(Cy, other, X, Y, 300, epochs=1)
     _assert_same_training(plan, other, res_r, res_c, EPOCH_TOL["float64"])
 
@@ -549,13 +559,13 @@ def test_in_place_row_changes_apply_between_epochs():
     plan, X, Y = _epoch_case("heads-every-feature", np.float64, rows=64)
     perm = np.arange(X.shape[0], dtype=np.int64)
     plans = [clone_plan(plan) for _ in range(2)]
-    for K, p in zip((R, Cy), plans):
+    for K, p in zip((reference, Cy), plans):
         p.allocate(32, p.y_widths)
         K.train_epoch(p, X, Y, perm, 32, 0, 1)
-        p.hpW[:, C.HP_LR] *= 0.1
-        p.hpb[:, C.HP_LR] *= 0.1
-        p.hpW[:, C.HP_L1] = 0.0
-        p.partf[1, C.PF_WEIGHT] = 3.0
+        p.hpW[:, contract.HP_LR] *= 0.1
+        p.hpb[:, contract.HP_LR] *= 0.1
+        p.hpW[:, contract.HP_L1] = 0.0
+        p.partf[1, contract.PF_WEIGHT] = 3.0
         K.train_epoch(p, X, Y, perm, 32, 2, 3)
     _assert_same_training(plans[0], plans[1], [], [], EPOCH_TOL["float64"])
 
@@ -581,11 +591,12 @@ def test_epoch_plan_follows_the_plan_buffers():
 def test_forward_inference_of_every_part_matches_reference(dtype):
     rng = fresh_rng()
     plan = random_plan(rng, dtype=np.dtype(dtype), sizes=(4, 9, 7),
-                       heads=[((5, 3), C.LOSS_SCE, 1.0, 0.0), ((2,), C.LOSS_MSE, 1.0, 0.0)],
-                       acts=ACTS + [C.ACT_RELU], training=False)
+                       heads=[((5, 3), contract.LOSS_SCE, 1.0, 0.0),
+                              ((2,), contract.LOSS_MSE, 1.0, 0.0)],
+                       acts=ACTS + [contract.ACT_RELU], training=False)
     for part in range(plan.n_parts):
         X = randn(rng, (101, plan.part_input_width(part)), np.dtype(dtype))
-        a = R.forward_inference(plan, X, 16, part)
+        a = reference.forward_inference(plan, X, 16, part)
         for batch in (16, 1000, 1):
             assert_close(Cy.forward_inference(plan, X, batch, part), a, np.dtype(dtype).type)
     assert Cy.forward_inference(plan, X[:0], 16, part).shape == (0, plan.n_outputs[part])
@@ -616,31 +627,31 @@ def _generate():
 
 @needs_ext
 def test_compiled_constants_are_the_contract():
-    assert Cy._K.CONTRACT == C.integer_constants()
+    assert Cy._K.CONTRACT == contract.integer_constants()
     assert Cy._K.ACTIVATION_FLAGS == {a.code: (int(a.unscale), int(a.grad_from == "input"))
-                                      for a in C.ACTIVATION_TABLE}
+                                      for a in contract.ACTIVATION_TABLE}
 
 
 def test_contract_pxi_is_generated_from_the_contract():
     pxi = KERNELS / "cython" / "contract.pxi"
     if not pxi.exists():
         pytest.skip("contract.pxi is written by the build (setup.py); not built here")
-    assert pxi.read_text() == _generate().contract_pxi(C), \
+    assert pxi.read_text() == _generate().contract_pxi(contract), \
         "contract.pxi is stale: rebuild with `pip install -e .`"
 
 
 def test_every_activation_of_the_table_is_dispatched_and_defined():
     """A row of ACTIVATION_TABLE needs its f and f' in epilogue.pxi (the generated ladders
     call them by name); every generated ladder has a case per row."""
-    text = _generate().activation_dispatch(C)
+    text = _generate().activation_dispatch(contract)
     epilogue = (KERNELS / "cython" / "epilogue.pxi").read_text()
-    for a in C.ACTIVATION_TABLE:
+    for a in contract.ACTIVATION_TABLE:
         for fn in (f"_f_{a.name}", f"_df_{a.name}"):
             assert f"{fn}(" in text
             assert f"cdef inline real {fn}(" in epilogue, f"epilogue.pxi lacks {fn}"
     for name, _, call in _generate().SPECIALIZED:
         body = text.split(f"cdef void {name}(")[1].split("\ncdef ")[0]
-        for a in C.ACTIVATION_TABLE:
+        for a in contract.ACTIVATION_TABLE:
             assert call.format(act=a.code) in body, (name, a.name)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastreg as fr
-from fastreg import export as E
+from fastreg import export
 
 ACTS = [None, "relu", "leaky_relu", "tanh", "sigmoid"]
 LOSSES = {"mse": 2, "binary_crossentropy": 1, "sparse_categorical_crossentropy": 3}
@@ -87,7 +87,7 @@ def multitask(act="tanh"):
 def _onnx_run(model, X):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    proto = E.to_onnx(model)
+    proto = export.to_onnx(model)
     session = ort.InferenceSession(proto.SerializeToString())
     names = [o.name for o in session.get_outputs()]
     return proto, dict(zip(names, session.run(None, {"input": X})))
@@ -165,9 +165,9 @@ def test_export_refuses_what_it_cannot_write():
     with pytest.raises(ValueError, match="format"):
         model.export("m.tflite", format="tflite")
     with pytest.raises(ValueError, match="opset"):
-        E.to_onnx(model, opset=11)
+        export.to_onnx(model, opset=11)
     with pytest.raises(TypeError, match="Sequential or MultiTask"):
-        E.to_onnx(object())
+        export.to_onnx(object())
     assert not os.path.exists("never.onnx")
 
 
@@ -187,7 +187,7 @@ def test_torch_peer_equals_predict(act, loss):
 
 def test_torch_peer_has_the_training_layers_in_fastregs_order():
     torch = pytest.importorskip("torch")
-    from fastreg import _torch_peer as P
+    from fastreg import _torch_peer as torch_peer
     peer = every_layer("leaky_relu", "sparse_categorical_crossentropy").to_torch()
     kinds = [type(m).__name__ for m in peer]
     assert kinds == ["GaussianNoise", "Dropout",
@@ -200,7 +200,7 @@ def test_torch_peer_has_the_training_layers_in_fastregs_order():
     assert peer[8].eps == pytest.approx(1e-2) and peer[7].bias is None
     assert peer[4].negative_slope == pytest.approx(0.2)
     # the noise modules are training-only
-    noise = P.GaussianNoise(0.5)
+    noise = torch_peer.GaussianNoise(0.5)
     x = torch.ones(4, 3)
     assert torch.equal(noise.eval()(x), x) and not torch.equal(noise.train()(x), x)
 
@@ -278,4 +278,4 @@ def test_a_weight_layout_export_does_not_know_is_refused():
     for cls, match in ((Short, "fewer arrays"), (Long, "more arrays")):
         model = cls([fr.Dense(4, "relu"), fr.BatchNorm(), fr.Dense(1)], input_dim=2)
         with pytest.raises(ValueError, match=match):
-            E.read_model(model)
+            export.read_model(model)

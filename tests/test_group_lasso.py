@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 import fastreg as fr
-from fastreg.kernels import contract as C
+from fastreg.kernels import contract
 from fastreg.layers import from_config as layer_from_config
-from fastreg.kernels import reference as R
+from fastreg.kernels import reference
 from fastreg.kernels.reference.update import group_prox
 from netutil import fresh_rng, make_data, make_model, randn
 
@@ -33,11 +33,11 @@ def test_group_prox_is_the_proximal_map_of_the_column_norm():
 def test_penalty_value_counts_each_unit_once():
     rng = fresh_rng()
     w = randn(rng, (6, 4), np.float32)
-    hp = np.zeros(C.HP_SIZE)
-    hp[C.HP_GROUP] = 0.7
-    assert R.penalty_value(w, hp) == pytest.approx(
+    hp = np.zeros(contract.HP_SIZE)
+    hp[contract.HP_GROUP] = 0.7
+    assert reference.penalty_value(w, hp) == pytest.approx(
         0.7 * np.linalg.norm(w.astype(np.float64), axis=0).sum(), rel=1e-12)
-    assert R.penalty_value(w[0], hp) == 0.0          # vectors (biases) have no groups
+    assert reference.penalty_value(w[0], hp) == 0.0          # vectors (biases) have no groups
 
 
 def test_regularizer_validation_and_config():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fastreg import backend as backends
-from fastreg.kernels import contract as C
-from fastreg.kernels import reference as R
+from fastreg.kernels import contract
+from fastreg.kernels import reference
 from fastreg.kernels.philox import (dropout_scale, dropout_threshold, philox_words,
                                     standard_normals)
 from fastreg.kernels.protocol import REQUIRED_OPERATIONS, Backend
@@ -20,11 +20,11 @@ from netutil import (OPTIMIZERS, PENALTIES, PENALTY_IDS, check_penalized_update,
                      central_difference, fresh_rng, randn, small_cuda_tiles)
 from planutil import clone_plan, random_plan, random_targets, run_epochs, targets_for
 
-ACTS = [a.code for a in C.ACTIVATION_TABLE]
-ACT_IDS = [a.name for a in C.ACTIVATION_TABLE]
-NOISES = [n.code for n in C.NOISE_TABLE if n.code != C.NOISE_NONE]
-NOISE_IDS = [n.name for n in C.NOISE_TABLE]
-LOSSES = [loss.code for loss in C.LOSS_TABLE]
+ACTS = [a.code for a in contract.ACTIVATION_TABLE]
+ACT_IDS = [a.name for a in contract.ACTIVATION_TABLE]
+NOISES = [n.code for n in contract.NOISE_TABLE if n.code != contract.NOISE_NONE]
+NOISE_IDS = [n.name for n in contract.NOISE_TABLE]
+LOSSES = [loss.code for loss in contract.LOSS_TABLE]
 COMPILED = ["numba", "cython", "cuda"]
 
 
@@ -78,12 +78,13 @@ def test_reference_activation_derivative_matches_central_differences(act):
     rng = fresh_rng()
     z = rng.standard_normal(200) * 2
     z[np.abs(z) < 1e-3] = 0.5           # away from the kinks of relu / leaky_relu
-    a = R.activation(z, act, 0.07)
-    arg = z if C.ACTIVATION_BY_CODE[act].grad_from == "input" else a
-    got = R.activation_grad(arg, act, 0.07)
-    num = (R.activation(z + 1e-6, act, 0.07) - R.activation(z - 1e-6, act, 0.07)) / 2e-6
+    a = reference.activation(z, act, 0.07)
+    arg = z if contract.ACTIVATION_BY_CODE[act].grad_from == "input" else a
+    got = reference.activation_grad(arg, act, 0.07)
+    num = (reference.activation(z + 1e-6, act, 0.07) - \
+           reference.activation(z - 1e-6, act, 0.07)) / 2e-6
     np.testing.assert_allclose(got, num, rtol=1e-6, atol=1e-8)
-    if act != C.ACT_LINEAR:             # a real activation, not the linear fallback
+    if act != contract.ACT_LINEAR:             # a real activation, not the linear fallback
         assert not np.allclose(a, z)
 
 
@@ -94,7 +95,7 @@ def test_every_backend_propagates_nan_like_the_reference(act):
     z = np.array([[np.nan], [-1.0], [2.0]], np.float32)     # one row per value
     one = np.ones((1, 1), np.float32)
     want = np.zeros((3, 1), np.float32)
-    R.dense_forward(z, one, np.zeros(1, np.float32), want, act, 0.1, 0, 1.0, 0, 0, 0)
+    reference.dense_forward(z, one, np.zeros(1, np.float32), want, act, 0.1, 0, 1.0, 0, 0, 0)
     assert np.isnan(want[0, 0]) and np.isfinite(want[1:]).all()
     for name in COMPILED:
         try:
@@ -127,10 +128,10 @@ def _layer(rng, dtype, shape, bias=True):
 
 
 def _pre_for(act, noise, B, O, dtype):
-    return np.zeros((B if C.keeps_pre(act, noise) else 0, O), dtype)
+    return np.zeros((B if contract.keeps_pre(act, noise) else 0, O), dtype)
 
 
-def _dense(ops, x, W, b, g, act, thr, scale, key, noise=C.NOISE_NONE, std=0.0, want_dx=True):
+def _dense(ops, x, W, b, g, act, thr, scale, key, noise=contract.NOISE_NONE, std=0.0, want_dx=True):
     B, O = x.shape[0], W.shape[1]
     dt = x.dtype
     out = np.zeros((B, O), dt)
@@ -146,7 +147,7 @@ def _dense(ops, x, W, b, g, act, thr, scale, key, noise=C.NOISE_NONE, std=0.0, w
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
-@pytest.mark.parametrize("noise", [C.NOISE_NONE] + NOISES, ids=NOISE_IDS)
+@pytest.mark.parametrize("noise", [contract.NOISE_NONE] + NOISES, ids=NOISE_IDS)
 @pytest.mark.parametrize("rate", [0.0, 0.35])
 def test_dense_forward_backward(K, dtype, act, noise, rate):
     rng = fresh_rng()
@@ -155,7 +156,7 @@ def test_dense_forward_backward(K, dtype, act, noise, rate):
         g = randn(rng, (shape[0], shape[2]), dtype)
         args = (act, dropout_threshold(rate), dropout_scale(rate, np.dtype(dtype).type))
         key = (int(rng.integers(2**63)), int(rng.integers(2**31)), 3)
-        want = _dense(R, x, W, b, g, *args, key, noise, 0.6, want_dx=i == 0)
+        want = _dense(reference, x, W, b, g, *args, key, noise, 0.6, want_dx=i == 0)
         got = _dense(K, x, W, b, g, *args, key, noise, 0.6, want_dx=i == 0)
         for a, c in zip(got, want):
             assert_close(a, c, dtype)
@@ -163,19 +164,19 @@ def test_dense_forward_backward(K, dtype, act, noise, rate):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("noise", [C.NOISE_NONE] + NOISES, ids=NOISE_IDS)
+@pytest.mark.parametrize("noise", [contract.NOISE_NONE] + NOISES, ids=NOISE_IDS)
 def test_input_transform(K, dtype, noise):
     rng = fresh_rng()
     x = randn(rng, (33, 17), dtype)
     thr, sc = dropout_threshold(0.2), dropout_scale(0.2, np.dtype(dtype).type)
     a, b = np.zeros_like(x), np.zeros_like(x)
-    R.input_dropout(x, a, thr, sc, 5, 6, 0, noise, 0.4)
+    reference.input_dropout(x, a, thr, sc, 5, 6, 0, noise, 0.4)
     K.input_dropout(x, b, thr, sc, 5, 6, 0, noise, 0.4)
     assert_close(b, a, dtype)
     np.testing.assert_array_equal(a == 0, b == 0)
     g = randn(rng, (33, 17), dtype)        # in place: a gradient through the transform
     ga, gb = g.copy(), g.copy()
-    R.input_dropout(ga, ga, thr, sc, 5, 6, 0, noise, 0.4)
+    reference.input_dropout(ga, ga, thr, sc, 5, 6, 0, noise, 0.4)
     K.input_dropout(gb, gb, thr, sc, 5, 6, 0, noise, 0.4)
     assert_close(gb, ga, dtype)
 
@@ -189,10 +190,10 @@ def test_noise_itself_equals_the_reference_normals(K, dtype):
     seed, step = int(rng.integers(2**63)), int(rng.integers(2**31))
     x = np.zeros((B, 2), dtype)
     W = randn(rng, (2, O), dtype)
-    want = standard_normals(B * O, seed, step, 4, C.STREAM_NOISE).astype(dtype).reshape(B, O)
+    want = standard_normals(B * O, seed, step, 4, contract.STREAM_NOISE).astype(dtype).reshape(B, O)
     out = np.zeros((B, O), dtype)
-    K.dense_forward(x, W, np.zeros(O, dtype), out, C.ACT_LINEAR, 0, 0, 1.0, seed, step, 4,
-                    C.NOISE_ADD, 1.0)
+    K.dense_forward(x, W, np.zeros(O, dtype), out, contract.ACT_LINEAR, 0, 0, 1.0, seed, step, 4,
+                    contract.NOISE_ADD, 1.0)
     tight = dict(rtol=3e-7, atol=1e-12) if dtype == np.float32 else dict(rtol=1e-14, atol=1e-20)
     np.testing.assert_allclose(out, want, **tight)
 
@@ -202,7 +203,7 @@ def _bn(ops, x, W, b, gb, stats, g, act, thr, scale, key, noise, std, want_dx):
     B, O = x.shape[0], W.shape[1]
     dt = x.dtype
     out, xhat = np.zeros((B, O), dt), np.zeros((B, O), dt)
-    save = np.zeros((C.BN_SAVE_ROWS, O))
+    save = np.zeros((contract.BN_SAVE_ROWS, O))
     pre = _pre_for(act, noise, B, O, dt)
     ops.bn_dense_forward(x, W, b, out, xhat, gb, save, act, 0.1, thr, scale, 1e-3, *key,
                          noise, dt.type(std), pre)
@@ -216,7 +217,7 @@ def _bn(ops, x, W, b, gb, stats, g, act, thr, scale, key, noise, std, want_dx):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
-@pytest.mark.parametrize("noise", [C.NOISE_NONE] + NOISES, ids=NOISE_IDS)
+@pytest.mark.parametrize("noise", [contract.NOISE_NONE] + NOISES, ids=NOISE_IDS)
 def test_batchnorm_forward_backward(K, dtype, act, noise):
     rng = fresh_rng()
     shapes = [(7, 5, 4)] if K.NAME == "cuda" else [(7, 5, 4), (37, 19, 23), (130, 3, 520)]
@@ -230,7 +231,7 @@ def test_batchnorm_forward_backward(K, dtype, act, noise):
             g = randn(rng, (shape[0], O), dtype)
             args = (act, dropout_threshold(rate), dropout_scale(rate, np.dtype(dtype).type))
             key = (5, 3, 1)
-            want = _bn(R, x, W, b, gb, stats, g, *args, key, noise, 0.3, i != 1)
+            want = _bn(reference, x, W, b, gb, stats, g, *args, key, noise, 0.3, i != 1)
             got = _bn(K, x, W, b, gb, stats, g, *args, key, noise, 0.3, i != 1)
             for a, c in zip(got, want):
                 assert_close(a, c, dtype)
@@ -240,24 +241,24 @@ def test_batchnorm_forward_backward(K, dtype, act, noise):
 
 # ---------------------------------------------------------------- losses
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("loss", LOSSES + ["mixed"], ids=[loss.name for loss in C.LOSS_TABLE]
+@pytest.mark.parametrize("loss", LOSSES + ["mixed"], ids=[loss.name for loss in contract.LOSS_TABLE]
                          + ["sce_mixup"])
 def test_losses(K, dtype, loss):
     rng = fresh_rng()
     z = randn(rng, (41, 7), dtype, 3.0)
     if loss == "mixed":
-        loss = C.LOSS_SCE
+        loss = contract.LOSS_SCE
         y = np.stack([rng.integers(0, 7, 41), rng.integers(0, 7, 41), rng.random(41)],
                      axis=1).astype(dtype)
     else:
         y = targets_for(rng, loss, 41, 7, dtype)
     gr, gk = np.zeros_like(z), np.zeros_like(z)
-    vr = R.loss_forward_backward(z, y, gr, loss)
+    vr = reference.loss_forward_backward(z, y, gr, loss)
     vk = K.loss_forward_backward(z, y, gk, loss)
     assert vk == pytest.approx(vr, rel=1e-6)
     assert K.loss_value(z, y, loss) == pytest.approx(vr, rel=1e-6)
     np.testing.assert_allclose(gk, gr, **_tol(dtype))
-    np.testing.assert_allclose(K.output_transform(z, loss), R.output_transform(z, loss),
+    np.testing.assert_allclose(K.output_transform(z, loss), reference.output_transform(z, loss),
                                **_tol(dtype))
 
 
@@ -280,21 +281,22 @@ def test_the_update_keeps_a_nan_weight_nan(K, prox):
     w = randn(rng, (4, 3))
     w[1, 1] = np.nan
     g, m, v = randn(rng, (4, 3)), np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32)
-    hp = np.zeros(C.HP_SIZE)
-    hp[[C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_PROXIMAL]] = (0.01, 0.9, 0.999, 1e-8, 1)
-    hp[{"l1": C.HP_L1, "l1_sgd": C.HP_L1, "group": C.HP_GROUP,
-        "maxnorm": C.HP_MAXNORM}[prox]] = 0.5
-    opt = C.OPT_SGD if prox == "l1_sgd" else C.OPT_ADAM
+    hp = np.zeros(contract.HP_SIZE)
+    hp[[contract.HP_LR, contract.HP_BETA1, contract.HP_BETA2,
+        contract.HP_EPS, contract.HP_PROXIMAL]] = (0.01, 0.9, 0.999, 1e-8, 1)
+    hp[{"l1": contract.HP_L1, "l1_sgd": contract.HP_L1, "group": contract.HP_GROUP,
+        "maxnorm": contract.HP_MAXNORM}[prox]] = 0.5
+    opt = contract.OPT_SGD if prox == "l1_sgd" else contract.OPT_ADAM
     want = [a.copy() for a in (w, g, m, v)]
-    R.penalized_update(*want, hp, opt, 1)
+    reference.penalized_update(*want, hp, opt, 1)
     assert np.isnan(want[0][1, 1])
     K.penalized_update(w, g, m, v, hp, opt, 1)
     np.testing.assert_array_equal(np.isnan(w), np.isnan(want[0]))
 
 
 # ---------------------------------------------------------------- Philox
-@pytest.mark.parametrize("stream", [s.word for s in C.STREAM_TABLE],
-                         ids=[s.name for s in C.STREAM_TABLE])
+@pytest.mark.parametrize("stream", [s.word for s in contract.STREAM_TABLE],
+                         ids=[s.name for s in contract.STREAM_TABLE])
 def test_philox_words_every_stream(K, stream):
     rng = fresh_rng()
     seed, step, layer = int(rng.integers(2**63)), int(rng.integers(2**31)), 7
@@ -305,26 +307,31 @@ def test_philox_words_every_stream(K, stream):
 
 # ---------------------------------------------------------------- whole epochs of a plan
 EPOCHS = {
-    "plain": dict(sizes=(3, 16, 12, 2), acts=[C.ACT_TANH, C.ACT_RELU, C.ACT_LINEAR],
+    "plain": dict(sizes=(3, 16, 12, 2),
+                  acts=[contract.ACT_TANH, contract.ACT_RELU, contract.ACT_LINEAR],
                   drop=[0.25, 0.1, 0.0], l2=1e-3),
-    "bn-noise-input": dict(sizes=(4, 9, 7, 2), acts=[C.ACT_RELU, C.ACT_SIGMOID, C.ACT_LINEAR],
+    "bn-noise-input": dict(sizes=(4, 9, 7, 2),
+                           acts=[contract.ACT_RELU, contract.ACT_SIGMOID, contract.ACT_LINEAR],
                            drop=[0.1, 0.2, 0.0], bn=[True, False, False],
-                           noise=[(C.NOISE_NONE, 0.0), (C.NOISE_MUL, 0.3),
-                                  (C.NOISE_ADD, 0.05)],
-                           in_drop=0.1, in_noise=(C.NOISE_ADD, 0.1), opt=C.OPT_SGD,
+                           noise=[(contract.NOISE_NONE, 0.0), (contract.NOISE_MUL, 0.3),
+                                  (contract.NOISE_ADD, 0.05)],
+                           in_drop=0.1, in_noise=(contract.NOISE_ADD, 0.1), opt=contract.OPT_SGD,
                            momentum=0.9, nesterov=True),
-    "sparse-penalties": dict(sizes=(5, 12, 8, 3), acts=[C.ACT_LEAKY_RELU, C.ACT_TANH,
-                                                        C.ACT_LINEAR],
-                             loss=C.LOSS_SCE, l1=1e-3, group=1e-2, maxnorm=1.5,
-                             opt=C.OPT_ADAMW),
-    "trunk-heads": dict(sizes=(4, 8, 6), acts=[C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_LINEAR,
-                                               C.ACT_TANH, C.ACT_LINEAR, C.ACT_LINEAR],
+    "sparse-penalties": dict(sizes=(5, 12, 8, 3), acts=[contract.ACT_LEAKY_RELU, contract.ACT_TANH,
+                                                        contract.ACT_LINEAR],
+                             loss=contract.LOSS_SCE, l1=1e-3, group=1e-2, maxnorm=1.5,
+                             opt=contract.OPT_ADAMW),
+    "trunk-heads": dict(sizes=(4, 8, 6),
+                        acts=[contract.ACT_RELU, contract.ACT_LEAKY_RELU, contract.ACT_LINEAR,
+                              contract.ACT_TANH, contract.ACT_LINEAR, contract.ACT_LINEAR],
                         drop=[0.1, 0.2, 0.0, 0.1, 0.0, 0.0],
                         bn=[True, False, False, False, False, False],
-                        noise=[(C.NOISE_NONE, 0.0), (C.NOISE_MUL, 0.3)] + [(0, 0.0)] * 4,
+                        noise=[(contract.NOISE_NONE, 0.0),
+                               (contract.NOISE_MUL, 0.3)] + [(0, 0.0)] * 4,
                         in_drop=0.1, l1=1e-3,
-                        heads=[((2,), C.LOSS_MSE, 1.0, 0.0), ((5, 3), C.LOSS_SCE, 0.5, 0.2),
-                               ((2,), C.LOSS_BCE, 0.0, 0.0)]),
+                        heads=[((2,), contract.LOSS_MSE, 1.0, 0.0),
+                               ((5, 3), contract.LOSS_SCE, 0.5, 0.2),
+                               ((2,), contract.LOSS_BCE, 0.0, 0.0)]),
 }
 
 
@@ -340,7 +347,7 @@ def test_epochs_follow_the_reference(K, case, dtype):
     got_plan = clone_plan(want_plan)
     X = randn(rng, (40, want_plan.Ws[0].shape[0]), dtype)
     Y = random_targets(rng, want_plan, 40)
-    want = run_epochs(R, want_plan, X, Y, 16)
+    want = run_epochs(reference, want_plan, X, Y, 16)
     got = run_epochs(K, got_plan, X, Y, 16)
     tol = dict(rtol=2e-4, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
     for (ls_w, pen_w, steps_w, fin_w), (ls_g, pen_g, steps_g, fin_g) in zip(want, got):
@@ -371,10 +378,10 @@ def test_forward_inference_of_every_part(K, dtype):
     plan = random_plan(rng, dtype, training=False, **{
         k: v for k, v in EPOCHS["trunk-heads"].items() if k not in ("bn", "noise")})
     X = randn(rng, (21, 4), dtype)
-    H = R.forward_inference(plan, X, 8, 0)
+    H = reference.forward_inference(plan, X, 8, 0)
     assert_close(K.forward_inference(plan, X, 8, 0), H, dtype)
     for p in range(1, plan.n_parts):
-        assert_close(K.forward_inference(plan, H, 8, p), R.forward_inference(plan, H, 8, p),
+        assert_close(K.forward_inference(plan, H, 8, p), reference.forward_inference(plan, H, 8, p),
                      dtype)
 
 
@@ -392,8 +399,8 @@ def test_reference_step_gradients_match_central_differences():
 
     def objective():
         plan.store.stats[...] = stats
-        losses, _ = spec.forward_backward(R, plan, X, Y, idx, 4)
-        return float(plan.partf[:, C.PF_WEIGHT] @ losses)
+        losses, _ = spec.forward_backward(reference, plan, X, Y, idx, 4)
+        return float(plan.partf[:, contract.PF_WEIGHT] @ losses)
     objective()
     grad = plan.grad.copy()
     num = central_difference(objective, plan.store.params)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import fastreg as fr
-from fastreg.kernels import contract as C
-from fastreg.kernels import reference as R
+from fastreg.kernels import contract
+from fastreg.kernels import reference
 
 from netutil import available_backends, central_difference, fresh_rng, randn
 from planutil import targets_for
@@ -21,11 +21,11 @@ COMPILED = ["numba", "cython", "cuda"]
 B, K = 23, 5
 
 # (loss code, parameter, id): the parameters a default-only table test never sets
-CASES = [(C.LOSS_MAE, None, "mae"), (C.LOSS_HUBER, None, "huber"),
-         (C.LOSS_HUBER, 0.3, "huber-0.3"), (C.LOSS_LOG_COSH, None, "log_cosh"),
-         (C.LOSS_CCE, None, "cce"), (C.LOSS_CCE, 0.1, "cce-ls0.1"),
-         (C.LOSS_SCE, 0.1, "sce-ls0.1"), (C.LOSS_SCE, 0.2, "sce-ls0.2-mixup"),
-         (C.LOSS_BCE, None, "bce-multilabel"), (C.LOSS_POISSON, None, "poisson")]
+CASES = [(contract.LOSS_MAE, None, "mae"), (contract.LOSS_HUBER, None, "huber"),
+         (contract.LOSS_HUBER, 0.3, "huber-0.3"), (contract.LOSS_LOG_COSH, None, "log_cosh"),
+         (contract.LOSS_CCE, None, "cce"), (contract.LOSS_CCE, 0.1, "cce-ls0.1"),
+         (contract.LOSS_SCE, 0.1, "sce-ls0.1"), (contract.LOSS_SCE, 0.2, "sce-ls0.2-mixup"),
+         (contract.LOSS_BCE, None, "bce-multilabel"), (contract.LOSS_POISSON, None, "poisson")]
 IDS = [c[2] for c in CASES]
 
 
@@ -48,26 +48,26 @@ def _logits(rng, dtype=np.float64):
 def test_reference_gradient_is_the_central_difference_in_float64(loss, param, case_id):
     rng = fresh_rng()
     z, y = _logits(rng), _targets(rng, loss, case_id)
-    if loss in (C.LOSS_MAE, C.LOSS_HUBER):     # off the kinks |d| = 0 and |d| = delta
+    if loss in (contract.LOSS_MAE, contract.LOSS_HUBER):     # off the kinks |d| = 0 and |d| = delta
         d = z - y
         z[np.abs(np.abs(d) - (param or 1.0)) < 1e-3] += 0.01
         z[np.abs(d) < 1e-3] += 0.01
     g = np.zeros_like(z)
-    value = R.loss_forward_backward(z, y, g, loss, param)
-    assert value == pytest.approx(R.loss_value(z, y, loss, param), rel=1e-15)
-    num = central_difference(lambda: R.loss_value(z, y, loss, param), z)
+    value = reference.loss_forward_backward(z, y, g, loss, param)
+    assert value == pytest.approx(reference.loss_value(z, y, loss, param), rel=1e-15)
+    num = central_difference(lambda: reference.loss_value(z, y, loss, param), z)
     np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-9)
 
 
 def test_reference_huber_and_log_cosh_are_finite_for_large_differences():
     z = np.array([[1e4, -1e4, 500.0, -800.0]])
     y = np.zeros_like(z)
-    for loss in (C.LOSS_HUBER, C.LOSS_LOG_COSH, C.LOSS_MAE):
+    for loss in (contract.LOSS_HUBER, contract.LOSS_LOG_COSH, contract.LOSS_MAE):
         g = np.zeros_like(z)
-        assert np.isfinite(R.loss_forward_backward(z, y, g, loss))
+        assert np.isfinite(reference.loss_forward_backward(z, y, g, loss))
         assert np.isfinite(g).all()
     # log cosh(d) = |d| - log 2 for large |d|
-    assert R.loss_value(z, y, C.LOSS_LOG_COSH) == pytest.approx(
+    assert reference.loss_value(z, y, contract.LOSS_LOG_COSH) == pytest.approx(
         float(np.mean(np.abs(z))) - np.log(2.0), rel=1e-12)
 
 
@@ -79,8 +79,9 @@ def test_one_hot_categorical_is_the_sparse_one():
     labels = rng.integers(0, K, B)
     for ls in (0.0, 0.15):
         g1, g2 = np.zeros_like(z), np.zeros_like(z)
-        v1 = R.loss_forward_backward(z, np.eye(K)[labels], g1, C.LOSS_CCE, ls)
-        v2 = R.loss_forward_backward(z, labels[:, None].astype(float), g2, C.LOSS_SCE, ls)
+        v1 = reference.loss_forward_backward(z, np.eye(K)[labels], g1, contract.LOSS_CCE, ls)
+        v2 = reference.loss_forward_backward(
+            z, labels[:, None].astype(float), g2, contract.LOSS_SCE, ls)
         assert v1 == pytest.approx(v2, rel=1e-12)
         np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-15)
 
@@ -91,26 +92,26 @@ def _torch_loss(loss, param, case_id, z, y):
     torch = pytest.importorskip("torch")
     nn = torch.nn
     yt = torch.from_numpy(y)
-    if loss == C.LOSS_MAE:
+    if loss == contract.LOSS_MAE:
         return nn.L1Loss()(z, yt)
-    if loss == C.LOSS_HUBER:
+    if loss == contract.LOSS_HUBER:
         return nn.HuberLoss(delta=1.0 if param is None else param)(z, yt)
-    if loss == C.LOSS_LOG_COSH:      # torch has no log-cosh loss: its definition
+    if loss == contract.LOSS_LOG_COSH:      # torch has no log-cosh loss: its definition
         return torch.log(torch.cosh(z - yt)).mean()
-    if loss == C.LOSS_POISSON:
+    if loss == contract.LOSS_POISSON:
         return nn.PoissonNLLLoss(log_input=True, full=False)(z, yt)
-    if loss == C.LOSS_BCE:
+    if loss == contract.LOSS_BCE:
         return nn.BCEWithLogitsLoss()(z, yt)
     ls = param or 0.0
-    if loss == C.LOSS_CCE:           # probabilities as targets
+    if loss == contract.LOSS_CCE:           # probabilities as targets
         return nn.CrossEntropyLoss(label_smoothing=ls)(z, yt)
     ce = nn.CrossEntropyLoss(label_smoothing=ls)
     if case_id.endswith("mixup"):
-        lam = yt[:, C.SCE_LAM]
+        lam = yt[:, contract.SCE_LAM]
         per_a = nn.CrossEntropyLoss(label_smoothing=ls, reduction="none")(
-            z, yt[:, C.SCE_LABEL].long())
+            z, yt[:, contract.SCE_LABEL].long())
         per_b = nn.CrossEntropyLoss(label_smoothing=ls, reduction="none")(
-            z, yt[:, C.SCE_LABEL_B].long())
+            z, yt[:, contract.SCE_LABEL_B].long())
         return (lam * per_a + (1 - lam) * per_b).mean()
     return ce(z, yt[:, 0].long())
 
@@ -133,7 +134,7 @@ def test_reference_equals_torch_value_and_gradient(loss, param, case_id):
         want = _torch_loss(loss, param, case_id, zt, y)
         want.backward()
         g = np.zeros_like(z)
-        value = R.loss_forward_backward(z, y, g, loss, param)
+        value = reference.loss_forward_backward(z, y, g, loss, param)
         assert _rel(value, want.item()) <= tol, (dtype.__name__, value, want.item())
         assert _rel(g, zt.grad.numpy()) <= tol / 10 + 1e-7, dtype.__name__
 
@@ -149,15 +150,15 @@ def test_every_backend_equals_the_reference(loss, param, case_id):
             z = _logits(rng, dtype) * 1.5
             y = _targets(rng, loss, case_id, dtype=dtype)
             gr, gk = np.zeros_like(z), np.zeros_like(z)
-            vr = R.loss_forward_backward(z, y, gr, loss, param)
+            vr = reference.loss_forward_backward(z, y, gr, loss, param)
             vk = K_.loss_forward_backward(z, y, gk, loss, param)
             assert vk == pytest.approx(vr, rel=1e-6), name
             assert K_.loss_value(z, y, loss, param) == pytest.approx(vr, rel=1e-6), name
             tol = dict(rtol=2e-5, atol=2e-7) if dtype == np.float32 else dict(rtol=1e-12,
-                                                                               atol=1e-15)
+                                                                              atol=1e-15)
             np.testing.assert_allclose(gk, gr, err_msg=f"{name} {dtype.__name__}", **tol)
             np.testing.assert_allclose(K_.output_transform(z, loss),
-                                       R.output_transform(z, loss), **tol)
+                                       reference.output_transform(z, loss), **tol)
 
 
 # ---------------------------------------------------------------- the front end
@@ -251,7 +252,7 @@ def test_training_follows_pytorch(case):
     with torch.no_grad():
         out = peer(torch.from_numpy(X))
         assert model.evaluate(X, y) == pytest.approx(criterion(out, yt).item(),
-                                                              rel=1e-5)
+                                                     rel=1e-5)
     with torch.no_grad():
         np.testing.assert_allclose(model.to_torch()(torch.from_numpy(X)).numpy(),
                                    model.predict(X), rtol=2e-5, atol=2e-6)
@@ -358,9 +359,9 @@ def test_bad_losses_and_targets_are_clear_errors_and_the_model_is_untouched():
 def test_onnx_of_the_new_output_transforms_equals_predict():
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    from fastreg import export as E
+    from fastreg import export
     for case in ("poisson", "cce-soft-ls", "bce-multilabel", "huber"):
         model, X = _fit(*_model_cases()[case])
-        session = ort.InferenceSession(E.to_onnx(model).SerializeToString())
+        session = ort.InferenceSession(export.to_onnx(model).SerializeToString())
         np.testing.assert_allclose(session.run(None, {"input": X})[0], model.predict(X),
                                    rtol=2e-5, atol=2e-6)

@@ -13,8 +13,8 @@ import pytest
 
 import fastreg as fr
 from fastreg import backend as backends
-from fastreg.kernels import contract as C
-from fastreg.kernels import reference as R
+from fastreg.kernels import contract
+from fastreg.kernels import reference
 from fastreg.kernels.philox import (MC_LAYER_TAG, STREAM_DROPOUT, STREAM_INPUT_DROPOUT,
                                     dropout_scale, dropout_threshold, keep_mask)
 
@@ -51,7 +51,7 @@ def _mc_oracle(model, X, n, seed, step0=0):
     """MC mean/std in plain NumPy from the documented counters (all passes, all layers)."""
     blocks = model._blocks()
     weights = model.get_weights()
-    loss = C.LOSSES[model.loss]
+    loss = contract.LOSSES[model.loss]
     rows = max(1, 8192 // n)
     samples = []
     for c, start in enumerate(range(0, X.shape[0], rows)):
@@ -66,14 +66,14 @@ def _mc_oracle(model, X, n, seed, step0=0):
             W, b = weights[2 * l], weights[2 * l + 1]
             d = blk.dense
             z = x @ W + b if b.size else x @ W
-            a = R.activation(z, C.ACTIVATIONS[d.activation], d.negative_slope)
+            a = reference.activation(z, contract.ACTIVATIONS[d.activation], d.negative_slope)
             if blk.out_drop:
                 rate = blk.out_drop
                 keep = keep_mask(a.shape, dropout_threshold(rate), seed, step,
                                  MC_LAYER_TAG | l, STREAM_DROPOUT)
                 a = np.where(keep, a * dropout_scale(rate), np.float32(0))
             x = a
-        p = R.output_transform(x, loss).astype(np.float64)
+        p = reference.output_transform(x, loss).astype(np.float64)
         samples.append(p.reshape(-1, n, p.shape[1]))
     s = np.concatenate(samples)
     return s.mean(axis=1), s.std(axis=1)
@@ -129,11 +129,11 @@ def test_mc_backends_agree():
 def test_mc_cuda_agrees_with_numpy(monkeypatch):
     if not _available("cuda"):
         pytest.skip("no CUDA backend (numba-cuda) here")
-    from fastreg.kernels import cuda as G
-    if G.on_simulator():       # small tiles and a short GIL switch keep the simulator quick
+    from fastreg.kernels import cuda
+    if cuda.on_simulator():       # small tiles and a short GIL switch keep the simulator quick
         for name, value in (("TILE_M", 16), ("TILE_N", 16), ("TILE_K", 8), ("THREAD_M", 4),
                             ("THREAD_N", 4), ("BLOCK", 16)):
-            monkeypatch.setattr(G, name, value)
+            monkeypatch.setattr(cuda, name, value)
         interval = sys.getswitchinterval()
         sys.setswitchinterval(5e-4)
     try:
@@ -145,7 +145,7 @@ def test_mc_cuda_agrees_with_numpy(monkeypatch):
         model.compile(loss="binary_crossentropy", backend="cuda")
         got = model.predict(X, mc_samples=5, seed=8)
     finally:
-        if G.on_simulator():
+        if cuda.on_simulator():
             sys.setswitchinterval(interval)
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-4, atol=1e-6)
@@ -161,7 +161,8 @@ def test_mc_reproducible_by_seed_and_fresh_without_one(tmp_path):
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     assert not np.allclose(a[0], c[0])
-    assert model._network.counters.mc_step == 0                 # an explicit seed leaves the counter alone
+    # an explicit seed leaves the counter alone
+    assert model._network.counters.mc_step == 0
     # seed=None: the model's seed, then fresh masks each call, reproducible from the model
     twin = _model(backend="numba")
     twin.set_weights(model.get_weights())
@@ -349,16 +350,21 @@ def test_fit_after_prune_with_shrunk_optimizer_state(backend):
     w = model.get_weights()                  # training revived the dead units: kill again
     w[0][:, [2, 7, 8]] = 0
     model.set_weights(w)
-    moments = [m.copy() for m in model._network.moments("m", "W") + model._network.moments("v", "W")]
+    moments = [m.copy() for m in model._network.moments("m", "W")
+               + model._network.moments("v", "W")]
     t = model._network.counters.t
     report = model.prune()
     assert report.removed[0] == 3
     keep0 = report.kept[0]
     np.testing.assert_array_equal(model._network.moments("m", "W")[0], moments[0][:, keep0])
-    np.testing.assert_array_equal(model._network.moments("v", "W")[1], moments[4 + 1][keep0][:, report.kept[1]])
-    assert model._network.moments("m", "b")[0].shape == (0,) and model._network.moments("m", "b")[1].shape == (len(report.kept[1]),)
+    np.testing.assert_array_equal(model._network.moments("v", "W")[1],
+                                  moments[4 + 1][keep0][:, report.kept[1]])
+    assert (model._network.moments("m", "b")[0].shape == (0,)
+            and model._network.moments("m", "b")[1].shape == (len(report.kept[1]),))
     assert model._network.counters.t == t
-    for params, ms in ((model._network.kernels(), model._network.moments("m", "W")), (model._network.kernels(), model._network.moments("v", "W")), (model._network.biases(), model._network.moments("m", "b"))):
+    for params, ms in ((model._network.kernels(), model._network.moments("m", "W")),
+                       (model._network.kernels(), model._network.moments("v", "W")),
+                       (model._network.biases(), model._network.moments("m", "b"))):
         assert [p.shape for p in params] == [m.shape for m in ms]
     history = model.fit(X, y, epochs=2, batch_size=16, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
@@ -380,7 +386,8 @@ def test_save_load_after_prune(tmp_path):
     loaded = fr.load_model(path)
     assert [layer.units for layer in loaded.layers] == report.units_after
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
-    for a, b in zip(loaded._network.moments("m", "W") + loaded._network.moments("v", "W"), model._network.moments("m", "W") + model._network.moments("v", "W")):
+    for a, b in zip(loaded._network.moments("m", "W") + loaded._network.moments("v", "W"),
+                    model._network.moments("m", "W") + model._network.moments("v", "W")):
         np.testing.assert_array_equal(a, b)
     # MC dropout on the pruned widths: the loaded model draws the same masks
     mean, std = loaded.predict(X, mc_samples=4, seed=0)

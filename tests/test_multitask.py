@@ -55,7 +55,8 @@ def test_gradient_check_float64_numpy():
     rng = fresh_rng()
     model = make_model("float64")
     X, y = make_data(rng, 9, np.float64)
-    for W in model._network.kernels() + model._network.biases():       # nonzero biases: every term of the gradient is live
+    # nonzero biases: every term of the gradient is live
+    for W in model._network.kernels() + model._network.biases():
         W[...] = rng.standard_normal(W.shape) * 0.5
     step = 7
     total, grads = objective_and_gradients(model, X, y, step)
@@ -119,7 +120,8 @@ def test_one_head_equals_sequential_step_for_step(backend):
             for a, b in zip(mt.get_weights(), seq.get_weights()):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(hm.history["loss"], hs.history["loss"], rtol=1e-4)
-    assert mt._network.counters.step == seq._network.counters.step and mt._network.counters.t == seq._network.counters.t
+    assert (mt._network.counters.step == seq._network.counters.step
+            and mt._network.counters.t == seq._network.counters.t)
     np.testing.assert_allclose(mt.predict(Xv)["y"], seq.predict(Xv), rtol=1e-4, atol=1e-6)
     assert mt.evaluate(Xv, {"y": yv})["loss"] == pytest.approx(seq.evaluate(Xv, yv), rel=1e-5)
 
@@ -151,13 +153,13 @@ def test_cuda_per_op_path_follows_numpy(monkeypatch):
     """The CUDA backend's per-op kernels (numba-cuda's simulator in CI): tiny sizes."""
     if not available("cuda"):
         pytest.skip("backend cuda is not available here")
-    from fastreg.kernels import cuda as G
+    from fastreg.kernels import cuda
     from netutil import small_cuda_tiles
     rng = fresh_rng()
     X = randn(rng, (6, 3))
     y = {"r": randn(rng, (6, 1)), "k": rng.integers(0, 2, 6)}
     out = {}
-    with small_cuda_tiles(monkeypatch, G):
+    with small_cuda_tiles(monkeypatch, cuda):
         for name in ("numpy", "cuda"):
             model = fr.MultiTask([fr.Dense(4, "relu", dropout=0.2)],
                                  {"r": ([fr.Dense(1)], "mse"),
@@ -617,13 +619,13 @@ def test_cuda_batchnorm_noise_mc_follow_numpy(monkeypatch):
     simulator in CI): tiny sizes."""
     if not available("cuda"):
         pytest.skip("backend cuda is not available here")
-    from fastreg.kernels import cuda as G
+    from fastreg.kernels import cuda
     from netutil import small_cuda_tiles
     rng = fresh_rng()
     X = randn(rng, (6, 3))
     y = {"r": randn(rng, (6, 1)), "k": rng.integers(0, 2, 6)}
     out = {}
-    with small_cuda_tiles(monkeypatch, G):
+    with small_cuda_tiles(monkeypatch, cuda):
         for name in ("numpy", "cuda"):
             model = fr.MultiTask([fr.GaussianNoise(0.1), fr.Dense(4, "relu"), fr.BatchNorm(),
                                   fr.Dropout(0.2)],
@@ -683,8 +685,8 @@ def test_running_statistics_follow_the_batch_of_each_part():
 def _manual_predict(model, X):
     """Inference in float64 from get_weights: BatchNorm with the running statistics, no
     dropout, no noise."""
-    from fastreg.kernels import contract as C
-    from fastreg.kernels import reference as R
+    from fastreg.kernels import contract
+    from fastreg.kernels import reference
     weights = iter(model.get_weights())
     out, H = {}, None
     for label, part in zip(["trunk"] + model.head_names, model._network.parts):
@@ -696,11 +698,11 @@ def _manual_predict(model, X):
                 g, be, mu, var = (next(weights).astype(np.float64) for _ in range(4))
                 z = g * (z - mu) / np.sqrt(var + blk.bn.eps) + be
             d = blk.dense
-            x = R.activation(z, C.ACTIVATIONS[d.activation], d.negative_slope)
+            x = reference.activation(z, contract.ACTIVATIONS[d.activation], d.negative_slope)
         if label == "trunk":
             H = x
         else:
-            out[label] = R.output_transform(x, C.LOSSES[model.losses[label]])
+            out[label] = reference.output_transform(x, contract.LOSSES[model.losses[label]])
     return out
 
 
@@ -732,14 +734,15 @@ def test_gamma_beta_are_trained_but_never_penalized():
                                  fr.Dense(1)], "mse")}, input_dim=N_IN)
     model.compile(optimizer=fr.AdamW(1e-2, weight_decay=0.5), backend="numpy")
     plan = model._network.training_plan(model.optimizer, 4, [0, 1])
-    from fastreg.kernels import contract as C
+    from fastreg.kernels import contract
     for first, _ in model._network.part_ranges():
-        assert plan.hpW[first, C.HP_L2] > 0 or plan.hpW[first, C.HP_L1] > 0
+        assert plan.hpW[first, contract.HP_L2] > 0 or plan.hpW[first, contract.HP_L1] > 0
     for l in range(plan.n_layers):
-        if plan.li[l, C.LI_BN]:
+        if plan.li[l, contract.LI_BN]:
             row = plan.hpgb[l]
-            assert row[C.HP_L1] == row[C.HP_L2] == row[C.HP_DECOUPLED] == 0
-            assert row[C.HP_MAXNORM] == row[C.HP_GROUP] == 0 and row[C.HP_LR] > 0
+            assert row[contract.HP_L1] == row[contract.HP_L2] == row[contract.HP_DECOUPLED] == 0
+            assert (row[contract.HP_MAXNORM] == row[contract.HP_GROUP] == 0
+                    and row[contract.HP_LR] > 0)
     rng = fresh_rng()
     X = randn(rng, (12, N_IN))
     g0 = [g.copy() for g in model._network.tensors("gb") if g.size]
@@ -873,7 +876,8 @@ def test_mc_without_dropout_or_noise_has_zero_std():
     for k in ("a", "b"):
         assert not out[k][1].any()
         np.testing.assert_array_equal(out[k][0], p[k])
-    assert model.predict(X, mc_samples=5)["a"][1].max() == 0 and model._network.counters.mc_step == 0
+    assert (model.predict(X, mc_samples=5)["a"][1].max() == 0
+            and model._network.counters.mc_step == 0)
 
 
 def test_mc_heads_share_the_trunks_masks_within_a_sample():
@@ -900,9 +904,9 @@ def test_mc_heads_share_the_trunks_masks_within_a_sample():
 def test_mc_runs_in_batched_passes(monkeypatch):
     """The samples of all rows run in stacked passes of mc.mc_rows_per_pass(n) rows: one
     call per Dense layer and pass, never one per sample."""
-    from fastreg.kernels import reference as R
+    from fastreg.kernels import reference
     calls = []
-    real = R.dense_forward
+    real = reference.dense_forward
 
     def spy(x, *args, **kwargs):
         calls.append(x.shape[0])
@@ -910,7 +914,7 @@ def test_mc_runs_in_batched_passes(monkeypatch):
     model = make_bn_noise_model()
     n_dense = len(model._network.kernels())
     X = randn(fresh_rng(), (10, N_IN))
-    monkeypatch.setattr(R, "dense_forward", spy)
+    monkeypatch.setattr(reference, "dense_forward", spy)
     model.predict(X, mc_samples=4, seed=0)
     assert calls == [40] * n_dense                          # 1 pass of 10 x 4 rows
     calls.clear()
@@ -1026,7 +1030,7 @@ def test_group_lasso_prune_then_fit_save_and_load(tmp_path):
     net = model._network
     for kind, which in (("W", "m"), ("W", "v"), ("b", "v"), ("gb", "m")):
         assert [a.shape for a in net.tensors(kind)] == [m.shape for m in
-                                                       net.moments(which, kind)]
+                                                        net.moments(which, kind)]
     h = model.fit(X, y, epochs=2, batch_size=32, verbose=0)
     assert np.isfinite(h.history["loss"]).all() and model._network.counters.t == t + 6
     path = tmp_path / "pruned.npz"
@@ -1053,7 +1057,7 @@ def test_augment_trunk_inputs_and_mixed_targets_are_sequentials(monkeypatch):
     its targets as apply mixes them for its loss, and Mixup mixes every head with the same
     partner and lambda: a sparse head's (label, partner's label, lam) rows explain the mse
     head's mixed row ids."""
-    from fastreg.kernels import reference as R
+    from fastreg.kernels import reference
     rng = fresh_rng()
     n, batch, seed = 21, 8, 6
     X = randn(rng, (n, N_IN))
@@ -1070,7 +1074,7 @@ def test_augment_trunk_inputs_and_mixed_targets_are_sequentials(monkeypatch):
     model.compile(optimizer=fr.Adam(1e-2), backend="numpy")
     augs = [fr.GaussianJitter(0.1), fr.Mixup(0.4)]
     xs, ys = [], []
-    real_dense, real_loss = R.bn_dense_forward, R.loss_forward_backward
+    real_dense, real_loss = reference.bn_dense_forward, reference.loss_forward_backward
 
     def dense_spy(x, W, *args, **kwargs):     # the trunk's first layer: a BatchNorm Dense
         if W.shape[0] == N_IN:
@@ -1080,8 +1084,8 @@ def test_augment_trunk_inputs_and_mixed_targets_are_sequentials(monkeypatch):
     def loss_spy(logits, yb, *args, **kwargs):
         ys.append(yb.copy())
         return real_loss(logits, yb, *args, **kwargs)
-    monkeypatch.setattr(R, "bn_dense_forward", dense_spy)
-    monkeypatch.setattr(R, "loss_forward_backward", loss_spy)
+    monkeypatch.setattr(reference, "bn_dense_forward", dense_spy)
+    monkeypatch.setattr(reference, "loss_forward_backward", loss_spy)
     h = model.fit(X, y, epochs=2, batch_size=batch, verbose=0, augment=augs)
     monkeypatch.undo()
     assert np.isfinite(h.history["loss"]).all()
@@ -1099,14 +1103,14 @@ def test_augment_trunk_inputs_and_mixed_targets_are_sequentials(monkeypatch):
             _, want = fr.augment.apply(augs, X[perm], Yh, batch_size=batch, seed=seed,
                                        step=e * steps, loss=losses[head])
             np.testing.assert_array_equal(seen[head], want.reshape(seen[head].shape))
-        from fastreg.kernels import contract as C
+        from fastreg.kernels import contract
         s = seen["s"].astype(np.float64)
-        assert s.shape == (n, C.SCE_MIXED_WIDTH)
-        np.testing.assert_array_equal(s[:, C.SCE_LABEL], perm)
-        lam = s[:, C.SCE_LAM]
-        assert ((lam > 0) & (lam < 1)).all() and (s[:, C.SCE_LABEL_B] != perm).any()
-        np.testing.assert_allclose(seen["m"][:, 0], lam * s[:, C.SCE_LABEL]
-                                   + (1 - lam) * s[:, C.SCE_LABEL_B], rtol=1e-5, atol=1e-4)
+        assert s.shape == (n, contract.SCE_MIXED_WIDTH)
+        np.testing.assert_array_equal(s[:, contract.SCE_LABEL], perm)
+        lam = s[:, contract.SCE_LAM]
+        assert ((lam > 0) & (lam < 1)).all() and (s[:, contract.SCE_LABEL_B] != perm).any()
+        np.testing.assert_allclose(seen["m"][:, 0], lam * s[:, contract.SCE_LABEL]
+                                   + (1 - lam) * s[:, contract.SCE_LABEL_B], rtol=1e-5, atol=1e-4)
 
 
 def test_augment_is_deterministic_and_changes_training():

@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 
 import fastreg as fr
-from fastreg.kernels import contract as C
-from fastreg.kernels import reference as R
+from fastreg.kernels import contract
+from fastreg.kernels import reference
 from fastreg.kernels.philox import (STREAM_DROPOUT, STREAM_INPUT_NOISE, STREAM_NOISE,
                                     dropout_scale, dropout_threshold, philox_words,
                                     standard_normals)
 
 from netutil import available_backends, central_difference, fresh_rng, randn, small_cuda_tiles
 
-ACTS = [C.ACT_LINEAR, C.ACT_RELU, C.ACT_LEAKY_RELU, C.ACT_TANH, C.ACT_SIGMOID]
-NOISES = [C.NOISE_ADD, C.NOISE_MUL]
+ACTS = [contract.ACT_LINEAR, contract.ACT_RELU,
+        contract.ACT_LEAKY_RELU, contract.ACT_TANH, contract.ACT_SIGMOID]
+NOISES = [contract.NOISE_ADD, contract.NOISE_MUL]
 
 
 def _backends():
@@ -57,7 +58,7 @@ def _run_layer(K, x, W, b, args, key, nz, g):
     B, O = x.shape[0], W.shape[1]
     dt = x.dtype
     out = np.zeros((B, O), dt)
-    pre = np.zeros((B, O) if C.keeps_pre(args[0], nz[0]) else (0, O), dt)
+    pre = np.zeros((B, O) if contract.keeps_pre(args[0], nz[0]) else (0, O), dt)
     K.dense_forward(x, W, b, out, *args, *key, *nz, pre)
     gg = g.copy()
     dW, db, dx = np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
@@ -74,11 +75,11 @@ def test_reference_gradient_by_central_differences(act, noise, rate):
     rng = fresh_rng()
     x, W, b, args, key, nz = _layer(rng, np.float64, (6, 5, 4), act, noise, rate, 0.7)
     G = randn(rng, (6, 4), np.float64)
-    _, _, _, dW, db, dx = _run_layer(R, x, W, b, args, key, nz, G)
+    _, _, _, dW, db, dx = _run_layer(reference, x, W, b, args, key, nz, G)
 
     def loss(x_, W_, b_):
         out = np.zeros((6, 4))
-        R.dense_forward(x_, W_, b_, out, *args, *key, *nz)
+        reference.dense_forward(x_, W_, b_, out, *args, *key, *nz)
         return float((out * G).sum())
 
     for arr, grad in ((W, dW), (b, db), (x, dx)):
@@ -90,14 +91,14 @@ def test_reference_noise_placement():
     """out = dropout(f(z) + std * n) and dropout(f(z) * (1 + std * n)): noise after the
     activation, before the mask; pre keeps f(z)."""
     rng = fresh_rng()
-    x, W, b, args, key, _ = _layer(rng, np.float64, (7, 5, 6), C.ACT_TANH, 0, 0.4, 0.5)
+    x, W, b, args, key, _ = _layer(rng, np.float64, (7, 5, 6), contract.ACT_TANH, 0, 0.4, 0.5)
     a = np.tanh(x @ W + b)
     n = standard_normals(a.size, key[0], key[1], key[2], STREAM_NOISE).reshape(a.shape)
     keep = (philox_words(a.size, key[0], key[1], key[2], STREAM_DROPOUT)
             >= dropout_threshold(0.4)).reshape(a.shape)
-    for noise, want in ((C.NOISE_ADD, a + 0.5 * n), (C.NOISE_MUL, a * (1 + 0.5 * n))):
+    for noise, want in ((contract.NOISE_ADD, a + 0.5 * n), (contract.NOISE_MUL, a * (1 + 0.5 * n))):
         out, pre = np.zeros_like(a), np.zeros_like(a)
-        R.dense_forward(x, W, b, out, *args, *key, noise, 0.5, pre)
+        reference.dense_forward(x, W, b, out, *args, *key, noise, 0.5, pre)
         np.testing.assert_allclose(pre, a, rtol=1e-12)
         np.testing.assert_allclose(out, np.where(keep, want * args[3], 0.0), rtol=1e-12)
 
@@ -114,11 +115,12 @@ def test_noise_statistics():
     B, O = 500, 400
     x = np.zeros((B, 3), np.float32)
     W = np.ones((3, O), np.float32)
-    for noise, bias, std, mean, var in ((C.NOISE_ADD, 0.0, 0.3, 0.0, 0.09),
-                                        (C.NOISE_MUL, 1.0, np.sqrt(0.25 / 0.75), 1.0, 1 / 3)):
+    cases = ((contract.NOISE_ADD, 0.0, 0.3, 0.0, 0.09),
+             (contract.NOISE_MUL, 1.0, np.sqrt(0.25 / 0.75), 1.0, 1 / 3))
+    for noise, bias, std, mean, var in cases:
         out = np.zeros((B, O), np.float32)
-        R.dense_forward(x, W, np.full(O, bias, np.float32), out, C.ACT_LINEAR, 0, 0, 1.0, 5, 9,
-                        2, noise, std)
+        reference.dense_forward(x, W, np.full(O, bias, np.float32), out, contract.ACT_LINEAR, 0, 0,
+                                1.0, 5, 9, 2, noise, std)
         assert abs(out.mean() - mean) < 0.01 and abs(out.var() - var) < 0.01 * var + 1e-3
 
 
@@ -217,9 +219,10 @@ def test_kept_bytes_and_workspace():
     assert [p.shape[0] for p in net.pres] == [16, 16, 0]
     assert net.kept_bytes_per_element() == pytest.approx(4 * (18 + 9 + 7) / 18)
     assert [x.shape for x in net.xdrops] == [(16, 4)]
-    assert list(net.li[:, C.LI_NOISE]) == [C.NOISE_MUL, C.NOISE_ADD, C.NOISE_ADD]
-    assert net.li[0, C.LI_IN_NOISE] == C.NOISE_ADD
-    assert net.lf[0, C.LF_NOISE_STD] == np.float32(np.sqrt(0.3 / 0.7))
+    assert list(net.li[:, contract.LI_NOISE]) == [
+        contract.NOISE_MUL, contract.NOISE_ADD, contract.NOISE_ADD]
+    assert net.li[0, contract.LI_IN_NOISE] == contract.NOISE_ADD
+    assert net.lf[0, contract.LF_NOISE_STD] == np.float32(np.sqrt(0.3 / 0.7))
 
 
 def test_mc_sampling_draws_the_noise():
@@ -276,7 +279,7 @@ def test_zero_noise_is_no_noise():
                            fr.Dense(1)], input_dim=2)
     model.compile(loss="mse")
     net = model._network.training_plan(model.optimizer, 4, [1])
-    assert not net.li[:, C.LI_NOISE].any() and not net.li[:, C.LI_IN_NOISE].any()
+    assert not net.li[:, contract.LI_NOISE].any() and not net.li[:, contract.LI_IN_NOISE].any()
 
 
 def test_save_load_round_trip(tmp_path):

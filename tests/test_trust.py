@@ -23,10 +23,10 @@ import fastreg as fr
 from fastreg import training
 from fastreg.kernels import threads
 
-import trust_props as P
+import trust_props
 from netutil import fresh_rng, randn
 
-CPU, ALL = P.CPU, P.ALL
+CPU, ALL = trust_props.CPU, trust_props.ALL
 
 
 def _data(n=40, d=3, seed=None, k=1):
@@ -69,7 +69,7 @@ def _nan_warnings(record):
 @pytest.mark.parametrize("backend", ALL)
 def test_a_nan_weight_propagates_through_every_activation(backend, cuda_tiles):
     X, _ = _data(6)
-    for act in P.ACTIVATIONS:
+    for act in trust_props.ACTIVATIONS:
         for bn in (False, True):
             layers = [fr.Dense(5, act)] + ([fr.BatchNorm()] if bn else []) + [fr.Dense(2)]
             model = fr.Sequential(layers, input_dim=3, seed=1)
@@ -133,7 +133,7 @@ def test_a_nan_stop_keeps_the_last_sound_epoch(backend):
                          callbacks=[Blow()])
     assert _nan_warnings(rec) and "end of epoch 2" in str(_nan_warnings(rec)[0].message)
     assert len(hist.history["loss"]) == 2
-    assert P.same_state(P.state_of(model), P.state_of(ref))
+    assert trust_props.same_state(trust_props.state_of(model), trust_props.state_of(ref))
     assert np.isfinite(model.evaluate(X, y))
 
 
@@ -174,7 +174,7 @@ def test_any_batch_size_over_the_rows_is_one_batch(backend, batch_size):
     model, ref = _mlp("tanh", backend, seed=2), _mlp("tanh", backend, seed=2)
     model.fit(X, y, epochs=2, batch_size=batch_size, verbose=0)
     ref.fit(X, y, epochs=2, batch_size=10, verbose=0)
-    assert P.same_state(P.state_of(model), P.state_of(ref))
+    assert trust_props.same_state(trust_props.state_of(model), trust_props.state_of(ref))
     np.testing.assert_array_equal(model.predict(X, batch_size=batch_size), ref.predict(X))
     assert model.evaluate(X, y, batch_size=batch_size) == ref.evaluate(X, y)
 
@@ -196,7 +196,7 @@ def test_evaluate_batch_size_is_validated(bad):
 def test_complex_targets_and_weights_are_refused():
     X, y = _data(6)
     model = _mlp(backend="numpy")
-    before = P.state_of(model)
+    before = trust_props.state_of(model)
     with pytest.raises(TypeError, match="y must be real"):
         model.fit(X, y + 1j, verbose=0)
     with pytest.raises(TypeError, match="y_val must be real"):
@@ -205,7 +205,7 @@ def test_complex_targets_and_weights_are_refused():
         model.set_weights([w + 1j for w in model.get_weights()])
     with pytest.raises(TypeError, match="y must be real"):
         model.evaluate(X, y.astype(np.complex128))
-    assert P.same_state(P.state_of(model), before)
+    assert trust_props.same_state(trust_props.state_of(model), before)
 
 
 def test_numpy_scalar_hyperparameters_are_python_numbers():
@@ -218,7 +218,8 @@ def test_numpy_scalar_hyperparameters_are_python_numbers():
         (lambda v: fr.MaxNorm(v), np.int64(3)), (lambda v: fr.GroupLasso(v), np.float32(0.1)),
         (lambda v: fr.Dense(v), np.int64(8)), (lambda v: fr.Dense(4, dropout=v), np.float32(0.25)),
         (lambda v: fr.Dense(4, "leaky_relu", negative_slope=v), np.float32(0.1)),
-        (lambda v: fr.Dropout(v), np.float32(0.5)), (lambda v: fr.GaussianNoise(v), np.float32(0.1)),
+        (lambda v: fr.Dropout(v), np.float32(0.5)),
+        (lambda v: fr.GaussianNoise(v), np.float32(0.1)),
         (lambda v: fr.GaussianDropout(v), np.float64(0.2)),
         (lambda v: fr.BatchNorm(momentum=v), np.float32(0.5)),
         (lambda v: fr.BatchNorm(eps=v), np.float32(1e-3)),
@@ -238,7 +239,7 @@ def test_numpy_scalar_hyperparameters_are_python_numbers():
     model, ref = _mlp("tanh", "numpy", seed=np.uint64(3)), _mlp("tanh", "numpy", seed=3)
     model.fit(X, y, epochs=np.int64(2), batch_size=np.int32(4), verbose=np.int64(0))
     ref.fit(X, y, epochs=2, batch_size=4, verbose=0)
-    assert P.same_state(P.state_of(model), P.state_of(ref))
+    assert trust_props.same_state(trust_props.state_of(model), trust_props.state_of(ref))
     np.testing.assert_array_equal(model.predict(X, batch_size=np.int64(5)),
                                   ref.predict(X, batch_size=5))
     m1 = model.predict(X, mc_samples=np.int64(3), seed=np.uint32(4))
@@ -250,7 +251,7 @@ def test_numpy_scalar_hyperparameters_are_python_numbers():
 def test_errors_name_what_is_wrong():
     X, y = _data(8)
     model = _mlp(backend="numpy")
-    before = P.state_of(model)
+    before = trust_props.state_of(model)
     with pytest.raises(TypeError, match=r"callbacks must be a list .*single EarlyStopping"):
         model.fit(X, y, callbacks=fr.EarlyStopping(monitor="loss"), verbose=0)
     with pytest.raises(TypeError, match=r"one name: a Sequential has one output\), got "
@@ -264,7 +265,7 @@ def test_errors_name_what_is_wrong():
         fr.sweep(lambda seed: model, {"w": [1]}, X, y, seed=-1, as_frame=False)
     with pytest.raises(ValueError, match="verbose"):
         model.fit(X, y, verbose=True)
-    assert P.same_state(P.state_of(model), before)
+    assert trust_props.same_state(trust_props.state_of(model), before)
 
 
 # ================================================================ files
@@ -330,7 +331,7 @@ def test_load_checks_the_config_against_the_arrays_before_allocating(tmp_path):
 
 def test_a_header_declaring_more_than_the_member_holds_is_refused_unread(tmp_path):
     path, members = _saved(tmp_path)
-    P._write_with_huge_header(path, members, "W0")
+    trust_props._write_with_huge_header(path, members, "W0")
     tracemalloc.start()
     try:
         with pytest.raises(ValueError, match="W0"):
@@ -345,7 +346,7 @@ def test_members_the_format_does_not_name_are_never_decompressed(tmp_path):
     """A 256 MiB member of zeros (a few hundred KB deflated) beside a valid model: loaded
     without decompressing it."""
     path, members = _saved(tmp_path)
-    P._mutate(path, {"mutation": "unused_bomb", "where": 0})
+    trust_props._mutate(path, {"mutation": "unused_bomb", "where": 0})
     assert os.path.getsize(path) < 2 << 20
     peak = _peak(lambda: fr.load_model(path))
     assert peak < 8 << 20, f"{peak / 2 ** 20:.0f} MiB"
@@ -387,7 +388,7 @@ def test_every_loaded_value_is_validated(tmp_path):
         fr.load_model(path)
     _rewrite(path, members)
     loaded = fr.load_model(path)
-    assert P.same_state(P.state_of(loaded), P.state_of(model))
+    assert trust_props.same_state(trust_props.state_of(loaded), trust_props.state_of(model))
 
 
 def test_multitask_files_are_validated_the_same_way(tmp_path):
@@ -444,7 +445,7 @@ def _fit_interrupted(model, X, y, **kw):
         try:
             model.fit(X, y, **kw)
         finally:
-            P._absorb()
+            trust_props._absorb()
     except KeyboardInterrupt:
         return True
     return False
@@ -465,17 +466,17 @@ def test_ctrl_c_keeps_the_completed_steps_and_epochs(backend, kind):
     X, y = _data(30, seed=1)
     case = {"backend": backend, "multitask": kind == "multitask", "dropout": 0.3, "seed": 4,
             "n": 30, "batch": 4}
-    model = P._int_model(case)
+    model = trust_props._int_model(case)
     target = {"a": y} if case["multitask"] else y
-    X, target = P._int_data(case)
+    X, target = trust_props._int_data(case)
     assert _fit_interrupted(model, X, target, epochs=5, batch_size=4, verbose=0,
                             callbacks=[_CtrlCAfterEpoch(1)])
     nb = 8
     assert _counters(model).step == _counters(model).t == 2 * nb
     assert _counters(model).epochs_run == 2
     assert len(model.history.history["loss"]) == 2
-    ref = P.reference_after_steps(case, 2 * nb)
-    assert P.same_state(P.state_of(model), P.state_of(ref))
+    ref = trust_props.reference_after_steps(case, 2 * nb)
+    assert trust_props.same_state(trust_props.state_of(model), trust_props.state_of(ref))
 
 
 @pytest.mark.parametrize("backend", CPU)
@@ -485,15 +486,15 @@ def test_ctrl_c_between_chunks_keeps_the_last_completed_step(backend, monkeypatc
     monkeypatch.setattr(training, "CHUNK_MACS", 1)      # one batch a chunk
     case = {"backend": backend, "multitask": False, "dropout": 0.3, "seed": 7, "n": 40,
             "batch": 4, "trigger": "chunk", "at": 13, "epochs": 3, "verbose": 0, "delay": 0}
-    X, y = P._int_data(case)
-    model = P._int_model(case)
-    assert P.run_interrupted(model, case, X, y)
+    X, y = trust_props._int_data(case)
+    model = trust_props._int_model(case)
+    assert trust_props.run_interrupted(model, case, X, y)
     assert _counters(model).step == _counters(model).t == 14
     assert _counters(model).epochs_run == 1
     assert len(model.history.history["loss"]) == 1
-    ref = P.state_of(P.reference_after_steps(case, 14))
+    ref = trust_props.state_of(trust_props.reference_after_steps(case, 14))
     ref["epochs_run"] = 1       # the reference ran its 4 batches as a fit of its own
-    assert P.same_state(P.state_of(model), ref)
+    assert trust_props.same_state(trust_props.state_of(model), ref)
 
 
 @pytest.mark.parametrize("verbose", [0, 1, 2])
@@ -536,7 +537,7 @@ def test_repeated_ctrl_c_never_leaves_a_half_restored_model():
         case = {"backend": "numba", "multitask": bool(trial % 2), "dropout": 0.3,
                 "seed": trial, "n": 48, "batch": 4, "trigger": "timer2", "epochs": 400,
                 "verbose": 0, "at": 0, "delay": float(rng.uniform(0.0, 0.2))}
-        P.check_interrupts(case)
+        trust_props.check_interrupts(case)
 
 
 @pytest.mark.parametrize("kind", ["sequential", "multitask"])
@@ -544,7 +545,7 @@ def test_repeated_ctrl_c_never_leaves_a_half_restored_model():
 def test_backup_and_restore_resumes_bitwise(tmp_path, kind, backend):
     case = {"backend": backend, "multitask": kind == "multitask", "dropout": 0.3, "seed": 3,
             "n": 30, "batch": 4, "epochs": 4, "stop_after": 1}
-    P.check_resume(case, str(tmp_path))
+    trust_props.check_resume(case, str(tmp_path))
     assert os.listdir(tmp_path) == ["b3-4-1"] and not os.listdir(tmp_path / "b3-4-1")
 
 
@@ -556,14 +557,14 @@ def test_backup_from_another_model_is_refused(tmp_path):
                   callbacks=[fr.BackupAndRestore(tmp_path), _CtrlCAfterEpoch(0)])
     except KeyboardInterrupt:
         pass
-    P._absorb()
+    trust_props._absorb()
     assert (tmp_path / "backup.npz").exists()
     other = fr.Sequential([fr.Dense(5, "relu"), fr.Dense(1)], input_dim=3)
     other.compile(backend="numpy")
-    before = P.state_of(other)
+    before = trust_props.state_of(other)
     with pytest.raises(ValueError, match="another model"):
         other.fit(X, y, epochs=3, verbose=0, callbacks=[fr.BackupAndRestore(tmp_path)])
-    assert P.same_state(P.state_of(other), before)
+    assert trust_props.same_state(trust_props.state_of(other), before)
 
 
 def test_model_checkpoint(tmp_path, capsys):
@@ -600,7 +601,7 @@ def test_ctrl_c_on_cuda_keeps_the_device_state(cuda_tiles):
             "batch": 4}
     model = fr.Sequential([fr.Dense(4, "tanh"), fr.Dense(1)], input_dim=3, seed=2)
     model.compile(optimizer=fr.Adam(1e-2), backend="cuda")
-    X, y = P._int_data(case)
+    X, y = trust_props._int_data(case)
     assert _fit_interrupted(model, X, y, epochs=3, batch_size=4, verbose=0,
                             callbacks=[_CtrlCAfterEpoch(0)])
     ref = fr.Sequential([fr.Dense(4, "tanh"), fr.Dense(1)], input_dim=3, seed=2)
@@ -652,7 +653,7 @@ def test_concurrent_fits_are_the_fits_run_alone(backend):
               "batch": 16, "epochs": 3, "seed": 1},
              {"backend": backend, "width": 7, "act": "relu", "dropout": 0.0, "n": 150,
               "batch": 8, "epochs": 3, "seed": 2}]
-    P.check_threads({"a": specs[0], "b": specs[1]})
+    trust_props.check_threads({"a": specs[0], "b": specs[1]})
 
 
 @pytest.mark.parametrize("backend", CPU)
@@ -740,7 +741,9 @@ MEMMAP_SCRIPT = textwrap.dedent("""
         except Exception:
             continue
         m.compile(optimizer=fr.SGD(1e-3), backend=backend)
-        m.fit(warm, warm[:, :1], batch_size=4096, verbose=0); m.predict(warm); m.evaluate(warm, warm[:, :1])
+        m.fit(warm, warm[:, :1], batch_size=4096, verbose=0)
+        m.predict(warm)
+        m.evaluate(warm, warm[:, :1])
     def vm_data():
         for line in open("/proc/self/status"):
             if line.startswith("VmData:"):

@@ -13,7 +13,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-import trust_props as P
+import trust_props
 
 # cases per category in the CI profile; "long" multiplies them
 BUDGET = {"nan": 20, "divergence": 30, "arguments": 60, "api_misuse": 15, "files": 40,
@@ -33,7 +33,7 @@ def _settings(category):
 
 @pytest.mark.parametrize("category", sorted(BUDGET))
 def test_trust_property(category, tmp_path):
-    strategy, check, needs_tmp = P.CATEGORIES[category]
+    strategy, check, needs_tmp = trust_props.CATEGORIES[category]
 
     @_settings(category)
     @given(strategy)

@@ -21,11 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 
-import trust_props as P  # noqa: E402
+import trust_props  # noqa: E402
 
 
 def run(category, n, tmp):
-    strategy, check, needs_tmp = P.CATEGORIES[category]
+    strategy, check, needs_tmp = trust_props.CATEGORIES[category]
     outcome = Counter()
     holes = Counter()
 
@@ -56,7 +56,7 @@ def main(argv):
         out_json = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
     n = int(argv[0]) if argv and argv[0].isdigit() else 40
-    names = [a for a in argv if not a.isdigit()] or list(P.CATEGORIES)
+    names = [a for a in argv if not a.isdigit()] or list(trust_props.CATEGORIES)
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:

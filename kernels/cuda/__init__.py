@@ -21,7 +21,7 @@ the penalty sum (float64 atomics).
 """
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from ..philox import split_seed
 from ..reference import output_transform as _reference_output_transform
 from ..reference import penalty_value as _reference_penalty_value
@@ -102,9 +102,9 @@ def _bias(ns, b):
 def _stored(ns, act, noise, out, pre):
     """What f' reads in backward (dense.Epilogue.stored): the pre buffer where the layer
     keeps one, else its output (unread with noise on a linear layer)."""
-    if C.keeps_pre(act, noise):
+    if contract.keeps_pre(act, noise):
         return to_dev(pre)
-    return ns.dummy if int(noise) != C.NOISE_NONE else to_dev(out)
+    return ns.dummy if int(noise) != contract.NOISE_NONE else to_dev(out)
 
 
 def _output_grad(ns, gd, out, act, slope, thr, scale, k0, k1, step, layer, noise, nstd, pre):
@@ -116,13 +116,13 @@ def _output_grad(ns, gd, out, act, slope, thr, scale, k0, k1, step, layer, noise
 
 
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
-                  noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                  noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     ns = kernels(out.dtype)
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     bd, hb = _bias(ns, b)
     od = cuda.device_array(out.shape, out.dtype)
-    pd = cuda.device_array(out.shape, out.dtype) if C.keeps_pre(act, noise) else None
+    pd = cuda.device_array(out.shape, out.dtype) if contract.keeps_pre(act, noise) else None
     dense.forward(ns, to_dev(x), to_dev(W), bd, hb, od, int(act), dt(slope),
                   int(drop_threshold), dt(drop_scale), k0, k1, int(step), int(layer),
                   int(noise), dt(noise_std), pd)
@@ -132,7 +132,7 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                   seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     ns = kernels(out.dtype)
     k0, k1 = split_seed(seed)
     gd = to_dev(grad)
@@ -153,7 +153,7 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
 
 
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
-                     eps, seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                     eps, seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     ns = kernels(out.dtype)
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
@@ -161,7 +161,7 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
     od = cuda.device_array(out.shape, out.dtype)
     xd = cuda.device_array(xhat.shape, xhat.dtype)
     sd = cuda.to_device(np.ascontiguousarray(save, np.float64))
-    pd = cuda.device_array(out.shape, out.dtype) if C.keeps_pre(act, noise) else None
+    pd = cuda.device_array(out.shape, out.dtype) if contract.keeps_pre(act, noise) else None
     batchnorm.forward(ns, to_dev(x), to_dev(W), bd, hb, od, xd, to_dev(gb), sd, int(act),
                       dt(slope), int(drop_threshold), dt(drop_scale), float(dt(eps)), k0, k1,
                       int(step), int(layer), int(noise), dt(noise_std), pd)
@@ -174,7 +174,7 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
                       drop_threshold, drop_scale, momentum, seed, step, layer,
-                      noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                      noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     ns = kernels(out.dtype)
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
@@ -202,7 +202,7 @@ def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, a
         dx[...] = dxd.copy_to_host()
 
 
-def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NONE,
+def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NOISE_NONE,
                   noise_std=0.0):
     ns = kernels(x.dtype)
     k0, k1 = split_seed(seed)
@@ -222,7 +222,7 @@ def _loss(logits, y, grad, loss, param):
     ns.loss_kernel[1, ns.NB](to_dev(logits), to_dev(y.astype(logits.dtype, copy=False)), 0,
                              y.shape[1], -1, gd, int(loss), loss_param(loss, param),
                              grad is not None, ns.ONE, status, 0, 1, True, False, 1.0,
-                             C.ACT_LINEAR, z, 0, z, 0, 0, 0, 0)
+                             contract.ACT_LINEAR, z, 0, z, 0, 0, 0, 0)
     if grad is not None:
         grad[...] = gd.copy_to_host()
     return float(status.copy_to_host()[batch_slot(0)])

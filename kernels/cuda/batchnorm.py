@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from ..contract import STREAM_DROPOUT, STREAM_NOISE
 from .dense import matmul
 from .jit import cuda
@@ -51,12 +51,12 @@ def build(ns):
                 q += d * d
             var = q / B
             inv = FT(1.0 / math.sqrt(var + eps))
-            save[C.BN_SAVE_MEAN, j] = mean
-            save[C.BN_SAVE_VAR, j] = var
-            save[C.BN_SAVE_INVSTD, j] = np.float64(inv)
+            save[contract.BN_SAVE_MEAN, j] = mean
+            save[contract.BN_SAVE_VAR, j] = var
+            save[contract.BN_SAVE_INVSTD, j] = np.float64(inv)
             mu = FT(mean)
-            gam = gb[C.BN_GAMMA, j]
-            bet = gb[C.BN_BETA, j]
+            gam = gb[contract.BN_GAMMA, j]
+            bet = gb[contract.BN_BETA, j]
             for i in range(B):
                 xh = (out[i, j] - mu) * inv
                 xhat[i, j] = xh
@@ -65,7 +65,7 @@ def build(ns):
                 if keep_pre and from_input(act):
                     pre[i, j] = y
                 word = philox_word(e, k0, k1, step, layer, STREAM_DROPOUT) if thr > 0 else U0
-                if noise != C.NOISE_NONE:
+                if noise != contract.NOISE_NONE:
                     nrm = FT(normal_at(e, k0, k1, step, layer, STREAM_NOISE))
                     v, a = noise_forward_value(y, act, slope, thr, scale, word, noise, nstd,
                                                nrm)
@@ -90,9 +90,9 @@ def build(ns):
                 d = np.float64(grad[i, j])
                 s1 += d
                 s2 += d * np.float64(xhat[i, j])
-            dgb[C.BN_GAMMA, j] = FT(s2)
-            dgb[C.BN_BETA, j] = FT(s1)
-            c1 = FT(np.float64(gb[C.BN_GAMMA, j]) * save[C.BN_SAVE_INVSTD, j])
+            dgb[contract.BN_GAMMA, j] = FT(s2)
+            dgb[contract.BN_BETA, j] = FT(s1)
+            c1 = FT(np.float64(gb[contract.BN_GAMMA, j]) * save[contract.BN_SAVE_INVSTD, j])
             c2 = FT(s1 / B)
             c3 = FT(s2 / B)
             for i in range(B):
@@ -101,17 +101,17 @@ def build(ns):
                 db[j] = ZERO
             if status[ST_STOP] == 0.0:
                 rest = 1.0 - momentum
-                stats[C.BN_MEAN, j] = FT(momentum * np.float64(stats[C.BN_MEAN, j])
-                                         + rest * save[C.BN_SAVE_MEAN, j])
-                stats[C.BN_VAR, j] = FT(momentum * np.float64(stats[C.BN_VAR, j])
-                                        + rest * save[C.BN_SAVE_VAR, j])
+                stats[contract.BN_MEAN, j] = FT(momentum * np.float64(stats[contract.BN_MEAN, j])
+                                                + rest * save[contract.BN_SAVE_MEAN, j])
+                stats[contract.BN_VAR, j] = FT(momentum * np.float64(stats[contract.BN_VAR, j])
+                                               + rest * save[contract.BN_SAVE_VAR, j])
 
     ns.__dict__.update(bn_forward=bn_forward, bn_backward=bn_backward)
 
 
 # ---------------------------------------------------------------- launches
 def forward(ns, x, W, b, has_bias, out, xhat, gb, save, act, slope, thr, scale, eps, k0, k1,
-            step, layer, noise=C.NOISE_NONE, nstd=None, pre=None):
+            step, layer, noise=contract.NOISE_NONE, nstd=None, pre=None):
     """BatchNorm dense forward on device arrays: a plain GEMM, then bn_forward. noise, nstd,
     pre as in dense.forward."""
     matmul(ns, x, W, out, 0, 0)

@@ -17,52 +17,52 @@ import time
 
 import numpy as np
 
-from .. import contract as C
-from .. import plan as PL
+from .. import contract
+from ..plan import LayerShape, ParamStore, make_plan, single_part
 from ..philox import dropout_scale, dropout_threshold
 
 WORKLOADS = {
-    "curve": dict(sizes=(1, 64, 64, 64, 1), act=C.ACT_LEAKY_RELU, drop=0.1, batch=128,
-                  rows=10_000, loss=C.LOSS_MSE),
-    "wide": dict(sizes=(784, 1024, 1024, 10), act=C.ACT_RELU, drop=0.2, batch=256,
-                 rows=16_384, loss=C.LOSS_SCE),
+    "curve": dict(sizes=(1, 64, 64, 64, 1), act=contract.ACT_LEAKY_RELU, drop=0.1, batch=128,
+                  rows=10_000, loss=contract.LOSS_MSE),
+    "wide": dict(sizes=(784, 1024, 1024, 10), act=contract.ACT_RELU, drop=0.2, batch=256,
+                 rows=16_384, loss=contract.LOSS_SCE),
 }
 
 
-def make_plan(sizes, act, drop, batch, loss, seed=0, **_):
+def workload_plan(sizes, act, drop, batch, loss, seed=0, **_):
     """A Sequential's training plan (one part), He-initialised, Adam's moments at zero."""
     rng = np.random.default_rng(seed)
     L = len(sizes) - 1
     f32 = np.float32
-    store = PL.ParamStore([PL.LayerShape(sizes[l], sizes[l + 1]) for l in range(L)], f32)
+    store = ParamStore([LayerShape(sizes[l], sizes[l + 1]) for l in range(L)], f32)
     for l in range(L):
         store.tensor("W", l)[...] = (rng.standard_normal((sizes[l], sizes[l + 1]))
                                      * np.sqrt(2.0 / sizes[l])).astype(f32)
     store.reset_moments(("m", "v"))
-    li = np.zeros((L, C.LI_SIZE), np.int64)
-    lf = np.zeros((L, C.LF_SIZE), f32)
-    hp = {k: np.zeros((L, C.HP_SIZE)) for k in ("W", "b", "gb")}
+    li = np.zeros((L, contract.LI_SIZE), np.int64)
+    lf = np.zeros((L, contract.LF_SIZE), f32)
+    hp = {k: np.zeros((L, contract.HP_SIZE)) for k in ("W", "b", "gb")}
     for l in range(L):
         last = l == L - 1
-        li[l, C.LI_ACT] = C.ACT_LINEAR if last else act
-        li[l, C.LI_DROP_THR] = 0 if last else dropout_threshold(drop)
-        li[l, C.LI_HAS_BIAS] = 1
-        lf[l, [C.LF_SLOPE, C.LF_DROP_SCALE, C.LF_IN_DROP_SCALE]] = (
+        li[l, contract.LI_ACT] = contract.ACT_LINEAR if last else act
+        li[l, contract.LI_DROP_THR] = 0 if last else dropout_threshold(drop)
+        li[l, contract.LI_HAS_BIAS] = 1
+        lf[l, [contract.LF_SLOPE, contract.LF_DROP_SCALE, contract.LF_IN_DROP_SCALE]] = (
             0.01, dropout_scale(0.0 if last else drop), 1.0)
         for kind, l2 in (("W", 1e-4), ("b", 0.0), ("gb", 0.0)):
-            hp[kind][l, [C.HP_LR, C.HP_BETA1, C.HP_BETA2, C.HP_EPS, C.HP_L2, C.HP_PROXIMAL]] = \
-                (1e-3, 0.9, 0.999, 1e-8, l2, 1.0)
-    y_width = 1 if loss == C.LOSS_SCE else sizes[-1]
-    parts, partf = PL.single_part(L, loss, y_width)
-    plan = PL.make_plan(store, li, lf, hp["W"], hp["b"], hp["gb"], parts, partf, C.OPT_ADAM,
-                        seed=1234)
+            hp[kind][l, [contract.HP_LR, contract.HP_BETA1, contract.HP_BETA2, contract.HP_EPS,
+                         contract.HP_L2, contract.HP_PROXIMAL]] = (1e-3, 0.9, 0.999, 1e-8, l2, 1.0)
+    y_width = 1 if loss == contract.LOSS_SCE else sizes[-1]
+    parts, partf = single_part(L, loss, y_width)
+    plan = make_plan(store, li, lf, hp["W"], hp["b"], hp["gb"], parts, partf, contract.OPT_ADAM,
+                     seed=1234)
     return plan.allocate(batch, [y_width])
 
 
 def make_data(sizes, rows, loss, seed=1, **_):
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((rows, sizes[0])).astype(np.float32)
-    if loss == C.LOSS_SCE:
+    if loss == contract.LOSS_SCE:
         Y = rng.integers(0, sizes[-1], (rows, 1)).astype(np.float32)
     else:
         Y = np.sin(3 * X[:, :1]).astype(np.float32)
@@ -100,9 +100,9 @@ def main(argv=None):
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--only", choices=sorted(WORKLOADS))
     args = ap.parse_args(argv)
-    from .. import cuda as G
+    from .. import cuda
     from .jit import cupy
-    ok, why = G.available()
+    ok, why = cuda.available()
     if not ok:
         raise SystemExit(why)
     # (label, module settings): the fused small-MLP path where the plan fits it, then the
@@ -116,22 +116,23 @@ def main(argv=None):
             continue
         X, Y = make_data(**w)
         steps = -(-w["rows"] // w["batch"])
-        fits = max(w["sizes"]) <= G.FUSED_MAX_WIDTH
+        fits = max(w["sizes"]) <= cuda.FUSED_MAX_WIDTH
         for label, settings in variants:
             if label.startswith("cuda-fused") and not fits:
                 continue
-            saved = {k: getattr(G, k) for k in settings}
+            saved = {k: getattr(cuda, k) for k in settings}
             for k, v in settings.items():
-                setattr(G, k, v)
-            plan = make_plan(**w)
-            first, med, losses = time_epochs(G, plan, X, Y, w["batch"], args.epochs)
+                setattr(cuda, k, v)
+            plan = workload_plan(**w)
+            first, med, losses = time_epochs(cuda, plan, X, Y, w["batch"], args.epochs)
             for k, v in saved.items():
-                setattr(G, k, v)
+                setattr(cuda, k, v)
             report(name, label, steps, first, med, losses)
         if args.cpu:
-            from .. import numba as N
-            plan = make_plan(**w)
-            first, med, losses = time_epochs(N, plan, X, Y, w["batch"], max(1, args.epochs // 2))
+            from .. import numba
+            plan = workload_plan(**w)
+            first, med, losses = time_epochs(
+                numba, plan, X, Y, w["batch"], max(1, args.epochs // 2))
             report(name, "numba-cpu", steps, first, med, losses)
 
 

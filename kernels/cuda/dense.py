@@ -22,7 +22,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from .epilogue import EPI_BACKWARD, EPI_FORWARD, EPI_FORWARD_PRE, EPI_NONE
 from .jit import cuda, cupy, grid1, numba, use_cublas
 
@@ -146,8 +146,8 @@ def build_gemm(ns):
                         v = acc[r, c]
                         if epi != EPI_NONE:
                             stored = ZERO
-                            if epi == EPI_BACKWARD and (noise == C.NOISE_NONE
-                                                        or act != C.ACT_LINEAR):
+                            if epi == EPI_BACKWARD and (noise == contract.NOISE_NONE
+                                                        or act != contract.ACT_LINEAR):
                                 stored = eout[i, j]
                             bj = bias[j] if (epi != EPI_BACKWARD and has_bias) else ZERO
                             v, a = dense_epilogue(v, epi, has_bias, bj, act, slope, thr, scale,
@@ -217,7 +217,7 @@ def matmul(ns, A, B, Cm, ta, tb):
 
 
 def forward(ns, x, W, b, has_bias, out, act, slope, thr, scale, k0, k1, step, layer,
-            noise=C.NOISE_NONE, nstd=None, pre=None):
+            noise=contract.NOISE_NONE, nstd=None, pre=None):
     """out = dropout(noise(f(x @ W + b))) on device arrays (b: ns.dummy1 without a bias);
     pre (B, O), given when the layer keeps one (contract.keeps_pre), receives z or f(z)."""
     M, K = x.shape
@@ -273,7 +273,7 @@ def backward(ns, dz, x, W, dW, db, has_bias, dx, prev, k0, k1, step):
         epi1 = EPI_BACKWARD
     else:
         eout, act1, slope1, thr1, scale1, layer1, epi1 = d, 0, z, 0, z, 0, EPI_NONE
-        noise1, nstd1 = C.NOISE_NONE, z
+        noise1, nstd1 = contract.NOISE_NONE, z
     a0 = (x, dz, dW, 1, 0, I, O, B) if p0 else (d, d, d, 0, 0, 0, 0, 0)
     a1 = (dz, W, dx, 0, 1, B, I, O) if p1 else (d, d, d, 0, 0, 0, 0, 0)
     gx0, gy0 = gemm_grid(ns, a0[5], a0[6]) if p0 else (1, 1)

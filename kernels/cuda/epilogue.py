@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from ..contract import STREAM_DROPOUT, STREAM_INPUT_DROPOUT, STREAM_INPUT_NOISE, STREAM_NOISE
 from .jit import cuda
 
@@ -30,9 +30,9 @@ EPI_BACKWARD = 2      # dL/d(out) -> dL/dz: mask, noise factor, f'
 EPI_FORWARD_PRE = 3   # EPI_FORWARD that also writes the pre buffer (contract.keeps_pre)
 
 # The activation table's flags as bit masks over the codes (read on the device).
-UNSCALE_MASK = sum(1 << a.code for a in C.ACTIVATION_TABLE
+UNSCALE_MASK = sum(1 << a.code for a in contract.ACTIVATION_TABLE
                    if a.unscale and a.grad_from == "output")
-FROM_INPUT_MASK = sum(1 << a.code for a in C.ACTIVATION_TABLE if a.grad_from == "input")
+FROM_INPUT_MASK = sum(1 << a.code for a in contract.ACTIVATION_TABLE if a.grad_from == "input")
 
 
 def build(ns):
@@ -46,9 +46,9 @@ def build(ns):
 def build_activations(ns):
     dev, ZERO, ONE, FT = ns.dev, ns.ZERO, ns.ONE, ns.FT
     HALF, THREE, SIX = FT(0.5), FT(3), FT(6)
-    SQRT_HALF, INV_SQRT_2PI = FT(C.SQRT_HALF), FT(C.INV_SQRT_2PI)
-    GELU_K, GELU_C, GELU_3C = FT(C.GELU_K), FT(C.GELU_C), FT(3 * C.GELU_C)
-    SELU_LAMBDA, SELU_NEG = FT(C.SELU_LAMBDA), FT(C.SELU_NEG)
+    SQRT_HALF, INV_SQRT_2PI = FT(contract.SQRT_HALF), FT(contract.INV_SQRT_2PI)
+    GELU_K, GELU_C, GELU_3C = FT(contract.GELU_K), FT(contract.GELU_C), FT(3 * contract.GELU_C)
+    SELU_LAMBDA, SELU_NEG = FT(contract.SELU_LAMBDA), FT(contract.SELU_NEG)
 
     @cuda.jit(**dev)
     def sigmoid(z):
@@ -74,29 +74,29 @@ def build_activations(ns):
     def activate(z, act, slope):
         """f(z) (kernels/reference/epilogue.py is the spec); NaN stays NaN (the reference's
         np.maximum), negatives give +0."""
-        if act == C.ACT_RELU:
+        if act == contract.ACT_RELU:
             return z if z > ZERO or z != z else ZERO
-        if act == C.ACT_LEAKY_RELU:
+        if act == contract.ACT_LEAKY_RELU:
             return z if z > ZERO else z * slope
-        if act == C.ACT_TANH:
+        if act == contract.ACT_TANH:
             return math.tanh(z)
-        if act == C.ACT_SIGMOID:
+        if act == contract.ACT_SIGMOID:
             return sigmoid(z)
-        if act == C.ACT_GELU:
+        if act == contract.ACT_GELU:
             return z * gelu_cdf(z)
-        if act == C.ACT_GELU_TANH:
+        if act == contract.ACT_GELU_TANH:
             return (HALF * z) * (ONE + math.tanh(gelu_tanh_inner(z)))
-        if act == C.ACT_ELU:
+        if act == contract.ACT_ELU:
             return z if z > ZERO else math.expm1(z) * slope
-        if act == C.ACT_SELU:
+        if act == contract.ACT_SELU:
             return z * SELU_LAMBDA if z > ZERO else math.expm1(z) * SELU_NEG
-        if act == C.ACT_SILU:
+        if act == contract.ACT_SILU:
             return z * sigmoid(z)
-        if act == C.ACT_SOFTPLUS:
+        if act == contract.ACT_SOFTPLUS:
             return softplus(z)
-        if act == C.ACT_MISH:
+        if act == contract.ACT_MISH:
             return z * math.tanh(softplus(z))
-        if act == C.ACT_HARD_SIGMOID:
+        if act == contract.ACT_HARD_SIGMOID:
             v = z + THREE
             if v < ZERO:
                 v = ZERO
@@ -109,36 +109,36 @@ def build_activations(ns):
     def activation_grad(a, act, slope):
         """f' from what the table's grad_from names: the output a = f(z) ("output"), or z
         itself ("input": the GELUs, silu, softplus, mish)."""
-        if act == C.ACT_RELU:
+        if act == contract.ACT_RELU:
             return ONE if a > ZERO else ZERO
-        if act == C.ACT_LEAKY_RELU:
+        if act == contract.ACT_LEAKY_RELU:
             return ONE if a > ZERO else slope
-        if act == C.ACT_TANH:
+        if act == contract.ACT_TANH:
             return ONE - a * a
-        if act == C.ACT_SIGMOID:
+        if act == contract.ACT_SIGMOID:
             return a * (ONE - a)
-        if act == C.ACT_GELU:
+        if act == contract.ACT_GELU:
             return gelu_cdf(a) + a * (math.exp(-HALF * (a * a)) * INV_SQRT_2PI)
-        if act == C.ACT_GELU_TANH:
+        if act == contract.ACT_GELU_TANH:
             t = math.tanh(gelu_tanh_inner(a))
             dtanh = ONE - t * t
             right = ZERO
             if dtanh != ZERO:   # saturated: 0, also where z^2 overflows (0 * inf)
                 right = ((HALF * a) * dtanh) * (GELU_K * (ONE + GELU_3C * (a * a)))
             return HALF * (ONE + t) + right
-        if act == C.ACT_ELU:
+        if act == contract.ACT_ELU:
             return ONE if a > ZERO else a + slope
-        if act == C.ACT_SELU:
+        if act == contract.ACT_SELU:
             return SELU_LAMBDA if a > ZERO else a + SELU_NEG
-        if act == C.ACT_SILU:
+        if act == contract.ACT_SILU:
             s = sigmoid(a)
             return s * (ONE + a * (ONE - s))
-        if act == C.ACT_SOFTPLUS:
+        if act == contract.ACT_SOFTPLUS:
             return sigmoid(a)
-        if act == C.ACT_MISH:
+        if act == contract.ACT_MISH:
             t = math.tanh(softplus(a))
             return t + a * sigmoid(a) * (ONE - t * t)
-        if act == C.ACT_HARD_SIGMOID:
+        if act == contract.ACT_HARD_SIGMOID:
             return ONE / SIX if a > ZERO and a < ONE else ZERO
         return ONE
 
@@ -158,7 +158,7 @@ def build_activations(ns):
 
 def build_elements(ns):
     dev, ZERO, ONE, FT = ns.dev, ns.ZERO, ns.ONE, ns.FT
-    ALPHA_DROPPED = FT(C.ALPHA_DROPPED)
+    ALPHA_DROPPED = FT(contract.ALPHA_DROPPED)
     U0 = np.uint64(0)
     activate, activation_grad = ns.activate, ns.activation_grad
     unscales, from_input = ns.unscales, ns.from_input
@@ -189,7 +189,7 @@ def build_elements(ns):
     @cuda.jit(**dev)
     def noisy(v, noise, nstd, nrm):
         """NOISE_ADD: v + std * n; NOISE_MUL: v * (1 + std * n) (n in the dtype)."""
-        if noise == C.NOISE_ADD:
+        if noise == contract.NOISE_ADD:
             return v + nstd * nrm
         return v * (ONE + nstd * nrm)
 
@@ -207,7 +207,7 @@ def build_elements(ns):
         """(out, f(z)) of one element of a layer with noise: out = dropout(noise(f(z))), or
         AlphaDropout's out (its shift in nstd)."""
         a = activate(z, act, slope)
-        if noise == C.NOISE_ALPHA:
+        if noise == contract.NOISE_ALPHA:
             return alpha_value(a, thr, scale, nstd, word), a
         v = noisy(a, noise, nstd, nrm)
         if thr > 0:
@@ -224,9 +224,9 @@ def build_elements(ns):
         d = g
         if thr > 0:
             d = d * scale
-        if noise == C.NOISE_MUL:
+        if noise == contract.NOISE_MUL:
             d = d * (ONE + nstd * nrm)
-        if act != C.ACT_LINEAR:
+        if act != contract.ACT_LINEAR:
             d = d * activation_grad(p, act, slope)
         if thr > 0 and word < np.uint64(thr):
             d = ZERO
@@ -245,20 +245,20 @@ def build_elements(ns):
             w0, w1, w2, w3 = group_words(wc, e, k0, k1, step, layer, STREAM_DROPOUT)
             word = pick(w0, w1, w2, w3, e & 3)
         nrm = ZERO
-        if noise == C.NOISE_MUL or (noise == C.NOISE_ADD and epi != EPI_BACKWARD):
+        if noise == contract.NOISE_MUL or (noise == contract.NOISE_ADD and epi != EPI_BACKWARD):
             n0, n1, n2, n3 = group_words(nc, e, k0, k1, step, layer, STREAM_NOISE)
             nrm = FT(normal_of(n0, n1, n2, n3, e & 3))
         if epi != EPI_BACKWARD:
             if has_b:
                 v = v + bias_j
-            if noise != C.NOISE_NONE:
+            if noise != contract.NOISE_NONE:
                 out, a = noise_forward_value(v, act, slope, thr, scale, word, noise, nstd, nrm)
                 if from_input(act):
                     a = v
                 return out, a
             return forward_value(v, act, slope, thr, scale, word), v
-        if noise != C.NOISE_NONE:
-            p = stored if act != C.ACT_LINEAR else ZERO
+        if noise != contract.NOISE_NONE:
+            p = stored if act != contract.ACT_LINEAR else ZERO
             return noise_backward_value(v, p, act, slope, thr, scale, word, noise, nstd,
                                         nrm), ZERO
         return backward_value(v, stored, act, slope, thr, scale, word), ZERO
@@ -271,9 +271,9 @@ def build_elements(ns):
         word = U0
         if thr > 0:
             word = philox_word(e, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
-        if noise == C.NOISE_ALPHA:
+        if noise == contract.NOISE_ALPHA:
             return alpha_value(v, thr, scale, nstd, word)
-        if noise != C.NOISE_NONE:
+        if noise != contract.NOISE_NONE:
             v = noisy(v, noise, nstd, FT(normal_at(e, k0, k1, step, layer, STREAM_INPUT_NOISE)))
         if thr > 0:
             v = v * scale if word >= np.uint64(thr) else ZERO
@@ -309,9 +309,9 @@ def build_kernels(ns):
             if keep_pre and from_input(act):
                 pre[i, j] = v
             word = philox_word(e, k0, k1, step, layer, STREAM_DROPOUT) if thr > 0 else U0
-            if noise != C.NOISE_NONE:
+            if noise != contract.NOISE_NONE:
                 nrm = ZERO
-                if noise != C.NOISE_ALPHA:
+                if noise != contract.NOISE_ALPHA:
                     nrm = FT(normal_at(e, k0, k1, step, layer, STREAM_NOISE))
                 v, a = noise_forward_value(v, act, slope, thr, scale, word, noise, nstd, nrm)
                 if keep_pre and not from_input(act):
@@ -330,11 +330,11 @@ def build_kernels(ns):
             i = e // O
             j = e - i * O
             word = philox_word(e, k0, k1, step, layer, STREAM_DROPOUT) if thr > 0 else U0
-            if noise != C.NOISE_NONE:
+            if noise != contract.NOISE_NONE:
                 nrm = ZERO
-                if noise == C.NOISE_MUL:
+                if noise == contract.NOISE_MUL:
                     nrm = FT(normal_at(e, k0, k1, step, layer, STREAM_NOISE))
-                p = stored[i, j] if act != C.ACT_LINEAR else ZERO
+                p = stored[i, j] if act != contract.ACT_LINEAR else ZERO
                 grad[i, j] = noise_backward_value(grad[i, j], p, act, slope, thr, scale, word,
                                                   noise, nstd, nrm)
             else:

@@ -34,7 +34,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from . import batchnorm, dense, fused, update
 from .dense import Epilogue
 from .jit import cuda, grid1, to_dev, tunables
@@ -97,7 +97,7 @@ def build(ns):
         """Step k's learning rate into the HP_LR slot of every segment's hp row (one
         optimizer: the same in every row; reference Plan.set_learning_rate)."""
         for s in range(cuda.grid(1), seg_hp.shape[0], cuda.gridsize(1)):
-            seg_hp[s, C.HP_LR] = lrs[k]
+            seg_hp[s, contract.HP_LR] = lrs[k]
 
     ns.__dict__.update(gather=gather, add_into=add_into, scale_by=scale_by,
                        set_learning_rate=set_learning_rate, copy_block=copy_block)
@@ -135,7 +135,7 @@ class DevicePlan:
             self.offsets[(r.layer, r.kind)] = (r.offset, r.end, r.shape)
             segments.append((r.offset, r.shape, hps[r.kind][r.layer], r.kind == "W"))
         self.tab = update.segment_tables(ns, segments, store.m.size > 0)
-        self.lr_now = float(plan.hpW[0, C.HP_LR]) if L else None   # the rate in tab["hp"]
+        self.lr_now = float(plan.hpW[0, contract.HP_LR]) if L else None   # the rate in tab["hp"]
         self.Ws, self.bs, self.gbs = self._tensor_views(self.P, L)
         self.dWs, self.dbs, self.dgbs = self._tensor_views(self.G, L)
         self.stats = [self.STATS[off:off + 2 * o].reshape(2, o) if off >= 0 else ns.dummy
@@ -190,10 +190,10 @@ class DevicePlan:
                      if self.keeps_pre[l] else None for l in range(L)]
         self.xhats = [cuda.device_array((B, cols[l + 1]), dt) if self.bn[l] else ns.dummy
                       for l in range(L)]
-        self.saves = [cuda.device_array((C.BN_SAVE_ROWS, cols[l + 1]), np.float64)
+        self.saves = [cuda.device_array((contract.BN_SAVE_ROWS, cols[l + 1]), np.float64)
                       if self.bn[l] else ns.dummy for l in range(L)]
         self.parts = [tuple(int(v) for v in row) for row in plan.parts]
-        self.trunk_last = self.parts[0][C.PT_END] - 1
+        self.trunk_last = self.parts[0][contract.PT_END] - 1
         trunk_w = cols[self.trunk_last + 1]
         self.has_in = [plan.has_input_transform(p) for p in range(self.P_count)]
         self.in_cfg = [plan.input_transform_of(p) for p in range(self.P_count)]
@@ -201,18 +201,19 @@ class DevicePlan:
                        else None for p in range(self.P_count)]
         self.scratch = (cuda.device_array((B, trunk_w), dt) if self.P_count > 2 else None)
         # the gathered targets: every part's columns and sample-weight column (PT_W)
-        ky = max([1] + [max(pt[C.PT_Y1], pt[C.PT_W] + 1) for pt in self.parts
-                        if pt[C.PT_LOSS] >= 0])
+        ky = max([1] + [max(pt[contract.PT_Y1], pt[contract.PT_W] + 1) for pt in self.parts
+                        if pt[contract.PT_LOSS] >= 0])
         self.ybuf = cuda.device_array((B, ky), dt)
-        self.loss_parts = [p for p in range(self.P_count) if self.parts[p][C.PT_LOSS] >= 0]
-        self.weights = [dt.type(w) for w in plan.partf[:, C.PF_WEIGHT]]
-        self.loss_params = [float(v) for v in plan.partf[:, C.PF_LOSS_PARAM]]
+        self.loss_parts = [p for p in range(self.P_count) if self.parts[p][contract.PT_LOSS] >= 0]
+        self.weights = [dt.type(w) for w in plan.partf[:, contract.PF_WEIGHT]]
+        self.loss_params = [float(v) for v in plan.partf[:, contract.PF_LOSS_PARAM]]
         self.cfg = [self._layer_config(plan, l) for l in range(L)]
         # the fused small-MLP path has no sample weights, clipping nor running logits: such
         # a fit takes the general path
         self.fused = (hasattr(ns, "fused_step") and self.P_count == 1 and not any(self.bn)
-                      and max(cols) <= ns.FW and self.parts[0][C.PT_W] < 0
-                      and self.parts[0][C.PT_Z0] < 0 and plan.clip_mode == C.CLIP_NONE)
+                      and max(cols) <= ns.FW and self.parts[0][contract.PT_W] < 0
+                      and self.parts[0][contract.PT_Z0] < 0
+                      and plan.clip_mode == contract.CLIP_NONE)
         self.clip = (int(plan.clip_mode), float(plan.clip_value))
         segs = plan.grad_segments()
         self.seg_lo, self.seg_hi = to_dev(segs[:, 0].copy()), to_dev(segs[:, 1].copy())
@@ -232,11 +233,13 @@ class DevicePlan:
     def _layer_config(self, plan, l):
         """Python scalars of layer l (what its launches pass)."""
         dt = plan.dtype.type
-        return dict(act=int(plan.li[l, C.LI_ACT]), slope=dt(plan.lf[l, C.LF_SLOPE]),
-                    thr=int(plan.li[l, C.LI_DROP_THR]), scale=dt(plan.lf[l, C.LF_DROP_SCALE]),
-                    noise=int(plan.li[l, C.LI_NOISE]), nstd=dt(plan.lf[l, C.LF_NOISE_STD]),
-                    eps=float(dt(plan.lf[l, C.LF_BN_EPS])),
-                    momentum=float(dt(plan.lf[l, C.LF_BN_MOMENTUM])))
+        return dict(act=int(plan.li[l, contract.LI_ACT]), slope=dt(plan.lf[l, contract.LF_SLOPE]),
+                    thr=int(plan.li[l, contract.LI_DROP_THR]),
+                    scale=dt(plan.lf[l, contract.LF_DROP_SCALE]),
+                    noise=int(plan.li[l, contract.LI_NOISE]),
+                    nstd=dt(plan.lf[l, contract.LF_NOISE_STD]),
+                    eps=float(dt(plan.lf[l, contract.LF_BN_EPS])),
+                    momentum=float(dt(plan.lf[l, contract.LF_BN_MOMENTUM])))
 
     def views(self, n):
         """Row views [:n] of the workspace, made once per batch size."""
@@ -376,10 +379,10 @@ def _part_forward(st, v, p, n, k0, k1, step):
         ns.copy_block[grid1(x.size, ns.NB), ns.NB](st.zout_d, st.z_start, z0, x)
     last = end - 1
     epi = v.epis[last]
-    fuse = epi.noise == C.NOISE_NONE and not st.keeps_pre[last]
+    fuse = epi.noise == contract.NOISE_NONE and not st.keeps_pre[last]
     z0 = ns.ZERO
     act, slope, thr, scale = ((epi.act, epi.slope, epi.thr, epi.scale) if fuse
-                              else (C.ACT_LINEAR, z0, 0, z0))
+                              else (contract.ACT_LINEAR, z0, 0, z0))
     ns.loss_kernel[1, ns.NB](x, v.y, y0, y1 - y0, wcol, v.grads[last], loss, st.loss_params[p],
                              True, st.weights[p], st.status, p, st.P_count,
                              p == st.loss_parts[-1], True, float(n), act, slope, thr, scale, k0,
@@ -414,9 +417,9 @@ def _part_backward(st, v, p, k0, k1, step):
     if p == 0:
         return
     thr, scale, noise, nstd = st.in_cfg[p]
-    if noise != C.NOISE_MUL:    # additive noise passes the gradient unchanged
-        noise, nstd = C.NOISE_NONE, 0.0
-    if thr > 0 or noise != C.NOISE_NONE:
+    if noise != contract.NOISE_MUL:    # additive noise passes the gradient unchanged
+        noise, nstd = contract.NOISE_NONE, 0.0
+    if thr > 0 or noise != contract.NOISE_NONE:
         ns.input_dropout[grid1(into.size, ns.NB), ns.NB](into, into, int(thr),
                                                          into.dtype.type(scale), k0, k1, step,
                                                          first, int(noise),
@@ -429,7 +432,7 @@ def _fused_epoch(st, plan, Xd, Yd, perm_d, n_total, batch_size, step0, t0, k0, k
     """The fused small-MLP path (fused.py): the whole epoch in one launch for small steps,
     else 3 launches per step."""
     ns, tab = st.ns, st.tab
-    loss = int(st.parts[0][C.PT_LOSS])
+    loss = int(st.parts[0][contract.PT_LOSS])
     thr, scale, noise, nstd = st.in_cfg[0]
     dt = plan.dtype.type
     ins = (int(thr), dt(scale), int(noise), dt(nstd))
@@ -490,8 +493,8 @@ def forward_inference(st, plan, X, batch_size, part):
         x = to_dev(X[start:start + m])
         for l in layers:
             dense.forward(ns, x, st.Ws[l], st.bs[l], 1 if st.has_bias[l] else 0, bufs[l][:m],
-                          int(plan.li[l, C.LI_ACT]), dt(plan.lf[l, C.LF_SLOPE]), 0, dt(1), 0,
-                          0, 0, l)
+                          int(plan.li[l, contract.LI_ACT]), dt(plan.lf[l, contract.LF_SLOPE]), 0,
+                          dt(1), 0, 0, 0, l)
             x = bufs[l][:m]
         out[start:start + m] = x.copy_to_host()
     return out

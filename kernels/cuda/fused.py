@@ -40,7 +40,7 @@ gradients in the flat P / G buffers (the plan's ParamStore layout).
 """
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from .epilogue import EPI_BACKWARD, EPI_FORWARD
 from .jit import cuda, numba
 
@@ -177,7 +177,7 @@ def build_layers(ns):
         noise = lay_i[l, FI_NOISE]
         if mode == MODE_INFER:
             thr = 0
-            noise = C.NOISE_NONE
+            noise = contract.NOISE_NONE
         slope = lay_f[l, FF_SLOPE]
         scale = lay_f[l, FF_SCALE]
         nstd = lay_f[l, FF_NSTD]
@@ -208,7 +208,7 @@ def build_layers(ns):
                                 if mode == MODE_BACK:
                                     if poff >= 0:
                                         stored = PRE[poff + e]
-                                    elif noise == C.NOISE_NONE:
+                                    elif noise == contract.NOISE_NONE:
                                         stored = ACTS[yoff + e]
                                 bj = P[boff + j] if (mode != MODE_BACK and boff >= 0) else ZERO
                                 v, a = dense_epilogue(acc[s, r, c], epi, boff >= 0, bj, act,
@@ -256,7 +256,7 @@ def build_rows(ns):
         yoff = lay_i[last, FI_Y]
         poff = lay_i[last, FI_PRE]
         y0 = lay_i[last, FI_Y0]
-        mixed = loss == C.LOSS_SCE and lay_i[last, FI_YW] == C.SCE_MIXED_WIDTH
+        mixed = loss == contract.LOSS_SCE and lay_i[last, FI_YW] == contract.SCE_MIXED_WIDTH
         c, _ = loss_scale(loss, n, K)
         z = H[cur]
         wc = cuda.local.array(5, numba.uint64)     # Philox group caches: dropout, noise
@@ -273,15 +273,15 @@ def build_rows(ns):
             lb = 0
             lam = ONE
             S = ONE
-            if loss == C.LOSS_SCE:
+            if loss == contract.LOSS_SCE:
                 total, zmax, s, la, lb, lam = sce_row(z, r, K, Y, src, y0, mixed, param)
-            elif loss == C.LOSS_CCE:
+            elif loss == contract.LOSS_CCE:
                 total, zmax, s, S = cce_row(z, r, K, Y, src, y0, param)
             for k in range(K):
                 zz = z[r, k]
-                if loss == C.LOSS_SCE:
+                if loss == contract.LOSS_SCE:
                     g = sce_grad(zz, k, zmax, s, la, lb, lam, mixed, c, param, K)
-                elif loss == C.LOSS_CCE:
+                elif loss == contract.LOSS_CCE:
                     g = cce_grad(zz, Y[src, y0 + k], zmax, s, S, c, param, K)
                 else:
                     l64, g = pointwise_loss(zz, Y[src, y0 + k], loss, c, param)
@@ -292,7 +292,7 @@ def build_rows(ns):
                 stored = zz
                 if poff >= 0:
                     stored = PRE[poff + e]
-                elif noise != C.NOISE_NONE:
+                elif noise != contract.NOISE_NONE:
                     stored = ZERO
                 dz, _ = dense_epilogue(g, EPI_BACKWARD, False, ZERO, act, slope, thr, scale,
                                        noise, nstd, stored, e, wc, nc, k0, k1, step, last)
@@ -419,18 +419,18 @@ def tables(plan, layers, P_offsets, seg=None, pre_off=None):
     lay_i = np.zeros((L, FI_SIZE), np.int64)
     lay_f = np.zeros((L, FF_SIZE), plan.dtype)
     part = next(p for p in range(plan.n_parts) if layers[0] in plan.part_layers(p))
-    y0, y1 = int(plan.parts[part, C.PT_Y0]), int(plan.parts[part, C.PT_Y1])
+    y0, y1 = int(plan.parts[part, contract.PT_Y0]), int(plan.parts[part, contract.PT_Y1])
     for k, l in enumerate(layers):
         noise, nstd = plan.noise_of(l)
         lay_i[k, [FI_IN, FI_OUT]] = plan.Ws[l].shape
         lay_i[k, [FI_W, FI_B]] = P_offsets[l]
-        lay_i[k, [FI_ACT, FI_THR, FI_NOISE]] = (plan.li[l, C.LI_ACT], plan.li[l, C.LI_DROP_THR],
-                                                noise)
+        lay_i[k, [FI_ACT, FI_THR, FI_NOISE]] = (plan.li[l, contract.LI_ACT],
+                                                plan.li[l, contract.LI_DROP_THR], noise)
         if seg is not None:
             lay_i[k, [FI_X, FI_Y]] = seg[k], seg[k + 1]
         lay_i[k, FI_PRE] = pre_off[l] if pre_off is not None else -1
         lay_i[k, [FI_Y0, FI_YW]] = y0, y1 - y0
         lay_f[k, [FF_SLOPE, FF_SCALE, FF_NSTD, FF_WEIGHT]] = (
-            plan.lf[l, C.LF_SLOPE], plan.lf[l, C.LF_DROP_SCALE], nstd,
-            plan.partf[part, C.PF_WEIGHT])
+            plan.lf[l, contract.LF_SLOPE], plan.lf[l, contract.LF_DROP_SCALE], nstd,
+            plan.partf[part, contract.PF_WEIGHT])
     return lay_i, lay_f

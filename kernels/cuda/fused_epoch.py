@@ -13,7 +13,7 @@ Shape legend: B batch rows, I fan_in, O fan_out, L dense layers.
 """
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from .fused import FI_B, FI_IN, FI_OUT, FI_W, FI_X, FI_Y
 from .jit import cuda, numba
 
@@ -184,7 +184,7 @@ def build_epoch(ns):
             n = min(batch, n_total - start)
             step = step0 + si
             for s in range(tid, seg_hp.shape[0], NT):     # read after the barriers below
-                seg_hp[s, C.HP_LR] = lrs[si]
+                seg_hp[s, contract.HP_LR] = lrs[si]
             total = 0.0
             for row0 in range(0, n, R):
                 nr = min(R, n - row0)

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from .jit import cuda, numba
 
 ST_PEN = 0
@@ -70,12 +70,12 @@ def build_math(ns):
         target (label_a, label_b, lam) when `mixed`, contract.SCE_*), label smoothing ls:
         (loss in float64, zmax, the softmax denominator in the dtype, label_a, label_b,
         lam)."""
-        label = int(y[src, y0 + C.SCE_LABEL])
+        label = int(y[src, y0 + contract.SCE_LABEL])
         label_b = label
         lam = ONE
         if mixed:
-            label_b = int(y[src, y0 + C.SCE_LABEL_B])
-            lam = y[src, y0 + C.SCE_LAM]
+            label_b = int(y[src, y0 + contract.SCE_LABEL_B])
+            lam = y[src, y0 + contract.SCE_LAM]
         zmax, s, lse = row_lse(z, i, K)
         lam64 = np.float64(lam)
         if ls != 0.0:
@@ -158,20 +158,20 @@ def build_math(ns):
     def pointwise_loss(zz, t, loss, c, param):
         """(loss in float64, d(mean loss)/dz in the dtype) of one element under an
         elementwise loss (c = 2 / (B K) for mse, else 1 / (B K); param: huber's delta)."""
-        if loss == C.LOSS_MSE:
+        if loss == contract.LOSS_MSE:
             d = zz - t
             return np.float64(d) * np.float64(d), d * c
         z64 = np.float64(zz)
-        if loss == C.LOSS_BCE:
+        if loss == contract.LOSS_BCE:
             return ((max(z64, 0.0) - z64 * np.float64(t) + math.log1p(math.exp(-abs(z64)))),
-                    (activate(zz, C.ACT_SIGMOID, zz) - t) * c)
-        if loss == C.LOSS_POISSON:      # zz the log-rate: exp(z) - y z
+                    (activate(zz, contract.ACT_SIGMOID, zz) - t) * c)
+        if loss == contract.LOSS_POISSON:      # zz the log-rate: exp(z) - y z
             return math.exp(z64) - np.float64(t) * z64, (math.exp(zz) - t) * c
         d = zz - t
         a64 = abs(np.float64(d))
-        if loss == C.LOSS_MAE:
+        if loss == contract.LOSS_MAE:
             return a64, sign(d) * c
-        if loss == C.LOSS_HUBER:
+        if loss == contract.LOSS_HUBER:
             delta = FT(param)
             if abs(d) > delta:          # NaN is not: its gradient stays NaN
                 delta64 = np.float64(delta)
@@ -183,15 +183,15 @@ def build_math(ns):
     @cuda.jit(**dev)
     def row_loss(loss):
         """Whether the loss is taken per row (the categorical ones), not per element."""
-        return loss == C.LOSS_SCE or loss == C.LOSS_CCE
+        return loss == contract.LOSS_SCE or loss == contract.LOSS_CCE
 
     @cuda.jit(**dev)
     def loss_scale(loss, B, K):
         """c of sce_grad / cce_grad / pointwise_loss, and the denominator of the batch
         mean."""
-        if loss == C.LOSS_SCE or loss == C.LOSS_CCE:
+        if loss == contract.LOSS_SCE or loss == contract.LOSS_CCE:
             return FT(1.0 / B), np.float64(B)
-        if loss == C.LOSS_MSE:
+        if loss == contract.LOSS_MSE:
             return FT(2.0 / (B * K)), np.float64(B * K)
         return FT(1.0 / (B * K)), np.float64(B * K)
 
@@ -243,13 +243,13 @@ def build_kernel(ns):
         c, denom = loss_scale(loss, B, K)
         total = 0.0
         if row_loss(loss):
-            mixed = loss == C.LOSS_SCE and ky == C.SCE_MIXED_WIDTH
+            mixed = loss == contract.LOSS_SCE and ky == contract.SCE_MIXED_WIDTH
             for i in range(tid, B, NB):
                 S = ONE
                 label = 0
                 label_b = 0
                 lam = ONE
-                if loss == C.LOSS_SCE:
+                if loss == contract.LOSS_SCE:
                     row, zmax, s, label, label_b, lam = sce_row(z, i, K, y, i, y0, mixed, param)
                 else:
                     row, zmax, s, S = cce_row(z, i, K, y, i, y0, param)
@@ -257,7 +257,7 @@ def build_kernel(ns):
                 total += row * wi
                 if want_grad:
                     for k in range(K):
-                        if loss == C.LOSS_SCE:
+                        if loss == contract.LOSS_SCE:
                             g = sce_grad(z[i, k], k, zmax, s, label, label_b, lam, mixed, c,
                                          param, K)
                         else:
@@ -266,7 +266,7 @@ def build_kernel(ns):
                             g = g * wi
                         if lw != ONE:
                             g = g * lw
-                        word = (philox_word(i * K + k, k0, k1, step, layer, C.STREAM_DROPOUT)
+                        word = (philox_word(i * K + k, k0, k1, step, layer, contract.STREAM_DROPOUT)
                                 if thr > 0 else U0)
                         grad[i, k] = backward_value(g, z[i, k], act, slope, thr, scale, word)
         else:
@@ -283,7 +283,7 @@ def build_kernel(ns):
                 if want_grad:
                     if lw != ONE:
                         g = g * lw
-                    word = (philox_word(e, k0, k1, step, layer, C.STREAM_DROPOUT) if thr > 0
+                    word = (philox_word(e, k0, k1, step, layer, contract.STREAM_DROPOUT) if thr > 0
                             else U0)
                     grad[i, k] = backward_value(g, zz, act, slope, thr, scale, word)
         red[tid] = total

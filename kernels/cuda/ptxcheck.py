@@ -7,9 +7,9 @@ Needs numba-cuda and NVVM (the CUDA toolkit's libnvvm), no driver and no GPU: it
 numba-cuda the device is `cc` and skips the NVRTC architecture query. Run it WITHOUT
 NUMBA_ENABLE_CUDASIM. The argument types below mirror the launch sites (dense.py, loss.py,
 update.py, batchnorm.py, epoch.py, fused.py, fused_epoch.py and __init__.py): keep them in
-step (a kernel missing here is not checked). --ptxas also assembles each kernel with ptxas (when on PATH) and prints its registers
-and shared memory per thread block. Exit status: 0 all compiled, 1 a kernel failed to
-compile, 77 no toolchain here (skip).
+step (a kernel missing here is not checked). --ptxas also assembles each kernel with ptxas
+(when on PATH) and prints its registers and shared memory per thread block. Exit status:
+0 all compiled, 1 a kernel failed to compile, 77 no toolchain here (skip).
 """
 import os
 import re
@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 
 SKIP = 77
 
@@ -51,9 +51,9 @@ def signatures(ns):
     a1 = np.zeros(2, dt)
     i64 = np.zeros(2, np.int64)
     f64 = np.zeros(8)
-    hp = np.zeros((2, C.HP_SIZE))
+    hp = np.zeros((2, contract.HP_SIZE))
     lay_i = np.zeros((2, 2), np.int64)
-    save = np.zeros((C.BN_SAVE_ROWS, 2))
+    save = np.zeros((contract.BN_SAVE_ROWS, 2))
     i = 0
     sigs = {
         "gemm": (a2, a2, a2, i, i, i, i, i, i, a1, i, i, z, i, z, i, a2, a1, i,

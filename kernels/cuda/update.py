@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from .jit import cuda, numba
 from .loss import ST_PEN, ST_STOP
 
@@ -37,7 +37,7 @@ def build_clip(ns):
         one block over all of G. Norms in float64 over NB threads, then one coefficient."""
         if status[ST_STOP] != 0.0:
             return
-        if mode == C.CLIP_VALUE:
+        if mode == contract.CLIP_VALUE:
             hi = T(value)
             for i in range(cuda.grid(1), G.shape[0], cuda.gridsize(1)):
                 g = G[i]
@@ -49,8 +49,8 @@ def build_clip(ns):
         red = cuda.shared.array(NB, numba.float64)
         tid = cuda.threadIdx.x
         b = cuda.blockIdx.x
-        lo = 0 if mode == C.CLIP_GLOBAL_NORM else seg_lo[b]
-        hi_i = G.shape[0] if mode == C.CLIP_GLOBAL_NORM else seg_hi[b]
+        lo = 0 if mode == contract.CLIP_GLOBAL_NORM else seg_lo[b]
+        hi_i = G.shape[0] if mode == contract.CLIP_GLOBAL_NORM else seg_hi[b]
         acc = 0.0
         for i in range(lo + tid, hi_i, NB):
             acc += numba.float64(G[i]) * numba.float64(G[i])
@@ -62,7 +62,7 @@ def build_clip(ns):
                 red[tid] += red[tid + half]
             cuda.syncthreads()
             half //= 2
-        coef = value / (math.sqrt(red[0]) + C.CLIP_EPS)
+        coef = value / (math.sqrt(red[0]) + contract.CLIP_EPS)
         if coef < 1.0:
             c = T(coef)
             for i in range(lo + tid, hi_i, NB):
@@ -73,10 +73,10 @@ def build_clip(ns):
 
 def clip_launch(ns, G, seg_lo, seg_hi, mode, value, status):
     """The optimizer's clipping of the data gradients (before update.launch)."""
-    if mode == C.CLIP_NONE:
+    if mode == contract.CLIP_NONE:
         return
-    blocks = (max(1, min(1024, -(-G.shape[0] // ns.NB))) if mode == C.CLIP_VALUE
-              else seg_lo.shape[0] if mode == C.CLIP_NORM else 1)
+    blocks = (max(1, min(1024, -(-G.shape[0] // ns.NB))) if mode == contract.CLIP_VALUE
+              else seg_lo.shape[0] if mode == contract.CLIP_NORM else 1)
     ns.clip_grads[blocks, ns.NB](G, seg_lo, seg_hi, int(mode), float(value), status)
 
 
@@ -103,28 +103,29 @@ def build_chunks(ns):
         tid = cuda.threadIdx.x
         s = blk_seg[b]
         if tid == 0:    # reference update_coefficients: float64, rounded once to the dtype
-            h_lr = seg_hp[s, C.HP_LR]
-            h_b1 = seg_hp[s, C.HP_BETA1]
-            h_b2 = seg_hp[s, C.HP_BETA2]
-            if opt == C.OPT_SGD:
+            h_lr = seg_hp[s, contract.HP_LR]
+            h_b1 = seg_hp[s, contract.HP_BETA1]
+            h_b2 = seg_hp[s, contract.HP_BETA2]
+            if opt == contract.OPT_SGD:
                 h_step = h_lr
                 h_bc2 = 1.0
             else:
                 h_step = h_lr / (1.0 - h_b1 ** np.float64(t))
                 h_bc2 = math.sqrt(1.0 - h_b2 ** np.float64(t))
-            h_decay = 1.0 - h_lr * seg_hp[s, C.HP_DECOUPLED] if opt == C.OPT_ADAMW else 1.0
+            h_decay = 1.0 - h_lr * \
+                seg_hp[s, contract.HP_DECOUPLED] if opt == contract.OPT_ADAMW else 1.0
             coef[0] = h_lr
             coef[1] = h_b1
             coef[2] = 1.0 - h_b1
             coef[3] = h_b2
             coef[4] = 1.0 - h_b2
-            coef[5] = seg_hp[s, C.HP_EPS]
-            coef[6] = seg_hp[s, C.HP_L1]
-            coef[7] = seg_hp[s, C.HP_L2]
+            coef[5] = seg_hp[s, contract.HP_EPS]
+            coef[6] = seg_hp[s, contract.HP_L1]
+            coef[7] = seg_hp[s, contract.HP_L2]
             coef[8] = h_decay
             coef[9] = h_step
             coef[10] = h_bc2
-            coef[11] = h_lr * seg_hp[s, C.HP_L1]
+            coef[11] = h_lr * seg_hp[s, contract.HP_L1]
         cuda.syncthreads()
         lr = coef[0]
         b1 = coef[1]
@@ -138,8 +139,8 @@ def build_chunks(ns):
         step_size = coef[9]
         bc2_sqrt = coef[10]
         lr_l1 = coef[11]
-        nesterov = seg_hp[s, C.HP_NESTEROV] != 0.0
-        proximal = seg_hp[s, C.HP_PROXIMAL] != 0.0
+        nesterov = seg_hp[s, contract.HP_NESTEROV] != 0.0
+        proximal = seg_hp[s, contract.HP_PROXIMAL] != 0.0
         has_m = seg_has_m[s] != 0
         p1 = 0.0
         p2 = 0.0
@@ -152,7 +153,7 @@ def build_chunks(ns):
                 ge = ge + l2 * wi
             if l1 != ZERO and not proximal:
                 ge = ge + l1 * sign(wi)
-            if opt == C.OPT_SGD:
+            if opt == contract.OPT_SGD:
                 if has_m:
                     mi = Mm[e] * b1 + ge
                     Mm[e] = mi
@@ -162,7 +163,7 @@ def build_chunks(ns):
                 wi = wi - lr * d
                 tau = lr_l1
             else:
-                if opt == C.OPT_ADAMW:
+                if opt == contract.OPT_ADAMW:
                     wi = wi * decay
                 mi = Mm[e] + omb1 * (ge - Mm[e])
                 vi = Vv[e] * b2 + (omb2 * ge) * ge
@@ -185,7 +186,7 @@ def build_chunks(ns):
             cuda.syncthreads()
             half //= 2
         if tid == 0:
-            pen = seg_hp[s, C.HP_L1] * red1[0] + 0.5 * seg_hp[s, C.HP_L2] * red2[0]
+            pen = seg_hp[s, contract.HP_L1] * red1[0] + 0.5 * seg_hp[s, contract.HP_L2] * red2[0]
             if pen != 0.0:
                 cuda.atomic.add(status, ST_PEN, pen * weight)
         cuda.syncthreads()      # coef and red are reused by the block's next chunk
@@ -221,7 +222,7 @@ def build_columns(ns):
                            status, weight):
         """Before the step: group * ||w_j|| of the NB columns of item b into the penalty."""
         s = cp_seg[b]
-        group = seg_hp[s, C.HP_GROUP]
+        group = seg_hp[s, contract.HP_GROUP]
         for jj in range(cuda.threadIdx.x, NB, nt):
             j = cp_col[b] + jj
             if j < seg_cols[s] and group > 0.0:
@@ -241,15 +242,15 @@ def build_columns(ns):
         """Column j of tensor s: group shrink, then max-norm."""
         off = seg_off[s]
         R = seg_rows[s]
-        group = seg_hp[s, C.HP_GROUP]
+        group = seg_hp[s, contract.HP_GROUP]
         if group > 0.0:
-            h_lr = seg_hp[s, C.HP_LR]
-            if opt == C.OPT_SGD:
+            h_lr = seg_hp[s, contract.HP_LR]
+            if opt == contract.OPT_SGD:
                 tau = h_lr * group
             else:   # the coefficients of `update`, rounded to the dtype as there
-                step = np.float64(FT(h_lr / (1.0 - seg_hp[s, C.HP_BETA1] ** np.float64(t))))
-                bc2 = np.float64(FT(math.sqrt(1.0 - seg_hp[s, C.HP_BETA2] ** np.float64(t))))
-                eps = np.float64(FT(seg_hp[s, C.HP_EPS]))
+                step = np.float64(FT(h_lr / (1.0 - seg_hp[s, contract.HP_BETA1] ** np.float64(t))))
+                bc2 = np.float64(FT(math.sqrt(1.0 - seg_hp[s, contract.HP_BETA2] ** np.float64(t))))
+                eps = np.float64(FT(seg_hp[s, contract.HP_EPS]))
                 den = 0.0
                 for i in range(R):
                     den += math.sqrt(np.float64(Vv[off + i * O + j])) / bc2 + eps
@@ -258,7 +259,7 @@ def build_columns(ns):
             sc = FT(1.0 - tau / nrm) if nrm > tau else FT(0.0)
             for i in range(R):
                 P[off + i * O + j] = P[off + i * O + j] * sc
-        c = seg_hp[s, C.HP_MAXNORM]
+        c = seg_hp[s, contract.HP_MAXNORM]
         if c > 0.0:
             nrm = column_norm(P, off, R, O, j)
             if nrm > c:
@@ -307,12 +308,12 @@ def segment_tables(ns, segments, has_m):
             blk_seg.append(s)
             blk_lo.append(offset + lo)
             blk_hi.append(offset + min(size, lo + ns.CHUNK))
-        if matrix and (hp[C.HP_MAXNORM] > 0 or hp[C.HP_GROUP] > 0):
+        if matrix and (hp[contract.HP_MAXNORM] > 0 or hp[contract.HP_GROUP] > 0):
             for c0 in range(0, int(shape[1]), ns.NB):
                 col_seg.append(s)
                 col_lo.append(c0)
     i64 = lambda a: cuda.to_device(np.asarray(a, np.int64))  # noqa: E731
-    hp = np.array(hps, np.float64).reshape(len(segments), C.HP_SIZE)
+    hp = np.array(hps, np.float64).reshape(len(segments), contract.HP_SIZE)
     return dict(nblk=len(blk_seg), blk_seg=i64(blk_seg or [0]), blk_lo=i64(blk_lo or [0]),
                 blk_hi=i64(blk_hi or [0]), hp=cuda.to_device(hp),
                 has_m=i64([1 if has_m else 0] * max(1, len(segments))),

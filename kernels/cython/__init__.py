@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from .. import threads
 from ..philox import split_seed
 from ..reference import output_transform, penalty_value  # noqa: F401  (NumPy; the spec's)
@@ -57,8 +57,9 @@ def _check_build():
     floats = getattr(_K, "CONTRACT_FLOATS", None)
     flags = getattr(_K, "ACTIVATION_FLAGS", None)
     expected = {a.code: (int(a.unscale), int(a.grad_from == "input"))
-                for a in C.ACTIVATION_TABLE}
-    if built != C.integer_constants() or floats != C.float_constants() or flags != expected:
+                for a in contract.ACTIVATION_TABLE}
+    if (built != contract.integer_constants() or floats != contract.float_constants()
+            or flags != expected):
         raise ImportError("the Cython kernels are out of date with kernels/contract.py: "
                           "rebuild them with `pip install -e .`")
 
@@ -92,7 +93,7 @@ def _pre(pre, out, act, noise, needed):
     """pre, or an empty (0, O) view where there is none; a backward whose f' needs it
     (contract.keeps_pre) must get it."""
     if pre is None or pre.size == 0:
-        if needed and out.shape[0] and C.keeps_pre(act, noise):
+        if needed and out.shape[0] and contract.keeps_pre(act, noise):
             raise ValueError(f"activation {int(act)} with noise {int(noise)} needs the pre "
                              f"buffer of the forward (contract.keeps_pre)")
         return out[:0]
@@ -100,7 +101,7 @@ def _pre(pre, out, act, noise, needed):
 
 
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
-                  noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                  noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     _K.dense_forward(x, W, b, out, int(act), float(slope), int(drop_threshold),
@@ -109,7 +110,7 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                   seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     if dx.size == 0:
@@ -121,7 +122,7 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
 
 
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
-                     eps, seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                     eps, seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     _K.bn_dense_forward(x, W, b, out, xhat, gb, save, int(act), float(slope),
@@ -132,7 +133,7 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
                       drop_threshold, drop_scale, momentum, seed, step, layer,
-                      noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                      noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     if dx.size == 0:
@@ -143,7 +144,7 @@ def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, a
                          float(dt(noise_std)), _pre(pre, out, act, noise, True))
 
 
-def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NONE,
+def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NOISE_NONE,
                   noise_std=0.0):
     k0, k1 = split_seed(seed)
     _K.input_dropout(x, out, int(threshold), float(x.dtype.type(scale)), k0, k1, int(step),
@@ -222,7 +223,7 @@ def forward_inference(plan, X, batch_size, part=0):
         raise ValueError(f"X has shape {X.shape}; part {part}'s first layer takes "
                          f"{Ws[0].shape[0]} columns")
     out = np.empty((X.shape[0], Ws[-1].shape[1]), dt)
-    _K.forward_inference(Ws, bs, [int(plan.li[l, C.LI_ACT]) for l in layers],
-                         [float(plan.lf[l, C.LF_SLOPE]) for l in layers], X, int(batch_size),
+    _K.forward_inference(Ws, bs, [int(plan.li[l, contract.LI_ACT]) for l in layers],
+                         [float(plan.lf[l, contract.LF_SLOPE]) for l in layers], X, int(batch_size),
                          out)
     return out

@@ -15,10 +15,10 @@ from numba import njit
 from numba.core import event as _numba_event
 from numba.typed import List
 
-from .. import compile_notice, contract as C, threads
+from .. import compile_notice, contract, threads
 from ..philox import split_seed
 from ..reference.loss import loss_param
-from . import epoch as E
+from . import epoch
 from .batchnorm import bn_dense_backward as _bn_dense_backward
 from .batchnorm import bn_dense_forward as _bn_dense_forward
 from .dense import dense_backward as _dense_backward
@@ -44,15 +44,15 @@ def _entry_points(stamp):
                     lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums,
                     grad, segments, clip_mode, clip_value, zout):
         _ = stamp
-        return E.train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords,
-                             columns, li, lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1,
-                             step0, t0, lrs, loss_sums, grad, segments, clip_mode, clip_value,
-                             zout)
+        return epoch.train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords,
+                                 columns, li, lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1,
+                                 step0, t0, lrs, loss_sums, grad, segments, clip_mode, clip_value,
+                                 zout)
 
     @njit(**ENTRY_FLAGS)
     def forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first):
         _ = stamp
-        E.forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first)
+        epoch.forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first)
 
     @njit(**ENTRY_FLAGS)
     def dense_forward(uses, par, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer,
@@ -133,7 +133,7 @@ def _scalar(x, like):
 # The per-op entry points (tests, tools, MC dropout's passes) compile every activation and
 # update variant and the parallel passes once per dtype: one compile serves every call. The
 # compiled epoch is the one that specializes on what its network uses (_compiled_args).
-_ALL_ACTS = uses_of(range(C.N_ACTIVATIONS), C.N_ACTIVATIONS)
+_ALL_ACTS = uses_of(range(contract.N_ACTIVATIONS), contract.N_ACTIVATIONS)
 _ALL_UPDATES = uses_of(range(N_UPDATE_VARIANTS), N_UPDATE_VARIANTS)
 _PAR = 1
 
@@ -141,7 +141,7 @@ _PAR = 1
 def _parallel(*sizes):
     """1 when a pass this big may run in parallel, else None (the parallel code is then
     never compiled): jit.py."""
-    return 1 if max(sizes) >= C.PARALLEL_MIN_ELEMENTS else None
+    return 1 if max(sizes) >= contract.PARALLEL_MIN_ELEMENTS else None
 
 
 def _noise_args(noise, noise_std, pre, out):
@@ -152,7 +152,7 @@ def _noise_args(noise, noise_std, pre, out):
 
 
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
-                  noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                  noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     _K["dense_forward"](_ALL_ACTS, _PAR, x, W, b, out, int(act), _scalar(slope, out),
                         int(drop_threshold), _scalar(drop_scale, out), k0, k1, int(step),
@@ -161,7 +161,7 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                   seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     if dx.size == 0:
         dx = grad[:0]
@@ -172,7 +172,7 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
 
 
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
-                     eps, seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                     eps, seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     _K["bn_dense_forward"](_ALL_ACTS, _PAR, x, W, b, out, xhat, gb, save, int(act),
                            _scalar(slope, out), int(drop_threshold), _scalar(drop_scale, out),
@@ -182,7 +182,7 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
                       drop_threshold, drop_scale, momentum, seed, step, layer,
-                      noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                      noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     k0, k1 = split_seed(seed)
     if dx.size == 0:
         dx = grad[:0]
@@ -193,7 +193,7 @@ def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, a
                             *_noise_args(noise, noise_std, pre, out))
 
 
-def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NONE,
+def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NOISE_NONE,
                   noise_std=0.0):
     k0, k1 = split_seed(seed)
     noise = int(noise)
@@ -257,8 +257,8 @@ def _update_uses(plan):
         if plan.bn_on(l):
             tensors.append((plan.hpgb[l], plan.mgb[l]))
         for hp, m in tensors:
-            variants.add(update_variant(plan.opt, m.size > 0, hp[C.HP_NESTEROV] != 0,
-                                        hp[C.HP_L1], hp[C.HP_PROXIMAL] != 0))
+            variants.add(update_variant(plan.opt, m.size > 0, hp[contract.HP_NESTEROV] != 0,
+                                        hp[contract.HP_L1], hp[contract.HP_PROXIMAL] != 0))
     return uses_of(variants, N_UPDATE_VARIANTS)
 
 
@@ -274,27 +274,28 @@ def _compiled_args(plan):
     widest = max(cols, plan.Ws[0].shape[0])
     moments = [[a if a.size else np.zeros((0, W.shape[1]), dt) for a, W in zip(ms, plan.Ws)]
                for ms in (plan.mW, plan.vW)]
-    T = E.Tensors(List(plan.Ws), List(plan.bs), List(plan.dWs), List(plan.dbs),
-                  List(moments[0]), List(moments[1]), List(plan.mb), List(plan.vb))
+    T = epoch.Tensors(List(plan.Ws), List(plan.bs), List(plan.dWs), List(plan.dbs),
+                      List(moments[0]), List(moments[1]), List(plan.mb), List(plan.vb))
     n_words = (plan.batch * widest + 3) // 4
-    ws = E.Workspace(List(plan.acts), List(plan.grads), List(plan.pres), plan.xbuf,
-                     List([y if y.size else np.zeros((0, 1), dt) for y in plan.ybufs]),
-                     plan.scratch, np.zeros((4, n_words), np.uint32),
-                     np.zeros(COEF_SIZE + cols, dt),
-                     np.zeros(scratch_size(max([W.size for W in plan.Ws]
+    ws = epoch.Workspace(List(plan.acts), List(plan.grads), List(plan.pres), plan.xbuf,
+                         List([y if y.size else np.zeros((0, 1), dt) for y in plan.ybufs]),
+                         plan.scratch, np.zeros((4, n_words), np.uint32),
+                         np.zeros(COEF_SIZE + cols, dt),
+                         np.zeros(scratch_size(max([W.size for W in plan.Ws]
                                                + [g.size for g in plan.gbs]), cols)))
     bn = None
     if any(plan.bn_on(l) for l in range(L)):
-        bn = E.BatchNormState(*(List(getattr(plan, name)) for name in
-                                ("gbs", "dgbs", "mgb", "vgb", "stats", "xhats", "saves")))
+        bn = epoch.BatchNormState(*(List(getattr(plan, name)) for name in
+                                    ("gbs", "dgbs", "mgb", "vgb", "stats", "xhats", "saves")))
     xdrops = (List(plan.xdrops) if any(plan.has_input_transform(p)
                                        for p in range(plan.n_parts)) else None)
     noisy = any(plan.noise_of(l)[0] for l in range(L)) or any(
         plan.input_transform_of(p)[2] for p in range(plan.n_parts))
     nwords = np.zeros((4, n_words), np.uint32) if noisy else None
-    columns = 1 if ((plan.hpW[:, C.HP_GROUP] > 0).any()
-                    or (plan.hpW[:, C.HP_MAXNORM] > 0).any()) else None
-    spec = E.Spec(uses_of(activations_used(plan.li), C.N_ACTIVATIONS), _update_uses(plan))
+    columns = 1 if ((plan.hpW[:, contract.HP_GROUP] > 0).any()
+                    or (plan.hpW[:, contract.HP_MAXNORM] > 0).any()) else None
+    spec = epoch.Spec(uses_of(activations_used(plan.li),
+                      contract.N_ACTIVATIONS), _update_uses(plan))
     par = _parallel(*([plan.batch * W.shape[1] for W in plan.Ws]
                       + [plan.batch * plan.part_input_width(p) for p in range(plan.n_parts)]
                       + [r.size for r in plan.store.records]))
@@ -333,7 +334,7 @@ def forward_inference(plan, X, batch_size, part=0):
     rows = max(1, min(batch_size, n))
     out = np.empty((n, plan.Ws[layers[-1]].shape[1]), plan.dtype)
     if n:
-        uses = uses_of({int(plan.li[l, C.LI_ACT]) for l in layers}, C.N_ACTIVATIONS)
+        uses = uses_of({int(plan.li[l, contract.LI_ACT]) for l in layers}, contract.N_ACTIVATIONS)
         par = _parallel(*(rows * plan.Ws[l].shape[1] for l in layers))
         _K["forward_inference"](uses, par, X, List([plan.Ws[l] for l in layers]),
                                 List([plan.bs[l] for l in layers]), plan.li, plan.lf,

@@ -11,7 +11,7 @@ import math
 import numpy as np
 from numba import prange
 
-from .. import contract as C
+from .. import contract
 from ..contract import PARALLEL_MIN_ELEMENTS
 from .epilogue import (COL_CHUNK, ELEM_CHUNK, FROM_INPUT, ROW_CHUNK, activate,
                        fill_output_words, keeps_f, output_grad_range, output_grads_parallel,
@@ -27,26 +27,26 @@ def _bn_stats_cols(out, b, save, eps, c0, c1):
     dt = out.dtype.type
     has_bias = b.shape[0] > 0
     for j in range(c0, c1):
-        save[C.BN_SAVE_MEAN, j] = 0.0
-        save[C.BN_SAVE_VAR, j] = 0.0
+        save[contract.BN_SAVE_MEAN, j] = 0.0
+        save[contract.BN_SAVE_VAR, j] = 0.0
     for i in range(B):
         row = out[i]
         if has_bias:
             for j in range(c0, c1):
                 row[j] = row[j] + b[j]
         for j in range(c0, c1):
-            save[C.BN_SAVE_MEAN, j] += np.float64(row[j])
+            save[contract.BN_SAVE_MEAN, j] += np.float64(row[j])
     for j in range(c0, c1):
-        save[C.BN_SAVE_MEAN, j] = save[C.BN_SAVE_MEAN, j] / B
+        save[contract.BN_SAVE_MEAN, j] = save[contract.BN_SAVE_MEAN, j] / B
     for i in range(B):
         row = out[i]
         for j in range(c0, c1):
-            d = np.float64(row[j]) - save[C.BN_SAVE_MEAN, j]
-            save[C.BN_SAVE_VAR, j] += d * d
+            d = np.float64(row[j]) - save[contract.BN_SAVE_MEAN, j]
+            save[contract.BN_SAVE_VAR, j] += d * d
     for j in range(c0, c1):
-        var = save[C.BN_SAVE_VAR, j] / B
-        save[C.BN_SAVE_VAR, j] = var
-        save[C.BN_SAVE_INVSTD, j] = np.float64(dt(1.0 / math.sqrt(var + eps)))
+        var = save[contract.BN_SAVE_VAR, j] / B
+        save[contract.BN_SAVE_VAR, j] = var
+        save[contract.BN_SAVE_INVSTD, j] = np.float64(dt(1.0 / math.sqrt(var + eps)))
 
 
 @kernel_inline
@@ -59,9 +59,10 @@ def _bn_act_loop(out, xhat, gb, save, pre, slope, r0, r1, act):
         row = out[i]
         xr = xhat[i]
         for j in range(O):
-            xh = (row[j] - dt(save[C.BN_SAVE_MEAN, j])) * dt(save[C.BN_SAVE_INVSTD, j])
+            xh = (row[j] - dt(save[contract.BN_SAVE_MEAN, j])) * \
+                dt(save[contract.BN_SAVE_INVSTD, j])
             xr[j] = xh
-            y = gb[C.BN_GAMMA, j] * xh + gb[C.BN_BETA, j]
+            y = gb[contract.BN_GAMMA, j] * xh + gb[contract.BN_BETA, j]
             if FROM_INPUT[act]:
                 pre[i, j] = y
             row[j] = activate(y, act, slope)
@@ -82,7 +83,7 @@ def _bn_forward_epilogue_parallel(uses, out, b, xhat, gb, save, act, slope, thr,
     for c in prange(n_chunks):
         bn_act_rows(uses, act, out, xhat, gb, save, pre, slope, c * ROW_CHUNK,
                     min(B, (c + 1) * ROW_CHUNK))
-    if noise != C.NOISE_NONE or thr > 0:
+    if noise != contract.NOISE_NONE or thr > 0:
         flat = out.reshape(n)
         pf = pre.reshape(pre.size)
         keep_f = keeps_f(pre, act)
@@ -127,22 +128,22 @@ def _bn_sums_cols(dy, xhat, gb, save, dgb, db, c0, c1):
     B = dy.shape[0]
     dt = dy.dtype.type
     for j in range(c0, c1):
-        save[C.BN_SAVE_C1, j] = 0.0
-        save[C.BN_SAVE_C2, j] = 0.0
+        save[contract.BN_SAVE_C1, j] = 0.0
+        save[contract.BN_SAVE_C2, j] = 0.0
     for i in range(B):
         for j in range(c0, c1):
             d = np.float64(dy[i, j])
-            save[C.BN_SAVE_C1, j] += d
-            save[C.BN_SAVE_C2, j] += d * np.float64(xhat[i, j])
+            save[contract.BN_SAVE_C1, j] += d
+            save[contract.BN_SAVE_C2, j] += d * np.float64(xhat[i, j])
     for j in range(c0, c1):
-        s1 = save[C.BN_SAVE_C1, j]
-        s2 = save[C.BN_SAVE_C2, j]
-        dgb[C.BN_GAMMA, j] = s2
-        dgb[C.BN_BETA, j] = s1
-        save[C.BN_SAVE_C1, j] = np.float64(dt(np.float64(gb[C.BN_GAMMA, j])
-                                              * save[C.BN_SAVE_INVSTD, j]))
-        save[C.BN_SAVE_C2, j] = np.float64(dt(s1 / B))
-        save[C.BN_SAVE_C3, j] = np.float64(dt(s2 / B))
+        s1 = save[contract.BN_SAVE_C1, j]
+        s2 = save[contract.BN_SAVE_C2, j]
+        dgb[contract.BN_GAMMA, j] = s2
+        dgb[contract.BN_BETA, j] = s1
+        save[contract.BN_SAVE_C1, j] = np.float64(dt(np.float64(gb[contract.BN_GAMMA, j])
+                                                     * save[contract.BN_SAVE_INVSTD, j]))
+        save[contract.BN_SAVE_C2, j] = np.float64(dt(s1 / B))
+        save[contract.BN_SAVE_C3, j] = np.float64(dt(s2 / B))
         if db.shape[0] > 0:
             db[j] = 0
 
@@ -156,8 +157,8 @@ def _bn_dz_rows(grad, xhat, save, r0, r1):
         g = grad[i]
         xr = xhat[i]
         for j in range(O):
-            g[j] = dt(save[C.BN_SAVE_C1, j]) * ((g[j] - dt(save[C.BN_SAVE_C2, j]))
-                                                 - xr[j] * dt(save[C.BN_SAVE_C3, j]))
+            g[j] = dt(save[contract.BN_SAVE_C1, j]) * ((g[j] - dt(save[contract.BN_SAVE_C2, j]))
+                                                       - xr[j] * dt(save[contract.BN_SAVE_C3, j]))
 
 
 @kernel_parallel
@@ -199,10 +200,10 @@ def _bn_running_update(stats, save, momentum):
     """stats = momentum * stats + (1 - momentum) * (batch mean, biased batch variance)."""
     rest = 1.0 - momentum
     for j in range(stats.shape[1]):
-        stats[C.BN_MEAN, j] = (momentum * np.float64(stats[C.BN_MEAN, j])
-                               + rest * save[C.BN_SAVE_MEAN, j])
-        stats[C.BN_VAR, j] = (momentum * np.float64(stats[C.BN_VAR, j])
-                              + rest * save[C.BN_SAVE_VAR, j])
+        stats[contract.BN_MEAN, j] = (momentum * np.float64(stats[contract.BN_MEAN, j])
+                                      + rest * save[contract.BN_SAVE_MEAN, j])
+        stats[contract.BN_VAR, j] = (momentum * np.float64(stats[contract.BN_VAR, j])
+                                     + rest * save[contract.BN_SAVE_VAR, j])
 
 
 @kernel

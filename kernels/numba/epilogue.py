@@ -21,7 +21,7 @@ import math
 import numpy as np
 from numba import prange
 
-from .. import contract as C
+from .. import contract
 from ..contract import PARALLEL_MIN_ELEMENTS
 from .jit import by_code, kernel, kernel_inline, kernel_parallel, specialized
 from .philox import normal, normal_pair, philox_fill
@@ -31,11 +31,11 @@ COL_CHUNK = 64       # columns per task in the bias gradient (each bias sum on o
 ELEM_CHUNK = 4 * 4096   # elements per task in the mask and dz passes
 
 # per activation code, from the contract's table
-UNSCALE = tuple(bool(C.ACTIVATION_BY_CODE.get(c) and C.ACTIVATION_BY_CODE[c].unscale)
-                for c in range(C.N_ACTIVATIONS))
-FROM_INPUT = tuple(bool(C.ACTIVATION_BY_CODE.get(c)
-                        and C.ACTIVATION_BY_CODE[c].grad_from == "input")
-                   for c in range(C.N_ACTIVATIONS))
+UNSCALE = tuple(bool(contract.ACTIVATION_BY_CODE.get(c) and contract.ACTIVATION_BY_CODE[c].unscale)
+                for c in range(contract.N_ACTIVATIONS))
+FROM_INPUT = tuple(bool(contract.ACTIVATION_BY_CODE.get(c)
+                        and contract.ACTIVATION_BY_CODE[c].grad_from == "input")
+                   for c in range(contract.N_ACTIVATIONS))
 
 
 # ---------------------------------------------------------------- activations
@@ -63,13 +63,13 @@ def softplus(z):
 def gelu_cdf(z):
     """Phi(z) = 0.5 * erfc(-z / sqrt(2)), in z's type."""
     T = type(z)
-    return T(0.5) * T(math.erfc(-z * T(C.SQRT_HALF)))
+    return T(0.5) * T(math.erfc(-z * T(contract.SQRT_HALF)))
 
 
 @kernel_inline
 def gelu_tanh_inner(z):
     T = type(z)
-    return T(C.GELU_K) * (z + T(C.GELU_C) * (z * z * z))
+    return T(contract.GELU_K) * (z + T(contract.GELU_C) * (z * z * z))
 
 
 def _f_linear(z, act, slope):
@@ -118,7 +118,7 @@ def _f_gelu(z, act, slope):
 
 def _df_gelu(v, act, slope):
     T = type(v)
-    return gelu_cdf(v) + v * (np.exp(T(-0.5) * (v * v)) * T(C.INV_SQRT_2PI))
+    return gelu_cdf(v) + v * (np.exp(T(-0.5) * (v * v)) * T(contract.INV_SQRT_2PI))
 
 
 def _f_gelu_tanh(z, act, slope):
@@ -133,7 +133,8 @@ def _df_gelu_tanh(v, act, slope):
     dtanh = one - t * t
     right = T(0)
     if dtanh != 0:      # saturated: 0, also where v^2 overflows (0 * inf)
-        right = ((T(0.5) * v) * dtanh) * (T(C.GELU_K) * (one + T(3 * C.GELU_C) * (v * v)))
+        right = ((T(0.5) * v) * dtanh) * (T(contract.GELU_K)
+                                          * (one + T(3 * contract.GELU_C) * (v * v)))
     return T(0.5) * (one + t) + right
 
 
@@ -147,12 +148,12 @@ def _df_elu(v, act, slope):
 
 def _f_selu(z, act, slope):
     T = type(z)
-    return z * T(C.SELU_LAMBDA) if z > 0 else np.expm1(z) * T(C.SELU_NEG)
+    return z * T(contract.SELU_LAMBDA) if z > 0 else np.expm1(z) * T(contract.SELU_NEG)
 
 
 def _df_selu(v, act, slope):
     T = type(v)
-    return T(C.SELU_LAMBDA) if v > 0 else v + T(C.SELU_NEG)
+    return T(contract.SELU_LAMBDA) if v > 0 else v + T(contract.SELU_NEG)
 
 
 def _f_silu(z, act, slope):
@@ -205,13 +206,13 @@ def activation_grad(v, act, slope):
     raise NotImplementedError("activation_grad runs in compiled code only")
 
 
-by_code(activate, {a.code: globals()[f"_f_{a.name}"] for a in C.ACTIVATION_TABLE})
-by_code(activation_grad, {a.code: globals()[f"_df_{a.name}"] for a in C.ACTIVATION_TABLE})
+by_code(activate, {a.code: globals()[f"_f_{a.name}"] for a in contract.ACTIVATION_TABLE})
+by_code(activation_grad, {a.code: globals()[f"_df_{a.name}"] for a in contract.ACTIVATION_TABLE})
 
 
 def activations_used(li):
     """The activation codes of a plan's layers (for jit.uses_of)."""
-    return {int(a) for a in li[:, C.LI_ACT]}
+    return {int(a) for a in li[:, contract.LI_ACT]}
 
 
 # ---------------------------------------------------------------- forward: bias + activation
@@ -265,7 +266,7 @@ def mask_range(flat, words, thr, scale, e_lo, e_hi):
 @kernel_inline
 def noisy(v, noise, std, nrm):
     """NOISE_ADD: v + std * n; NOISE_MUL: v * (1 + std * n) (n already in v's dtype)."""
-    if noise == C.NOISE_ADD:
+    if noise == contract.NOISE_ADD:
         return v + std * nrm
     return v * (type(v)(1) + std * nrm)
 
@@ -308,7 +309,7 @@ def alpha_range(flat, pf, keep_f, words, thr, scale, shift, e_lo, e_hi):
     """AlphaDropout (contract NOISE_ALPHA) on the elements [e_lo, e_hi): flat[e] <-
     scale * (flat[e] if kept else ALPHA_DROPPED) + shift (pf[e] <- flat[e] first when
     keep_f); words: the dropout words, indexed by absolute group."""
-    dropped = flat.dtype.type(C.ALPHA_DROPPED)
+    dropped = flat.dtype.type(contract.ALPHA_DROPPED)
     t = np.uint32(thr)
     for e in range(e_lo, e_hi):
         v = flat[e]
@@ -327,10 +328,10 @@ def output_range(flat, pf, keep_f, nwords, noise, nstd, words, thr, scale, lo, h
     A network with noise or AlphaDropout has noise words (nwords), else none of this is
     compiled."""
     if nwords is not None:
-        if noise == C.NOISE_ALPHA:
+        if noise == contract.NOISE_ALPHA:
             alpha_range(flat, pf, keep_f, words, thr, scale, nstd, lo, hi)
             return
-        if noise != C.NOISE_NONE:
+        if noise != contract.NOISE_NONE:
             noise_range(flat, pf, keep_f, nwords, noise, nstd, words, thr, scale, lo, hi)
             return
     if thr > 0:
@@ -343,10 +344,10 @@ def fill_output_words(par, words, nwords, n, k0, k1, step, layer, thr, noise, ba
     with Gaussian noise; backward: with GaussianDropout only, additive noise leaves no trace
     in the gradient) of a layer."""
     if thr > 0:
-        philox_fill(par, words, n, k0, k1, step, layer, C.STREAM_DROPOUT)
+        philox_fill(par, words, n, k0, k1, step, layer, contract.STREAM_DROPOUT)
     if nwords is not None:      # the kinds that draw normals (AlphaDropout draws none)
-        if noise == C.NOISE_MUL or (noise == C.NOISE_ADD and not backward):
-            philox_fill(par, nwords, n, k0, k1, step, layer, C.STREAM_NOISE)
+        if noise == contract.NOISE_MUL or (noise == contract.NOISE_ADD and not backward):
+            philox_fill(par, nwords, n, k0, k1, step, layer, contract.STREAM_NOISE)
 
 
 @kernel
@@ -365,7 +366,7 @@ def _forward_epilogue_parallel(uses, out, b, act, slope, thr, scale, words, nois
     n_chunks = (B + ROW_CHUNK - 1) // ROW_CHUNK
     for c in prange(n_chunks):
         bias_act(uses, act, out, b, pre, slope, c * ROW_CHUNK, min(B, (c + 1) * ROW_CHUNK))
-    if noise != C.NOISE_NONE or thr > 0:
+    if noise != contract.NOISE_NONE or thr > 0:
         pf = pre.reshape(pre.size)
         keep_f = keeps_f(pre, act)
         n_chunks = (n + ELEM_CHUNK - 1) // ELEM_CHUNK
@@ -407,7 +408,7 @@ def _dz_loop(gf, of, pf, words, thr, scale, slope, e_lo, e_hi, act):
     a from the stored output of[e] (divided back by the scale when the table says f' needs
     the value), or z from pf for an input-derivable f."""
     if thr == 0:
-        if act != C.ACT_LINEAR:
+        if act != contract.ACT_LINEAR:
             for e in range(e_lo, e_hi):
                 a = pf[e] if FROM_INPUT[act] else of[e]
                 gf[e] = gf[e] * activation_grad(a, act, slope)
@@ -433,9 +434,9 @@ def _dz_noise_one(gf, pf, e, nrm, noise, std, words, t, thr, scale, act, slope, 
     d = gf[e]
     if thr > 0:
         d = d * scale
-    if noise == C.NOISE_MUL:
+    if noise == contract.NOISE_MUL:
         d = d * (one + std * gf.dtype.type(nrm))
-    if act != C.ACT_LINEAR:
+    if act != contract.ACT_LINEAR:
         d = d * activation_grad(pf[e], act, slope)
     if thr > 0 and words[e & 3, e >> 2] < t:
         d = zero
@@ -449,7 +450,7 @@ def _dz_noise_loop(gf, pf, nwords, noise, std, words, thr, scale, slope, lo, hi,
     zero = gf.dtype.type(0)
     one = gf.dtype.type(1)
     t = np.uint32(thr)
-    mul = noise == C.NOISE_MUL
+    mul = noise == contract.NOISE_MUL
     e = lo
     if e & 1 and e < hi:
         nrm = normal(nwords, e) if mul else 0.0
@@ -475,7 +476,7 @@ def output_grad_range(uses, gf, of, pf, nwords, noise, nstd, words, thr, scale, 
     factor regenerated, f' from the output of, or from pf (with noise, or an input-derivable
     f). The part of the backward epilogue shared by the plain and the BatchNorm layers."""
     if nwords is not None:
-        if noise != C.NOISE_NONE:
+        if noise != contract.NOISE_NONE:
             dz_noise_range(uses, act, gf, pf, nwords, noise, nstd, words, thr, scale, slope,
                            lo, hi)
             return
@@ -565,19 +566,19 @@ def input_dropout(par, x, out, thr, scale, k0, k1, step, layer, words, noise, ns
     through the transform: GaussianDropout's factor and the mask)."""
     n = x.size
     if thr > 0:
-        philox_fill(par, words, n, k0, k1, step, layer, C.STREAM_INPUT_DROPOUT)
+        philox_fill(par, words, n, k0, k1, step, layer, contract.STREAM_INPUT_DROPOUT)
     flat = out.reshape(n)
     flat[:] = x.reshape(n)
     if nwords is not None:
-        if noise == C.NOISE_ALPHA:
+        if noise == contract.NOISE_ALPHA:
             if par is not None:
                 if n >= PARALLEL_MIN_ELEMENTS:
                     _alpha_parallel(flat, words, thr, scale, nstd)
                     return
             alpha_range(flat, flat[:0], False, words, thr, scale, nstd, 0, n)
             return
-        if noise != C.NOISE_NONE:
-            philox_fill(par, nwords, n, k0, k1, step, layer, C.STREAM_INPUT_NOISE)
+        if noise != contract.NOISE_NONE:
+            philox_fill(par, nwords, n, k0, k1, step, layer, contract.STREAM_INPUT_NOISE)
             if par is not None:
                 if n >= PARALLEL_MIN_ELEMENTS:
                     _noise_parallel(flat, nwords, noise, nstd, words, thr, scale)

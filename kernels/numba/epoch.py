@@ -14,7 +14,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from .batchnorm import bn_dense_backward, bn_dense_forward
 from .dense import dense_backward, dense_forward
 from .epilogue import input_dropout
@@ -36,36 +36,37 @@ Spec = namedtuple("Spec", "acts updates")
 def _layer_forward(spec, par, T, ws, bn, nwords, li, lf, l, x, n, k0, k1, step):
     """Dense layer l's training forward over the first n rows (reference layer_forward)."""
     if bn is not None:
-        if li[l, C.LI_BN] != 0:
+        if li[l, contract.LI_BN] != 0:
             bn_dense_forward(spec.acts, par, x, T.W[l], T.b[l], ws.acts[l][:n], bn.xhat[l][:n],
-                             bn.gb[l], bn.save[l], li[l, C.LI_ACT], lf[l, C.LF_SLOPE],
-                             li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE],
-                             np.float64(lf[l, C.LF_BN_EPS]), k0, k1, step, l, ws.words,
-                             li[l, C.LI_NOISE], lf[l, C.LF_NOISE_STD], ws.pres[l][:n], nwords)
+                             bn.gb[l], bn.save[l], li[l, contract.LI_ACT], lf[l, contract.LF_SLOPE],
+                             li[l, contract.LI_DROP_THR], lf[l, contract.LF_DROP_SCALE],
+                             np.float64(lf[l, contract.LF_BN_EPS]), k0, k1, step, l, ws.words,
+                             li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD], ws.pres[l][:n],
+                             nwords)
             return
-    dense_forward(spec.acts, par, x, T.W[l], T.b[l], ws.acts[l][:n], li[l, C.LI_ACT],
-                  lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE], k0, k1,
-                  step, l, ws.words, li[l, C.LI_NOISE], lf[l, C.LF_NOISE_STD],
-                  ws.pres[l][:n], nwords)
+    dense_forward(spec.acts, par, x, T.W[l], T.b[l], ws.acts[l][:n], li[l, contract.LI_ACT],
+                  lf[l, contract.LF_SLOPE], li[l, contract.LI_DROP_THR],
+                  lf[l, contract.LF_DROP_SCALE], k0, k1, step, l, ws.words,
+                  li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD], ws.pres[l][:n], nwords)
 
 
 @kernel
 def _layer_backward(spec, par, T, ws, bn, nwords, li, lf, l, x, dx, n, k0, k1, step):
     """Dense layer l's backward (reference layer_backward)."""
     if bn is not None:
-        if li[l, C.LI_BN] != 0:
+        if li[l, contract.LI_BN] != 0:
             bn_dense_backward(spec.acts, par, ws.grads[l][:n], ws.acts[l][:n], bn.xhat[l][:n], x,
                               T.W[l], bn.gb[l], bn.stats[l], bn.save[l], T.dW[l], T.db[l],
-                              bn.dgb[l], dx, li[l, C.LI_ACT], lf[l, C.LF_SLOPE],
-                              li[l, C.LI_DROP_THR], lf[l, C.LF_DROP_SCALE],
-                              np.float64(lf[l, C.LF_BN_MOMENTUM]), k0, k1, step, l, ws.words,
-                              li[l, C.LI_NOISE], lf[l, C.LF_NOISE_STD], ws.pres[l][:n],
-                              nwords)
+                              bn.dgb[l], dx, li[l, contract.LI_ACT], lf[l, contract.LF_SLOPE],
+                              li[l, contract.LI_DROP_THR], lf[l, contract.LF_DROP_SCALE],
+                              np.float64(lf[l, contract.LF_BN_MOMENTUM]), k0, k1, step, l, ws.words,
+                              li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD],
+                              ws.pres[l][:n], nwords)
             return
     dense_backward(spec.acts, par, ws.grads[l][:n], ws.acts[l][:n], x, T.W[l], T.dW[l], T.db[l], dx,
-                   li[l, C.LI_ACT], lf[l, C.LF_SLOPE], li[l, C.LI_DROP_THR],
-                   lf[l, C.LF_DROP_SCALE], k0, k1, step, l, ws.words, li[l, C.LI_NOISE],
-                   lf[l, C.LF_NOISE_STD], ws.pres[l][:n], nwords)
+                   li[l, contract.LI_ACT], lf[l, contract.LF_SLOPE], li[l, contract.LI_DROP_THR],
+                   lf[l, contract.LF_DROP_SCALE], k0, k1, step, l, ws.words,
+                   li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD], ws.pres[l][:n], nwords)
 
 
 @kernel
@@ -74,10 +75,10 @@ def _layer_update(spec, par, T, ws, bn, columns, hpW, hpb, hpgb, li, opt, l, t):
     pen = penalized_update_2d(spec.updates, par, T.W[l], T.dW[l], T.mW[l], T.vW[l], hpW[l], opt, t,
                               ws.coef, ws.scratch, columns)
     if T.b[l].shape[0] > 0:
-        pen += penalized_update_1d(spec.updates, par, T.b[l], T.db[l], T.mb[l], T.vb[l], hpb[l], opt,
-                                   t, ws.coef, ws.scratch)
+        pen += penalized_update_1d(spec.updates, par, T.b[l], T.db[l], T.mb[l], T.vb[l], hpb[l],
+                                   opt, t, ws.coef, ws.scratch)
     if bn is not None:
-        if li[l, C.LI_BN] != 0:     # gamma/beta, flattened: never penalized
+        if li[l, contract.LI_BN] != 0:     # gamma/beta, flattened: never penalized
             g2 = bn.gb[l].size
             pen += penalized_update_1d(spec.updates, par, bn.gb[l].reshape(g2),
                                        bn.dgb[l].reshape(g2), bn.mgb[l].reshape(bn.mgb[l].size),
@@ -90,14 +91,15 @@ def _layer_update(spec, par, T, ws, bn, columns, hpW, hpb, hpgb, li, opt, l, t):
 def _part_input(ws, xdrops, parts, li, p, n):
     """The input part p's first layer reads: the gathered batch, the trunk's output, or its
     input transform's output."""
-    first = parts[p, C.PT_FIRST]
+    first = parts[p, contract.PT_FIRST]
     if xdrops is not None:
-        if li[first, C.LI_IN_DROP_THR] > 0 or li[first, C.LI_IN_NOISE] != C.NOISE_NONE:
+        if (li[first, contract.LI_IN_DROP_THR] > 0
+                or li[first, contract.LI_IN_NOISE] != contract.NOISE_NONE):
             return xdrops[p][:n]
-    src = parts[p, C.PT_INPUT]
+    src = parts[p, contract.PT_INPUT]
     if src < 0:
         return ws.xbuf[:n]
-    return ws.acts[parts[src, C.PT_END] - 1][:n]
+    return ws.acts[parts[src, contract.PT_END] - 1][:n]
 
 
 @kernel
@@ -107,23 +109,23 @@ def _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step,
     input_transform / input_transform_backward)."""
     if xdrops is None:
         return
-    first = parts[p, C.PT_FIRST]
-    thr = li[first, C.LI_IN_DROP_THR]
-    noise = li[first, C.LI_IN_NOISE]
-    if thr == 0 and noise == C.NOISE_NONE:
+    first = parts[p, contract.PT_FIRST]
+    thr = li[first, contract.LI_IN_DROP_THR]
+    noise = li[first, contract.LI_IN_NOISE]
+    if thr == 0 and noise == contract.NOISE_NONE:
         return
-    scale = lf[first, C.LF_IN_DROP_SCALE]
-    std = lf[first, C.LF_IN_NOISE_STD]
+    scale = lf[first, contract.LF_IN_DROP_SCALE]
+    std = lf[first, contract.LF_IN_NOISE_STD]
     if backward:
-        if noise != C.NOISE_MUL:
-            noise = C.NOISE_NONE
+        if noise != contract.NOISE_MUL:
+            noise = contract.NOISE_NONE
             std = lf.dtype.type(0)
-        if thr > 0 or noise != C.NOISE_NONE:
+        if thr > 0 or noise != contract.NOISE_NONE:
             input_dropout(par, dh, dh, thr, scale, k0, k1, step, first, ws.words, noise, std,
                           nwords)
         return
-    src = parts[p, C.PT_INPUT]
-    x = ws.xbuf[:n] if src < 0 else ws.acts[parts[src, C.PT_END] - 1][:n]
+    src = parts[p, contract.PT_INPUT]
+    x = ws.xbuf[:n] if src < 0 else ws.acts[parts[src, contract.PT_END] - 1][:n]
     input_dropout(par, x, xdrops[p][:n], thr, scale, k0, k1, step, first, ws.words, noise, std,
                   nwords)
 
@@ -145,7 +147,7 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
     losses = np.zeros(P)
     for p in range(P):
         loss_sums[p] = 0.0
-    trunk_end = parts[0, C.PT_END]
+    trunk_end = parts[0, contract.PT_END]
     for start in range(0, n_total, batch_size):
         n = min(batch_size, n_total - start)
         step = step0 + steps
@@ -160,34 +162,34 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
             _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, False,
                              xb)
             x = _part_input(ws, xdrops, parts, li, p, n)
-            for l in range(parts[p, C.PT_FIRST], parts[p, C.PT_END]):
+            for l in range(parts[p, contract.PT_FIRST], parts[p, contract.PT_END]):
                 _layer_forward(spec, par, T, ws, bn, nwords, li, lf, l, x, n, k0, k1, step)
                 x = ws.acts[l][:n]
             losses[p] = 0.0
-            loss = parts[p, C.PT_LOSS]
+            loss = parts[p, contract.PT_LOSS]
             if loss >= 0:
-                y0 = parts[p, C.PT_Y0]
+                y0 = parts[p, contract.PT_Y0]
                 yb = ws.ybufs[p][:n]
                 for r in range(n):
                     src = perm[start + r]
                     for j in range(yb.shape[1]):
                         yb[r, j] = Y[src, y0 + j]
-                end = parts[p, C.PT_END]
-                z0 = parts[p, C.PT_Z0]
+                end = parts[p, contract.PT_END]
+                z0 = parts[p, contract.PT_Z0]
                 if zout.shape[0] > 0 and z0 >= 0:       # the running metrics' logits
                     z = ws.acts[end - 1]
                     for r in range(n):
                         for k in range(z.shape[1]):
                             zout[start + r, z0 + k] = z[r, k]
-                wcol = parts[p, C.PT_W]
+                wcol = parts[p, contract.PT_W]
                 if wcol < 0:
                     losses[p] = loss_forward_backward(ws.acts[end - 1][:n], yb,
                                                       ws.grads[end - 1][:n], loss,
-                                                      partf[p, C.PF_LOSS_PARAM], True)
+                                                      partf[p, contract.PF_LOSS_PARAM], True)
                 else:
                     losses[p] = weighted_loss_forward_backward(
                         ws.acts[end - 1][:n], yb, ws.grads[end - 1][:n], loss,
-                        partf[p, C.PF_LOSS_PARAM], Y, perm, start, wcol)
+                        partf[p, contract.PF_LOSS_PARAM], Y, perm, start, wcol)
                 if not np.isfinite(losses[p]):
                     finite = False
         if not finite:
@@ -196,9 +198,9 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
             loss_sums[p] += losses[p] * n
         for k in range(P):               # the heads in order, then the trunk
             p = k + 1 if k + 1 < P else 0
-            first = parts[p, C.PT_FIRST]
-            end = parts[p, C.PT_END]
-            w = partf[p, C.PF_WEIGHT]
+            first = parts[p, contract.PT_FIRST]
+            end = parts[p, contract.PT_END]
+            w = partf[p, contract.PF_WEIGHT]
             if w != 1.0:
                 g = ws.grads[end - 1][:n]
                 g *= g.dtype.type(w)
@@ -210,7 +212,7 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
                 into = ws.head_grad[:n]
             for l in range(end - 1, first - 1, -1):
                 x = ws.acts[l - 1][:n] if l > first else _part_input(ws, xdrops, parts, li, p,
-                                                                      n)
+                                                                     n)
                 dx = ws.grads[l - 1][:n] if l > first else into
                 _layer_backward(spec, par, T, ws, bn, nwords, li, lf, l, x, dx, n, k0, k1, step)
             if p > 0:
@@ -218,13 +220,13 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
                                  into)
                 if p > 1:
                     trunk_out += into
-        if clip_mode != C.CLIP_NONE:     # on the data gradient, before the penalties
+        if clip_mode != contract.CLIP_NONE:     # on the data gradient, before the penalties
             clip_gradients(grad, segments, clip_mode, clip_value)
         pen = 0.0
         for l in range(L):
-            hpW[l, C.HP_LR] = lrs[steps]
-            hpb[l, C.HP_LR] = lrs[steps]
-            hpgb[l, C.HP_LR] = lrs[steps]
+            hpW[l, contract.HP_LR] = lrs[steps]
+            hpb[l, contract.HP_LR] = lrs[steps]
+            hpgb[l, contract.HP_LR] = lrs[steps]
         for l in range(L - 1, -1, -1):
             pen += _layer_update(spec, par, T, ws, bn, columns, hpW, hpb, hpgb, li, opt, l, t)
         pen_sum += pen * n
@@ -244,8 +246,9 @@ def forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first
         x = X[start:start + n]
         for k in range(L):
             l = first + k
-            dense_forward(uses, par, x, Ws[k], bs[k], bufs[k][:n], li[l, C.LI_ACT],
-                          lf[l, C.LF_SLOPE], 0, lf[l, C.LF_DROP_SCALE], 0, 0, 0, l, words,
-                          C.NOISE_NONE, lf[l, C.LF_NOISE_STD], bufs[k][:0], None)
+            dense_forward(uses, par, x, Ws[k], bs[k], bufs[k][:n], li[l, contract.LI_ACT],
+                          lf[l, contract.LF_SLOPE], 0, lf[l, contract.LF_DROP_SCALE], 0, 0, 0, l,
+                          words, contract.NOISE_NONE, lf[l, contract.LF_NOISE_STD], bufs[k][:0],
+                          None)
             x = bufs[k][:n]
         out[start:start + n] = x

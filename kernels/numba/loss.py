@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from .epilogue import sigmoid
 from .jit import kernel, kernel_inline
 
@@ -33,7 +33,7 @@ def _elementwise(z, y, grad, loss, param, want_grad):
     total = 0.0
     for i in range(B):
         for k in range(K):
-            if loss == C.LOSS_POISSON:      # z the log-rate: exp(z) - y z
+            if loss == contract.LOSS_POISSON:      # z the log-rate: exp(z) - y z
                 zz = np.float64(z[i, k])
                 total += math.exp(zz) - np.float64(y[i, k]) * zz
                 if want_grad:
@@ -41,11 +41,11 @@ def _elementwise(z, y, grad, loss, param, want_grad):
                 continue
             d = z[i, k] - y[i, k]
             a64 = abs(np.float64(d))
-            if loss == C.LOSS_MAE:
+            if loss == contract.LOSS_MAE:
                 total += a64
                 if want_grad:
                     grad[i, k] = _sign(d) * c
-            elif loss == C.LOSS_HUBER:
+            elif loss == contract.LOSS_HUBER:
                 if abs(d) > delta:          # NaN is not: its gradient stays NaN
                     total += delta64 * (a64 - 0.5 * delta64)
                     if want_grad:
@@ -110,15 +110,15 @@ def _sparse_smoothed(z, y, grad, ls, want_grad):
     off64 = ls / K
     on = dt(on64)
     off = dt(off64)
-    mixed = y.shape[1] == C.SCE_MIXED_WIDTH
+    mixed = y.shape[1] == contract.SCE_MIXED_WIDTH
     total = 0.0
     for i in range(B):
-        label = int(y[i, C.SCE_LABEL])
+        label = int(y[i, contract.SCE_LABEL])
         label_b = label
         lam = dt(1)
         if mixed:
-            label_b = int(y[i, C.SCE_LABEL_B])
-            lam = y[i, C.SCE_LAM]
+            label_b = int(y[i, contract.SCE_LABEL_B])
+            lam = y[i, contract.SCE_LAM]
         zmax = z[i, 0]
         for k in range(1, K):
             if z[i, k] > zmax:
@@ -156,7 +156,7 @@ def loss_forward_backward(z, y, grad, loss, param, want_grad):
     """Mean batch loss (float64); grad = d(mean)/dz written when want_grad."""
     B, K = z.shape
     total = 0.0
-    if loss == C.LOSS_MSE:
+    if loss == contract.LOSS_MSE:
         c = z.dtype.type(2.0 / (B * K))
         for i in range(B):
             for k in range(K):
@@ -165,7 +165,7 @@ def loss_forward_backward(z, y, grad, loss, param, want_grad):
                 if want_grad:
                     grad[i, k] = d * c
         return total / (B * K)
-    if loss == C.LOSS_BCE:
+    if loss == contract.LOSS_BCE:
         c = z.dtype.type(1.0 / (B * K))
         for i in range(B):
             for k in range(K):
@@ -174,16 +174,16 @@ def loss_forward_backward(z, y, grad, loss, param, want_grad):
                 if want_grad:
                     grad[i, k] = (sigmoid(z[i, k]) - y[i, k]) * c
         return total / (B * K)
-    if loss == C.LOSS_CCE:
+    if loss == contract.LOSS_CCE:
         return _categorical(z, y, grad, param, want_grad)
-    if loss != C.LOSS_SCE:
+    if loss != contract.LOSS_SCE:
         return _elementwise(z, y, grad, loss, param, want_grad)
     if param != 0:
         return _sparse_smoothed(z, y, grad, param, want_grad)
     c = z.dtype.type(1.0 / B)
-    mixed = y.shape[1] == C.SCE_MIXED_WIDTH    # Mixup: lam * CE(a) + (1 - lam) * CE(b)
+    mixed = y.shape[1] == contract.SCE_MIXED_WIDTH    # Mixup: lam * CE(a) + (1 - lam) * CE(b)
     for i in range(B):
-        label = int(y[i, C.SCE_LABEL])
+        label = int(y[i, contract.SCE_LABEL])
         zmax = z[i, 0]
         for k in range(1, K):
             if z[i, k] > zmax:
@@ -195,8 +195,8 @@ def loss_forward_backward(z, y, grad, loss, param, want_grad):
             s64 += math.exp(np.float64(z[i, k]) - np.float64(zmax))
         lse = math.log(s64) + np.float64(zmax)
         if mixed:
-            label_b = int(y[i, C.SCE_LABEL_B])
-            lam64 = np.float64(y[i, C.SCE_LAM])
+            label_b = int(y[i, contract.SCE_LABEL_B])
+            lam64 = np.float64(y[i, contract.SCE_LAM])
             total += (lam64 * (lse - np.float64(z[i, label]))
                       + (1.0 - lam64) * (lse - np.float64(z[i, label_b])))
             if want_grad:

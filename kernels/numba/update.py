@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .. import contract as C
+from .. import contract
 from ..contract import PARALLEL_MIN_ELEMENTS
 from .jit import kernel, kernel_inline, kernel_parallel, specialized
 
@@ -27,28 +27,28 @@ def _coefficients(hp, opt, t, coef):
     Order: lr, b1, 1-b1, b2, 1-b2, eps, l1, l2, decay, step_size, sqrt(bc2), lr*l1.
     Mirrors reference.update_coefficients.
     """
-    lr = hp[C.HP_LR]
-    b1 = hp[C.HP_BETA1]
-    b2 = hp[C.HP_BETA2]
-    if opt == C.OPT_SGD:
+    lr = hp[contract.HP_LR]
+    b1 = hp[contract.HP_BETA1]
+    b2 = hp[contract.HP_BETA2]
+    if opt == contract.OPT_SGD:
         step_size = lr
         bc2_sqrt = 1.0
     else:
         step_size = lr / (1.0 - b1 ** np.float64(t))
         bc2_sqrt = math.sqrt(1.0 - b2 ** np.float64(t))
-    decay = 1.0 - lr * hp[C.HP_DECOUPLED] if opt == C.OPT_ADAMW else 1.0
+    decay = 1.0 - lr * hp[contract.HP_DECOUPLED] if opt == contract.OPT_ADAMW else 1.0
     coef[0] = lr
     coef[1] = b1
     coef[2] = 1.0 - b1
     coef[3] = b2
     coef[4] = 1.0 - b2
-    coef[5] = hp[C.HP_EPS]
-    coef[6] = hp[C.HP_L1]
-    coef[7] = hp[C.HP_L2]
+    coef[5] = hp[contract.HP_EPS]
+    coef[6] = hp[contract.HP_L1]
+    coef[7] = hp[contract.HP_L2]
     coef[8] = decay
     coef[9] = step_size
     coef[10] = bc2_sqrt
-    coef[11] = lr * hp[C.HP_L1]
+    coef[11] = lr * hp[contract.HP_L1]
 
 
 # The gradient of the smooth part: g + l2*w (+ l1*sign(w) for the subgradient). Adding a zero
@@ -107,7 +107,7 @@ N_UPDATE_VARIANTS = 12
 
 def update_variant(opt, has_m, nesterov, l1, proximal):
     """The update variant of a tensor (the same rule as the compiled code's)."""
-    kind = 3 if opt != C.OPT_SGD else (0 if not has_m else (2 if nesterov else 1))
+    kind = 3 if opt != contract.OPT_SGD else (0 if not has_m else (2 if nesterov else 1))
     l1_mode = 0 if l1 == 0 else (1 if proximal else 2)
     return 3 * kind + l1_mode
 
@@ -178,7 +178,7 @@ def _group_prox_cols(w, v, opt, group, lr, coef, colnorm, coltau):
     of reference.group_thresholds; coltau and colnorm are float64 scratch of >= O values,
     coef holds COEF_SIZE scalars then >= O values of the param dtype."""
     R, O = w.shape
-    if opt == C.OPT_SGD:
+    if opt == contract.OPT_SGD:
         for j in range(O):
             coltau[j] = lr * group
     else:
@@ -220,9 +220,9 @@ def _penalized_update_flat(uses, par, wf, gf, mf, vf, hp, opt, t, coef, scratch)
     """Fused step of a flattened tensor; scratch (float64) holds >= 2*ceil(n/chunk) values."""
     _coefficients(hp, opt, t, coef)
     n = wf.shape[0]
-    variant = variant_of(opt, mf.shape[0] > 0, hp[C.HP_NESTEROV] != 0, hp[C.HP_L1],
-                         hp[C.HP_PROXIMAL] != 0)
-    want_penalty = hp[C.HP_L1] != 0 or hp[C.HP_L2] != 0
+    variant = variant_of(opt, mf.shape[0] > 0, hp[contract.HP_NESTEROV] != 0, hp[contract.HP_L1],
+                         hp[contract.HP_PROXIMAL] != 0)
+    want_penalty = hp[contract.HP_L1] != 0 or hp[contract.HP_L2] != 0
     n_chunks = (n + UPDATE_CHUNK - 1) // UPDATE_CHUNK
     serial = True
     if par is not None:
@@ -239,7 +239,7 @@ def _penalized_update_flat(uses, par, wf, gf, mf, vf, hp, opt, t, coef, scratch)
     for c in range(n_chunks):
         p1 += scratch[2 * c]
         p2 += scratch[2 * c + 1]
-    return hp[C.HP_L1] * p1 + 0.5 * hp[C.HP_L2] * p2
+    return hp[contract.HP_L1] * p1 + 0.5 * hp[contract.HP_L2] * p2
 
 
 @kernel
@@ -253,7 +253,7 @@ def penalized_update_2d(uses, par, w, g, m, v, hp, opt, t, coef, scratch, column
     if columns is None:
         return _penalized_update_flat(uses, par, w.reshape(n), g.reshape(n), mf, vf, hp, opt,
                                       t, coef, scratch)
-    group = hp[C.HP_GROUP]
+    group = hp[contract.HP_GROUP]
     group_pen = 0.0
     if group > 0:           # the penalty of w before the step, like the other terms
         _column_norms(w, scratch)
@@ -265,8 +265,8 @@ def penalized_update_2d(uses, par, w, g, m, v, hp, opt, t, coef, scratch, column
     pen += group_pen
     if group > 0:
         O = w.shape[1]
-        _group_prox_cols(w, v, opt, group, hp[C.HP_LR], coef, scratch[:O], scratch[O:2 * O])
-    c = hp[C.HP_MAXNORM]
+        _group_prox_cols(w, v, opt, group, hp[contract.HP_LR], coef, scratch[:O], scratch[O:2 * O])
+    c = hp[contract.HP_MAXNORM]
     if c > 0:
         _maxnorm_cols(w, c, coef, scratch)
     return pen
@@ -286,10 +286,10 @@ def scratch_size(n_params, widest):
 @kernel
 def clip_gradients(grad, segments, mode, value):
     """contract CLIP_* on the flat gradient buffer, in place (reference clip_gradients)."""
-    if mode == C.CLIP_NONE:
+    if mode == contract.CLIP_NONE:
         return
     dt = grad.dtype.type
-    if mode == C.CLIP_VALUE:
+    if mode == contract.CLIP_VALUE:
         hi = dt(value)
         lo = dt(-value)
         for i in range(grad.shape[0]):
@@ -299,14 +299,14 @@ def clip_gradients(grad, segments, mode, value):
             elif g < lo:
                 grad[i] = lo
         return
-    n_seg = 1 if mode == C.CLIP_GLOBAL_NORM else segments.shape[0]
+    n_seg = 1 if mode == contract.CLIP_GLOBAL_NORM else segments.shape[0]
     for s in range(n_seg):
-        a = 0 if mode == C.CLIP_GLOBAL_NORM else segments[s, 0]
-        b = grad.shape[0] if mode == C.CLIP_GLOBAL_NORM else segments[s, 1]
+        a = 0 if mode == contract.CLIP_GLOBAL_NORM else segments[s, 0]
+        b = grad.shape[0] if mode == contract.CLIP_GLOBAL_NORM else segments[s, 1]
         acc = 0.0
         for i in range(a, b):
             acc += np.float64(grad[i]) * np.float64(grad[i])
-        coef = value / (math.sqrt(acc) + C.CLIP_EPS)
+        coef = value / (math.sqrt(acc) + contract.CLIP_EPS)
         if coef < 1.0:
             c = dt(coef)
             for i in range(a, b):

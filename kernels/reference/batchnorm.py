@@ -6,12 +6,12 @@ kernels/contract.py (BN_*).
 """
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from .epilogue import activate_keeping, output_epilogue, output_epilogue_backward
 
 
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
-                     eps, seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                     eps, seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     """out = dropout(noise(f(gamma * zhat + beta))), zhat = (z - mean) / sqrt(var + eps),
     z = x @ W + b, with the batch mean and biased variance of every unit (Ioffe & Szegedy
     2015). The noise, dropout and pre are dense_forward's (output_epilogue).
@@ -31,19 +31,20 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
     mean = z64.sum(axis=0) / n
     var = ((z64 - mean) ** 2).sum(axis=0) / n
     inv = (1.0 / np.sqrt(var + float(dt(eps)))).astype(out.dtype)
-    save[C.BN_SAVE_MEAN] = mean
-    save[C.BN_SAVE_VAR] = var
-    save[C.BN_SAVE_INVSTD] = inv
+    save[contract.BN_SAVE_MEAN] = mean
+    save[contract.BN_SAVE_VAR] = var
+    save[contract.BN_SAVE_INVSTD] = inv
     xh = (z - mean.astype(out.dtype)) * inv
     xhat[...] = xh
-    output_epilogue(activate_keeping(gb[C.BN_GAMMA] * xh + gb[C.BN_BETA], act, slope, pre),
+    output_epilogue(activate_keeping(gb[contract.BN_GAMMA] * xh + gb[contract.BN_BETA], act,
+                                     slope, pre),
                     out, drop_threshold, drop_scale, seed, step, layer, noise, noise_std, pre,
                     act)
 
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
                       drop_threshold, drop_scale, momentum, seed, step, layer,
-                      noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                      noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     """The BatchNorm dense layer's backward, through the batch statistics.
 
     grad (B, O) holds dL/d(out) on entry and dL/dz on exit. dy = dL/d(gamma zhat + beta) comes
@@ -63,9 +64,10 @@ def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, a
     dy64 = dy.astype(np.float64)
     s1 = dy64.sum(axis=0)
     s2 = (dy64 * xhat.astype(np.float64)).sum(axis=0)
-    dgb[C.BN_GAMMA] = s2
-    dgb[C.BN_BETA] = s1
-    c1 = (gb[C.BN_GAMMA].astype(np.float64) * save[C.BN_SAVE_INVSTD]).astype(out.dtype)
+    dgb[contract.BN_GAMMA] = s2
+    dgb[contract.BN_BETA] = s1
+    c1 = (gb[contract.BN_GAMMA].astype(np.float64) * \
+          save[contract.BN_SAVE_INVSTD]).astype(out.dtype)
     c2 = (s1 / n).astype(out.dtype)
     c3 = (s2 / n).astype(out.dtype)
     dz = c1 * ((dy - c2) - xhat * c3)
@@ -76,5 +78,6 @@ def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, a
     if dx.size:
         dx[...] = dz @ W.T
     mom = float(dt(momentum))
-    for row, srow in ((C.BN_MEAN, C.BN_SAVE_MEAN), (C.BN_VAR, C.BN_SAVE_VAR)):
+    for row, srow in ((contract.BN_MEAN, contract.BN_SAVE_MEAN),
+                      (contract.BN_VAR, contract.BN_SAVE_VAR)):
         stats[row] = mom * stats[row].astype(np.float64) + (1.0 - mom) * save[srow]

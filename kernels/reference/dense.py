@@ -4,12 +4,12 @@ forward and backward side by side.
 Shape legend: B batch rows, I fan_in, O fan_out. Outputs are preallocated by the caller and
 written in place; an empty array (size 0) means "not present" (no bias, no dx).
 """
-from .. import contract as C
+from .. import contract
 from .epilogue import activate_keeping, output_epilogue, output_epilogue_backward
 
 
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
-                  noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                  noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     """out = dropout(noise(f(x @ W + b))): what backward keeps (B*O values), and with noise
     and a nonlinear f also pre = f(x @ W + b) (contract.keeps_pre).
 
@@ -25,7 +25,7 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer, noise=C.NOISE_NONE, noise_std=0.0, pre=None):
+                   seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
     """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db, dx written.
 
     dz comes from output_epilogue_backward (mask, noise factor and f' regenerated or read

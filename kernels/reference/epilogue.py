@@ -6,7 +6,7 @@ Shape legend: B batch rows, O fan_out.
 """
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from ..philox import keep_mask, standard_normals
 
 
@@ -18,29 +18,30 @@ def activation(z, act, slope):
     the stable ones for large |z|: softplus as max(z, 0) + log1p(exp(-|z|)), the GELU CDF as
     erfc (no cancellation for z << 0), expm1 for elu / selu."""
     dt = z.dtype.type
-    if act == C.ACT_RELU:
+    if act == contract.ACT_RELU:
         return np.maximum(z, 0)
-    if act == C.ACT_LEAKY_RELU:
+    if act == contract.ACT_LEAKY_RELU:
         return np.where(z > 0, z, z * dt(slope))
-    if act == C.ACT_TANH:
+    if act == contract.ACT_TANH:
         return np.tanh(z)
-    if act == C.ACT_SIGMOID:
+    if act == contract.ACT_SIGMOID:
         return sigmoid(z)
-    if act == C.ACT_GELU:
+    if act == contract.ACT_GELU:
         return z * gelu_cdf(z)
-    if act == C.ACT_GELU_TANH:
+    if act == contract.ACT_GELU_TANH:
         return (dt(0.5) * z) * (dt(1) + np.tanh(gelu_tanh_inner(z)))
-    if act == C.ACT_ELU:
+    if act == contract.ACT_ELU:
         return np.where(z > 0, z, np.expm1(np.minimum(z, 0)) * dt(slope))
-    if act == C.ACT_SELU:
-        return np.where(z > 0, z * dt(C.SELU_LAMBDA), np.expm1(np.minimum(z, 0)) * dt(C.SELU_NEG))
-    if act == C.ACT_SILU:
+    if act == contract.ACT_SELU:
+        return np.where(z > 0, z * dt(contract.SELU_LAMBDA),
+                        np.expm1(np.minimum(z, 0)) * dt(contract.SELU_NEG))
+    if act == contract.ACT_SILU:
         return z * sigmoid(z)
-    if act == C.ACT_SOFTPLUS:
+    if act == contract.ACT_SOFTPLUS:
         return softplus(z)
-    if act == C.ACT_MISH:
+    if act == contract.ACT_MISH:
         return z * np.tanh(softplus(z))
-    if act == C.ACT_HARD_SIGMOID:
+    if act == contract.ACT_HARD_SIGMOID:
         return np.minimum(np.maximum(z + dt(3), 0), dt(6)) / dt(6)
     return z
 
@@ -50,36 +51,36 @@ def activation_grad(v, act, slope):
     relu, tanh, elu, ...) or v = z itself ("input": the GELUs, silu, softplus, mish)."""
     dt = v.dtype.type
     one = dt(1)
-    if act == C.ACT_RELU:
+    if act == contract.ACT_RELU:
         return (v > 0).astype(v.dtype)
-    if act == C.ACT_LEAKY_RELU:
+    if act == contract.ACT_LEAKY_RELU:
         return np.where(v > 0, one, dt(slope))
-    if act == C.ACT_TANH:
+    if act == contract.ACT_TANH:
         return one - v * v
-    if act == C.ACT_SIGMOID:
+    if act == contract.ACT_SIGMOID:
         return v * (one - v)
-    if act == C.ACT_GELU:            # Phi(z) + z * phi(z)
-        return gelu_cdf(v) + v * (np.exp(dt(-0.5) * (v * v)) * dt(C.INV_SQRT_2PI))
-    if act == C.ACT_GELU_TANH:       # torch's order of the terms
+    if act == contract.ACT_GELU:            # Phi(z) + z * phi(z)
+        return gelu_cdf(v) + v * (np.exp(dt(-0.5) * (v * v)) * dt(contract.INV_SQRT_2PI))
+    if act == contract.ACT_GELU_TANH:       # torch's order of the terms
         t = np.tanh(gelu_tanh_inner(v))
         dtanh = one - t * t
-        inner = dt(C.GELU_K) * (one + dt(3 * C.GELU_C) * (v * v))
+        inner = dt(contract.GELU_K) * (one + dt(3 * contract.GELU_C) * (v * v))
         # where tanh is saturated the second term is 0, also when z^2 overflows (0 * inf)
         right = np.where(dtanh != 0, ((dt(0.5) * v) * dtanh) * inner, dt(0))
         return dt(0.5) * (one + t) + right
-    if act == C.ACT_ELU:             # f(z) + alpha = alpha * exp(z) for z <= 0
+    if act == contract.ACT_ELU:             # f(z) + alpha = alpha * exp(z) for z <= 0
         return np.where(v > 0, one, v + dt(slope))
-    if act == C.ACT_SELU:
-        return np.where(v > 0, dt(C.SELU_LAMBDA), v + dt(C.SELU_NEG))
-    if act == C.ACT_SILU:
+    if act == contract.ACT_SELU:
+        return np.where(v > 0, dt(contract.SELU_LAMBDA), v + dt(contract.SELU_NEG))
+    if act == contract.ACT_SILU:
         s = sigmoid(v)
         return s * (one + v * (one - s))
-    if act == C.ACT_SOFTPLUS:
+    if act == contract.ACT_SOFTPLUS:
         return sigmoid(v)
-    if act == C.ACT_MISH:
+    if act == contract.ACT_MISH:
         t = np.tanh(softplus(v))
         return t + v * sigmoid(v) * (one - t * t)
-    if act == C.ACT_HARD_SIGMOID:
+    if act == contract.ACT_HARD_SIGMOID:
         return np.where((v > 0) & (v < 1), one / dt(6), dt(0))
     return np.ones_like(v)
 
@@ -98,13 +99,13 @@ def gelu_cdf(z):
     """Phi(z) = 0.5 * erfc(-z / sqrt(2)), in z's dtype."""
     from scipy.special import erfc      # here: scipy.special costs 0.4 s to import
     dt = z.dtype.type
-    return (dt(0.5) * erfc(-z * dt(C.SQRT_HALF))).astype(z.dtype)
+    return (dt(0.5) * erfc(-z * dt(contract.SQRT_HALF))).astype(z.dtype)
 
 
 def gelu_tanh_inner(z):
     """GELU_K * (z + GELU_C * z^3), the argument of the tanh approximation's tanh."""
     dt = z.dtype.type
-    return dt(C.GELU_K) * (z + dt(C.GELU_C) * (z * z * z))
+    return dt(contract.GELU_K) * (z + dt(contract.GELU_C) * (z * z * z))
 
 
 # ---------------------------------------------------------------- Gaussian noise
@@ -122,10 +123,10 @@ def noise_factor(std, nrm, dtype):
 def apply_noise(a, noise, std, seed, step, layer, stream):
     """NOISE_ADD: a + std * n; NOISE_MUL: a * (1 + std * n); in a's dtype, n rounded first.
     (NOISE_ALPHA draws no normals: its mask is the dropout's, alpha_dropout.)"""
-    if noise in (C.NOISE_NONE, C.NOISE_ALPHA):
+    if noise in (contract.NOISE_NONE, contract.NOISE_ALPHA):
         return a
     nrm = noise_values(a.shape, a.dtype, seed, step, layer, stream)
-    if noise == C.NOISE_ADD:
+    if noise == contract.NOISE_ADD:
         return a + a.dtype.type(std) * nrm
     return a * noise_factor(std, nrm, a.dtype)
 
@@ -136,33 +137,34 @@ def alpha_dropout(a, threshold, scale, shift, seed, step, layer, stream):
     dt = a.dtype.type
     if threshold > 0:
         keep = keep_mask(a.shape, threshold, seed, step, layer, stream)
-        a = np.where(keep, a, dt(C.ALPHA_DROPPED))
+        a = np.where(keep, a, dt(contract.ALPHA_DROPPED))
     return a * dt(scale) + dt(shift)
 
 
 # ---------------------------------------------------------------- the output epilogue
 def activate_keeping(z, act, slope, pre):
     """f(z); an activation whose f' needs its input keeps z in pre (contract.keeps_pre)."""
-    if C.ACTIVATION_BY_CODE[int(act)].grad_from == "input" and pre is not None and pre.size:
+    if contract.ACTIVATION_BY_CODE[int(act)].grad_from == "input" and pre is not None and pre.size:
         pre[...] = z
     return activation(z, act, slope)
 
 
 def output_epilogue(a, out, drop_threshold, drop_scale, seed, step, layer, noise, noise_std,
-                    pre, act=C.ACT_LINEAR):
+                    pre, act=contract.ACT_LINEAR):
     """out = dropout(noise(a)) for the activation a = f(.) of a dense layer (plain or
     BatchNorm); with noise, pre = a first (when pre is given and not empty, and f' reads
     its output: an input-derivable f has z there already)."""
-    if noise != C.NOISE_NONE:
-        if pre is not None and pre.size and C.ACTIVATION_BY_CODE[int(act)].grad_from != "input":
+    if noise != contract.NOISE_NONE:
+        if (pre is not None and pre.size
+                and contract.ACTIVATION_BY_CODE[int(act)].grad_from != "input"):
             pre[...] = a
-        if noise == C.NOISE_ALPHA:
+        if noise == contract.NOISE_ALPHA:
             out[...] = alpha_dropout(a, drop_threshold, drop_scale, noise_std, seed, step,
-                                     layer, C.STREAM_DROPOUT)
+                                     layer, contract.STREAM_DROPOUT)
             return
-        a = apply_noise(a, noise, noise_std, seed, step, layer, C.STREAM_NOISE)
+        a = apply_noise(a, noise, noise_std, seed, step, layer, contract.STREAM_NOISE)
     if drop_threshold > 0:
-        keep = keep_mask(a.shape, drop_threshold, seed, step, layer, C.STREAM_DROPOUT)
+        keep = keep_mask(a.shape, drop_threshold, seed, step, layer, contract.STREAM_DROPOUT)
         a = np.where(keep, a * a.dtype.type(drop_scale), a.dtype.type(0))
     out[...] = a
 
@@ -179,32 +181,32 @@ def output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, 
     (NOISE_ALPHA) is additive past its mask: (g * scale) * f' where kept, else 0.
     """
     scale = out.dtype.type(drop_scale)
-    if noise != C.NOISE_NONE:
+    if noise != contract.NOISE_NONE:
         d = grad * scale if drop_threshold > 0 else grad
-        if noise == C.NOISE_MUL:
-            nrm = noise_values(out.shape, out.dtype, seed, step, layer, C.STREAM_NOISE)
+        if noise == contract.NOISE_MUL:
+            nrm = noise_values(out.shape, out.dtype, seed, step, layer, contract.STREAM_NOISE)
             d = d * noise_factor(noise_std, nrm, out.dtype)
-        if act != C.ACT_LINEAR:
+        if act != contract.ACT_LINEAR:
             d = d * activation_grad(pre, act, slope)
         if drop_threshold > 0:
-            keep = keep_mask(out.shape, drop_threshold, seed, step, layer, C.STREAM_DROPOUT)
+            keep = keep_mask(out.shape, drop_threshold, seed, step, layer, contract.STREAM_DROPOUT)
             d = np.where(keep, d, out.dtype.type(0))
         return d
-    if C.ACTIVATION_BY_CODE[int(act)].grad_from == "input":
+    if contract.ACTIVATION_BY_CODE[int(act)].grad_from == "input":
         a = pre                      # z itself, kept by the forward
     elif drop_threshold > 0:
-        a = out / scale if C.unscale_output(act) else out
+        a = out / scale if contract.unscale_output(act) else out
     else:
         a = out
     if drop_threshold > 0:
-        keep = keep_mask(out.shape, drop_threshold, seed, step, layer, C.STREAM_DROPOUT)
+        keep = keep_mask(out.shape, drop_threshold, seed, step, layer, contract.STREAM_DROPOUT)
         return np.where(keep, (grad * scale) * activation_grad(a, act, slope),
                         out.dtype.type(0))
     return grad * activation_grad(a, act, slope)
 
 
 # ---------------------------------------------------------------- a part's input transform
-def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NONE,
+def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NOISE_NONE,
                   noise_std=0.0):
     """out = dropout(noise(x)) on a part's input (standalone Dropout / GaussianNoise /
     GaussianDropout layers before its first Dense); noise on stream STREAM_INPUT_NOISE.
@@ -212,12 +214,12 @@ def input_dropout(x, out, threshold, scale, seed, step, layer, noise=C.NOISE_NON
     shift in noise_std. Applied to a gradient (out = x allowed) it is its own backward for
     GaussianDropout's factor and the mask (additive noise and AlphaDropout's shift pass the
     gradient unchanged: pass NOISE_NONE)."""
-    if noise == C.NOISE_ALPHA:
+    if noise == contract.NOISE_ALPHA:
         out[...] = alpha_dropout(x, threshold, scale, noise_std, seed, step, layer,
-                                 C.STREAM_INPUT_DROPOUT)
+                                 contract.STREAM_INPUT_DROPOUT)
         return
-    v = apply_noise(x, noise, noise_std, seed, step, layer, C.STREAM_INPUT_NOISE)
+    v = apply_noise(x, noise, noise_std, seed, step, layer, contract.STREAM_INPUT_NOISE)
     if threshold > 0:
-        keep = keep_mask(x.shape, threshold, seed, step, layer, C.STREAM_INPUT_DROPOUT)
+        keep = keep_mask(x.shape, threshold, seed, step, layer, contract.STREAM_INPUT_DROPOUT)
         v = np.where(keep, v * x.dtype.type(scale), x.dtype.type(0))
     out[...] = v

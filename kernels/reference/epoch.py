@@ -21,7 +21,7 @@ Shape legend: B batch rows, I fan_in, O fan_out, L layers, P parts.
 """
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from .update import clip_gradients
 
 
@@ -31,14 +31,14 @@ def layer_forward(ops, plan, l, x, n, step):
     noise, std = plan.noise_of(l)
     if plan.bn_on(l):
         ops.bn_dense_forward(x, plan.Ws[l], plan.bs[l], plan.acts[l][:n], plan.xhats[l][:n],
-                             plan.gbs[l], plan.saves[l], plan.li[l, C.LI_ACT],
-                             plan.lf[l, C.LF_SLOPE], plan.li[l, C.LI_DROP_THR],
-                             plan.lf[l, C.LF_DROP_SCALE], plan.lf[l, C.LF_BN_EPS], plan.seed,
-                             step, l, noise, std, plan.pres[l][:n])
+                             plan.gbs[l], plan.saves[l], plan.li[l, contract.LI_ACT],
+                             plan.lf[l, contract.LF_SLOPE], plan.li[l, contract.LI_DROP_THR],
+                             plan.lf[l, contract.LF_DROP_SCALE], plan.lf[l, contract.LF_BN_EPS],
+                             plan.seed, step, l, noise, std, plan.pres[l][:n])
     else:
-        ops.dense_forward(x, plan.Ws[l], plan.bs[l], plan.acts[l][:n], plan.li[l, C.LI_ACT],
-                          plan.lf[l, C.LF_SLOPE], plan.li[l, C.LI_DROP_THR],
-                          plan.lf[l, C.LF_DROP_SCALE], plan.seed, step, l, noise, std,
+        ops.dense_forward(x, plan.Ws[l], plan.bs[l], plan.acts[l][:n], plan.li[l, contract.LI_ACT],
+                          plan.lf[l, contract.LF_SLOPE], plan.li[l, contract.LI_DROP_THR],
+                          plan.lf[l, contract.LF_DROP_SCALE], plan.seed, step, l, noise, std,
                           plan.pres[l][:n])
 
 
@@ -51,15 +51,16 @@ def layer_backward(ops, plan, l, x, dx, n, step):
         ops.bn_dense_backward(plan.grads[l][:n], plan.acts[l][:n], plan.xhats[l][:n], x,
                               plan.Ws[l], plan.gbs[l], plan.stats[l], plan.saves[l],
                               plan.dWs[l], plan.dbs[l], plan.dgbs[l], dx,
-                              plan.li[l, C.LI_ACT], plan.lf[l, C.LF_SLOPE],
-                              plan.li[l, C.LI_DROP_THR], plan.lf[l, C.LF_DROP_SCALE],
-                              plan.lf[l, C.LF_BN_MOMENTUM], plan.seed, step, l, noise, std,
+                              plan.li[l, contract.LI_ACT], plan.lf[l, contract.LF_SLOPE],
+                              plan.li[l, contract.LI_DROP_THR], plan.lf[l, contract.LF_DROP_SCALE],
+                              plan.lf[l, contract.LF_BN_MOMENTUM], plan.seed, step, l, noise, std,
                               plan.pres[l][:n])
     else:
         ops.dense_backward(plan.grads[l][:n], plan.acts[l][:n], x, plan.Ws[l], plan.dWs[l],
-                           plan.dbs[l], dx, plan.li[l, C.LI_ACT], plan.lf[l, C.LF_SLOPE],
-                           plan.li[l, C.LI_DROP_THR], plan.lf[l, C.LF_DROP_SCALE], plan.seed,
-                           step, l, noise, std, plan.pres[l][:n])
+                           plan.dbs[l], dx, plan.li[l, contract.LI_ACT],
+                           plan.lf[l, contract.LF_SLOPE], plan.li[l, contract.LI_DROP_THR],
+                           plan.lf[l, contract.LF_DROP_SCALE], plan.seed, step, l, noise, std,
+                           plan.pres[l][:n])
 
 
 def layer_update(ops, plan, l, t):
@@ -83,7 +84,7 @@ def input_transform(ops, plan, p, x, n, step):
     if not plan.has_input_transform(p):
         return x
     thr, scale, noise, std = plan.input_transform_of(p)
-    first = int(plan.parts[p, C.PT_FIRST])
+    first = int(plan.parts[p, contract.PT_FIRST])
     ops.input_dropout(x, plan.xdrops[p][:n], thr, scale, plan.seed, step, first, noise, std)
     return plan.xdrops[p][:n]
 
@@ -95,11 +96,11 @@ def input_transform_backward(ops, plan, p, dh, step):
     if not plan.has_input_transform(p):
         return
     thr, scale, noise, std = plan.input_transform_of(p)
-    if noise != C.NOISE_MUL:
-        noise, std = C.NOISE_NONE, 0.0
-    if thr > 0 or noise != C.NOISE_NONE:
-        ops.input_dropout(dh, dh, thr, scale, plan.seed, step, int(plan.parts[p, C.PT_FIRST]),
-                          noise, std)
+    if noise != contract.NOISE_MUL:
+        noise, std = contract.NOISE_NONE, 0.0
+    if thr > 0 or noise != contract.NOISE_NONE:
+        ops.input_dropout(dh, dh, thr, scale, plan.seed, step,
+                          int(plan.parts[p, contract.PT_FIRST]), noise, std)
 
 
 def forward_backward(ops, plan, X, Y, idx, step, zrows=None):
@@ -115,7 +116,7 @@ def forward_backward(ops, plan, X, Y, idx, step, zrows=None):
     losses = np.zeros(P)
     for p in range(P):
         first, end, src, loss, y0, y1, wcol, z0 = (int(v) for v in plan.parts[p])
-        x = xb if src < 0 else plan.acts[int(plan.parts[src, C.PT_END]) - 1][:n]
+        x = xb if src < 0 else plan.acts[int(plan.parts[src, contract.PT_END]) - 1][:n]
         x = input_transform(ops, plan, p, x, n, step)
         for l in range(first, end):
             inputs[l] = x
@@ -126,7 +127,7 @@ def forward_backward(ops, plan, X, Y, idx, step, zrows=None):
             yb[...] = Y[idx, y0:y1]
             if zrows is not None and z0 >= 0:     # the running metrics' logits
                 zrows[:, z0:z0 + x.shape[1]] = x
-            param = plan.partf[p, C.PF_LOSS_PARAM]
+            param = plan.partf[p, contract.PF_LOSS_PARAM]
             if wcol < 0:
                 losses[p] = ops.loss_forward_backward(x, yb, plan.grads[end - 1][:n], loss,
                                                       param)
@@ -137,15 +138,15 @@ def forward_backward(ops, plan, X, Y, idx, step, zrows=None):
         return losses, False
     empty = np.zeros((0, 0), plan.dtype)
     for p in list(range(1, P)) + [0]:        # the heads in order, then the trunk
-        first, end = int(plan.parts[p, C.PT_FIRST]), int(plan.parts[p, C.PT_END])
-        w = plan.partf[p, C.PF_WEIGHT]
+        first, end = int(plan.parts[p, contract.PT_FIRST]), int(plan.parts[p, contract.PT_END])
+        w = plan.partf[p, contract.PF_WEIGHT]
         if w != 1.0:
             g = plan.grads[end - 1][:n]
             g *= plan.dtype.type(w)
         if p == 0:
             into = empty                     # nobody needs the inputs' gradient
         else:                                # the trunk's output gradient: the first head
-            trunk_out = plan.grads[int(plan.parts[0, C.PT_END]) - 1][:n]   # writes it
+            trunk_out = plan.grads[int(plan.parts[0, contract.PT_END]) - 1][:n]   # writes it
             into = trunk_out if p == 1 else plan.scratch[:n]
         for l in range(end - 1, first - 1, -1):
             dx = plan.grads[l - 1][:n] if l > first else into
@@ -226,8 +227,8 @@ def forward_inference(ops, plan, X, batch_size, part=0):
         x = X[start:start + batch_size]
         n = x.shape[0]
         for l in layers:
-            ops.dense_forward(x, plan.Ws[l], plan.bs[l], bufs[l][:n], plan.li[l, C.LI_ACT],
-                              plan.lf[l, C.LF_SLOPE], 0, 1.0, 0, 0, l)
+            ops.dense_forward(x, plan.Ws[l], plan.bs[l], bufs[l][:n], plan.li[l, contract.LI_ACT],
+                              plan.lf[l, contract.LF_SLOPE], 0, 1.0, 0, 0, l)
             x = bufs[l][:n]
         out[start:start + n] = x
     return out

@@ -9,7 +9,7 @@ categorical losses' label smoothing); None means the row's default.
 """
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 from .epilogue import sigmoid
 
 
@@ -31,32 +31,32 @@ def loss_value(logits, y, loss, param=None):
 
 def loss_param(loss, param):
     """The loss's parameter as a float: `param`, or the table's default when None."""
-    return float(C.LOSS_BY_CODE[int(loss)].default if param is None else param)
+    return float(contract.LOSS_BY_CODE[int(loss)].default if param is None else param)
 
 
 def _loss_and_grad(z, y, loss, param):
     B, K = z.shape
     dt = z.dtype.type
-    if loss == C.LOSS_SCE:
+    if loss == contract.LOSS_SCE:
         return _sparse_categorical(z, y, param)
-    if loss == C.LOSS_CCE:
+    if loss == contract.LOSS_CCE:
         return _categorical(z, y, param)
     c = dt(1.0 / (B * K))
     z64, y64 = z.astype(np.float64), y.astype(np.float64)
-    if loss == C.LOSS_MSE:
+    if loss == contract.LOSS_MSE:
         diff = z - y
         return float(np.sum(diff.astype(np.float64) ** 2) / (B * K)), diff * dt(2.0 / (B * K))
-    if loss == C.LOSS_BCE:
+    if loss == contract.LOSS_BCE:
         per = np.maximum(z64, 0) - z64 * y64 + np.log1p(np.exp(-np.abs(z64)))
         return float(per.sum() / (B * K)), (sigmoid(z) - y) * c
-    if loss == C.LOSS_POISSON:      # z is the log-rate: exp(z) - y z
+    if loss == contract.LOSS_POISSON:      # z is the log-rate: exp(z) - y z
         per = np.exp(z64) - y64 * z64
         return float(per.sum() / (B * K)), (np.exp(z) - y) * c
     d = z - y
     d64 = d.astype(np.float64)
-    if loss == C.LOSS_MAE:          # sign(0) = 0, as torch's L1Loss; NaN stays NaN
+    if loss == contract.LOSS_MAE:          # sign(0) = 0, as torch's L1Loss; NaN stays NaN
         return float(np.abs(d64).sum() / (B * K)), np.sign(d) * c
-    if loss == C.LOSS_HUBER:
+    if loss == contract.LOSS_HUBER:
         delta = dt(param)
         big = np.abs(d) > delta     # NaN is not big: its gradient stays NaN
         a64, delta64 = np.abs(d64), float(delta)
@@ -108,14 +108,14 @@ def _sparse_categorical(z, y, ls):
     B, K = z.shape
     dt = z.dtype.type
     rows = np.arange(B)
-    labels = y[:, C.SCE_LABEL].astype(np.int64)
+    labels = y[:, contract.SCE_LABEL].astype(np.int64)
     p, lse = _log_softmax_parts(z)
     z64 = z.astype(np.float64)
     g = p
-    mixed = y.shape[1] == C.SCE_MIXED_WIDTH     # Mixup: lam * CE(a) + (1 - lam) * CE(b)
+    mixed = y.shape[1] == contract.SCE_MIXED_WIDTH     # Mixup: lam * CE(a) + (1 - lam) * CE(b)
     if mixed:
-        labels_b = y[:, C.SCE_LABEL_B].astype(np.int64)
-        lam = y[:, C.SCE_LAM]
+        labels_b = y[:, contract.SCE_LABEL_B].astype(np.int64)
+        lam = y[:, contract.SCE_LAM]
         lam64 = lam.astype(np.float64)
     if ls != 0:
         on64, off64 = 1.0 - ls, ls / K
@@ -144,7 +144,7 @@ def _sparse_categorical(z, y, ls):
 def output_transform(logits, loss):
     """What predict returns (the row's `output`): probabilities for the cross-entropies, the
     rate exp(z) for poisson, the values themselves otherwise."""
-    output = C.LOSS_BY_CODE[int(loss)].output
+    output = contract.LOSS_BY_CODE[int(loss)].output
     if output == "sigmoid":
         return sigmoid(logits)
     if output == "softmax":

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .. import contract as C
+from .. import contract
 
 
 def update_coefficients(hp, opt, t, dtype):
@@ -20,15 +20,16 @@ def update_coefficients(hp, opt, t, dtype):
     Bias corrections follow PyTorch: step_size = lr / (1 - b1**t), denominator
     sqrt(v) / sqrt(1 - b2**t) + eps; AdamW multiplies w by (1 - lr * wd) first.
     """
-    lr, b1, b2 = hp[C.HP_LR], hp[C.HP_BETA1], hp[C.HP_BETA2]
-    if opt == C.OPT_SGD:
+    lr, b1, b2 = hp[contract.HP_LR], hp[contract.HP_BETA1], hp[contract.HP_BETA2]
+    if opt == contract.OPT_SGD:
         step_size, bc2_sqrt = lr, 1.0
     else:
         step_size = lr / (1.0 - b1 ** float(t))
         bc2_sqrt = math.sqrt(1.0 - b2 ** float(t))
-    decay = 1.0 - lr * hp[C.HP_DECOUPLED] if opt == C.OPT_ADAMW else 1.0
-    vals = (lr, b1, 1.0 - b1, b2, 1.0 - b2, hp[C.HP_EPS], hp[C.HP_L1], hp[C.HP_L2], decay,
-            step_size, bc2_sqrt, lr * hp[C.HP_L1], hp[C.HP_MAXNORM])
+    decay = 1.0 - lr * hp[contract.HP_DECOUPLED] if opt == contract.OPT_ADAMW else 1.0
+    vals = (lr, b1, 1.0 - b1, b2, 1.0 - b2, hp[contract.HP_EPS], hp[contract.HP_L1],
+            hp[contract.HP_L2], decay, step_size, bc2_sqrt, lr * hp[contract.HP_L1],
+            hp[contract.HP_MAXNORM])
     return tuple(dtype(v) for v in vals)
 
 
@@ -40,9 +41,10 @@ def column_norms(w):
 def penalty_value(w, hp):
     """l1 * sum|w| + l2 / 2 * sum w^2 (+ group * sum_j ||w[:, j]|| for a matrix), in float64."""
     w64 = w.astype(np.float64)
-    pen = float(hp[C.HP_L1] * np.abs(w64).sum() + 0.5 * hp[C.HP_L2] * (w64 * w64).sum())
-    if hp[C.HP_GROUP] > 0 and w.ndim == 2:
-        pen += float(hp[C.HP_GROUP] * column_norms(w).sum())
+    pen = float(hp[contract.HP_L1] * np.abs(w64).sum() + \
+                0.5 * hp[contract.HP_L2] * (w64 * w64).sum())
+    if hp[contract.HP_GROUP] > 0 and w.ndim == 2:
+        pen += float(hp[contract.HP_GROUP] * column_norms(w).sum())
     return pen
 
 
@@ -73,9 +75,9 @@ def group_thresholds(v, hp, opt, step_size, bc2_sqrt, eps):
     every unit alive. Everything in float64 from the dtype-rounded coefficients, summed over
     rows in order, so every backend computes the same thresholds.
     """
-    group = float(hp[C.HP_GROUP])
-    if opt == C.OPT_SGD:
-        return float(hp[C.HP_LR]) * group
+    group = float(hp[contract.HP_GROUP])
+    if opt == contract.OPT_SGD:
+        return float(hp[contract.HP_LR]) * group
     den = (np.sqrt(v.astype(np.float64)) / float(bc2_sqrt) + float(eps)).sum(axis=0)
     return group * float(step_size) / (den / v.shape[0])
 
@@ -91,23 +93,23 @@ def penalized_update(w, g, m, v, hp, opt, t):
     dt = w.dtype.type
     lr, b1, omb1, b2, omb2, eps, l1, l2, decay, step_size, bc2_sqrt, lr_l1, maxnorm = \
         update_coefficients(hp, opt, t, dt)
-    proximal = hp[C.HP_PROXIMAL] != 0
+    proximal = hp[contract.HP_PROXIMAL] != 0
     penalty = penalty_value(w, hp)
     ge = g.copy()
     if l2 != 0:
         ge = ge + l2 * w
     if l1 != 0 and not proximal:
         ge = ge + l1 * np.sign(w)
-    if opt == C.OPT_SGD:
+    if opt == contract.OPT_SGD:
         if m.size:
             m[...] = m * b1 + ge
-            d = ge + b1 * m if hp[C.HP_NESTEROV] != 0 else m
+            d = ge + b1 * m if hp[contract.HP_NESTEROV] != 0 else m
         else:
             d = ge
         w -= lr * d
         tau = lr_l1
     else:
-        if opt == C.OPT_ADAMW:
+        if opt == contract.OPT_ADAMW:
             w *= decay
         m[...] = m + omb1 * (ge - m)
         v[...] = v * b2 + (omb2 * ge) * ge
@@ -116,9 +118,9 @@ def penalized_update(w, g, m, v, hp, opt, t):
         tau = lr_l1 / denom
     if l1 != 0 and proximal:
         w[...] = np.sign(w) * np.maximum(np.abs(w) - tau, dt(0))
-    if hp[C.HP_GROUP] > 0 and w.ndim == 2:
+    if hp[contract.HP_GROUP] > 0 and w.ndim == 2:
         group_prox(w, group_thresholds(v, hp, opt, step_size, bc2_sqrt, eps))
-    c = hp[C.HP_MAXNORM]
+    c = hp[contract.HP_MAXNORM]
     if c > 0 and w.ndim == 2:
         norms = np.sqrt((w.astype(np.float64) ** 2).sum(axis=0))
         over = norms > c
@@ -131,17 +133,17 @@ def clip_gradients(grad, segments, mode, value):
     or scale each tensor [offset, end) of `segments` (CLIP_NORM) or all of them
     (CLIP_GLOBAL_NORM) by value / (norm + CLIP_EPS) where that is below 1 (the norms in
     float64, the coefficient rounded once to the dtype)."""
-    if mode == C.CLIP_NONE:
+    if mode == contract.CLIP_NONE:
         return
     dt = grad.dtype.type
-    if mode == C.CLIP_VALUE:
+    if mode == contract.CLIP_VALUE:
         np.clip(grad, dt(-value), dt(value), out=grad)
         return
-    if mode == C.CLIP_GLOBAL_NORM:
+    if mode == contract.CLIP_GLOBAL_NORM:
         segments = [(0, grad.shape[0])]
     for lo, hi in segments:
         g = grad[lo:hi]
         norm = math.sqrt(float(np.sum(g.astype(np.float64) ** 2)))
-        coef = value / (norm + C.CLIP_EPS)
+        coef = value / (norm + contract.CLIP_EPS)
         if coef < 1.0:
             g *= dt(coef)
