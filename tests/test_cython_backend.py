@@ -649,10 +649,15 @@ def test_every_activation_of_the_table_is_dispatched_and_defined():
         for fn in (f"_f_{a.name}", f"_df_{a.name}"):
             assert f"{fn}(" in text
             assert f"cdef inline real {fn}(" in epilogue, f"epilogue.pxi lacks {fn}"
-    for name, _, call in _generate().SPECIALIZED:
+    generate = _generate()
+    for name, _, call in generate.SPECIALIZED:
         body = text.split(f"cdef void {name}(")[1].split("\ncdef ")[0]
         for a in contract.ACTIVATION_TABLE:
-            assert call.format(act=a.code) in body, (name, a.name)
+            assert call.format(tag=generate.tag_argument(a)) in body, (name, a.name)
+    for fn in ("_tag_f", "_tag_df"):     # one compile-time case per row in the tagged f, f'
+        body = text.split(f"cdef inline real {fn}(")[1].split("\ncdef ")[0]
+        for a in contract.ACTIVATION_TABLE:
+            assert f"act_tag is {generate.tag(a)}:" in body, (fn, a.name)
 
 
 # ---------------------------------------------------------------- fallback (no extension)

@@ -41,9 +41,9 @@ cdef void _bn_stats_cols(real* out, Py_ssize_t B, Py_ssize_t O, real* b, double*
 
 
 cdef inline void _bn_act_span(real* row, real* xr, real* pr, real* gam, real* bet,
-                              double* mean, double* inv, Py_ssize_t O, int act,
+                              double* mean, double* inv, Py_ssize_t O, act_tag* tag,
                               real slope) noexcept nogil:
-    """One row (through the generated _bn_act_row): zhat -> xr, y = gamma * zhat + beta,
+    """One row (through the generated _bn_act_row; one copy per activation): zhat -> xr, y = gamma * zhat + beta,
     row = f(y); an f whose f' reads its input keeps y in pr (unless NULL)."""
     cdef Py_ssize_t j
     cdef real xh, y
@@ -51,9 +51,9 @@ cdef inline void _bn_act_span(real* row, real* xr, real* pr, real* gam, real* be
         xh = (row[j] - <real>mean[j]) * <real>inv[j]
         xr[j] = xh
         y = gam[j] * xh + bet[j]
-        if _act_from_input(act) and pr != NULL:
+        if _tag_from_input(tag) and pr != NULL:
             pr[j] = y
-        row[j] = _activate(y, act, slope)
+        row[j] = _tag_f(y, tag, slope)
 
 
 cdef void _bn_act_rows(real* out, real* xhat, Py_ssize_t O, real* gb, double* save, int act,

@@ -174,18 +174,17 @@ cdef void _fill_output_words(uint32_t* words, uint32_t* nwords, Py_ssize_t n, ui
 
 
 # ---------------------------------------------------------------- forward
-cdef inline void _activate_span(real* row, real* pre, Py_ssize_t n, int act,
+cdef inline void _activate_span(real* row, real* pre, Py_ssize_t n, act_tag* tag,
                                 real slope) noexcept nogil:
-    """row <- f(row) (through _activate_row); an f whose f' reads its input keeps z in pre
-    first (unless NULL: inference)."""
+    """row <- f(row) (through _activate_row; one copy per activation, contract.pxi); an f
+    whose f' reads its input keeps z in pre first (unless NULL: inference)."""
     cdef Py_ssize_t j
-    if _act_from_input(act) and pre != NULL:
+    if _tag_from_input(tag) and pre != NULL:
         for j in range(n):
             pre[j] = row[j]
-    if act == ACT_LINEAR:
-        return
-    for j in range(n):
-        row[j] = _activate(row[j], act, slope)
+    if act_tag is not act_linear_tag:
+        for j in range(n):
+            row[j] = _tag_f(row[j], tag, slope)
 
 
 cdef inline real* _noise_keeps(real* pre, int act) noexcept nogil:
@@ -294,23 +293,23 @@ cdef void _forward_epilogue(real* out, Py_ssize_t B, Py_ssize_t O, real* b, int 
 
 # ---------------------------------------------------------------- backward
 cdef inline void _backward_span(real* grad, real* out, real* pre, uint32_t* w, real* db,
-                                Py_ssize_t n, int act, real slope, uint32_t thr,
+                                Py_ssize_t n, act_tag* tag, real slope, uint32_t thr,
                                 real scale) noexcept nogil:
-    """One row segment: grad <- dL/dz (mask regenerated, f' from the output, or from z in
-    pre), db += dz."""
+    """One row segment (one copy per activation): grad <- dL/dz (mask regenerated, f' from
+    the output, or from z in pre), db += dz."""
     cdef Py_ssize_t j
     cdef real a, dz
     for j in range(n):
-        if _act_from_input(act):
+        if _tag_from_input(tag):
             a = pre[j]
         else:
             a = out[j]
-            if thr > 0 and _act_unscale(act):
+            if thr > 0 and _tag_unscale(tag):
                 a = a / scale       # dropped units: 0 / scale, unused
         if thr > 0:
-            dz = (grad[j] * scale) * _activation_grad(a, act, slope) if w[j] >= thr else 0
+            dz = (grad[j] * scale) * _tag_df(a, tag, slope) if w[j] >= thr else 0
         else:
-            dz = grad[j] * _activation_grad(a, act, slope)
+            dz = grad[j] * _tag_df(a, tag, slope)
         grad[j] = dz
         if db != NULL:
             db[j] += dz
@@ -326,15 +325,15 @@ cdef inline void _backward_row(real* grad, real* out, real* pre, uint32_t* w, re
 
 
 cdef inline void _dz_noise_one(real* grad, real* pre, uint32_t* w, real* db, Py_ssize_t j,
-                               double nrm, int act, real slope, uint32_t thr, real scale,
-                               int noise, real nstd) noexcept nogil:
+                               double nrm, act_tag* tag, real slope, uint32_t thr,
+                               real scale, int noise, real nstd) noexcept nogil:
     cdef real d = grad[j]
     if thr > 0:
         d = d * scale
     if noise == NOISE_MUL:
         d = d * (<real>1 + nstd * <real>nrm)
-    if act != ACT_LINEAR:
-        d = d * _activation_grad(pre[j], act, slope)
+    if act_tag is not act_linear_tag:
+        d = d * _tag_df(pre[j], tag, slope)
     if thr > 0 and w[j] < thr:
         d = 0
     grad[j] = d
@@ -343,10 +342,10 @@ cdef inline void _dz_noise_one(real* grad, real* pre, uint32_t* w, real* db, Py_
 
 
 cdef inline void _backward_noise_span(real* grad, real* pre, uint32_t* w, uint32_t* nwords,
-                                      Py_ssize_t e0, real* db, Py_ssize_t n, int act,
+                                      Py_ssize_t e0, real* db, Py_ssize_t n, act_tag* tag,
                                       real slope, uint32_t thr, real scale, int noise,
                                       real nstd) noexcept nogil:
-    """A row segment of a layer with noise: dz = ((g * scale) * (1 + std * n)) * f'(pre) if
+    """A row segment of a layer with noise (one copy per activation): dz = ((g * scale) * (1 + std * n)) * f'(pre) if
     kept else 0 (reference order; scale with dropout only, the factor for NOISE_MUL only, f'
     for a nonlinear f only); e0 is the segment's first element (the noise index)."""
     cdef Py_ssize_t j = 0
@@ -354,17 +353,17 @@ cdef inline void _backward_noise_span(real* grad, real* pre, uint32_t* w, uint32
     cdef double s = 0.0
     cdef bint mul = noise == NOISE_MUL
     if e0 & 1 and n > 0:
-        _dz_noise_one(grad, pre, w, db, 0, _normal(nwords, e0) if mul else 0.0, act, slope, thr,
+        _dz_noise_one(grad, pre, w, db, 0, _normal(nwords, e0) if mul else 0.0, tag, slope, thr,
                       scale, noise, nstd)
         j = 1
     while j + 1 < n:
         if mul:
             _normal_pair(nwords, e0 + j, &c, &s)
-        _dz_noise_one(grad, pre, w, db, j, c, act, slope, thr, scale, noise, nstd)
-        _dz_noise_one(grad, pre, w, db, j + 1, s, act, slope, thr, scale, noise, nstd)
+        _dz_noise_one(grad, pre, w, db, j, c, tag, slope, thr, scale, noise, nstd)
+        _dz_noise_one(grad, pre, w, db, j + 1, s, tag, slope, thr, scale, noise, nstd)
         j += 2
     if j < n:
-        _dz_noise_one(grad, pre, w, db, j, _normal(nwords, e0 + j) if mul else 0.0, act, slope,
+        _dz_noise_one(grad, pre, w, db, j, _normal(nwords, e0 + j) if mul else 0.0, tag, slope,
                       thr, scale, noise, nstd)
 
 
