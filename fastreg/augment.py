@@ -252,6 +252,56 @@ def augment_epoch(plan, X, Y, perm, batch_size, seed, step0):
     return x, y
 
 
+def prepare_heads(augment, width, losses, image_shape=None):
+    """One `prepare` plan per head (losses: {head: loss name}, in head order), or None
+    without augmentation. Checks that do not depend on a loss come first, unprefixed; a head
+    whose loss an augmenter refuses (e.g. two Mixups with sparse labels) is named."""
+    if not prepare(augment, width, contract.LOSS_MSE, image_shape):
+        return None
+    plans = []
+    for head, loss in losses.items():
+        try:
+            plans.append(prepare(augment, width, contract.LOSSES[loss], image_shape))
+        except ValueError as exc:    # every augmenter applies to every head's targets
+            raise ValueError(f"head {head!r} ({loss}): {exc}") from None
+    return plans
+
+
+def augment_heads(plans, losses, X, Ys, perm, batch_size, seed, step0):
+    """The epoch's rows in training order for every head: (X[perm] augmented, [Y_h]).
+
+    plans: prepare_heads' plans; losses: the heads' loss names, in the same order as Ys.
+    Heads whose plans are the same are augmented in one call, their targets side by side (mse
+    and binary_crossentropy targets mix column by column), so every head's targets get the
+    same partner and lambda; a sparse-label head gets its own call (the same draws: its Mixup
+    targets become (label, partner's label, lambda) rows). Without a Mixup the targets are
+    not transformed: the inputs alone."""
+    if not any(isinstance(aug, Mixup) for aug, _ in plans[0]):
+        Xe, _ = augment_epoch(plans[0], X, None, perm, batch_size, seed, step0)
+        return Xe, [np.ascontiguousarray(Y[perm]) for Y in Ys]
+    groups = []     # [(plan, [head indices], sparse)]
+    for k, plan in enumerate(plans):
+        sparse = losses[k] == "sparse_categorical_crossentropy"
+        same = [g for g in groups if not sparse and g[2] is False
+                and [b for _, b in g[0]] == [b for _, b in plan]]
+        if same:
+            same[0][1].append(k)
+        else:
+            groups.append((plan, [k], sparse))
+    Xe, Yes = None, [None] * len(Ys)
+    for plan, members, _ in groups:
+        Y = Ys[members[0]] if len(members) == 1 else np.hstack([Ys[k] for k in members])
+        x, Ym = augment_epoch(plan, X, Y, perm, batch_size, seed, step0)
+        Xe = x if Xe is None else Xe
+        if len(members) == 1:
+            Yes[members[0]] = Ym
+        else:
+            cuts = np.cumsum([Ys[k].shape[1] for k in members])[:-1]
+            for k, part in zip(members, np.split(Ym, cuts, axis=1)):
+                Yes[k] = np.ascontiguousarray(part)
+    return Xe, Yes
+
+
 def apply(augmenters, X, y=None, *, batch_size=None, seed=0, step=0, image_shape=None,
           loss="mse"):
     """What fit would train on: the rows of X (and y) in their order, cut into batches of

@@ -366,7 +366,8 @@ class MultiTask(FrontEnd):
             val = training.validation_pair(validation_data, X.shape[1], self.dtype,
                                            self._targets, "(X_val, {head: y_val})",
                                            self._sample_weights)
-        plans = self._augment_plans(augment, X.shape[1], image_shape)
+        plans = augmentation.prepare_heads(
+            augment, X.shape[1], {h: self.losses[h] for h in self.head_names}, image_shape)
         backends.resolve(self.backend)
         available = set(self._keys("")) | {"penalty"} | set(self._metric_keys("")) | (
             set(self._keys("val_")) | set(self._metric_keys("val_")) if val else set())
@@ -386,56 +387,10 @@ class MultiTask(FrontEnd):
         w = as_sample_weight(sample_weight, n_rows, name)
         return [w] * len(self.head_names)
 
-    def _augment_plans(self, augment, width, image_shape):
-        """One augment.prepare plan per head (for its loss), or None without augmentation.
-        Checks that do not depend on a loss come first, unprefixed; a head whose loss an
-        augmenter refuses (e.g. two Mixups with sparse labels) is named."""
-        plan = augmentation.prepare(augment, width, contract.LOSS_MSE, image_shape)
-        if not plan:
-            return None
-        plans = []
-        for h in self.head_names:
-            try:
-                plans.append(augmentation.prepare(augment, width, contract.LOSSES[self.losses[h]],
-                                                  image_shape))
-            except ValueError as exc:    # every augmenter applies to every head's targets
-                raise ValueError(f"head {h!r} ({self.losses[h]}): {exc}") from None
-        return plans
-
     def _augment_epoch(self, plans, X, Ys, perm, batch_size):
-        """The epoch's rows in training order, augmented as Sequential.fit augments them
-        (augment.augment_epoch, at the model's step): (Xe, [Ye_h]). Heads whose plans
-        are the same are augmented in one call, their targets side by side (mse and
-        binary_crossentropy targets mix column by column), so every head's targets get the
-        same partner and lambda; a sparse-label head gets its own call (the same draws: its
-        Mixup targets become (label, partner's label, lambda) rows)."""
-        mixes = any(isinstance(aug, augmentation.Mixup) for aug, _ in plans[0])
-        if not mixes:   # the targets are not transformed: the inputs alone
-            Xe, _ = augmentation.augment_epoch(plans[0], X, None, perm, batch_size, self.seed,
-                                               self._network.counters.step)
-            return Xe, [np.ascontiguousarray(Y[perm]) for Y in Ys]
-        groups = []     # [(plan, [head indices])]
-        for k, plan in enumerate(plans):
-            sparse = self.losses[self.head_names[k]] == "sparse_categorical_crossentropy"
-            same = [g for g in groups if not sparse and g[2] is False
-                    and [b for _, b in g[0]] == [b for _, b in plan]]
-            if same:
-                same[0][1].append(k)
-            else:
-                groups.append((plan, [k], sparse))
-        Xe, Yes = None, [None] * len(Ys)
-        for plan, members, _ in groups:
-            Y = Ys[members[0]] if len(members) == 1 else np.hstack([Ys[k] for k in members])
-            x, Ym = augmentation.augment_epoch(plan, X, Y, perm, batch_size, self.seed,
-                                               self._network.counters.step)
-            Xe = x if Xe is None else Xe
-            if len(members) == 1:
-                Yes[members[0]] = Ym
-            else:
-                cuts = np.cumsum([Ys[k].shape[1] for k in members])[:-1]
-                for k, part in zip(members, np.split(Ym, cuts, axis=1)):
-                    Yes[k] = np.ascontiguousarray(part)
-        return Xe, Yes
+        return augmentation.augment_heads(plans, [self.losses[h] for h in self.head_names], X,
+                                          Ys, perm, batch_size, self.seed,
+                                          self._network.counters.step)
 
     # ------------------------------------------------------------ inference
     def evaluate(self, X, y, batch_size=None):
