@@ -325,7 +325,8 @@ def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None):
     pen, steps, finite = _K["train_epoch"](
         X, Y, perm, int(batch_size), spec, par, T, ws, bn, xdrops, nwords, columns, plan.li,
         plan.lf, plan.hpW, plan.hpb, plan.hpgb, plan.parts, plan.partf, int(plan.opt), k0, k1,
-        int(step0), int(t0), lrs, loss_sums, plan.grad, plan.grad_segments(),
+        int(step0), int(t0), lrs, loss_sums, plan.grad,
+        plan.grad_segments() if plan.clip_mode != contract.CLIP_NONE else None,
         int(plan.clip_mode), float(plan.clip_value), zout)
     return loss_sums, pen, steps, finite
 

@@ -222,8 +222,9 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
                                  into)
                 if p > 1:
                     trunk_out += into
-        if clip_mode != contract.CLIP_NONE:     # on the data gradient, before the penalties
-            clip_gradients(grad, segments, clip_mode, clip_value)
+        if segments is not None:    # None without clipping: the clip code is not compiled
+            if clip_mode != contract.CLIP_NONE:     # on the data gradient, before penalties
+                clip_gradients(grad, segments, clip_mode, clip_value)
         pen = 0.0
         for l in range(L):
             hpW[l, contract.HP_LR] = lrs[steps]
