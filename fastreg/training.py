@@ -222,7 +222,10 @@ class FitFrame:
             return True
         X, Ys, rows = self.last
         with np.errstate(all="ignore"):
-            means = head_loss_means(self.model, X[rows], [Y[rows] for Y in Ys])
+            # on the NumPy reference: one batch costs milliseconds there, and a first fit on
+            # Numba does not compile its inference and loss entry points for this check
+            means = head_loss_means(self.model, X[rows], [Y[rows] for Y in Ys],
+                                    backend=backends.get("numpy"))
         return bool(np.isfinite(means).all())
 
     def verify(self, epoch):
@@ -470,14 +473,14 @@ def inference_backend(model):
     return backends.get(model.backend)
 
 
-def head_logits(model, X, batch_size=None):
+def head_logits(model, X, batch_size=None, backend=None):
     """[logits of every head] for X, dropout and noise off, BatchNorm folded: the trunk once
     per chunk, then every head on its output. X is any real 2-D array of the model's width:
     each chunk of rows is converted to the model dtype on its own (a view when X already is
     C-contiguous in it), never all of X at once; between chunks a pending Ctrl-C of an
-    enclosing fit is acted on."""
+    enclosing fit is acted on. backend: the model's (inference_backend) unless given."""
     network = model._network
-    backend = inference_backend(model)
+    backend = backend or inference_backend(model)
     plan = network.inference_plan(model.optimizer)
     n = X.shape[0]
     batch_size = max(1, min(batch_size or PREDICT_BATCH, n))
@@ -519,11 +522,11 @@ def predict_heads(model, X, batch_size=None):
             for z, loss in zip(head_logits(model, X, batch_size), head_losses(model))]
 
 
-def head_loss_means(model, X, Ys, batch_size=None):
+def head_loss_means(model, X, Ys, batch_size=None, backend=None):
     """The data loss of every head on (X, Ys), dropout off, in head order."""
-    backend = inference_backend(model)
+    backend = backend or inference_backend(model)
     return np.array([float(backend.loss_value(z, Y, loss, param)) for z, Y, loss, param in
-                     zip(head_logits(model, X, batch_size), Ys, head_losses(model),
+                     zip(head_logits(model, X, batch_size, backend), Ys, head_losses(model),
                          head_loss_params(model))])
 
 

@@ -26,7 +26,7 @@ from .dense import dense_forward as _dense_forward
 from .epilogue import activations_used
 from .epilogue import input_dropout as _input_dropout
 from .jit import ENTRY_FLAGS, SOURCE_STAMP, uses_of
-from .loss import loss_forward_backward as _loss
+from .loss import loss_of as _loss_of, loss_uses
 from .philox import philox_fill as _philox_fill
 from .update import (COEF_SIZE, N_UPDATE_VARIANTS, penalized_update_1d, penalized_update_2d,
                      scratch_size, update_variant)
@@ -92,9 +92,9 @@ def _entry_points(stamp):
                        nwords)
 
     @njit(**ENTRY_FLAGS)
-    def loss(z, y, grad, code, param, want_grad):
+    def loss(uses, z, y, grad, code, param, want_grad):
         _ = stamp
-        return _loss(z, y, grad, code, param, want_grad)
+        return _loss_of(uses, code, z, y, grad, param, want_grad)
 
     @njit(**ENTRY_FLAGS)
     def update_matrix(uses, par, w, g, m, v, hp, opt, t, coef, scratch, columns):
@@ -203,13 +203,13 @@ def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NO
 
 
 def loss_forward_backward(logits, y, grad, loss, param=None):
-    return _K["loss"](logits, y.astype(logits.dtype, copy=False), grad, int(loss),
-                      loss_param(loss, param), True)
+    return _K["loss"](loss_uses({int(loss)}), logits, y.astype(logits.dtype, copy=False), grad,
+                      int(loss), loss_param(loss, param), True)
 
 
 def loss_value(logits, y, loss, param=None):
-    return _K["loss"](logits, y.astype(logits.dtype, copy=False), logits[:0], int(loss),
-                      loss_param(loss, param), False)
+    return _K["loss"](loss_uses({int(loss)}), logits, y.astype(logits.dtype, copy=False),
+                      logits[:0], int(loss), loss_param(loss, param), False)
 
 
 def penalized_update(w, g, m, v, hp, opt, t):
@@ -294,8 +294,11 @@ def _compiled_args(plan):
     nwords = np.zeros((4, n_words), np.uint32) if noisy else None
     columns = 1 if ((plan.hpW[:, contract.HP_GROUP] > 0).any()
                     or (plan.hpW[:, contract.HP_MAXNORM] > 0).any()) else None
-    spec = epoch.Spec(uses_of(activations_used(plan.li),
-                      contract.N_ACTIVATIONS), _update_uses(plan))
+    losses = [(int(plan.parts[p, contract.PT_LOSS]), plan.parts[p, contract.PT_W] >= 0)
+              for p in range(plan.n_parts) if plan.parts[p, contract.PT_LOSS] >= 0]
+    spec = epoch.Spec(uses_of(activations_used(plan.li), contract.N_ACTIVATIONS),
+                      _update_uses(plan), loss_uses({code for code, _ in losses}),
+                      loss_uses({code for code, weighted in losses if weighted}))
     par = _parallel(*([plan.batch * W.shape[1] for W in plan.Ws]
                       + [plan.batch * plan.part_input_width(p) for p in range(plan.n_parts)]
                       + [r.size for r in plan.store.records]))
@@ -322,7 +325,8 @@ def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None):
     pen, steps, finite = _K["train_epoch"](
         X, Y, perm, int(batch_size), spec, par, T, ws, bn, xdrops, nwords, columns, plan.li,
         plan.lf, plan.hpW, plan.hpb, plan.hpgb, plan.parts, plan.partf, int(plan.opt), k0, k1,
-        int(step0), int(t0), lrs, loss_sums, plan.grad, plan.grad_segments(),
+        int(step0), int(t0), lrs, loss_sums, plan.grad,
+        plan.grad_segments() if plan.clip_mode != contract.CLIP_NONE else None,
         int(plan.clip_mode), float(plan.clip_value), zout)
     return loss_sums, pen, steps, finite
 

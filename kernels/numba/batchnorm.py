@@ -16,6 +16,7 @@ from ..contract import PARALLEL_MIN_ELEMENTS
 from .epilogue import (COL_CHUNK, ELEM_CHUNK, FROM_INPUT, ROW_CHUNK, activate,
                        fill_output_words, keeps_f, output_grad_range, output_grads_parallel,
                        output_range)
+from .dense import npdot
 from .jit import kernel, kernel_inline, kernel_parallel, specialized
 
 
@@ -114,7 +115,7 @@ def bn_dense_forward(uses, par, x, W, b, out, xhat, gb, save, act, slope, thr, s
                      k1, step, layer, words, noise, nstd, pre, nwords):
     """out = dropout(noise(f(gamma * zhat + beta))); pre = what f' needs when pre is not
     empty (f(gamma * zhat + beta) before the noise, or its input for an input-derivable f)."""
-    np.dot(x, W, out)
+    npdot(x, W, out)
     fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, False)
     _bn_forward_epilogue(uses, par, out, b, xhat, gb, save, act, slope, thr, scale, eps, words,
                          noise, nstd, pre, nwords)
@@ -214,7 +215,7 @@ def bn_dense_backward(uses, par, grad, out, xhat, x, W, gb, stats, save, dW, db,
     fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, True)
     _bn_backward_epilogue(uses, par, grad, out, xhat, gb, save, db, dgb, act, slope, thr,
                           scale, words, noise, nstd, pre, nwords)
-    np.dot(x.T, grad, dW)
+    npdot(x.T, grad, dW)
     if dx.size > 0:
-        np.dot(grad, W.T, dx)
+        npdot(grad, W.T, dx)
     _bn_running_update(stats, save, momentum)

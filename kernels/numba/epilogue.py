@@ -224,10 +224,12 @@ def _bias_act_loop(out, b, pre, slope, r0, r1, act):
     for i in range(r0, r1):
         row = out[i]
         if FROM_INPUT[act]:
-            if has_bias:
-                for j in range(O):
-                    row[j] = row[j] + b[j]
-            pre[i, :] = row
+            for j in range(O):      # element loops, not pre[i, :] = row: Numba compiles
+                v = row[j]          # an array assignment with its shape-error message, ~2 s
+                if has_bias:
+                    v = v + b[j]
+                row[j] = v
+                pre[i, j] = v
             for j in range(O):
                 row[j] = activate(row[j], act, slope)
         elif has_bias:

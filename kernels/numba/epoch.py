@@ -19,7 +19,7 @@ from .batchnorm import bn_dense_backward, bn_dense_forward
 from .dense import dense_backward, dense_forward
 from .epilogue import input_dropout
 from .jit import kernel
-from .loss import loss_forward_backward, weighted_loss_forward_backward
+from .loss import loss_of, weighted_loss_forward_backward
 from .update import clip_gradients, penalized_update_1d, penalized_update_2d
 
 # per layer: the parameters, their gradients and moments (views of the plan's flat buffers)
@@ -28,8 +28,9 @@ Tensors = namedtuple("Tensors", "W b dW db mW vW mb vb")
 Workspace = namedtuple("Workspace", "acts grads pres xbuf ybufs head_grad words coef scratch")
 # per layer: a BatchNorm's gamma; beta, gradient, moments, running statistics, zhat, save
 BatchNormState = namedtuple("BatchNormState", "gb dgb mgb vgb stats xhat save")
-# the compile-time choices of a network: (activation uses, update-variant uses)
-Spec = namedtuple("Spec", "acts updates")
+# the compile-time choices of a network (jit.uses_of tuples): its activations, update
+# variants, losses, and the losses it weighs per row (none: the weighted path compiles empty)
+Spec = namedtuple("Spec", "acts updates losses weighted_losses")
 
 
 @kernel
@@ -183,12 +184,13 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
                             zout[start + r, z0 + k] = z[r, k]
                 wcol = parts[p, contract.PT_W]
                 if wcol < 0:
-                    losses[p] = loss_forward_backward(ws.acts[end - 1][:n], yb,
-                                                      ws.grads[end - 1][:n], loss,
-                                                      partf[p, contract.PF_LOSS_PARAM], True)
+                    losses[p] = loss_of(spec.losses, loss, ws.acts[end - 1][:n], yb,
+                                        ws.grads[end - 1][:n],
+                                        partf[p, contract.PF_LOSS_PARAM], True)
                 else:
                     losses[p] = weighted_loss_forward_backward(
-                        ws.acts[end - 1][:n], yb, ws.grads[end - 1][:n], loss,
+                        spec.weighted_losses, ws.acts[end - 1][:n], yb, ws.grads[end - 1][:n],
+                        loss,
                         partf[p, contract.PF_LOSS_PARAM], Y, perm, start, wcol)
                 if not np.isfinite(losses[p]):
                     finite = False
@@ -220,8 +222,9 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
                                  into)
                 if p > 1:
                     trunk_out += into
-        if clip_mode != contract.CLIP_NONE:     # on the data gradient, before the penalties
-            clip_gradients(grad, segments, clip_mode, clip_value)
+        if segments is not None:    # None without clipping: the clip code is not compiled
+            if clip_mode != contract.CLIP_NONE:     # on the data gradient, before penalties
+                clip_gradients(grad, segments, clip_mode, clip_value)
         pen = 0.0
         for l in range(L):
             hpW[l, contract.HP_LR] = lrs[steps]
@@ -251,4 +254,6 @@ def forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first
                           words, contract.NOISE_NONE, lf[l, contract.LF_NOISE_STD], bufs[k][:0],
                           None)
             x = bufs[k][:n]
-        out[start:start + n] = x
+        for r in range(n):       # not out[start:start + n] = x (see _bias_act_loop)
+            for j in range(x.shape[1]):
+                out[start + r, j] = x[r, j]

@@ -86,9 +86,11 @@ def by_code(stub, table):
     return stub
 
 
-def specialized(loop):
+def specialized(loop, returns=False):
     """ladder(uses, code, *args) -> loop(*args, CODE), CODE a compile-time constant, for the
-    codes marked in `uses`; a code not marked does nothing (the caller never passes one)."""
+    codes marked in `uses`; a code not marked does nothing (the caller never passes one).
+    With returns=True the ladder returns the loop's float value (NaN for a code not
+    marked)."""
     def ladder(uses, code, *args):
         raise NotImplementedError("a Numba ladder runs in compiled code only")
 
@@ -98,10 +100,12 @@ def specialized(loop):
         call = ", ".join(f"args[{k}]" for k in range(len(args)))
         src = ["def impl(uses, code, *args):"]
         for c in marked:
-            src += [f"    if code == {c}:", f"        LOOP({call}{', ' if call else ''}{c})",
-                    "        return"]
-        src.append("    return")
-        scope = {"LOOP": loop}
+            loop_call = f"LOOP({call}{', ' if call else ''}{c})"
+            src += [f"    if code == {c}:"] + (
+                [f"        return {loop_call}"] if returns
+                else [f"        {loop_call}", "        return"])
+        src.append("    return NAN" if returns else "    return")
+        scope = {"LOOP": loop, "NAN": float("nan")}
         exec("\n".join(src), scope)    # the ladder of this network's codes, typed now
         return scope["impl"]
 

@@ -2,6 +2,11 @@
 float64 and its gradient in the dtype, one pass over the logits. `param` is the part's
 PF_LOSS_PARAM (huber's delta, the categorical losses' label smoothing).
 
+Each loss is its own kernel; `loss_of(uses, loss, ...)` is a ladder over the loss codes a
+network uses (jit.specialized, `uses` from jit.uses_of) that calls the loss with its code as a
+compile-time constant, so a network compiles its own loss only (every loss in one function
+cost about 5 s of a cold compile, mostly for losses the network did not have).
+
 Shape legend: B batch rows, K outputs.
 """
 import math
@@ -10,7 +15,7 @@ import numpy as np
 
 from .. import contract
 from .epilogue import sigmoid
-from .jit import kernel, kernel_inline
+from .jit import by_code, kernel, kernel_inline, specialized, uses_of
 
 
 @kernel_inline
@@ -152,34 +157,40 @@ def _sparse_smoothed(z, y, grad, ls, want_grad):
 
 
 @kernel
-def loss_forward_backward(z, y, grad, loss, param, want_grad):
-    """Mean batch loss (float64); grad = d(mean)/dz written when want_grad."""
+def _mse(z, y, grad, want_grad):
     B, K = z.shape
     total = 0.0
-    if loss == contract.LOSS_MSE:
-        c = z.dtype.type(2.0 / (B * K))
-        for i in range(B):
-            for k in range(K):
-                d = z[i, k] - y[i, k]
-                total += np.float64(d) * np.float64(d)
-                if want_grad:
-                    grad[i, k] = d * c
-        return total / (B * K)
-    if loss == contract.LOSS_BCE:
-        c = z.dtype.type(1.0 / (B * K))
-        for i in range(B):
-            for k in range(K):
-                zz = np.float64(z[i, k])
-                total += max(zz, 0.0) - zz * y[i, k] + math.log1p(math.exp(-abs(zz)))
-                if want_grad:
-                    grad[i, k] = (sigmoid(z[i, k]) - y[i, k]) * c
-        return total / (B * K)
-    if loss == contract.LOSS_CCE:
-        return _categorical(z, y, grad, param, want_grad)
-    if loss != contract.LOSS_SCE:
-        return _elementwise(z, y, grad, loss, param, want_grad)
+    c = z.dtype.type(2.0 / (B * K))
+    for i in range(B):
+        for k in range(K):
+            d = z[i, k] - y[i, k]
+            total += np.float64(d) * np.float64(d)
+            if want_grad:
+                grad[i, k] = d * c
+    return total / (B * K)
+
+
+@kernel
+def _bce(z, y, grad, want_grad):
+    B, K = z.shape
+    total = 0.0
+    c = z.dtype.type(1.0 / (B * K))
+    for i in range(B):
+        for k in range(K):
+            zz = np.float64(z[i, k])
+            total += max(zz, 0.0) - zz * y[i, k] + math.log1p(math.exp(-abs(zz)))
+            if want_grad:
+                grad[i, k] = (sigmoid(z[i, k]) - y[i, k]) * c
+    return total / (B * K)
+
+
+@kernel
+def _sparse(z, y, grad, param, want_grad):
+    """sparse_categorical_crossentropy (with label smoothing: _sparse_smoothed)."""
     if param != 0:
         return _sparse_smoothed(z, y, grad, param, want_grad)
+    B, K = z.shape
+    total = 0.0
     c = z.dtype.type(1.0 / B)
     mixed = y.shape[1] == contract.SCE_MIXED_WIDTH    # Mixup: lam * CE(a) + (1 - lam) * CE(b)
     for i in range(B):
@@ -221,8 +232,59 @@ def loss_forward_backward(z, y, grad, loss, param, want_grad):
     return total / B
 
 
+
+
+def _loss_kind(z, loss, y, grad, param, want_grad):
+    """The loss of code `loss` (a compile-time constant: jit.by_code picks its case)."""
+    raise NotImplementedError("a Numba loss runs in compiled code only")
+
+
+def _mse_case(z, loss, y, grad, param, want_grad):
+    return _mse(z, y, grad, want_grad)
+
+
+def _bce_case(z, loss, y, grad, param, want_grad):
+    return _bce(z, y, grad, want_grad)
+
+
+def _sparse_case(z, loss, y, grad, param, want_grad):
+    return _sparse(z, y, grad, param, want_grad)
+
+
+def _categorical_case(z, loss, y, grad, param, want_grad):
+    return _categorical(z, y, grad, param, want_grad)
+
+
+def _elementwise_case(z, loss, y, grad, param, want_grad):
+    return _elementwise(z, y, grad, loss, param, want_grad)
+
+
+by_code(_loss_kind, {contract.LOSS_MSE: _mse_case, contract.LOSS_BCE: _bce_case,
+                     contract.LOSS_SCE: _sparse_case, contract.LOSS_CCE: _categorical_case,
+                     **{code: _elementwise_case for code in (
+                         contract.LOSS_MAE, contract.LOSS_HUBER, contract.LOSS_LOG_COSH,
+                         contract.LOSS_POISSON)}})
+
+
+@kernel_inline
+def _loss_loop(z, y, grad, param, want_grad, loss):
+    return _loss_kind(z, loss, y, grad, param, want_grad)
+
+
+# loss_of(uses, loss, z, y, grad, param, want_grad): the mean batch loss (float64); grad =
+# d(mean)/dz written when want_grad. y is (B, Ky): Ky = K but for sparse_categorical_
+# crossentropy: 1 (labels) or SCE_MIXED_WIDTH (label a, label b, lam: lam * CE(a) + (1 - lam)
+# * CE(b)). A code not in `uses` gives NaN.
+loss_of = specialized(_loss_loop, returns=True)
+
+
+def loss_uses(codes):
+    """The `uses` tuple of a set of loss codes (for loss_of)."""
+    return uses_of(codes, max(contract.LOSS_BY_CODE) + 1)
+
+
 @kernel
-def weighted_loss_forward_backward(z, y, grad, loss, param, Y, perm, start, wcol):
+def weighted_loss_forward_backward(uses, z, y, grad, loss, param, Y, perm, start, wcol):
     """The batch loss with the sample weights in column wcol of Y (rows perm[start:start+B]):
     sum_r w_r l_r / B, each row's gradient times w_r / B (reference
     weighted_loss_forward_backward: every loss is a mean over rows)."""
@@ -230,8 +292,7 @@ def weighted_loss_forward_backward(z, y, grad, loss, param, Y, perm, start, wcol
     total = 0.0
     for r in range(B):
         w = np.float64(Y[perm[start + r], wcol])
-        total += w * loss_forward_backward(z[r:r + 1], y[r:r + 1], grad[r:r + 1], loss, param,
-                                           True)
+        total += w * loss_of(uses, loss, z[r:r + 1], y[r:r + 1], grad[r:r + 1], param, True)
         scale = grad.dtype.type(w / B)
         for k in range(grad.shape[1]):
             grad[r, k] *= scale
