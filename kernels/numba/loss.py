@@ -66,6 +66,23 @@ def _elementwise(z, y, grad, loss, param, want_grad):
     return total / (B * K)
 
 
+@kernel_inline
+def _row_lse(z, i):
+    """Row i of the logits: (zmax, the dtype's sum of exp(z - zmax) that the softmax gradient
+    divides by, the float64 log-sum-exp the loss uses)."""
+    K = z.shape[1]
+    zmax = z[i, 0]
+    for k in range(1, K):
+        if z[i, k] > zmax:
+            zmax = z[i, k]
+    s = z.dtype.type(0)
+    s64 = 0.0
+    for k in range(K):
+        s += np.exp(z[i, k] - zmax)
+        s64 += math.exp(np.float64(z[i, k]) - np.float64(zmax))
+    return zmax, s, math.log(s64) + np.float64(zmax)
+
+
 @kernel
 def _categorical(z, y, grad, ls, want_grad):
     """categorical_crossentropy from target rows t = (1 - ls) y + ls / K (y itself when ls
@@ -78,23 +95,15 @@ def _categorical(z, y, grad, ls, want_grad):
     smooth = ls != 0
     total = 0.0
     for i in range(B):
-        zmax = z[i, 0]
-        for k in range(1, K):
-            if z[i, k] > zmax:
-                zmax = z[i, k]
-        s = dt(0)
-        s64 = 0.0
+        zmax, s, lse = _row_lse(z, i)
         S = dt(0)
         S64 = 0.0
         tz64 = 0.0
         for k in range(K):
-            s += np.exp(z[i, k] - zmax)
-            s64 += math.exp(np.float64(z[i, k]) - np.float64(zmax))
             t = y[i, k] * on + off if smooth else y[i, k]
             S += t
             S64 += np.float64(t)
             tz64 += np.float64(t) * np.float64(z[i, k])
-        lse = math.log(s64) + np.float64(zmax)
         total += S64 * lse - tz64
         if want_grad:
             for k in range(K):
@@ -124,18 +133,10 @@ def _sparse_smoothed(z, y, grad, ls, want_grad):
         if mixed:
             label_b = int(y[i, contract.SCE_LABEL_B])
             lam = y[i, contract.SCE_LAM]
-        zmax = z[i, 0]
-        for k in range(1, K):
-            if z[i, k] > zmax:
-                zmax = z[i, k]
-        s = dt(0)
-        s64 = 0.0
+        zmax, s, lse = _row_lse(z, i)
         zsum = 0.0
         for k in range(K):
-            s += np.exp(z[i, k] - zmax)
-            s64 += math.exp(np.float64(z[i, k]) - np.float64(zmax))
             zsum += np.float64(z[i, k])
-        lse = math.log(s64) + np.float64(zmax)
         if mixed:
             lam64 = np.float64(lam)
             total += lse - off64 * zsum - on64 * (lam64 * np.float64(z[i, label])
@@ -195,16 +196,7 @@ def _sparse(z, y, grad, param, want_grad):
     mixed = y.shape[1] == contract.SCE_MIXED_WIDTH    # Mixup: lam * CE(a) + (1 - lam) * CE(b)
     for i in range(B):
         label = int(y[i, contract.SCE_LABEL])
-        zmax = z[i, 0]
-        for k in range(1, K):
-            if z[i, k] > zmax:
-                zmax = z[i, k]
-        s = z.dtype.type(0)
-        s64 = 0.0
-        for k in range(K):
-            s += np.exp(z[i, k] - zmax)
-            s64 += math.exp(np.float64(z[i, k]) - np.float64(zmax))
-        lse = math.log(s64) + np.float64(zmax)
+        zmax, s, lse = _row_lse(z, i)
         if mixed:
             label_b = int(y[i, contract.SCE_LABEL_B])
             lam64 = np.float64(y[i, contract.SCE_LAM])
