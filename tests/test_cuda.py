@@ -26,20 +26,20 @@ from netutil import (OPTIMIZERS, PENALTIES, check_penalized_update, fresh_rng, r
                      small_cuda_tiles)
 from planutil import clone_plan, random_plan, random_targets, run_epochs
 
-G = pytest.importorskip("fastreg.kernels.cuda")
-if not G.available()[0]:
-    pytest.skip(G.available()[1], allow_module_level=True)
+cuda = pytest.importorskip("fastreg.kernels.cuda")
+if not cuda.available()[0]:
+    pytest.skip(cuda.available()[1], allow_module_level=True)
 
 from fastreg.kernels.cuda import epilogue as cuda_epilogue  # noqa: E402
 from fastreg.kernels.cuda import jit as cuda_jit  # noqa: E402
 
-SIM = G.on_simulator()
+SIM = cuda.on_simulator()
 ACTS = [a.code for a in contract.ACTIVATION_TABLE]
 
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    with small_cuda_tiles(monkeypatch, G):
+    with small_cuda_tiles(monkeypatch, cuda):
         yield
 
 
@@ -55,32 +55,32 @@ def numba_backend():
 
 # ---------------------------------------------------------------- availability
 def test_available_here():
-    ok, reason = G.available()
+    ok, reason = cuda.available()
     assert ok
-    assert G.NAME == "cuda"
+    assert cuda.NAME == "cuda"
     if SIM:
         assert "simulator" in reason
 
 
 def test_available_without_numba_cuda(monkeypatch):
-    monkeypatch.setattr(G, "cuda", None)
-    monkeypatch.setattr(G, "_IMPORT_ERROR", ImportError("the numba-cuda package is not installed"))
-    ok, reason = G.available()
-    assert not ok and 'pip install "fastreg[cuda]"' in reason
+    monkeypatch.setattr(cuda, "cuda", None)
+    monkeypatch.setattr(cuda, "_IMPORT_ERROR", ImportError("not installed"))
+    ok, reason = cuda.available()
+    assert not ok and 'pip install "fastreg[cuda]"' in reason and reason.count("installed") == 1
     with pytest.raises(RuntimeError, match="not available"):
-        G.philox_counters([(0, 0, 0, 0)], (0, 0))
+        cuda.philox_counters([(0, 0, 0, 0)], (0, 0))
 
 
 def test_available_without_gpu(monkeypatch):
-    monkeypatch.setattr(G, "on_simulator", lambda: False)
-    monkeypatch.setattr(G.cuda, "is_available", lambda: False)
-    ok, reason = G.available()
+    monkeypatch.setattr(cuda, "on_simulator", lambda: False)
+    monkeypatch.setattr(cuda.cuda, "is_available", lambda: False)
+    ok, reason = cuda.available()
     assert not ok and "GPU" in reason and reason.count(".") <= 1
 
 
 def test_is_a_complete_backend():
     from fastreg.kernels.protocol import Backend
-    backend = Backend(G)
+    backend = Backend(cuda)
     assert backend.name == "cuda"
     words = backend.philox_words(11, 12345, 6, 2, STREAM_DROPOUT)
     np.testing.assert_array_equal(words, philox_words(11, 12345, 6, 2, STREAM_DROPOUT))
@@ -124,7 +124,7 @@ KAT = [((0, 0, 0, 0), (0, 0), (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
 
 @pytest.mark.parametrize("counter,key,expected", KAT)
 def test_philox_known_answers(counter, key, expected):
-    words = G.philox_counters([counter], key)
+    words = cuda.philox_counters([counter], key)
     assert tuple(int(w) for w in words[0]) == expected
 
 
@@ -134,7 +134,7 @@ def test_stream_words_match_numpy_and_numba(stream):
     seed = int(rng.integers(2**63))
     step, layer = int(rng.integers(2**32)), int(rng.integers(7))
     n = 103
-    dev = G.philox_words(n, seed, step, layer, stream)
+    dev = cuda.philox_words(n, seed, step, layer, stream)
     np.testing.assert_array_equal(dev, philox_words(n, seed, step, layer, stream))
     np.testing.assert_array_equal(dev, numba_backend().philox_words(n, seed, step, layer,
                                                                     stream))
@@ -150,17 +150,17 @@ def _dense_case(rng, shape, dtype, act, rate, noise=(contract.NOISE_NONE, 0.0)):
     seed, step, layer = int(rng.integers(2**63)), int(rng.integers(2**31)), 2
     keeps = contract.keeps_pre(act, noise[0])
     outs, pres = {}, {}
-    for K in (reference, G):
+    for K in (reference, cuda):
         out = np.zeros((B, O), dtype)
         pre = np.zeros((B if keeps else 0, O), dtype)
         K.dense_forward(x, W, b, out, act, 0.02, thr, sc, seed, step, layer, *noise, pre)
         outs[K], pres[K] = out, pre
-    assert_close(outs[G], outs[reference], dtype)
-    assert_close(pres[G], pres[reference], dtype)
-    np.testing.assert_array_equal(outs[G] == 0, outs[reference] == 0)
+    assert_close(outs[cuda], outs[reference], dtype)
+    assert_close(pres[cuda], pres[reference], dtype)
+    np.testing.assert_array_equal(outs[cuda] == 0, outs[reference] == 0)
     g = randn(rng, (B, O), dtype)
     res = []
-    for K in (reference, G):
+    for K in (reference, cuda):
         gg = g.copy()
         dW, db, dx = np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
         K.dense_backward(gg, outs[reference], x, W, dW, db, dx, act, 0.02, thr, sc, seed, step,
@@ -197,7 +197,7 @@ def test_dense_float64():
 def test_dense_split_path(monkeypatch, act):
     """GEMM without epilogue followed by the elementwise epilogue kernels (the cuBLAS path's
     structure; the GEMM is ours here, cuBLAS where CuPy is installed)."""
-    monkeypatch.setattr(G, "FORCE_SPLIT", True)
+    monkeypatch.setattr(cuda, "FORCE_SPLIT", True)
     _dense_case(fresh_rng(), (13, 10, 17), np.float32, act, 0.3, (contract.NOISE_MUL, 0.2))
 
 
@@ -208,11 +208,12 @@ def test_backward_without_bias_or_dx():
     reference.dense_forward(x, W, np.zeros(0, np.float32), out,
                             contract.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
     out_g = np.zeros_like(out)
-    G.dense_forward(x, W, np.zeros(0, np.float32), out_g, contract.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
+    cuda.dense_forward(x, W, np.zeros(0, np.float32), out_g, contract.ACT_RELU, 0.0, 0, 1.0, 0,
+                       0, 0)
     assert_close(out_g, out)
     g0 = randn(rng, (9, 6))
     res = []
-    for K in (reference, G):
+    for K in (reference, cuda):
         g = g0.copy()
         dW = np.zeros_like(W)
         K.dense_backward(g, out, x, W, dW, np.zeros(0, np.float32),
@@ -226,12 +227,12 @@ def test_backward_without_bias_or_dx():
 def test_relu_propagates_nan(monkeypatch, split):
     """relu(NaN) is NaN as in the reference (np.maximum), on the fused GEMM epilogue and on
     the split path's elementwise kernel: a diverged model is not hidden."""
-    monkeypatch.setattr(G, "FORCE_SPLIT", split)
+    monkeypatch.setattr(cuda, "FORCE_SPLIT", split)
     rng = fresh_rng()
     x, W = randn(rng, (6, 4)), randn(rng, (4, 5))
     x[2, 1] = np.nan
     outs = []
-    for K in (reference, G):
+    for K in (reference, cuda):
         out = np.zeros((6, 5), np.float32)
         K.dense_forward(x, W, np.zeros(5, np.float32), out, contract.ACT_RELU, 0.0, 0, 1.0, 0, 0, 0)
         outs.append(out)
@@ -247,7 +248,7 @@ def test_input_dropout_bitwise():
     thr, sc = dropout_threshold(0.2), dropout_scale(0.2)
     seed, step = int(rng.integers(2**63)), int(rng.integers(2**31))
     reference.input_dropout(x, a, thr, sc, seed, step, 3, contract.NOISE_MUL, 0.3)
-    G.input_dropout(x, b, thr, sc, seed, step, 3, contract.NOISE_MUL, 0.3)
+    cuda.input_dropout(x, b, thr, sc, seed, step, 3, contract.NOISE_MUL, 0.3)
     assert_close(b, a)
     np.testing.assert_array_equal(a == 0, b == 0)
 
@@ -279,7 +280,7 @@ def test_input_derivative_kernels(relu_from_input, noise):
     x, W, b = randn(rng, (7, 5)), randn(rng, (5, 9), scale=0.5), randn(rng, 9)
     thr, sc = dropout_threshold(0.3), dropout_scale(0.3)
     out, pre = np.zeros((7, 9), np.float32), np.zeros((7, 9), np.float32)
-    G.dense_forward(x, W, b, out, contract.ACT_RELU, 0.0, thr, sc, 9, 4, 1, *noise, pre)
+    cuda.dense_forward(x, W, b, out, contract.ACT_RELU, 0.0, thr, sc, 9, 4, 1, *noise, pre)
     assert_close(pre, x @ W + b)                     # z, not f(z)
     ref_out = np.zeros_like(out)
     reference.dense_forward(x, W, b, ref_out, contract.ACT_RELU, 0.0, thr, sc, 9, 4, 1, *noise,
@@ -287,7 +288,8 @@ def test_input_derivative_kernels(relu_from_input, noise):
     assert_close(out, ref_out)
     g0 = randn(rng, (7, 9))
     res = []
-    for K, p in ((reference, np.maximum(pre, 0)), (G, pre)):  # the reference keeps f(z) with noise
+    # the reference keeps f(z) with noise
+    for K, p in ((reference, np.maximum(pre, 0)), (cuda, pre)):
         g, dW, db, dx = g0.copy(), np.zeros_like(W), np.zeros_like(b), np.zeros_like(x)
         K.dense_backward(g, ref_out, x, W, dW, db, dx, contract.ACT_RELU, 0.0, thr, sc, 9, 4, 1,
                          *noise, p)
@@ -313,15 +315,15 @@ def test_losses(loss):
         y = randn(rng, (41, 7))
     gr, gg = np.zeros_like(z), np.zeros_like(z)
     vr = reference.loss_forward_backward(z, y, gr, loss)
-    vg = G.loss_forward_backward(z, y, gg, loss)
+    vg = cuda.loss_forward_backward(z, y, gg, loss)
     assert vg == pytest.approx(vr, rel=1e-6)
-    assert G.loss_value(z, y, loss) == pytest.approx(vr, rel=1e-6)
+    assert cuda.loss_value(z, y, loss) == pytest.approx(vr, rel=1e-6)
     np.testing.assert_allclose(gg, gr, rtol=2e-5, atol=2e-7)
 
 
 # ---------------------------------------------------------------- penalized update
 def _update_case(opt, b1, nesterov, l1, l2, proximal, maxnorm, group, shape):
-    check_penalized_update(G, assert_close, np.float32, opt, b1, nesterov, l1, l2, proximal,
+    check_penalized_update(cuda, assert_close, np.float32, opt, b1, nesterov, l1, l2, proximal,
                            maxnorm, group, shape)
 
 
@@ -381,7 +383,7 @@ def compare_epochs(plan, X, Y, batch, oracle=reference, epochs=2, tol=STORE_TOL)
     statistic. Returns the device's plan."""
     ref, dev = clone_plan(plan), clone_plan(plan)
     rr = run_epochs(oracle, ref, X, Y, batch, epochs)
-    rd = run_epochs(G, dev, X, Y, batch, epochs)
+    rd = run_epochs(cuda, dev, X, Y, batch, epochs)
     for a, b in zip(rr, rd):
         assert b[2] == a[2] and b[3] == a[3]
         np.testing.assert_allclose(b[0], a[0], rtol=1e-4)
@@ -400,9 +402,9 @@ PATHS = ["fused-epoch", "fused-step", "tiled"]
 
 def use_path(monkeypatch, path):
     if path == "fused-step":
-        monkeypatch.setattr(G, "FUSED_EPOCH_MAX_MACS", 0)
+        monkeypatch.setattr(cuda, "FUSED_EPOCH_MAX_MACS", 0)
     elif path == "tiled":
-        monkeypatch.setattr(G, "FUSED_MAX_WIDTH", 0)
+        monkeypatch.setattr(cuda, "FUSED_MAX_WIDTH", 0)
 
 
 def path_taken(plan):
@@ -469,7 +471,7 @@ def test_train_epoch_equals_numba(monkeypatch, path):
 @pytest.mark.parametrize("heads", [False, True])
 def test_train_epoch_split_path(monkeypatch, heads):
     """Every GEMM, then its elementwise epilogue kernel (the cuBLAS path's structure)."""
-    monkeypatch.setattr(G, "FORCE_SPLIT", True)
+    monkeypatch.setattr(cuda, "FORCE_SPLIT", True)
     use_path(monkeypatch, "tiled")
     rng = fresh_rng()
     plan = (_head_plan(rng, "three-heads-sgd-maxnorm-group") if heads else
@@ -484,7 +486,7 @@ def test_fused_ragged_blocks_and_full_width(monkeypatch, path):
     thread; max-norm and group-lasso columns in the one-block epoch's update."""
     use_path(monkeypatch, path)
     rng = fresh_rng()
-    case = dict(EPOCH_CASES["relu-sce-sgd-nesterov-l2"], sizes=(5, G.FUSED_MAX_WIDTH, 7, 3),
+    case = dict(EPOCH_CASES["relu-sce-sgd-nesterov-l2"], sizes=(5, cuda.FUSED_MAX_WIDTH, 7, 3),
                 acts=[RL, RL, LN], drop=[0.1, 0.1, 0.0], maxnorm=0.8, group=1e-3)
     plan = random_epoch_plan(rng, **case)
     dev = compare_epochs(plan, *_data(rng, plan, 37), 13)
@@ -523,8 +525,8 @@ def test_input_derivative_epochs():
         X, Y = _data(rng, plan, 19)
         flagged, plain = clone_plan(plan), clone_plan(plan)
         with relu_read_from_z():
-            run_epochs(G, flagged, X, Y, 8, epochs=1)
-        run_epochs(G, plain, X, Y, 8, epochs=1)
+            run_epochs(cuda, flagged, X, Y, 8, epochs=1)
+        run_epochs(cuda, plain, X, Y, 8, epochs=1)
         relu = plan.li[:, contract.LI_ACT] == RL
         assert all(np.array(flagged.cache["cuda"].keeps_pre)[relu])
         assert not any(np.array(plain.cache["cuda"].keeps_pre)[relu & (plan.li[:, contract.LI_NOISE]
@@ -588,14 +590,14 @@ def test_path_is_chosen_per_plan():
     statistics), or trunk and heads: the tiled path, with the same results. At inference
     (BatchNorm folded) a chain that fits takes the fused forward."""
     rng = fresh_rng()
-    width = G.FUSED_MAX_WIDTH
+    width = cuda.FUSED_MAX_WIDTH
     for kw in (dict(sizes=(width + 1, 6, 2)), dict(sizes=(4, width + 1, 2)),
                dict(sizes=(4, 6, 2), bn=[True, False])):
         plan = random_epoch_plan(rng, acts=[LR, LN], opt=contract.OPT_SGD, momentum=0.0, **kw)
         dev = compare_epochs(plan, *_data(rng, plan, 10), 10, epochs=1)
         assert path_taken(dev) == "tiled"
     infer = random_epoch_plan(rng, sizes=(4, 6, 2), bn=[True, False], training=False)
-    G.forward_inference(infer, randn(rng, (3, 4)), 3)
+    cuda.forward_inference(infer, randn(rng, (3, 4)), 3)
     assert infer.cache["cuda"].chains[0] is not None
 
 
@@ -603,17 +605,17 @@ def test_device_state_is_reused_and_invalidated():
     rng = fresh_rng()
     plan = random_epoch_plan(rng, **EPOCH_CASES["relu-sce-sgd-nesterov-l2"])
     X, Y = _data(rng, plan, 16)
-    run_epochs(G, plan, X, Y, 16, epochs=1)
+    run_epochs(cuda, plan, X, Y, 16, epochs=1)
     st = plan.cache["cuda"]
     Xd = st.dataset(X, Y)[0]
-    G.train_epoch(plan, X, Y, np.arange(16, dtype=np.int64), 16, 100, 100)
+    cuda.train_epoch(plan, X, Y, np.arange(16, dtype=np.int64), 16, 100, 100)
     assert plan.cache["cuda"] is st and st.dataset(X, Y)[0] is Xd   # nothing re-copied
     # the user changes the host weights: invalidate, and the next epoch starts from them
     plan.store.params[...] = 0.0
-    G.invalidate(plan)
+    cuda.invalidate(plan)
     assert "cuda" not in plan.cache
-    G.train_epoch(plan, X, Y, np.arange(16, dtype=np.int64), 16, 101, 101)
-    G.sync_to_host(plan)
+    cuda.train_epoch(plan, X, Y, np.arange(16, dtype=np.int64), 16, 101, 101)
+    cuda.sync_to_host(plan)
     assert 0 < float(np.abs(plan.store.params).max()) < 0.5    # one small step from zero
 
 
@@ -639,7 +641,7 @@ def test_train_epoch_stops_on_nonfinite_loss(monkeypatch, path):
     X[row] = np.nan if path == "heads" else np.inf
     ref, dev = clone_plan(plan), clone_plan(plan)
     rr = run_epochs(reference, ref, X, Y, 8, epochs=1)[0]
-    rd = run_epochs(G, dev, X, Y, 8, epochs=1)[0]
+    rd = run_epochs(cuda, dev, X, Y, 8, epochs=1)[0]
     assert rr[3] is False and rd[3] is False
     assert rd[2] == rr[2] == 1
     np.testing.assert_allclose(rd[0], rr[0], rtol=1e-4)
@@ -664,7 +666,7 @@ def test_forward_inference_equals_reference(monkeypatch, path):
     X = randn(rng, (45, train.Ws[0].shape[0]))
     H = reference.forward_inference(infer, X, 16, part=0)
     for part, x in ((0, X), (1, H), (3, H)):
-        assert_close(G.forward_inference(infer, x, 16, part),
+        assert_close(cuda.forward_inference(infer, x, 16, part),
                      reference.forward_inference(infer, x, 16, part))
         assert (infer.cache["cuda"].chains[part] is not None) == (path != "tiled")
 
@@ -676,7 +678,7 @@ def test_nan_input_propagates_through_relu_inference(monkeypatch, path):
     plan = random_epoch_plan(rng, sizes=(3, 6, 2), acts=[RL, LN], training=False)
     X = randn(rng, (5, 3))
     X[1, 0] = np.nan
-    out = G.forward_inference(plan, X, 5)
+    out = cuda.forward_inference(plan, X, 5)
     np.testing.assert_array_equal(np.isnan(out), np.isnan(reference.forward_inference(plan, X, 5)))
     assert np.isnan(out[1]).all() and not np.isnan(out[[0, 2, 3, 4]]).any()
 

@@ -9,7 +9,7 @@ from scipy.stats import loguniform
 
 import fastreg as fr
 
-S = importlib.import_module("fastreg.sweep")
+sweeps = importlib.import_module("fastreg.sweep")
 
 joblib = pytest.importorskip("joblib")
 
@@ -51,7 +51,7 @@ def _kw():
 
 def _results(rows):
     """What a row computed: every column but those that say how it ran."""
-    return [{k: v for k, v in r.items() if k not in S.RUN_COLUMNS} for r in rows]
+    return [{k: v for k, v in r.items() if k not in sweeps.RUN_COLUMNS} for r in rows]
 
 
 def assert_same_table(local, other):
@@ -63,16 +63,16 @@ def test_random_points_are_seeded_and_drawn_from_the_distributions():
     pytest.importorskip("sklearn")
     dists = {"l2": loguniform(1e-6, 1e-1)}
     grid = {"dropout": [0.0, 0.1, 0.2]}
-    a = S.sample_points(grid, dists, 12, seed=3)
-    assert a == S.sample_points(grid, dists, 12, seed=3)
-    assert a != S.sample_points(grid, dists, 12, seed=4)
+    a = sweeps.sample_points(grid, dists, 12, seed=3)
+    assert a == sweeps.sample_points(grid, dists, 12, seed=3)
+    assert a != sweeps.sample_points(grid, dists, 12, seed=4)
     assert len(a) == 12 and all(list(p) == ["dropout", "l2"] for p in a)
     assert all(1e-6 <= p["l2"] <= 1e-1 and p["dropout"] in grid["dropout"] for p in a)
     assert len({p["l2"] for p in a}) == 12                     # continuous: all distinct
     # log-uniform: about as many draws per decade; the median decade is near the middle
     assert 1e-5 < float(np.median([p["l2"] for p in a])) < 1e-2
     # a space of lists only is sampled without replacement, at most its size
-    small = S.sample_points({"l2": [0.0, 1e-3], "dropout": [0.0, 0.5]}, None, 10, seed=0)
+    small = sweeps.sample_points({"l2": [0.0, 1e-3], "dropout": [0.0, 0.5]}, None, 10, seed=0)
     assert len(small) == 4 and len({tuple(p.values()) for p in small}) == 4
 
 
@@ -90,18 +90,18 @@ def test_random_search_arguments_are_checked(kwargs, match):
     kwargs = dict(kwargs)
     grid = kwargs.pop("grid", None)
     with pytest.raises(ValueError, match=match):
-        S.sweep(build, grid, X, y, **kwargs)
+        sweeps.sweep(build, grid, X, y, **kwargs)
 
 
 def test_random_search_table_rows_are_the_drawn_points():
     pytest.importorskip("sklearn")
     X, y, kw = _kw()
     dists = {"l2": loguniform(1e-5, 1e-1)}
-    table = S.sweep(build, {"dropout": [0.0, 0.2]}, X, y, n_iter=3, distributions=dists,
-                    n_jobs=1, **kw)
-    points = S.sample_points({"dropout": [0.0, 0.2]}, dists, 3, seed=kw["seed"])
+    table = sweeps.sweep(build, {"dropout": [0.0, 0.2]}, X, y, n_iter=3, distributions=dists,
+                         n_jobs=1, **kw)
+    points = sweeps.sample_points({"dropout": [0.0, 0.2]}, dists, 3, seed=kw["seed"])
     assert [{k: r[k] for k in ("dropout", "l2")} for r in table] == points
-    assert [r["seed"] for r in table] == [S.point_seed(kw["seed"], p) for p in points]
+    assert [r["seed"] for r in table] == [sweeps.point_seed(kw["seed"], p) for p in points]
     assert all(r["final_penalty"] > 0 for r in table)
 
 
@@ -109,30 +109,30 @@ def test_n_jobs_is_checked_and_sweep_needs_data():
     X, y = _data(32)
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="n_jobs"):
-            S.sweep(build, GRID, X, y, n_jobs=bad)
+            sweeps.sweep(build, GRID, X, y, n_jobs=bad)
     with pytest.raises(ValueError, match="training data"):
-        S.sweep(build, GRID)
+        sweeps.sweep(build, GRID)
 
 
 def test_worker_threads_outside_any_cluster_divide_this_machines_cores():
-    cores = S.cpu_cores()
-    assert S.worker_threads(1) == cores
-    assert S.worker_threads(2) == max(1, cores // 2)
-    assert S.worker_threads(10 * cores) == 1
+    cores = sweeps.cpu_cores()
+    assert sweeps.worker_threads(1) == cores
+    assert sweeps.worker_threads(2) == max(1, cores // 2)
+    assert sweeps.worker_threads(10 * cores) == 1
 
 
 # ------------------------------------------------------------------ loky (local processes)
 @pytest.mark.slow
 def test_the_active_parallel_config_is_honoured():
     X, y, kw = _kw()
-    local = S.sweep(build, GRID, X, y, n_jobs=1, **kw)
+    local = sweeps.sweep(build, GRID, X, y, n_jobs=1, **kw)
     with joblib.parallel_config(backend="loky", n_jobs=2):
         # n_jobs=None takes the config's 2 local processes, each sizing its own threads
-        rows, models = S.sweep(build, GRID, X, y, return_models=True, **kw)
+        rows, models = sweeps.sweep(build, GRID, X, y, return_models=True, **kw)
     assert_same_table(local, rows)
     assert {m.built_in_pid for m in models}.isdisjoint({os.getpid()})
-    assert all(r["threads"] == max(1, S.cpu_cores() // 2) for r in rows)
-    assert all(r["threads"] == S.cpu_cores() for r in local)
+    assert all(r["threads"] == max(1, sweeps.cpu_cores() // 2) for r in rows)
+    assert all(r["threads"] == sweeps.cpu_cores() for r in local)
 
 
 # ------------------------------------------------------------------ dask.distributed
@@ -153,17 +153,17 @@ def dask_client():
 @pytest.mark.slow
 def test_sweep_on_a_dask_cluster_equals_the_local_table(dask_client):
     X, y, kw = _kw()
-    local = S.sweep(build, GRID, X, y, n_jobs=1, **kw)
+    local = sweeps.sweep(build, GRID, X, y, n_jobs=1, **kw)
     worker_pids = set(dask_client.run(os.getpid).values())
     assert len(worker_pids) == 2 and os.getpid() not in worker_pids
     with joblib.parallel_config(backend="dask"):
-        rows, models = S.sweep(build, GRID, X, y, return_models=True, **kw)
+        rows, models = sweeps.sweep(build, GRID, X, y, return_models=True, **kw)
     assert_same_table(local, rows)
     assert {m.built_in_pid for m in models} <= worker_pids      # trained on the workers
     # each worker sized its pools from its own machine: the cores over the 2 dask threads
     # on this host (the local run used every core)
-    assert all(r["threads"] == max(1, S.cpu_cores() // 2) for r in rows)
-    assert all(r["threads"] == S.cpu_cores() for r in local)
+    assert all(r["threads"] == max(1, sweeps.cpu_cores() // 2) for r in rows)
+    assert all(r["threads"] == sweeps.cpu_cores() for r in local)
     for m, r in zip(models, rows):
         assert m.evaluate(*kw["validation_data"]) == r["final_val_loss"]
 
@@ -173,9 +173,9 @@ def test_random_search_on_a_dask_cluster_equals_the_local_one(dask_client):
     pytest.importorskip("sklearn")
     X, y, kw = _kw()
     dists = {"l2": loguniform(1e-5, 1e-1), "dropout": [0.0, 0.1, 0.3]}
-    local = S.sweep(build, None, X, y, n_iter=4, distributions=dists, n_jobs=1, **kw)
+    local = sweeps.sweep(build, None, X, y, n_iter=4, distributions=dists, n_jobs=1, **kw)
     with joblib.parallel_config(backend="dask"):
-        remote = S.sweep(build, None, X, y, n_iter=4, distributions=dists, n_jobs=-1, **kw)
+        remote = sweeps.sweep(build, None, X, y, n_iter=4, distributions=dists, n_jobs=-1, **kw)
     assert_same_table(local, remote)
 
 
@@ -183,12 +183,12 @@ def test_random_search_on_a_dask_cluster_equals_the_local_one(dask_client):
 def test_regularization_path_runs_as_one_task_on_a_dask_worker(dask_client):
     X, y, kw = _kw()
     path_kw = dict(kw, epochs=4, warm_epochs=2, return_models=True)
-    local, _ = S.regularization_path(build_l1, [1e-1, 1e-2, 1e-3], X, y, **path_kw)
+    local, _ = sweeps.regularization_path(build_l1, [1e-1, 1e-2, 1e-3], X, y, **path_kw)
     seen = []
     with joblib.parallel_config(backend="dask"):
-        remote, models = S.regularization_path(build_l1, [1e-1, 1e-2, 1e-3], X, y,
-                                               progress=lambda i, n, row: seen.append(i),
-                                               **path_kw)
+        remote, models = sweeps.regularization_path(build_l1, [1e-1, 1e-2, 1e-3], X, y,
+                                                    progress=lambda i, n, row: seen.append(i),
+                                                    **path_kw)
     assert _results(local) == _results(remote)
     assert [r["start"] for r in remote] == ["init", "warm", "warm"]
     worker_pids = set(dask_client.run(os.getpid).values())
@@ -206,14 +206,14 @@ def test_sweep_under_rays_joblib_backend_equals_the_local_table():
     ray = pytest.importorskip("ray")
     from ray.util.joblib import register_ray
     X, y, kw = _kw()
-    local = S.sweep(build, GRID, X, y, n_jobs=1, **kw)
+    local = sweeps.sweep(build, GRID, X, y, n_jobs=1, **kw)
     # Ray's workers do not inherit sys.path: this module (build) must be importable there
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(__file__)}})
     try:
         register_ray()
         with joblib.parallel_config(backend="ray"):
-            rows, models = S.sweep(build, GRID, X, y, n_jobs=-1, return_models=True, **kw)
+            rows, models = sweeps.sweep(build, GRID, X, y, n_jobs=-1, return_models=True, **kw)
     finally:
         ray.shutdown()
     assert_same_table(local, rows)

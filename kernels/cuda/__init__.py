@@ -74,7 +74,7 @@ FUSED_EPOCH_MAX_MACS = 1 << 23
 def available():
     """(True, "") when this backend can run here, else (False, one sentence saying why)."""
     if cuda is None:
-        return False, ("numba-cuda is not installed ({}); install it with "
+        return False, ("numba-cuda could not be imported ({}); install it with "
                        "pip install \"fastreg[cuda]\"".format(_IMPORT_ERROR))
     if on_simulator():
         return True, "running on the numba-cuda simulator (NUMBA_ENABLE_CUDASIM=1): slow"

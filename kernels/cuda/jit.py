@@ -17,7 +17,7 @@ import numpy as np
 
 try:  # importing the backend must never fail: numba-cuda (or a GPU) may be missing
     if importlib.util.find_spec("numba_cuda") is None:
-        raise ImportError("the numba-cuda package is not installed")
+        raise ImportError("not installed")
     import numba
     from numba import cuda
     IMPORT_ERROR = None
