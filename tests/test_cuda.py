@@ -30,7 +30,7 @@ cuda = pytest.importorskip("fastreg.kernels.cuda")
 if not cuda.available()[0]:
     pytest.skip(cuda.available()[1], allow_module_level=True)
 
-from fastreg.kernels.cuda import epilogue as cuda_epilogue  # noqa: E402
+from fastreg.kernels.cuda import activation as cuda_activation  # noqa: E402
 from fastreg.kernels.cuda import jit as cuda_jit  # noqa: E402
 
 SIM = cuda.on_simulator()
@@ -262,7 +262,7 @@ def relu_read_from_z():
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(contract.ACTIVATION_BY_CODE, contract.ACT_RELU,
                    contract.Activation("relu", contract.ACT_RELU, grad_from="input"))
-        mp.setattr(cuda_epilogue, "FROM_INPUT_MASK", 1 << contract.ACT_RELU)
+        mp.setattr(cuda_activation, "FROM_INPUT_MASK", 1 << contract.ACT_RELU)
         mp.setattr(cuda_jit, "_BUILT", {})         # kernels compiled with the new flag
         assert contract.keeps_pre(contract.ACT_RELU, contract.NOISE_NONE)
         yield

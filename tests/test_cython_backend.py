@@ -641,14 +641,14 @@ def test_contract_pxi_is_generated_from_the_contract():
 
 
 def test_every_activation_of_the_table_is_dispatched_and_defined():
-    """A row of ACTIVATION_TABLE needs its f and f' in epilogue.pxi (the generated ladders
+    """A row of ACTIVATION_TABLE needs its f and f' in activation.pxi (the generated ladders
     call them by name); every generated ladder has a case per row."""
     text = _generate().activation_dispatch(contract)
-    epilogue = (KERNELS / "cython" / "epilogue.pxi").read_text()
+    defined = (KERNELS / "cython" / "activation.pxi").read_text()
     for a in contract.ACTIVATION_TABLE:
         for fn in (f"_f_{a.name}", f"_df_{a.name}"):
             assert f"{fn}(" in text
-            assert f"cdef inline real {fn}(" in epilogue, f"epilogue.pxi lacks {fn}"
+            assert f"cdef inline real {fn}(" in defined, f"activation.pxi lacks {fn}"
     generate = _generate()
     for name, _, call in generate.SPECIALIZED:
         body = text.split(f"cdef void {name}(")[1].split("\ncdef ")[0]

@@ -2,8 +2,9 @@
 epoch. The twin of kernels/reference and kernels/numba (same module names, same signatures,
 the same Philox masks bit for bit, results equal to float32 rounding).
 
-    philox     Philox words and normals            epilogue   bias, activation, noise, mask
-    dense      tiled GEMM + fused epilogue         batchnorm  the BatchNorm dense layer
+    philox     Philox words and normals            activation f and f' of every activation
+    epilogue   bias, activation, noise, mask       dense      tiled GEMM + fused epilogue
+    batchnorm  the BatchNorm dense layer
     loss       losses from logits, the status      update     the fused penalized update
     epoch      the device-resident plan, epochs    fused      the fused small-MLP path
     fused_epoch  its weight gradients, one-launch epoch

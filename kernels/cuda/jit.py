@@ -27,8 +27,8 @@ except Exception as exc:  # pragma: no cover - depends on the machine
     IMPORT_ERROR = exc
 
 # The order the builders run in: each reads what the earlier ones added.
-BUILDERS = ("philox", "epilogue", "dense", "loss", "update", "batchnorm", "epoch", "fused",
-            "fused_epoch")
+BUILDERS = ("philox", "activation", "epilogue", "dense", "loss", "update", "batchnorm", "epoch",
+            "fused", "fused_epoch")
 
 
 def tunables():

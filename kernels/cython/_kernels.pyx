@@ -5,8 +5,9 @@ warm-up). One extension, so that every kernel can inline every other; its rooms 
 included .pxi files, with the module names of the other backends (kernels/numba/*.py):
 
     contract   constants and the activation dispatch, GENERATED from kernels/contract.py
-    philox     Philox words and normals       epilogue   activations, noise, mask, input transform
-    dense      BLAS products + epilogue        batchnorm  the BatchNorm dense layer
+    philox     Philox words and normals       activation f and f' of every activation
+    epilogue   noise, mask, input transform   dense      BLAS products + epilogue
+    batchnorm  the BatchNorm dense layer
     loss       losses from logits              update     the fused penalized update
     epoch      the compiled epoch (trunk and heads) and inference
 
@@ -22,9 +23,9 @@ for bit, and in float32 to rounding:
   bits DESIGN.md fixes, so a mask is a contiguous compare that vectorises.
 - Products call scipy's BLAS (``cython_blas``) directly, without the GIL, dispatched exactly
   like Numba's ``np.dot(a, b, out)``.
-- The elementwise loops are written once and called with literal activation / optimizer
-  codes, so the C compiler emits a branch-free, vectorised copy per code (the activation
-  ladders are generated from the contract's table: kernels/cython/generate.py).
+- The elementwise loops are written once and compiled once per activation (a fused tag type,
+  generated from the contract's table by kernels/cython/generate.py) or called with literal
+  optimizer codes, so each copy is branch-free and vectorised.
 - Elementwise passes run under OpenMP (``prange``) when they are big enough, over FIXED
   chunks (not derived from the thread count): the partition, and with it every rounding, is
   the same for any number of threads.
@@ -180,6 +181,7 @@ def _threshold(int64_t thr):
 
 
 include "philox.pxi"
+include "activation.pxi"
 include "epilogue.pxi"
 include "dense.pxi"
 include "batchnorm.pxi"

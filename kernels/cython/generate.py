@@ -3,7 +3,7 @@
 
 This module imports nothing (setup.py and the tests load it by path, before anything is
 built). Adding an activation is a row of contract.ACTIVATION_TABLE plus its f and f' in
-epilogue.pxi, named after the row: ``_f_<name>(z, slope)`` and ``_df_<name>(v, slope)``
+activation.pxi, named after the row: ``_f_<name>(z, slope)`` and ``_df_<name>(v, slope)``
 (v = the output a = f(z), or z itself when the row's grad_from is "input"). Everything that
 switches on an activation code is generated here from the table:
 - ``_act_unscale(act)`` / ``_act_from_input(act)``: the row's flags for a code known only at

@@ -1,8 +1,9 @@
 """The Numba CPU backend ("numba"): the kernel contract as @njit functions, and one compiled
 epoch. The twin of kernels/reference (same module names, same signatures, same masks).
 
-    philox     Philox words and normals            epilogue   bias, activation, noise, mask
-    dense      GEMM + epilogue                     batchnorm  the BatchNorm dense layer
+    philox     Philox words and normals            activation f and f' of every activation
+    epilogue   bias, activation, noise, mask       dense      GEMM + epilogue
+    batchnorm  the BatchNorm dense layer
     loss       losses from logits                  update     the fused penalized update
     epoch      the compiled epoch and inference    jit        flags, specialization, cache
 
@@ -23,7 +24,7 @@ from .batchnorm import bn_dense_backward as _bn_dense_backward
 from .batchnorm import bn_dense_forward as _bn_dense_forward
 from .dense import dense_backward as _dense_backward
 from .dense import dense_forward as _dense_forward
-from .epilogue import activations_used
+from .activation import activations_used
 from .epilogue import input_dropout as _input_dropout
 from .jit import ENTRY_FLAGS, SOURCE_STAMP, uses_of
 from .loss import loss_of as _loss_of, loss_uses

@@ -13,10 +13,10 @@ from numba import prange
 
 from .. import contract
 from ..contract import PARALLEL_MIN_ELEMENTS
-from .epilogue import (COL_CHUNK, ELEM_CHUNK, FROM_INPUT, ROW_CHUNK, activate,
-                       fill_output_words, keeps_f, output_grad_range, output_grads_parallel,
-                       output_range)
+from .activation import FROM_INPUT, activate
 from .dense import npdot
+from .epilogue import (COL_CHUNK, ELEM_CHUNK, ROW_CHUNK, fill_output_words, keeps_f,
+                       output_grad_range, output_grads_parallel, output_range)
 from .jit import kernel, kernel_inline, kernel_parallel, specialized
 
 

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from .. import contract
-from .epilogue import sigmoid
+from .activation import sigmoid
 from .jit import by_code, kernel, kernel_inline, specialized, uses_of
 
 

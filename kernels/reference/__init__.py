@@ -29,7 +29,8 @@ import sys
 from . import epoch
 from .batchnorm import bn_dense_backward, bn_dense_forward
 from .dense import dense_backward, dense_forward
-from .epilogue import activation, activation_grad, input_dropout, sigmoid
+from .activation import activation, activation_grad, sigmoid
+from .epilogue import input_dropout
 from .loss import loss_forward_backward, loss_value, output_transform
 from .update import penalized_update, penalty_value, update_coefficients
 

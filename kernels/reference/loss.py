@@ -10,7 +10,7 @@ categorical losses' label smoothing); None means the row's default.
 import numpy as np
 
 from .. import contract
-from .epilogue import sigmoid
+from .activation import sigmoid
 
 
 def loss_forward_backward(logits, y, grad, loss, param=None):
