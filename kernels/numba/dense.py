@@ -6,8 +6,10 @@ sgemm/dgemm, transposes passed as flags, no copies.
 """
 import numpy as np
 
+from .. import contract
 from .epilogue import backward_epilogue, fill_output_words, forward_epilogue
 from .jit import kernel
+from .philox import normal, normal_pair, philox_fill
 
 
 @kernel
@@ -30,3 +32,23 @@ def dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scal
     np.dot(x.T, grad, dW)
     if dx.size > 0:
         np.dot(grad, W.T, dx)
+
+
+@kernel
+def weight_noise(par, W, out, std, k0, k1, step, layer, words):
+    """out = W + std * n (reference weight_noise): the step's perturbed kernel, n the normals
+    of stream STREAM_WEIGHT_NOISE in W's row-major order (words: (4, G) scratch, G >=
+    ceil(W.size / 4)), rounded to the dtype first; std in the dtype."""
+    n = W.size
+    philox_fill(par, words, n, k0, k1, step, layer, contract.STREAM_WEIGHT_NOISE)
+    w = W.reshape(n)
+    o = out.reshape(n)
+    ft = o.dtype.type
+    e = 0
+    while e + 1 < n:
+        c, s = normal_pair(words, e)
+        o[e] = w[e] + std * ft(c)
+        o[e + 1] = w[e + 1] + std * ft(s)
+        e += 2
+    if e < n:
+        o[e] = w[e] + std * ft(normal(words, e))
