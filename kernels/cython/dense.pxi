@@ -120,17 +120,18 @@ cdef void _weight_noise(real* W, real* out, Py_ssize_t n, real std, uint32_t k0,
                         uint32_t step, uint32_t layer, uint32_t* words) noexcept nogil:
     """out = W + std * n over the n elements of a kernel in row-major order (reference
     weight_noise): the step's perturbed kernel, normals of stream STREAM_WEIGHT_NOISE
-    rounded to the dtype first; words holds >= 4 * ceil(n / 4) values."""
-    cdef Py_ssize_t e = 0
-    cdef double c, s
+    rounded to the dtype first; words holds >= 4 * ceil(n / 4) values. The noise layers'
+    additive pass (NOISE_ADD, no mask: _input_noise_range), over fixed chunks when big."""
+    cdef Py_ssize_t c, n_chunks
     _philox_fill(words, n, k0, k1, step, layer, STREAM_WEIGHT_NOISE)
-    while e + 1 < n:
-        _normal_pair(words, e, &c, &s)
-        out[e] = W[e] + std * <real>c
-        out[e + 1] = W[e + 1] + std * <real>s
-        e += 2
-    if e < n:
-        out[e] = W[e] + std * <real>_normal(words, e)
+    if n >= PARALLEL_MIN_ELEMENTS:
+        n_chunks = (n + ROW_CHUNK * 1024 - 1) // (ROW_CHUNK * 1024)
+        for c in prange(n_chunks, schedule="static"):
+            _input_noise_range(W, out, c * ROW_CHUNK * 1024,
+                               _min(n, (c + 1) * ROW_CHUNK * 1024), 0, <real>1, words,
+                               NOISE_ADD, std, words)
+    else:
+        _input_noise_range(W, out, 0, n, 0, <real>1, words, NOISE_ADD, std, words)
 
 
 def weight_noise(real[:, ::1] W, real[:, ::1] out, double std, uint32_t k0, uint32_t k1,

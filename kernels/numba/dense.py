@@ -7,9 +7,10 @@ sgemm/dgemm, transposes passed as flags, no copies.
 import numpy as np
 
 from .. import contract
-from .epilogue import backward_epilogue, fill_output_words, forward_epilogue
+from .epilogue import (backward_epilogue, fill_output_words, forward_epilogue, noise_parallel,
+                       noise_range)
 from .jit import kernel
-from .philox import normal, normal_pair, philox_fill
+from .philox import philox_fill
 
 
 @kernel
@@ -38,17 +39,15 @@ def dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scal
 def weight_noise(par, W, out, std, k0, k1, step, layer, words):
     """out = W + std * n (reference weight_noise): the step's perturbed kernel, n the normals
     of stream STREAM_WEIGHT_NOISE in W's row-major order (words: (4, G) scratch, G >=
-    ceil(W.size / 4)), rounded to the dtype first; std in the dtype."""
+    ceil(W.size / 4)), rounded to the dtype first; std in the dtype. The additive noise
+    pass of the noise layers (NOISE_ADD, no mask), over fixed chunks when big enough."""
     n = W.size
     philox_fill(par, words, n, k0, k1, step, layer, contract.STREAM_WEIGHT_NOISE)
-    w = W.reshape(n)
-    o = out.reshape(n)
-    ft = o.dtype.type
-    e = 0
-    while e + 1 < n:
-        c, s = normal_pair(words, e)
-        o[e] = w[e] + std * ft(c)
-        o[e + 1] = w[e + 1] + std * ft(s)
-        e += 2
-    if e < n:
-        o[e] = w[e] + std * ft(normal(words, e))
+    flat = out.reshape(n)
+    flat[:] = W.reshape(n)
+    one = flat.dtype.type(1)
+    if par is not None:
+        if n >= contract.PARALLEL_MIN_ELEMENTS:
+            noise_parallel(flat, words, contract.NOISE_ADD, std, words, 0, one)
+            return
+    noise_range(flat, flat[:0], False, words, contract.NOISE_ADD, std, words, 0, one, 0, n)
