@@ -3,11 +3,12 @@
     python bench/weight_noise_cost.py [--workload curve] [--backend cython] [--epochs 5]
                                       [--sigma 0.01] [--quick]
 
-Per workload and backend, three models from the same initial weights (bench/workloads.py):
-"base" (no weight_noise argument), "off" (weight_noise=0 on every Dense: must cost nothing)
-and "on" (weight_noise=sigma on every Dense). One warm-up epoch each, then `epochs` timed
-epochs interleaved (base, off, on, base, ...) so that machine noise hits all three alike;
-prints the median epoch time of each and off / on relative to base.
+Per workload and backend, four models from the same initial weights (bench/workloads.py):
+"base" (no weight_noise argument), "off" (weight_noise=0 on every Dense: must cost nothing),
+"on" (weight_noise=sigma on every Dense) and "base" again (the same model as the first: the
+measurement's noise floor, position in the interleaving included). One warm-up epoch each,
+then `epochs` timed epochs interleaved so that machine noise hits all alike; prints the
+median epoch time of each relative to base.
 """
 import argparse
 import os
@@ -52,7 +53,8 @@ def main(argv=None):
         workload = make_workload(name, quick=args.quick, seed=0)
         for backend in args.backend or ["cython"]:
             models = {"base": build(workload, backend, None), "off": build(workload, backend, 0.0),
-                      "on": build(workload, backend, args.sigma)}
+                      "on": build(workload, backend, args.sigma),
+                      "base2": build(workload, backend, None)}   # base again: the noise floor
             times = {k: [] for k in models}
             for model in models.values():
                 epoch(model, workload)                  # warm-up (compiles, first touch)
@@ -63,7 +65,9 @@ def main(argv=None):
             print(f"{name:6s} {backend:7s} median epoch: base {med['base'] * 1e3:8.1f} ms, "
                   f"off {med['off'] * 1e3:8.1f} ms ({100 * (med['off'] / med['base'] - 1):+5.1f}%), "
                   f"on (sigma {args.sigma:g}) {med['on'] * 1e3:8.1f} ms "
-                  f"({100 * (med['on'] / med['base'] - 1):+5.1f}%)", flush=True)
+                  f"({100 * (med['on'] / med['base'] - 1):+5.1f}%); base again "
+                  f"{med['base2'] * 1e3:8.1f} ms ({100 * (med['base2'] / med['base'] - 1):+5.1f}%)",
+                  flush=True)
 
 
 if __name__ == "__main__":
