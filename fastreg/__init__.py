@@ -18,7 +18,7 @@ from .pruning import PruneReport
 from .saving import load_model
 from .multitask import MultiTask
 from .optimizers import SGD, Adam, AdamW
-from .regularizers import L1, L2, ElasticNet, GroupLasso, MaxNorm
+from .regularizers import L1, L2, ElasticNet, GroupLasso, MaxNorm, WeightNoise
 from .sweep import regularization_path, sweep
 from . import losses, metrics, schedules  # noqa: E402  (fr.losses.Huber, fr.schedules...)
 from . import integrations  # noqa: E402  (fr.integrations.OptunaPruningCallback; optuna lazy)
@@ -27,7 +27,7 @@ from ._version import __version__
 
 __all__ = ["Sequential", "load_model", "PruneReport", "Dense", "Dropout", "BatchNorm",
            "GaussianNoise", "GaussianDropout", "AlphaDropout", "losses",
-           "L1", "L2", "ElasticNet", "MaxNorm", "GroupLasso",
+           "L1", "L2", "ElasticNet", "MaxNorm", "GroupLasso", "WeightNoise",
            "SGD", "Adam", "AdamW", "EarlyStopping", "ModelCheckpoint", "BackupAndRestore",
            "Callback", "History", "BackendUnavailable", "ReduceLROnPlateau",
            "LearningRateScheduler", "CSVLogger", "TerminateOnNaN", "LambdaCallback",

@@ -45,7 +45,11 @@ class Dense(Layer):
     on W. bias_regularizer: the same for b (biases are never penalized unless asked for
     here). constraint: e.g. MaxNorm(3), the same as passing it in regularizer.
     kernel_initializer: one of INITIALIZERS (Keras' formulas; orthogonal with gain 1);
-    bias_initializer: "zeros" or "ones".
+    bias_initializer: "zeros" or "ones". weight_noise: sigma >= 0 of the noise on the kernel
+    (Graves 2011): each training step's forward and backward use W + sigma * n (n ~ N(0, 1)
+    from Philox, a new draw per step and layer), the update acts on the clean W; off at
+    inference and ignored by export. The same as regularizer=WeightNoise(sigma)
+    (fastreg.WeightNoise); 0 (the default) is off.
 
     Keras' spellings are accepted: kernel_regularizer= (regularizer), kernel_constraint=
     (constraint), and input_shape=(n,) / input_dim=n on the first layer of a Sequential (the
@@ -56,7 +60,7 @@ class Dense(Layer):
                  negative_slope=0.01, kernel_initializer="glorot_uniform",
                  bias_regularizer=None, constraint=None, alpha=1.0, bias_initializer="zeros",
                  kernel_regularizer=None, kernel_constraint=None, input_shape=None,
-                 input_dim=None):
+                 input_dim=None, weight_noise=0.0):
         regularizer = _alias("regularizer", regularizer, "kernel_regularizer",
                              kernel_regularizer)
         constraint = _alias("constraint", constraint, "kernel_constraint", kernel_constraint)
@@ -73,9 +77,16 @@ class Dense(Layer):
         self.units = units
         self.activation = None if activation == "linear" else activation
         self.dropout = check_rate("dropout rate", dropout)
-        self.regularizer = (regularizers.as_list(regularizer)
-                            + regularizers.as_list(constraint, "constraint"))
+        regs = (regularizers.as_list(regularizer)
+                + regularizers.as_list(constraint, "constraint"))
+        self.weight_noise = _weight_noise(weight_noise, regs)
+        # WeightNoise is a per-layer setting, not a penalty: kept as weight_noise only, so
+        # Dense(weight_noise=s) and Dense(regularizer=WeightNoise(s)) are the same layer
+        self.regularizer = [r for r in regs if not isinstance(r, regularizers.WeightNoise)]
         self.bias_regularizer = regularizers.as_list(bias_regularizer, "bias_regularizer")
+        if any(isinstance(r, regularizers.WeightNoise) for r in self.bias_regularizer):
+            raise ValueError("WeightNoise perturbs a kernel W; it does not apply to a bias "
+                             "vector (pass it in regularizer= or as Dense(weight_noise=))")
         if any(r.maxnorm > 0 for r in self.bias_regularizer):
             raise ValueError("MaxNorm applies to a kernel's columns, not to a bias vector")
         if any(r.group > 0 for r in self.bias_regularizer):
@@ -111,11 +122,28 @@ class Dense(Layer):
                 "bias_regularizer": [r.get_config() for r in self.bias_regularizer],
                 # only when not the default: files stay as round 1 wrote them
                 **({"bias_initializer": self.bias_initializer}
-                   if self.bias_initializer != "zeros" else {})}
+                   if self.bias_initializer != "zeros" else {}),
+                **({"weight_noise": self.weight_noise} if self.weight_noise else {})}
 
     def __repr__(self):
+        noise = f", weight_noise={self.weight_noise:g}" if self.weight_noise else ""
         return (f"Dense({self.units}, activation={self.activation!r}, dropout={self.dropout}, "
-                f"regularizer={self.regularizer or None})")
+                f"regularizer={self.regularizer or None}{noise})")
+
+
+def _weight_noise(value, regs):
+    """Dense's weight_noise sigma: the argument and any WeightNoise in its regularizer list
+    (they must agree where both say a sigma > 0)."""
+    sigma = check_real("Dense weight_noise", value, 0.0)
+    given = {r.sigma for r in regs if isinstance(r, regularizers.WeightNoise)}
+    if sigma:
+        given.add(sigma)
+    given.discard(0.0)
+    if len(given) > 1:
+        raise ValueError(f"Dense: weight noise given twice with different sigmas "
+                         f"{sorted(given)} (weight_noise= and WeightNoise in regularizer=): "
+                         f"give one")
+    return given.pop() if given else 0.0
 
 
 def _alias(name, value, keras_name, keras_value):

@@ -165,6 +165,8 @@ def check_in_model_dtype(layer, dtype):
     (an eps that rounds to 0 divides by a zero variance; a momentum that rounds to 1 never
     moves the statistics; one that rounds to 0 only keeps the last batch's, which is
     allowed)."""
+    if isinstance(layer, Dense) and layer.weight_noise:
+        check_in_dtype("Dense weight_noise", layer.weight_noise, dtype)
     if isinstance(layer, BatchNorm):
         check_in_dtype("BatchNorm eps", layer.eps, dtype)
         check_in_dtype("BatchNorm momentum", layer.momentum, dtype, positive=False,
@@ -419,6 +421,8 @@ class Network:
                 blk.in_drop, blk.in_noise)
             li[i, contract.LI_NOISE], lf[i, contract.LF_NOISE_STD] = noise_code(blk.noise)
             li[i, contract.LI_IN_NOISE], lf[i, contract.LF_IN_NOISE_STD] = noise_code(blk.in_noise)
+            if training:        # inference (predict, evaluate, MC dropout): the clean W
+                lf[i, contract.LF_WEIGHT_NOISE_STD] = d.weight_noise
             if blk.bn is not None:
                 li[i, contract.LI_BN] = int(training)   # inference: folded into W, b
                 lf[i, contract.LF_BN_EPS] = blk.bn.eps
@@ -632,5 +636,7 @@ class Network:
                           f"eps={blk.bn.eps:g}) before the activation")
             lines.append(f"dense_{i}: {fan_in if fan_in else '?'}->{d.units} "
                          f"{d.activation or 'linear'}, dropout {blk.out_drop:.3g}{extra}, "
-                         f"params {n}, regularizer {d.regularizer or None}")
+                         f"params {n}, regularizer {d.regularizer or None}"
+                         + (f", weight noise {d.weight_noise:g} (training only)"
+                            if d.weight_noise else ""))
         return lines

@@ -7,7 +7,8 @@ Penalties are not divided by batch or data-set size. MaxNorm(c) is a constraint:
 step each unit's incoming weight vector (a column of W) is projected to norm <= c.
 GroupLasso(l) adds l * sum_j ||W[:, j]||_2, one group per unit (its incoming weights), applied
 by block soft-thresholding after the step, so whole units reach exact zero (model.prune()
-then removes them).
+then removes them). WeightNoise(sigma) is not a penalty: it trains each step on W + sigma * n
+(Graves 2011), the same as Dense(weight_noise=sigma).
 """
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ class Regularizer:
     proximal = True
     maxnorm = 0.0
     group = 0.0
+    weight_noise = 0.0
 
     def slots(self):
         """{slot name: value} this regularizer sets (the others keep their defaults)."""
@@ -160,8 +162,35 @@ class GroupLasso(Regularizer):
         return {"class": "GroupLasso", "l": self.l}
 
 
+@dataclass(frozen=True, init=False)
+class WeightNoise(Regularizer):
+    """Noise on the weights (Graves 2011), training only: every training step's forward and
+    backward use W + sigma * n, n ~ N(0, 1) per element of the kernel W, drawn from Philox
+    (stream STREAM_WEIGHT_NOISE, keyed by the step and the layer like dropout's masks:
+    reproducible by the model's seed, a new draw every step and layer, regenerated and never
+    stored). The gradient is taken at the perturbed weights; the update (and every penalty,
+    prox and max-norm) acts on the clean W, which is all the model stores. Kernels only (the
+    bias is never perturbed). Off in predict, evaluate and MC dropout, and ignored by
+    export / to_keras / to_torch (it does not change inference). The same as
+    Dense(weight_noise=sigma); sigma = 0 is no noise at all."""
+    sigma: float
+
+    def __init__(self, sigma=0.01):
+        object.__setattr__(self, "sigma", _check_strength("WeightNoise sigma", sigma))
+
+    @property
+    def weight_noise(self):
+        return self.sigma
+
+    def slots(self):
+        return {}       # no hyperparameter slot: a per-layer setting (LF_WEIGHT_NOISE_STD)
+
+    def get_config(self):
+        return {"class": "WeightNoise", "sigma": self.sigma}
+
+
 REGISTRY = {"L1": L1, "L2": L2, "ElasticNet": ElasticNet, "MaxNorm": MaxNorm,
-            "GroupLasso": GroupLasso}
+            "GroupLasso": GroupLasso, "WeightNoise": WeightNoise}
 
 
 def from_config(cfg):
@@ -180,7 +209,7 @@ def as_list(reg, what="regularizer"):
     for r in items:
         if not isinstance(r, Regularizer):
             raise TypeError(f"{what} must be a fastreg regularizer (L1, L2, ElasticNet, "
-                            f"MaxNorm, GroupLasso) or a list of them, got {r!r}")
+                            f"MaxNorm, GroupLasso, WeightNoise) or a list of them, got {r!r}")
     return items
 
 

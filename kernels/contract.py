@@ -277,6 +277,7 @@ STREAM_AUGMENT_PARTNER = 6  # Mixup: the partner permutation inside each batch
 STREAM_AUGMENT_FLIP = 7     # RandomFlip: flip or not, per sample
 STREAM_AUGMENT_SHIFT = 8    # RandomShift: (dy, dx) per sample
 STREAM_INPUT_NOISE = 9      # noise on a part's input (GaussianNoise / GaussianDropout first)
+STREAM_WEIGHT_NOISE = 10    # noise on a dense layer's kernel W (Dense(weight_noise=), WeightNoise)
 STREAM_AUGMENT_JITTER = STREAM_AUGMENT
 
 
@@ -298,6 +299,7 @@ STREAM_TABLE = (
     Stream("augment_flip", STREAM_AUGMENT_FLIP, "RandomFlip's coin"),
     Stream("augment_shift", STREAM_AUGMENT_SHIFT, "RandomShift's offsets"),
     Stream("input_noise", STREAM_INPUT_NOISE, "noise on a part's input"),
+    Stream("weight_noise", STREAM_WEIGHT_NOISE, "noise on a dense layer's kernel W"),
 )
 
 # MC dropout runs the training forward kernels, whose stream word is fixed by the kind of
@@ -326,10 +328,31 @@ LF_BN_EPS = 3       # BatchNorm epsilon (added to the batch variance)
 LF_BN_MOMENTUM = 4  # BatchNorm running-statistics momentum (Keras convention)
 LF_NOISE_STD = 5    # std of the output noise n: NOISE_ADD adds std*n, NOISE_MUL scales by 1+std*n
 LF_IN_NOISE_STD = 6
-LF_SIZE = 7
+LF_WEIGHT_NOISE_STD = 7   # sigma of the noise on W (Graves 2011); 0: off (training plans only)
+LF_SIZE = 8
 # NOISE_ALPHA's shift lives in its noise slot (the parameter of the layer's noise kind)
 LF_ALPHA_SHIFT = LF_NOISE_STD
 LF_IN_ALPHA_SHIFT = LF_IN_NOISE_STD
+
+
+# Weight noise (Graves 2011; fastreg.WeightNoise / Dense(weight_noise=sigma)): with
+# LF_WEIGHT_NOISE_STD = sigma > 0, each training step of layer l uses the perturbed kernel
+#     Wn = W + sigma * n,   n the standard normals of (seed, step, layer word l,
+#                           STREAM_WEIGHT_NOISE), element e the row-major index of W,
+# by kernels/philox.py's Box-Muller pairing, n rounded once to the dtype, then sigma * n and
+# the sum in the dtype (NOISE_ADD's roundings). Wn replaces W in the forward GEMM
+# (z = x @ Wn + b) and in the backward data-gradient GEMM (dx = dz @ Wn^T); dW = x^T dz is
+# unchanged, so the gradient is the loss's at the perturbed weights; the penalties, prox,
+# max-norm and the optimizer update act on the clean W (the stored parameters never hold
+# noise). The bias is never perturbed. Inference plans carry 0 (predict, evaluate, MC
+# dropout use the clean W). Wn lives in a per-layer scratch of W's shape (Plan.wnoises),
+# drawn once per step before the forward and read again by the backward.
+
+
+def weight_noise_on(lf, l):
+    """Whether dense layer l of a plan with float rows lf trains on a perturbed kernel."""
+    return float(lf[l, LF_WEIGHT_NOISE_STD]) > 0.0
+
 
 # ---------------------------------------------------------------- parts (a tree of chains)
 # A network is a trunk and heads: parts, each a chain of consecutive dense layers. Part 0 is

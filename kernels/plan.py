@@ -192,6 +192,10 @@ class Plan:
     xdrops: list = field(default_factory=list)  # per part: its input transformed, or (0, w)
     ybufs: list = field(default_factory=list)   # per part: its gathered targets, or (0, 0)
     scratch: np.ndarray = None                  # (batch, trunk width): a head's input grad
+    # per layer: the step's perturbed kernel Wn = W + sigma * n (weight noise on), (I_l, O_l),
+    # else an empty (0, O_l): drawn once per step before the forward and read again by the
+    # backward's dx (contract LF_WEIGHT_NOISE_STD), so a step draws I * O normals once
+    wnoises: list = field(default_factory=list)
     cache: dict = field(default_factory=dict)   # backend-private (typed lists, device state)
 
     # ------------------------------------------------------------ facts of the network
@@ -245,6 +249,20 @@ class Plan:
 
     def keeps_pre(self, l):
         return contract.keeps_pre(self.li[l, contract.LI_ACT], self.li[l, contract.LI_NOISE])
+
+    def weight_noise_of(self, l):
+        """sigma of the noise on layer l's kernel W (0: off; contract LF_WEIGHT_NOISE_STD)."""
+        return self.lf[l, contract.LF_WEIGHT_NOISE_STD]
+
+    def has_weight_noise(self):
+        """Whether any layer trains on a perturbed kernel (training plans only)."""
+        return self.training and any(contract.weight_noise_on(self.lf, l)
+                                     for l in range(self.n_layers))
+
+    def weight_noise_bytes(self):
+        """The bytes of the weight-noise scratch (one W-sized buffer per noisy layer)."""
+        return self.dtype.itemsize * sum(W.size for l, W in enumerate(self.Ws)
+                                         if contract.weight_noise_on(self.lf, l))
 
     def has_dropout(self):
         """Whether any dropout or noise is active in training (what MC sampling draws)."""
@@ -328,6 +346,8 @@ class Plan:
                                dt) for p, w in enumerate(y_widths)]
         trunk_width = self.Ws[int(self.parts[0, contract.PT_END]) - 1].shape[1]
         self.scratch = np.zeros((B if self.n_parts > 2 else 0, trunk_width), dt)
+        self.wnoises = [np.zeros(W.shape if contract.weight_noise_on(self.lf, l)
+                                 else (0, W.shape[1]), dt) for l, W in enumerate(self.Ws)]
         self.cache.clear()
         return self
 

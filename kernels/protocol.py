@@ -15,6 +15,7 @@ REQUIRED_OPERATIONS = (
     "bn_dense_forward",        # the same with BatchNorm on the pre-activation
     "bn_dense_backward",
     "input_dropout",           # a part's input transform: dropout(noise(x))
+    "weight_noise",            # a step's perturbed kernel W + sigma * n (weight noise)
     "loss_forward_backward",   # mean batch loss and its gradient from logits
     "loss_value",
     "output_transform",        # what predict returns from logits

@@ -215,6 +215,15 @@ def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NO
     out[...] = od.copy_to_host()
 
 
+def weight_noise(W, out, std, seed, step, layer):
+    ns = kernels(W.dtype)
+    k0, k1 = split_seed(seed)
+    od = cuda.device_array(W.shape, W.dtype)
+    ns.weight_noise[grid1(W.size, ns.NB), ns.NB](to_dev(W), od, W.dtype.type(std), k0, k1,
+                                                 int(step), int(layer))
+    out[...] = od.copy_to_host()
+
+
 def _loss(logits, y, grad, loss, param):
     ns = kernels(logits.dtype)
     z = ns.ZERO

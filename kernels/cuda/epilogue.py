@@ -19,7 +19,8 @@ pre buffer, contract.keeps_pre). With noise, f' reads the pre buffer: f(z) for a
 import numpy as np
 
 from .. import contract
-from ..contract import STREAM_DROPOUT, STREAM_INPUT_DROPOUT, STREAM_INPUT_NOISE, STREAM_NOISE
+from ..contract import (STREAM_DROPOUT, STREAM_INPUT_DROPOUT, STREAM_INPUT_NOISE, STREAM_NOISE,
+                        STREAM_WEIGHT_NOISE)
 from .jit import cuda
 
 # Modes of dense_epilogue and of the GEMM's epilogue (dense.py).
@@ -231,5 +232,16 @@ def build_kernels(ns):
             j = e - i * I
             out[i, j] = input_value(x[i, j], e, thr, scale, noise, nstd, k0, k1, step, layer)
 
+    @cuda.jit
+    def weight_noise(W, out, std, k0, k1, step, layer):
+        """out = W + std * n, the step's perturbed kernel (reference weight_noise): element
+        e = i * O + j of W takes the normal of stream STREAM_WEIGHT_NOISE, rounded first."""
+        I, O = W.shape
+        for e in range(cuda.grid(1), I * O, cuda.gridsize(1)):
+            i = e // O
+            j = e - i * O
+            out[i, j] = W[i, j] + std * FT(normal_at(e, k0, k1, step, layer,
+                                                     STREAM_WEIGHT_NOISE))
+
     ns.__dict__.update(forward_epilogue=forward_epilogue, output_grad=output_grad,
-                       input_dropout=input_dropout)
+                       input_dropout=input_dropout, weight_noise=weight_noise)

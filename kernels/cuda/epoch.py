@@ -208,12 +208,19 @@ class DevicePlan:
         self.weights = [dt.type(w) for w in plan.partf[:, contract.PF_WEIGHT]]
         self.loss_params = [float(v) for v in plan.partf[:, contract.PF_LOSS_PARAM]]
         self.cfg = [self._layer_config(plan, l) for l in range(L)]
-        # the fused small-MLP path has no sample weights, clipping nor running logits: such
-        # a fit takes the general path
+        # weight noise: Wn = W + sigma * n per noisy layer, drawn once per step into a
+        # W-sized device buffer and read by the forward GEMM and the backward dx GEMM
+        self.wnstd = [dt.type(plan.weight_noise_of(l)) if contract.weight_noise_on(plan.lf, l)
+                      else None for l in range(L)]
+        self.Wns = [cuda.device_array(self.widths[l], dt) if self.wnstd[l] is not None
+                    else None for l in range(L)]
+        # the fused small-MLP path has no sample weights, clipping, running logits nor
+        # weight noise: such a fit takes the general path
         self.fused = (hasattr(ns, "fused_step") and self.P_count == 1 and not any(self.bn)
                       and max(cols) <= ns.FW and self.parts[0][contract.PT_W] < 0
                       and self.parts[0][contract.PT_Z0] < 0
-                      and plan.clip_mode == contract.CLIP_NONE)
+                      and plan.clip_mode == contract.CLIP_NONE
+                      and all(s is None for s in self.wnstd))
         self.clip = (int(plan.clip_mode), float(plan.clip_value))
         segs = plan.grad_segments()
         self.seg_lo, self.seg_hi = to_dev(segs[:, 0].copy()), to_dev(segs[:, 1].copy())
@@ -323,6 +330,7 @@ def train_epoch(st, plan, X, Y, perm, batch_size, step0, t0, k0, k1, lrs, zout):
         st.z_start = start
         ns.gather[grid1(n * width, ns.NB), ns.NB](Xd, Yd, perm_d, start, n, v.x, v.y, in0[0],
                                                   in0[1], k0, k1, step, in0[2], in0[3])
+        _draw_weight_noise(st, k0, k1, step)
         for p in range(st.P_count):
             _part_forward(st, v, p, n, k0, k1, step)
         for p in list(range(1, st.P_count)) + [0]:     # the heads in order, then the trunk
@@ -338,6 +346,20 @@ def train_epoch(st, plan, X, Y, perm, batch_size, step0, t0, k0, k1, lrs, zout):
     return st.results()
 
 
+def _step_kernel(st, l):
+    """The kernel layer l's GEMMs read this step (reference step_kernel)."""
+    return st.Wns[l] if st.Wns[l] is not None else st.Ws[l]
+
+
+def _draw_weight_noise(st, k0, k1, step):
+    """Every noisy layer's Wn for this step (reference draw_weight_noise)."""
+    ns = st.ns
+    for l, std in enumerate(st.wnstd):
+        if std is not None:
+            W = st.Ws[l]
+            ns.weight_noise[grid1(W.size, ns.NB), ns.NB](W, st.Wns[l], std, k0, k1, step, l)
+
+
 def _part_input(st, v, p):
     """What part p's first layer reads: the batch, a head's input transform, the trunk's
     output."""
@@ -350,12 +372,12 @@ def _layer_forward(st, v, l, x, k0, k1, step):
     ns, c = st.ns, st.cfg[l]
     hb = 1 if st.has_bias[l] else 0
     if st.bn[l]:
-        batchnorm.forward(ns, x, st.Ws[l], st.bs[l], hb, v.acts[l], v.xhats[l], st.gbs[l],
-                          st.saves[l], c["act"], c["slope"], c["thr"], c["scale"], c["eps"], k0,
-                          k1, step, l, c["noise"], c["nstd"], v.pres[l])
+        batchnorm.forward(ns, x, _step_kernel(st, l), st.bs[l], hb, v.acts[l], v.xhats[l],
+                          st.gbs[l], st.saves[l], c["act"], c["slope"], c["thr"], c["scale"],
+                          c["eps"], k0, k1, step, l, c["noise"], c["nstd"], v.pres[l])
     else:
-        dense.forward(ns, x, st.Ws[l], st.bs[l], hb, v.acts[l], c["act"], c["slope"], c["thr"],
-                      c["scale"], k0, k1, step, l, c["noise"], c["nstd"], v.pres[l])
+        dense.forward(ns, x, _step_kernel(st, l), st.bs[l], hb, v.acts[l], c["act"], c["slope"],
+                      c["thr"], c["scale"], k0, k1, step, l, c["noise"], c["nstd"], v.pres[l])
 
 
 def _part_forward(st, v, p, n, k0, k1, step):
@@ -412,7 +434,7 @@ def _part_backward(st, v, p, k0, k1, step):
                                c["momentum"], st.status)
         xin = v.acts[l - 1] if l > first else _part_input(st, v, p)
         dx, prev = (v.grads[l - 1], v.epis[l - 1]) if l > first else (into, None)
-        dense.backward(ns, v.grads[l], xin, st.Ws[l], st.dWs[l], st.dbs[l],
+        dense.backward(ns, v.grads[l], xin, _step_kernel(st, l), st.dWs[l], st.dbs[l],
                        st.has_bias[l] and not st.bn[l], dx, prev, k0, k1, step)
     if p == 0:
         return

@@ -62,6 +62,7 @@ def signatures(ns):
         "forward_epilogue": (a2, a1, i, i, z, i, z, i, i, i, i, i, z, a2, True),
         "output_grad": (a2, a2, i, z, i, z, i, z, i, i, i, i),
         "input_dropout": (a2, a2, i, z, i, i, i, i, i, z),
+        "weight_noise": (a2, a2, z, i, i, i, i),
         "gather": (a2, a2, i64, i, i, a2, a2, i, z, i, i, i, i, z),
         "add_into": (a2, a2),
         "scale_by": (a2, z),

@@ -151,6 +151,11 @@ def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NO
                      int(layer), int(noise), float(x.dtype.type(noise_std)))
 
 
+def weight_noise(W, out, std, seed, step, layer):
+    k0, k1 = split_seed(seed)
+    _K.weight_noise(W, out, float(W.dtype.type(std)), k0, k1, int(step), int(layer))
+
+
 def loss_forward_backward(logits, y, grad, loss, param=None):
     return _K.loss_forward_backward(logits, np.ascontiguousarray(y, logits.dtype), grad,
                                     int(loss), loss_param(loss, param), True)
@@ -172,7 +177,7 @@ def _identity(plan):
     return (plan.batch, plan.seed, plan.opt, plan.parts.tobytes(),
             tuple(id(a) for name in ("Ws", "bs", "dWs", "dbs", "mW", "vW", "mb", "vb", "acts",
                                      "grads", "pres", "gbs", "dgbs", "mgb", "vgb", "stats",
-                                     "xhats", "saves", "xdrops", "ybufs")
+                                     "xhats", "saves", "xdrops", "ybufs", "wnoises")
                   for a in getattr(plan, name)),
             id(plan.xbuf), id(plan.scratch))
 

@@ -116,6 +116,38 @@ cdef void _dense_backward(real* grad, real* out, real* x, real* W, real* dW, rea
         _matmul_nt(grad, W, dx, B, I, O)
 
 
+cdef void _weight_noise(real* W, real* out, Py_ssize_t n, real std, uint32_t k0, uint32_t k1,
+                        uint32_t step, uint32_t layer, uint32_t* words) noexcept nogil:
+    """out = W + std * n over the n elements of a kernel in row-major order (reference
+    weight_noise): the step's perturbed kernel, normals of stream STREAM_WEIGHT_NOISE
+    rounded to the dtype first; words holds >= 4 * ceil(n / 4) values. The noise layers'
+    additive pass (NOISE_ADD, no mask: _input_noise_range), over fixed chunks when big."""
+    cdef Py_ssize_t c, n_chunks
+    _philox_fill(words, n, k0, k1, step, layer, STREAM_WEIGHT_NOISE)
+    if n >= PARALLEL_MIN_ELEMENTS:
+        n_chunks = (n + ROW_CHUNK * 1024 - 1) // (ROW_CHUNK * 1024)
+        for c in prange(n_chunks, schedule="static"):
+            _input_noise_range(W, out, c * ROW_CHUNK * 1024,
+                               _min(n, (c + 1) * ROW_CHUNK * 1024), 0, <real>1, words,
+                               NOISE_ADD, std, words)
+    else:
+        _input_noise_range(W, out, 0, n, 0, <real>1, words, NOISE_ADD, std, words)
+
+
+def weight_noise(real[:, ::1] W, real[:, ::1] out, double std, uint32_t k0, uint32_t k1,
+                 int64_t step, int64_t layer):
+    """out = W + std * n, the step's perturbed kernel (stream STREAM_WEIGHT_NOISE)."""
+    _check(W.shape[0] == out.shape[0] and W.shape[1] == out.shape[1],
+           "weight_noise: shapes do not match")
+    cdef Py_ssize_t n = W.shape[0] * W.shape[1]
+    cdef uint32_t[::1] words = _words_for(n)
+    if n == 0:
+        return
+    with nogil:
+        _weight_noise(&W[0, 0], &out[0, 0], n, <real>std, k0, k1, <uint32_t>step,
+                      <uint32_t>layer, &words[0])
+
+
 def dense_forward(real[:, ::1] x, real[:, ::1] W, real[::1] b, real[:, ::1] out, int act,
                   double slope, int64_t thr, double scale, uint32_t k0, uint32_t k1,
                   int64_t step, int64_t layer, int noise, double nstd, real[:, ::1] pre):

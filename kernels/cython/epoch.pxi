@@ -10,6 +10,8 @@
 
 cdef struct LayerC:
     void* W
+    void* Wn         # (I, O) the step's perturbed kernel (weight noise), or NULL: none
+    double wnstd     # its sigma, in the param dtype already (lf); 0: off
     void* b          # NULL: no bias
     void* dW
     void* db
@@ -80,6 +82,7 @@ cdef struct PlanC:
     uint32_t k1
     uint32_t* words  # element-indexed Philox words, >= batch * widest layer (+3)
     uint32_t* nwords # the same for the noise stream (GaussianNoise / GaussianDropout)
+    uint32_t* wwords # the weight-noise words, >= the largest noisy kernel (+3), or NULL
     double* scratch  # the update's (penalty row sums, column norms)
     int is_double
     void* gflat      # the flat gradient buffer (plan.grad) and its tensors' [offset, end)
@@ -134,11 +137,22 @@ cdef class EpochPlan:
         self.p.scratch = <double*>_data(scratch)
         self.p.losses = <double*>_data(losses)
         self.p.pens = <double*>_data(pens)
+        # weight noise: Wn = W + sigma * n is drawn once per step into plan.wnoises[l] (a
+        # W-sized scratch) and read by the forward GEMM and again by the backward's dx GEMM
+        # (drawing twice would cost 2 I O normals a step to save I O values of memory)
+        wnoises = list(getattr(plan, "wnoises", None) or [None] * L)
+        n_wwords = max([0] + [a.size for a in wnoises if a is not None])
+        self.p.wwords = NULL
+        if n_wwords:
+            wwords = np.zeros(4 * ((n_wwords + 3) // 4), np.uint32)
+            self.keep.append(wwords)
+            self.p.wwords = <uint32_t*>_data(wwords)
         for l in range(L):
             ly = &self.p.layers[l]
             ly.n_in, ly.n_out = plan.Ws[l].shape
             shape, vec, two = (ly.n_in, ly.n_out), (ly.n_out,), (2, ly.n_out)
             ly.W = self._ptr(plan.Ws[l], shape)
+            ly.Wn = self._ptr_or_null(wnoises[l], shape)
             ly.dW = self._ptr(plan.dWs[l], shape)
             ly.mW = self._ptr_or_null(plan.mW[l], shape)
             ly.vW = self._ptr_or_null(plan.vW[l], shape)
@@ -234,6 +248,10 @@ cdef class EpochPlan:
             if (li[l, LI_BN] != 0) != (ly.bn != 0):
                 raise ValueError("EpochPlan: BatchNorm turned on or off after the workspace "
                                  "was made")
+            ly.wnstd = lf[l, LF_WEIGHT_NOISE_STD]
+            if ly.wnstd > 0 and ly.Wn == NULL:
+                raise ValueError(f"EpochPlan: layer {l} has weight noise but the workspace has "
+                                 f"no weight-noise buffer (plan.wnoises)")
             ly.eps = lf[l, LF_BN_EPS]
             ly.momentum = lf[l, LF_BN_MOMENTUM]
             for h in range(HP_SIZE):
@@ -275,18 +293,38 @@ cdef inline void* _part_source(PlanC* p, PartC* pt) noexcept nogil:
     return p.layers[p.parts[pt.src].end - 1].act
 
 
+cdef inline void* _step_kernel(LayerC* ly) noexcept nogil:
+    """The kernel layer ly's GEMMs read this step (reference step_kernel): Wn with weight
+    noise on, else W."""
+    if ly.Wn != NULL and ly.wnstd > 0:
+        return ly.Wn
+    return ly.W
+
+
+cdef void _draw_weight_noise(PlanC* p, real* dtype_tag, uint32_t step) noexcept nogil:
+    """Every noisy layer's Wn for this step (reference draw_weight_noise); dtype_tag only
+    picks the float type."""
+    cdef int l
+    cdef LayerC* ly
+    for l in range(p.L):
+        ly = &p.layers[l]
+        if ly.Wn != NULL and ly.wnstd > 0:
+            _weight_noise(<real*>ly.W, <real*>ly.Wn, ly.n_in * ly.n_out, <real>ly.wnstd, p.k0,
+                          p.k1, step, <uint32_t>l, p.wwords)
+
+
 cdef void _layer_forward(PlanC* p, int l, real* x, Py_ssize_t n, uint32_t step) noexcept nogil:
     """Dense layer l's training forward over n rows, x -> its act (reference layer_forward)."""
     cdef LayerC* ly = &p.layers[l]
     if ly.bn:
-        _bn_dense_forward(x, <real*>ly.W, <real*>ly.b, <real*>ly.act, <real*>ly.xhat,
+        _bn_dense_forward(x, <real*>_step_kernel(ly), <real*>ly.b, <real*>ly.act, <real*>ly.xhat,
                           <real*>ly.gb, ly.save, n, ly.n_in, ly.n_out, ly.act_code,
                           <real>ly.slope, ly.thr, <real>ly.scale, ly.eps, p.k0, p.k1, step,
                           <uint32_t>l, p.words, ly.noise, <real>ly.nstd, <real*>ly.pre,
                           p.nwords)
     else:
-        _dense_forward(x, <real*>ly.W, <real*>ly.b, <real*>ly.act, n, ly.n_in, ly.n_out,
-                       ly.act_code, <real>ly.slope, ly.thr, <real>ly.scale, p.k0, p.k1, step,
+        _dense_forward(x, <real*>_step_kernel(ly), <real*>ly.b, <real*>ly.act, n, ly.n_in,
+                       ly.n_out, ly.act_code, <real>ly.slope, ly.thr, <real>ly.scale, p.k0, p.k1, step,
                        <uint32_t>l, p.words, ly.noise, <real>ly.nstd, <real*>ly.pre, p.nwords)
 
 
@@ -295,15 +333,16 @@ cdef void _layer_backward(PlanC* p, int l, real* xin, real* dx, Py_ssize_t n,
     """Dense layer l's backward (reference layer_backward); dx NULL: not wanted."""
     cdef LayerC* ly = &p.layers[l]
     if ly.bn:
-        _bn_dense_backward(<real*>ly.grad, <real*>ly.act, <real*>ly.xhat, xin, <real*>ly.W,
+        _bn_dense_backward(<real*>ly.grad, <real*>ly.act, <real*>ly.xhat, xin,
+                           <real*>_step_kernel(ly),
                            <real*>ly.gb, <real*>ly.stats, ly.save, <real*>ly.dW, <real*>ly.db,
                            <real*>ly.dgb, dx, n, ly.n_in, ly.n_out, ly.act_code,
                            <real>ly.slope, ly.thr, <real>ly.scale, ly.momentum, p.k0, p.k1,
                            step, <uint32_t>l, p.words, ly.noise, <real>ly.nstd, <real*>ly.pre,
                            p.nwords)
     else:
-        _dense_backward(<real*>ly.grad, <real*>ly.act, xin, <real*>ly.W, <real*>ly.dW,
-                        <real*>ly.db, dx, n, ly.n_in, ly.n_out, ly.act_code, <real>ly.slope,
+        _dense_backward(<real*>ly.grad, <real*>ly.act, xin, <real*>_step_kernel(ly),
+                        <real*>ly.dW, <real*>ly.db, dx, n, ly.n_in, ly.n_out, ly.act_code, <real>ly.slope,
                         ly.thr, <real>ly.scale, p.k0, p.k1, step, <uint32_t>l, p.words,
                         ly.noise, <real>ly.nstd, <real*>ly.pre, p.nwords)
 
@@ -348,6 +387,8 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
     cdef real wgt
     cdef real* trunk_out = <real*>p.layers[p.parts[0].end - 1].grad
     cdef Py_ssize_t tw = p.layers[p.parts[0].end - 1].n_out
+    if p.wwords != NULL:
+        _draw_weight_noise(p, trunk_out, step)
     for q in range(p.P):             # forward: the trunk, then the heads on its output
         pt = &p.parts[q]
         x = <real*>_part_source(p, pt)

@@ -25,6 +25,7 @@ from .batchnorm import bn_dense_forward as _bn_dense_forward
 from .dense import dense_backward as _dense_backward
 from .dense import dense_forward as _dense_forward
 from .activation import activations_used
+from .dense import weight_noise as _weight_noise
 from .epilogue import input_dropout as _input_dropout
 from .jit import ENTRY_FLAGS, SOURCE_STAMP, uses_of
 from .loss import loss_of as _loss_of, loss_uses
@@ -41,14 +42,14 @@ def _entry_points(stamp):
     """The cached entry points; `stamp` (in every closure) ties their disk cache to the
     backend's sources (kernels/numba/jit.py)."""
     @njit(**ENTRY_FLAGS)
-    def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, columns, li,
-                    lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums,
-                    grad, segments, clip_mode, clip_value, zout):
+    def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, wn, xdrops, nwords, columns,
+                    li, lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs,
+                    loss_sums, grad, segments, clip_mode, clip_value, zout):
         _ = stamp
-        return epoch.train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords,
-                                 columns, li, lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1,
-                                 step0, t0, lrs, loss_sums, grad, segments, clip_mode, clip_value,
-                                 zout)
+        return epoch.train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, wn, xdrops,
+                                 nwords, columns, li, lf, hpW, hpb, hpgb, parts, partf, opt, k0,
+                                 k1, step0, t0, lrs, loss_sums, grad, segments, clip_mode,
+                                 clip_value, zout)
 
     @njit(**ENTRY_FLAGS)
     def forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first):
@@ -93,6 +94,11 @@ def _entry_points(stamp):
                        nwords)
 
     @njit(**ENTRY_FLAGS)
+    def weight_noise(par, W, out, std, k0, k1, step, layer, words):
+        _ = stamp
+        _weight_noise(par, W, out, std, k0, k1, step, layer, words)
+
+    @njit(**ENTRY_FLAGS)
     def loss(uses, z, y, grad, code, param, want_grad):
         _ = stamp
         return _loss_of(uses, code, z, y, grad, param, want_grad)
@@ -115,7 +121,7 @@ def _entry_points(stamp):
     return dict(train_epoch=train_epoch, forward_inference=forward_inference,
                 dense_forward=dense_forward, dense_backward=dense_backward,
                 bn_dense_forward=bn_dense_forward, bn_dense_backward=bn_dense_backward,
-                input_dropout=input_dropout, loss=loss, update_matrix=update_matrix,
+                input_dropout=input_dropout, weight_noise=weight_noise, loss=loss, update_matrix=update_matrix,
                 update_vector=update_vector, philox_fill=philox_fill)
 
 
@@ -201,6 +207,12 @@ def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NO
     _K["input_dropout"](_PAR, x, out, int(threshold), _scalar(scale, x), k0, k1, int(step),
                         int(layer), _words_for(x.size), noise, _scalar(noise_std, x),
                         _words_for(x.size) if noise else None)
+
+
+def weight_noise(W, out, std, seed, step, layer):
+    k0, k1 = split_seed(seed)
+    _K["weight_noise"](_PAR, W, out, _scalar(std, W), k0, k1, int(step), int(layer),
+                       _words_for(W.size))
 
 
 def loss_forward_backward(logits, y, grad, loss, param=None):
@@ -303,7 +315,11 @@ def _compiled_args(plan):
     par = _parallel(*([plan.batch * W.shape[1] for W in plan.Ws]
                       + [plan.batch * plan.part_input_width(p) for p in range(plan.n_parts)]
                       + [r.size for r in plan.store.records]))
-    args = (spec, par, T, ws, bn, xdrops, nwords, columns)
+    wn = None
+    if plan.has_weight_noise():     # one W-sized scratch per noisy layer (plan.wnoises)
+        wn = epoch.WeightNoiseState(List(plan.wnoises), _words_for(max(
+            W.size for W in plan.wnoises)))
+    args = (spec, par, T, ws, bn, wn, xdrops, nwords, columns)
     plan.cache["numba"] = args
     return args
 
@@ -320,11 +336,11 @@ def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None):
     (Plan.logits_out)."""
     lrs = plan.step_rates(perm.shape[0], batch_size, lrs)
     zout = plan.logits_out(perm.shape[0], zout)
-    spec, par, T, ws, bn, xdrops, nwords, columns = _compiled_args(plan)
+    spec, par, T, ws, bn, wn, xdrops, nwords, columns = _compiled_args(plan)
     k0, k1 = split_seed(plan.seed)
     loss_sums = np.zeros(plan.n_parts)
     pen, steps, finite = _K["train_epoch"](
-        X, Y, perm, int(batch_size), spec, par, T, ws, bn, xdrops, nwords, columns, plan.li,
+        X, Y, perm, int(batch_size), spec, par, T, ws, bn, wn, xdrops, nwords, columns, plan.li,
         plan.lf, plan.hpW, plan.hpb, plan.hpgb, plan.parts, plan.partf, int(plan.opt), k0, k1,
         int(step0), int(t0), lrs, loss_sums, plan.grad,
         plan.grad_segments() if plan.clip_mode != contract.CLIP_NONE else None,

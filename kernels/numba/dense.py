@@ -13,8 +13,11 @@ from numba.extending import intrinsic
 from numba.np.arrayobj import make_array
 from numba.np.linalg import call_xxdot, call_xxgemm, call_xxgemv, check_c_int, ensure_blas
 
-from .epilogue import backward_epilogue, fill_output_words, forward_epilogue
+from .. import contract
+from .epilogue import (backward_epilogue, fill_output_words, forward_epilogue, noise_parallel,
+                       noise_range)
 from .jit import kernel
+from .philox import philox_fill
 
 
 @intrinsic
@@ -105,3 +108,21 @@ def dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scal
     npdot(x.T, grad, dW)
     if dx.size > 0:
         npdot(grad, W.T, dx)
+
+
+@kernel
+def weight_noise(par, W, out, std, k0, k1, step, layer, words):
+    """out = W + std * n (reference weight_noise): the step's perturbed kernel, n the normals
+    of stream STREAM_WEIGHT_NOISE in W's row-major order (words: (4, G) scratch, G >=
+    ceil(W.size / 4)), rounded to the dtype first; std in the dtype. The additive noise
+    pass of the noise layers (NOISE_ADD, no mask), over fixed chunks when big enough."""
+    n = W.size
+    philox_fill(par, words, n, k0, k1, step, layer, contract.STREAM_WEIGHT_NOISE)
+    flat = out.reshape(n)
+    flat[:] = W.reshape(n)
+    one = flat.dtype.type(1)
+    if par is not None:
+        if n >= contract.PARALLEL_MIN_ELEMENTS:
+            noise_parallel(flat, words, contract.NOISE_ADD, std, words, 0, one)
+            return
+    noise_range(flat, flat[:0], False, words, contract.NOISE_ADD, std, words, 0, one, 0, n)

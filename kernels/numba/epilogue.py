@@ -359,7 +359,7 @@ def backward_epilogue(uses, par, grad, out, db, act, slope, thr, scale, words, n
 
 # ---------------------------------------------------------------- a part's input transform
 @kernel_parallel
-def _noise_parallel(flat, nwords, noise, std, words, thr, scale):
+def noise_parallel(flat, nwords, noise, std, words, thr, scale):
     n = flat.shape[0]
     n_chunks = (n + ELEM_CHUNK - 1) // ELEM_CHUNK
     for c in prange(n_chunks):
@@ -398,7 +398,7 @@ def input_dropout(par, x, out, thr, scale, k0, k1, step, layer, words, noise, ns
             philox_fill(par, nwords, n, k0, k1, step, layer, contract.STREAM_INPUT_NOISE)
             if par is not None:
                 if n >= PARALLEL_MIN_ELEMENTS:
-                    _noise_parallel(flat, nwords, noise, nstd, words, thr, scale)
+                    noise_parallel(flat, nwords, noise, nstd, words, thr, scale)
                     return
             noise_range(flat, flat[:0], False, nwords, noise, nstd, words, thr, scale, 0, n)
             return

@@ -6,7 +6,8 @@ Shape legend: B batch rows, I fan_in, O fan_out, L layers, P parts.
 
 The arrays come in named tuples of typed lists (one entry per layer, or per part); optional
 features come as None so that a network compiles only what it uses (kernels/numba/jit.py):
-`bn` (BatchNorm state) is None without BatchNorm, `nwords` None without noise, `xdrops`
+`bn` (BatchNorm state) is None without BatchNorm, `wn` (WeightNoiseState) None without
+weight noise, `nwords` None without noise, `xdrops`
 None without input transforms, `columns` None without group lasso or max-norm, `par` None
 when no pass of the network is big enough to run in parallel (PARALLEL_MIN_ELEMENTS).
 """
@@ -16,7 +17,7 @@ import numpy as np
 
 from .. import contract
 from .batchnorm import bn_dense_backward, bn_dense_forward
-from .dense import dense_backward, dense_forward
+from .dense import dense_backward, dense_forward, weight_noise
 from .epilogue import input_dropout
 from .jit import kernel
 from .loss import loss_of, weighted_loss_forward_backward
@@ -28,43 +29,69 @@ Tensors = namedtuple("Tensors", "W b dW db mW vW mb vb")
 Workspace = namedtuple("Workspace", "acts grads pres xbuf ybufs head_grad words coef scratch")
 # per layer: a BatchNorm's gamma; beta, gradient, moments, running statistics, zhat, save
 BatchNormState = namedtuple("BatchNormState", "gb dgb mgb vgb stats xhat save")
+# weight noise: per layer the step's perturbed kernel Wn ((I, O), or (0, O) for a layer
+# without), and the (4, G) Philox words of the largest one
+WeightNoiseState = namedtuple("WeightNoiseState", "Wn words")
 # the compile-time choices of a network (jit.uses_of tuples): its activations, update
 # variants, losses, and the losses it weighs per row (none: the weighted path compiles empty)
 Spec = namedtuple("Spec", "acts updates losses weighted_losses")
 
 
 @kernel
-def _layer_forward(spec, par, T, ws, bn, nwords, li, lf, l, x, n, k0, k1, step):
+def _step_kernel(T, wn, lf, l):
+    """The kernel layer l's GEMMs read this step (reference step_kernel)."""
+    W = T.W[l]
+    if wn is not None:
+        if lf[l, contract.LF_WEIGHT_NOISE_STD] > 0:
+            W = wn.Wn[l]
+    return W
+
+
+@kernel
+def _draw_weight_noise(par, T, wn, lf, k0, k1, step):
+    """Every noisy layer's Wn for this step (reference draw_weight_noise)."""
+    if wn is None:
+        return
+    for l in range(len(T.W)):
+        if lf[l, contract.LF_WEIGHT_NOISE_STD] > 0:
+            weight_noise(par, T.W[l], wn.Wn[l], lf[l, contract.LF_WEIGHT_NOISE_STD], k0, k1,
+                         step, l, wn.words)
+
+
+@kernel
+def _layer_forward(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, n, k0, k1, step):
     """Dense layer l's training forward over the first n rows (reference layer_forward)."""
+    W = _step_kernel(T, wn, lf, l)
     if bn is not None:
         if li[l, contract.LI_BN] != 0:
-            bn_dense_forward(spec.acts, par, x, T.W[l], T.b[l], ws.acts[l][:n], bn.xhat[l][:n],
+            bn_dense_forward(spec.acts, par, x, W, T.b[l], ws.acts[l][:n], bn.xhat[l][:n],
                              bn.gb[l], bn.save[l], li[l, contract.LI_ACT], lf[l, contract.LF_SLOPE],
                              li[l, contract.LI_DROP_THR], lf[l, contract.LF_DROP_SCALE],
                              np.float64(lf[l, contract.LF_BN_EPS]), k0, k1, step, l, ws.words,
                              li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD], ws.pres[l][:n],
                              nwords)
             return
-    dense_forward(spec.acts, par, x, T.W[l], T.b[l], ws.acts[l][:n], li[l, contract.LI_ACT],
+    dense_forward(spec.acts, par, x, W, T.b[l], ws.acts[l][:n], li[l, contract.LI_ACT],
                   lf[l, contract.LF_SLOPE], li[l, contract.LI_DROP_THR],
                   lf[l, contract.LF_DROP_SCALE], k0, k1, step, l, ws.words,
                   li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD], ws.pres[l][:n], nwords)
 
 
 @kernel
-def _layer_backward(spec, par, T, ws, bn, nwords, li, lf, l, x, dx, n, k0, k1, step):
+def _layer_backward(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, dx, n, k0, k1, step):
     """Dense layer l's backward (reference layer_backward)."""
+    W = _step_kernel(T, wn, lf, l)
     if bn is not None:
         if li[l, contract.LI_BN] != 0:
             bn_dense_backward(spec.acts, par, ws.grads[l][:n], ws.acts[l][:n], bn.xhat[l][:n], x,
-                              T.W[l], bn.gb[l], bn.stats[l], bn.save[l], T.dW[l], T.db[l],
+                              W, bn.gb[l], bn.stats[l], bn.save[l], T.dW[l], T.db[l],
                               bn.dgb[l], dx, li[l, contract.LI_ACT], lf[l, contract.LF_SLOPE],
                               li[l, contract.LI_DROP_THR], lf[l, contract.LF_DROP_SCALE],
                               np.float64(lf[l, contract.LF_BN_MOMENTUM]), k0, k1, step, l, ws.words,
                               li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD],
                               ws.pres[l][:n], nwords)
             return
-    dense_backward(spec.acts, par, ws.grads[l][:n], ws.acts[l][:n], x, T.W[l], T.dW[l], T.db[l], dx,
+    dense_backward(spec.acts, par, ws.grads[l][:n], ws.acts[l][:n], x, W, T.dW[l], T.db[l], dx,
                    li[l, contract.LI_ACT], lf[l, contract.LF_SLOPE], li[l, contract.LI_DROP_THR],
                    lf[l, contract.LF_DROP_SCALE], k0, k1, step, l, ws.words,
                    li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD], ws.pres[l][:n], nwords)
@@ -132,9 +159,9 @@ def _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step,
 
 
 @kernel
-def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, columns, li, lf, hpW,
-                hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums, grad, segments,
-                clip_mode, clip_value, zout):
+def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, wn, xdrops, nwords, columns, li, lf,
+                hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums, grad,
+                segments, clip_mode, clip_value, zout):
     """The batches of `perm`; loss_sums (P,) receives the per-part loss sums (weighted by
     batch rows); returns (penalty sum, steps, finite). Stops at the first batch with a
     non-finite loss, before its backward. lrs[k]: step k's learning rate, written into
@@ -158,13 +185,14 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
             src = perm[start + r]
             for j in range(I0):
                 xb[r, j] = X[src, j]
+        _draw_weight_noise(par, T, wn, lf, k0, k1, step)
         finite = True
         for p in range(P):
             _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, False,
                              xb)
             x = _part_input(ws, xdrops, parts, li, p, n)
             for l in range(parts[p, contract.PT_FIRST], parts[p, contract.PT_END]):
-                _layer_forward(spec, par, T, ws, bn, nwords, li, lf, l, x, n, k0, k1, step)
+                _layer_forward(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, n, k0, k1, step)
                 x = ws.acts[l][:n]
             losses[p] = 0.0
             loss = parts[p, contract.PT_LOSS]
@@ -216,7 +244,8 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, xdrops, nwords, co
                 x = ws.acts[l - 1][:n] if l > first else _part_input(ws, xdrops, parts, li, p,
                                                                      n)
                 dx = ws.grads[l - 1][:n] if l > first else into
-                _layer_backward(spec, par, T, ws, bn, nwords, li, lf, l, x, dx, n, k0, k1, step)
+                _layer_backward(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, dx, n, k0, k1,
+                                step)
             if p > 0:
                 _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, True,
                                  into)

@@ -15,6 +15,8 @@ caller and written in place; an empty array (size 0) means "not present" (no bia
                       drop_threshold, drop_scale, momentum, seed, step, layer, noise=0,
                       noise_std=0, pre=None)
     input_dropout(x, out, threshold, scale, seed, step, layer, noise=0, noise_std=0)
+    weight_noise(W, out, std, seed, step, layer): out = W + std * n (the step's perturbed
+                  kernel, stream STREAM_WEIGHT_NOISE)
     loss_forward_backward(logits, y, grad, loss) -> the batch's MEAN loss (float)
     loss_value(logits, y, loss) -> the batch's mean loss
     output_transform(logits, loss) -> what predict returns
@@ -28,8 +30,8 @@ import sys
 
 from . import epoch
 from .batchnorm import bn_dense_backward, bn_dense_forward
-from .dense import dense_backward, dense_forward
 from .activation import activation, activation_grad, sigmoid
+from .dense import dense_backward, dense_forward, weight_noise
 from .epilogue import input_dropout
 from .loss import loss_forward_backward, loss_value, output_transform
 from .update import penalized_update, penalty_value, update_coefficients
@@ -50,6 +52,6 @@ def forward_inference(plan, X, batch_size, part=0):
 
 
 __all__ = ["NAME", "dense_forward", "dense_backward", "bn_dense_forward", "bn_dense_backward",
-           "input_dropout", "loss_forward_backward", "loss_value", "output_transform",
+           "input_dropout", "weight_noise", "loss_forward_backward", "loss_value", "output_transform",
            "penalized_update", "penalty_value", "update_coefficients", "train_epoch",
            "forward_inference", "activation", "activation_grad", "sigmoid"]

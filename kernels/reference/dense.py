@@ -5,7 +5,8 @@ Shape legend: B batch rows, I fan_in, O fan_out. Outputs are preallocated by the
 written in place; an empty array (size 0) means "not present" (no bias, no dx).
 """
 from .. import contract
-from .epilogue import activate_keeping, output_epilogue, output_epilogue_backward
+from .epilogue import (activate_keeping, noise_values, output_epilogue,
+                       output_epilogue_backward)
 
 
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
@@ -39,3 +40,12 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
     dW[...] = x.T @ dz
     if dx.size:
         dx[...] = dz @ W.T
+
+
+def weight_noise(W, out, std, seed, step, layer):
+    """out (I, O) = W + std * n: the perturbed kernel a training step with weight noise uses
+    in its forward GEMM and its backward dx GEMM (contract LF_WEIGHT_NOISE_STD). n: the
+    standard normals of (seed, step, layer, STREAM_WEIGHT_NOISE) in W's row-major element
+    order, rounded once to the dtype; std * n and the sum in the dtype (as NOISE_ADD)."""
+    nrm = noise_values(W.shape, W.dtype, seed, step, layer, contract.STREAM_WEIGHT_NOISE)
+    out[...] = W + W.dtype.type(std) * nrm

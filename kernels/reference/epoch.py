@@ -25,18 +25,36 @@ from .. import contract
 from .update import clip_gradients
 
 
+def step_kernel(plan, l):
+    """The kernel layer l's forward and backward GEMMs read this step: the perturbed copy
+    Wn (plan.wnoises[l], drawn by draw_weight_noise) with weight noise on, else W itself."""
+    return plan.wnoises[l] if contract.weight_noise_on(plan.lf, l) else plan.Ws[l]
+
+
+def draw_weight_noise(ops, plan, step):
+    """Every noisy layer's Wn = W + sigma * n for this step (layer word l), before the
+    forward; the clean W stays in the store and is what the update moves."""
+    for l in range(plan.n_layers):
+        if contract.weight_noise_on(plan.lf, l):
+            ops.weight_noise(plan.Ws[l], plan.wnoises[l], plan.weight_noise_of(l), plan.seed,
+                             step, l)
+
+
 def layer_forward(ops, plan, l, x, n, step):
     """Dense layer l's training forward over the first n rows: x -> plan.acts[l][:n]
-    through the BatchNorm kernel or the plain one, noise and dropout on layer word l."""
+    through the BatchNorm kernel or the plain one, noise and dropout on layer word l; the
+    step's kernel is step_kernel's (weight noise)."""
     noise, std = plan.noise_of(l)
     if plan.bn_on(l):
-        ops.bn_dense_forward(x, plan.Ws[l], plan.bs[l], plan.acts[l][:n], plan.xhats[l][:n],
+        ops.bn_dense_forward(x, step_kernel(plan, l), plan.bs[l], plan.acts[l][:n],
+                             plan.xhats[l][:n],
                              plan.gbs[l], plan.saves[l], plan.li[l, contract.LI_ACT],
                              plan.lf[l, contract.LF_SLOPE], plan.li[l, contract.LI_DROP_THR],
                              plan.lf[l, contract.LF_DROP_SCALE], plan.lf[l, contract.LF_BN_EPS],
                              plan.seed, step, l, noise, std, plan.pres[l][:n])
     else:
-        ops.dense_forward(x, plan.Ws[l], plan.bs[l], plan.acts[l][:n], plan.li[l, contract.LI_ACT],
+        ops.dense_forward(x, step_kernel(plan, l), plan.bs[l], plan.acts[l][:n],
+                          plan.li[l, contract.LI_ACT],
                           plan.lf[l, contract.LF_SLOPE], plan.li[l, contract.LI_DROP_THR],
                           plan.lf[l, contract.LF_DROP_SCALE], plan.seed, step, l, noise, std,
                           plan.pres[l][:n])
@@ -45,18 +63,19 @@ def layer_forward(ops, plan, l, x, n, step):
 def layer_backward(ops, plan, l, x, dx, n, step):
     """Dense layer l's backward: plan.grads[l][:n] holds dL/d(output) -> dW, db (dgb and the
     running statistics of a BatchNorm layer), and dx = dL/d(input) unless dx has size 0.
-    x is the layer's input of the forward."""
+    x is the layer's input of the forward; dx reads the forward's kernel (step_kernel)."""
     noise, std = plan.noise_of(l)
     if plan.bn_on(l):
         ops.bn_dense_backward(plan.grads[l][:n], plan.acts[l][:n], plan.xhats[l][:n], x,
-                              plan.Ws[l], plan.gbs[l], plan.stats[l], plan.saves[l],
+                              step_kernel(plan, l), plan.gbs[l], plan.stats[l], plan.saves[l],
                               plan.dWs[l], plan.dbs[l], plan.dgbs[l], dx,
                               plan.li[l, contract.LI_ACT], plan.lf[l, contract.LF_SLOPE],
                               plan.li[l, contract.LI_DROP_THR], plan.lf[l, contract.LF_DROP_SCALE],
                               plan.lf[l, contract.LF_BN_MOMENTUM], plan.seed, step, l, noise, std,
                               plan.pres[l][:n])
     else:
-        ops.dense_backward(plan.grads[l][:n], plan.acts[l][:n], x, plan.Ws[l], plan.dWs[l],
+        ops.dense_backward(plan.grads[l][:n], plan.acts[l][:n], x, step_kernel(plan, l),
+                           plan.dWs[l],
                            plan.dbs[l], dx, plan.li[l, contract.LI_ACT],
                            plan.lf[l, contract.LF_SLOPE], plan.li[l, contract.LI_DROP_THR],
                            plan.lf[l, contract.LF_DROP_SCALE], plan.seed, step, l, noise, std,
@@ -112,6 +131,7 @@ def forward_backward(ops, plan, X, Y, idx, step, zrows=None):
     P, L = plan.n_parts, plan.n_layers
     xb = plan.xbuf[:n]
     xb[...] = X[idx]
+    draw_weight_noise(ops, plan, step)
     inputs = [None] * L
     losses = np.zeros(P)
     for p in range(P):
