@@ -82,7 +82,8 @@ class Sequential(FrontEnd):
     def add(self, layer):
         if not isinstance(layer, Layer):
             raise TypeError(f"Sequential takes fastreg layers (Dense, Dropout, BatchNorm, "
-                            f"GaussianNoise, GaussianDropout, AlphaDropout), got {layer!r}")
+                            f"GaussianNoise, GaussianDropout, AlphaDropout, "
+                            f"ActivityRegularization), got {layer!r}")
         if self.built:
             raise ValueError("layers must be added before the model is built")
         if self.layers and getattr(layer, "input_shape", None) is not None:

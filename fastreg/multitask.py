@@ -106,7 +106,8 @@ from .validation import (as_features, as_sample_weight, as_targets, check_batch_
 FORMAT = "fastreg-multitask"
 FORMAT_VERSION = 1
 _HEAD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-_LAYER_KINDS = "Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout, AlphaDropout"
+_LAYER_KINDS = ("Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout, AlphaDropout, "
+                "ActivityRegularization")
 
 
 def _check_weight(name, weight):
