@@ -24,9 +24,11 @@ dict {"layers": ..., "loss": ..., "weight": ...}; heads keep the order of the `h
 The objective of a batch is  sum_h weight_h * loss_h  (each loss the batch mean, as in
 Sequential) plus the penalties of every layer, trunk and heads.
 
-Layers: Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout, in the trunk and in every
-head, with Sequential's placement rules and messages (prefixed with "the trunk: " or
-"head 'name': "). A MultiTask is a front end of the one engine (fastreg/network.py): the
+Layers: Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout, AlphaDropout,
+ActivityRegularization, in the trunk and in every head, with Sequential's placement rules and
+messages (prefixed with "the trunk: " or "head 'name': "); Dense(activity_regularizer=...)
+penalizes that layer's output in the trunk or a head alike (an ActivityRegularization first
+in a head is refused: put it after the trunk's last Dense). A MultiTask is a front end of the one engine (fastreg/network.py): the
 trunk and every head are parts of one network, trained by the backend's compiled epoch
 (kernels/<backend>/epoch: trunk and heads in one call) exactly as a Sequential is; its
 parameters, counters, snapshots, saved arrays and pruning are the network's. A Dropout /

@@ -13,9 +13,11 @@ one part. One training step on a batch:
     epoch before any backward.
     Backward: the heads in order, then the trunk; a head's input gradient goes into the
     trunk's output gradient (the first head writes it, later ones add theirs, after their
-    input transform's backward), then the trunk's layers. Last, the fused penalized update
-    of every layer's tensors (W, b, a BatchNorm's gamma; beta), from the last layer to the
-    first; their penalties summed in that order.
+    input transform's backward), then the trunk's layers; a layer with an activity penalty
+    (contract LF_ACTIVITY_*) adds its gradient in its backward epilogue and returns its
+    penalty. Last, the fused penalized update of every layer's tensors (W, b, a BatchNorm's
+    gamma; beta), from the last layer to the first; their penalties summed in that order,
+    then the step's activity penalties added.
 
 Shape legend: B batch rows, I fan_in, O fan_out, L layers, P parts.
 """
