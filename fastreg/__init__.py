@@ -12,7 +12,8 @@ from .callbacks import (BackupAndRestore, Callback, CSVLogger, EarlyStopping, Hi
                         LambdaCallback, LearningRateScheduler, ModelCheckpoint,
                         ReduceLROnPlateau, TerminateOnNaN)
 from .diagnose import Diagnosis, diagnose
-from .layers import AlphaDropout, BatchNorm, Dense, Dropout, GaussianDropout, GaussianNoise
+from .layers import (ActivityRegularization, AlphaDropout, BatchNorm, Dense, Dropout,
+                     GaussianDropout, GaussianNoise)
 from .model import Sequential
 from .pruning import PruneReport
 from .saving import load_model
@@ -26,7 +27,7 @@ from . import integrations  # noqa: E402  (fr.integrations.OptunaPruningCallback
 from ._version import __version__
 
 __all__ = ["Sequential", "load_model", "PruneReport", "Dense", "Dropout", "BatchNorm",
-           "GaussianNoise", "GaussianDropout", "AlphaDropout", "losses",
+           "GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization", "losses",
            "L1", "L2", "ElasticNet", "MaxNorm", "GroupLasso", "WeightNoise",
            "SGD", "Adam", "AdamW", "EarlyStopping", "ModelCheckpoint", "BackupAndRestore",
            "Callback", "History", "BackendUnavailable", "ReduceLROnPlateau",

@@ -29,7 +29,11 @@ noise layers and dropouts in fastreg's order (activation, noise, dropout; a Dens
 dropout= last), then the output transform as in ONNX. Keras has GaussianNoise and
 GaussianDropout; for PyTorch they are small modules in fastreg._torch_peer. Penalties and
 constraints are not carried over (their conventions differ: L2 is lambda/2 * sum W^2 here,
-L1 is proximal). Predictions equal model.predict to float32 rounding.
+L1 is proximal), except activity penalties (Dense(activity_regularizer=...),
+ActivityRegularization), whose formula is Keras': the Keras peer gets a
+keras.layers.ActivityRegularization(l1, l2) after the activation (where fastreg applies it:
+before the noise and dropout); ONNX and PyTorch leave them out (training only, no effect on
+inference). Predictions equal model.predict to float32 rounding.
 
 Adding an activation is one entry in ACTIVATIONS: its ONNX nodes, its Keras layer and its
 PyTorch module.
@@ -220,6 +224,7 @@ class Block:
     W: np.ndarray
     b: np.ndarray            # shape (0,) without a bias
     bn_arrays: tuple         # (gamma, beta, moving_mean, moving_variance) or None
+    activity: tuple = (0.0, 0.0)   # (l1, l2) of its activity penalty (training only)
 
     def folded(self, dtype=np.float32):
         """(W', b' or None) for inference, BatchNorm folded in float64, rounded once."""
@@ -269,7 +274,13 @@ def _read_part(name, where, configs, weights, loss):
         kind = cfg.get("class")
         if kind == "Dense":
             W, b = take(2)
-            blocks.append(Block(cfg, None, [], W, b, None))
+            from .regularizers import activity_strengths, from_config
+            activity = activity_strengths([from_config(r) for r in
+                                           cfg.get("activity_regularizer", [])])
+            blocks.append(Block(cfg, None, [], W, b, None, activity))
+        elif kind == "ActivityRegularization":    # folded onto the Dense before it
+            blocks[-1].activity = (blocks[-1].activity[0] + cfg["l1"],
+                                   blocks[-1].activity[1] + cfg["l2"])
         elif kind == "BatchNorm":
             if not blocks or blocks[-1].bn is not None or blocks[-1].train_only:
                 raise ValueError(f"{where}: a BatchNorm must follow a Dense directly")
@@ -423,6 +434,10 @@ def to_keras(model):
             act = ACTIVATIONS[d["activation"]]
             if act is not None:
                 out.append(act.keras(keras, d, f"{prefix}{d['activation']}_{i}"))
+            if any(blk.activity):   # on the activation's output, before noise and dropout
+                out.append(keras.layers.ActivityRegularization(
+                    l1=blk.activity[0], l2=blk.activity[1], name=f"{prefix}activity_{i}",
+                    dtype=dtype))
             out += [_keras_train_only(keras, c, f"{prefix}dense_{i}_{j}", dtype)
                     for j, c in enumerate(blk.train_only)]
         transform = part.transform

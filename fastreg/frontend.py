@@ -21,8 +21,8 @@ class FrontEnd:
         return self._network.count_params()
 
     def penalty(self):
-        """The current regularization term, summed over every layer (what
-        history["penalty"] tracks)."""
+        """The current regularization term of the weights, summed over every layer (what
+        history["penalty"] tracks, with each training step's activity penalty added)."""
         return self._network.penalty()
 
     def summary(self):

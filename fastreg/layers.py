@@ -54,13 +54,22 @@ class Dense(Layer):
     Keras' spellings are accepted: kernel_regularizer= (regularizer), kernel_constraint=
     (constraint), and input_shape=(n,) / input_dim=n on the first layer of a Sequential (the
     model's input width).
+
+    activity_regularizer: L1(l), L2(l) or ElasticNet(l1, l2) (or a list of them) on the
+    layer's OUTPUTS a = f(x @ W + b) (after a BatchNorm folded into it and the activation,
+    before its noise and dropout: in Keras those are layers after the Dense), Keras'
+    formula: each training step adds (l1 * sum |a| + l2 * sum a^2) / B over its B rows
+    (L2 without the 1/2 of a kernel's L2; sample weights do not weigh it). Its gradient
+    (l1 * sign(a) + 2 * l2 * a) / B is added to dL/da in the fused backward epilogue. Sparse
+    representations (L1 drives outputs to exactly 0 under relu). Training only: reported in
+    history["penalty"], not in "loss", predict or evaluate. Not on a "softmax" Dense.
     """
 
     def __init__(self, units, activation=None, dropout=0.0, regularizer=None, use_bias=True,
                  negative_slope=0.01, kernel_initializer="glorot_uniform",
                  bias_regularizer=None, constraint=None, alpha=1.0, bias_initializer="zeros",
                  kernel_regularizer=None, kernel_constraint=None, input_shape=None,
-                 input_dim=None, weight_noise=0.0):
+                 input_dim=None, weight_noise=0.0, activity_regularizer=None):
         regularizer = _alias("regularizer", regularizer, "kernel_regularizer",
                              kernel_regularizer)
         constraint = _alias("constraint", constraint, "kernel_constraint", kernel_constraint)
@@ -103,6 +112,19 @@ class Dense(Layer):
         self.alpha = alpha
         self.kernel_initializer = kernel_initializer
         self.bias_initializer = bias_initializer
+        self.activity_l1, self.activity_l2 = regularizers.activity_strengths(
+            activity_regularizer)
+        self.activity_regularizer = regularizers.as_list(activity_regularizer,
+                                                         "activity_regularizer")
+        if self.activation == SOFTMAX and self.activity_regularizer:
+            raise ValueError("activity_regularizer on a softmax Dense: its kernels compute the "
+                             "logits (the loss's softmax path), not the probabilities Keras "
+                             "would penalize; put it on a hidden Dense")
+
+    @property
+    def activity(self):
+        """(l1, l2) of its activity penalty (Keras' formula; (0, 0): none)."""
+        return self.activity_l1, self.activity_l2
 
     @property
     def kernel_activation(self):
@@ -123,12 +145,17 @@ class Dense(Layer):
                 # only when not the default: files stay as round 1 wrote them
                 **({"bias_initializer": self.bias_initializer}
                    if self.bias_initializer != "zeros" else {}),
-                **({"weight_noise": self.weight_noise} if self.weight_noise else {})}
+                **({"weight_noise": self.weight_noise} if self.weight_noise else {}),
+                **({"activity_regularizer": [r.get_config()
+                                             for r in self.activity_regularizer]}
+                   if self.activity_regularizer else {})}
 
     def __repr__(self):
         noise = f", weight_noise={self.weight_noise:g}" if self.weight_noise else ""
+        activity = (f", activity_regularizer={self.activity_regularizer}"
+                    if self.activity_regularizer else "")
         return (f"Dense({self.units}, activation={self.activation!r}, dropout={self.dropout}, "
-                f"regularizer={self.regularizer or None}{noise})")
+                f"regularizer={self.regularizer or None}{noise}{activity})")
 
 
 def _weight_noise(value, regs):
@@ -291,6 +318,35 @@ class AlphaDropout(Layer):
         return f"AlphaDropout({self.rate})"
 
 
+class ActivityRegularization(Layer):
+    """Keras' ActivityRegularization(l1=0.0, l2=0.0): no weights, it penalizes its input,
+    here the output a of the Dense before it, with Keras' formula (l1 * sum |a| + l2 *
+    sum a^2) / B per training step of B rows. fastreg folds it onto that Dense (the same as
+    Dense(activity_regularizer=ElasticNet(l1, l2)); both given: the strengths add).
+
+    Placement: right after a Dense, or after its BatchNorm (then it penalizes f(BN(x @ W +
+    b)), the Dense's output in fastreg's BatchNorm placement), before any Dropout or noise
+    layer on that output; a Dense's own dropout= comes after it (fastreg applies a Dense's
+    dropout last). Anywhere else it would penalize values the fused kernels do not compute
+    (the inputs, a dropped or noisy output, a softmax's probabilities): ValueError naming
+    the placement. Training only (history["penalty"]); predict and evaluate ignore it.
+    """
+
+    def __init__(self, l1=0.0, l2=0.0):
+        self.l1 = check_real("ActivityRegularization l1", l1, 0.0, error=TypeError)
+        self.l2 = check_real("ActivityRegularization l2", l2, 0.0, error=TypeError)
+
+    @property
+    def activity(self):
+        return self.l1, self.l2
+
+    def get_config(self):
+        return {"class": "ActivityRegularization", "l1": self.l1, "l2": self.l2}
+
+    def __repr__(self):
+        return f"ActivityRegularization(l1={self.l1:g}, l2={self.l2:g})"
+
+
 # The layers that take a dense output's (or the inputs') noise slot (contract NOISE_*).
 NOISE_LAYERS = (GaussianNoise, GaussianDropout, AlphaDropout)
 
@@ -314,6 +370,9 @@ def from_config(cfg):
         cfg["regularizer"] = [regularizers.from_config(r) for r in cfg.get("regularizer", [])]
         cfg["bias_regularizer"] = [regularizers.from_config(r)
                                    for r in cfg.get("bias_regularizer", [])]
+        if "activity_regularizer" in cfg:
+            cfg["activity_regularizer"] = [regularizers.from_config(r)
+                                           for r in cfg["activity_regularizer"]] or None
         return Dense(**cfg)
     if kind == "Dropout":
         return Dropout(**cfg)
@@ -325,4 +384,6 @@ def from_config(cfg):
         return AlphaDropout(**cfg)
     if kind == "BatchNorm":
         return BatchNorm(**cfg)
+    if kind == "ActivityRegularization":
+        return ActivityRegularization(**cfg)
     raise ValueError(f"unknown layer in config: {kind!r}")

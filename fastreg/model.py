@@ -82,7 +82,8 @@ class Sequential(FrontEnd):
     def add(self, layer):
         if not isinstance(layer, Layer):
             raise TypeError(f"Sequential takes fastreg layers (Dense, Dropout, BatchNorm, "
-                            f"GaussianNoise, GaussianDropout, AlphaDropout), got {layer!r}")
+                            f"GaussianNoise, GaussianDropout, AlphaDropout, "
+                            f"ActivityRegularization), got {layer!r}")
         if self.built:
             raise ValueError("layers must be added before the model is built")
         if self.layers and getattr(layer, "input_shape", None) is not None:
@@ -312,9 +313,11 @@ class Sequential(FrontEnd):
                               **thresholds)
 
     def evaluate(self, X, y, batch_size=None, return_dict=False, sample_weight=None):
-        """The data loss (no penalty) on (X, y), dropout off (X read a chunk of rows at a
-        time, as predict reads it), as Keras: the loss, or [loss, metric, ...] when metrics
-        were compiled; return_dict=True: {"loss": ..., "<metric>": ...}. The metrics come
+        """The data loss (no penalty: neither the weights' nor an activity penalty, which
+        history["penalty"] reports in training) on (X, y), dropout off (X read a chunk of
+        rows at a time, as predict reads it), as Keras: the loss, or [loss, metric, ...]
+        when metrics were compiled; return_dict=True: {"loss": ..., "<metric>": ...}
+        (Keras' evaluate adds its regularization losses). The metrics come
         from the same inference pass as the loss; sample_weight weighs the loss as fit's
         does."""
         self._require_compiled()

@@ -24,9 +24,11 @@ dict {"layers": ..., "loss": ..., "weight": ...}; heads keep the order of the `h
 The objective of a batch is  sum_h weight_h * loss_h  (each loss the batch mean, as in
 Sequential) plus the penalties of every layer, trunk and heads.
 
-Layers: Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout, in the trunk and in every
-head, with Sequential's placement rules and messages (prefixed with "the trunk: " or
-"head 'name': "). A MultiTask is a front end of the one engine (fastreg/network.py): the
+Layers: Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout, AlphaDropout,
+ActivityRegularization, in the trunk and in every head, with Sequential's placement rules and
+messages (prefixed with "the trunk: " or "head 'name': "); Dense(activity_regularizer=...)
+penalizes that layer's output in the trunk or a head alike (an ActivityRegularization first
+in a head is refused: put it after the trunk's last Dense). A MultiTask is a front end of the one engine (fastreg/network.py): the
 trunk and every head are parts of one network, trained by the backend's compiled epoch
 (kernels/<backend>/epoch: trunk and heads in one call) exactly as a Sequential is; its
 parameters, counters, snapshots, saved arrays and pruning are the network's. A Dropout /
@@ -106,7 +108,8 @@ from .validation import (as_features, as_sample_weight, as_targets, check_batch_
 FORMAT = "fastreg-multitask"
 FORMAT_VERSION = 1
 _HEAD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-_LAYER_KINDS = "Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout, AlphaDropout"
+_LAYER_KINDS = ("Dense, Dropout, BatchNorm, GaussianNoise, GaussianDropout, AlphaDropout, "
+                "ActivityRegularization")
 
 
 def _check_weight(name, weight):

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import interrupts
-from .layers import (NOISE_LAYERS, SOFTMAX, AlphaDropout, BatchNorm, Dense, Dropout, GaussianNoise,
-                     Layer, noise_code)
+from .layers import (NOISE_LAYERS, SOFTMAX, ActivityRegularization, AlphaDropout, BatchNorm,
+                     Dense, Dropout, GaussianNoise, Layer, noise_code)
 from . import regularizers
 from .kernels import contract
 from .kernels.plan import LayerShape, ParamStore, make_plan
@@ -34,13 +34,16 @@ from .validation import check_in_dtype, check_seed
 @dataclass
 class Block:
     """A Dense with what is fused into it: the dropout on its input (first block of a part
-    only) and on its output, its BatchNorm, and the noise on its input / output."""
+    only) and on its output, its BatchNorm, the noise on its input / output, and the
+    activity penalty (l1, l2) on its output a (its activity_regularizer plus the
+    ActivityRegularization layers folded onto it)."""
     dense: Dense
     in_drop: float = 0.0
     out_drop: float = 0.0
     bn: BatchNorm = None
     in_noise: Layer = None
     noise: Layer = None
+    activity: tuple = (0.0, 0.0)
 
 
 def _check_alpha_dropout(noise, rate, where):
@@ -60,6 +63,9 @@ def fold_blocks(layers, partial=False):
     def where():
         return "the inputs" if not blocks else f"the output of Dense {len(blocks) - 1}"
     for i, layer in enumerate(layers):
+        if isinstance(layer, ActivityRegularization):
+            _fold_activity(layer, blocks, pending, noise, where())
+            continue
         if blocks and blocks[-1].dense.activation == SOFTMAX \
                 and isinstance(layer, (Dense, Dropout) + NOISE_LAYERS):
             raise ValueError(f"{layer!r} after a softmax Dense: softmax is only accepted on "
@@ -99,7 +105,8 @@ def fold_blocks(layers, partial=False):
                 blocks[-1].noise = noise
             blocks.append(Block(layer, in_drop=pending if not blocks else 0.0,
                                 out_drop=layer.dropout,
-                                in_noise=noise if not blocks else None))
+                                in_noise=noise if not blocks else None,
+                                activity=layer.activity))
             pending = 0.0
             noise = None
     if not blocks:
@@ -112,6 +119,29 @@ def fold_blocks(layers, partial=False):
     if noise is not None:
         blocks[-1].noise = noise
     return blocks
+
+
+def _fold_activity(layer, blocks, pending, noise, where):
+    """Fold an ActivityRegularization onto the block before it: it penalizes that Dense's
+    output a (Keras' ActivityRegularization after a Dense), which the fused kernels compute
+    before the output's noise and dropout. Where its input is anything else, ValueError
+    naming the placement."""
+    if not blocks:
+        raise ValueError(f"{layer!r} before any Dense: it would penalize the input (of the "
+                         f"model, or of a MultiTask head), which fastreg does not fold; put "
+                         f"it after a Dense (for a head, after the trunk's last Dense), or "
+                         f"pass activity_regularizer= to that Dense")
+    blk = blocks[-1]
+    if blk.dense.activation == SOFTMAX:
+        raise ValueError(f"{layer!r} after a softmax Dense: its kernels compute the logits "
+                         f"(the loss's softmax path), not the probabilities Keras would "
+                         f"penalize; put it on a hidden Dense")
+    if pending or (noise is not None and noise_code(noise)[0] != contract.NOISE_NONE):
+        between = f"{noise!r}" if noise is not None else "a Dropout"
+        raise ValueError(f"{layer!r} after {between} on {where}: Keras would penalize the "
+                         f"dropped / noisy values, which the fused kernels do not keep; put "
+                         f"it right after the Dense (or its BatchNorm), before the {between}")
+    blk.activity = (blk.activity[0] + layer.l1, blk.activity[1] + layer.l2)
 
 
 def check_loss_and_last_layer(loss, last, where=""):
@@ -148,7 +178,8 @@ def check_part_layers(layers, where=""):
     for i, layer in enumerate(layers):
         if not isinstance(layer, Layer):
             raise TypeError(f"{where}fastreg layers (Dense, Dropout, BatchNorm, "
-                            f"GaussianNoise, GaussianDropout, AlphaDropout) only, got {layer!r}")
+                            f"GaussianNoise, GaussianDropout, AlphaDropout, "
+                            f"ActivityRegularization) only, got {layer!r}")
         if isinstance(layer, BatchNorm) and not (i and isinstance(layers[i - 1], Dense)):
             after = type(layers[i - 1]).__name__ if i else "nothing (first layer)"
             raise ValueError(f"{where}BatchNorm must come right after a Dense: it normalizes "
@@ -171,6 +202,12 @@ def check_in_model_dtype(layer, dtype):
         check_in_dtype("BatchNorm eps", layer.eps, dtype)
         check_in_dtype("BatchNorm momentum", layer.momentum, dtype, positive=False,
                        below_one=True)
+    if isinstance(layer, (Dense, ActivityRegularization)):
+        # the kernels read an activity strength in the dtype (contract LF_ACTIVITY_*): one
+        # that rounds to 0 would silently switch the penalty off
+        for name, value in zip(("l1", "l2"), layer.activity):
+            if value:
+                check_in_dtype(f"{type(layer).__name__} activity {name}", value, dtype)
 
 
 def init_kernel(kind, fan_in, fan_out, rng, dtype):
@@ -423,6 +460,7 @@ class Network:
             li[i, contract.LI_IN_NOISE], lf[i, contract.LF_IN_NOISE_STD] = noise_code(blk.in_noise)
             if training:        # inference (predict, evaluate, MC dropout): the clean W
                 lf[i, contract.LF_WEIGHT_NOISE_STD] = d.weight_noise
+            lf[i, contract.LF_ACTIVITY_L1], lf[i, contract.LF_ACTIVITY_L2] = blk.activity
             if blk.bn is not None:
                 li[i, contract.LI_BN] = int(training)   # inference: folded into W, b
                 lf[i, contract.LF_BN_EPS] = blk.bn.eps
@@ -600,8 +638,9 @@ class Network:
                 cur[...] = new
 
     def penalty(self):
-        """The current regularization term, summed over every block (what
-        history['penalty'] tracks)."""
+        """The current regularization term of the weights, summed over every block (what
+        history['penalty'] tracks, which also adds each training step's activity penalty:
+        that one depends on the batch)."""
         from .optimizers import Adam
         _, _, hpW, hpb, _ = self.config_rows(Adam(), training=False)
         return float(sum(penalty_value(self.store.tensor("W", l), hpW[l])
@@ -634,6 +673,9 @@ class Network:
                 n = n + 4 * d.units if fan_in else n
                 extra += (f", batchnorm(momentum={blk.bn.momentum:g}, "
                           f"eps={blk.bn.eps:g}) before the activation")
+            if any(blk.activity):
+                extra += (f", activity penalty (l1={blk.activity[0]:g}, "
+                          f"l2={blk.activity[1]:g}) on its output / batch")
             lines.append(f"dense_{i}: {fan_in if fan_in else '?'}->{d.units} "
                          f"{d.activation or 'linear'}, dropout {blk.out_drop:.3g}{extra}, "
                          f"params {n}, regularizer {d.regularizer or None}"

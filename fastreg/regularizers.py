@@ -3,7 +3,9 @@
 Conventions (DESIGN.md): L2(l) adds l/2 * sum W^2 (gradient l*W, PyTorch's weight_decay);
 L1(l) adds l * sum |W|, proximal by default (soft-thresholding after the optimizer step, in
 the optimizer's own per-coordinate metric), which gives exact zeros; ElasticNet(l1, l2) both.
-Penalties are not divided by batch or data-set size. MaxNorm(c) is a constraint: after every
+Penalties are not divided by batch or data-set size. (Used as a Dense's
+activity_regularizer, on the layer's outputs, L1 / L2 / ElasticNet follow Keras instead:
+(l1 * sum |a| + l2 * sum a^2) / batch rows: activity_strengths.) MaxNorm(c) is a constraint: after every
 step each unit's incoming weight vector (a column of W) is projected to norm <= c.
 GroupLasso(l) adds l * sum_j ||W[:, j]||_2, one group per unit (its incoming weights), applied
 by block soft-thresholding after the step, so whole units reach exact zero (model.prune()
@@ -211,6 +213,29 @@ def as_list(reg, what="regularizer"):
             raise TypeError(f"{what} must be a fastreg regularizer (L1, L2, ElasticNet, "
                             f"MaxNorm, GroupLasso, WeightNoise) or a list of them, got {r!r}")
     return items
+
+
+def activity_strengths(reg, what="activity_regularizer"):
+    """(l1, l2) of an activity penalty (Keras' activity_regularizer) from None, one L1, L2 or
+    ElasticNet, or a list of them (their strengths add). Keras' formula, not the weights':
+    the penalty of a layer's output a over a batch of B rows is
+        (l1 * sum |a| + l2 * sum a^2) / B
+    (L2(l) counts l * sum a^2 here, as Keras' L2 does, where on a kernel it adds
+    l/2 * sum W^2; `proximal` does not apply: the gradient l1 * sign(a) / B goes into the
+    backward). Anything else (MaxNorm, GroupLasso, a Keras object, a number) is a
+    TypeError."""
+    if reg is None:
+        return 0.0, 0.0
+    items = list(reg) if isinstance(reg, (list, tuple)) else [reg]
+    l1 = l2 = 0.0
+    for r in items:
+        if not isinstance(r, (L1, L2, ElasticNet)):
+            raise TypeError(f"{what} must be a fastreg L1, L2 or ElasticNet (or a list of "
+                            f"them): a penalty on the layer's outputs, Keras' "
+                            f"(l1 * sum |a| + l2 * sum a^2) / batch; got {r!r}")
+        l1 += r.l1
+        l2 += r.l2
+    return l1, l2
 
 
 REGULARIZER_SLOTS = [s for s in contract.SLOT_TABLE if s.owner == "regularizer"]

@@ -80,11 +80,15 @@ ACTIVATIONS = {key: a.code for a in ACTIVATION_TABLE for key in (a.name,) + a.al
 ACTIVATION_BY_CODE = {a.code: a for a in ACTIVATION_TABLE}
 
 
-def keeps_pre(act, noise):
+def keeps_pre(act, noise, dropout=False, activity=False):
     """Whether backward needs a dense layer's pre buffer (Plan.pres): z itself for an
     activation whose derivative needs its input, else f(z) before the noise when a noise
-    layer follows (f' can no longer be read off the noisy output; a linear f needs none)."""
+    layer follows (f' can no longer be read off the noisy output; a linear f needs none),
+    or before the dropout when the layer has an activity penalty (`activity`: its gradient
+    needs a = f(z) of every unit, also of the dropped ones, whose output holds 0)."""
     if ACTIVATION_BY_CODE[int(act)].grad_from == "input":
+        return True
+    if activity and (dropout or int(noise) != NOISE_NONE):
         return True
     return int(noise) != NOISE_NONE and int(act) != ACT_LINEAR
 
@@ -329,7 +333,14 @@ LF_BN_MOMENTUM = 4  # BatchNorm running-statistics momentum (Keras convention)
 LF_NOISE_STD = 5    # std of the output noise n: NOISE_ADD adds std*n, NOISE_MUL scales by 1+std*n
 LF_IN_NOISE_STD = 6
 LF_WEIGHT_NOISE_STD = 7   # sigma of the noise on W (Graves 2011); 0: off (training plans only)
-LF_SIZE = 8
+# Activity regularization (Keras' activity_regularizer, fastreg.ActivityRegularization): a
+# penalty on the layer's output a = f(z) (after BatchNorm and the activation, before its
+# noise and dropout), divided by the step's batch rows B:
+#     (l1 * sum |a| + l2 * sum a^2) / B,   dL/da += (l1 * sign(a) + 2 * l2 * a) / B,
+# added to the data gradient dL/da (mask, scale and noise factor undone) before f'. 0: off.
+LF_ACTIVITY_L1 = 8
+LF_ACTIVITY_L2 = 9
+LF_SIZE = 10
 # NOISE_ALPHA's shift lives in its noise slot (the parameter of the layer's noise kind)
 LF_ALPHA_SHIFT = LF_NOISE_STD
 LF_IN_ALPHA_SHIFT = LF_IN_NOISE_STD

@@ -247,8 +247,23 @@ class Plan:
         thr, _, noise, _ = self.input_transform_of(p)
         return thr > 0 or noise != contract.NOISE_NONE
 
+    def activity_of(self, l):
+        """(l1, l2) of layer l's activity penalty (contract LF_ACTIVITY_*), as floats of the
+        dtype's values; (0.0, 0.0): none."""
+        return (float(self.lf[l, contract.LF_ACTIVITY_L1]),
+                float(self.lf[l, contract.LF_ACTIVITY_L2]))
+
+    def activity_on(self, l):
+        return any(v != 0.0 for v in self.activity_of(l))
+
+    def has_activity(self):
+        """Whether any layer has an activity penalty (training plans)."""
+        return self.training and any(self.activity_on(l) for l in range(self.n_layers))
+
     def keeps_pre(self, l):
-        return contract.keeps_pre(self.li[l, contract.LI_ACT], self.li[l, contract.LI_NOISE])
+        return contract.keeps_pre(self.li[l, contract.LI_ACT], self.li[l, contract.LI_NOISE],
+                                  int(self.li[l, contract.LI_DROP_THR]) > 0,
+                                  self.training and self.activity_on(l))
 
     def weight_noise_of(self, l):
         """sigma of the noise on layer l's kernel W (0: off; contract LF_WEIGHT_NOISE_STD)."""
@@ -273,7 +288,8 @@ class Plan:
     def kept_bytes_per_element(self):
         """What one training step keeps between forward and backward, per activation
         element: the layer output, a BatchNorm layer's zhat, and a pre buffer where f'
-        needs one (keeps_pre)."""
+        needs one, or an activity penalty needs a = f(z) under dropout or noise
+        (keeps_pre)."""
         units = sum(W.shape[1] for W in self.Ws)
         bn = sum(W.shape[1] for l, W in enumerate(self.Ws) if self.bn_on(l))
         pre = sum(W.shape[1] for l, W in enumerate(self.Ws) if self.keeps_pre(l))

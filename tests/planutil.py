@@ -11,9 +11,10 @@ def random_plan(rng, dtype=np.float32, sizes=(3, 8, 6, 2), acts=None, drop=None,
                 noise=None, in_drop=0.0, in_noise=(contract.NOISE_NONE, 0.0), opt=contract.OPT_ADAM,
                 momentum=0.9, nesterov=False, loss=contract.LOSS_MSE, l1=0.0, l2=0.0, proximal=True,
                 group=0.0, maxnorm=0.0, bias=True, seed=5, heads=None, training=True,
-                loss_param=None):
+                loss_param=None, activity=None):
     """A plan of dense layers fan-in sizes[0] -> ... -> sizes[-1]. Per-layer lists (acts,
-    drop, bn, noise) default to tanh / no dropout / no BatchNorm / no noise. heads: None for
+    drop, bn, noise, activity: (l1, l2) of the activity penalty) default to tanh / no
+    dropout / no BatchNorm / no noise / none. heads: None for
     one part, else [(layer sizes, loss, weight, input dropout rate), ...] of heads on the
     trunk's output (trunk = the layers of `sizes`, no loss)."""
     trunk_L = len(sizes) - 1
@@ -26,6 +27,7 @@ def random_plan(rng, dtype=np.float32, sizes=(3, 8, 6, 2), acts=None, drop=None,
     drop = list(drop) if drop is not None else [0.0] * L
     bn = list(bn) if bn is not None else [False] * L
     noise = list(noise) if noise is not None else [(contract.NOISE_NONE, 0.0)] * L
+    activity = list(activity) if activity is not None else [(0.0, 0.0)] * L
     shapes = [LayerShape(i, o, bias, bn[l]) for l, (i, o) in enumerate(layer_dims)]
     store = ParamStore(shapes, dtype)
     store.params[...] = (rng.standard_normal(store.size) * 0.5).astype(dtype)
@@ -54,6 +56,7 @@ def random_plan(rng, dtype=np.float32, sizes=(3, 8, 6, 2), acts=None, drop=None,
         lf[l, contract.LF_DROP_SCALE] = dropout_scale(drop[l], np.dtype(dtype).type)
         lf[l, contract.LF_BN_EPS] = 1e-3
         lf[l, contract.LF_BN_MOMENTUM] = 0.9
+        lf[l, contract.LF_ACTIVITY_L1], lf[l, contract.LF_ACTIVITY_L2] = activity[l]
         for row in hp:
             row[l, [contract.HP_LR, contract.HP_BETA1, contract.HP_BETA2, contract.HP_EPS,
                     contract.HP_NESTEROV, contract.HP_PROXIMAL]] = (

@@ -399,7 +399,7 @@ def test_reference_step_gradients_match_central_differences():
 
     def objective():
         plan.store.stats[...] = stats
-        losses, _ = spec.forward_backward(reference, plan, X, Y, idx, 4)
+        losses, _, _ = spec.forward_backward(reference, plan, X, Y, idx, 4)
         return float(plan.partf[:, contract.PF_WEIGHT] @ losses)
     objective()
     grad = plan.grad.copy()

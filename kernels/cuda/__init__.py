@@ -108,12 +108,29 @@ def _stored(ns, act, noise, out, pre):
     return ns.dummy if int(noise) != contract.NOISE_NONE else to_dev(out)
 
 
-def _output_grad(ns, gd, out, act, slope, thr, scale, k0, k1, step, layer, noise, nstd, pre):
-    """dL/d(out) -> dL/d(f's input) in place on the device copy gd of the gradient."""
+def _output_grad(ns, gd, out, act, slope, thr, scale, k0, k1, step, layer, noise, nstd, pre,
+                 activity_l1=0.0, activity_l2=0.0):
+    """dL/d(out) -> dL/d(f's input) in place on the device copy gd of the gradient; returns
+    the activity penalty (l1 sum |a| + l2 sum a^2) / B of a layer with one (epoch.activity_grad),
+    else 0."""
     dt = ns.dtype.type
     epi = Epilogue(_stored(ns, act, noise, out, pre), int(act), dt(slope), int(thr), dt(scale),
                    int(layer), int(noise), dt(nstd))
-    dense.output_grad(ns, gd, epi, k0, k1, int(step))
+    if not (activity_l1 or activity_l2):
+        dense.output_grad(ns, gd, epi, k0, k1, int(step))
+        return 0.0
+    status = cuda.to_device(np.zeros(status_size(1)))
+    kept = to_dev(pre) if pre is not None and pre.size else None
+    epoch.activity_grad(ns, gd, to_dev(out), kept, epi,
+                        (float(dt(activity_l1)), float(dt(activity_l2))), k0, k1, int(step),
+                        status)
+    return float(status.copy_to_host()[ST_PEN]) / max(1, out.shape[0])
+
+
+def _kept(act, noise, pre):
+    """Whether the forward writes a pre buffer: f' needs one, or the caller gives one (a
+    layer with an activity penalty under dropout: contract.keeps_pre)."""
+    return contract.keeps_pre(act, noise) or (pre is not None and pre.size > 0)
 
 
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
@@ -123,7 +140,7 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
     dt = out.dtype.type
     bd, hb = _bias(ns, b)
     od = cuda.device_array(out.shape, out.dtype)
-    pd = cuda.device_array(out.shape, out.dtype) if contract.keeps_pre(act, noise) else None
+    pd = cuda.device_array(out.shape, out.dtype) if _kept(act, noise, pre) else None
     dense.forward(ns, to_dev(x), to_dev(W), bd, hb, od, int(act), dt(slope),
                   int(drop_threshold), dt(drop_scale), k0, k1, int(step), int(layer),
                   int(noise), dt(noise_std), pd)
@@ -133,12 +150,13 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
+                   seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None,
+                   activity_l1=0.0, activity_l2=0.0):
     ns = kernels(out.dtype)
     k0, k1 = split_seed(seed)
     gd = to_dev(grad)
-    _output_grad(ns, gd, out, act, slope, drop_threshold, drop_scale, k0, k1, step, layer,
-                 noise, noise_std, pre)
+    pen = _output_grad(ns, gd, out, act, slope, drop_threshold, drop_scale, k0, k1, step,
+                       layer, noise, noise_std, pre, activity_l1, activity_l2)
     dWd = cuda.device_array(dW.shape, dW.dtype)
     has_bias = db.size > 0
     dbd = cuda.device_array(db.shape, db.dtype) if has_bias else ns.dummy1
@@ -151,6 +169,7 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
         db[...] = dbd.copy_to_host()
     if dxd is not None:
         dx[...] = dxd.copy_to_host()
+    return pen
 
 
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
@@ -162,7 +181,7 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
     od = cuda.device_array(out.shape, out.dtype)
     xd = cuda.device_array(xhat.shape, xhat.dtype)
     sd = cuda.to_device(np.ascontiguousarray(save, np.float64))
-    pd = cuda.device_array(out.shape, out.dtype) if contract.keeps_pre(act, noise) else None
+    pd = cuda.device_array(out.shape, out.dtype) if _kept(act, noise, pre) else None
     batchnorm.forward(ns, to_dev(x), to_dev(W), bd, hb, od, xd, to_dev(gb), sd, int(act),
                       dt(slope), int(drop_threshold), dt(drop_scale), float(dt(eps)), k0, k1,
                       int(step), int(layer), int(noise), dt(noise_std), pd)
@@ -175,13 +194,14 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
                       drop_threshold, drop_scale, momentum, seed, step, layer,
-                      noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
+                      noise=contract.NOISE_NONE, noise_std=0.0, pre=None, activity_l1=0.0,
+                      activity_l2=0.0):
     ns = kernels(out.dtype)
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     gd = to_dev(grad)
-    _output_grad(ns, gd, out, act, slope, drop_threshold, drop_scale, k0, k1, step, layer,
-                 noise, noise_std, pre)
+    pen = _output_grad(ns, gd, out, act, slope, drop_threshold, drop_scale, k0, k1, step,
+                       layer, noise, noise_std, pre, activity_l1, activity_l2)
     has_bias = db.size > 0
     dbd = to_dev(db) if has_bias else ns.dummy1
     dgbd = cuda.device_array(dgb.shape, dgb.dtype)
@@ -201,6 +221,7 @@ def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, a
         db[...] = dbd.copy_to_host()
     if dxd is not None:
         dx[...] = dxd.copy_to_host()
+    return pen
 
 
 def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NOISE_NONE,

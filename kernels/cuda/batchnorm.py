@@ -26,6 +26,7 @@ def build(ns):
     U0 = np.uint64(0)
     philox_word, normal_at, from_input = ns.philox_word, ns.normal_at, ns.from_input
     forward_value, noise_forward_value = ns.forward_value, ns.noise_forward_value
+    activate = ns.activate
 
     @cuda.jit
     def bn_forward(out, bias, has_bias, gb, xhat, save, act, slope, thr, scale, eps, k0, k1,
@@ -73,6 +74,8 @@ def build(ns):
                         pre[i, j] = a
                     out[i, j] = v
                 else:
+                    if keep_pre and not from_input(act):   # activity penalty under dropout
+                        pre[i, j] = activate(y, act, slope)
                     out[i, j] = forward_value(y, act, slope, thr, scale, word)
 
     @cuda.jit

@@ -22,6 +22,7 @@ from .. import contract
 from ..contract import (STREAM_DROPOUT, STREAM_INPUT_DROPOUT, STREAM_INPUT_NOISE, STREAM_NOISE,
                         STREAM_WEIGHT_NOISE)
 from .jit import cuda
+from .loss import ST_PEN, ST_STOP
 
 # Modes of dense_epilogue and of the GEMM's epilogue (dense.py).
 EPI_NONE = 0          # no epilogue (a plain GEMM)
@@ -137,7 +138,16 @@ def build_elements(ns):
                 if from_input(act):
                     a = v
                 return out, a
-            return forward_value(v, act, slope, thr, scale, word), v
+            a = activate(v, act, slope)
+            out = a
+            if thr > 0:
+                if word >= np.uint64(thr):
+                    out = a * scale
+                else:
+                    out = ZERO
+            # what a pre buffer keeps: z for an "input" activation, else f(z) (an activity
+            # penalty under dropout: contract.keeps_pre)
+            return out, (v if from_input(act) else a)
         if noise != contract.NOISE_NONE:
             p = stored if act != contract.ACT_LINEAR else ZERO
             return noise_backward_value(v, p, act, slope, thr, scale, word, noise, nstd,
@@ -160,8 +170,44 @@ def build_elements(ns):
             v = v * scale if word >= np.uint64(thr) else ZERO
         return v
 
+    @cuda.jit(**dev)
+    def activity_value(g, o, p, act, slope, thr, scale, word, noise, nstd, nrm, c1, c2, has1,
+                       has2):
+        """(dL/dz, a) of one element of a layer with an activity penalty (kernels/reference/
+        epilogue.py activity_epilogue_backward): g = dL/d(out), o its output, p its pre
+        buffer (a, or z for an "input" activation; unread without dropout and noise), nrm
+        the regenerated normal (GaussianDropout), c1 = l1 / B, c2 = 2 l2 / B."""
+        d = g
+        if thr > 0:
+            d = d * scale
+        if noise == contract.NOISE_MUL:
+            d = d * (ONE + nstd * nrm)
+        if thr > 0 and word < np.uint64(thr):
+            d = ZERO
+        if thr == 0 and noise == contract.NOISE_NONE:
+            a = o
+        elif from_input(act):
+            a = activate(p, act, slope)
+        else:
+            a = p
+        sgn = a
+        if a > ZERO:
+            sgn = ONE
+        elif a < ZERO:
+            sgn = -ONE
+        if has1 and has2:
+            d = d + (c1 * sgn + c2 * a)
+        elif has1:
+            d = d + c1 * sgn
+        else:
+            d = d + c2 * a
+        if act != contract.ACT_LINEAR:
+            d = d * activation_grad(p if from_input(act) else a, act, slope)
+        return d, a
+
     ns.__dict__.update(forward_value=forward_value, backward_value=backward_value, noisy=noisy,
                        alpha_value=alpha_value, input_value=input_value,
+                       activity_value=activity_value,
                        noise_forward_value=noise_forward_value,
                        noise_backward_value=noise_backward_value, dense_epilogue=dense_epilogue)
 
@@ -174,6 +220,7 @@ def build_kernels(ns):
     backward_value, noise_forward_value = ns.backward_value, ns.noise_forward_value
     noise_backward_value = ns.noise_backward_value
     input_value = ns.input_value
+    activity_value, activate = ns.activity_value, ns.activate
 
     @cuda.jit
     def forward_epilogue(out, bias, has_bias, act, slope, thr, scale, k0, k1, step, layer,
@@ -198,8 +245,44 @@ def build_kernels(ns):
                 if keep_pre and not from_input(act):
                     pre[i, j] = a
                 out[i, j] = v
+            elif keep_pre and not from_input(act):     # an activity penalty under dropout
+                a = activate(v, act, slope)
+                pre[i, j] = a
+                out[i, j] = forward_value(v, act, slope, thr, scale, word)
             else:
                 out[i, j] = forward_value(v, act, slope, thr, scale, word)
+
+    @cuda.jit
+    def activity_grad(grad, out, pre, act, slope, thr, scale, noise, nstd, k0, k1, step,
+                      layer, c1, c2, has1, has2, l1, l2, status):
+        """grad = dL/d(out) -> dL/dz in place for a layer with an activity penalty
+        (activity_value), and status[ST_PEN] += l1 sum |a| + l2 sum a^2 (float64 atomics,
+        one per thread; the step's penalty times its B rows, as the update adds its own).
+        Nothing when the step stopped on a non-finite loss."""
+        if status[ST_STOP] != 0.0:
+            return
+        B, O = grad.shape
+        s = 0.0
+        for e in range(cuda.grid(1), B * O, cuda.gridsize(1)):
+            i = e // O
+            j = e - i * O
+            word = philox_word(e, k0, k1, step, layer, STREAM_DROPOUT) if thr > 0 else U0
+            nrm = ZERO
+            if noise == contract.NOISE_MUL:
+                nrm = FT(normal_at(e, k0, k1, step, layer, STREAM_NOISE))
+            p = ZERO
+            if thr > 0 or noise != contract.NOISE_NONE or from_input(act):
+                p = pre[i, j]
+            d, a = activity_value(grad[i, j], out[i, j], p, act, slope, thr, scale, word,
+                                  noise, nstd, nrm, c1, c2, has1, has2)
+            grad[i, j] = d
+            a64 = np.float64(a)
+            if has1:
+                s += l1 * abs(a64)
+            if has2:
+                s += l2 * (a64 * a64)
+        if s != 0.0 or s != s:
+            cuda.atomic.add(status, ST_PEN, s)
 
     @cuda.jit
     def output_grad(grad, stored, act, slope, thr, scale, noise, nstd, k0, k1, step, layer):
@@ -244,4 +327,5 @@ def build_kernels(ns):
                                                      STREAM_WEIGHT_NOISE))
 
     ns.__dict__.update(forward_epilogue=forward_epilogue, output_grad=output_grad,
-                       input_dropout=input_dropout, weight_noise=weight_noise)
+                       input_dropout=input_dropout, weight_noise=weight_noise,
+                       activity_grad=activity_grad)

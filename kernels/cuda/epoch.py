@@ -214,13 +214,18 @@ class DevicePlan:
                       else None for l in range(L)]
         self.Wns = [cuda.device_array(self.widths[l], dt) if self.wnstd[l] is not None
                     else None for l in range(L)]
-        # the fused small-MLP path has no sample weights, clipping, running logits nor
-        # weight noise: such a fit takes the general path
+        # (l1, l2) of every layer's activity penalty: such a layer's backward epilogue is the
+        # activity_grad kernel, never fused into a GEMM or the loss kernel
+        self.activity = [plan.activity_of(l) if plan.activity_on(l) else None
+                         for l in range(L)]
+        # the fused small-MLP path has no sample weights, clipping, running logits, weight
+        # noise nor activity penalties: such a fit takes the general path
         self.fused = (hasattr(ns, "fused_step") and self.P_count == 1 and not any(self.bn)
                       and max(cols) <= ns.FW and self.parts[0][contract.PT_W] < 0
                       and self.parts[0][contract.PT_Z0] < 0
                       and plan.clip_mode == contract.CLIP_NONE
-                      and all(s is None for s in self.wnstd))
+                      and all(s is None for s in self.wnstd)
+                      and not any(a is not None for a in self.activity))
         self.clip = (int(plan.clip_mode), float(plan.clip_value))
         segs = plan.grad_segments()
         self.seg_lo, self.seg_hi = to_dev(segs[:, 0].copy()), to_dev(segs[:, 1].copy())
@@ -401,7 +406,8 @@ def _part_forward(st, v, p, n, k0, k1, step):
         ns.copy_block[grid1(x.size, ns.NB), ns.NB](st.zout_d, st.z_start, z0, x)
     last = end - 1
     epi = v.epis[last]
-    fuse = epi.noise == contract.NOISE_NONE and not st.keeps_pre[last]
+    fuse = (epi.noise == contract.NOISE_NONE and not st.keeps_pre[last]
+            and st.activity[last] is None)
     z0 = ns.ZERO
     act, slope, thr, scale = ((epi.act, epi.slope, epi.thr, epi.scale) if fuse
                               else (contract.ACT_LINEAR, z0, 0, z0))
@@ -409,8 +415,33 @@ def _part_forward(st, v, p, n, k0, k1, step):
                              True, st.weights[p], st.status, p, st.P_count,
                              p == st.loss_parts[-1], True, float(n), act, slope, thr, scale, k0,
                              k1, step, last)
-    if not fuse:    # the last layer's backward epilogue reads its pre buffer (or noise)
+    if not fuse and st.activity[last] is None:   # it reads its pre buffer (or noise); an
+        #                     activity penalty's waits for the backward (_part_backward), once
+        #                     every part's loss has committed the step (or stopped it)
         dense.output_grad(ns, v.grads[last], epi, k0, k1, step)
+
+
+def _output_grad(st, v, l, g, k0, k1, step):
+    """g = dL/d(layer l's output) -> dL/dz in place: its backward epilogue as a kernel of
+    its own (dense.output_grad), or activity_grad for a layer with an activity penalty."""
+    if st.activity[l] is None:
+        dense.output_grad(st.ns, g, v.epis[l], k0, k1, step)
+        return
+    activity_grad(st.ns, g, v.acts[l], v.pres[l], v.epis[l], st.activity[l], k0, k1, step,
+                  st.status)
+
+
+def activity_grad(ns, g, out, pre, epi, activity, k0, k1, step, status):
+    """The activity_grad kernel (epilogue.py) on g (B, O) of a layer with epilogue `epi`
+    and activity penalty (l1, l2) (in the dtype's values): c1 = l1 / B, c2 = 2 l2 / B
+    rounded to the dtype; the penalty times B into status[ST_PEN]."""
+    l1, l2 = activity
+    B = g.shape[0]
+    dt = ns.dtype.type
+    ns.activity_grad[grid1(g.size, ns.NB), ns.NB](
+        g, out, ns.dummy if pre is None else pre, epi.act, epi.slope, epi.thr, epi.scale,
+        epi.noise, epi.nstd, k0, k1, step, epi.layer, dt(l1 / B), dt(2.0 * l2 / B), l1 != 0.0,
+        l2 != 0.0, float(l1), float(l2), status)
 
 
 def _part_backward(st, v, p, k0, k1, step):
@@ -424,7 +455,9 @@ def _part_backward(st, v, p, k0, k1, step):
         g = v.grads[end - 1]
         if st.weights[p] != 1:
             ns.scale_by[grid1(g.size, ns.NB), ns.NB](g, st.weights[p])
-        dense.output_grad(ns, g, v.epis[end - 1], k0, k1, step)
+        _output_grad(st, v, end - 1, g, k0, k1, step)
+    elif st.activity[end - 1] is not None:     # the loss kernel left dL/d(out)
+        _output_grad(st, v, end - 1, v.grads[end - 1], k0, k1, step)
     into = None if p == 0 else (trunk_out if p == 1 else v.scratch)
     for l in range(end - 1, first - 1, -1):
         c = st.cfg[l]
@@ -434,8 +467,12 @@ def _part_backward(st, v, p, k0, k1, step):
                                c["momentum"], st.status)
         xin = v.acts[l - 1] if l > first else _part_input(st, v, p)
         dx, prev = (v.grads[l - 1], v.epis[l - 1]) if l > first else (into, None)
+        separate = l > first and st.activity[l - 1] is not None
         dense.backward(ns, v.grads[l], xin, _step_kernel(st, l), st.dWs[l], st.dbs[l],
-                       st.has_bias[l] and not st.bn[l], dx, prev, k0, k1, step)
+                       st.has_bias[l] and not st.bn[l], dx, None if separate else prev, k0,
+                       k1, step)
+        if separate:    # the layer before has an activity penalty: its own epilogue kernel
+            _output_grad(st, v, l - 1, dx, k0, k1, step)
     if p == 0:
         return
     thr, scale, noise, nstd = st.in_cfg[p]

@@ -61,6 +61,8 @@ def signatures(ns):
         "column_sums": (a2, a1),
         "forward_epilogue": (a2, a1, i, i, z, i, z, i, i, i, i, i, z, a2, True),
         "output_grad": (a2, a2, i, z, i, z, i, z, i, i, i, i),
+        "activity_grad": (a2, a2, a2, i, z, i, z, i, z, i, i, i, i, z, z, True, True, 1.0, 1.0,
+                          f64),
         "input_dropout": (a2, a2, i, z, i, i, i, i, i, z),
         "weight_noise": (a2, a2, z, i, i, i, i),
         "gather": (a2, a2, i64, i, i, a2, a2, i, z, i, i, i, i, z),

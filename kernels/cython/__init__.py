@@ -89,15 +89,21 @@ def philox_words(n, seed, step, layer, stream):
 
 
 # ---------------------------------------------------------------- the contract (per op)
-def _pre(pre, out, act, noise, needed):
-    """pre, or an empty (0, O) view where there is none; a backward whose f' needs it
-    (contract.keeps_pre) must get it."""
+def _pre(pre, out, act, noise, needed, dropout=False, activity=False):
+    """pre, or an empty (0, O) view where there is none; a backward whose f' (or activity
+    penalty) needs it (contract.keeps_pre) must get it."""
     if pre is None or pre.size == 0:
-        if needed and out.shape[0] and contract.keeps_pre(act, noise):
+        if needed and out.shape[0] and contract.keeps_pre(act, noise, dropout, activity):
             raise ValueError(f"activation {int(act)} with noise {int(noise)} needs the pre "
                              f"buffer of the forward (contract.keeps_pre)")
         return out[:0]
     return pre
+
+
+def _activity_penalty(sums, out, l1, l2):
+    """(l1 sum |a| + l2 sum a^2) / B from the backward's sums (l1, l2 in the dtype)."""
+    pen = (l1 * sums[0] if l1 else 0.0) + (l2 * sums[1] if l2 else 0.0)
+    return pen / max(1, out.shape[0])
 
 
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
@@ -110,15 +116,19 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
+                   seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None,
+                   activity_l1=0.0, activity_l2=0.0):
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     if dx.size == 0:
         dx = grad[:0]
-    _K.dense_backward(grad, out, x, W, dW, db, dx, int(act), float(slope),
-                      int(drop_threshold), float(dt(drop_scale)), k0, k1, int(step),
-                      int(layer), int(noise), float(dt(noise_std)),
-                      _pre(pre, out, act, noise, True))
+    l1, l2 = float(dt(activity_l1)), float(dt(activity_l2))
+    sums = _K.dense_backward(grad, out, x, W, dW, db, dx, int(act), float(slope),
+                             int(drop_threshold), float(dt(drop_scale)), k0, k1, int(step),
+                             int(layer), int(noise), float(dt(noise_std)),
+                             _pre(pre, out, act, noise, True, int(drop_threshold) > 0,
+                                  bool(l1 or l2)), l1, l2)
+    return _activity_penalty(sums, out, l1, l2)
 
 
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
@@ -133,15 +143,20 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
                       drop_threshold, drop_scale, momentum, seed, step, layer,
-                      noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
+                      noise=contract.NOISE_NONE, noise_std=0.0, pre=None, activity_l1=0.0,
+                      activity_l2=0.0):
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     if dx.size == 0:
         dx = grad[:0]
-    _K.bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, int(act),
-                         float(slope), int(drop_threshold), float(dt(drop_scale)),
-                         float(dt(momentum)), k0, k1, int(step), int(layer), int(noise),
-                         float(dt(noise_std)), _pre(pre, out, act, noise, True))
+    l1, l2 = float(dt(activity_l1)), float(dt(activity_l2))
+    sums = _K.bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx,
+                                int(act), float(slope), int(drop_threshold),
+                                float(dt(drop_scale)), float(dt(momentum)), k0, k1, int(step),
+                                int(layer), int(noise), float(dt(noise_std)),
+                                _pre(pre, out, act, noise, True, int(drop_threshold) > 0,
+                                     bool(l1 or l2)), l1, l2)
+    return _activity_penalty(sums, out, l1, l2)
 
 
 def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NOISE_NONE,

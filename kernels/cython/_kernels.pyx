@@ -43,7 +43,7 @@ from libc.math cimport exp, expf, tanh, tanhf, sqrt, sqrtf, fabs, fabsf, log, lo
 from libc.math cimport cos, sin, erfc, erfcf, expm1, expm1f, log1pf
 from libc.math cimport isfinite
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport ddot, dgemm, dgemv, sdot, sgemm, sgemv
 

@@ -103,9 +103,10 @@ cdef void _bn_backward_cols(real* grad, real* out, real* xhat, Py_ssize_t B, Py_
                             real* gb, double* save, real* db, real* dgb, int act, real slope,
                             uint32_t thr, real scale, uint32_t* words, Py_ssize_t c0,
                             Py_ssize_t c1, int noise, real nstd, real* pre,
-                            uint32_t* nwords) noexcept nogil:
+                            uint32_t* nwords, bint dy_ready) noexcept nogil:
     """Columns c0..c1, all three passes: dy in place (mask and noise factor regenerated, f'
-    from the output, or from pre with noise);
+    from the output, or from pre with noise; skipped when dy_ready: the activity pass wrote
+    dy already);
     dbeta = sum dy, dgamma = sum dy * zhat (float64, row order) -> dgb, db = 0; then
     dz = c1 * ((dy - c2) - zhat * c3), c1 = gamma * inv_std, c2 = dbeta / B, c3 = dgamma / B."""
     cdef Py_ssize_t i, j
@@ -116,9 +117,10 @@ cdef void _bn_backward_cols(real* grad, real* out, real* xhat, Py_ssize_t B, Py_
     cdef double* k1_ = save + BN_SAVE_C1 * O
     cdef double* k2_ = save + BN_SAVE_C2 * O
     cdef double* k3_ = save + BN_SAVE_C3 * O
-    for i in range(B):
-        _output_grad_row(grad, out, pre, words, nwords, i * O + c0, NULL, c1 - c0, act, slope,
-                         thr, scale, noise, nstd)
+    if not dy_ready:
+        for i in range(B):
+            _output_grad_row(grad, out, pre, words, nwords, i * O + c0, NULL, c1 - c0, act,
+                             slope, thr, scale, noise, nstd)
     for j in range(c0, c1):
         k1_[j] = 0.0
         k2_[j] = 0.0
@@ -164,19 +166,26 @@ cdef void _bn_dense_backward(real* grad, real* out, real* xhat, real* x, real* W
                              real slope, uint32_t thr, real scale, double momentum,
                              uint32_t k0, uint32_t k1, uint32_t step, uint32_t layer,
                              uint32_t* words, int noise, real nstd, real* pre,
-                             uint32_t* nwords) noexcept nogil:
-    """grad: dL/d(out) in, dL/dz out; dgb, dW, db (= 0), dx; then the running statistics."""
+                             uint32_t* nwords, real ac1, real ac2, bint has1, bint has2,
+                             double* sums) noexcept nogil:
+    """grad: dL/d(out) in, dL/dz out; dgb, dW, db (= 0), dx; then the running statistics.
+    With an activity penalty (has1 or has2) dy comes from _activity_backward (ac1 = l1 / B,
+    ac2 = 2 l2 / B; its (sum |a|, sum a^2) into sums)."""
     cdef Py_ssize_t c, n_chunks
+    cdef bint dy_ready = has1 or has2
     _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, True)
+    if dy_ready:
+        _activity_backward(grad, out, B, O, NULL, act, slope, thr, scale, words, noise, nstd,
+                           pre, nwords, ac1, ac2, has1, has2, sums)
     if B * O >= PARALLEL_MIN_ELEMENTS and O >= 32:
         n_chunks = (O + COL_CHUNK - 1) // COL_CHUNK
         for c in prange(n_chunks, schedule="static"):
             _bn_backward_cols(grad, out, xhat, B, O, gb, save, db, dgb, act, slope, thr, scale,
                               words, c * COL_CHUNK, _min(O, c * COL_CHUNK + COL_CHUNK), noise,
-                              nstd, pre, nwords)
+                              nstd, pre, nwords, dy_ready)
     else:
         _bn_backward_cols(grad, out, xhat, B, O, gb, save, db, dgb, act, slope, thr, scale,
-                          words, 0, O, noise, nstd, pre, nwords)
+                          words, 0, O, noise, nstd, pre, nwords, dy_ready)
     _matmul_tn(x, grad, dW, B, I, O)
     if dx != NULL:
         _matmul_nt(grad, W, dx, B, I, O)
@@ -214,10 +223,11 @@ def bn_dense_backward(real[:, ::1] grad, real[:, ::1] out, real[:, ::1] xhat, re
                       real[:, ::1] dW, real[::1] db, real[:, ::1] dgb, real[:, ::1] dx, int act,
                       double slope, int64_t thr, double scale, double momentum, uint32_t k0,
                       uint32_t k1, int64_t step, int64_t layer, int noise, double nstd,
-                      real[:, ::1] pre):
+                      real[:, ::1] pre, double activity_l1=0.0, double activity_l2=0.0):
     """grad: dL/d(out) in, dL/dz out; dgb, dW, db (= 0), dx written; running stats updated.
     pre: the forward's, where contract.keeps_pre says backward needs it (checked in
-    __init__.py)."""
+    __init__.py). activity_l1, activity_l2: as dense_backward's; returns (sum |a|,
+    sum a^2)."""
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = W.shape[1]
     _check(W.shape[0] == I and out.shape[0] == B and out.shape[1] == O
            and grad.shape[0] == B and grad.shape[1] == O and xhat.shape[0] == B
@@ -231,13 +241,20 @@ def bn_dense_backward(real[:, ::1] grad, real[:, ::1] out, real[:, ::1] xhat, re
     cdef uint32_t t32 = _threshold(thr)
     cdef uint32_t[::1] words = _words_for(B * O if thr > 0 else 0)
     cdef uint32_t[::1] nwords = _words_for(B * O if noise == NOISE_MUL else 0)
+    cdef double sums[2]
+    cdef double n = max(1, B)
+    sums[0] = 0.0
+    sums[1] = 0.0
     if B == 0 or I == 0 or O == 0:
-        return
+        return 0.0, 0.0
     with nogil:
         _bn_dense_backward(&grad[0, 0], &out[0, 0], &xhat[0, 0], &x[0, 0], &W[0, 0], &gb[0, 0],
                            &stats[0, 0], &save[0, 0], &dW[0, 0], _ptr1(db), &dgb[0, 0],
                            _ptr2(dx), B, I, O, act, <real>slope, t32, <real>scale, momentum,
                            k0, k1, <uint32_t>step, <uint32_t>layer, &words[0], noise,
-                           <real>nstd, _ptr2(pre), &nwords[0])
+                           <real>nstd, _ptr2(pre), &nwords[0], <real>(activity_l1 / n),
+                           <real>(2.0 * activity_l2 / n), activity_l1 != 0.0,
+                           activity_l2 != 0.0, sums)
+    return sums[0], sums[1]
 
 

@@ -104,13 +104,20 @@ cdef void _dense_backward(real* grad, real* out, real* x, real* W, real* dW, rea
                           real* dx, Py_ssize_t B, Py_ssize_t I, Py_ssize_t O, int act,
                           real slope, uint32_t thr, real scale, uint32_t k0, uint32_t k1,
                           uint32_t step, uint32_t layer, uint32_t* words, int noise, real nstd,
-                          real* pre, uint32_t* nwords) noexcept nogil:
+                          real* pre, uint32_t* nwords, real c1, real c2, bint has1,
+                          bint has2, double* sums) noexcept nogil:
     """grad holds dL/d(out) on entry and dL/dz on exit; dW, db (if any), dx (if any).
     f' comes from out, or from pre where the forward kept it; GaussianDropout's factor is
-    regenerated from the noise words."""
+    regenerated from the noise words. With an activity penalty (has1 or has2; c1 = l1 / B,
+    c2 = 2 l2 / B) the element pass is _activity_backward, its (sum |a|, sum a^2) into
+    sums."""
     _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, True)
-    _backward_epilogue(grad, out, B, O, db, act, slope, thr, scale, words, noise, nstd, pre,
-                       nwords)
+    if has1 or has2:
+        _activity_backward(grad, out, B, O, db, act, slope, thr, scale, words, noise, nstd,
+                           pre, nwords, c1, c2, has1, has2, sums)
+    else:
+        _backward_epilogue(grad, out, B, O, db, act, slope, thr, scale, words, noise, nstd,
+                           pre, nwords)
     _matmul_tn(x, grad, dW, B, I, O)
     if dx != NULL:
         _matmul_nt(grad, W, dx, B, I, O)
@@ -172,10 +179,12 @@ def dense_forward(real[:, ::1] x, real[:, ::1] W, real[::1] b, real[:, ::1] out,
 def dense_backward(real[:, ::1] grad, real[:, ::1] out, real[:, ::1] x, real[:, ::1] W,
                    real[:, ::1] dW, real[::1] db, real[:, ::1] dx, int act, double slope,
                    int64_t thr, double scale, uint32_t k0, uint32_t k1, int64_t step,
-                   int64_t layer, int noise, double nstd, real[:, ::1] pre):
+                   int64_t layer, int noise, double nstd, real[:, ::1] pre,
+                   double activity_l1=0.0, double activity_l2=0.0):
     """grad: dL/d(out) in, dL/dz out; dW, db (size 0: none), dx (size 0: none) written.
     pre: the forward's, where contract.keeps_pre says backward needs it (the wrapper in
-    __init__.py checks that it is there)."""
+    __init__.py checks that it is there). activity_l1, activity_l2 (in the dtype already):
+    the layer's activity penalty; returns its (sum |a|, sum a^2)."""
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = W.shape[1]
     _check(W.shape[0] == I and out.shape[0] == B and out.shape[1] == O
            and grad.shape[0] == B and grad.shape[1] == O and dW.shape[0] == I
@@ -186,12 +195,19 @@ def dense_backward(real[:, ::1] grad, real[:, ::1] out, real[:, ::1] x, real[:, 
     cdef uint32_t t32 = _threshold(thr)
     cdef uint32_t[::1] words = _words_for(B * O if thr > 0 else 0)
     cdef uint32_t[::1] nwords = _words_for(B * O if noise == NOISE_MUL else 0)
+    cdef double sums[2]
+    cdef double n = max(1, B)
+    sums[0] = 0.0
+    sums[1] = 0.0
     if I == 0 or O == 0:
-        return
+        return 0.0, 0.0
     with nogil:
         _dense_backward(_ptr2(grad), _ptr2(out), _ptr2(x), &W[0, 0], &dW[0, 0], _ptr1(db),
                         _ptr2(dx), B, I, O, act, <real>slope, t32, <real>scale, k0, k1,
                         <uint32_t>step, <uint32_t>layer, &words[0], noise, <real>nstd,
-                        _ptr2(pre), &nwords[0])
+                        _ptr2(pre), &nwords[0], <real>(activity_l1 / n),
+                        <real>(2.0 * activity_l2 / n), activity_l1 != 0.0, activity_l2 != 0.0,
+                        sums)
+    return sums[0], sums[1]
 
 

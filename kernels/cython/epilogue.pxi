@@ -105,7 +105,8 @@ cdef inline void _output_row(real* out, real* pre, uint32_t* words, uint32_t* nw
                              real nstd) noexcept nogil:
     """The part of a dense layer's forward epilogue after the activation (plain and
     BatchNorm layers): the n elements from flat index e0 of out <- dropout(noise(a)), with
-    pre <- a first (noise, pre not NULL). out, pre, words: the layer's base pointers."""
+    pre <- a first (pre not NULL: noise, or an activity penalty under dropout). out, pre,
+    words: the layer's base pointers."""
     cdef Py_ssize_t j
     cdef real* row = out + e0
     cdef uint32_t* w
@@ -116,6 +117,8 @@ cdef inline void _output_row(real* out, real* pre, uint32_t* words, uint32_t* nw
                     scale, noise, nstd)
     elif thr > 0:
         w = words + e0
+        if pre != NULL:     # an activity penalty under dropout keeps a for backward
+            memcpy(pre + e0, row, n * sizeof(real))
         for j in range(n):
             row[j] = row[j] * scale if w[j] >= thr else 0
 
@@ -256,6 +259,111 @@ cdef void _backward_cols(real* grad, real* out, Py_ssize_t B, Py_ssize_t O, real
     for i in range(B):
         _output_grad_row(grad, out, pre, words, nwords, i * O + c0, dbc, c1 - c0, act, slope,
                          thr, scale, noise, nstd)
+
+
+# ---------------------------------------------------------------- backward: activity penalty
+# A layer with an activity penalty (contract LF_ACTIVITY_*) runs _activity_backward instead
+# of the element pass above (kernels/reference/epilogue.py activity_epilogue_backward is its
+# spec); c1 = l1 / B, c2 = 2 l2 / B in the dtype.
+cdef enum:
+    ACTIVITY_CHUNK = 4 * 4096   # elements per task (the Numba backend's ELEM_CHUNK)
+
+
+cdef inline void _activity_span(real* grad, real* out, real* pre, uint32_t* w,
+                                uint32_t* nwords, Py_ssize_t e0, Py_ssize_t n, act_tag* tag,
+                                real slope, uint32_t thr, real scale, int noise, real nstd,
+                                real c1, real c2, bint has1, bint has2,
+                                double* sums) noexcept nogil:
+    """Elements e0..e0+n (grad, out, pre, w: the layer's base pointers; one copy per
+    activation): grad <- (d + c1 sign(a) + c2 a) * f', d = dL/da from the data (mask, scale,
+    GaussianDropout's factor undone), a = f of every unit (out without dropout and noise,
+    else pre: a, or z for an input-derivable f); sums <- (sum |a|, sum a^2) in double."""
+    cdef Py_ssize_t e
+    cdef real d, a, v
+    cdef double a64
+    cdef double s1 = 0.0
+    cdef double s2 = 0.0
+    cdef bint plain = thr == 0 and noise == NOISE_NONE
+    # selects (C ternaries), not branches, where the data decides (the mask, the sign): the
+    # compiler if-converts them (-fno-trapping-math), no misprediction per element
+    for e in range(e0, e0 + n):
+        d = grad[e]
+        if thr > 0:
+            d = d * scale
+        if noise == NOISE_MUL:
+            d = d * (<real>1 + nstd * <real>_normal(nwords, e))
+        if thr > 0:
+            d = d if w[e] >= thr else <real>0
+        if plain:
+            a = out[e]
+        elif _tag_from_input(tag):
+            a = _tag_f(pre[e], tag, slope)
+        else:
+            a = pre[e]
+        v = <real>1 if a > 0 else (<real>-1 if a < 0 else a)     # np.sign, NaN for NaN
+        if has1 and has2:
+            d = d + (c1 * v + c2 * a)
+        elif has1:
+            d = d + c1 * v
+        else:
+            d = d + c2 * a
+        if act_tag is not act_linear_tag:
+            v = pre[e] if _tag_from_input(tag) else a
+            d = d * _tag_df(v, tag, slope)
+        grad[e] = d
+        a64 = <double>a
+        s1 += fabs(a64)
+        s2 += a64 * a64
+    sums[0] = s1
+    sums[1] = s2
+
+
+cdef void _activity_backward(real* grad, real* out, Py_ssize_t B, Py_ssize_t O, real* db,
+                             int act, real slope, uint32_t thr, real scale, uint32_t* words,
+                             int noise, real nstd, real* pre, uint32_t* nwords, real c1,
+                             real c2, bint has1, bint has2, double* sums) noexcept nogil:
+    """The activity pass over the B x O elements in fixed chunks of ACTIVITY_CHUNK (in
+    parallel from PARALLEL_MIN_ELEMENTS on), their (sum |a|, sum a^2) summed in chunk order
+    into sums (the same for any thread count); then db (unless NULL) = the column sums of
+    dz in row order."""
+    cdef Py_ssize_t n = B * O
+    cdef Py_ssize_t c, i, j
+    cdef Py_ssize_t n_chunks = (n + ACTIVITY_CHUNK - 1) // ACTIVITY_CHUNK
+    cdef double one_chunk[2]
+    cdef double* partials = one_chunk
+    sums[0] = 0.0
+    sums[1] = 0.0
+    if n_chunks > 1:
+        partials = <double*>malloc(2 * n_chunks * sizeof(double))
+        if partials == NULL:        # no memory for the partials: one chunk, the same sums
+            partials = one_chunk
+            n_chunks = 1
+    if n_chunks == 1:
+        _activity_row(grad, out, pre, words, nwords, 0, n, act, slope, thr, scale, noise, nstd,
+                      c1, c2, has1, has2, partials)
+    elif n >= PARALLEL_MIN_ELEMENTS:
+        for c in prange(n_chunks, schedule="static"):
+            _activity_row(grad, out, pre, words, nwords, c * ACTIVITY_CHUNK,
+                          _min(n, c * ACTIVITY_CHUNK + ACTIVITY_CHUNK) - c * ACTIVITY_CHUNK,
+                          act, slope, thr, scale, noise, nstd, c1, c2, has1, has2,
+                          partials + 2 * c)
+    else:
+        for c in range(n_chunks):
+            _activity_row(grad, out, pre, words, nwords, c * ACTIVITY_CHUNK,
+                          _min(n, c * ACTIVITY_CHUNK + ACTIVITY_CHUNK) - c * ACTIVITY_CHUNK,
+                          act, slope, thr, scale, noise, nstd, c1, c2, has1, has2,
+                          partials + 2 * c)
+    for c in range(n_chunks):
+        sums[0] += partials[2 * c]
+        sums[1] += partials[2 * c + 1]
+    if partials != one_chunk:
+        free(partials)
+    if db != NULL:
+        for j in range(O):
+            db[j] = 0
+        for i in range(B):
+            for j in range(O):
+                db[j] += grad[i * O + j]
 
 
 cdef void _backward_epilogue(real* grad, real* out, Py_ssize_t B, Py_ssize_t O, real* db,

@@ -30,6 +30,8 @@ cdef struct LayerC:
     double scale
     int noise        # NOISE_* on the output (li[l, LI_NOISE])
     double nstd      # its std, in the param dtype already (lf)
+    double act_l1    # its activity penalty (lf LF_ACTIVITY_*), in the param dtype already
+    double act_l2
     double hpW[HP_SIZE]
     double hpb[HP_SIZE]
     # BatchNorm (bn = 1; pointers NULL otherwise)
@@ -242,6 +244,8 @@ cdef class EpochPlan:
             ly.scale = lf[l, LF_DROP_SCALE]
             ly.noise = li[l, LI_NOISE]
             ly.nstd = lf[l, LF_NOISE_STD]
+            ly.act_l1 = lf[l, LF_ACTIVITY_L1]
+            ly.act_l2 = lf[l, LF_ACTIVITY_L2]
             if plan.keeps_pre(l) and ly.pre == NULL:
                 raise ValueError(f"EpochPlan: layer {l} needs a pre buffer (contract.keeps_pre)"
                                  f" that the workspace does not have")
@@ -328,10 +332,19 @@ cdef void _layer_forward(PlanC* p, int l, real* x, Py_ssize_t n, uint32_t step) 
                        <uint32_t>l, p.words, ly.noise, <real>ly.nstd, <real*>ly.pre, p.nwords)
 
 
-cdef void _layer_backward(PlanC* p, int l, real* xin, real* dx, Py_ssize_t n,
-                          uint32_t step) noexcept nogil:
-    """Dense layer l's backward (reference layer_backward); dx NULL: not wanted."""
+cdef double _layer_backward(PlanC* p, int l, real* xin, real* dx, Py_ssize_t n,
+                            uint32_t step) noexcept nogil:
+    """Dense layer l's backward (reference layer_backward); dx NULL: not wanted. Returns its
+    activity penalty of the step, (l1 sum |a| + l2 sum a^2) / n (0 without one)."""
     cdef LayerC* ly = &p.layers[l]
+    cdef double sums[2]
+    cdef bint has1 = ly.act_l1 != 0.0
+    cdef bint has2 = ly.act_l2 != 0.0
+    cdef real c1 = <real>(ly.act_l1 / <double>n)
+    cdef real c2 = <real>(2.0 * ly.act_l2 / <double>n)
+    cdef double pen = 0.0
+    sums[0] = 0.0
+    sums[1] = 0.0
     if ly.bn:
         _bn_dense_backward(<real*>ly.grad, <real*>ly.act, <real*>ly.xhat, xin,
                            <real*>_step_kernel(ly),
@@ -339,12 +352,18 @@ cdef void _layer_backward(PlanC* p, int l, real* xin, real* dx, Py_ssize_t n,
                            <real*>ly.dgb, dx, n, ly.n_in, ly.n_out, ly.act_code,
                            <real>ly.slope, ly.thr, <real>ly.scale, ly.momentum, p.k0, p.k1,
                            step, <uint32_t>l, p.words, ly.noise, <real>ly.nstd, <real*>ly.pre,
-                           p.nwords)
+                           p.nwords, c1, c2, has1, has2, sums)
     else:
         _dense_backward(<real*>ly.grad, <real*>ly.act, xin, <real*>_step_kernel(ly),
                         <real*>ly.dW, <real*>ly.db, dx, n, ly.n_in, ly.n_out, ly.act_code, <real>ly.slope,
                         ly.thr, <real>ly.scale, p.k0, p.k1, step, <uint32_t>l, p.words,
-                        ly.noise, <real>ly.nstd, <real*>ly.pre, p.nwords)
+                        ly.noise, <real>ly.nstd, <real*>ly.pre, p.nwords, c1, c2, has1, has2,
+                        sums)
+    if has1:
+        pen += ly.act_l1 * sums[0]
+    if has2:
+        pen += ly.act_l2 * sums[1]
+    return pen / <double>n
 
 
 cdef void _layer_update(PlanC* p, int l, real* W, int64_t t) noexcept nogil:
@@ -368,7 +387,8 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
                      Py_ssize_t zw) noexcept nogil:
     """One step on the gathered batch (p.xbuf) of the rows `rows` (reference train_step):
     p.losses gets the parts' batch losses; returns 0, before any backward, when one is not
-    finite; else the backward and the updates, their penalty into pen.
+    finite; else the backward and the updates, their penalty into pen (the tensors', then
+    the step's activity penalties).
 
     The reference updates every layer after the whole backward, last layer first. Here each
     layer is updated as soon as its own backward is done: nothing reads its tensors later in
@@ -378,6 +398,7 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
     reference's order, last layer first."""
     cdef int q, k, l, finite = 1
     cdef Py_ssize_t r, i
+    cdef double activity = 0.0
     cdef PartC* pt
     cdef LayerC* ly
     cdef real* x
@@ -438,11 +459,12 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
             into = <real*>p.head_grad
         for l in range(pt.end - 1, pt.first - 1, -1):
             if l > pt.first:
-                _layer_backward(p, l, <real*>p.layers[l - 1].act, <real*>p.layers[l - 1].grad,
-                                n, step)
+                activity += _layer_backward(p, l, <real*>p.layers[l - 1].act,
+                                            <real*>p.layers[l - 1].grad, n, step)
             else:
-                _layer_backward(p, l, <real*>(pt.xdrop if pt.xdrop != NULL
-                                              else _part_source(p, pt)), into, n, step)
+                activity += _layer_backward(p, l, <real*>(pt.xdrop if pt.xdrop != NULL
+                                                          else _part_source(p, pt)), into, n,
+                                            step)
             if p.clip_mode == CLIP_NONE:     # clipping needs every gradient first
                 _layer_update(p, l, <real*>p.layers[l].W, t)
         if q > 0:
@@ -464,6 +486,7 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
             pen[0] += p.pens[3 * l + 1]
         if p.layers[l].bn:
             pen[0] += p.pens[3 * l + 2]
+    pen[0] += activity                # the activity penalties (in backward order)
     return 1
 
 

@@ -37,6 +37,12 @@ SPECIALIZED = (
      "Py_ssize_t n, int act, real slope, uint32_t thr, real scale, int noise, real nstd",
      "_backward_noise_span(grad, pre, w, nwords, e0, db, n, {tag}, slope, thr, scale, noise, "
      "nstd)"),
+    ("_activity_row",
+     "real* grad, real* out, real* pre, uint32_t* w, uint32_t* nwords, Py_ssize_t e0, "
+     "Py_ssize_t n, int act, real slope, uint32_t thr, real scale, int noise, real nstd, "
+     "real c1, real c2, bint has1, bint has2, double* sums",
+     "_activity_span(grad, out, pre, w, nwords, e0, n, {tag}, slope, thr, scale, noise, "
+     "nstd, c1, c2, has1, has2, sums)"),
     ("_bn_act_row",
      "real* row, real* xr, real* pr, real* gam, real* bet, double* mean, double* inv, "
      "Py_ssize_t O, int act, real slope",

@@ -26,6 +26,7 @@ from .dense import dense_backward as _dense_backward
 from .dense import dense_forward as _dense_forward
 from .activation import activations_used
 from .dense import weight_noise as _weight_noise
+from .epilogue import ELEM_CHUNK
 from .epilogue import input_dropout as _input_dropout
 from .jit import ENTRY_FLAGS, SOURCE_STAMP, uses_of
 from .loss import loss_of as _loss_of, loss_uses
@@ -44,12 +45,12 @@ def _entry_points(stamp):
     @njit(**ENTRY_FLAGS)
     def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, wn, xdrops, nwords, columns,
                     li, lf, hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs,
-                    loss_sums, grad, segments, clip_mode, clip_value, zout):
+                    loss_sums, grad, segments, clip_mode, clip_value, zout, apart):
         _ = stamp
         return epoch.train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, wn, xdrops,
                                  nwords, columns, li, lf, hpW, hpb, hpgb, parts, partf, opt, k0,
                                  k1, step0, t0, lrs, loss_sums, grad, segments, clip_mode,
-                                 clip_value, zout)
+                                 clip_value, zout, apart)
 
     @njit(**ENTRY_FLAGS)
     def forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first):
@@ -65,10 +66,10 @@ def _entry_points(stamp):
 
     @njit(**ENTRY_FLAGS)
     def dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1,
-                       step, layer, words, noise, nstd, pre, nwords):
+                       step, layer, words, noise, nstd, pre, nwords, activity):
         _ = stamp
-        _dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1,
-                        step, layer, words, noise, nstd, pre, nwords)
+        return _dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scale,
+                               k0, k1, step, layer, words, noise, nstd, pre, nwords, activity)
 
     @njit(**ENTRY_FLAGS)
     def bn_dense_forward(uses, par, x, W, b, out, xhat, gb, save, act, slope, thr, scale, eps,
@@ -80,11 +81,11 @@ def _entry_points(stamp):
     @njit(**ENTRY_FLAGS)
     def bn_dense_backward(uses, par, grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx,
                           act, slope, thr, scale, momentum, k0, k1, step, layer, words, noise,
-                          nstd, pre, nwords):
+                          nstd, pre, nwords, activity):
         _ = stamp
-        _bn_dense_backward(uses, par, grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx,
-                           act, slope, thr, scale, momentum, k0, k1, step, layer, words, noise,
-                           nstd, pre, nwords)
+        return _bn_dense_backward(uses, par, grad, out, xhat, x, W, gb, stats, save, dW, db,
+                                  dgb, dx, act, slope, thr, scale, momentum, k0, k1, step,
+                                  layer, words, noise, nstd, pre, nwords, activity)
 
     @njit(**ENTRY_FLAGS)
     def input_dropout(par, x, out, thr, scale, k0, k1, step, layer, words, noise, nstd,
@@ -167,15 +168,40 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
                         *_noise_args(noise, noise_std, pre, out))
 
 
+def _activity_arg(out, l1, l2):
+    """The compiled backward's `activity` argument (epilogue.activity_grads): None without
+    a penalty, else (l1 / B, 2 l2 / B in the dtype, l1 != 0, l2 != 0, a partials
+    scratch)."""
+    if not (l1 or l2):
+        return None
+    dt = out.dtype.type
+    l1, l2 = float(dt(l1)), float(dt(l2))
+    n = max(1, out.shape[0])
+    chunks = max(1, -(-out.size // ELEM_CHUNK))
+    return (dt(l1 / n), dt(2.0 * l2 / n), l1 != 0.0, l2 != 0.0, np.zeros((chunks, 2)))
+
+
+def _activity_penalty(sums, out, l1, l2):
+    """(l1 sum |a| + l2 sum a^2) / B from the backward's sums (epoch._layer_backward's)."""
+    if not (l1 or l2):
+        return 0.0
+    dt = out.dtype.type
+    pen = (float(dt(l1)) * sums[0] if l1 else 0.0) + (float(dt(l2)) * sums[1] if l2 else 0.0)
+    return pen / max(1, out.shape[0])
+
+
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
+                   seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None,
+                   activity_l1=0.0, activity_l2=0.0):
     k0, k1 = split_seed(seed)
     if dx.size == 0:
         dx = grad[:0]
-    _K["dense_backward"](_ALL_ACTS, _PAR, grad, out, x, W, dW, db, dx, int(act),
-                         _scalar(slope, out), int(drop_threshold), _scalar(drop_scale, out),
-                         k0, k1, int(step), int(layer), _words_for(out.size),
-                         *_noise_args(noise, noise_std, pre, out))
+    sums = _K["dense_backward"](_ALL_ACTS, _PAR, grad, out, x, W, dW, db, dx, int(act),
+                                _scalar(slope, out), int(drop_threshold),
+                                _scalar(drop_scale, out), k0, k1, int(step), int(layer),
+                                _words_for(out.size), *_noise_args(noise, noise_std, pre, out),
+                                _activity_arg(out, activity_l1, activity_l2))
+    return _activity_penalty(sums, out, activity_l1, activity_l2)
 
 
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
@@ -189,15 +215,19 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
                       drop_threshold, drop_scale, momentum, seed, step, layer,
-                      noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
+                      noise=contract.NOISE_NONE, noise_std=0.0, pre=None, activity_l1=0.0,
+                      activity_l2=0.0):
     k0, k1 = split_seed(seed)
     if dx.size == 0:
         dx = grad[:0]
-    _K["bn_dense_backward"](_ALL_ACTS, _PAR, grad, out, xhat, x, W, gb, stats, save, dW, db,
-                            dgb, dx, int(act), _scalar(slope, out), int(drop_threshold),
-                            _scalar(drop_scale, out), np.float64(_scalar(momentum, out)), k0,
-                            k1, int(step), int(layer), _words_for(out.size),
-                            *_noise_args(noise, noise_std, pre, out))
+    sums = _K["bn_dense_backward"](_ALL_ACTS, _PAR, grad, out, xhat, x, W, gb, stats, save, dW,
+                                   db, dgb, dx, int(act), _scalar(slope, out),
+                                   int(drop_threshold), _scalar(drop_scale, out),
+                                   np.float64(_scalar(momentum, out)), k0, k1, int(step),
+                                   int(layer), _words_for(out.size),
+                                   *_noise_args(noise, noise_std, pre, out),
+                                   _activity_arg(out, activity_l1, activity_l2))
+    return _activity_penalty(sums, out, activity_l1, activity_l2)
 
 
 def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NOISE_NONE,
@@ -319,7 +349,11 @@ def _compiled_args(plan):
     if plan.has_weight_noise():     # one W-sized scratch per noisy layer (plan.wnoises)
         wn = epoch.WeightNoiseState(List(plan.wnoises), _words_for(max(
             W.size for W in plan.wnoises)))
-    args = (spec, par, T, ws, bn, wn, xdrops, nwords, columns)
+    # the activity pass's partial sums (epilogue.activity_grads): None without any activity
+    # penalty, so that none of it is compiled
+    apart = (np.zeros((max(1, -(-plan.batch * cols // ELEM_CHUNK)), 2))
+             if plan.has_activity() else None)
+    args = (spec, par, T, ws, bn, wn, xdrops, nwords, columns, apart)
     plan.cache["numba"] = args
     return args
 
@@ -336,7 +370,7 @@ def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None):
     (Plan.logits_out)."""
     lrs = plan.step_rates(perm.shape[0], batch_size, lrs)
     zout = plan.logits_out(perm.shape[0], zout)
-    spec, par, T, ws, bn, wn, xdrops, nwords, columns = _compiled_args(plan)
+    spec, par, T, ws, bn, wn, xdrops, nwords, columns, apart = _compiled_args(plan)
     k0, k1 = split_seed(plan.seed)
     loss_sums = np.zeros(plan.n_parts)
     pen, steps, finite = _K["train_epoch"](
@@ -344,7 +378,7 @@ def train_epoch(plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None):
         plan.lf, plan.hpW, plan.hpb, plan.hpgb, plan.parts, plan.partf, int(plan.opt), k0, k1,
         int(step0), int(t0), lrs, loss_sums, plan.grad,
         plan.grad_segments() if plan.clip_mode != contract.CLIP_NONE else None,
-        int(plan.clip_mode), float(plan.clip_value), zout)
+        int(plan.clip_mode), float(plan.clip_value), zout, apart)
     return loss_sums, pen, steps, finite
 
 

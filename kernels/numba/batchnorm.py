@@ -15,8 +15,8 @@ from .. import contract
 from ..contract import PARALLEL_MIN_ELEMENTS
 from .activation import FROM_INPUT, activate
 from .dense import npdot
-from .epilogue import (COL_CHUNK, ELEM_CHUNK, ROW_CHUNK, fill_output_words, keeps_f,
-                       output_grad_range, output_grads_parallel, output_range)
+from .epilogue import (COL_CHUNK, ELEM_CHUNK, ROW_CHUNK, activity_grads, fill_output_words,
+                       keeps_f, output_grad_range, output_grads_parallel, output_range)
 from .jit import kernel, kernel_inline, kernel_parallel, specialized
 
 
@@ -163,6 +163,19 @@ def _bn_dz_rows(grad, xhat, save, r0, r1):
 
 
 @kernel_parallel
+def _bn_stats_parallel(grad, xhat, gb, save, db, dgb):
+    """The column sums and dz of _bn_backward_epilogue_parallel, once dy is in grad."""
+    B, O = grad.shape
+    n_cchunks = (O + COL_CHUNK - 1) // COL_CHUNK
+    for c in prange(n_cchunks):
+        _bn_sums_cols(grad, xhat, gb, save, dgb, db, c * COL_CHUNK,
+                      min(O, (c + 1) * COL_CHUNK))
+    n_chunks = (B + ROW_CHUNK - 1) // ROW_CHUNK
+    for c in prange(n_chunks):
+        _bn_dz_rows(grad, xhat, save, c * ROW_CHUNK, min(B, (c + 1) * ROW_CHUNK))
+
+
+@kernel_parallel
 def _bn_backward_epilogue_parallel(uses, grad, out, xhat, gb, save, db, dgb, act, slope, thr,
                                    scale, words, noise, nstd, pre, nwords):
     B, O = grad.shape
@@ -179,9 +192,27 @@ def _bn_backward_epilogue_parallel(uses, grad, out, xhat, gb, save, db, dgb, act
 
 @kernel
 def _bn_backward_epilogue(uses, par, grad, out, xhat, gb, save, db, dgb, act, slope, thr,
-                          scale, words, noise, nstd, pre, nwords):
-    """dy (mask and noise factor regenerated, f' from the output or from pre), the
-    gamma/beta gradients, dz in place."""
+                          scale, words, noise, nstd, pre, nwords, activity):
+    """dy (mask and noise factor regenerated, f' from the output or from pre; with an
+    activity penalty, epilogue.activity_grads), the gamma/beta gradients, dz in place.
+    Returns the activity pass's (sum |a|, sum a^2), (0, 0) without one."""
+    if activity is not None:
+        sums = activity_grads(uses, par, grad, out, act, slope, thr, scale, words, noise,
+                              nstd, pre, nwords, activity)
+        if par is not None and grad.size >= PARALLEL_MIN_ELEMENTS:
+            _bn_stats_parallel(grad, xhat, gb, save, db, dgb)
+        elif grad.size > 0:
+            _bn_sums_cols(grad, xhat, gb, save, dgb, db, 0, grad.shape[1])
+            _bn_dz_rows(grad, xhat, save, 0, grad.shape[0])
+        return sums
+    _bn_plain_backward_epilogue(uses, par, grad, out, xhat, gb, save, db, dgb, act, slope,
+                                thr, scale, words, noise, nstd, pre, nwords)
+    return 0.0, 0.0
+
+
+@kernel
+def _bn_plain_backward_epilogue(uses, par, grad, out, xhat, gb, save, db, dgb, act, slope,
+                                thr, scale, words, noise, nstd, pre, nwords):
     if par is not None:
         if grad.size >= PARALLEL_MIN_ELEMENTS:
             _bn_backward_epilogue_parallel(uses, grad, out, xhat, gb, save, db, dgb, act,
@@ -210,12 +241,14 @@ def _bn_running_update(stats, save, momentum):
 @kernel
 def bn_dense_backward(uses, par, grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act,
                       slope, thr, scale, momentum, k0, k1, step, layer, words, noise, nstd,
-                      pre, nwords):
-    """grad: dL/d(out) in, dL/dz out; dgb, dW, db (= 0), dx; then the running statistics."""
+                      pre, nwords, activity):
+    """grad: dL/d(out) in, dL/dz out; dgb, dW, db (= 0), dx; then the running statistics.
+    activity as in dense.dense_backward; returns its (sum |a|, sum a^2)."""
     fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, True)
-    _bn_backward_epilogue(uses, par, grad, out, xhat, gb, save, db, dgb, act, slope, thr,
-                          scale, words, noise, nstd, pre, nwords)
+    sums = _bn_backward_epilogue(uses, par, grad, out, xhat, gb, save, db, dgb, act, slope,
+                                 thr, scale, words, noise, nstd, pre, nwords, activity)
     npdot(x.T, grad, dW)
     if dx.size > 0:
         npdot(grad, W.T, dx)
     _bn_running_update(stats, save, momentum)
+    return sums

@@ -100,14 +100,17 @@ def dense_forward(uses, par, x, W, b, out, act, slope, thr, scale, k0, k1, step,
 
 @kernel
 def dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1,
-                   step, layer, words, noise, nstd, pre, nwords):
-    """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db (if any), dx (if any)."""
+                   step, layer, words, noise, nstd, pre, nwords, activity):
+    """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db (if any), dx (if any).
+    activity: None, or the layer's activity penalty (epilogue.activity_grads); returns its
+    (sum |a|, sum a^2), (0, 0) without one."""
     fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, True)
-    backward_epilogue(uses, par, grad, out, db, act, slope, thr, scale, words, noise, nstd,
-                      pre, nwords)
+    sums = backward_epilogue(uses, par, grad, out, db, act, slope, thr, scale, words, noise,
+                             nstd, pre, nwords, activity)
     npdot(x.T, grad, dW)
     if dx.size > 0:
         npdot(grad, W.T, dx)
+    return sums
 
 
 @kernel

@@ -152,6 +152,9 @@ def output_range(flat, pf, keep_f, nwords, noise, nstd, words, thr, scale, lo, h
             noise_range(flat, pf, keep_f, nwords, noise, nstd, words, thr, scale, lo, hi)
             return
     if thr > 0:
+        if keep_f:      # an activity penalty under dropout keeps a = f(z) for backward
+            for e in range(lo, hi):
+                pf[e] = flat[e]
         mask_range(flat, words, thr, scale, lo, hi)
 
 
@@ -300,6 +303,121 @@ def output_grad_range(uses, gf, of, pf, nwords, noise, nstd, words, thr, scale, 
     dz_range(uses, act, gf, of, pf, words, thr, scale, slope, lo, hi)
 
 
+# ---------------------------------------------------------------- backward: activity penalty
+# A layer with an activity penalty (contract LF_ACTIVITY_*) runs this pass instead of
+# output_grad_range (kernels/reference/epilogue.py activity_epilogue_backward is its spec):
+# `activity` = (c1, c2, has_l1, has_l2, partials), c1 = l1 / B, c2 = 2 l2 / B in the dtype,
+# partials a float64 (chunks, 2) scratch for the sums of |a| and a^2 (float64, element order
+# within a fixed chunk, chunks in order: the same sums for any thread count). None (no layer
+# of the network has one): none of this is compiled.
+@kernel_inline
+def _sign(a):
+    """np.sign: -1, 0 or 1, NaN for NaN (a itself for 0 and NaN)."""
+    T = type(a)
+    if a > 0:
+        return T(1)
+    if a < 0:
+        return T(-1)
+    return a
+
+
+@kernel_inline
+def _activity_loop(gf, of, pf, nwords, noise, std, words, thr, scale, slope, c1, c2, has1,
+                   has2, partials, chunk, lo, hi, act):
+    """gf[e] <- (d + c1 sign(a) + c2 a) * f' on [lo, hi), d = dL/da from the data (mask,
+    scale, GaussianDropout's factor undone), a = f of every unit (the output without
+    dropout and noise, else pre: a, or z for an input-derivable f); partials[chunk] <-
+    (sum |a|, sum a^2) in float64."""
+    zero = gf.dtype.type(0)
+    one = gf.dtype.type(1)
+    t = np.uint32(thr)
+    plain = thr == 0 and noise == contract.NOISE_NONE
+    mul = noise == contract.NOISE_MUL
+    s1 = 0.0
+    s2 = 0.0
+    for e in range(lo, hi):
+        d = gf[e]
+        if thr > 0:
+            d = d * scale
+        if mul:
+            d = d * (one + std * gf.dtype.type(normal(nwords, e)))
+        if thr > 0:
+            if words[e & 3, e >> 2] < t:
+                d = zero
+        if plain:
+            a = of[e]
+        elif FROM_INPUT[act]:
+            a = activate(pf[e], act, slope)
+        else:
+            a = pf[e]
+        if has1 and has2:
+            d = d + (c1 * _sign(a) + c2 * a)
+        elif has1:
+            d = d + c1 * _sign(a)
+        else:
+            d = d + c2 * a
+        if act != contract.ACT_LINEAR:
+            d = d * activation_grad(pf[e] if FROM_INPUT[act] else a, act, slope)
+        gf[e] = d
+        a64 = np.float64(a)
+        s1 += abs(a64)
+        s2 += a64 * a64
+    partials[chunk, 0] = s1
+    partials[chunk, 1] = s2
+
+
+activity_range = specialized(_activity_loop)
+
+
+@kernel_parallel
+def _activity_grads_parallel(uses, gf, of, pf, nwords, noise, nstd, words, thr, scale, act,
+                             slope, c1, c2, has1, has2, partials):
+    n = gf.shape[0]
+    n_chunks = (n + ELEM_CHUNK - 1) // ELEM_CHUNK
+    for c in prange(n_chunks):
+        activity_range(uses, act, gf, of, pf, nwords, noise, nstd, words, thr, scale, slope,
+                       c1, c2, has1, has2, partials, c, c * ELEM_CHUNK,
+                       min(n, (c + 1) * ELEM_CHUNK))
+
+
+@kernel
+def _words_or(nwords, words):
+    """The noise words, or (None: no layer of the network draws normals, so no noise is
+    GaussianDropout) the dropout words, never read as normals: one type for the loop."""
+    if nwords is None:
+        return words
+    return nwords
+
+
+@kernel
+def activity_grads(uses, par, grad, out, act, slope, thr, scale, words, noise, nstd, pre,
+                   nwords, activity):
+    """The activity pass over every element of grad (dL/d(out) in, dL/d(f's input) out):
+    returns (sum |a|, sum a^2), float64, summed over fixed chunks of ELEM_CHUNK elements in
+    chunk order (one chunk below PARALLEL_MIN_ELEMENTS)."""
+    c1, c2, has1, has2, partials = activity
+    nwords = _words_or(nwords, words)
+    n = grad.size
+    gf = grad.reshape(n)
+    of = out.reshape(n)
+    pf = pre.reshape(pre.size)
+    n_chunks = 1
+    if par is not None:
+        if n >= PARALLEL_MIN_ELEMENTS:
+            n_chunks = (n + ELEM_CHUNK - 1) // ELEM_CHUNK
+            _activity_grads_parallel(uses, gf, of, pf, nwords, noise, nstd, words, thr, scale,
+                                     act, slope, c1, c2, has1, has2, partials)
+    if n_chunks == 1:
+        activity_range(uses, act, gf, of, pf, nwords, noise, nstd, words, thr, scale, slope,
+                       c1, c2, has1, has2, partials, 0, 0, n)
+    s1 = 0.0
+    s2 = 0.0
+    for c in range(n_chunks):
+        s1 += partials[c, 0]
+        s2 += partials[c, 1]
+    return s1, s2
+
+
 @kernel
 def bias_grad_cols(dz, db, c0, c1):
     """db[j] = sum_i dz[i, j] in row order (the same order numpy's sum(axis=0) uses)."""
@@ -338,11 +456,37 @@ def _backward_epilogue_parallel(uses, grad, out, db, act, slope, thr, scale, wor
             bias_grad_cols(grad, db, c * COL_CHUNK, min(O, (c + 1) * COL_CHUNK))
 
 
+@kernel_parallel
+def _bias_grad_parallel(grad, db):
+    O = grad.shape[1]
+    n_cchunks = (O + COL_CHUNK - 1) // COL_CHUNK
+    for c in prange(n_cchunks):
+        bias_grad_cols(grad, db, c * COL_CHUNK, min(O, (c + 1) * COL_CHUNK))
+
+
 @kernel
 def backward_epilogue(uses, par, grad, out, db, act, slope, thr, scale, words, noise, nstd,
-                      pre, nwords):
-    """dL/dz in place (mask and noise regenerated, f' from the output, or from pre), then
-    the bias gradient."""
+                      pre, nwords, activity):
+    """dL/dz in place (mask and noise regenerated, f' from the output, or from pre; with an
+    activity penalty, activity_grads), then the bias gradient. Returns the activity pass's
+    (sum |a|, sum a^2), (0, 0) without one."""
+    if activity is not None:
+        sums = activity_grads(uses, par, grad, out, act, slope, thr, scale, words, noise,
+                              nstd, pre, nwords, activity)
+        if db.shape[0] > 0:
+            if par is not None and grad.size >= PARALLEL_MIN_ELEMENTS:
+                _bias_grad_parallel(grad, db)
+            else:
+                bias_grad_cols(grad, db, 0, grad.shape[1])
+        return sums
+    _plain_backward_epilogue(uses, par, grad, out, db, act, slope, thr, scale, words, noise,
+                             nstd, pre, nwords)
+    return 0.0, 0.0
+
+
+@kernel
+def _plain_backward_epilogue(uses, par, grad, out, db, act, slope, thr, scale, words, noise,
+                             nstd, pre, nwords):
     if par is not None:
         if grad.size >= PARALLEL_MIN_ELEMENTS:
             _backward_epilogue_parallel(uses, grad, out, db, act, slope, thr, scale, words,

@@ -78,23 +78,51 @@ def _layer_forward(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, n, k0, k1, st
 
 
 @kernel
-def _layer_backward(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, dx, n, k0, k1, step):
-    """Dense layer l's backward (reference layer_backward)."""
+def _layer_backward_with(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, dx, n, k0, k1, step,
+                         activity):
+    """Dense layer l's backward with `activity` (None, or its activity penalty); returns
+    the activity pass's (sum |a|, sum a^2). dx reads the forward's kernel (weight noise)."""
     W = _step_kernel(T, wn, lf, l)
     if bn is not None:
         if li[l, contract.LI_BN] != 0:
-            bn_dense_backward(spec.acts, par, ws.grads[l][:n], ws.acts[l][:n], bn.xhat[l][:n], x,
-                              W, bn.gb[l], bn.stats[l], bn.save[l], T.dW[l], T.db[l],
-                              bn.dgb[l], dx, li[l, contract.LI_ACT], lf[l, contract.LF_SLOPE],
-                              li[l, contract.LI_DROP_THR], lf[l, contract.LF_DROP_SCALE],
-                              np.float64(lf[l, contract.LF_BN_MOMENTUM]), k0, k1, step, l, ws.words,
-                              li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD],
-                              ws.pres[l][:n], nwords)
-            return
-    dense_backward(spec.acts, par, ws.grads[l][:n], ws.acts[l][:n], x, W, T.dW[l], T.db[l], dx,
-                   li[l, contract.LI_ACT], lf[l, contract.LF_SLOPE], li[l, contract.LI_DROP_THR],
-                   lf[l, contract.LF_DROP_SCALE], k0, k1, step, l, ws.words,
-                   li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD], ws.pres[l][:n], nwords)
+            return bn_dense_backward(
+                spec.acts, par, ws.grads[l][:n], ws.acts[l][:n], bn.xhat[l][:n], x, W,
+                bn.gb[l], bn.stats[l], bn.save[l], T.dW[l], T.db[l], bn.dgb[l], dx,
+                li[l, contract.LI_ACT], lf[l, contract.LF_SLOPE], li[l, contract.LI_DROP_THR],
+                lf[l, contract.LF_DROP_SCALE], np.float64(lf[l, contract.LF_BN_MOMENTUM]), k0,
+                k1, step, l, ws.words, li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD],
+                ws.pres[l][:n], nwords, activity)
+    return dense_backward(spec.acts, par, ws.grads[l][:n], ws.acts[l][:n], x, W, T.dW[l],
+                          T.db[l], dx, li[l, contract.LI_ACT], lf[l, contract.LF_SLOPE],
+                          li[l, contract.LI_DROP_THR], lf[l, contract.LF_DROP_SCALE], k0, k1,
+                          step, l, ws.words, li[l, contract.LI_NOISE],
+                          lf[l, contract.LF_NOISE_STD], ws.pres[l][:n], nwords, activity)
+
+
+@kernel
+def _layer_backward(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, dx, n, k0, k1, step,
+                    apart):
+    """Dense layer l's backward (reference layer_backward); returns its activity penalty of
+    the step, (l1 sum |a| + l2 sum a^2) / n (0 without one). apart: the activity pass's
+    partial sums, or None when no layer of the network has an activity penalty (nothing of
+    it is then compiled)."""
+    if apart is not None:
+        l1 = np.float64(lf[l, contract.LF_ACTIVITY_L1])
+        l2 = np.float64(lf[l, contract.LF_ACTIVITY_L2])
+        if l1 != 0.0 or l2 != 0.0:
+            dt = lf.dtype.type
+            s1, s2 = _layer_backward_with(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, dx, n,
+                                          k0, k1, step, (dt(l1 / n), dt(2.0 * l2 / n),
+                                                         l1 != 0.0, l2 != 0.0, apart))
+            pen = 0.0
+            if l1 != 0.0:
+                pen += l1 * s1
+            if l2 != 0.0:
+                pen += l2 * s2
+            return pen / n
+    _layer_backward_with(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, dx, n, k0, k1, step,
+                         None)
+    return 0.0
 
 
 @kernel
@@ -161,11 +189,12 @@ def _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step,
 @kernel
 def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, wn, xdrops, nwords, columns, li, lf,
                 hpW, hpb, hpgb, parts, partf, opt, k0, k1, step0, t0, lrs, loss_sums, grad,
-                segments, clip_mode, clip_value, zout):
+                segments, clip_mode, clip_value, zout, apart):
     """The batches of `perm`; loss_sums (P,) receives the per-part loss sums (weighted by
     batch rows); returns (penalty sum, steps, finite). Stops at the first batch with a
     non-finite loss, before its backward. lrs[k]: step k's learning rate, written into
-    every hp row's HP_LR slot before its update (reference train_epoch)."""
+    every hp row's HP_LR slot before its update (reference train_epoch). apart: the
+    activity pass's scratch, or None (no activity penalty in the network)."""
     n_total = perm.shape[0]
     L = len(T.W)
     P = parts.shape[0]
@@ -226,6 +255,7 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, wn, xdrops, nwords
             return pen_sum, steps, False
         for p in range(P):
             loss_sums[p] += losses[p] * n
+        activity = 0.0
         for k in range(P):               # the heads in order, then the trunk
             p = k + 1 if k + 1 < P else 0
             first = parts[p, contract.PT_FIRST]
@@ -244,8 +274,8 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, wn, xdrops, nwords
                 x = ws.acts[l - 1][:n] if l > first else _part_input(ws, xdrops, parts, li, p,
                                                                      n)
                 dx = ws.grads[l - 1][:n] if l > first else into
-                _layer_backward(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, dx, n, k0, k1,
-                                step)
+                activity += _layer_backward(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, dx,
+                                            n, k0, k1, step, apart)
             if p > 0:
                 _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step, True,
                                  into)
@@ -261,7 +291,7 @@ def train_epoch(X, Y, perm, batch_size, spec, par, T, ws, bn, wn, xdrops, nwords
             hpgb[l, contract.HP_LR] = lrs[steps]
         for l in range(L - 1, -1, -1):
             pen += _layer_update(spec, par, T, ws, bn, columns, hpW, hpb, hpgb, li, opt, l, t)
-        pen_sum += pen * n
+        pen_sum += (pen + activity) * n
         steps += 1
     return pen_sum, steps, True
 

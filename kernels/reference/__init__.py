@@ -8,12 +8,13 @@ caller and written in place; an empty array (size 0) means "not present" (no bia
     dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
                   noise=0, noise_std=0, pre=None)
     dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer, noise=0, noise_std=0, pre=None)
+                   seed, step, layer, noise=0, noise_std=0, pre=None, activity_l1=0,
+                   activity_l2=0) -> the layer's activity penalty of the step (0.0: none)
     bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
                      eps, seed, step, layer, noise=0, noise_std=0, pre=None)
     bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
                       drop_threshold, drop_scale, momentum, seed, step, layer, noise=0,
-                      noise_std=0, pre=None)
+                      noise_std=0, pre=None, activity_l1=0, activity_l2=0) -> the same
     input_dropout(x, out, threshold, scale, seed, step, layer, noise=0, noise_std=0)
     weight_noise(W, out, std, seed, step, layer): out = W + std * n (the step's perturbed
                   kernel, stream STREAM_WEIGHT_NOISE)

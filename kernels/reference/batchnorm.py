@@ -7,7 +7,8 @@ kernels/contract.py (BN_*).
 import numpy as np
 
 from .. import contract
-from .epilogue import activate_keeping, output_epilogue, output_epilogue_backward
+from .dense import epilogue_backward
+from .epilogue import activate_keeping, output_epilogue
 
 
 def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
@@ -44,12 +45,15 @@ def bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, d
 
 def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
                       drop_threshold, drop_scale, momentum, seed, step, layer,
-                      noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
-    """The BatchNorm dense layer's backward, through the batch statistics.
+                      noise=contract.NOISE_NONE, noise_std=0.0, pre=None, activity_l1=0.0,
+                      activity_l2=0.0):
+    """The BatchNorm dense layer's backward, through the batch statistics; returns the
+    layer's activity penalty of the step (dense_backward's).
 
     grad (B, O) holds dL/d(out) on entry and dL/dz on exit. dy = dL/d(gamma zhat + beta) comes
     from out (or pre, with noise) and the regenerated mask and noise exactly as in
-    dense_backward (output_epilogue_backward); then, per unit, in float64
+    dense_backward (output_epilogue_backward, or activity_epilogue_backward with an activity
+    penalty on f(gamma zhat + beta)); then, per unit, in float64
     in row order: dbeta = sum dy, dgamma = sum dy * zhat, and
         dz = c1 * ((dy - c2) - zhat * c3),  c1 = gamma * inv_std, c2 = dbeta / B, c3 = dgamma / B
     (c1, c2, c3 rounded once to the dtype). db is exactly 0: the output does not depend on b
@@ -59,8 +63,8 @@ def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, a
     """
     dt = out.dtype.type
     n = grad.shape[0]
-    dy = output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed,
-                                  step, layer, noise, noise_std, pre)
+    dy, pen = epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed, step,
+                                layer, noise, noise_std, pre, activity_l1, activity_l2)
     dy64 = dy.astype(np.float64)
     s1 = dy64.sum(axis=0)
     s2 = (dy64 * xhat.astype(np.float64)).sum(axis=0)
@@ -81,3 +85,4 @@ def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, a
     for row, srow in ((contract.BN_MEAN, contract.BN_SAVE_MEAN),
                       (contract.BN_VAR, contract.BN_SAVE_VAR)):
         stats[row] = mom * stats[row].astype(np.float64) + (1.0 - mom) * save[srow]
+    return pen

@@ -5,8 +5,8 @@ Shape legend: B batch rows, I fan_in, O fan_out. Outputs are preallocated by the
 written in place; an empty array (size 0) means "not present" (no bias, no dx).
 """
 from .. import contract
-from .epilogue import (activate_keeping, noise_values, output_epilogue,
-                       output_epilogue_backward)
+from .epilogue import (activate_keeping, activity_epilogue_backward, noise_values,
+                       output_epilogue, output_epilogue_backward)
 
 
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
@@ -26,20 +26,36 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
-                   seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
-    """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db, dx written.
+                   seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None,
+                   activity_l1=0.0, activity_l2=0.0):
+    """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db, dx written. Returns
+    the layer's activity penalty of the step (0.0 without one).
 
     dz comes from output_epilogue_backward (mask, noise factor and f' regenerated or read
-    from out / pre); then db = column sums, dW = x.T @ dz, dx = dz @ W.T.
+    from out / pre), or with an activity penalty (activity_l1, activity_l2: contract
+    LF_ACTIVITY_*) from activity_epilogue_backward, which adds its gradient to dL/da before
+    f'; then db = column sums, dW = x.T @ dz, dx = dz @ W.T.
     """
-    dz = output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed,
-                                  step, layer, noise, noise_std, pre)
+    dz, pen = epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed,
+                                step, layer, noise, noise_std, pre, activity_l1, activity_l2)
     grad[...] = dz
     if db.size:
         db[...] = dz.sum(axis=0)
     dW[...] = x.T @ dz
     if dx.size:
         dx[...] = dz @ W.T
+    return pen
+
+
+def epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
+                      noise, noise_std, pre, activity_l1, activity_l2):
+    """(dL/d(f's input), activity penalty) of a plain or BatchNorm layer's output epilogue."""
+    if activity_l1 or activity_l2:
+        return activity_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale,
+                                          seed, step, layer, noise, noise_std, pre,
+                                          activity_l1, activity_l2)
+    return output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed,
+                                    step, layer, noise, noise_std, pre), 0.0
 
 
 def weight_noise(W, out, std, seed, step, layer):

@@ -56,12 +56,13 @@ def activate_keeping(z, act, slope, pre):
 def output_epilogue(a, out, drop_threshold, drop_scale, seed, step, layer, noise, noise_std,
                     pre, act=contract.ACT_LINEAR):
     """out = dropout(noise(a)) for the activation a = f(.) of a dense layer (plain or
-    BatchNorm); with noise, pre = a first (when pre is given and not empty, and f' reads
-    its output: an input-derivable f has z there already)."""
+    BatchNorm); pre = a first when pre is given and not empty and f' reads its output (an
+    input-derivable f has z there already): the layer has noise, or an activity penalty
+    under dropout (contract.keeps_pre)."""
+    if (pre is not None and pre.size
+            and contract.ACTIVATION_BY_CODE[int(act)].grad_from != "input"):
+        pre[...] = a
     if noise != contract.NOISE_NONE:
-        if (pre is not None and pre.size
-                and contract.ACTIVATION_BY_CODE[int(act)].grad_from != "input"):
-            pre[...] = a
         if noise == contract.NOISE_ALPHA:
             out[...] = alpha_dropout(a, drop_threshold, drop_scale, noise_std, seed, step,
                                      layer, contract.STREAM_DROPOUT)
@@ -107,6 +108,64 @@ def output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, 
         return np.where(keep, (grad * scale) * activation_grad(a, act, slope),
                         out.dtype.type(0))
     return grad * activation_grad(a, act, slope)
+
+
+def activity_coefficients(l1, l2, n, dtype):
+    """(c1, c2) = (l1 / B, 2 * l2 / B) of the activity gradient l1 * sign(a) / B + 2 * l2 *
+    a / B, computed in float64 from the dtype's values of l1, l2 and rounded once to the
+    dtype (every backend's)."""
+    dt = np.dtype(dtype).type
+    return dt(float(dt(l1)) / n), dt(2.0 * float(dt(l2)) / n)
+
+
+def activity_value(a, l1, l2):
+    """The activity penalty of the rows of a, before the division by B: l1 * sum |a| +
+    l2 * sum a^2, in float64 (a term whose strength is 0 is left out: no 0 * inf)."""
+    dt = a.dtype.type
+    a64 = a.astype(np.float64)
+    pen = 0.0
+    if l1:
+        pen += float(dt(l1)) * float(np.abs(a64).sum())
+    if l2:
+        pen += float(dt(l2)) * float((a64 * a64).sum())
+    return pen
+
+
+def activity_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed, step,
+                               layer, noise, noise_std, pre, l1, l2):
+    """output_epilogue_backward for a layer with an activity penalty (l1, l2 not both 0):
+    (dL/d(f's input), the step's activity penalty (l1 sum |a| + l2 sum a^2) / B).
+
+    dL/da = d + c1 * sign(a) + c2 * a, d the data gradient with the output epilogue undone
+    (d = (g * scale) * (1 + std * n) where kept, else 0; the scale with dropout only, the
+    factor for GaussianDropout only), c1, c2 = activity_coefficients; then times f'. a is
+    the layer's activation f(.) of EVERY unit: the output itself without dropout and
+    noise, else the pre buffer (which holds a, or z for an input-derivable f: a = f(z)).
+    A strength of 0 leaves its term out."""
+    dt = out.dtype.type
+    n = out.shape[0]
+    d = grad * dt(drop_scale) if drop_threshold > 0 else grad
+    if noise == contract.NOISE_MUL:
+        nrm = noise_values(out.shape, out.dtype, seed, step, layer, contract.STREAM_NOISE)
+        d = d * noise_factor(noise_std, nrm, out.dtype)
+    if drop_threshold > 0:
+        keep = keep_mask(out.shape, drop_threshold, seed, step, layer, contract.STREAM_DROPOUT)
+        d = np.where(keep, d, dt(0))
+    from_input = contract.ACTIVATION_BY_CODE[int(act)].grad_from == "input"
+    if drop_threshold == 0 and noise == contract.NOISE_NONE:
+        a = out
+    else:
+        a = activation(pre, act, slope) if from_input else pre
+    c1, c2 = activity_coefficients(l1, l2, n, out.dtype)
+    if l1 and l2:
+        d = d + (c1 * np.sign(a) + c2 * a)
+    elif l1:
+        d = d + c1 * np.sign(a)
+    else:
+        d = d + c2 * a
+    if act != contract.ACT_LINEAR:
+        d = d * activation_grad(pre if from_input else a, act, slope)
+    return d.astype(out.dtype, copy=False), activity_value(a, l1, l2) / n
 
 
 # ---------------------------------------------------------------- a part's input transform

@@ -13,9 +13,11 @@ one part. One training step on a batch:
     epoch before any backward.
     Backward: the heads in order, then the trunk; a head's input gradient goes into the
     trunk's output gradient (the first head writes it, later ones add theirs, after their
-    input transform's backward), then the trunk's layers. Last, the fused penalized update
-    of every layer's tensors (W, b, a BatchNorm's gamma; beta), from the last layer to the
-    first; their penalties summed in that order.
+    input transform's backward), then the trunk's layers; a layer with an activity penalty
+    (contract LF_ACTIVITY_*) adds its gradient in its backward epilogue and returns its
+    penalty. Last, the fused penalized update of every layer's tensors (W, b, a BatchNorm's
+    gamma; beta), from the last layer to the first; their penalties summed in that order,
+    then the step's activity penalties added.
 
 Shape legend: B batch rows, I fan_in, O fan_out, L layers, P parts.
 """
@@ -63,23 +65,28 @@ def layer_forward(ops, plan, l, x, n, step):
 def layer_backward(ops, plan, l, x, dx, n, step):
     """Dense layer l's backward: plan.grads[l][:n] holds dL/d(output) -> dW, db (dgb and the
     running statistics of a BatchNorm layer), and dx = dL/d(input) unless dx has size 0.
-    x is the layer's input of the forward; dx reads the forward's kernel (step_kernel)."""
+    x is the layer's input of the forward; dx reads the forward's kernel (step_kernel).
+    Returns the layer's activity penalty of the step (contract LF_ACTIVITY_*; 0.0
+    without one). A layer without one calls the kernels without the activity
+    arguments."""
     noise, std = plan.noise_of(l)
+    act = {}
+    if plan.activity_on(l):
+        act = dict(zip(("activity_l1", "activity_l2"), plan.activity_of(l)))
     if plan.bn_on(l):
-        ops.bn_dense_backward(plan.grads[l][:n], plan.acts[l][:n], plan.xhats[l][:n], x,
-                              step_kernel(plan, l), plan.gbs[l], plan.stats[l], plan.saves[l],
-                              plan.dWs[l], plan.dbs[l], plan.dgbs[l], dx,
-                              plan.li[l, contract.LI_ACT], plan.lf[l, contract.LF_SLOPE],
-                              plan.li[l, contract.LI_DROP_THR], plan.lf[l, contract.LF_DROP_SCALE],
-                              plan.lf[l, contract.LF_BN_MOMENTUM], plan.seed, step, l, noise, std,
-                              plan.pres[l][:n])
-    else:
-        ops.dense_backward(plan.grads[l][:n], plan.acts[l][:n], x, step_kernel(plan, l),
-                           plan.dWs[l],
-                           plan.dbs[l], dx, plan.li[l, contract.LI_ACT],
-                           plan.lf[l, contract.LF_SLOPE], plan.li[l, contract.LI_DROP_THR],
-                           plan.lf[l, contract.LF_DROP_SCALE], plan.seed, step, l, noise, std,
-                           plan.pres[l][:n])
+        return ops.bn_dense_backward(plan.grads[l][:n], plan.acts[l][:n], plan.xhats[l][:n],
+                                     x, step_kernel(plan, l), plan.gbs[l], plan.stats[l],
+                                     plan.saves[l], plan.dWs[l], plan.dbs[l], plan.dgbs[l], dx,
+                                     plan.li[l, contract.LI_ACT], plan.lf[l, contract.LF_SLOPE],
+                                     plan.li[l, contract.LI_DROP_THR],
+                                     plan.lf[l, contract.LF_DROP_SCALE],
+                                     plan.lf[l, contract.LF_BN_MOMENTUM], plan.seed, step, l,
+                                     noise, std, plan.pres[l][:n], **act) or 0.0
+    return ops.dense_backward(plan.grads[l][:n], plan.acts[l][:n], x, step_kernel(plan, l),
+                              plan.dWs[l], plan.dbs[l], dx, plan.li[l, contract.LI_ACT],
+                              plan.lf[l, contract.LF_SLOPE], plan.li[l, contract.LI_DROP_THR],
+                              plan.lf[l, contract.LF_DROP_SCALE], plan.seed, step, l, noise, std,
+                              plan.pres[l][:n], **act) or 0.0
 
 
 def layer_update(ops, plan, l, t):
@@ -125,8 +132,9 @@ def input_transform_backward(ops, plan, p, dh, step):
 def forward_backward(ops, plan, X, Y, idx, step, zrows=None):
     """The forward and backward of one training step on the rows idx of X and Y (module
     docstring), no update: the gradients of every tensor are in plan.dWs / dbs / dgbs (and a
-    BatchNorm's running statistics updated). Returns (losses per part, finite); when a loss
-    is not finite, nothing after the forward is run."""
+    BatchNorm's running statistics updated). Returns (losses per part, finite, activity
+    penalty: the layers' summed in backward order); when a loss is not finite, nothing after
+    the forward is run (the activity penalty is then 0)."""
     n = idx.shape[0]
     P, L = plan.n_parts, plan.n_layers
     xb = plan.xbuf[:n]
@@ -155,7 +163,8 @@ def forward_backward(ops, plan, X, Y, idx, step, zrows=None):
                 losses[p] = weighted_loss_forward_backward(ops, x, yb, plan.grads[end - 1][:n],
                                                            loss, param, Y[idx, wcol])
     if not np.isfinite(losses).all():
-        return losses, False
+        return losses, False, 0.0
+    activity = 0.0
     empty = np.zeros((0, 0), plan.dtype)
     for p in list(range(1, P)) + [0]:        # the heads in order, then the trunk
         first, end = int(plan.parts[p, contract.PT_FIRST]), int(plan.parts[p, contract.PT_END])
@@ -170,12 +179,12 @@ def forward_backward(ops, plan, X, Y, idx, step, zrows=None):
             into = trunk_out if p == 1 else plan.scratch[:n]
         for l in range(end - 1, first - 1, -1):
             dx = plan.grads[l - 1][:n] if l > first else into
-            layer_backward(ops, plan, l, inputs[l], dx, n, step)
+            activity += layer_backward(ops, plan, l, inputs[l], dx, n, step)
         if p > 0:
             input_transform_backward(ops, plan, p, into, step)
             if p > 1:
                 trunk_out += into
-    return losses, True
+    return losses, True, activity
 
 
 def weighted_loss_forward_backward(ops, z, y, grad, loss, param, w):
@@ -194,10 +203,11 @@ def weighted_loss_forward_backward(ops, z, y, grad, loss, param, w):
 def train_step(ops, plan, X, Y, idx, step, t, zrows=None):
     """One training step on the rows idx of X and Y: forward_backward, then the fused
     penalized update of every layer's tensors, last layer first. Returns (losses per part
-    (0 where a part has none), penalty, finite): the batch means, and the penalty of the
-    tensors before their update; when a loss is not finite, nothing is updated and the
+    (0 where a part has none), penalty, finite): the batch means, and the penalty: that of
+    the tensors before their update (summed last layer first), plus the step's activity
+    penalty (forward_backward's); when a loss is not finite, nothing is updated and the
     penalty is 0."""
-    losses, finite = forward_backward(ops, plan, X, Y, idx, step, zrows)
+    losses, finite, activity = forward_backward(ops, plan, X, Y, idx, step, zrows)
     if not finite:
         return losses, 0.0, False
     if plan.clip_mode:
@@ -205,7 +215,7 @@ def train_step(ops, plan, X, Y, idx, step, t, zrows=None):
     pen = 0.0
     for l in range(plan.n_layers - 1, -1, -1):
         pen += layer_update(ops, plan, l, t)
-    return losses, pen, True
+    return losses, pen + activity, True
 
 
 def train_epoch(ops, plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None):
