@@ -18,14 +18,25 @@ def _unit(name, value, allow_zero=True):
     return check_real(name, value, 0.0, 1.0, min_open=not allow_zero, max_open=True)
 
 
+class _NotGiven:
+    """The default of learning_rate and lr: not given (an explicit None is refused like any
+    other value that is not a rate)."""
+
+    def __repr__(self):
+        return "default"
+
+
+DEFAULT = _NotGiven()
+
+
 def _given_rate(optimizer, learning_rate, lr, default):
     """Set the rate an optimizer was given: learning_rate (Keras' name), or lr (kept as an
     alias); not both."""
-    if lr is not None and learning_rate is not None:
+    if lr is not DEFAULT and learning_rate is not DEFAULT:
         raise ValueError("pass learning_rate or lr (its alias), not both")
-    name = "lr" if lr is not None else "learning_rate"
-    value = lr if lr is not None else learning_rate
-    optimizer._learning_rate = _check_learning_rate(default if value is None else value, name)
+    name = "lr" if lr is not DEFAULT else "learning_rate"
+    value = lr if lr is not DEFAULT else learning_rate
+    optimizer._learning_rate = _check_learning_rate(default if value is DEFAULT else value, name)
 
 
 def _check_learning_rate(value, name="learning_rate"):
@@ -163,8 +174,8 @@ class Optimizer:
 class SGD(Optimizer):
     code = contract.OPT_SGD
 
-    def __init__(self, learning_rate=None, momentum=0.0, nesterov=False, lr=None, clipnorm=None,
-                 clipvalue=None, global_clipnorm=None):
+    def __init__(self, learning_rate=DEFAULT, momentum=0.0, nesterov=False, lr=DEFAULT,
+                 clipnorm=None, clipvalue=None, global_clipnorm=None):
         _given_rate(self, learning_rate, lr, 0.01)
         self._set_clipping(clipnorm, clipvalue, global_clipnorm)
         self.momentum = _unit("momentum", momentum)
@@ -188,7 +199,7 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     code = contract.OPT_ADAM
 
-    def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, lr=None,
+    def __init__(self, learning_rate=DEFAULT, beta1=0.9, beta2=0.999, eps=1e-8, lr=DEFAULT,
                  clipnorm=None, clipvalue=None, global_clipnorm=None):
         _given_rate(self, learning_rate, lr, 0.001)
         self._set_clipping(clipnorm, clipvalue, global_clipnorm)
@@ -209,8 +220,8 @@ class AdamW(Adam):
     """Adam with decoupled weight decay on the kernels (biases are not decayed)."""
     code = contract.OPT_ADAMW
 
-    def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
-                 lr=None, clipnorm=None, clipvalue=None, global_clipnorm=None):
+    def __init__(self, learning_rate=DEFAULT, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                 lr=DEFAULT, clipnorm=None, clipvalue=None, global_clipnorm=None):
         super().__init__(learning_rate, beta1, beta2, eps, lr=lr, clipnorm=clipnorm,
                          clipvalue=clipvalue, global_clipnorm=global_clipnorm)
         self.weight_decay = check_real("weight_decay", weight_decay, 0.0)
