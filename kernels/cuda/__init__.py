@@ -13,7 +13,7 @@ the same Philox masks bit for bit, results equal to float32 rounding).
 
 The per-op contract takes host NumPy arrays (copy in, run, copy out: for tests and the
 reference's epoch); `train_epoch` / `forward_inference` take a plan (kernels/plan.py) and
-keep its state on the device (plan.cache["cuda"], epoch.DevicePlan) until sync_to_host.
+keep its state on the device (plan.cache["cuda"], state.DevicePlan) until sync_to_host.
 Paths and launches: kernels/cuda/epoch.py. Kernels are built per (dtype, tiles) by the
 modules' `build(ns)` functions (jit.py) and compiled by NVVM on first use, about 10-20 s
 per dtype; ptxcheck.py compiles them all to PTX without a GPU, so typing errors the
@@ -27,7 +27,7 @@ from ..philox import split_seed
 from ..reference import output_transform as _reference_output_transform
 from ..reference import penalty_value as _reference_penalty_value
 from ..reference.loss import loss_param
-from . import batchnorm, dense, epoch, update
+from . import batchnorm, dense, epoch, state, update
 from .dense import Epilogue
 from .jit import IMPORT_ERROR as _IMPORT_ERROR
 from .jit import cuda, grid1, kernels, on_simulator, to_dev  # noqa: F401 (tests patch cuda)
@@ -305,10 +305,10 @@ def philox_counters(counters, key):
 
 # ---------------------------------------------------------------- plans on the device
 def _state(plan):
-    """The plan's device state (epoch.DevicePlan), built on first use."""
+    """The plan's device state (state.DevicePlan), built on first use."""
     st = plan.cache.get("cuda")
     if st is None:
-        st = epoch.DevicePlan(plan, kernels(plan.dtype))
+        st = state.DevicePlan(plan, kernels(plan.dtype))
         plan.cache["cuda"] = st
     return st
 

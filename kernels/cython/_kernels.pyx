@@ -9,6 +9,7 @@ included .pxi files, with the module names of the other backends (kernels/numba/
     epilogue   noise, mask, input transform   dense      BLAS products + epilogue
     batchnorm  the BatchNorm dense layer
     loss       losses from logits              update     the fused penalized update
+    state      the plan as C structs (EpochPlan)
     epoch      the compiled epoch (trunk and heads) and inference
 
 Shape legend: B batch rows, I fan_in, O fan_out, K outputs, L layers, P parts,
@@ -187,4 +188,5 @@ include "dense.pxi"
 include "batchnorm.pxi"
 include "loss.pxi"
 include "update.pxi"
+include "state.pxi"
 include "epoch.pxi"
