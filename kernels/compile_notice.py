@@ -2,15 +2,16 @@
 a silent wait.
 
 Numba fires a "numba:compile" event (numba-cuda, with its own copy of the event module,
-"numba-cuda:compile") for every function it compiles, and only on a cache miss: loading kernels cached on disk by
-an earlier process fires none. The listener prints its line at the first outermost compile
+"numba-cuda:compile") for every function it compiles, and only on a cache miss: loading
+kernels cached on disk by an earlier process fires none. The listener prints its line at the first outermost compile
 of a fastreg kernel in the process, with how long that compile usually takes, and stays
 quiet afterwards.
 """
 import sys
 
-# Measured on the 2-core bench machine with an empty cache (README, "Start-up").
-USUAL_SECONDS = {"Numba": "10-15 s", "numba-cuda": "20-60 s"}
+# Measured on the 2-core bench machine with an empty cache (README, "Start-up"): a Numba
+# network's first epoch took 25-30 s of CPU there (round 2, the machine loaded).
+USUAL_SECONDS = {"Numba": "20-30 s", "numba-cuda": "20-60 s"}
 
 
 class CompileNotice:
