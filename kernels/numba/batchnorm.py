@@ -178,16 +178,9 @@ def _bn_stats_parallel(grad, xhat, gb, save, db, dgb):
 @kernel_parallel
 def _bn_backward_epilogue_parallel(uses, grad, out, xhat, gb, save, db, dgb, act, slope, thr,
                                    scale, words, noise, nstd, pre, nwords):
-    B, O = grad.shape
     output_grads_parallel(uses, grad, out, act, slope, thr, scale, words, noise, nstd, pre,
                           nwords)
-    n_cchunks = (O + COL_CHUNK - 1) // COL_CHUNK
-    for c in prange(n_cchunks):
-        _bn_sums_cols(grad, xhat, gb, save, dgb, db, c * COL_CHUNK,
-                      min(O, (c + 1) * COL_CHUNK))
-    n_chunks = (B + ROW_CHUNK - 1) // ROW_CHUNK
-    for c in prange(n_chunks):
-        _bn_dz_rows(grad, xhat, save, c * ROW_CHUNK, min(B, (c + 1) * ROW_CHUNK))
+    _bn_stats_parallel(grad, xhat, gb, save, db, dgb)
 
 
 @kernel
