@@ -9,3 +9,10 @@ import shutil
 
 if os.environ.get("FASTREG_TEST_GPU") != "1" and shutil.which("nvidia-smi") is None:
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    try:
+        import cudasim
+        cudasim.install()
+    except ImportError:     # numba-cuda not installed: the CUDA tests skip themselves
+        pass
