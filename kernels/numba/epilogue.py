@@ -445,18 +445,6 @@ def output_grads_parallel(uses, grad, out, act, slope, thr, scale, words, noise,
 
 
 @kernel_parallel
-def _backward_epilogue_parallel(uses, grad, out, db, act, slope, thr, scale, words, noise,
-                                nstd, pre, nwords):
-    O = grad.shape[1]
-    output_grads_parallel(uses, grad, out, act, slope, thr, scale, words, noise, nstd, pre,
-                          nwords)
-    if db.shape[0] > 0:
-        n_cchunks = (O + COL_CHUNK - 1) // COL_CHUNK
-        for c in prange(n_cchunks):
-            bias_grad_cols(grad, db, c * COL_CHUNK, min(O, (c + 1) * COL_CHUNK))
-
-
-@kernel_parallel
 def _bias_grad_parallel(grad, db):
     O = grad.shape[1]
     n_cchunks = (O + COL_CHUNK - 1) // COL_CHUNK
@@ -469,36 +457,29 @@ def backward_epilogue(uses, par, grad, out, db, act, slope, thr, scale, words, n
                       pre, nwords, activity):
     """dL/dz in place (mask and noise regenerated, f' from the output, or from pre; with an
     activity penalty, activity_grads), then the bias gradient. Returns the activity pass's
-    (sum |a|, sum a^2), (0, 0) without one."""
+    (sum |a|, sum a^2), (0, 0) without one. (`par is not None` stands alone in its `if`:
+    Numba prunes only such a test, and a serial network then compiles no parallel pass.)"""
+    n = grad.size
+    sums = (0.0, 0.0)
     if activity is not None:
         sums = activity_grads(uses, par, grad, out, act, slope, thr, scale, words, noise,
                               nstd, pre, nwords, activity)
-        if db.shape[0] > 0:
-            if par is not None and grad.size >= PARALLEL_MIN_ELEMENTS:
-                _bias_grad_parallel(grad, db)
-            else:
-                bias_grad_cols(grad, db, 0, grad.shape[1])
-        return sums
-    _plain_backward_epilogue(uses, par, grad, out, db, act, slope, thr, scale, words, noise,
-                             nstd, pre, nwords)
-    return 0.0, 0.0
-
-
-@kernel
-def _plain_backward_epilogue(uses, par, grad, out, db, act, slope, thr, scale, words, noise,
-                             nstd, pre, nwords):
     if par is not None:
-        if grad.size >= PARALLEL_MIN_ELEMENTS:
-            _backward_epilogue_parallel(uses, grad, out, db, act, slope, thr, scale, words,
-                                        noise, nstd, pre, nwords)
-            return
-    n = grad.size
+        if n >= PARALLEL_MIN_ELEMENTS:
+            if activity is None:
+                output_grads_parallel(uses, grad, out, act, slope, thr, scale, words, noise,
+                                      nstd, pre, nwords)
+            if db.shape[0] > 0:
+                _bias_grad_parallel(grad, db)
+            return sums
     if n == 0:
-        return
-    output_grad_range(uses, grad.reshape(n), out.reshape(n), pre.reshape(pre.size), nwords,
-                      noise, nstd, words, thr, scale, act, slope, 0, n)
+        return sums
+    if activity is None:
+        output_grad_range(uses, grad.reshape(n), out.reshape(n), pre.reshape(pre.size),
+                          nwords, noise, nstd, words, thr, scale, act, slope, 0, n)
     if db.shape[0] > 0:
         bias_grad_cols(grad, db, 0, grad.shape[1])
+    return sums
 
 
 # ---------------------------------------------------------------- a part's input transform
