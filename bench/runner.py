@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import peers as peer_engines
+from . import prewarm
 from .ceiling import GemmCeiling
 from .workloads import initial_weights, make_workload
 
@@ -439,6 +440,8 @@ def run(workloads=WORKLOADS, backends=None, peers=None, epochs=None, repeats=1, 
     if "numpy" not in backends:
         status.say("the NumPy reference backend is left out (a correctness oracle, not an "
                    "engine to time): --backend numpy runs it")
+    if prewarm.wanted(backends, workloads):
+        prewarm.prewarm(list(workloads), quick, seed, status)
     out = {"machine": machine_description(threads), "workloads": []}
     limiter = set_threads(threads)
     tables = json_path != "-"

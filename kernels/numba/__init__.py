@@ -11,6 +11,8 @@ The functions here are the entry points Python calls: each is compiled with cach
 its disk cache tied to the whole backend's sources (jit.SOURCE_STAMP), and compiles, on
 first use, only the activations, update variants and features its network uses.
 """
+import os
+
 import numpy as np
 from numba import njit
 from numba.core import event as _numba_event
@@ -122,11 +124,22 @@ def _entry_points(stamp):
     return dict(train_epoch=train_epoch, forward_inference=forward_inference,
                 dense_forward=dense_forward, dense_backward=dense_backward,
                 bn_dense_forward=bn_dense_forward, bn_dense_backward=bn_dense_backward,
-                input_dropout=input_dropout, weight_noise=weight_noise, loss=loss, update_matrix=update_matrix,
-                update_vector=update_vector, philox_fill=philox_fill)
+                input_dropout=input_dropout, weight_noise=weight_noise, loss=loss,
+                update_matrix=update_matrix, update_vector=update_vector,
+                philox_fill=philox_fill)
 
 
 _K = _entry_points(SOURCE_STAMP)
+
+
+def disk_cache_is_empty():
+    """Whether no epoch of this backend was ever compiled into Numba's disk cache here (a
+    fresh install): bench/prewarm.py then compiles the bench's networks on every core. Reads
+    Numba's cache layout (the entry point's index file); False when that cannot be read."""
+    try:
+        return not os.path.exists(_K["train_epoch"]._cache._cache_file._index_path)
+    except AttributeError:
+        return False
 
 
 # ---------------------------------------------------------------- the contract (per op)
