@@ -1,0 +1,106 @@
+"""What data-parallel MPI training buys on this machine: epochs of `wide` (784 -> 1024 ->
+1024 -> 10, batch 256, bench/workloads.py) timed three ways, interleaved, medians:
+
+    one      1 process, 1 thread, the backend's compiled epoch (fit without distributed=)
+    mpi-1    `mpirun -n 1`, distributed="mpi": the sharded epoch's cost with nobody to share
+    mpi-2    `mpirun -n 2`, 1 thread per rank: each rank half of every batch
+
+    python bench/mpi_speedup.py [--backend cython] [--repeats 3] [--epochs 3] [--full]
+
+Prints each run's median epoch time, the medians over the runs, the ratio one / mpi-2 (the
+speed-up) and `uptime` before and after (the machine may be shared). One thread per process
+everywhere (OMP / OpenBLAS / Numba), so 2 ranks use 2 cores against 1 core for `one`.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
+              "MKL_NUM_THREADS": "1"}
+
+
+def worker(backend, epochs, full, distributed):
+    """Run in each process: a warm-up epoch, then `epochs` timed ones; rank 0 prints JSON."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    import numpy as np
+
+    import fastreg as fr
+    from bench.workloads import make_workload
+
+    wl = make_workload("wide", quick=not full)
+    layers = [fr.Dense(units, activation, dropout=dropout, regularizer=fr.L2(wl.l2))
+              for units, activation, dropout in wl.layers]
+    model = fr.Sequential(layers, input_dim=wl.input_dim, seed=wl.seed)
+    model.compile(loss=wl.loss, optimizer=fr.Adam(wl.lr), backend=backend)
+    rank = 0
+    if distributed:
+        from mpi4py import MPI
+        rank = MPI.COMM_WORLD.Get_rank()
+    times = []
+    for epoch in range(epochs + 1):
+        if distributed:
+            MPI.COMM_WORLD.Barrier()      # every rank starts the epoch together
+        start = time.perf_counter()
+        model.fit(wl.X_train, wl.y_train, epochs=1, batch_size=wl.batch_size, verbose=0,
+                  distributed="mpi" if distributed else None)
+        if epoch:                          # the first one warms caches and pools
+            times.append(time.perf_counter() - start)
+    if rank == 0:
+        print(json.dumps({"epoch_s": float(np.median(times)), "rows": int(wl.n_train)}))
+
+
+def launch(kind, args):
+    """One run of `kind` (one, mpi-1, mpi-2); returns its median epoch time (s)."""
+    me = [sys.executable, os.path.abspath(__file__), "--worker", "--backend", args.backend,
+          "--epochs", str(args.epochs)] + (["--full"] if args.full else [])
+    env = dict(os.environ, **ONE_THREAD)
+    if kind == "one":
+        cmd = me
+    else:
+        mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
+        cmd = [mpirun, "-n", kind[-1]] + me + ["--distributed"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def uptime():
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="cython")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=3, help="timed epochs per run")
+    ap.add_argument("--full", action="store_true", help="16,384 rows (default: quick, 4,096)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.backend, args.epochs, args.full, args.distributed)
+        return
+    import numpy as np
+    print("before:", uptime())
+    kinds = ("one", "mpi-1", "mpi-2")
+    runs = {k: [] for k in kinds}
+    for r in range(args.repeats):           # interleaved: a load change hits all kinds
+        for kind in kinds:
+            res = launch(kind, args)
+            runs[kind].append(res["epoch_s"])
+            print(f"repeat {r + 1} {kind:5s} {res['epoch_s']:.3f} s/epoch ({res['rows']} rows)",
+                  flush=True)
+    print("after: ", uptime())
+    med = {k: float(np.median(v)) for k, v in runs.items()}
+    for k in kinds:
+        print(f"median {k:5s} {med[k]:.3f} s/epoch")
+    print(f"speed-up one / mpi-2: {med['one'] / med['mpi-2']:.2f}x;  "
+          f"mpi-1 / mpi-2: {med['mpi-1'] / med['mpi-2']:.2f}x;  "
+          f"one / mpi-1 (the sharded epoch's own cost): {med['one'] / med['mpi-1']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
