@@ -4,6 +4,9 @@
     one      1 process, 1 thread, the backend's compiled epoch (fit without distributed=)
     mpi-1    `mpirun -n 1`, distributed="mpi": the sharded epoch's cost with nobody to share
     mpi-2    `mpirun -n 2`, 1 thread per rank: each rank half of every batch
+    pair     two `one` processes at once, no MPI: what two processes of this GEMM work get
+             from this machine now; mpi-2's ceiling is half a pair epoch (each rank does
+             half the rows), so 2 * one / pair is the best speed-up the cores allow
 
     python bench/mpi_speedup.py [--backend cython] [--repeats 3] [--epochs 3] [--full]
 
@@ -37,9 +40,11 @@ def worker(backend, epochs, full, distributed):
     model = fr.Sequential(layers, input_dim=wl.input_dim, seed=wl.seed)
     model.compile(loss=wl.loss, optimizer=fr.Adam(wl.lr), backend=backend)
     rank = 0
+    phases = {}
     if distributed:
         from mpi4py import MPI
         rank = MPI.COMM_WORLD.Get_rank()
+        phases = time_the_phases()
     times = []
     for epoch in range(epochs + 1):
         if distributed:
@@ -49,15 +54,45 @@ def worker(backend, epochs, full, distributed):
                   distributed="mpi" if distributed else None)
         if epoch:                          # the first one warms caches and pools
             times.append(time.perf_counter() - start)
+        else:
+            phases.update((k, 0.0) for k in phases)
     if rank == 0:
-        print(json.dumps({"epoch_s": float(np.median(times)), "rows": int(wl.n_train)}))
+        print(json.dumps({"epoch_s": float(np.median(times)), "rows": int(wl.n_train),
+                          "phases_s": {k: v / epochs for k, v in phases.items()}}))
+
+
+def time_the_phases():
+    """Wrap the sharded step's three phases (its rows' forward and backward, the sums over
+    the ranks, the replicated update) with timers; returns the dict they add seconds to."""
+    from fastreg import distributed
+    from fastreg.kernels.reference import sharded
+    spent = {"forward_backward": 0.0, "allreduce": 0.0, "update": 0.0}
+
+    def timed(name, f):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return run
+    sharded.forward_backward = timed("forward_backward", sharded.forward_backward)
+    sharded.update = timed("update", sharded.update)
+    distributed.MPIRun.sum_in_place = timed("allreduce", distributed.MPIRun.sum_in_place)
+    return spent
 
 
 def launch(kind, args):
-    """One run of `kind` (one, mpi-1, mpi-2); returns its median epoch time (s)."""
+    """One run of `kind` (one, mpi-1, mpi-2, pair); returns its result (median epoch time
+    in s; a pair's: the mean of its two)."""
     me = [sys.executable, os.path.abspath(__file__), "--worker", "--backend", args.backend,
           "--epochs", str(args.epochs)] + (["--full"] if args.full else [])
     env = dict(os.environ, **ONE_THREAD)
+    if kind == "pair":
+        procs = [subprocess.Popen(me, stdout=subprocess.PIPE, text=True, env=env)
+                 for _ in range(2)]
+        results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        return {"epoch_s": sum(r["epoch_s"] for r in results) / 2, "rows": results[0]["rows"]}
     if kind == "one":
         cmd = me
     else:
@@ -77,6 +112,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs per run")
     ap.add_argument("--full", action="store_true", help="16,384 rows (default: quick, 4,096)")
+    ap.add_argument("--kinds", default="one,mpi-1,mpi-2,pair",
+                    help="comma-separated subset of one, mpi-1, mpi-2, pair")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -85,21 +122,25 @@ def main():
         return
     import numpy as np
     print("before:", uptime())
-    kinds = ("one", "mpi-1", "mpi-2")
+    kinds = tuple(args.kinds.split(","))
     runs = {k: [] for k in kinds}
     for r in range(args.repeats):           # interleaved: a load change hits all kinds
         for kind in kinds:
             res = launch(kind, args)
             runs[kind].append(res["epoch_s"])
-            print(f"repeat {r + 1} {kind:5s} {res['epoch_s']:.3f} s/epoch ({res['rows']} rows)",
-                  flush=True)
+            phases = "  ".join(f"{k} {v:.3f}" for k, v in res.get("phases_s", {}).items())
+            print(f"repeat {r + 1} {kind:5s} {res['epoch_s']:.3f} s/epoch ({res['rows']} rows)"
+                  f"{'  rank 0: ' + phases if phases else ''}", flush=True)
     print("after: ", uptime())
     med = {k: float(np.median(v)) for k, v in runs.items()}
     for k in kinds:
         print(f"median {k:5s} {med[k]:.3f} s/epoch")
+    if set(kinds) != {"one", "mpi-1", "mpi-2", "pair"}:
+        return
     print(f"speed-up one / mpi-2: {med['one'] / med['mpi-2']:.2f}x;  "
           f"mpi-1 / mpi-2: {med['mpi-1'] / med['mpi-2']:.2f}x;  "
-          f"one / mpi-1 (the sharded epoch's own cost): {med['one'] / med['mpi-1']:.2f}x")
+          f"one / mpi-1 (the sharded epoch's own cost): {med['one'] / med['mpi-1']:.2f}x;  "
+          f"ceiling 2 * one / pair: {2 * med['one'] / med['pair']:.2f}x")
 
 
 if __name__ == "__main__":
