@@ -121,13 +121,15 @@ class MPIRun:
                              "(each rank takes its rows of every global batch itself); "
                              f"the ranks got different data: {prints}")
 
-    def start(self, model):
-        """Every rank starts from rank 0's seed, weights, optimizer moments and counters."""
+    def start(self, model, progress):
+        """Every rank starts from rank 0's seed, weights, optimizer moments, counters,
+        learning rate and first epoch (after rank 0's callbacks began: a BackupAndRestore
+        there may have resumed an interrupted fit)."""
         network = model._network
-        seed, snap = self.comm.bcast((network.seed, network.snapshot()) if self.is_root
-                                     else None, root=0)
+        state = self.comm.bcast((network.seed, network.snapshot(), model.optimizer.learning_rate,
+                                 progress.initial_epoch) if self.is_root else None, root=0)
         if not self.is_root:
-            network.seed = seed
+            network.seed, snap, model.optimizer.learning_rate, progress.initial_epoch = state
             network.restore(snap)
 
     def root_decides(self, flag):
@@ -150,10 +152,11 @@ class MPIRun:
         """The end of the fit: rank 0's History and final state (after its callbacks'
         on_train_end, e.g. EarlyStopping's restored weights) on every rank."""
         network = model._network
-        logs, snap = self.comm.bcast((history.history, network.snapshot()) if self.is_root
-                                     else None, root=0)
+        logs, epochs, snap = self.comm.bcast(
+            (history.history, history.epoch, network.snapshot()) if self.is_root else None,
+            root=0)
         if not self.is_root:
-            history.history = logs
+            history.history, history.epoch = logs, epochs
             network.restore(snap)
         return history
 

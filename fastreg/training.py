@@ -384,11 +384,12 @@ def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, 
     network = model._network
     backend = backends.get(model.backend)
     if dist is not None:
-        dist.start(model)
         backend = dist.epoch_backend(backend)
         if not dist.is_root:
             callbacks, verbose, val = [], 0, None
     history, cbs, fit_progress = begin_training(model, callbacks, available, epochs)
+    if dist is not None:    # after rank 0's on_train_begin (BackupAndRestore may resume)
+        dist.start(model, fit_progress)
     n = X.shape[0]
     batch_size = min(batch_size, n)     # a batch of more rows than X has: all of them
     widths = target_widths(network, Ys)

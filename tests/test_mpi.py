@@ -44,7 +44,9 @@ def run_two_ranks(case, backend, out):
     extra = ["--oversubscribe"] if "Open MPI" in version else []
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                NUMBA_NUM_THREADS="1")
-    done = subprocess.run([launcher, "-n", "2", *extra, sys.executable,
+    # python -m mpi4py: an exception on one rank aborts the job instead of leaving the
+    # other waiting in a collective
+    done = subprocess.run([launcher, "-n", "2", *extra, sys.executable, "-m", "mpi4py",
                            os.path.join(HERE, "mpi_train.py"), case, backend, str(out), "mpi"],
                           capture_output=True, text=True, timeout=MPI_TIMEOUT_S, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
