@@ -26,8 +26,9 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_TH
               "MKL_NUM_THREADS": "1"}
 
 
-def worker(backend, epochs, full, distributed):
-    """Run in each process: a warm-up epoch, then `epochs` timed ones; rank 0 prints JSON."""
+def worker(backend, epochs, full, distributed, save):
+    """Run in each process: a warm-up epoch, then `epochs` timed ones; rank 0 prints JSON
+    (and saves the final weights to `save` when given)."""
     sys.path.insert(0, os.path.dirname(HERE))
     import numpy as np
 
@@ -56,6 +57,8 @@ def worker(backend, epochs, full, distributed):
             times.append(time.perf_counter() - start)
         else:
             phases.update((k, 0.0) for k in phases)
+    if rank == 0 and save:
+        np.savez(save, *model.get_weights())
     if rank == 0:
         print(json.dumps({"epoch_s": float(np.median(times)), "rows": int(wl.n_train),
                           "phases_s": {k: v / epochs for k, v in phases.items()}}))
@@ -82,11 +85,13 @@ def time_the_phases():
     return spent
 
 
-def launch(kind, args):
+def launch(kind, args, save=None):
     """One run of `kind` (one, mpi-1, mpi-2, pair); returns its result (median epoch time
     in s; a pair's: the mean of its two)."""
     me = [sys.executable, os.path.abspath(__file__), "--worker", "--backend", args.backend,
           "--epochs", str(args.epochs)] + (["--full"] if args.full else [])
+    if save and kind != "pair":
+        me += ["--save", save]
     env = dict(os.environ, **ONE_THREAD)
     if kind == "pair":
         procs = [subprocess.Popen(me, stdout=subprocess.PIPE, text=True, env=env)
@@ -116,22 +121,31 @@ def main():
                     help="comma-separated subset of one, mpi-1, mpi-2, pair")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.backend, args.epochs, args.full, args.distributed)
+        worker(args.backend, args.epochs, args.full, args.distributed, args.save)
         return
     import numpy as np
     print("before:", uptime())
     kinds = tuple(args.kinds.split(","))
     runs = {k: [] for k in kinds}
+    import tempfile
+    scratch = tempfile.mkdtemp()
     for r in range(args.repeats):           # interleaved: a load change hits all kinds
         for kind in kinds:
-            res = launch(kind, args)
+            res = launch(kind, args, os.path.join(scratch, f"{kind}.npz") if r == 0 else None)
             runs[kind].append(res["epoch_s"])
             phases = "  ".join(f"{k} {v:.3f}" for k, v in res.get("phases_s", {}).items())
             print(f"repeat {r + 1} {kind:5s} {res['epoch_s']:.3f} s/epoch ({res['rows']} rows)"
                   f"{'  rank 0: ' + phases if phases else ''}", flush=True)
     print("after: ", uptime())
+    saved = {k: np.load(os.path.join(scratch, f"{k}.npz")) for k in kinds if k != "pair"}
+    for k in saved:
+        if k != "one" and "one" in saved:     # the same seed and epochs: the same model
+            diff = max(float(np.abs(saved[k][a] - saved["one"][a]).max())
+                       for a in saved["one"].files)
+            print(f"max |W_{k} - W_one| after {args.epochs + 1} epochs: {diff:.2e}")
     med = {k: float(np.median(v)) for k, v in runs.items()}
     for k in kinds:
         print(f"median {k:5s} {med[k]:.3f} s/epoch")
