@@ -110,6 +110,21 @@ def test_two_rank_runs_are_bitwise_equal(tmp_path):
     assert np.array_equal(first["loss"], second["loss"])
 
 
+@pytest.mark.slow
+@needs_mpi
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # row 150 (its logits overflow) is in one rank's shard of its batch: both ranks stop,
+    # restore the same state (the one before the fit) and warn, as one process does
+    pytest.importorskip("fastreg.kernels.cython._kernels")
+    mpi = run_two_ranks("nan_row", "cython", tmp_path / "mpi.npz")
+    with pytest.warns(RuntimeWarning, match="NaN or inf"):
+        mpi_train.main("nan_row", "cython", str(tmp_path / "one.npz"), "single")
+    one = np.load(tmp_path / "one.npz")
+    for a, b in zip(arrays(one), arrays(mpi)):
+        assert np.array_equal(a, b)
+    assert mpi["loss"].size == one["loss"].size == 0
+
+
 # ---------------------------------------------------------------- one process, no mpirun
 class OneRankComm:
     """mpi4py's COMM_WORLD of a 1-process job, for the paths that need no second rank."""
@@ -195,7 +210,7 @@ def test_sample_weight_is_refused(monkeypatch):
 
 def test_different_data_on_the_ranks_is_refused(monkeypatch):
     # the other rank's fingerprint of its X, y differs from this one's
-    with_comm(monkeypatch, OneRankComm(lambda mine: [mine, (mine[0], mine[1], 0.0, [0.0])]))
+    with_comm(monkeypatch, OneRankComm(lambda mine: [mine, (mine[0], mine[1], "other")]))
     X, y = mpi_train.data()
     model = small_model()
     unchanged_after(model, lambda: model.fit(X, y, epochs=1, verbose=0, distributed="mpi"),
