@@ -13,7 +13,8 @@ the weights stay identical, exact zeros included, without ever averaging weights
 
 Per step, before the gradient sum, a small float64 sum carries the losses, the activity
 penalty and a count of ranks with a non-finite loss: when any is not finite, no rank sums or
-updates, and they all stop together.
+updates, and they all stop together. With training metrics, a third sum gathers the batch's
+logits (each row from the rank that owns it, zeros elsewhere).
 
 `reducer` is what the API floor hands in (fastreg/distributed.py): rank, size and
 sum_in_place(array) (an Allreduce SUM, in place); kernels never import MPI.
