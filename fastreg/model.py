@@ -10,6 +10,7 @@ import numpy as np
 
 from . import augment as augmentation
 from . import backend as backends
+from . import distributed as distributed_training
 from . import interrupts
 from .layers import BatchNorm, Dense, Layer, from_config as layer_from_config
 from .metrics import REGRESSION, loss_family, names as metric_names, resolve as resolve_metrics
@@ -188,8 +189,14 @@ class Sequential(FrontEnd):
     # ------------------------------------------------------------ training
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
             callbacks=None, verbose=1, augment=None, image_shape=None,
-            validation_split=0.0, sample_weight=None, class_weight=None):
+            validation_split=0.0, sample_weight=None, class_weight=None, distributed=None):
         """Train; returns a History.
+
+        distributed="mpi": data-parallel training over the processes of `mpirun -n N
+        python train.py` (mpi4py: `pip install "fastreg[mpi]"`), every rank given the same
+        X and y; the result is the one-process fit of the same global batches to float32
+        rounding, and rank 0 runs the callbacks and validation (fastreg/distributed.py,
+        README "Data-parallel training with MPI").
 
         sample_weight (one number >= 0 per row) and class_weight ({label: weight}, the
         classification losses) weigh each row's loss, as Keras: a batch's loss is
@@ -231,11 +238,14 @@ class Sequential(FrontEnd):
                 sample_weights=lambda w, n, name: [as_sample_weight(w, n, name)])
         plan = augmentation.prepare(augment, X.shape[1], contract.LOSSES[self.loss], image_shape)
         backends.resolve(self.backend)
+        dist = distributed_training.resolve(distributed)
+        if dist is not None:
+            dist.check(self, X, Ys, weights, [plan] if plan else None)
         available = ({"loss", "penalty"} | {m.name for m in self.metrics}
                      | ({"val_loss"} | {f"val_{m.name}" for m in self.metrics} if val
                         else set()))
         return training.fit(self, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
-                            [plan] if plan else None, available, weights)
+                            [plan] if plan else None, available, weights, dist)
 
     def _sample_weights(self, sample_weight, class_weight, Y, n_rows):
         """[per-row weights] from fit's sample_weight and class_weight (their product), or

@@ -285,11 +285,12 @@ def side_by_side(Ys):
 
 
 def fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, plans, available,
-        weights=None):
+        weights=None, dist=None):
     """A fit of a front end (module docstring): X and Ys validated (arrays; one Y per head),
     plans the augmentation plans (one per head) or None, val (X_val, [Y_val]) or (X_val,
     [Y_val], [w_val or None]) or None, `available` the metrics the fit reports, weights
-    None or one (n,) sample-weight array (or None) per head. Returns the History.
+    None or one (n,) sample-weight array (or None) per head, dist None or the MPI job of a
+    data-parallel fit (fastreg/distributed.py, checked). Returns the History.
 
     A Ctrl-C is held until a chunk of batches is done (fastreg/interrupts.py), then
     propagates as KeyboardInterrupt with the state of the last completed step (weights,
@@ -302,7 +303,7 @@ def fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, plan
             if not network.built:
                 model.build(X.shape[1])
             return run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose,
-                           plans, available, guard, weights)
+                           plans, available, guard, weights, dist)
         except KeyboardInterrupt:
             raise       # the state of the last completed step, kept (FitFrame)
         except BaseException:
@@ -375,12 +376,20 @@ def with_weights(Y, W):
 
 
 def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, plans,
-            available, guard, weights=None):
+            available, guard, weights=None, dist=None):
     """The epochs of a fit (fit's arguments; guard: the Ctrl-C guard, checked between
-    chunks)."""
+    chunks). Under MPI (dist) every rank runs these epochs in step, on its shard of every
+    batch; rank 0 alone has the callbacks, the validation and the display, and its
+    decisions are broadcast (fastreg/distributed.py)."""
     network = model._network
     backend = backends.get(model.backend)
+    if dist is not None:
+        backend = dist.epoch_backend(backend)
+        if not dist.is_root:
+            callbacks, verbose, val = [], 0, None
     history, cbs, fit_progress = begin_training(model, callbacks, available, epochs)
+    if dist is not None:    # after rank 0's on_train_begin (BackupAndRestore may resume)
+        dist.start(model, fit_progress)
     n = X.shape[0]
     batch_size = min(batch_size, n)     # a batch of more rows than X has: all of them
     widths = target_widths(network, Ys)
@@ -443,6 +452,8 @@ def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, 
                         break
                     for cb in cbs:
                         cb.on_train_batch_end(first + steps - 1, {"loss": running})
+                    if dist is not None:    # rank 0's batch hooks decide for every rank
+                        model.stop_training = dist.root_decides(model.stop_training)
                     guard.check()       # a Ctrl-C acts here, between whole chunks
                     if model.stop_training:     # a batch hook asked: the epoch ends here
                         break
@@ -460,11 +471,15 @@ def run_fit(model, X, Ys, epochs, batch_size, val, shuffle, callbacks, verbose, 
                     logs.update({f"val_{k}": v for k, v in
                                  evaluate(model, val[0], val[1], None,
                                           val[2] if len(val) > 2 else None).items()})
-                if end_epoch(model, progress, cbs, epoch, logs):
+                stop = end_epoch(model, progress, cbs, epoch, logs)
+                if dist is not None:
+                    stop = dist.follow_root(model, backend, plan, stop)
+                if stop:
                     break
     finally:
         progress.close()
-    return end_training(model, history, cbs, progress)
+    history = end_training(model, history, cbs, progress)
+    return history if dist is None else dist.finish(model, history)
 
 
 # ---------------------------------------------------------------- inference

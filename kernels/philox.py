@@ -75,22 +75,27 @@ def philox4x32_block(counters, key):
     return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
 
 
-def philox_words(n, seed, step, layer, stream):
-    """The first n words of the (seed, step, layer, stream) sequence, element-indexed."""
-    groups = (int(n) + 3) // 4
+def philox_words(n, seed, step, layer, stream, first=0):
+    """The n words of the (seed, step, layer, stream) sequence from element `first` on,
+    element-indexed: words of elements first .. first + n - 1 (first > 0: a block of rows
+    that is not the batch's first, e.g. one MPI rank's shard of it)."""
+    g0 = int(first) // 4
+    groups = (int(first) + int(n) + 3) // 4 - g0
     counters = np.zeros((groups, 4), dtype=np.uint64)
-    counters[:, 0] = np.arange(groups, dtype=np.uint64)
+    counters[:, 0] = np.arange(g0, g0 + groups, dtype=np.uint64) & np.uint64(MASK32)
     counters[:, 1] = int(step) & MASK32
     counters[:, 2] = int(layer) & MASK32
     counters[:, 3] = int(stream) & MASK32
-    return philox4x32_block(counters, split_seed(seed)).reshape(-1)[:n]
+    skip = int(first) - 4 * g0
+    return philox4x32_block(counters, split_seed(seed)).reshape(-1)[skip:skip + int(n)]
 
 
-def keep_mask(shape, threshold, seed, step, layer, stream):
-    """Boolean keep-mask of `shape` (row-major element order), the reference definition."""
+def keep_mask(shape, threshold, seed, step, layer, stream, first=0):
+    """Boolean keep-mask of `shape` (row-major element order) whose element 0 is element
+    `first` of the sequence, the reference definition."""
     n = int(np.prod(shape))
-    return (philox_words(n, seed, step, layer, stream) >= np.uint32(threshold) if threshold > 0
-            else np.ones(n, dtype=bool)).reshape(shape)
+    return (philox_words(n, seed, step, layer, stream, first) >= np.uint32(threshold)
+            if threshold > 0 else np.ones(n, dtype=bool)).reshape(shape)
 
 
 # ---------------------------------------------------------------- Gaussian noise
@@ -104,11 +109,13 @@ def keep_mask(shape, threshold, seed, step, layer, stream):
 TWO_PI = 2.0 * math.pi
 
 
-def standard_normals(n, seed, step, layer, stream):
-    """The first n normals (float64) of the (seed, step, layer, stream) sequence, element-
-    indexed: the reference definition of the noise (vectorised NumPy)."""
-    words = philox_words(4 * ((int(n) + 3) // 4), seed, step, layer, stream)
+def standard_normals(n, seed, step, layer, stream, first=0):
+    """The n normals (float64) of the (seed, step, layer, stream) sequence from element
+    `first` on, element-indexed: the reference definition of the noise (vectorised NumPy)."""
+    start = 4 * (int(first) // 4)       # whole groups, so every element has its pair
+    skip = int(first) - start
+    words = philox_words(4 * ((skip + int(n) + 3) // 4), seed, step, layer, stream, start)
     u = ((words.astype(np.float64) + 0.5) * (1.0 / 4294967296.0)).reshape(-1, 2)
     r = np.sqrt(-2.0 * np.log(u[:, 0]))
     t = TWO_PI * u[:, 1]
-    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1).reshape(-1)[:int(n)]
+    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1).reshape(-1)[skip:skip + int(n)]

@@ -181,6 +181,50 @@ def test_input_transform(K, dtype, noise):
     assert_close(gb, ga, dtype)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cython"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("noise", [contract.NOISE_NONE] + NOISES, ids=NOISE_IDS)
+def test_a_shard_draws_the_masks_and_noise_of_its_batch_rows(backend, dtype, noise):
+    # an MPI rank's rows [r0, B) of a batch, given row0 = r0, get the batch's masks and
+    # noise: the forward equals those rows of the whole batch's, and the backward (no
+    # activity penalty: its coefficients are per rows given) the reference's on those rows
+    ops = _module(backend)
+    rng = fresh_rng()
+    B, I, O = 22, 9, 7            # O odd: row0 * O is whole Philox groups only as 4 | row0
+    x, W, b = _layer(rng, dtype, (B, I, O))
+    thr, sc = dropout_threshold(0.3), dropout_scale(0.3, np.dtype(dtype).type)
+    key = (int(rng.integers(2**63)), int(rng.integers(2**31)), 2)
+    act = contract.ACT_TANH
+    full = np.zeros((B, O), dtype)
+    ops.dense_forward(x, W, b, full, act, 0.05, thr, sc, *key, noise, dtype(0.4),
+                      _pre_for(act, noise, B, O, dtype))
+    xin = np.zeros_like(x)
+    ops.input_dropout(x, xin, thr, sc, *key, noise, 0.4)
+    for r0 in (4, 8, 20):
+        xs, n = x[r0:], B - r0
+        g = randn(rng, (n, O), dtype)
+        got, want = [], []
+        for k, into in ((ops, got), (reference, want)):
+            out, pre = np.zeros((n, O), dtype), _pre_for(act, noise, n, O, dtype)
+            k.dense_forward(xs, W, b, out, act, 0.05, thr, sc, *key, noise, dtype(0.4), pre,
+                            row0=r0)
+            gg, dW, db, dx = g.copy(), np.zeros_like(W), np.zeros_like(b), np.zeros_like(xs)
+            k.dense_backward(gg, out, xs, W, dW, db, dx, act, 0.05, thr, sc, *key, noise,
+                             dtype(0.4), pre, row0=r0)
+            xo = np.zeros_like(xs)
+            k.input_dropout(xs, xo, thr, sc, *key, noise, 0.4, row0=r0)
+            into += [out, gg, dW, db, dx, xo]
+        np.testing.assert_array_equal(got[0], full[r0:])      # this backend, bit for bit
+        np.testing.assert_array_equal(got[5], xin[r0:])
+        for a, c in zip(got, want):
+            assert_close(a, c, dtype)
+    if backend != "numpy":      # a shard must start on a whole Philox group
+        with pytest.raises(ValueError, match="multiple of 4"):
+            ops.dense_forward(x[1:], W, b, np.zeros((B - 1, O), dtype), act, 0.05, thr, sc,
+                              *key, noise, dtype(0.4), _pre_for(act, noise, B - 1, O, dtype),
+                              row0=1)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_noise_itself_equals_the_reference_normals(K, dtype):
     """With z = 0 and std = 1 the kernel's output IS the normal: equal to the reference up to

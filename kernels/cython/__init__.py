@@ -107,17 +107,17 @@ def _activity_penalty(sums, out, l1, l2):
 
 
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
-                  noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
+                  noise=contract.NOISE_NONE, noise_std=0.0, pre=None, row0=0):
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     _K.dense_forward(x, W, b, out, int(act), float(slope), int(drop_threshold),
                      float(dt(drop_scale)), k0, k1, int(step), int(layer), int(noise),
-                     float(dt(noise_std)), _pre(pre, out, act, noise, False))
+                     float(dt(noise_std)), _pre(pre, out, act, noise, False), int(row0))
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
                    seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None,
-                   activity_l1=0.0, activity_l2=0.0):
+                   activity_l1=0.0, activity_l2=0.0, row0=0):
     k0, k1 = split_seed(seed)
     dt = out.dtype.type
     if dx.size == 0:
@@ -127,7 +127,7 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
                              int(drop_threshold), float(dt(drop_scale)), k0, k1, int(step),
                              int(layer), int(noise), float(dt(noise_std)),
                              _pre(pre, out, act, noise, True, int(drop_threshold) > 0,
-                                  bool(l1 or l2)), l1, l2)
+                                  bool(l1 or l2)), l1, l2, int(row0))
     return _activity_penalty(sums, out, l1, l2)
 
 
@@ -160,10 +160,10 @@ def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, a
 
 
 def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NOISE_NONE,
-                  noise_std=0.0):
+                  noise_std=0.0, row0=0):
     k0, k1 = split_seed(seed)
     _K.input_dropout(x, out, int(threshold), float(x.dtype.type(scale)), k0, k1, int(step),
-                     int(layer), int(noise), float(x.dtype.type(noise_std)))
+                     int(layer), int(noise), float(x.dtype.type(noise_std)), int(row0))
 
 
 def weight_noise(W, out, std, seed, step, layer):

@@ -176,6 +176,15 @@ def _words_for(Py_ssize_t n):
     return np.empty(4 * max(1, (n + 3) // 4), np.uint32)
 
 
+def _group_of_row(int64_t row0, Py_ssize_t width):
+    """The Philox group of element 0 of a (rows, width) block whose row 0 is row row0 of
+    its batch: row0 * width / 4, which must be whole (an MPI shard starts at a multiple of 4
+    rows: kernels/reference/sharded.py)."""
+    _check(row0 >= 0 and (row0 * width) % 4 == 0,
+           "row0 * width must be a non-negative multiple of 4 (whole Philox groups)")
+    return <uint32_t>((row0 * width) // 4)
+
+
 def _threshold(int64_t thr):
     _check(0 <= thr <= 0xFFFFFFFF, f"dropout threshold {thr} outside 0..2**32-1")
     return thr

@@ -83,7 +83,7 @@ cdef void _bn_dense_forward(real* x, real* W, real* b, real* out, real* xhat, re
     pre (unless NULL) = what backward's f' needs (contract.keeps_pre)."""
     cdef Py_ssize_t c, n_chunks
     _matmul(x, W, out, B, I, O)
-    _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, False)
+    _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, False, 0)
     if B * O >= PARALLEL_MIN_ELEMENTS:
         n_chunks = (O + COL_CHUNK - 1) // COL_CHUNK
         for c in prange(n_chunks, schedule="static"):
@@ -173,7 +173,7 @@ cdef void _bn_dense_backward(real* grad, real* out, real* xhat, real* x, real* W
     ac2 = 2 l2 / B; its (sum |a|, sum a^2) into sums)."""
     cdef Py_ssize_t c, n_chunks
     cdef bint dy_ready = has1 or has2
-    _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, True)
+    _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, True, 0)
     if dy_ready:
         _activity_backward(grad, out, B, O, NULL, act, slope, thr, scale, words, noise, nstd,
                            pre, nwords, ac1, ac2, has1, has2, sums)

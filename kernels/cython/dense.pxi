@@ -92,11 +92,12 @@ cdef void _dense_forward(real* x, real* W, real* b, real* out, Py_ssize_t B, Py_
                          Py_ssize_t O, int act, real slope, uint32_t thr, real scale,
                          uint32_t k0, uint32_t k1, uint32_t step, uint32_t layer,
                          uint32_t* words, int noise, real nstd, real* pre,
-                         uint32_t* nwords) noexcept nogil:
+                         uint32_t* nwords, uint32_t g0) noexcept nogil:
     """out = dropout(noise(f(x @ W + b))): one GEMM, then one pass over the output; pre
-    (unless NULL) = what backward's f' needs (contract.keeps_pre). nwords: the noise words."""
+    (unless NULL) = what backward's f' needs (contract.keeps_pre). nwords: the noise words.
+    g0: the Philox group of out's element 0 (_philox_fill)."""
     _matmul(x, W, out, B, I, O)
-    _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, False)
+    _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, False, g0)
     _forward_epilogue(out, B, O, b, act, slope, thr, scale, words, noise, nstd, pre, nwords)
 
 
@@ -105,13 +106,13 @@ cdef void _dense_backward(real* grad, real* out, real* x, real* W, real* dW, rea
                           real slope, uint32_t thr, real scale, uint32_t k0, uint32_t k1,
                           uint32_t step, uint32_t layer, uint32_t* words, int noise, real nstd,
                           real* pre, uint32_t* nwords, real c1, real c2, bint has1,
-                          bint has2, double* sums) noexcept nogil:
+                          bint has2, double* sums, uint32_t g0) noexcept nogil:
     """grad holds dL/d(out) on entry and dL/dz on exit; dW, db (if any), dx (if any).
     f' comes from out, or from pre where the forward kept it; GaussianDropout's factor is
     regenerated from the noise words. With an activity penalty (has1 or has2; c1 = l1 / B,
     c2 = 2 l2 / B) the element pass is _activity_backward, its (sum |a|, sum a^2) into
-    sums."""
-    _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, True)
+    sums. g0: _dense_forward's."""
+    _fill_output_words(words, nwords, B * O, k0, k1, step, layer, thr, noise, True, g0)
     if has1 or has2:
         _activity_backward(grad, out, B, O, db, act, slope, thr, scale, words, noise, nstd,
                            pre, nwords, c1, c2, has1, has2, sums)
@@ -130,7 +131,7 @@ cdef void _weight_noise(real* W, real* out, Py_ssize_t n, real std, uint32_t k0,
     rounded to the dtype first; words holds >= 4 * ceil(n / 4) values. The noise layers'
     additive pass (NOISE_ADD, no mask: _input_noise_range), over fixed chunks when big."""
     cdef Py_ssize_t c, n_chunks
-    _philox_fill(words, n, k0, k1, step, layer, STREAM_WEIGHT_NOISE)
+    _philox_fill(words, n, k0, k1, step, layer, STREAM_WEIGHT_NOISE, 0)   # per weight
     if n >= PARALLEL_MIN_ELEMENTS:
         n_chunks = (n + ROW_CHUNK * 1024 - 1) // (ROW_CHUNK * 1024)
         for c in prange(n_chunks, schedule="static"):
@@ -157,15 +158,18 @@ def weight_noise(real[:, ::1] W, real[:, ::1] out, double std, uint32_t k0, uint
 
 def dense_forward(real[:, ::1] x, real[:, ::1] W, real[::1] b, real[:, ::1] out, int act,
                   double slope, int64_t thr, double scale, uint32_t k0, uint32_t k1,
-                  int64_t step, int64_t layer, int noise, double nstd, real[:, ::1] pre):
+                  int64_t step, int64_t layer, int noise, double nstd, real[:, ::1] pre,
+                  int64_t row0=0):
     """out = dropout(noise(f(x @ W + b))); pre (size 0: none) = what backward's f' needs
-    (contract.keeps_pre: z, or f(z) before the noise)."""
+    (contract.keeps_pre: z, or f(z) before the noise). row0: the batch row of x's row 0
+    (_group_of_row)."""
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = W.shape[1]
     _check(W.shape[0] == I and out.shape[0] == B and out.shape[1] == O
            and b.shape[0] in (0, O) and (pre.shape[0] * pre.shape[1] == 0
                                          or (pre.shape[0] == B and pre.shape[1] == O)),
            "dense_forward: shapes do not match")
     cdef uint32_t t32 = _threshold(thr)
+    cdef uint32_t g0 = _group_of_row(row0, O)
     cdef uint32_t[::1] words = _words_for(B * O if thr > 0 else 0)
     cdef uint32_t[::1] nwords = _words_for(B * O if noise != NOISE_NONE else 0)
     if B == 0 or O == 0:
@@ -173,18 +177,18 @@ def dense_forward(real[:, ::1] x, real[:, ::1] W, real[::1] b, real[:, ::1] out,
     with nogil:
         _dense_forward(_ptr2(x), _ptr2(W), _ptr1(b), &out[0, 0], B, I, O, act, <real>slope,
                        t32, <real>scale, k0, k1, <uint32_t>step, <uint32_t>layer, &words[0],
-                       noise, <real>nstd, _ptr2(pre), &nwords[0])
+                       noise, <real>nstd, _ptr2(pre), &nwords[0], g0)
 
 
 def dense_backward(real[:, ::1] grad, real[:, ::1] out, real[:, ::1] x, real[:, ::1] W,
                    real[:, ::1] dW, real[::1] db, real[:, ::1] dx, int act, double slope,
                    int64_t thr, double scale, uint32_t k0, uint32_t k1, int64_t step,
                    int64_t layer, int noise, double nstd, real[:, ::1] pre,
-                   double activity_l1=0.0, double activity_l2=0.0):
+                   double activity_l1=0.0, double activity_l2=0.0, int64_t row0=0):
     """grad: dL/d(out) in, dL/dz out; dW, db (size 0: none), dx (size 0: none) written.
     pre: the forward's, where contract.keeps_pre says backward needs it (the wrapper in
     __init__.py checks that it is there). activity_l1, activity_l2 (in the dtype already):
-    the layer's activity penalty; returns its (sum |a|, sum a^2)."""
+    the layer's activity penalty; returns its (sum |a|, sum a^2). row0: dense_forward's."""
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = W.shape[1]
     _check(W.shape[0] == I and out.shape[0] == B and out.shape[1] == O
            and grad.shape[0] == B and grad.shape[1] == O and dW.shape[0] == I
@@ -193,6 +197,7 @@ def dense_backward(real[:, ::1] grad, real[:, ::1] out, real[:, ::1] x, real[:, 
            and (pre.shape[0] * pre.shape[1] == 0 or (pre.shape[0] == B and pre.shape[1] == O)),
            "dense_backward: shapes do not match")
     cdef uint32_t t32 = _threshold(thr)
+    cdef uint32_t g0 = _group_of_row(row0, O)
     cdef uint32_t[::1] words = _words_for(B * O if thr > 0 else 0)
     cdef uint32_t[::1] nwords = _words_for(B * O if noise == NOISE_MUL else 0)
     cdef double sums[2]
@@ -207,7 +212,7 @@ def dense_backward(real[:, ::1] grad, real[:, ::1] out, real[:, ::1] x, real[:, 
                         <uint32_t>step, <uint32_t>layer, &words[0], noise, <real>nstd,
                         _ptr2(pre), &nwords[0], <real>(activity_l1 / n),
                         <real>(2.0 * activity_l2 / n), activity_l1 != 0.0, activity_l2 != 0.0,
-                        sums)
+                        sums, g0)
     return sums[0], sums[1]
 
 

@@ -23,14 +23,14 @@ cdef inline real _noisy(real v, int noise, real nstd, real nrm) noexcept nogil:
 
 cdef void _fill_output_words(uint32_t* words, uint32_t* nwords, Py_ssize_t n, uint32_t k0,
                              uint32_t k1, uint32_t step, uint32_t layer, uint32_t thr,
-                             int noise, bint backward) noexcept nogil:
+                             int noise, bint backward, uint32_t g0) noexcept nogil:
     """The dropout words (with dropout, AlphaDropout's too) and the noise words (forward:
     with Gaussian noise; backward: with GaussianDropout only, additive noise leaves no trace
-    in the gradient) of a layer."""
+    in the gradient) of a layer; g0: _philox_fill's."""
     if thr > 0:
-        _philox_fill(words, n, k0, k1, step, layer, STREAM_DROPOUT)
+        _philox_fill(words, n, k0, k1, step, layer, STREAM_DROPOUT, g0)
     if noise == NOISE_MUL or (noise == NOISE_ADD and not backward):
-        _philox_fill(nwords, n, k0, k1, step, layer, STREAM_NOISE)
+        _philox_fill(nwords, n, k0, k1, step, layer, STREAM_NOISE, g0)
 
 
 # ---------------------------------------------------------------- forward
@@ -386,13 +386,14 @@ cdef void _backward_epilogue(real* grad, real* out, Py_ssize_t B, Py_ssize_t O, 
 # ---------------------------------------------------------------- a part's input transform
 cdef void _input_dropout(real* x, real* out, Py_ssize_t B, Py_ssize_t I, uint32_t thr,
                          real scale, uint32_t k0, uint32_t k1, uint32_t step, uint32_t layer,
-                         uint32_t* words, int noise, real nstd, uint32_t* nwords) noexcept nogil:
+                         uint32_t* words, int noise, real nstd, uint32_t* nwords,
+                         uint32_t g0) noexcept nogil:
     """out = dropout(noise(x)): streams STREAM_INPUT_NOISE and STREAM_INPUT_DROPOUT
-    (AlphaDropout: the input-dropout mask, its scale and its shift nstd)."""
+    (AlphaDropout: the input-dropout mask, its scale and its shift nstd); g0: _philox_fill's."""
     cdef Py_ssize_t e, c, n_chunks
     cdef Py_ssize_t n = B * I
     if thr > 0:
-        _philox_fill(words, n, k0, k1, step, layer, STREAM_INPUT_DROPOUT)
+        _philox_fill(words, n, k0, k1, step, layer, STREAM_INPUT_DROPOUT, g0)
     if noise == NOISE_NONE:
         for e in range(n):
             out[e] = x[e] * scale if words[e] >= thr else 0
@@ -402,7 +403,7 @@ cdef void _input_dropout(real* x, real* out, Py_ssize_t B, Py_ssize_t I, uint32_
             memcpy(out, x, n * sizeof(real))
         _alpha_span(out, NULL, words, n, thr, scale, nstd)
         return
-    _philox_fill(nwords, n, k0, k1, step, layer, STREAM_INPUT_NOISE)
+    _philox_fill(nwords, n, k0, k1, step, layer, STREAM_INPUT_NOISE, g0)
     if n >= PARALLEL_MIN_ELEMENTS:
         n_chunks = (n + ROW_CHUNK * 1024 - 1) // (ROW_CHUNK * 1024)
         for c in prange(n_chunks, schedule="static"):
@@ -423,11 +424,14 @@ cdef void _input_noise_range(real* x, real* out, Py_ssize_t lo, Py_ssize_t hi, u
 
 
 def input_dropout(real[:, ::1] x, real[:, ::1] out, int64_t thr, double scale, uint32_t k0,
-                  uint32_t k1, int64_t step, int64_t layer, int noise, double nstd):
+                  uint32_t k1, int64_t step, int64_t layer, int noise, double nstd,
+                  int64_t row0=0):
     """out = dropout(noise(x)): x * scale where kept, else 0 (stream STREAM_INPUT_DROPOUT),
-    after the noise (stream STREAM_INPUT_NOISE). out may be x (a gradient sent back)."""
+    after the noise (stream STREAM_INPUT_NOISE). out may be x (a gradient sent back).
+    row0: the batch row of x's row 0 (_group_of_row)."""
     _check(x.shape[0] == out.shape[0] and x.shape[1] == out.shape[1],
            "input_dropout: shapes do not match")
+    cdef uint32_t g0 = _group_of_row(row0, x.shape[1])
     cdef uint32_t t32 = _threshold(thr)
     cdef uint32_t[::1] words = _words_for(x.shape[0] * x.shape[1])
     cdef uint32_t[::1] nwords = _words_for(x.shape[0] * x.shape[1] if noise else 0)
@@ -436,4 +440,4 @@ def input_dropout(real[:, ::1] x, real[:, ::1] out, int64_t thr, double scale, u
     with nogil:
         _input_dropout(&x[0, 0], &out[0, 0], x.shape[0], x.shape[1], t32, <real>scale, k0, k1,
                        <uint32_t>step, <uint32_t>layer, &words[0], noise, <real>nstd,
-                       &nwords[0])
+                       &nwords[0], g0)

@@ -45,7 +45,8 @@ cdef void _layer_forward(PlanC* p, int l, real* x, Py_ssize_t n, uint32_t step) 
     else:
         _dense_forward(x, <real*>_step_kernel(ly), <real*>ly.b, <real*>ly.act, n, ly.n_in,
                        ly.n_out, ly.act_code, <real>ly.slope, ly.thr, <real>ly.scale, p.k0, p.k1, step,
-                       <uint32_t>l, p.words, ly.noise, <real>ly.nstd, <real*>ly.pre, p.nwords)
+                       <uint32_t>l, p.words, ly.noise, <real>ly.nstd, <real*>ly.pre, p.nwords,
+                       0)
 
 
 cdef double _layer_backward(PlanC* p, int l, real* xin, real* dx, Py_ssize_t n,
@@ -74,7 +75,7 @@ cdef double _layer_backward(PlanC* p, int l, real* xin, real* dx, Py_ssize_t n,
                         <real*>ly.dW, <real*>ly.db, dx, n, ly.n_in, ly.n_out, ly.act_code, <real>ly.slope,
                         ly.thr, <real>ly.scale, p.k0, p.k1, step, <uint32_t>l, p.words,
                         ly.noise, <real>ly.nstd, <real*>ly.pre, p.nwords, c1, c2, has1, has2,
-                        sums)
+                        sums, 0)
     if has1:
         pen += ly.act_l1 * sums[0]
     if has2:
@@ -132,7 +133,7 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
         if pt.xdrop != NULL:
             _input_dropout(x, <real*>pt.xdrop, n, pt.width, pt.in_thr, <real>pt.in_scale, p.k0,
                            p.k1, step, <uint32_t>pt.first, p.words, pt.in_noise,
-                           <real>pt.in_nstd, p.nwords)
+                           <real>pt.in_nstd, p.nwords, 0)
             x = <real*>pt.xdrop
         for l in range(pt.first, pt.end):
             _layer_forward(p, l, x, n, step)
@@ -188,7 +189,8 @@ cdef int _train_step(PlanC* p, real* Y, Py_ssize_t Ky, int64_t* rows, Py_ssize_t
                 _input_dropout(into, into, n, pt.width, pt.in_thr, <real>pt.in_scale, p.k0,
                                p.k1, step, <uint32_t>pt.first, p.words,
                                NOISE_MUL if pt.in_noise == NOISE_MUL else NOISE_NONE,
-                               <real>pt.in_nstd if pt.in_noise == NOISE_MUL else 0, p.nwords)
+                               <real>pt.in_nstd if pt.in_noise == NOISE_MUL else 0, p.nwords,
+                               0)
             if q > 1:
                 for i in range(n * tw):
                     trunk_out[i] = trunk_out[i] + into[i]
@@ -316,7 +318,7 @@ cdef void _forward_inference(LayerC* layers, int L, real* X, Py_ssize_t n_total,
             dst = out + start * K if l == L - 1 else (buf0 if l % 2 == 0 else buf1)
             _dense_forward(x, <real*>ly.W, <real*>ly.b, dst, n, ly.n_in, ly.n_out, ly.act_code,
                            <real>ly.slope, 0, 1, 0, 0, 0, <uint32_t>l, NULL, NOISE_NONE, 0,
-                           NULL, NULL)
+                           NULL, NULL, 0)
             x = dst
         start += batch
 

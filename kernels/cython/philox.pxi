@@ -188,18 +188,21 @@ cdef inline void _philox_groups(uint32_t* words, Py_ssize_t g_lo, Py_ssize_t g_h
 
 
 cdef void _philox_fill(uint32_t* words, Py_ssize_t n_elements, uint32_t k0, uint32_t k1,
-                       uint32_t step, uint32_t layer, uint32_t stream) noexcept nogil:
+                       uint32_t step, uint32_t layer, uint32_t stream,
+                       uint32_t g0) noexcept nogil:
     """Words for elements 0..n_elements-1 (rounded up to whole groups of 4) of one
-    (seed, step, layer, stream) sequence; words holds >= 4 * ceil(n_elements / 4) values."""
+    (seed, step, layer, stream) sequence; words holds >= 4 * ceil(n_elements / 4) values.
+    g0: the Philox group of element 0 (0 but for a block of rows further down its batch:
+    an MPI rank's shard, whose element 0 is element 4 * g0 of the batch)."""
     cdef Py_ssize_t n_groups = (n_elements + 3) // 4
     cdef Py_ssize_t n_chunks, c
     if n_elements >= PARALLEL_MIN_ELEMENTS:
         n_chunks = (n_groups + GROUP_CHUNK - 1) // GROUP_CHUNK
         for c in prange(n_chunks, schedule="static"):
             _philox_groups(words, c * GROUP_CHUNK, _min(c * GROUP_CHUNK + GROUP_CHUNK, n_groups),
-                           k0, k1, step, layer, stream, 0)
+                           k0, k1, step, layer, stream, g0)
     else:
-        _philox_groups(words, 0, n_groups, k0, k1, step, layer, stream, 0)
+        _philox_groups(words, 0, n_groups, k0, k1, step, layer, stream, g0)
 
 
 # ---------------------------------------------------------------- Gaussian noise
@@ -245,5 +248,5 @@ def philox_fill(uint32_t[::1] words, Py_ssize_t n_elements, uint32_t k0, uint32_
     if n_elements > 0:
         with nogil:
             _philox_fill(&words[0], n_elements, k0, k1, <uint32_t>step, <uint32_t>layer,
-                         <uint32_t>stream)
+                         <uint32_t>stream, 0)
 

@@ -61,17 +61,18 @@ def _entry_points(stamp):
 
     @njit(**ENTRY_FLAGS)
     def dense_forward(uses, par, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer,
-                      words, noise, nstd, pre, nwords):
+                      words, noise, nstd, pre, nwords, g0):
         _ = stamp
         _dense_forward(uses, par, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer,
-                       words, noise, nstd, pre, nwords)
+                       words, noise, nstd, pre, nwords, g0)
 
     @njit(**ENTRY_FLAGS)
     def dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1,
-                       step, layer, words, noise, nstd, pre, nwords, activity):
+                       step, layer, words, noise, nstd, pre, nwords, activity, g0):
         _ = stamp
         return _dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scale,
-                               k0, k1, step, layer, words, noise, nstd, pre, nwords, activity)
+                               k0, k1, step, layer, words, noise, nstd, pre, nwords, activity,
+                               g0)
 
     @njit(**ENTRY_FLAGS)
     def bn_dense_forward(uses, par, x, W, b, out, xhat, gb, save, act, slope, thr, scale, eps,
@@ -91,10 +92,10 @@ def _entry_points(stamp):
 
     @njit(**ENTRY_FLAGS)
     def input_dropout(par, x, out, thr, scale, k0, k1, step, layer, words, noise, nstd,
-                      nwords):
+                      nwords, g0):
         _ = stamp
         _input_dropout(par, x, out, thr, scale, k0, k1, step, layer, words, noise, nstd,
-                       nwords)
+                       nwords, g0)
 
     @njit(**ENTRY_FLAGS)
     def weight_noise(par, W, out, std, k0, k1, step, layer, words):
@@ -119,7 +120,7 @@ def _entry_points(stamp):
     @njit(**ENTRY_FLAGS)
     def philox_fill(par, words, n_elements, k0, k1, step, layer, stream):
         _ = stamp
-        _philox_fill(par, words, n_elements, k0, k1, step, layer, stream)
+        _philox_fill(par, words, n_elements, k0, k1, step, layer, stream, 0)
 
     return dict(train_epoch=train_epoch, forward_inference=forward_inference,
                 dense_forward=dense_forward, dense_backward=dense_backward,
@@ -172,13 +173,24 @@ def _noise_args(noise, noise_std, pre, out):
     return noise, _scalar(noise_std, out), pre, _words_for(out.size) if noise else None
 
 
+def group_of_row(row0, width):
+    """The Philox group of element 0 of a (rows, width) block whose row 0 is row row0 of
+    its batch: row0 * width / 4, which must be whole (an MPI shard starts at a multiple of 4
+    rows: kernels/reference/sharded.py)."""
+    if row0 < 0 or (int(row0) * int(width)) % 4:
+        raise ValueError("row0 * width must be a non-negative multiple of 4 (whole Philox "
+                         "groups)")
+    return np.int64(int(row0) * int(width) // 4)
+
+
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
-                  noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
+                  noise=contract.NOISE_NONE, noise_std=0.0, pre=None, row0=0):
     k0, k1 = split_seed(seed)
     _K["dense_forward"](_ALL_ACTS, _PAR, x, W, b, out, int(act), _scalar(slope, out),
                         int(drop_threshold), _scalar(drop_scale, out), k0, k1, int(step),
                         int(layer), _words_for(out.size),
-                        *_noise_args(noise, noise_std, pre, out))
+                        *_noise_args(noise, noise_std, pre, out),
+                        group_of_row(row0, out.shape[1]))
 
 
 def _activity_arg(out, l1, l2):
@@ -205,7 +217,7 @@ def _activity_penalty(sums, out, l1, l2):
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
                    seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None,
-                   activity_l1=0.0, activity_l2=0.0):
+                   activity_l1=0.0, activity_l2=0.0, row0=0):
     k0, k1 = split_seed(seed)
     if dx.size == 0:
         dx = grad[:0]
@@ -213,7 +225,8 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
                                 _scalar(slope, out), int(drop_threshold),
                                 _scalar(drop_scale, out), k0, k1, int(step), int(layer),
                                 _words_for(out.size), *_noise_args(noise, noise_std, pre, out),
-                                _activity_arg(out, activity_l1, activity_l2))
+                                _activity_arg(out, activity_l1, activity_l2),
+                                group_of_row(row0, out.shape[1]))
     return _activity_penalty(sums, out, activity_l1, activity_l2)
 
 
@@ -244,12 +257,12 @@ def bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, a
 
 
 def input_dropout(x, out, threshold, scale, seed, step, layer, noise=contract.NOISE_NONE,
-                  noise_std=0.0):
+                  noise_std=0.0, row0=0):
     k0, k1 = split_seed(seed)
     noise = int(noise)
     _K["input_dropout"](_PAR, x, out, int(threshold), _scalar(scale, x), k0, k1, int(step),
                         int(layer), _words_for(x.size), noise, _scalar(noise_std, x),
-                        _words_for(x.size) if noise else None)
+                        _words_for(x.size) if noise else None, group_of_row(row0, x.shape[1]))
 
 
 def weight_noise(W, out, std, seed, step, layer):

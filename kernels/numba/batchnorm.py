@@ -116,7 +116,7 @@ def bn_dense_forward(uses, par, x, W, b, out, xhat, gb, save, act, slope, thr, s
     """out = dropout(noise(f(gamma * zhat + beta))); pre = what f' needs when pre is not
     empty (f(gamma * zhat + beta) before the noise, or its input for an input-derivable f)."""
     npdot(x, W, out)
-    fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, False)
+    fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, False, 0)
     _bn_forward_epilogue(uses, par, out, b, xhat, gb, save, act, slope, thr, scale, eps, words,
                          noise, nstd, pre, nwords)
 
@@ -237,7 +237,7 @@ def bn_dense_backward(uses, par, grad, out, xhat, x, W, gb, stats, save, dW, db,
                       pre, nwords, activity):
     """grad: dL/d(out) in, dL/dz out; dgb, dW, db (= 0), dx; then the running statistics.
     activity as in dense.dense_backward; returns its (sum |a|, sum a^2)."""
-    fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, True)
+    fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, True, 0)
     sums = _bn_backward_epilogue(uses, par, grad, out, xhat, gb, save, db, dgb, act, slope,
                                  thr, scale, words, noise, nstd, pre, nwords, activity)
     npdot(x.T, grad, dW)

@@ -90,21 +90,22 @@ def npdot(a, b, out):
 
 @kernel
 def dense_forward(uses, par, x, W, b, out, act, slope, thr, scale, k0, k1, step, layer,
-                  words, noise, nstd, pre, nwords):
-    """out = dropout(noise(f(x @ W + b))); pre = what f' needs when pre is not empty."""
+                  words, noise, nstd, pre, nwords, g0):
+    """out = dropout(noise(f(x @ W + b))); pre = what f' needs when pre is not empty. g0:
+    the Philox group of out's element 0 (philox_fill)."""
     npdot(x, W, out)
-    fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, False)
+    fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, False, g0)
     forward_epilogue(uses, par, out, b, act, slope, thr, scale, words, noise, nstd, pre,
                      nwords)
 
 
 @kernel
 def dense_backward(uses, par, grad, out, x, W, dW, db, dx, act, slope, thr, scale, k0, k1,
-                   step, layer, words, noise, nstd, pre, nwords, activity):
+                   step, layer, words, noise, nstd, pre, nwords, activity, g0):
     """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db (if any), dx (if any).
     activity: None, or the layer's activity penalty (epilogue.activity_grads); returns its
-    (sum |a|, sum a^2), (0, 0) without one."""
-    fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, True)
+    (sum |a|, sum a^2), (0, 0) without one. g0: dense_forward's."""
+    fill_output_words(par, words, nwords, out.size, k0, k1, step, layer, thr, noise, True, g0)
     sums = backward_epilogue(uses, par, grad, out, db, act, slope, thr, scale, words, noise,
                              nstd, pre, nwords, activity)
     npdot(x.T, grad, dW)
@@ -120,7 +121,7 @@ def weight_noise(par, W, out, std, k0, k1, step, layer, words):
     ceil(W.size / 4)), rounded to the dtype first; std in the dtype. The additive noise
     pass of the noise layers (NOISE_ADD, no mask), over fixed chunks when big enough."""
     n = W.size
-    philox_fill(par, words, n, k0, k1, step, layer, contract.STREAM_WEIGHT_NOISE)
+    philox_fill(par, words, n, k0, k1, step, layer, contract.STREAM_WEIGHT_NOISE, 0)  # per weight
     flat = out.reshape(n)
     flat[:] = W.reshape(n)
     one = flat.dtype.type(1)

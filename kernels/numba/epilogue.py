@@ -159,15 +159,15 @@ def output_range(flat, pf, keep_f, nwords, noise, nstd, words, thr, scale, lo, h
 
 
 @kernel
-def fill_output_words(par, words, nwords, n, k0, k1, step, layer, thr, noise, backward):
+def fill_output_words(par, words, nwords, n, k0, k1, step, layer, thr, noise, backward, g0):
     """The dropout words (with dropout, AlphaDropout's too) and the noise words (forward:
     with Gaussian noise; backward: with GaussianDropout only, additive noise leaves no trace
-    in the gradient) of a layer."""
+    in the gradient) of a layer; g0: philox_fill's."""
     if thr > 0:
-        philox_fill(par, words, n, k0, k1, step, layer, contract.STREAM_DROPOUT)
+        philox_fill(par, words, n, k0, k1, step, layer, contract.STREAM_DROPOUT, g0)
     if nwords is not None:      # the kinds that draw normals (AlphaDropout draws none)
         if noise == contract.NOISE_MUL or (noise == contract.NOISE_ADD and not backward):
-            philox_fill(par, nwords, n, k0, k1, step, layer, contract.STREAM_NOISE)
+            philox_fill(par, nwords, n, k0, k1, step, layer, contract.STREAM_NOISE, g0)
 
 
 @kernel
@@ -502,13 +502,14 @@ def _alpha_parallel(flat, words, thr, scale, shift):
 
 
 @kernel
-def input_dropout(par, x, out, thr, scale, k0, k1, step, layer, words, noise, nstd, nwords):
+def input_dropout(par, x, out, thr, scale, k0, k1, step, layer, words, noise, nstd, nwords,
+                  g0):
     """out = dropout(noise(x)): streams STREAM_INPUT_NOISE and STREAM_INPUT_DROPOUT
     (AlphaDropout: its mask, scale and shift nstd). out may be x (a gradient sent back
-    through the transform: GaussianDropout's factor and the mask)."""
+    through the transform: GaussianDropout's factor and the mask). g0: philox_fill's."""
     n = x.size
     if thr > 0:
-        philox_fill(par, words, n, k0, k1, step, layer, contract.STREAM_INPUT_DROPOUT)
+        philox_fill(par, words, n, k0, k1, step, layer, contract.STREAM_INPUT_DROPOUT, g0)
     flat = out.reshape(n)
     flat[:] = x.reshape(n)
     if nwords is not None:
@@ -520,7 +521,7 @@ def input_dropout(par, x, out, thr, scale, k0, k1, step, layer, words, noise, ns
             alpha_range(flat, flat[:0], False, words, thr, scale, nstd, 0, n)
             return
         if noise != contract.NOISE_NONE:
-            philox_fill(par, nwords, n, k0, k1, step, layer, contract.STREAM_INPUT_NOISE)
+            philox_fill(par, nwords, n, k0, k1, step, layer, contract.STREAM_INPUT_NOISE, g0)
             if par is not None:
                 if n >= PARALLEL_MIN_ELEMENTS:
                     noise_parallel(flat, nwords, noise, nstd, words, thr, scale)

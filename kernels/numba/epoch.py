@@ -74,7 +74,8 @@ def _layer_forward(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, n, k0, k1, st
     dense_forward(spec.acts, par, x, W, T.b[l], ws.acts[l][:n], li[l, contract.LI_ACT],
                   lf[l, contract.LF_SLOPE], li[l, contract.LI_DROP_THR],
                   lf[l, contract.LF_DROP_SCALE], k0, k1, step, l, ws.words,
-                  li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD], ws.pres[l][:n], nwords)
+                  li[l, contract.LI_NOISE], lf[l, contract.LF_NOISE_STD], ws.pres[l][:n], nwords,
+                  0)
 
 
 @kernel
@@ -96,7 +97,7 @@ def _layer_backward_with(spec, par, T, ws, bn, wn, nwords, li, lf, l, x, dx, n, 
                           T.db[l], dx, li[l, contract.LI_ACT], lf[l, contract.LF_SLOPE],
                           li[l, contract.LI_DROP_THR], lf[l, contract.LF_DROP_SCALE], k0, k1,
                           step, l, ws.words, li[l, contract.LI_NOISE],
-                          lf[l, contract.LF_NOISE_STD], ws.pres[l][:n], nwords, activity)
+                          lf[l, contract.LF_NOISE_STD], ws.pres[l][:n], nwords, activity, 0)
 
 
 @kernel
@@ -178,12 +179,12 @@ def _input_transform(par, ws, xdrops, nwords, parts, li, lf, p, n, k0, k1, step,
             std = lf.dtype.type(0)
         if thr > 0 or noise != contract.NOISE_NONE:
             input_dropout(par, dh, dh, thr, scale, k0, k1, step, first, ws.words, noise, std,
-                          nwords)
+                          nwords, 0)
         return
     src = parts[p, contract.PT_INPUT]
     x = ws.xbuf[:n] if src < 0 else ws.acts[parts[src, contract.PT_END] - 1][:n]
     input_dropout(par, x, xdrops[p][:n], thr, scale, k0, k1, step, first, ws.words, noise, std,
-                  nwords)
+                  nwords, 0)
 
 
 @kernel
@@ -311,7 +312,7 @@ def forward_inference(uses, par, X, Ws, bs, li, lf, bufs, out, batch_size, first
             dense_forward(uses, par, x, Ws[k], bs[k], bufs[k][:n], li[l, contract.LI_ACT],
                           lf[l, contract.LF_SLOPE], 0, lf[l, contract.LF_DROP_SCALE], 0, 0, 0, l,
                           words, contract.NOISE_NONE, lf[l, contract.LF_NOISE_STD], bufs[k][:0],
-                          None)
+                          None, 0)
             x = bufs[k][:n]
         for r in range(n):       # not out[start:start + n] = x (see _bias_act_loop)
             for j in range(x.shape[1]):

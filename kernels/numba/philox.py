@@ -22,12 +22,13 @@ GROUP_CHUNK = 4096
 
 
 @kernel
-def philox_groups(words, g_lo, g_hi, k0, k1, step, layer, stream):
-    """words[:, g] = Philox((g, step, layer, stream), (k0, k1)) for g in [g_lo, g_hi)."""
+def philox_groups(words, g_lo, g_hi, k0, k1, step, layer, stream, g0):
+    """words[:, g] = Philox((g0 + g, step, layer, stream), (k0, k1)) for g in [g_lo, g_hi)
+    (g0: philox_fill's)."""
     mask = np.uint64(MASK32)
     s32 = np.uint64(32)
     for g in range(g_lo, g_hi):
-        c0 = np.uint64(g)
+        c0 = (np.uint64(g) + np.uint64(g0)) & mask
         c1 = np.uint64(step) & mask
         c2 = np.uint64(layer) & mask
         c3 = np.uint64(stream) & mask
@@ -51,24 +52,27 @@ def philox_groups(words, g_lo, g_hi, k0, k1, step, layer, stream):
 
 
 @kernel_parallel
-def _philox_fill_parallel(words, n_groups, k0, k1, step, layer, stream):
+def _philox_fill_parallel(words, n_groups, k0, k1, step, layer, stream, g0):
     n_chunks = (n_groups + GROUP_CHUNK - 1) // GROUP_CHUNK
     for c in prange(n_chunks):
         lo = c * GROUP_CHUNK
-        philox_groups(words, lo, min(lo + GROUP_CHUNK, n_groups), k0, k1, step, layer, stream)
+        philox_groups(words, lo, min(lo + GROUP_CHUNK, n_groups), k0, k1, step, layer, stream,
+                      g0)
 
 
 @kernel
-def philox_fill(par, words, n_elements, k0, k1, step, layer, stream):
+def philox_fill(par, words, n_elements, k0, k1, step, layer, stream, g0):
     """Words for elements 0..n_elements-1 of one (seed, step, layer, stream) sequence.
     par: None when no pass of the network is big enough to run in parallel (the parallel
-    code is then never compiled: jit.py)."""
+    code is then never compiled: jit.py). g0: the Philox group of element 0 (0 but for a
+    block of rows further down its batch, an MPI rank's shard: its element 0 is element
+    4 * g0 of the batch)."""
     n_groups = (n_elements + 3) // 4
     if par is not None:
         if n_elements >= PARALLEL_MIN_ELEMENTS:
-            _philox_fill_parallel(words, n_groups, k0, k1, step, layer, stream)
+            _philox_fill_parallel(words, n_groups, k0, k1, step, layer, stream, g0)
             return
-    philox_groups(words, 0, n_groups, k0, k1, step, layer, stream)
+    philox_groups(words, 0, n_groups, k0, k1, step, layer, stream, g0)
 
 
 # ---------------------------------------------------------------- Gaussian noise

@@ -6,16 +6,19 @@ Shape legend: B batch rows, I fan_in, O fan_out, K outputs. Outputs are prealloc
 caller and written in place; an empty array (size 0) means "not present" (no bias, no dx).
 
     dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
-                  noise=0, noise_std=0, pre=None)
+                  noise=0, noise_std=0, pre=None, row0=0)
     dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
                    seed, step, layer, noise=0, noise_std=0, pre=None, activity_l1=0,
-                   activity_l2=0) -> the layer's activity penalty of the step (0.0: none)
+                   activity_l2=0, row0=0) -> the layer's activity penalty of the step (0.0: none)
     bn_dense_forward(x, W, b, out, xhat, gb, save, act, slope, drop_threshold, drop_scale,
                      eps, seed, step, layer, noise=0, noise_std=0, pre=None)
     bn_dense_backward(grad, out, xhat, x, W, gb, stats, save, dW, db, dgb, dx, act, slope,
                       drop_threshold, drop_scale, momentum, seed, step, layer, noise=0,
                       noise_std=0, pre=None, activity_l1=0, activity_l2=0) -> the same
-    input_dropout(x, out, threshold, scale, seed, step, layer, noise=0, noise_std=0)
+    input_dropout(x, out, threshold, scale, seed, step, layer, noise=0, noise_std=0, row0=0)
+        row0 (CPU backends): the batch row of the rows given, whose masks and noise they draw
+        (an MPI rank's shard, kernels/reference/sharded.py; the compiled backends need
+        row0 * width to be a multiple of 4; BatchNorm and the CUDA backend have none)
     weight_noise(W, out, std, seed, step, layer): out = W + std * n (the step's perturbed
                   kernel, stream STREAM_WEIGHT_NOISE)
     loss_forward_backward(logits, y, grad, loss) -> the batch's MEAN loss (float)

@@ -10,9 +10,11 @@ from .epilogue import (activate_keeping, activity_epilogue_backward, noise_value
 
 
 def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
-                  noise=contract.NOISE_NONE, noise_std=0.0, pre=None):
+                  noise=contract.NOISE_NONE, noise_std=0.0, pre=None, row0=0):
     """out = dropout(noise(f(x @ W + b))): what backward keeps (B*O values), and with noise
-    and a nonlinear f also pre = f(x @ W + b) (contract.keeps_pre).
+    and a nonlinear f also pre = f(x @ W + b) (contract.keeps_pre). row0: the batch row of
+    x's row 0, whose masks and noise its rows draw (0 but on an MPI rank's shard: compiled
+    backends need row0 * O to be a multiple of 4, one Philox group).
 
     Noise (stream STREAM_NOISE) comes after the activation and before the dropout: a Keras
     list Dense(activation), GaussianNoise, Dropout. It is training-only: inference passes
@@ -22,14 +24,14 @@ def dense_forward(x, W, b, out, act, slope, drop_threshold, drop_scale, seed, st
     if b.size:
         z += b
     output_epilogue(activate_keeping(z, act, slope, pre), out, drop_threshold, drop_scale,
-                    seed, step, layer, noise, noise_std, pre, act)
+                    seed, step, layer, noise, noise_std, pre, act, row0)
 
 
 def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop_scale,
                    seed, step, layer, noise=contract.NOISE_NONE, noise_std=0.0, pre=None,
-                   activity_l1=0.0, activity_l2=0.0):
+                   activity_l1=0.0, activity_l2=0.0, row0=0):
     """grad (B, O) holds dL/d(out) on entry and dL/dz on exit; dW, db, dx written. Returns
-    the layer's activity penalty of the step (0.0 without one).
+    the layer's activity penalty of the step (0.0 without one). row0: dense_forward's.
 
     dz comes from output_epilogue_backward (mask, noise factor and f' regenerated or read
     from out / pre), or with an activity penalty (activity_l1, activity_l2: contract
@@ -37,7 +39,8 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
     f'; then db = column sums, dW = x.T @ dz, dx = dz @ W.T.
     """
     dz, pen = epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed,
-                                step, layer, noise, noise_std, pre, activity_l1, activity_l2)
+                                step, layer, noise, noise_std, pre, activity_l1, activity_l2,
+                                row0)
     grad[...] = dz
     if db.size:
         db[...] = dz.sum(axis=0)
@@ -48,14 +51,14 @@ def dense_backward(grad, out, x, W, dW, db, dx, act, slope, drop_threshold, drop
 
 
 def epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed, step, layer,
-                      noise, noise_std, pre, activity_l1, activity_l2):
+                      noise, noise_std, pre, activity_l1, activity_l2, row0=0):
     """(dL/d(f's input), activity penalty) of a plain or BatchNorm layer's output epilogue."""
     if activity_l1 or activity_l2:
         return activity_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale,
                                           seed, step, layer, noise, noise_std, pre,
-                                          activity_l1, activity_l2)
+                                          activity_l1, activity_l2, row0)
     return output_epilogue_backward(grad, out, act, slope, drop_threshold, drop_scale, seed,
-                                    step, layer, noise, noise_std, pre), 0.0
+                                    step, layer, noise, noise_std, pre, row0), 0.0
 
 
 def weight_noise(W, out, std, seed, step, layer):

@@ -42,10 +42,18 @@ def draw_weight_noise(ops, plan, step):
                              step, l)
 
 
-def layer_forward(ops, plan, l, x, n, step):
+def shard_args(row0):
+    """The kernels' row0 argument (the batch row of the rows given: an MPI rank's shard,
+    kernels/reference/sharded.py) only when it is not 0, so a backend's kernels are called
+    as before outside a sharded step."""
+    return {"row0": int(row0)} if row0 else {}
+
+
+def layer_forward(ops, plan, l, x, n, step, row0=0):
     """Dense layer l's training forward over the first n rows: x -> plan.acts[l][:n]
     through the BatchNorm kernel or the plain one, noise and dropout on layer word l; the
-    step's kernel is step_kernel's (weight noise)."""
+    step's kernel is step_kernel's (weight noise). row0: the batch row of x's row 0 (a
+    shard's masks; a sharded step never has BatchNorm)."""
     noise, std = plan.noise_of(l)
     if plan.bn_on(l):
         ops.bn_dense_forward(x, step_kernel(plan, l), plan.bs[l], plan.acts[l][:n],
@@ -59,10 +67,10 @@ def layer_forward(ops, plan, l, x, n, step):
                           plan.li[l, contract.LI_ACT],
                           plan.lf[l, contract.LF_SLOPE], plan.li[l, contract.LI_DROP_THR],
                           plan.lf[l, contract.LF_DROP_SCALE], plan.seed, step, l, noise, std,
-                          plan.pres[l][:n])
+                          plan.pres[l][:n], **shard_args(row0))
 
 
-def layer_backward(ops, plan, l, x, dx, n, step):
+def layer_backward(ops, plan, l, x, dx, n, step, row0=0):
     """Dense layer l's backward: plan.grads[l][:n] holds dL/d(output) -> dW, db (dgb and the
     running statistics of a BatchNorm layer), and dx = dL/d(input) unless dx has size 0.
     x is the layer's input of the forward; dx reads the forward's kernel (step_kernel).
@@ -70,9 +78,9 @@ def layer_backward(ops, plan, l, x, dx, n, step):
     without one). A layer without one calls the kernels without the activity
     arguments."""
     noise, std = plan.noise_of(l)
-    act = {}
+    act = shard_args(row0)
     if plan.activity_on(l):
-        act = dict(zip(("activity_l1", "activity_l2"), plan.activity_of(l)))
+        act.update(zip(("activity_l1", "activity_l2"), plan.activity_of(l)))
     if plan.bn_on(l):
         return ops.bn_dense_backward(plan.grads[l][:n], plan.acts[l][:n], plan.xhats[l][:n],
                                      x, step_kernel(plan, l), plan.gbs[l], plan.stats[l],
@@ -105,17 +113,18 @@ def layer_update(ops, plan, l, t):
     return pen
 
 
-def input_transform(ops, plan, p, x, n, step):
+def input_transform(ops, plan, p, x, n, step, row0=0):
     """Part p's input after its dropout and noise (into plan.xdrops[p]), or x itself."""
     if not plan.has_input_transform(p):
         return x
     thr, scale, noise, std = plan.input_transform_of(p)
     first = int(plan.parts[p, contract.PT_FIRST])
-    ops.input_dropout(x, plan.xdrops[p][:n], thr, scale, plan.seed, step, first, noise, std)
+    ops.input_dropout(x, plan.xdrops[p][:n], thr, scale, plan.seed, step, first, noise, std,
+                      **shard_args(row0))
     return plan.xdrops[p][:n]
 
 
-def input_transform_backward(ops, plan, p, dh, step):
+def input_transform_backward(ops, plan, p, dh, step, row0=0):
     """dh (in place) back through part p's input transform: the dropout mask and scale and,
     for GaussianDropout, its regenerated factor (input_dropout applied to the gradient);
     additive noise passes the gradient unchanged."""
@@ -126,15 +135,17 @@ def input_transform_backward(ops, plan, p, dh, step):
         noise, std = contract.NOISE_NONE, 0.0
     if thr > 0 or noise != contract.NOISE_NONE:
         ops.input_dropout(dh, dh, thr, scale, plan.seed, step,
-                          int(plan.parts[p, contract.PT_FIRST]), noise, std)
+                          int(plan.parts[p, contract.PT_FIRST]), noise, std, **shard_args(row0))
 
 
-def forward_backward(ops, plan, X, Y, idx, step, zrows=None):
+def forward_backward(ops, plan, X, Y, idx, step, zrows=None, row0=0):
     """The forward and backward of one training step on the rows idx of X and Y (module
     docstring), no update: the gradients of every tensor are in plan.dWs / dbs / dgbs (and a
     BatchNorm's running statistics updated). Returns (losses per part, finite, activity
     penalty: the layers' summed in backward order); when a loss is not finite, nothing after
-    the forward is run (the activity penalty is then 0)."""
+    the forward is run (the activity penalty is then 0). row0: the batch row of idx[0]
+    when idx is one MPI rank's shard of the step's batch (its rows draw the batch's
+    masks and noise: kernels/reference/sharded.py)."""
     n = idx.shape[0]
     P, L = plan.n_parts, plan.n_layers
     xb = plan.xbuf[:n]
@@ -145,10 +156,10 @@ def forward_backward(ops, plan, X, Y, idx, step, zrows=None):
     for p in range(P):
         first, end, src, loss, y0, y1, wcol, z0 = (int(v) for v in plan.parts[p])
         x = xb if src < 0 else plan.acts[int(plan.parts[src, contract.PT_END]) - 1][:n]
-        x = input_transform(ops, plan, p, x, n, step)
+        x = input_transform(ops, plan, p, x, n, step, row0)
         for l in range(first, end):
             inputs[l] = x
-            layer_forward(ops, plan, l, x, n, step)
+            layer_forward(ops, plan, l, x, n, step, row0)
             x = plan.acts[l][:n]
         if loss >= 0:
             yb = plan.ybufs[p][:n]
@@ -179,9 +190,9 @@ def forward_backward(ops, plan, X, Y, idx, step, zrows=None):
             into = trunk_out if p == 1 else plan.scratch[:n]
         for l in range(end - 1, first - 1, -1):
             dx = plan.grads[l - 1][:n] if l > first else into
-            activity += layer_backward(ops, plan, l, inputs[l], dx, n, step)
+            activity += layer_backward(ops, plan, l, inputs[l], dx, n, step, row0)
         if p > 0:
-            input_transform_backward(ops, plan, p, into, step)
+            input_transform_backward(ops, plan, p, into, step, row0)
             if p > 1:
                 trunk_out += into
     return losses, True, activity
@@ -210,22 +221,31 @@ def train_step(ops, plan, X, Y, idx, step, t, zrows=None):
     losses, finite, activity = forward_backward(ops, plan, X, Y, idx, step, zrows)
     if not finite:
         return losses, 0.0, False
+    return losses, update(ops, plan, t) + activity, True
+
+
+def update(ops, plan, t):
+    """The step's update from the gradients in plan.grad (the whole batch's): clipping,
+    then the fused penalized update of every layer's tensors, last layer first. Returns
+    their penalty before the update (summed last layer first)."""
     if plan.clip_mode:
         clip_gradients(plan.grad, plan.grad_segments(), plan.clip_mode, plan.clip_value)
     pen = 0.0
     for l in range(plan.n_layers - 1, -1, -1):
         pen += layer_update(ops, plan, l, t)
-    return losses, pen + activity, True
+    return pen
 
 
-def train_epoch(ops, plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None):
+def train_epoch(ops, plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=None,
+                step_fn=train_step):
     """The batches of `perm` (an epoch, or a chunk of whole batches); returns
     (loss sums per part, penalty sum, steps, finite), the sums weighted by batch rows
     (divide by the rows seen for the means). Stops at the first batch with a non-finite
     loss, before updating. lrs: the learning rate of each step (Plan.step_rates), written
     into the hp rows before the step's update. zout (Plan.logits_out): row i receives, at
     columns [PT_Z0, PT_Z0 + outputs) of each part that keeps them, the logits of row perm[i]
-    in its training step (dropout on, before the update): the running metrics."""
+    in its training step (dropout on, before the update): the running metrics. step_fn:
+    train_step's signature and result (a sharded step: kernels/reference/sharded.py)."""
     lrs = plan.step_rates(perm.shape[0], batch_size, lrs)
     zout = plan.logits_out(perm.shape[0], zout)
     loss_sums = np.zeros(plan.n_parts)
@@ -234,9 +254,9 @@ def train_epoch(ops, plan, X, Y, perm, batch_size, step0, t0, lrs=None, zout=Non
     for start in range(0, perm.shape[0], batch_size):
         idx = perm[start:start + batch_size]
         plan.set_learning_rate(lrs[steps])
-        losses, pen, finite = train_step(ops, plan, X, Y, idx, step0 + steps, t0 + steps,
-                                         zout[start:start + batch_size] if zout.shape[0]
-                                         else None)
+        losses, pen, finite = step_fn(ops, plan, X, Y, idx, step0 + steps, t0 + steps,
+                                      zout[start:start + batch_size] if zout.shape[0]
+                                      else None)
         if not finite:
             return loss_sums, pen_sum, steps, False
         n = idx.shape[0]
