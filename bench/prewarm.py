@@ -16,6 +16,7 @@ fcntl), or anything in a worker fails, the timed process compiles as before: the
 ever saves time.
 """
 import contextlib
+import importlib.util
 import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -26,8 +27,9 @@ def wanted(backends, workloads):
     cores, POSIX file locks, and no compiled Numba epoch on disk."""
     if "numba" not in backends or len(workloads) < 2 or (os.cpu_count() or 1) < 2:
         return False
+    if importlib.util.find_spec("fcntl") is None:     # the workers' cache lock
+        return False
     try:
-        import fcntl  # noqa: F401  (the workers' cache lock)
         from fastreg.kernels import numba as numba_backend
     except ImportError:
         return False
