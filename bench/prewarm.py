@@ -37,21 +37,18 @@ def wanted(backends, workloads):
 
 
 def prewarm(workloads, quick, seed, status):
-    """Compile the Numba kernels of `workloads` in min(cores, len(workloads)) processes.
-    Returns the number of workloads compiled (0 when a worker failed: the timed process then
-    compiles what is missing itself)."""
+    """Compile the Numba kernels of `workloads` in min(cores, len(workloads)) processes;
+    when a worker fails, the timed process compiles what is missing itself."""
     n_workers = min(os.cpu_count() or 1, len(workloads))
     status.say(f"compiling the Numba kernels of {len(workloads)} workloads in {n_workers} "
                f"processes, first run only (cached on disk for later runs)...")
     try:
         with ProcessPoolExecutor(n_workers, mp_context=get_context("spawn")) as pool:
-            done = list(pool.map(_compile_workload, workloads, [quick] * len(workloads),
-                                 [seed] * len(workloads)))
+            list(pool.map(_compile_workload, workloads, [quick] * len(workloads),
+                          [seed] * len(workloads)))     # list: a worker's error is raised
     except Exception as exc:       # noqa: BLE001: any failure falls back to compiling here
         status.say(f"the parallel compile failed ({type(exc).__name__}: {exc}); compiling "
                    f"in this process instead")
-        return 0
-    return len(done)
 
 
 def _compile_workload(name, quick, seed):

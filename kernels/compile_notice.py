@@ -3,9 +3,9 @@ a silent wait.
 
 Numba fires a "numba:compile" event (numba-cuda, with its own copy of the event module,
 "numba-cuda:compile") for every function it compiles, and only on a cache miss: loading
-kernels cached on disk by an earlier process fires none. The listener prints its line at the first outermost compile
-of a fastreg kernel in the process, with how long that compile usually takes, and stays
-quiet afterwards.
+kernels cached on disk by an earlier process fires none. The listener prints its line at
+the first outermost compile of a fastreg kernel in the process, with how long that compile
+usually takes, and stays quiet afterwards.
 """
 import sys
 

@@ -3,6 +3,7 @@ first, and the workers' locked cache saves."""
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -40,7 +41,7 @@ def test_disk_cache_is_empty_follows_the_cache_dir(tmp_path):
     assert out.stdout.split() == ["True", "False"]
 
 
-def test_cache_saves_are_locked_once(monkeypatch):
+def test_cache_saves_are_locked_once(monkeypatch, tmp_path):
     """A worker compiles several workloads: the lock wraps Numba's save once (a second
     wrapper would wait forever on the first's lock), and the save still saves."""
     pytest.importorskip("fcntl")
@@ -53,13 +54,7 @@ def test_cache_saves_are_locked_once(monkeypatch):
     prewarm._lock_cache_saves()
     assert caching.IndexDataCacheFile.save is locked
 
-    class File:
-        _cache_path = None
-
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        f = File()
-        f._cache_path = d
-        locked(f, "k", "v")
-        assert calls == [("k", "v")]
-        assert os.path.exists(os.path.join(d, ".fastreg-save.lock"))
+    cache_file = types.SimpleNamespace(_cache_path=str(tmp_path))
+    locked(cache_file, "k", "v")
+    assert calls == [("k", "v")]
+    assert (tmp_path / ".fastreg-save.lock").exists()
